@@ -1,0 +1,42 @@
+"""The one place that decides where models run and in which precision."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype: torch.dtype
+
+    def describe(self) -> str:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return f"{self.device} ({name}), {str(self.dtype).removeprefix('torch.')}"
+
+
+def select_placement(device: str | None = None, dtype: str | None = None) -> Placement:
+    """CUDA when present, else CPU; `SDXL_DEVICE` and `SDXL_DTYPE` override ("auto" by default).
+
+    On CUDA the default is bfloat16 where the card supports it (the SDXL VAE is stable in it),
+    else float16 (the pipeline then upcasts the VAE for decoding, as SDXL's VAE config asks).
+    On CPU it is float32: half precision there is slow and poorly supported.
+    """
+    device = device or os.environ.get("SDXL_DEVICE", "auto")
+    dtype = dtype or os.environ.get("SDXL_DTYPE", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    target = torch.device(device)
+    if dtype == "auto":
+        if target.type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"SDXL_DTYPE must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return Placement(target, DTYPES[dtype])

@@ -1,0 +1,39 @@
+"""The typed errors of the backend. The service maps each class to one HTTP status."""
+
+from __future__ import annotations
+
+
+class BackendError(Exception):
+    """Base class; `param` names the request field at fault, when there is one."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(BackendError):
+    """A field has a value the service cannot honour (bad type, out of range, bad combination)."""
+
+
+class PayloadTooLarge(BackendError):
+    """An input is larger than the configured limit (bytes or pixels)."""
+
+
+class InvalidImage(BackendError):
+    """An input image that cannot be decoded (not an image, truncated, unsupported)."""
+
+
+class UnknownModel(BackendError):
+    """The requested model is not served; `available` lists what is."""
+
+    def __init__(self, model: str, available: list[str]):
+        super().__init__(
+            f"model '{model}' is not available; available models: {', '.join(available) or 'none'}",
+            param="model",
+        )
+        self.available = available
+
+
+class OutOfMemory(BackendError):
+    """The device ran out of memory and the request could not be completed."""

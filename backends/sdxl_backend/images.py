@@ -1,0 +1,56 @@
+"""Image bytes in and out: safe decoding of input images, encoding of results."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from .errors import InvalidImage, PayloadTooLarge
+from .limits import Limits
+
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def decode_image(data: bytes, limits: Limits, param: str = "image") -> Image.Image:
+    """Decode an uploaded image to RGB, refusing oversized payloads and decompression bombs.
+
+    The pixel count is read from the header before any pixel is decoded, so a small file
+    that claims 100 megapixels costs nothing.
+    """
+    if len(data) > limits.max_input_image_bytes:
+        raise PayloadTooLarge(
+            f"{param}: {len(data)} bytes is over the limit of {limits.max_input_image_bytes} bytes", param
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            pixels = image.width * image.height
+            if pixels > limits.max_input_image_pixels:
+                raise PayloadTooLarge(
+                    f"{param}: {image.width}x{image.height} pixels is over the limit of "
+                    f"{limits.max_input_image_pixels} pixels",
+                    param,
+                )
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard, which fires in Image.open for the most extreme headers.
+        raise PayloadTooLarge(f"{param}: too many pixels ({exc})", param) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImage(f"{param}: cannot decode the image ({exc})", param) from exc
+    return image.convert("RGB")
+
+
+def encode_image(image: Image.Image, fmt: str, quality: int, parameters: str) -> bytes:
+    """PNG carries `parameters` in a text chunk under AUTOMATIC1111's key, which image tools
+    read back; JPEG and WebP are written at `quality` without metadata."""
+    buffer = io.BytesIO()
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters)
+        image.save(buffer, format="PNG", pnginfo=info)
+    else:
+        image.save(buffer, format=fmt.upper(), quality=quality)
+    return buffer.getvalue()
