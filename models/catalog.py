@@ -1,0 +1,37 @@
+"""The model catalog (`catalog.toml`) as typed entries."""
+
+from __future__ import annotations
+
+import tomllib
+from functools import cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from backends.sdxl_backend.protocol import ModelDefaults
+
+CATALOG_FILE = Path(__file__).with_name("catalog.toml")
+
+
+class CatalogEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    description: str
+    repo: str | None = None  # None: built locally (tiny-sdxl)
+    unet: tuple[str, str] | None = None  # (repo, file) replacing the repo's UNet weights
+    licence: str | None = None
+    defaults: ModelDefaults = ModelDefaults()
+
+
+@cache
+def load_catalog() -> dict[str, CatalogEntry]:
+    """Entries in file order, which is the order of preference for the default model."""
+    raw = tomllib.loads(CATALOG_FILE.read_text())
+    return {model_id: CatalogEntry(id=model_id, **fields) for model_id, fields in raw.items()}
+
+
+def defaults_for(model_id: str) -> ModelDefaults:
+    """A catalog model's defaults; a model imported under another id gets SDXL's."""
+    entry = load_catalog().get(model_id)
+    return entry.defaults if entry else ModelDefaults()

@@ -1,0 +1,178 @@
+"""SDXL models in the BentoML model store: import (hub, local path, tiny), list, remove.
+
+Each model is one BentoML model named by its friendly id, holding a diffusers directory.
+Labels record where it came from: `sdxl_id`, `source`, `revision`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import bentoml
+from bentoml.exceptions import NotFound
+
+from .catalog import CatalogEntry
+
+ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".safetensors.index.fp16.json")
+CONFIG_NAMES = (
+    "config.json",
+    "scheduler_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "added_tokens.json",
+)
+
+
+class ImportFailed(Exception):
+    """A model could not be imported; the message is one line, fit for a user."""
+
+
+def stored_models() -> dict[str, bentoml.Model]:
+    """The newest stored version of every SDXL model, by friendly id."""
+    newest: dict[str, bentoml.Model] = {}
+    for model in bentoml.models.list():
+        model_id = model.info.labels.get("sdxl_id")
+        if model_id and (model_id not in newest or model.creation_time > newest[model_id].creation_time):
+            newest[model_id] = model
+    return newest
+
+
+def stored_model(model_id: str) -> bentoml.Model | None:
+    return stored_models().get(model_id)
+
+
+def model_size(model: bentoml.Model) -> int:
+    return sum(f.stat().st_size for f in Path(model.path).rglob("*") if f.is_file())
+
+
+def remove(model_id: str) -> list[str]:
+    """Delete every stored version of `model_id`; returns the tags deleted."""
+    tags = [str(m.tag) for m in bentoml.models.list() if m.info.labels.get("sdxl_id") == model_id]
+    for tag in tags:
+        bentoml.models.delete(tag)
+    return tags
+
+
+def _store(model_id: str, source: str, revision: str, fill: Callable[[Path], None]) -> bentoml.Model:
+    """Create a BentoML model and let `fill` write the diffusers directory into it.
+    A failure leaves nothing behind in the store."""
+    if not ID_PATTERN.match(model_id):
+        raise ImportFailed(f"'{model_id}' is not a valid model id: use lowercase letters, digits, '.', '_', '-'")
+    labels = {"sdxl_id": model_id, "source": source, "revision": revision}
+    with bentoml.models.create(model_id, labels=labels) as model:
+        fill(Path(model.path))
+    return model
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Hard-link when possible (no second copy on disk), else copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src.resolve(), dst)
+    except OSError:
+        shutil.copy2(src.resolve(), dst)
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    for file in sorted(src.rglob("*")):
+        if file.is_file():
+            _place(file, dst / file.relative_to(src))
+
+
+def import_tiny() -> bentoml.Model:
+    from .tiny import build_tiny_sdxl
+
+    def fill(path: Path) -> None:
+        build_tiny_sdxl().save_pretrained(path, safe_serialization=True)
+
+    return _store("tiny-sdxl", "generated:models/tiny.py", "1", fill)
+
+
+def import_from_path(model_id: str, path: Path, config: str | None = None) -> bentoml.Model:
+    """A diffusers directory, or a single-file `.safetensors` SDXL checkpoint (converted to the
+    diffusers layout; `config` names the diffusers repo or directory whose configs it follows)."""
+    path = path.expanduser().resolve()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ImportFailed(f"{path} is not a diffusers directory (no model_index.json)")
+        return _store(model_id, f"local:{path}", "-", lambda dst: _copy_tree(path, dst))
+    if path.is_file() and path.suffix == ".safetensors":
+        return _store(model_id, f"local:{path}", "-", lambda dst: _convert_single_file(path, dst, config))
+    raise ImportFailed(f"{path} is neither a diffusers directory nor a .safetensors file")
+
+
+def _convert_single_file(path: Path, dst: Path, config: str | None) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    try:
+        pipeline = StableDiffusionXLPipeline.from_single_file(str(path), config=config)
+    except Exception as exc:  # diffusers raises many kinds; the user needs the reason, not the trace
+        raise ImportFailed(f"cannot convert {path.name}: {exc}".splitlines()[0]) from exc
+    pipeline.save_pretrained(dst, safe_serialization=True)
+
+
+def select_files(repo_files: list[str], model_index: dict) -> list[str]:
+    """The files a diffusers pipeline needs: configs and tokenizers of the components that
+    `model_index.json` names, and per component the fp16 safetensors weights when the repo has
+    them, else the plain safetensors. Never .bin/.ckpt/onnx/flax copies or root checkpoints."""
+    components = {name for name, value in model_index.items() if isinstance(value, list) and value[0]}
+    chosen = ["model_index.json"]
+    for component in sorted(components):
+        files = [f for f in repo_files if f.count("/") == 1 and f.split("/")[0] == component]
+        chosen += [f for f in files if f.split("/")[1] in CONFIG_NAMES]
+        weights = [f for f in files if f.endswith(WEIGHT_SUFFIXES)]
+        fp16 = [f for f in weights if ".fp16." in f or "fp16-" in f]
+        chosen += fp16 or [f for f in weights if "fp16" not in f]
+    return chosen
+
+
+def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml.Model:
+    """Download only what the pipeline needs into the HF cache (resumable, with progress
+    bars), then hard-link it into the store."""
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
+    if entry.repo is None:
+        raise ImportFailed(f"{entry.id} is not downloaded: it is built locally")
+    try:
+        info = HfApi().model_info(entry.repo, revision=revision)
+        sha = info.sha
+        model_index = json.loads(Path(hf_hub_download(entry.repo, "model_index.json", revision=sha)).read_text())
+        wanted = select_files([s.rfilename for s in info.siblings], model_index)
+        if entry.unet:
+            wanted = [f for f in wanted if not (f.startswith("unet/") and ".safetensors" in f)]
+        snapshot = Path(snapshot_download(entry.repo, revision=sha, allow_patterns=wanted))
+        unet_file = Path(hf_hub_download(entry.unet[0], entry.unet[1])) if entry.unet else None
+    except ImportFailed:
+        raise
+    except Exception as exc:  # network, auth and not-found errors of huggingface_hub and httpx
+        raise ImportFailed(_hub_error(entry.repo, exc)) from exc
+
+    def fill(path: Path) -> None:
+        for name in wanted:
+            _place(snapshot / name, path / name)
+        if unet_file is not None:
+            _place(unet_file, path / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+
+    source = f"hf:{entry.repo}" + (f"+{entry.unet[0]}/{entry.unet[1]}" if entry.unet else "")
+    return _store(entry.id, source, sha, fill)
+
+
+def _hub_error(repo: str, exc: Exception) -> str:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(exc, GatedRepoError):
+        return f"{repo} is gated: accept its licence on the hub and set HF_TOKEN"
+    if isinstance(exc, RepositoryNotFoundError):
+        return f"{repo} was not found on the hub (or is private: set HF_TOKEN)"
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"cannot download {repo} from the Hugging Face hub at {constants.ENDPOINT}: {reason}"
