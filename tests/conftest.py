@@ -1,0 +1,50 @@
+"""Shared fixtures: an isolated BentoML home, the tiny model in its store, a served process.
+
+BENTOML_HOME is set before anything imports bentoml, so no test touches the user's store.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+BENTOML_HOME = Path(tempfile.mkdtemp(prefix="sdxl-tests-bentoml-"))
+os.environ["BENTOML_HOME"] = str(BENTOML_HOME)
+os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+
+from PIL import Image  # noqa: E402
+
+from tests.served import Server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """tiny-sdxl in the store, imported by the real import code."""
+    from models.store import import_tiny, stored_model
+
+    return stored_model("tiny-sdxl") or import_tiny()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model, tmp_path_factory):
+    """The service serving tiny-sdxl, shared by the HTTP tests (they do not change its state)."""
+    srv = Server({"SDXL_MODELS": "tiny-sdxl"}, tmp_path_factory.mktemp("server") / "server.log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def png_bytes(width: int = 64, height: int = 64, color=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pixels(data: bytes) -> bytes:
+    return Image.open(io.BytesIO(data)).convert("RGB").tobytes()

@@ -1,0 +1,168 @@
+"""The backend on its own (no HTTP, no BentoML serving): the tiny model from the real store."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from backends.sdxl_backend.device import select_placement
+from backends.sdxl_backend.engine import Engine
+from backends.sdxl_backend.errors import InvalidImage, InvalidRequest, PayloadTooLarge, UnknownModel
+from backends.sdxl_backend.limits import Limits
+from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+from backends.sdxl_backend.protocol import GenerationRequest
+from backends.sdxl_backend.schedulers import SCHEDULERS
+from models.catalog import defaults_for
+from tests.conftest import pixels, png_bytes
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    source = ModelSource("tiny-sdxl", Path(tiny_model.path), defaults_for("tiny-sdxl"))
+    return Engine(ModelManager([source], select_placement()), "tiny-sdxl")
+
+
+def run(engine: Engine, **fields):
+    return engine.generate(GenerationRequest(prompt=fields.pop("prompt", "a red fox"), **fields))
+
+
+def test_same_seed_same_pixels_and_other_seed_other_pixels(engine):
+    first = run(engine, seed=42)
+    again = run(engine, seed=42)
+    other = run(engine, seed=43)
+    assert pixels(first.images[0].data) == pixels(again.images[0].data)
+    assert pixels(first.images[0].data) != pixels(other.images[0].data)
+
+
+def test_random_seed_is_chosen_and_returned(engine):
+    result = run(engine)
+    assert result.request.seed == result.images[0].seed
+    assert run(engine, seed=result.request.seed).images[0].data == result.images[0].data
+
+
+def test_n_images_in_one_batch_have_consecutive_seeds_and_match_single_runs(engine):
+    result = run(engine, seed=100, n=3)
+    assert result.seeds == [100, 101, 102]
+    assert len({pixels(image.data) for image in result.images}) == 3
+    single = run(engine, seed=101)
+    # Batched and single runs differ by float rounding only.
+    a = Image.open(io.BytesIO(result.images[1].data)).convert("L")
+    b = Image.open(io.BytesIO(single.images[0].data)).convert("L")
+    assert max(abs(x - y) for x, y in zip(a.getdata(), b.getdata())) <= 2
+
+
+def test_model_defaults_fill_open_fields(engine):
+    result = run(engine)
+    defaults = defaults_for("tiny-sdxl")
+    assert (result.request.width, result.request.height) == (defaults.width, defaults.height)
+    assert result.request.steps == defaults.steps
+    assert result.request.scheduler == defaults.scheduler
+    assert result.model == "tiny-sdxl"
+
+
+def test_scheduler_changes_pixels_and_does_not_leak_into_next_request(engine):
+    euler = run(engine, seed=7, scheduler="euler")
+    dpm = run(engine, seed=7, scheduler="dpmpp_2m_karras")
+    after = run(engine, seed=7)  # default scheduler again
+    assert pixels(euler.images[0].data) != pixels(dpm.images[0].data)
+    assert pixels(after.images[0].data) == pixels(euler.images[0].data)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_runs(engine, name):
+    result = run(engine, seed=1, scheduler=name, steps=3)
+    assert result.request.scheduler == name
+    assert result.images[0].width == 64
+
+
+def test_img2img_strength_changes_output_and_keeps_size(engine):
+    init = png_bytes(96, 64)
+    light = run(engine, seed=5, image=init, strength=0.3, steps=10)
+    heavy = run(engine, seed=5, image=init, strength=0.9, steps=10)
+    assert (light.images[0].width, light.images[0].height) == (96, 64)
+    assert pixels(light.images[0].data) != pixels(heavy.images[0].data)
+
+
+def test_output_formats_and_png_parameters(engine):
+    png = run(engine, seed=9, negative_prompt="blurry")
+    text = Image.open(io.BytesIO(png.images[0].data)).text["parameters"]
+    assert "a red fox" in text and "Negative prompt: blurry" in text and "Seed: 9" in text
+    for fmt, magic in (("jpeg", b"\xff\xd8"), ("webp", b"RIFF")):
+        result = run(engine, seed=9, output_format=fmt, quality=50)
+        assert result.images[0].data.startswith(magic)
+        assert result.images[0].media_type == f"image/{fmt}"
+
+
+def test_negative_prompt_changes_pixels(engine):
+    plain = run(engine, seed=3)
+    negative = run(engine, seed=3, negative_prompt="green")
+    assert pixels(plain.images[0].data) != pixels(negative.images[0].data)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"width": 100}, "width"),
+        ({"height": 32}, "height"),
+        ({"width": 4096}, "width"),
+        ({"steps": 151}, "steps"),
+        ({"guidance_scale": 31}, "guidance_scale"),
+        ({"n": 11}, "n"),
+        ({"prompt": "x" * 4001}, "prompt"),
+        ({"negative_prompt": "x" * 4001}, "negative_prompt"),
+        ({"scheduler": "warp-drive"}, "scheduler"),
+        ({"image": png_bytes(), "strength": 0.1, "steps": 5}, "strength"),
+    ],
+)
+def test_validation_errors_name_the_field(engine, fields, param):
+    with pytest.raises(InvalidRequest) as caught:
+        run(engine, **fields)
+    assert caught.value.param == param
+    assert caught.value.message.startswith(param)
+
+
+def test_pixel_budget_is_checked_on_the_product():
+    limits = Limits(max_pixels=128 * 128)
+    from backends.sdxl_backend.engine import validate
+
+    request = GenerationRequest(prompt="x", width=256, height=128, steps=1, guidance_scale=1, scheduler="euler", seed=1)
+    with pytest.raises(InvalidRequest, match="over the limit"):
+        validate(request, limits)
+
+
+def test_unknown_model(engine):
+    with pytest.raises(UnknownModel) as caught:
+        run(engine, model="sdxl-nope")
+    assert caught.value.available == ["tiny-sdxl"]
+
+
+def test_bad_images_are_refused_before_model_work(engine):
+    with pytest.raises(InvalidImage):
+        run(engine, image=b"not an image at all")
+    with pytest.raises(InvalidImage):
+        run(engine, image=png_bytes(256, 256)[:200])  # truncated
+    huge = io.BytesIO()
+    Image.new("1", (10000, 10000)).save(huge, format="PNG")  # 100 megapixels, a few kB
+    with pytest.raises(PayloadTooLarge, match="pixels"):
+        run(engine, image=huge.getvalue())
+
+
+def test_base64_and_data_url_images_are_accepted():
+    import base64
+
+    raw = png_bytes()
+    encoded = base64.b64encode(raw).decode()
+    assert GenerationRequest(prompt="x", image=encoded).image == raw
+    assert GenerationRequest(prompt="x", image="data:image/png;base64," + encoded).image == raw
+    with pytest.raises(ValueError, match="base64"):
+        GenerationRequest(prompt="x", image="***")
+
+
+def test_limits_from_environment(monkeypatch):
+    monkeypatch.setenv("SDXL_MAX_STEPS", "12")
+    monkeypatch.setenv("SDXL_MAX_GUIDANCE_SCALE", "2.5")
+    limits = Limits.from_env()
+    assert limits.max_steps == 12 and limits.max_guidance_scale == 2.5

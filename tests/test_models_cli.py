@@ -1,0 +1,134 @@
+"""`python -m models` as a user runs it, each test on its own empty BentoML store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from models.store import select_files
+from tests.served import ROOT
+
+
+@pytest.fixture
+def cli(tmp_path):
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
+
+    def run(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "models", *args],
+            cwd=ROOT, env={**env, **extra_env}, capture_output=True, text=True, timeout=300,
+        )
+
+    return run
+
+
+def test_import_tiny_list_and_remove(cli):
+    imported = cli("import", "tiny-sdxl")
+    assert imported.returncode == 0, imported.stderr
+    assert "imported tiny-sdxl as tiny-sdxl:" in imported.stdout
+    again = cli("import", "tiny-sdxl")
+    assert "already in the store" in again.stdout
+
+    listing = cli("list").stdout
+    tiny_row = next(line for line in listing.splitlines() if line.startswith("tiny-sdxl"))
+    assert "tiny-sdxl:" in tiny_row and "MiB" in tiny_row
+    base_row = next(line for line in listing.splitlines() if line.startswith("sdxl-base "))
+    assert " - " in base_row  # in the catalog, not in the store
+
+    removed = cli("remove", "tiny-sdxl")
+    assert removed.returncode == 0 and "removed tiny-sdxl:" in removed.stdout
+    assert cli("remove", "tiny-sdxl").returncode == 1
+
+
+def test_tiny_model_is_deterministic(cli, tmp_path):
+    assert cli("import", "tiny-sdxl").returncode == 0
+    assert cli("import", "tiny-sdxl", "--force").returncode == 0
+    versions = [p for p in (tmp_path / "bentoml" / "models" / "tiny-sdxl").iterdir() if p.is_dir()]
+    assert len(versions) == 2
+    unets = [(version / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() for version in versions]
+    assert unets[0] == unets[1]
+
+
+def test_import_from_a_diffusers_directory(cli, tiny_model):
+    imported = cli("import", "my-sdxl", "--from", tiny_model.path)
+    assert imported.returncode == 0, imported.stderr
+    listing = cli("list").stdout
+    row = next(line for line in listing.splitlines() if line.startswith("my-sdxl"))
+    assert f"local:{tiny_model.path}" in row
+
+
+def test_import_from_a_path_that_is_not_a_model(cli, tmp_path):
+    result = cli("import", "junk", "--from", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {tmp_path} is not a diffusers directory (no model_index.json)"
+
+
+def test_hub_out_of_reach_is_one_clear_line(cli):
+    # Not a mock: the hub endpoint is a closed local port, as unreachable as the real hub is here.
+    result = cli("import", "sdxl-turbo", HF_ENDPOINT="http://127.0.0.1:9")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot download stabilityai/sdxl-turbo from the Hugging Face hub")
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_id_and_bad_id(cli, tiny_model):
+    unknown = cli("import", "sdxl-nope")
+    assert unknown.returncode == 1 and "unknown model 'sdxl-nope'" in unknown.stderr
+    bad = cli("import", "Bad Name", "--from", tiny_model.path)
+    assert bad.returncode == 1 and "not a valid model id" in bad.stderr
+
+
+def test_ensure_default_falls_back_to_tiny_when_the_hub_is_out_of_reach(cli):
+    result = cli("ensure-default", HF_ENDPOINT="http://127.0.0.1:9")
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: could not import sdxl-base" in result.stderr
+    assert "imported tiny-sdxl" in result.stdout
+    assert cli("ensure-default").stdout == ""  # the store has a model now: nothing to do
+
+
+SDXL_BASE_FILES = [
+    ".gitattributes", "01.png", "LICENSE.md", "README.md", "comparison.png", "model_index.json",
+    "pipeline.png", "sd_xl_base_1.0.safetensors", "sd_xl_base_1.0_0.9vae.safetensors", "sd_xl_offset_example-lora_1.0.safetensors",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json", "text_encoder/flax_model.msgpack", "text_encoder/model.fp16.safetensors",
+    "text_encoder/model.onnx", "text_encoder/model.safetensors", "text_encoder/openvino_model.bin",
+    "text_encoder_2/config.json", "text_encoder_2/model.fp16.safetensors", "text_encoder_2/model.safetensors",
+    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
+    "tokenizer_2/merges.txt", "tokenizer_2/special_tokens_map.json", "tokenizer_2/tokenizer_config.json", "tokenizer_2/vocab.json",
+    "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_flax_model.msgpack", "unet/model.onnx", "unet/model.onnx_data", "unet/openvino_model.bin",
+    "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors",
+    "vae_1_0/config.json", "vae_1_0/diffusion_pytorch_model.fp16.safetensors",
+    "vae_decoder/config.json", "vae_decoder/model.onnx",
+]
+SDXL_BASE_INDEX = json.loads("""{
+  "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0.dev0", "force_zeros_for_empty_prompt": true,
+  "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+  "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+  "vae": ["diffusers", "AutoencoderKL"]}""")
+
+
+def test_hub_file_selection_keeps_only_fp16_safetensors_and_configs():
+    chosen = select_files(SDXL_BASE_FILES, SDXL_BASE_INDEX)
+    assert sorted(chosen) == sorted([
+        "model_index.json", "scheduler/scheduler_config.json",
+        "text_encoder/config.json", "text_encoder/model.fp16.safetensors",
+        "text_encoder_2/config.json", "text_encoder_2/model.fp16.safetensors",
+        "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
+        "tokenizer_2/merges.txt", "tokenizer_2/special_tokens_map.json", "tokenizer_2/tokenizer_config.json", "tokenizer_2/vocab.json",
+        "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",
+    ])
+
+
+def test_hub_file_selection_without_fp16_takes_plain_safetensors_and_shards():
+    files = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+             "unet/diffusion_pytorch_model-00002-of-00002.safetensors", "unet/diffusion_pytorch_model.safetensors.index.json",
+             "unet/diffusion_pytorch_model.bin"]
+    chosen = select_files(files, {"unet": ["diffusers", "UNet2DConditionModel"], "image_encoder": [None, None]})
+    assert sorted(chosen) == sorted(files[:5])
