@@ -40,3 +40,12 @@ def select_placement(device: str | None = None, dtype: str | None = None) -> Pla
     if dtype not in DTYPES:
         raise ValueError(f"SDXL_DTYPE must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return Placement(target, DTYPES[dtype])
+
+
+def device_memory(placement: Placement) -> tuple[int, int] | None:
+    """(used, total) bytes of the device as the driver sees it, all processes included;
+    None on the CPU, which has no device memory of its own to report."""
+    if placement.device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(placement.device)
+    return total - free, total

@@ -18,7 +18,7 @@ from PIL import Image
 from .errors import InvalidRequest, OutOfMemory
 from .images import MEDIA_TYPES, decode_image, encode_image
 from .limits import Limits
-from .model_manager import ModelManager
+from .model_manager import ModelManager, ModelSource
 from .protocol import MAX_SEED, GeneratedImage, GenerationRequest, GenerationResult, ModelDefaults, Timings
 from .schedulers import SCHEDULERS, make_scheduler
 
@@ -45,51 +45,18 @@ class Engine:
         return self._device_thread.submit(self.generate, request)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        model_id = request.model or self.default_model
-        source = self.models.source(model_id)
+        source = self.models.source(request.model or self.default_model)
         init_image = decode_image(request.image, self.limits) if request.image is not None else None
-        request = resolve(request, model_id, source.defaults, init_image)
+        request = resolve(request, source.id, source.defaults, init_image)
         validate(request, self.limits)
         if init_image is not None and init_image.size != (request.width, request.height):
             init_image = init_image.resize((request.width, request.height), Image.Resampling.LANCZOS)
-
         seeds = [request.seed + i for i in range(request.n)]
-        # CPU generators: the same seed gives the same noise whatever the device.
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        arguments = dict(
-            prompt=request.prompt,
-            # None, not "": SDXL then uses zero embeddings, as the model was trained.
-            negative_prompt=request.negative_prompt or None,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            num_images_per_prompt=request.n,
-            generator=generators,
-        )
-        with self.models.use(model_id) as (loaded, load_s):
-            if init_image is None:
-                if loaded.txt2img is None:
-                    raise InvalidRequest(f"model '{model_id}' only does image-to-image: send an image", "image")
-                pipeline = loaded.txt2img
-                arguments.update(width=request.width, height=request.height)
-            else:
-                pipeline = loaded.img2img
-                arguments.update(image=init_image, strength=request.strength)
-            pipeline.scheduler = make_scheduler(
-                request.scheduler, loaded.scheduler_config, source.defaults.timestep_spacing
-            )
-            started = time.perf_counter()
-            try:
-                pictures = pipeline(**arguments).images
-            except torch.OutOfMemoryError:
-                # Leave the except block first: its traceback holds the failed call's tensors.
-                pictures = None
-            if pictures is None:
-                self.models.release_cached_memory()
-                raise OutOfMemory(
-                    f"out of memory on {self.models.placement.device} generating {request.n} image(s) "
-                    f"of {request.width}x{request.height}; try fewer or smaller images"
-                )
-            inference_s = time.perf_counter() - started
+        try:
+            pictures, load_s, inference_s = self._denoise(source, request, seeds, init_image)
+        finally:
+            if request.vram_mode == "low":  # also after a failure: the request leaves nothing loaded
+                self.models.unload([source.id])
 
         started = time.perf_counter()
         images = [
@@ -105,10 +72,48 @@ class Engine:
         timings = Timings(load_s=load_s, inference_s=inference_s, encode_s=time.perf_counter() - started)
         logger.info(
             "generated %d image(s) %dx%d with %s, %d steps, %s, seed %d: %.2f s",
-            request.n, request.width, request.height, model_id, request.steps,
+            request.n, request.width, request.height, source.id, request.steps,
             request.scheduler, request.seed, inference_s,
         )
-        return GenerationResult(model=model_id, images=images, request=request, timings=timings)
+        return GenerationResult(model=source.id, images=images, request=request, timings=timings)
+
+    def _denoise(
+        self, source: ModelSource, request: GenerationRequest, seeds: list[int], init_image: Image.Image | None
+    ) -> tuple[list[Image.Image], float, float]:
+        """One batched pipeline call; returns the images, load seconds and inference seconds."""
+        arguments = dict(
+            prompt=request.prompt,
+            # None, not "": SDXL then uses zero embeddings, as the model was trained.
+            negative_prompt=request.negative_prompt or None,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            num_images_per_prompt=request.n,
+            # CPU generators: the same seed gives the same noise whatever the device.
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        )
+        with self.models.use(source.id) as (loaded, load_s):
+            if init_image is None:
+                if loaded.txt2img is None:
+                    raise InvalidRequest(f"model '{source.id}' only does image-to-image: send an image", "image")
+                pipeline = loaded.txt2img
+                arguments.update(width=request.width, height=request.height)
+            else:
+                pipeline = loaded.img2img
+                arguments.update(image=init_image, strength=request.strength)
+            pipeline.scheduler = make_scheduler(request.scheduler, loaded.scheduler_config, source.defaults.timestep_spacing)
+            started = time.perf_counter()
+            try:
+                pictures = pipeline(**arguments).images
+            except torch.OutOfMemoryError:
+                # Leave the except block first: its traceback holds the failed call's tensors.
+                pictures = None
+            if pictures is None:
+                self.models.release_cached_memory()
+                raise OutOfMemory(
+                    f"out of memory on {self.models.placement.device} generating {request.n} image(s) "
+                    f"of {request.width}x{request.height}; try fewer or smaller images"
+                )
+            return pictures, load_s, time.perf_counter() - started
 
 
 def resolve(

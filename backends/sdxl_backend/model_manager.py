@@ -89,19 +89,26 @@ def load_pipelines(source: ModelSource, placement: Placement) -> LoadedModel:
 class ModelManager:
     """Which models can be served, which are loaded, and exclusive use of the device."""
 
-    def __init__(self, sources: list[ModelSource], placement: Placement):
+    def __init__(self, sources: list[ModelSource], placement: Placement, aliases: dict[str, str] | None = None):
         self.sources = {source.id: source for source in sources}
         self.placement = placement
+        # Ids that clients are hard-wired to, served by another model: {"sdxl-realism": "juggernaut-xl"}.
+        self.aliases = dict(aliases or {})
+        for alias, target in self.aliases.items():
+            if target not in self.sources:
+                raise ValueError(f"alias {alias}={target}: {target} is not served (served: {', '.join(self.sources)})")
         self._loaded: dict[str, LoadedModel] = {}
         self._device_lock = threading.Lock()
 
     def source(self, model_id: str) -> ModelSource:
+        """The model that serves `model_id`, following an alias unless a model has that id."""
+        model_id = model_id if model_id in self.sources else self.aliases.get(model_id, model_id)
         if model_id not in self.sources:
-            raise UnknownModel(model_id, sorted(self.sources))
+            raise UnknownModel(model_id, sorted([*self.sources, *self.aliases]))
         return self.sources[model_id]
 
     def is_loaded(self, model_id: str) -> bool:
-        return model_id in self._loaded
+        return self.source(model_id).id in self._loaded
 
     @contextmanager
     def use(self, model_id: str) -> Iterator[tuple[LoadedModel, float]]:
@@ -109,18 +116,20 @@ class ModelManager:
         loading it for this call (0 when it was already resident)."""
         source = self.source(model_id)
         with self._device_lock:
-            loaded = self._loaded.get(model_id)
+            loaded = self._loaded.get(source.id)
             load_s = 0.0
             if loaded is None:
-                loaded = self._loaded[model_id] = load_pipelines(source, self.placement)
+                loaded = self._loaded[source.id] = load_pipelines(source, self.placement)
                 load_s = loaded.load_s
             loaded.last_used = time.time()
             yield loaded, load_s
 
-    def unload_all(self) -> list[str]:
+    def unload(self, model_ids: list[str] | None = None) -> list[str]:
+        """Free the given loaded models (default: all); returns the ids freed."""
         with self._device_lock:
-            unloaded = sorted(self._loaded)
-            self._loaded.clear()
+            unloaded = sorted(m for m in self._loaded if model_ids is None or m in model_ids)
+            for model_id in unloaded:
+                del self._loaded[model_id]
             self.release_cached_memory()
         for model_id in unloaded:
             logger.info("unloaded model %s", model_id)

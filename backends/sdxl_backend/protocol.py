@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+# Memory policy of a request: "low" frees the model after the request.
+VramMode = Literal["high", "balanced", "low"]
 MAX_SEED = 2**32 - 1
 
 
@@ -60,6 +62,7 @@ class GenerationRequest(BaseModel):
     # img2img: the input image (PNG, JPEG, WebP...) and how much of it to repaint.
     image: ImageBytes | None = Field(None, exclude=True, repr=False)
     strength: float = Field(0.75, gt=0, le=1)
+    vram_mode: VramMode | None = None
 
 
 class GeneratedImage(BaseModel):
