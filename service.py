@@ -1,47 +1,53 @@
 """The SDXL service: BentoML wiring and the HTTP routes.
 
-Requests enter here, are parsed into a `GenerationRequest` (backends/api shapes the
-dialects), run on the GPU in `Engine.generate()` (backends/sdxl_backend/engine.py), and the
-result is shaped back into the client's dialect.
-
-Settings (environment): SDXL_MODELS, SDXL_DEFAULT_MODEL, SDXL_TIMEOUT_SECONDS, SDXL_WARMUP,
-SDXL_DEVICE, SDXL_DTYPE and the SDXL_MAX_* limits; the README lists them all.
+A request enters at a route below, becomes a `GenerationRequest` (the native API takes one as
+its body; other dialects translate theirs in backends/api/), runs on the device in
+`Engine.generate()` (backends/sdxl_backend/engine.py), and the `GenerationResult` is shaped
+back into the dialect's answer (backends/api/). Settings come from the environment
+(backends/api/settings.py); the README lists them all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from pathlib import Path
 
 import bentoml
 import diffusers
 import transformers
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from backends.api import errors, native
-from backends.sdxl_backend.device import select_placement
+from backends.api import errors, headers, image_generations, native
+from backends.api.auth import key_is_valid, presented_key
+from backends.api.kept_images import KeptImages
+from backends.api.settings import ServiceSettings
+from backends.sdxl_backend.device import device_memory, select_placement
 from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.errors import BackendError, InvalidRequest
 from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.model_manager import ModelManager, ModelSource
-from backends.sdxl_backend.protocol import GenerationRequest
+from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
 from backends.sdxl_backend.schedulers import SCHEDULERS
 from models.catalog import defaults_for, load_catalog
 from models.store import stored_models
 
 logger = logging.getLogger("sdxl_backend")
+SETTINGS = ServiceSettings.from_env()
+VRAM_MODES = ("high", "balanced", "low")
+# Routes open without an API key: health probes, and kept-image links (unguessable, and
+# fetched by browsers that cannot send a key).
+OPEN_PATHS = ("/health",)
+OPEN_PREFIXES = ("/v1/images/files/",)
 
 
 def served_models() -> dict[str, bentoml.Model]:
-    """`SDXL_MODELS` (comma-separated ids), or every SDXL model in the store."""
+    """`SDXL_MODELS`, or every SDXL model in the store."""
     stored = stored_models()
-    wanted = [m.strip() for m in os.environ.get("SDXL_MODELS", "").split(",") if m.strip()]
-    missing = [m for m in wanted if m not in stored]
+    missing = [m for m in SETTINGS.models if m not in stored]
     if missing:
         raise RuntimeError(
             f"SDXL_MODELS names {', '.join(missing)}, not in the model store; "
@@ -49,16 +55,15 @@ def served_models() -> dict[str, bentoml.Model]:
         )
     if not stored:
         raise RuntimeError("the model store holds no SDXL model: run `python -m models import tiny-sdxl` (or sdxl-base)")
-    return {m: stored[m] for m in wanted} if wanted else stored
+    return {m: stored[m] for m in SETTINGS.models} if SETTINGS.models else stored
 
 
 def default_model(served: list[str]) -> str:
     """`SDXL_DEFAULT_MODEL`, else the first served model in catalog order."""
-    chosen = os.environ.get("SDXL_DEFAULT_MODEL")
-    if chosen:
-        if chosen not in served:
-            raise RuntimeError(f"SDXL_DEFAULT_MODEL={chosen} is not served (served: {', '.join(served)})")
-        return chosen
+    if SETTINGS.default_model:
+        if SETTINGS.default_model not in served:
+            raise RuntimeError(f"SDXL_DEFAULT_MODEL={SETTINGS.default_model} is not served (served: {', '.join(served)})")
+        return SETTINGS.default_model
     order = list(load_catalog())
     return min(served, key=lambda m: order.index(m) if m in order else len(order))
 
@@ -86,6 +91,20 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(body, status_code=status)
 
 
+@app.middleware("http")
+async def _require_api_key(request: Request, call_next):
+    path = request.url.path
+    if not SETTINGS.api_keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        return await call_next(request)
+    if not key_is_valid(presented_key(request.headers), SETTINGS.api_keys):
+        body = errors.error_body(
+            "missing or invalid API key: send Authorization: Bearer <key> or X-API-Key", "authentication_error",
+            code="invalid_api_key",
+        )
+        return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
+
+
 class SDXL:
     def __init__(self) -> None:
         # Backend logs go where BentoML's go (its root handler); progress bars do not.
@@ -93,66 +112,127 @@ class SDXL:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
         placement = select_placement()
-        logger.info("device: %s; models: %s (default %s)", placement.describe(), ", ".join(SERVED), DEFAULT_MODEL)
+        logger.info(
+            "device: %s; models: %s (default %s)%s; API keys %s",
+            placement.describe(), ", ".join(SERVED), DEFAULT_MODEL,
+            "".join(f"; alias {a} -> {t}" for a, t in SETTINGS.aliases.items()),
+            "required" if SETTINGS.api_keys else "off",
+        )
         sources = [
             ModelSource(model_id, Path(getattr(self, model_attribute(model_id)).path), defaults_for(model_id))
             for model_id in SERVED
         ]
-        self.engine = Engine(ModelManager(sources, placement), DEFAULT_MODEL, Limits.from_env())
-        if os.environ.get("SDXL_WARMUP", "1") == "1":
+        self.engine = Engine(ModelManager(sources, placement, SETTINGS.aliases), DEFAULT_MODEL, Limits.from_env())
+        self.kept_images = KeptImages(SETTINGS.image_url_ttl_s, SETTINGS.image_url_max_bytes)
+        self.kept_images.sweep_forever(min(60.0, SETTINGS.image_url_ttl_s))
+        if SETTINGS.warmup:
             started = time.perf_counter()
             self.engine.submit(GenerationRequest(prompt="warm-up", steps=2)).result()
             logger.info("warm-up of %s done in %.2f s", DEFAULT_MODEL, time.perf_counter() - started)
 
-    async def _generate(self, body: GenerationRequest, accept: str | None) -> Response:
-        result = await asyncio.wrap_future(self.engine.submit(body))
-        headers = native.result_headers(result)
-        if native.wants_raw_image(accept):
-            image = result.images[0]
-            return Response(image.data, media_type=image.media_type, headers=headers)
-        return JSONResponse(native.result_body(result, int(time.time())), headers=headers)
+    async def _run(self, request: GenerationRequest) -> tuple[GenerationResult, dict[str, str]]:
+        result = await asyncio.wrap_future(self.engine.submit(request))
+        placement = self.engine.models.placement
+        return result, headers.result_headers(result, placement.device.type, device_memory(placement))
+
+    # --- the native API -------------------------------------------------------------------
 
     @app.post("/v1/txt2img")
     async def txt2img(self, body: GenerationRequest, request: Request) -> Response:
         """Text to image. With `Accept: image/png` (or jpeg/webp) and n=1 the answer is the image itself."""
         if body.image is not None:
             raise InvalidRequest("image: txt2img takes no input image; use /v1/img2img", "image")
-        self._check_raw(body, request)
-        return await self._generate(body, request.headers.get("accept"))
+        return await self._native(body, request)
 
     @app.post("/v1/img2img")
     async def img2img(self, body: GenerationRequest, request: Request) -> Response:
         """Image to image: `image` (base64, a data URL is fine) repainted by `strength`."""
         if body.image is None:
             raise InvalidRequest("image: img2img needs an input image (base64)", "image")
-        self._check_raw(body, request)
-        return await self._generate(body, request.headers.get("accept"))
+        return await self._native(body, request)
 
-    @staticmethod
-    def _check_raw(body: GenerationRequest, request: Request) -> None:
-        if native.wants_raw_image(request.headers.get("accept")) and body.n != 1:
+    async def _native(self, body: GenerationRequest, request: Request) -> Response:
+        raw = native.wants_raw_image(request.headers.get("accept"))
+        if raw and body.n != 1:
             raise InvalidRequest("n: a raw image answer (Accept: image/*) holds one image; ask for JSON", "n")
+        result, result_headers = await self._run(body)
+        if raw:
+            image = result.images[0]
+            return Response(image.data, media_type=image.media_type, headers=result_headers)
+        return JSONResponse(native.result_body(result, int(time.time())), headers=result_headers)
+
+    # --- moondream-station and OpenAI Images clients ----------------------------------------
+
+    @app.post("/v1/generate")
+    @app.post("/v1/images/generations")
+    async def generate(
+        self,
+        body: image_generations.ImageGenerationRequest,
+        request: Request,
+        x_vram_mode: str | None = Header(None),
+    ) -> JSONResponse:
+        """moondream-station's /v1/generate and the OpenAI Images API, one handler: the union
+        of both request shapes in, the union of both answers out. `image` makes it img2img."""
+        if x_vram_mode is not None and x_vram_mode not in VRAM_MODES:
+            raise InvalidRequest(f"X-VRAM-Mode: '{x_vram_mode}' is not one of {', '.join(VRAM_MODES)}", "X-VRAM-Mode")
+        result, result_headers = await self._run(body.to_generation_request(x_vram_mode))
+        urls = None
+        if body.response_format == "url":
+            base = SETTINGS.public_url or str(request.base_url).rstrip("/")
+            urls = [
+                f"{base}/v1/images/files/{self.kept_images.put(image.data, image.media_type, result.request.output_format)}"
+                for image in result.images
+            ]
+        answer = image_generations.render(body, result, int(time.time()), urls)
+        return JSONResponse(answer, headers=result_headers)
+
+    @app.get("/v1/images/files/{image_id}")
+    async def kept_image(self, image_id: str) -> Response:
+        """An image answered with response_format "url", while it is kept."""
+        image = self.kept_images.get(image_id)
+        if image is not None:
+            return Response(image.data, media_type=image.media_type)
+        if self.kept_images.expired(image_id):
+            return JSONResponse(errors.error_body(f"image {image_id} has expired", "gone", code="expired"), 410)
+        return JSONResponse(errors.error_body(f"no image {image_id}", "not_found", code="not_found"), 404)
+
+    # --- companion routes -------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "server": "sdxl-bento", "default_model": DEFAULT_MODEL}
 
     @app.get("/v1/models")
     async def list_models(self) -> dict:
         catalog = load_catalog()
+        models = self.engine.models
+
+        def entry(model_id: str, served_by: str) -> dict:
+            return {
+                "id": model_id,
+                "name": model_id,
+                "description": catalog[served_by].description if served_by in catalog else "",
+                "version": SERVED[served_by].tag.version,
+                "loaded": models.is_loaded(served_by),
+                "default": model_id == DEFAULT_MODEL,
+                **({"alias_of": served_by} if served_by != model_id else {}),
+            }
+
         return {
-            "models": [
-                {
-                    "id": model_id,
-                    "name": model_id,
-                    "description": catalog[model_id].description if model_id in catalog else "",
-                    "version": model.tag.version,
-                    "loaded": self.engine.models.is_loaded(model_id),
-                    "default": model_id == DEFAULT_MODEL,
-                }
-                for model_id, model in SERVED.items()
-            ]
+            "models": [entry(m, m) for m in SERVED] + [entry(alias, target) for alias, target in models.aliases.items()]
         }
 
     @app.get("/v1/schedulers")
+    @app.get("/v1/samplers")
     async def list_schedulers(self) -> dict:
-        return {"schedulers": [{"name": name, "label": spec.label} for name, spec in SCHEDULERS.items()]}
+        schedulers = [{"name": name, "label": spec.label} for name, spec in SCHEDULERS.items()]
+        return {"schedulers": schedulers, "samplers": schedulers}
+
+    @app.post("/v1/system/unload")
+    async def unload(self) -> dict:
+        """Free every loaded pipeline; the next request loads its model again."""
+        unloaded = await asyncio.to_thread(self.engine.models.unload)
+        return {"status": "ok", "unloaded": unloaded}
 
 
 # BentoML finds the models a service uses among its class attributes, and `bentoml build` packs
@@ -164,5 +244,14 @@ SDXL = bentoml.service(
     name="sdxl",
     resources={"gpu": 1},
     workers=1,
-    traffic={"timeout": int(os.environ.get("SDXL_TIMEOUT_SECONDS", "600"))},
+    traffic={"timeout": SETTINGS.timeout_s},
+    http={
+        "cors": {
+            "enabled": True,
+            "access_control_allow_origins": SETTINGS.cors_origins,
+            "access_control_allow_methods": ["GET", "POST", "DELETE", "OPTIONS"],
+            "access_control_allow_headers": ["*"],
+            "access_control_expose_headers": headers.EXPOSED,
+        }
+    },
 )(bentoml.asgi_app(app)(SDXL))

@@ -13,15 +13,6 @@ def wants_raw_image(accept: str | None) -> bool:
     return bool(accept) and accept.split(",")[0].strip().startswith("image/")
 
 
-def result_headers(result: GenerationResult) -> dict[str, str]:
-    return {
-        "X-Model": result.model,
-        "X-Seed": ",".join(str(seed) for seed in result.seeds),
-        "X-Inference-Time": f"{result.timings.inference_s:.3f}",
-        "X-Model-Load-Time": f"{result.timings.load_s:.3f}",
-    }
-
-
 def result_body(result: GenerationResult, created: int) -> dict[str, Any]:
     return {
         "created": created,

@@ -1,0 +1,23 @@
+"""Response headers of every generation route (moondream-station clients read them)."""
+
+from __future__ import annotations
+
+from backends.sdxl_backend.protocol import GenerationResult
+
+# Headers a browser client may read across origins (CORS Access-Control-Expose-Headers).
+EXPOSED = ["X-Model", "X-Seed", "X-Inference-Time", "X-Model-Load-Time", "X-VRAM-Used", "X-VRAM-Total", "X-Device"]
+
+
+def result_headers(result: GenerationResult, device: str, memory: tuple[int, int] | None) -> dict[str, str]:
+    """Times in seconds. X-VRAM-Used/X-VRAM-Total in bytes, the device as the driver sees it;
+    absent on the CPU, which has no device memory (X-Device says which device served)."""
+    headers = {
+        "X-Model": result.model,
+        "X-Seed": ",".join(str(seed) for seed in result.seeds),
+        "X-Inference-Time": f"{result.timings.inference_s:.3f}",
+        "X-Model-Load-Time": f"{result.timings.load_s:.3f}",
+        "X-Device": device,
+    }
+    if memory is not None:
+        headers["X-VRAM-Used"], headers["X-VRAM-Total"] = str(memory[0]), str(memory[1])
+    return headers

@@ -1,0 +1,118 @@
+"""The dialect of `POST /v1/generate` and `POST /v1/images/generations`.
+
+Two kinds of client send to these routes: moondream-station style clients (the gallery
+frontend) and OpenAI Images API clients (the `openai` package). One request model takes the
+union of their fields and one answer carries the union of their response keys; each client
+reads its own keys and ignores the rest. Every accepted field is used, except OpenAI's
+`quality`, `style`, `user`, `safety_identifier` and `moderation`, which have no SDXL meaning:
+they are accepted so OpenAI clients work, and recorded in `stats`.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from backends.sdxl_backend.errors import InvalidRequest
+from backends.sdxl_backend.protocol import MAX_SEED, GenerationRequest, GenerationResult, ImageBytes, OutputFormat
+
+SIZE_PATTERN = re.compile(r"^(\d+)x(\d+)$")
+RECORDED_ONLY = ("quality", "style", "user", "safety_identifier", "moderation")
+
+
+class ImageGenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    negative_prompt: str | None = None
+    # Size: moondream clients send width/height, OpenAI clients "WxH" (or "auto").
+    width: int | None = None
+    height: int | None = None
+    size: str | None = None
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0)
+    scheduler: str | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    # Count: OpenAI's `n`, moondream's `num_images`.
+    n: int | None = Field(None, ge=1)
+    num_images: int | None = Field(None, ge=1)
+    # img2img: moondream's base64 `image` and `strength`.
+    image: ImageBytes | None = None
+    strength: float = Field(0.75, gt=0, le=1)
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: OutputFormat = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    background: Literal["auto", "opaque", "transparent"] | None = None
+    stream: Literal[False] | None = None  # streaming answers are not offered
+    # OpenAI fields without an SDXL meaning: accepted, recorded.
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    moderation: str | None = None
+
+    def to_generation_request(self, vram_mode: str | None) -> GenerationRequest:
+        width, height = self.width, self.height
+        if self.size not in (None, "auto"):
+            match = SIZE_PATTERN.match(self.size)
+            if not match:
+                raise InvalidRequest(f"size: '{self.size}' is not of the form WIDTHxHEIGHT, e.g. 1024x1024", "size")
+            size = int(match[1]), int(match[2])
+            if (width or size[0], height or size[1]) != size:
+                raise InvalidRequest(f"size: '{self.size}' contradicts width={width}, height={height}", "size")
+            width, height = size
+        if self.n is not None and self.num_images is not None and self.n != self.num_images:
+            raise InvalidRequest(f"n: n={self.n} contradicts num_images={self.num_images}", "n")
+        if self.background == "transparent":
+            raise InvalidRequest("background: SDXL draws opaque images; 'transparent' is not available", "background")
+        return GenerationRequest(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt or "",
+            model=self.model,
+            width=width,
+            height=height,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed,
+            n=self.n or self.num_images or 1,
+            scheduler=self.scheduler,
+            output_format=self.output_format,
+            quality=max(1, self.output_compression) if self.output_compression is not None else 90,
+            image=self.image,
+            strength=self.strength,
+            vram_mode=vram_mode,
+        )
+
+
+def render(
+    body: ImageGenerationRequest, result: GenerationResult, created: int, urls: list[str] | None
+) -> dict[str, Any]:
+    """`created` and `data` for OpenAI clients; `images`, `image` and `stats` for moondream
+    clients. With `urls` (response_format "url") the images are links, not base64."""
+    request = result.request
+    if urls is None:
+        encoded = [base64.b64encode(image.data).decode() for image in result.images]
+        data = [{"b64_json": b64, "seed": image.seed} for b64, image in zip(encoded, result.images)]
+    else:
+        encoded = urls
+        data = [{"url": url, "seed": image.seed} for url, image in zip(urls, result.images)]
+    stats = {
+        "model": result.model,
+        "requested_model": body.model,
+        "seeds": result.seeds,
+        "width": request.width,
+        "height": request.height,
+        "steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "scheduler": request.scheduler,
+        "mode": "img2img" if request.image is not None else "txt2img",
+        "vram_mode": request.vram_mode,
+        **({"strength": request.strength} if request.image is not None else {}),
+        **result.timings.model_dump(),
+        **{f: getattr(body, f) for f in RECORDED_ONLY if getattr(body, f)},
+    }
+    return {"created": created, "data": data, "images": encoded, "image": encoded[0], "stats": stats}

@@ -1,0 +1,60 @@
+"""The service's settings, all from environment variables (the README's table lists them).
+Request limits are in backends/sdxl_backend/limits.py, device choice in device.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.replace("\n", ",").split(",") if item.strip()]
+
+
+class ServiceSettings(BaseModel):
+    models: list[str]  # empty: every SDXL model in the store
+    default_model: str | None
+    aliases: dict[str, str]
+    api_keys: list[str]  # empty: no key needed
+    cors_origins: list[str]
+    timeout_s: int
+    warmup: bool
+    image_url_ttl_s: float
+    image_url_max_bytes: int
+    public_url: str | None  # base of image links when behind a proxy; default: the request's own
+
+    @classmethod
+    def from_env(cls) -> "ServiceSettings":
+        env = os.environ.get
+        return cls(
+            models=_items(env("SDXL_MODELS", "")),
+            default_model=env("SDXL_DEFAULT_MODEL") or None,
+            aliases=parse_aliases(env("SDXL_MODEL_ALIASES", "")),
+            api_keys=load_api_keys(env("SDXL_API_KEYS", "")),
+            cors_origins=_items(env("SDXL_CORS_ORIGINS", "*")),
+            timeout_s=int(env("SDXL_TIMEOUT_SECONDS", "600")),
+            warmup=env("SDXL_WARMUP", "1") == "1",
+            image_url_ttl_s=float(env("SDXL_IMAGE_URL_TTL_SECONDS", "3600")),
+            image_url_max_bytes=int(env("SDXL_IMAGE_URL_MAX_BYTES", str(256 * 2**20))),
+            public_url=(env("SDXL_PUBLIC_URL") or "").rstrip("/") or None,
+        )
+
+
+def parse_aliases(text: str) -> dict[str, str]:
+    """'sdxl-realism=juggernaut-xl,sdxl-anime=tiny-sdxl' -> {'sdxl-realism': 'juggernaut-xl', ...}"""
+    aliases = {}
+    for item in _items(text):
+        alias, sep, target = item.partition("=")
+        if not sep or not alias.strip() or not target.strip():
+            raise ValueError(f"SDXL_MODEL_ALIASES: '{item}' is not of the form alias=model")
+        aliases[alias.strip()] = target.strip()
+    return aliases
+
+
+def load_api_keys(value: str) -> list[str]:
+    """Comma-separated keys, or the path of a file with one key per line (or comma-separated)."""
+    if value and Path(value).is_file():
+        value = Path(value).read_text()
+    return _items(value)
