@@ -31,8 +31,10 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def server(tiny_model, tmp_path_factory):
-    """The service serving tiny-sdxl, shared by the HTTP tests (they do not change its state)."""
-    srv = Server({"SDXL_MODELS": "tiny-sdxl"}, tmp_path_factory.mktemp("server") / "server.log")
+    """The service serving tiny-sdxl (also as `sdxl-realism`, the id gallery clients send),
+    shared by the HTTP tests; a test that unloads models leaves them loadable."""
+    env = {"SDXL_MODELS": "tiny-sdxl", "SDXL_MODEL_ALIASES": "sdxl-realism=tiny-sdxl"}
+    srv = Server(env, tmp_path_factory.mktemp("server") / "server.log")
     try:
         srv.wait_ready()
         yield srv

@@ -71,8 +71,9 @@ def test_img2img_with_base64_and_data_url(server):
 
 def test_models_and_schedulers(server):
     models = httpx.get(f"{server.url}/v1/models").json()["models"]
-    assert [m["id"] for m in models] == ["tiny-sdxl"]
-    assert models[0]["loaded"] is True and models[0]["default"] is True and models[0]["version"]
+    assert [m["id"] for m in models] == ["tiny-sdxl", "sdxl-realism"]
+    assert models[0]["default"] is True and models[0]["version"] and "alias_of" not in models[0]
+    assert models[1]["alias_of"] == "tiny-sdxl" and models[1]["version"] == models[0]["version"]
     names = [s["name"] for s in httpx.get(f"{server.url}/v1/schedulers").json()["schedulers"]]
     assert {"euler", "euler_a", "dpmpp_2m_karras", "dpmpp_sde_karras", "lcm"} <= set(names)
 
@@ -132,7 +133,7 @@ def test_bad_input_gets_4xx_naming_the_field(server, route, body, status, param)
 
 def test_unknown_model_names_the_available_ones(server):
     error = post(server, "/v1/txt2img", {"prompt": "x", "model": "sdxl-base"}).json()["error"]
-    assert error["message"] == "model 'sdxl-base' is not available; available models: tiny-sdxl"
+    assert error["message"] == "model 'sdxl-base' is not available; available models: sdxl-realism, tiny-sdxl"
 
 
 def test_raw_answer_takes_one_image(server):

@@ -1,0 +1,316 @@
+"""moondream-station and OpenAI Images clients against a real served process.
+
+The gallery requests below are the bodies the public Image-Gallery-2 client sends (see
+shared/docs/CLIENT_CONTRACTS.md §2), as JSON.stringify writes them, and the answers are read
+the way that client reads them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from backends.api.kept_images import KeptImages
+from tests.conftest import pixels, png_bytes
+from tests.served import Server
+
+PROMPT = "a misty forest at dawn"
+
+
+def post_raw(server, route: str, payload: bytes, **headers: str) -> httpx.Response:
+    return httpx.post(f"{server.url}{route}", content=payload, timeout=120,
+                      headers={"Content-Type": "application/json", **headers})
+
+
+def gallery_image(answer: dict) -> Image.Image:
+    """MoondreamLocalProvider: `data[0].b64_json || data[0].url`."""
+    first = answer["data"][0]
+    if first.get("b64_json"):
+        return Image.open(io.BytesIO(base64.b64decode(first["b64_json"])))
+    return Image.open(io.BytesIO(httpx.get(first["url"]).content))
+
+
+# --- replayed gallery requests -----------------------------------------------------------------
+
+def test_gallery_provider_txt2img_at_its_real_size(server):
+    payload = b'{"prompt":"a misty forest at dawn","model":"sdxl-realism","width":1024,"height":1024,"steps":30,"scheduler":"euler","strength":0.75}'
+    response = post_raw(server, "/v1/images/generations", payload)
+    assert response.status_code == 200, response.text
+    assert gallery_image(response.json()).size == (1024, 1024)
+    stats = response.json()["stats"]
+    assert (stats["model"], stats["requested_model"], stats["steps"], stats["scheduler"]) == (
+        "tiny-sdxl", "sdxl-realism", 30, "euler")
+
+
+def test_gallery_provider_img2img(server):
+    image = base64.b64encode(png_bytes(832, 1216)).decode()
+    payload = ('{"prompt":"a misty forest at dawn","model":"sdxl-realism","width":832,"height":1216,'
+               f'"steps":30,"scheduler":"euler","strength":0.75,"image":"{image}"}}').encode()
+    response = post_raw(server, "/v1/images/generations", payload)
+    assert response.status_code == 200, response.text
+    assert gallery_image(response.json()).size == (832, 1216)
+    assert response.json()["stats"]["mode"] == "img2img" and response.json()["stats"]["strength"] == 0.75
+
+
+def test_gallery_performance_test_on_v1_generate(server):
+    payload = b'{"model":"sdxl-realism","prompt":"a misty forest at dawn","width":896,"height":512,"steps":30,"scheduler":"euler"}'
+    response = post_raw(server, "/v1/generate", payload)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    b64 = answer["data"][0]["b64_json"] or answer["images"][0]  # usePerformanceTest's read
+    assert Image.open(io.BytesIO(base64.b64decode(b64))).size == (896, 512)
+    assert float(response.headers["X-Inference-Time"]) > 0
+    assert response.headers["X-Model-Load-Time"] == "0.000"
+    assert response.headers["X-Device"] == "cpu" and "X-VRAM-Used" not in response.headers
+
+
+def test_gallery_performance_test_openai_style_body(server):
+    payload = b'{"model":"sdxl-realism","prompt":"a misty forest at dawn","n":1,"size":"896x512","response_format":"b64_json"}'
+    answer = post_raw(server, "/v1/generate", payload).json()
+    assert Image.open(io.BytesIO(base64.b64decode(answer["data"][0]["b64_json"]))).size == (896, 512)
+
+
+def test_older_clients_read_images_or_image(server):
+    answer = post_raw(server, "/v1/generate", b'{"prompt":"x","model":"sdxl-realism","width":64,"height":64}').json()
+    first = answer.get("result", [None])[0] or answer["images"][0] or answer["image"]
+    assert first == answer["image"] == answer["data"][0]["b64_json"]
+    assert answer["created"] <= time.time() + 1
+
+
+def test_vram_mode_low_frees_the_model_after_the_request(server):
+    body = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
+    low = httpx.post(f"{server.url}/v1/generate", json=body, headers={"X-VRAM-Mode": "low"}, timeout=60)
+    assert low.status_code == 200 and low.json()["stats"]["vram_mode"] == "low"
+    models = httpx.get(f"{server.url}/v1/models").json()["models"]
+    assert models[0]["loaded"] is False
+    again = httpx.post(f"{server.url}/v1/generate", json=body, timeout=60)
+    assert float(again.headers["X-Model-Load-Time"]) > 0
+    bad = httpx.post(f"{server.url}/v1/generate", json=body, headers={"X-VRAM-Mode": "max"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-VRAM-Mode"
+
+
+def test_unload_route(server):
+    body = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
+    httpx.post(f"{server.url}/v1/generate", json=body, timeout=60)
+    unloaded = httpx.post(f"{server.url}/v1/system/unload").json()
+    assert unloaded == {"status": "ok", "unloaded": ["tiny-sdxl"]}
+    assert httpx.get(f"{server.url}/v1/models").json()["models"][0]["loaded"] is False
+    assert float(httpx.post(f"{server.url}/v1/generate", json=body, timeout=60).headers["X-Model-Load-Time"]) > 0
+
+
+def test_companion_routes(server):
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    samplers = httpx.get(f"{server.url}/v1/samplers").json()
+    assert samplers["samplers"] == samplers["schedulers"] and {"name": "euler", "label": "Euler"} in samplers["samplers"]
+
+
+# --- the official openai package ------------------------------------------------------------
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_b64_json_n_images_and_size(client):
+    result = client.images.generate(model="tiny-sdxl", prompt=PROMPT, n=2, size="128x64", response_format="b64_json")
+    assert len(result.data) == 2
+    images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in result.data]
+    assert [i.size for i in images] == [(128, 64)] * 2
+    assert images[0].tobytes() != images[1].tobytes()
+
+
+def test_openai_url_format(client):
+    result = client.images.generate(model="tiny-sdxl", prompt=PROMPT, size="64x64", response_format="url")
+    fetched = httpx.get(result.data[0].url)
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(fetched.content)).size == (64, 64)
+
+
+def test_openai_extra_body_fields_and_output_format(client):
+    result = client.images.generate(
+        model="tiny-sdxl", prompt=PROMPT, size="64x64", output_format="jpeg", output_compression=40,
+        response_format="b64_json", extra_body={"negative_prompt": "blur", "steps": 3, "seed": 9, "scheduler": "unipc"},
+    )
+    assert base64.b64decode(result.data[0].b64_json)[:2] == b"\xff\xd8"
+    raw = result.model_extra["stats"]
+    assert (raw["steps"], raw["seeds"], raw["scheduler"]) == (3, [9], "unipc")
+
+
+def test_openai_errors(client):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(model="tiny-sdxl", prompt=PROMPT, size="65x64")
+    assert bad.value.body["message"] == "width: 65 is not a multiple of 8" and bad.value.body["param"] == "width"
+    with pytest.raises(openai.NotFoundError, match="available models: sdxl-realism, tiny-sdxl"):
+        client.images.generate(model="dall-e-3", prompt=PROMPT)
+
+
+# --- every field changes what it should -----------------------------------------------------
+
+def generated_pixels(server, **fields) -> bytes:
+    body = {"prompt": PROMPT, "model": "tiny-sdxl", "width": 64, "height": 64, "steps": 4, "seed": 1, **fields}
+    response = httpx.post(f"{server.url}/v1/generate", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return pixels(base64.b64decode(response.json()["images"][0]))
+
+
+@pytest.mark.parametrize("field", [
+    {"seed": 2}, {"negative_prompt": "rust"}, {"scheduler": "dpmpp_2m"}, {"guidance_scale": 1.0},
+    {"steps": 6}, {"prompt": "another prompt"}, {"size": "64x72", "width": None, "height": None},
+])
+def test_field_changes_pixels(server, field):
+    assert generated_pixels(server) == generated_pixels(server)
+    assert generated_pixels(server, **field) != generated_pixels(server)
+
+
+def test_strength_changes_img2img(server):
+    image = base64.b64encode(png_bytes()).decode()
+    assert generated_pixels(server, image=image, strength=0.5) != generated_pixels(server, image=image, strength=0.9)
+
+
+def test_num_images_and_n(server):
+    for count in ({"num_images": 3}, {"n": 3}, {"n": 3, "num_images": 3}):
+        answer = httpx.post(f"{server.url}/v1/generate", timeout=60, json={
+            "prompt": "x", "model": "tiny-sdxl", "width": 64, "height": 64, "seed": 4, **count}).json()
+        assert answer["stats"]["seeds"] == [4, 5, 6] and len(answer["images"]) == 3
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+def _huge_header() -> str:
+    buffer = io.BytesIO()
+    Image.new("1", (10000, 10000)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    (b'{"prompt": ', 400, None),
+    (b'["prompt"]', 400, None),
+    ({"model": "tiny-sdxl"}, 400, "prompt"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": "x", "width": "wide"}, 400, "width"),
+    ({"prompt": "x", "n": "two"}, 400, "n"),
+    ({"prompt": "x", "size": "big"}, 400, "size"),
+    ({"prompt": "x", "size": "1024x"}, 400, "size"),
+    ({"prompt": "x", "size": "1001x1000"}, 400, "width"),
+    ({"prompt": "x", "size": "64x64", "width": 128}, 400, "size"),
+    ({"prompt": "x", "n": 2, "num_images": 3}, 400, "n"),
+    ({"prompt": "x", "n": 11}, 400, "n"),
+    ({"prompt": "x", "steps": 1000}, 400, "steps"),
+    ({"prompt": "x", "size": "2048x2048", "width": 2048, "height": 2048, "steps": 1, "model": "tiny-sdxl",
+      "n": 2}, 200, None),
+    ({"prompt": "x", "size": "4096x4096"}, 400, "width"),
+    ({"prompt": "x", "scheduler": "k_euler_magic"}, 400, "scheduler"),
+    ({"prompt": "x", "response_format": "binary"}, 400, "response_format"),
+    ({"prompt": "x", "background": "transparent"}, 400, "background"),
+    ({"prompt": "x", "stream": True}, 400, "stream"),
+    ({"prompt": "x", "image": "not base64!"}, 400, "image"),
+    ({"prompt": "x", "image": base64.b64encode(png_bytes(256, 256)[:300]).decode()}, 422, "image"),
+    ({"prompt": "x", "image": _huge_header()}, 413, "image"),
+    ({"prompt": "x", "model": "sdxl-anime"}, 404, "model"),
+])
+def test_bad_input_gets_its_4xx(server, body, status, param):
+    for route in ("/v1/generate", "/v1/images/generations"):
+        if isinstance(body, bytes):
+            response = post_raw(server, route, body)
+        else:
+            response = httpx.post(f"{server.url}{route}", json=body, timeout=120)
+        assert response.status_code == status, response.text[:500]
+        if status >= 400:
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["param"] == param and error["message"]
+    assert httpx.post(f"{server.url}/v1/generate", json={"prompt": "ok", "width": 64, "height": 64}).status_code == 200
+
+
+# --- keys, CORS, kept images: a server configured for them -----------------------------------
+
+KEY = "sk-test-7f3a9c1e5b"
+
+
+@pytest.fixture(scope="module")
+def secured(tiny_model, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("secured")
+    (directory / "keys.txt").write_text(f"other-key\n{KEY}\n")
+    srv = Server({
+        "SDXL_MODELS": "tiny-sdxl",
+        "SDXL_API_KEYS": str(directory / "keys.txt"),
+        "SDXL_CORS_ORIGINS": "http://gallery.local",
+        "SDXL_IMAGE_URL_TTL_SECONDS": "3",
+        "SDXL_WARMUP": "0",
+    }, directory / "server.log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_api_keys(secured):
+    body = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
+    url = f"{secured.url}/v1/generate"
+    missing = httpx.post(url, json=body)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60).status_code == 200
+    assert httpx.post(url, json=body, headers={"X-API-Key": "other-key"}, timeout=60).status_code == 200
+    assert httpx.post(f"{secured.url}/v1/system/unload").status_code == 401
+    assert httpx.post(f"{secured.url}/v1/txt2img", json=body).status_code == 401
+    for open_route in ("/health", "/readyz", "/livez"):
+        assert httpx.get(f"{secured.url}{open_route}").status_code == 200, open_route
+    assert KEY not in secured.log()
+
+
+def test_openai_client_with_key(secured):
+    client = openai.OpenAI(base_url=f"{secured.url}/v1", api_key=KEY, max_retries=0)
+    assert client.images.generate(prompt="x", size="64x64").data[0].b64_json
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{secured.url}/v1", api_key="nope", max_retries=0).images.generate(prompt="x")
+
+
+def test_cors_preflight_and_exposed_headers(secured):
+    preflight = httpx.options(f"{secured.url}/v1/images/generations", headers={
+        "Origin": "http://gallery.local", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,authorization,x-vram-mode"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "http://gallery.local"
+    assert "x-vram-mode" in preflight.headers["access-control-allow-headers"].lower()
+    stranger = httpx.options(f"{secured.url}/v1/images/generations", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in stranger.headers
+    answer = httpx.post(f"{secured.url}/v1/generate", timeout=60, json={"prompt": "x", "width": 64, "height": 64},
+                        headers={"Origin": "http://gallery.local", "X-API-Key": KEY})
+    exposed = answer.headers["access-control-expose-headers"]
+    for header in ("X-Inference-Time", "X-Model-Load-Time", "X-VRAM-Used", "X-VRAM-Total", "X-Seed"):
+        assert header in exposed
+
+
+def test_kept_image_url_expires(secured):
+    answer = httpx.post(f"{secured.url}/v1/images/generations", timeout=60, headers={"X-API-Key": KEY},
+                        json={"prompt": "x", "size": "64x64", "response_format": "url", "output_format": "webp"}).json()
+    url = answer["data"][0]["url"]
+    assert url.startswith(f"{secured.url}/v1/images/files/") and url.endswith(".webp")
+    assert answer["images"] == [url] and answer["image"] == url
+    kept = httpx.get(url)  # no key: links are fetched by browsers
+    assert kept.status_code == 200 and kept.headers["content-type"] == "image/webp"
+    time.sleep(3.5)
+    assert httpx.get(url).status_code == 410
+    assert httpx.get(f"{secured.url}/v1/images/files/never-made.png").status_code == 404
+
+
+def test_kept_images_cap_pushes_out_the_oldest_and_time_expires_them():
+    now = [0.0]
+    kept = KeptImages(ttl_s=10, max_bytes=10, clock=lambda: now[0])
+    first = kept.put(b"123456", "image/png", "png")
+    second = kept.put(b"7890", "image/png", "png")
+    third = kept.put(b"abcde", "image/png", "png")  # 6+4+5 > 10: the first goes
+    assert kept.get(first) is None and kept.expired(first)
+    assert kept.get(second).data == b"7890" and kept.total_bytes == 9
+    now[0] = 10.5
+    assert kept.get(third) is None and kept.expired(third) and kept.total_bytes == 0
+    assert not kept.expired("never")
