@@ -1,16 +1,21 @@
 """The only code that loads, places and frees pipelines.
 
-A model is a diffusers directory in the model store. Loading it builds one set of
-components on the target device and two pipelines over them (text-to-image and
-image-to-image), so img2img costs no second copy of the weights.
+Loaded models are kept in least-recently-used order under a memory budget: loading one that
+does not fit evicts the least recently used models that no request is using. Each model runs
+in a memory mode (pipelines.py) chosen per request. Generations are serialised by the
+engine's device thread; the lock here guards the loaded set against the other threads that
+read or change it (status, unload, the idle timer).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
+import re
 import threading
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +23,14 @@ from typing import Iterator
 
 import psutil
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-from .device import Placement
+from .device import Placement, device_memory
 from .errors import UnknownModel
+from .pipelines import MEMORY_MODES, Pipelines, apply_memory_mode, load_pipelines, set_vae_tiling, weights_bytes
 from .protocol import ModelDefaults
 
 logger = logging.getLogger("sdxl_backend")
+GiB = 2**30
 
 
 @dataclass(frozen=True)
@@ -39,66 +45,80 @@ class ModelSource:
 @dataclass
 class LoadedModel:
     source: ModelSource
-    txt2img: StableDiffusionXLPipeline | None  # None for img2img-only models (the refiner)
-    img2img: StableDiffusionXLImg2ImgPipeline
-    # The stored scheduler config: every request's scheduler starts from it, never from the
-    # previous request's scheduler, whose variant options would carry over.
-    scheduler_config: dict
+    pipelines: Pipelines
+    bytes: int  # weights in the target dtype, what the budget counts
     load_s: float
     last_used: float = field(default_factory=time.time)
+    in_use: int = 0
 
 
-def _memory_in_use(placement: Placement) -> int:
-    if placement.device.type == "cuda":
-        return torch.cuda.memory_allocated(placement.device)
-    return psutil.Process().memory_info().rss
+@dataclass(frozen=True)
+class MemoryPolicy:
+    """Settings of the manager; `from_env` reads them (the README lists the variables)."""
 
+    budget: int | None = None  # bytes; None: the device's total minus a margin
+    default_mode: str = "high"
+    tiling_pixels: int = 1536 * 1536  # larger images decode tiled in every mode
+    idle_unload_s: float | None = None
 
-def load_pipelines(source: ModelSource, placement: Placement) -> LoadedModel:
-    """Read a store directory onto the device in the target dtype."""
-    started = time.perf_counter()
-    before = _memory_in_use(placement)
-    # Hub imports keep the fp16 file names of the repository; diffusers reads them as a variant.
-    variant = "fp16" if any(source.path.glob("*/*.fp16.safetensors")) else None
-    base = DiffusionPipeline.from_pretrained(
-        source.path,
-        dtype=placement.dtype,
-        variant=variant,
-        use_safetensors=True,
-        local_files_only=True,
-    ).to(placement.device)
-    base.set_progress_bar_config(disable=True)
-    if isinstance(base, StableDiffusionXLPipeline):
-        txt2img = base
-        img2img = StableDiffusionXLImg2ImgPipeline(
-            **base.components, force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt
+    @classmethod
+    def from_env(cls) -> "MemoryPolicy":
+        env = os.environ.get
+        idle = float(env("SDXL_IDLE_UNLOAD_SECONDS", "0"))
+        mode = env("SDXL_VRAM_MODE", "high")
+        if mode not in MEMORY_MODES:
+            raise ValueError(f"SDXL_VRAM_MODE must be one of {', '.join(MEMORY_MODES)}; got {mode!r}")
+        return cls(
+            budget=parse_bytes(env("SDXL_MEMORY_BUDGET")) if env("SDXL_MEMORY_BUDGET") else None,
+            default_mode=mode,
+            tiling_pixels=int(env("SDXL_VAE_TILING_PIXELS", str(cls.tiling_pixels))),
+            idle_unload_s=idle or None,
         )
-        img2img.set_progress_bar_config(disable=True)
-    elif isinstance(base, StableDiffusionXLImg2ImgPipeline):
-        txt2img, img2img = None, base
-    else:
-        raise ValueError(f"{source.path} holds a {type(base).__name__}, not an SDXL pipeline")
-    load_s = time.perf_counter() - started
-    logger.info(
-        "loaded model %s on %s in %.2f s (%.0f MiB)",
-        source.id, placement.describe(), load_s, (_memory_in_use(placement) - before) / 2**20,
-    )
-    return LoadedModel(source, txt2img, img2img, dict(base.scheduler.config), load_s)
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '500MB', '1.5G', '1073741824' -> bytes."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if not match:
+        raise ValueError(f"not a size: {text!r} (examples: 24GiB, 500MB, 1073741824)")
+    number, unit, binary = match.groups()
+    base = 1024 if binary.startswith("i") or not binary else 1000
+    return int(float(number) * base ** " kmgt".index(unit or " "))
+
+
+def device_total(placement: Placement) -> int:
+    memory = device_memory(placement)
+    return memory[1] if memory else psutil.virtual_memory().total
 
 
 class ModelManager:
-    """Which models can be served, which are loaded, and exclusive use of the device."""
+    """Which models can be served, which are loaded where, in which mode; memory in one place."""
 
-    def __init__(self, sources: list[ModelSource], placement: Placement, aliases: dict[str, str] | None = None):
+    def __init__(
+        self,
+        sources: list[ModelSource],
+        placement: Placement,
+        aliases: dict[str, str] | None = None,
+        policy: MemoryPolicy | None = None,
+    ):
         self.sources = {source.id: source for source in sources}
         self.placement = placement
+        self.policy = policy or MemoryPolicy()
+        total = device_total(placement)
+        self.budget = self.policy.budget or total - max(GiB, total // 10)
         # Ids that clients are hard-wired to, served by another model: {"sdxl-realism": "juggernaut-xl"}.
         self.aliases = dict(aliases or {})
         for alias, target in self.aliases.items():
             if target not in self.sources:
                 raise ValueError(f"alias {alias}={target}: {target} is not served (served: {', '.join(self.sources)})")
-        self._loaded: dict[str, LoadedModel] = {}
-        self._device_lock = threading.Lock()
+        self.loads: dict[str, int] = {model_id: 0 for model_id in self.sources}
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
+        self._lock = threading.RLock()
+        self._last_activity = time.monotonic()
+        logger.info("memory budget %.2f GiB of %.2f GiB; default mode %s", self.budget / GiB, total / GiB,
+                    self.policy.default_mode)
+        if self.policy.idle_unload_s:
+            threading.Thread(target=self._unload_when_idle, name="sdxl-idle-unload", daemon=True).start()
 
     def source(self, model_id: str) -> ModelSource:
         """The model that serves `model_id`, following an alias unless a model has that id."""
@@ -111,31 +131,120 @@ class ModelManager:
         return self.source(model_id).id in self._loaded
 
     @contextmanager
-    def use(self, model_id: str) -> Iterator[tuple[LoadedModel, float]]:
-        """Hold the device with `model_id` loaded; yields the model and the seconds spent
-        loading it for this call (0 when it was already resident)."""
+    def use(self, model_id: str, mode: str, pixels: int) -> Iterator[tuple[Pipelines, float]]:
+        """The model's pipelines, loaded and placed for `mode`, held in use for the block;
+        yields them and the seconds spent loading for this call (0 when resident)."""
         source = self.source(model_id)
-        with self._device_lock:
-            loaded = self._loaded.get(source.id)
-            load_s = 0.0
-            if loaded is None:
-                loaded = self._loaded[source.id] = load_pipelines(source, self.placement)
-                load_s = loaded.load_s
+        with self._lock:
+            self._last_activity = time.monotonic()
+            loaded, load_s = self._loaded.get(source.id), 0.0
+            if loaded is not None:
+                loaded.in_use += 1
+        if loaded is None:
+            # Only the engine's device thread loads, so no second load of the same model can
+            # start meanwhile; the lock is not held through the load, so status stays quick.
+            loaded = self._load(source)
+            load_s = loaded.load_s
+        with self._lock:
+            self._loaded.move_to_end(source.id)
             loaded.last_used = time.time()
-            yield loaded, load_s
+        try:
+            if loaded.pipelines.mode != mode:
+                logger.info("model %s: memory mode %s -> %s", source.id, loaded.pipelines.mode, mode)
+                apply_memory_mode(loaded.pipelines, mode, self.placement)
+            large = pixels > self.policy.tiling_pixels
+            if large and mode == "high":
+                set_vae_tiling(loaded.pipelines, True)
+            try:
+                yield loaded.pipelines, load_s
+            finally:
+                if large and mode == "high":
+                    set_vae_tiling(loaded.pipelines, False)
+        finally:
+            with self._lock:
+                loaded.in_use -= 1
+                self._last_activity = time.monotonic()
+
+    def _load(self, source: ModelSource) -> LoadedModel:
+        """Make room under the budget, load, and register the model as in use."""
+        size = weights_bytes(source.path, self.placement.dtype)
+        with self._lock:
+            used = sum(m.bytes for m in self._loaded.values())
+            for victim in [m for m in self._loaded.values() if not m.in_use]:  # least recently used first
+                if used + size <= self.budget:
+                    break
+                logger.info("evicting %s (%.2f GiB) to make room for %s (%.2f GiB) under the %.2f GiB budget",
+                            victim.source.id, victim.bytes / GiB, source.id, size / GiB, self.budget / GiB)
+                self._free(victim.source.id)
+                used -= victim.bytes
+        if used + size > self.budget:
+            logger.warning("%s (%.2f GiB) does not fit the budget beside the models in use; loading it anyway",
+                           source.id, size / GiB)
+        started, before = time.perf_counter(), self._memory_in_use()
+        pipelines = load_pipelines(source.path, self.placement)
+        load_s = time.perf_counter() - started
+        self.loads[source.id] += 1
+        logger.info("loaded model %s on %s in %.2f s (%.0f MiB measured, %.0f MiB of weights)",
+                    source.id, self.placement.describe(), load_s,
+                    (self._memory_in_use() - before) / 2**20, size / 2**20)
+        loaded = LoadedModel(source, pipelines, size, load_s, in_use=1)
+        with self._lock:
+            self._loaded[source.id] = loaded
+        return loaded
 
     def unload(self, model_ids: list[str] | None = None) -> list[str]:
-        """Free the given loaded models (default: all); returns the ids freed."""
-        with self._device_lock:
-            unloaded = sorted(m for m in self._loaded if model_ids is None or m in model_ids)
-            for model_id in unloaded:
-                del self._loaded[model_id]
-            self.release_cached_memory()
-        for model_id in unloaded:
-            logger.info("unloaded model %s", model_id)
-        return unloaded
+        """Free the given loaded models (default: all) that no request is using."""
+        with self._lock:
+            freed = [m for m, loaded in self._loaded.items()
+                     if (model_ids is None or m in model_ids) and not loaded.in_use]
+            for model_id in freed:
+                self._free(model_id)
+        return sorted(freed)
+
+    def _free(self, model_id: str) -> None:
+        del self._loaded[model_id]
+        self.release_cached_memory()
+        logger.info("unloaded model %s", model_id)
 
     def release_cached_memory(self) -> None:
         gc.collect()
         if self.placement.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _memory_in_use(self) -> int:
+        if self.placement.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.placement.device)
+        return psutil.Process().memory_info().rss
+
+    def _unload_when_idle(self) -> None:
+        idle_s = self.policy.idle_unload_s
+        while True:
+            time.sleep(min(5.0, idle_s / 2))
+            with self._lock:
+                idle_for = time.monotonic() - self._last_activity
+                if self._loaded and idle_for >= idle_s:
+                    logger.info("idle for %.0f s: freeing loaded models", idle_for)
+                    self.unload()
+
+    def status(self) -> dict:
+        memory = device_memory(self.placement)
+        if memory is None:
+            host = psutil.virtual_memory()
+            memory = (host.total - host.available, host.total)
+        with self._lock:
+            loaded = [
+                {"id": m.source.id, "bytes": m.bytes, "mode": m.pipelines.mode, "in_use": m.in_use > 0,
+                 "last_used": m.last_used, "load_s": round(m.load_s, 3)}
+                for m in reversed(self._loaded.values())  # most recently used first
+            ]
+        return {
+            "device": str(self.placement.device),
+            "device_name": self.placement.describe(),
+            "dtype": str(self.placement.dtype).removeprefix("torch."),
+            "memory": {"total": memory[1], "used": memory[0], "free": memory[1] - memory[0],
+                       "budget": self.budget, "models": sum(m["bytes"] for m in loaded),
+                       "process_rss": psutil.Process().memory_info().rss},
+            "default_mode": self.policy.default_mode,
+            "loaded": loaded,
+            "loads": dict(self.loads),
+        }

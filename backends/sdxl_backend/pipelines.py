@@ -1,0 +1,124 @@
+"""Pipelines from a store directory, and the memory modes they run in.
+
+Only torch, diffusers and safetensors here, so that bench/gpu_sdxl.py can load and place
+pipelines exactly as the service does on a machine without the rest of the stack.
+
+Memory modes:
+- `high`: every component resident on the device;
+- `balanced`: model CPU offload (one component on the device at a time) plus VAE slicing
+  and tiling;
+- `low`: sequential CPU offload (layer by layer), VAE slicing and tiling; the model
+  manager also frees the model after each request in this mode.
+Offload needs an accelerator: on the CPU the modes differ in VAE slicing/tiling only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from safetensors import safe_open
+
+from .device import Placement
+
+MEMORY_MODES = ("high", "balanced", "low")
+
+
+@dataclass
+class Pipelines:
+    """Two pipelines over one set of components (no second copy of the weights)."""
+
+    txt2img: StableDiffusionXLPipeline | None  # None for img2img-only models (the refiner)
+    img2img: StableDiffusionXLImg2ImgPipeline
+    # The stored scheduler config: every request's scheduler starts from it, never from the
+    # previous request's scheduler, whose variant options would carry over.
+    scheduler_config: dict
+    mode: str = "high"
+
+    @property
+    def owner(self) -> DiffusionPipeline:
+        """The pipeline that carries the offload hooks (they act on the shared modules)."""
+        return self.txt2img or self.img2img
+
+
+def weights_variant(path: Path) -> str | None:
+    """Hub imports keep the fp16 file names of the repository; diffusers reads them as a variant."""
+    return "fp16" if any(path.glob("*/*.fp16.safetensors")) else None
+
+
+def load_pipelines(path: Path, placement: Placement) -> Pipelines:
+    """Read a diffusers directory straight onto the device in the target dtype: diffusers
+    materialises each tensor from the safetensors file where `device_map` says, with no
+    float32 detour and no second copy in host memory."""
+    direct = placement.device.type == "cpu" or placement.device.index in (None, 0)
+    base = DiffusionPipeline.from_pretrained(
+        path,
+        dtype=placement.dtype,
+        variant=weights_variant(path),
+        use_safetensors=True,
+        local_files_only=True,
+        device_map=placement.device.type if direct else None,
+    )
+    if not direct:
+        base.to(placement.device)
+    base.set_progress_bar_config(disable=True)
+    if isinstance(base, StableDiffusionXLPipeline):
+        img2img = StableDiffusionXLImg2ImgPipeline(
+            **base.components, force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt
+        )
+        img2img.set_progress_bar_config(disable=True)
+        return Pipelines(base, img2img, dict(base.scheduler.config))
+    if isinstance(base, StableDiffusionXLImg2ImgPipeline):
+        return Pipelines(None, base, dict(base.scheduler.config))
+    raise ValueError(f"{path} holds a {type(base).__name__}, not an SDXL pipeline")
+
+
+def apply_memory_mode(pipelines: Pipelines, mode: str, placement: Placement) -> None:
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"memory mode must be one of {', '.join(MEMORY_MODES)}; got {mode!r}")
+    if mode == pipelines.mode:
+        return
+    owner = pipelines.owner
+    if placement.device.type != "cpu":
+        owner.remove_all_hooks()
+        if mode == "high":
+            owner.to(placement.device)
+        elif mode == "balanced":
+            owner.enable_model_cpu_offload(device=placement.device)
+        else:
+            owner.enable_sequential_cpu_offload(device=placement.device)
+    set_vae_tiling(pipelines, mode != "high")
+    pipelines.mode = mode
+
+
+def set_vae_tiling(pipelines: Pipelines, on: bool) -> None:
+    """Slicing (one image of the batch at a time) and tiling (overlapping tiles) bound the
+    VAE decode's memory, at some cost in time."""
+    vae = pipelines.owner.vae
+    if on:
+        vae.enable_slicing()
+        vae.enable_tiling()
+    else:
+        vae.disable_slicing()
+        vae.disable_tiling()
+
+
+def weights_bytes(path: Path, dtype: torch.dtype) -> int:
+    """The weights' size once loaded in `dtype`, from the safetensors headers alone."""
+    variant = weights_variant(path)
+    index = json.loads((path / "model_index.json").read_text())
+    total = 0
+    for component in index:
+        files = sorted((path / component).glob("*.safetensors")) if (path / component).is_dir() else []
+        files = [f for f in files if (".fp16." in f.name) == (variant == "fp16")] or files
+        for file in files:
+            with safe_open(file, framework="pt") as weights:
+                for name in weights.keys():
+                    numel = 1
+                    for dim in weights.get_slice(name).get_shape():
+                        numel *= dim
+                    total += numel * dtype.itemsize
+    return total

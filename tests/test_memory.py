@@ -1,0 +1,218 @@
+"""The model manager: LRU under a budget, memory modes, out-of-memory recovery, idle unload,
+and the GPU benchmark's CPU check. Three tiny models stand in for SDXL models; the
+out-of-memory error is made by the engine's documented test seam (SDXL_TEST_FAULT_OOM),
+since a CPU cannot run out of CUDA memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from backends.sdxl_backend.device import select_placement
+from backends.sdxl_backend.model_manager import MemoryPolicy, ModelManager, ModelSource, parse_bytes
+from backends.sdxl_backend.pipelines import weights_bytes
+from tests.served import ROOT, Server
+
+TRIO = ["tiny-a", "tiny-b", "tiny-c"]
+
+
+@pytest.fixture(scope="module")
+def trio(tiny_model):
+    """Three stored models (tiny-sdxl imported under three ids) and a budget that fits two."""
+    from models.store import import_from_path, stored_model
+
+    for model_id in TRIO:
+        stored_model(model_id) or import_from_path(model_id, Path(tiny_model.path))
+    size = weights_bytes(Path(tiny_model.path), torch.float32)
+    return {m: Path(stored_model(m).path) for m in TRIO}, int(size * 2.5)
+
+
+def manager(trio, **policy) -> ModelManager:
+    paths, budget = trio
+    sources = [ModelSource(m, path) for m, path in paths.items()]
+    return ModelManager(sources, select_placement(), policy=MemoryPolicy(budget=budget, **policy))
+
+
+def visit(models: ModelManager, model_id: str) -> None:
+    with models.use(model_id, "high", 64 * 64):
+        pass
+
+
+def test_lru_loads_each_model_only_as_often_as_the_budget_demands(trio):
+    models = manager(trio)
+    for model_id in ["tiny-a", "tiny-b", "tiny-a", "tiny-c", "tiny-a", "tiny-b", "tiny-a"]:
+        visit(models, model_id)
+    # a, b | a hit | c evicts b (a is more recent) | a hit | b evicts c | a hit
+    assert models.loads == {"tiny-a": 1, "tiny-b": 2, "tiny-c": 1}
+    assert [m["id"] for m in models.status()["loaded"]] == ["tiny-a", "tiny-b"]
+
+
+def test_a_model_in_use_is_never_evicted(trio):
+    models = manager(trio)
+    visit(models, "tiny-b")
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_a() -> None:
+        with models.use("tiny-a", "high", 64 * 64):
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_a)
+    holder.start()
+    holding.wait(30)
+    visit(models, "tiny-c")  # a (in use) and b are loaded; b, the only one free, goes
+    loaded = {m["id"]: m for m in models.status()["loaded"]}
+    assert set(loaded) == {"tiny-a", "tiny-c"} and loaded["tiny-a"]["in_use"]
+    visit(models, "tiny-b")  # c goes, a stays
+    assert {m["id"] for m in models.status()["loaded"]} == {"tiny-a", "tiny-b"}
+    assert models.unload(["tiny-a"]) == []  # in use: not freed
+    release.set()
+    holder.join()
+    assert models.unload() == ["tiny-a", "tiny-b"]
+
+
+def test_memory_modes_are_applied_and_large_images_decode_tiled(trio):
+    models = manager(trio, tiling_pixels=128 * 128)
+    with models.use("tiny-a", "balanced", 64 * 64) as (pipelines, _):
+        assert pipelines.mode == "balanced" and pipelines.owner.vae.use_tiling
+    with models.use("tiny-a", "high", 64 * 64) as (pipelines, _):
+        assert pipelines.mode == "high" and not pipelines.owner.vae.use_tiling
+    with models.use("tiny-a", "high", 256 * 256) as (pipelines, _):
+        assert pipelines.owner.vae.use_tiling  # above the pixel threshold, in every mode
+    assert not pipelines.owner.vae.use_tiling
+
+
+def test_sizes_and_policy_from_environment(monkeypatch):
+    assert parse_bytes("24GiB") == 24 * 2**30 and parse_bytes("500MB") == 500 * 10**6
+    assert parse_bytes("1073741824") == 2**30 and parse_bytes("1.5g") == int(1.5 * 2**30)
+    with pytest.raises(ValueError):
+        parse_bytes("lots")
+    monkeypatch.setenv("SDXL_MEMORY_BUDGET", "3GiB")
+    monkeypatch.setenv("SDXL_VRAM_MODE", "balanced")
+    monkeypatch.setenv("SDXL_IDLE_UNLOAD_SECONDS", "30")
+    assert MemoryPolicy.from_env() == MemoryPolicy(budget=3 * 2**30, default_mode="balanced", idle_unload_s=30)
+    monkeypatch.setenv("SDXL_VRAM_MODE", "turbo")
+    with pytest.raises(ValueError, match="SDXL_VRAM_MODE"):
+        MemoryPolicy.from_env()
+
+
+# --- through a served process -------------------------------------------------------------
+
+def start(tmp_path_factory, name: str, env: dict[str, str]) -> Server:
+    server = Server(env, tmp_path_factory.mktemp(name) / "server.log")
+    server.wait_ready()
+    return server
+
+
+def generate(server: Server, model: str, **extra) -> httpx.Response:
+    body = {"prompt": "x", "model": model, "width": 64, "height": 64, "steps": 2, **extra.pop("body", {})}
+    return httpx.post(f"{server.url}/v1/generate", json=body, timeout=120, **extra)
+
+
+def status(server: Server) -> dict:
+    return httpx.get(f"{server.url}/v1/system/status").json()
+
+
+@pytest.fixture(scope="module")
+def trio_server(trio, tmp_path_factory):
+    _, budget = trio
+    server = start(tmp_path_factory, "trio", {
+        "SDXL_MODELS": ",".join(TRIO), "SDXL_MEMORY_BUDGET": str(budget), "SDXL_IDLE_UNLOAD_SECONDS": "3"})
+    yield server
+    server.stop()
+
+
+def test_served_lru_concurrent_requests_and_status(trio_server):
+    sequence = ["tiny-a", "tiny-b", "tiny-a", "tiny-c", "tiny-a", "tiny-b", "tiny-a"]
+    for model_id in sequence:
+        assert generate(trio_server, model_id).status_code == 200
+    state = status(trio_server)
+    assert state["loads"] == {"tiny-a": 1, "tiny-b": 2, "tiny-c": 1}  # tiny-a warmed up at start
+    assert [m["id"] for m in state["loaded"]] == ["tiny-a", "tiny-b"]
+    assert state["memory"]["models"] <= state["memory"]["budget"] == int(state["memory"]["budget"])
+    assert state["device"] == "cpu" and state["dtype"] == "float32" and state["queue_length"] == 0
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda m: generate(trio_server, m), ["tiny-a", "tiny-b", "tiny-c"] * 4))
+    assert all(a.status_code == 200 for a in answers)
+    assert [a.json()["stats"]["model"] for a in answers] == ["tiny-a", "tiny-b", "tiny-c"] * 4
+    state = status(trio_server)
+    assert len(state["loaded"]) == 2 and not any(m["in_use"] for m in state["loaded"])
+    listed = {m["id"]: m["loaded"] for m in httpx.get(f"{trio_server.url}/v1/models").json()["models"]}
+    assert listed == {m: m in {x["id"] for x in state["loaded"]} for m in TRIO}
+
+
+def test_idle_unload_fires(trio_server):
+    assert generate(trio_server, "tiny-a").status_code == 200
+    assert status(trio_server)["loaded"]
+    deadline = time.monotonic() + 15
+    while status(trio_server)["loaded"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert status(trio_server)["loaded"] == []
+    assert "idle for" in trio_server.log()
+
+
+def test_low_mode_frees_the_model_and_status_shows_modes(trio_server):
+    generate(trio_server, "tiny-b", body={}, headers={"X-VRAM-Mode": "balanced"})
+    assert {m["id"]: m["mode"] for m in status(trio_server)["loaded"]}["tiny-b"] == "balanced"
+    low = httpx.post(f"{trio_server.url}/v1/txt2img", timeout=60,
+                     json={"prompt": "x", "model": "tiny-c", "steps": 2, "vram_mode": "low"})
+    assert low.status_code == 200 and low.json()["vram_mode"] == "low"
+    assert "tiny-c" not in {m["id"] for m in status(trio_server)["loaded"]}
+
+
+def test_out_of_memory_is_recovered_in_the_next_lower_mode(tiny_model, tmp_path_factory):
+    server = start(tmp_path_factory, "oom1", {"SDXL_MODELS": "tiny-sdxl", "SDXL_TEST_FAULT_OOM": "1@2"})
+    try:
+        answer = generate(server, "tiny-sdxl")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["stats"]["vram_mode"] == "balanced"
+        assert answer.json()["stats"]["out_of_memory_in"] == ["high"]
+        assert answer.headers["X-VRAM-Mode"] == "balanced"
+        native = httpx.post(f"{server.url}/v1/txt2img", json={"prompt": "x", "steps": 2}, timeout=60).json()
+        assert (native["vram_mode"], native["out_of_memory_in"]) == ("balanced", ["high"])
+        from_low = generate(server, "tiny-sdxl", headers={"X-VRAM-Mode": "low"})  # nothing lower to try
+        assert from_low.status_code == 507
+        assert "tried memory modes low" in from_low.json()["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_out_of_memory_twice_is_507_and_memory_returns_to_its_level(tiny_model, tmp_path_factory):
+    server = start(tmp_path_factory, "oom2", {"SDXL_MODELS": "tiny-sdxl", "SDXL_TEST_FAULT_OOM": "2@3",
+                                              "SDXL_WARMUP": "0"})
+    try:
+        before = status(server)["memory"]["process_rss"]
+        for _ in range(3):
+            failed = generate(server, "tiny-sdxl", body={"width": 512, "height": 512, "steps": 4, "n": 2})
+            assert failed.status_code == 507
+            error = failed.json()["error"]
+            assert "out of memory" in error["message"] and "tried memory modes high, balanced" in error["message"]
+            assert error["type"] == "out_of_memory"
+        after = status(server)
+        assert after["loaded"] == []
+        assert after["memory"]["process_rss"] - before < 64 * 2**20, (before, after["memory"]["process_rss"])
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    run = subprocess.run([sys.executable, "bench/gpu_sdxl.py", "--tiny", "--runs", "1", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["modes"]) == {"high", "balanced", "low"}
+    assert report["baseline"]["p50_s"] > 0 and report["load_s"] > 0
+    assert len(report["throughput"]) == 6
+    assert "| service, mode high |" in run.stdout
