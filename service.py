@@ -19,17 +19,18 @@ import diffusers
 import transformers
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from backends.api import errors, headers, image_generations, native
-from backends.api.auth import key_is_valid, presented_key
+from backends.api import errors, headers, image_generations, jobs, native
+from backends.api.auth import ApiKeyMiddleware
 from backends.api.kept_images import KeptImages
 from backends.api.settings import ServiceSettings
 from backends.sdxl_backend.device import device_memory, select_placement
-from backends.sdxl_backend.engine import Engine
-from backends.sdxl_backend.errors import BackendError, InvalidRequest
+from backends.sdxl_backend.engine import Engine, OutOfMemorySeam
+from backends.sdxl_backend.jobs import Job, JobQueue
+from backends.sdxl_backend.errors import BackendError, InvalidRequest, QueueFull
 from backends.sdxl_backend.limits import Limits
-from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+from backends.sdxl_backend.model_manager import MemoryPolicy, ModelManager, ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
 from backends.sdxl_backend.schedulers import SCHEDULERS
 from models.catalog import defaults_for, load_catalog
@@ -82,7 +83,8 @@ app = FastAPI(title="SDXL", docs_url=None, redoc_url=None, openapi_url=None)
 @app.exception_handler(BackendError)
 async def _backend_error(_: Request, exc: BackendError) -> JSONResponse:
     status, body = errors.backend_error(exc)
-    return JSONResponse(body, status_code=status)
+    retry = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+    return JSONResponse(body, status_code=status, headers=retry)
 
 
 @app.exception_handler(RequestValidationError)
@@ -91,18 +93,16 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(body, status_code=status)
 
 
-@app.middleware("http")
-async def _require_api_key(request: Request, call_next):
-    path = request.url.path
-    if not SETTINGS.api_keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
-        return await call_next(request)
-    if not key_is_valid(presented_key(request.headers), SETTINGS.api_keys):
-        body = errors.error_body(
-            "missing or invalid API key: send Authorization: Bearer <key> or X-API-Key", "authentication_error",
-            code="invalid_api_key",
-        )
-        return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-    return await call_next(request)
+app.add_middleware(
+    ApiKeyMiddleware,
+    keys=SETTINGS.api_keys,
+    open_paths=OPEN_PATHS,
+    open_prefixes=OPEN_PREFIXES,
+    unauthorized_body=errors.error_body(
+        "missing or invalid API key: send Authorization: Bearer <key> or X-API-Key", "authentication_error",
+        code="invalid_api_key",
+    ),
+)
 
 
 class SDXL:
@@ -122,16 +122,39 @@ class SDXL:
             ModelSource(model_id, Path(getattr(self, model_attribute(model_id)).path), defaults_for(model_id))
             for model_id in SERVED
         ]
-        self.engine = Engine(ModelManager(sources, placement, SETTINGS.aliases), DEFAULT_MODEL, Limits.from_env())
+        models = ModelManager(sources, placement, SETTINGS.aliases, MemoryPolicy.from_env())
+        oom_seam = OutOfMemorySeam.parse(SETTINGS.test_fault_oom)
+        if oom_seam:
+            logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_OOM=%s makes generations fail", SETTINGS.test_fault_oom)
+        self.engine = Engine(models, DEFAULT_MODEL, Limits.from_env(), oom_seam)
+        self.jobs = JobQueue(self.engine, SETTINGS.max_queue, SETTINGS.job_ttl_s, SETTINGS.max_jobs,
+                             SETTINGS.job_max_bytes)
         self.kept_images = KeptImages(SETTINGS.image_url_ttl_s, SETTINGS.image_url_max_bytes)
         self.kept_images.sweep_forever(min(60.0, SETTINGS.image_url_ttl_s))
         if SETTINGS.warmup:
             started = time.perf_counter()
-            self.engine.submit(GenerationRequest(prompt="warm-up", steps=2)).result()
+            self.jobs.submit(GenerationRequest(prompt="warm-up", steps=2)).done.result()
             logger.info("warm-up of %s done in %.2f s", DEFAULT_MODEL, time.perf_counter() - started)
 
-    async def _run(self, request: GenerationRequest) -> tuple[GenerationResult, dict[str, str]]:
-        result = await asyncio.wrap_future(self.engine.submit(request))
+    def _submit(self, request: GenerationRequest, preview_every: int | None = None) -> Job:
+        if request.vram_mode is not None and not SETTINGS.client_vram_mode:
+            logger.info("client asked for memory mode %s; SDXL_ALLOW_CLIENT_VRAM_MODE=0, so the server's applies",
+                        request.vram_mode)
+            request = request.model_copy(update={"vram_mode": None})
+        return self.jobs.submit(request, preview_every)
+
+    async def _run(self, request: GenerationRequest, http: Request) -> tuple[GenerationResult, dict[str, str]]:
+        """A synchronous generation: a job whose client waits for it. When the client goes
+        away the job is cancelled, so the device moves on to the next request."""
+        job = self._submit(request)
+        waiter = asyncio.wrap_future(job.done)
+        while not waiter.done():
+            await asyncio.wait({waiter}, timeout=0.25)
+            if not waiter.done() and await http.is_disconnected():
+                self.jobs.cancel(job, "client disconnected")
+                break
+        result = await waiter
+        self.jobs.forget_result(job)  # delivered now: the images are the client's, not ours to keep
         placement = self.engine.models.placement
         return result, headers.result_headers(result, placement.device.type, device_memory(placement))
 
@@ -155,7 +178,7 @@ class SDXL:
         raw = native.wants_raw_image(request.headers.get("accept"))
         if raw and body.n != 1:
             raise InvalidRequest("n: a raw image answer (Accept: image/*) holds one image; ask for JSON", "n")
-        result, result_headers = await self._run(body)
+        result, result_headers = await self._run(body, request)
         if raw:
             image = result.images[0]
             return Response(image.data, media_type=image.media_type, headers=result_headers)
@@ -175,10 +198,10 @@ class SDXL:
         of both request shapes in, the union of both answers out. `image` makes it img2img."""
         if x_vram_mode is not None and x_vram_mode not in VRAM_MODES:
             raise InvalidRequest(f"X-VRAM-Mode: '{x_vram_mode}' is not one of {', '.join(VRAM_MODES)}", "X-VRAM-Mode")
-        result, result_headers = await self._run(body.to_generation_request(x_vram_mode))
+        result, result_headers = await self._run(body.to_generation_request(x_vram_mode), request)
         urls = None
         if body.response_format == "url":
-            base = SETTINGS.public_url or str(request.base_url).rstrip("/")
+            base = self._base_url(request)
             urls = [
                 f"{base}/v1/images/files/{self.kept_images.put(image.data, image.media_type, result.request.output_format)}"
                 for image in result.images
@@ -195,6 +218,67 @@ class SDXL:
         if self.kept_images.expired(image_id):
             return JSONResponse(errors.error_body(f"image {image_id} has expired", "gone", code="expired"), 410)
         return JSONResponse(errors.error_body(f"no image {image_id}", "not_found", code="not_found"), 404)
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    @app.post("/v1/jobs", status_code=202)
+    async def submit_job(self, body: jobs.JobRequest, request: Request) -> JSONResponse:
+        """The native body (an `image` makes it img2img), answered at once with the job."""
+        job = self._submit(body.generation_request(), body.preview_every)
+        answer = jobs.job_body(job, self.jobs.position(job), self._base_url(request))
+        return JSONResponse(answer, status_code=202, headers={"Location": answer["links"]["self"]})
+
+    @app.get("/v1/jobs")
+    async def list_jobs(self, request: Request) -> dict:
+        base = self._base_url(request)
+        return {"jobs": [jobs.job_body(job, self.jobs.position(job), base) for job in self.jobs.recent()]}
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(self, job_id: str, request: Request) -> JSONResponse:
+        job = self.jobs.get(job_id)
+        return JSONResponse(jobs.job_body(job, self.jobs.position(job), self._base_url(request)))
+
+    @app.delete("/v1/jobs/{job_id}")
+    @app.post("/v1/jobs/{job_id}/cancel")
+    async def cancel_job(self, job_id: str, request: Request) -> JSONResponse:
+        """A queued job never starts; a running one stops at its next step. Cancelling a
+        finished job changes nothing."""
+        job = self.jobs.get(job_id)
+        self.jobs.cancel(job)
+        return JSONResponse(jobs.job_body(job, self.jobs.position(job), self._base_url(request)))
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(self, job_id: str, request: Request) -> StreamingResponse:
+        """Server-Sent Events: `progress` (and `preview`) while it runs, then `result`,
+        `error` or `cancelled`, then the stream ends."""
+        job, base = self.jobs.get(job_id), self._base_url(request)
+
+        async def stream():
+            seen, preview_step = -1, 0
+            while True:
+                version, final = job.version, job.status in jobs.FINAL
+                if version != seen:
+                    seen = version
+                    for event in jobs.progress_events(job, self.jobs.position(job), preview_step):
+                        yield event
+                    preview_step = job.preview_step
+                if final:
+                    yield jobs.final_event(job, base)
+                    return
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/jobs/{job_id}/preview")
+    async def job_preview(self, job_id: str) -> Response:
+        job = self.jobs.get(job_id)
+        if job.preview is None:
+            raise InvalidRequest("preview: this job has no preview yet (submit with preview_every)", "preview_every")
+        return Response(job.preview, media_type="image/png", headers={"X-Preview-Step": str(job.preview_step)})
+
+    @staticmethod
+    def _base_url(request: Request) -> str:
+        return SETTINGS.public_url or str(request.base_url).rstrip("/")
 
     # --- companion routes -------------------------------------------------------------------
 
@@ -227,6 +311,11 @@ class SDXL:
     async def list_schedulers(self) -> dict:
         schedulers = [{"name": name, "label": spec.label} for name, spec in SCHEDULERS.items()]
         return {"schedulers": schedulers, "samplers": schedulers}
+
+    @app.get("/v1/system/status")
+    async def system_status(self) -> dict:
+        """Device, memory (bytes), loaded models (most recently used first) and the queue."""
+        return {**self.engine.models.status(), "queue_length": self.jobs.queue_length}
 
     @app.post("/v1/system/unload")
     async def unload(self) -> dict:

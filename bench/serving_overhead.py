@@ -33,6 +33,7 @@ import psutil  # noqa: E402
 
 from backends.sdxl_backend.device import select_placement  # noqa: E402
 from backends.sdxl_backend.engine import Engine  # noqa: E402
+from backends.sdxl_backend.jobs import JobQueue  # noqa: E402
 from backends.sdxl_backend.model_manager import ModelManager, ModelSource  # noqa: E402
 from backends.sdxl_backend.protocol import GenerationRequest  # noqa: E402
 from models.catalog import defaults_for  # noqa: E402
@@ -55,15 +56,16 @@ def main() -> None:
     body = {"prompt": "a lighthouse at dusk", "width": args.size, "height": args.size, "steps": args.steps, "seed": 1}
 
     model = import_tiny()
-    engine = Engine(
+    # In-process, through the same job queue (and so the same device thread) as the service.
+    jobs = JobQueue(Engine(
         ModelManager([ModelSource("tiny-sdxl", Path(model.path), defaults_for("tiny-sdxl"))], select_placement()),
         "tiny-sdxl",
-    )
-    engine.submit(GenerationRequest(**body)).result()  # warm-up, as the service does at start
+    ))
+    jobs.submit(GenerationRequest(**body)).done.result()  # warm-up, as the service does at start
     in_process = []
     for _ in range(args.runs):
         started = time.perf_counter()
-        engine.submit(GenerationRequest(**body)).result()
+        jobs.submit(GenerationRequest(**body)).done.result()
         in_process.append(time.perf_counter() - started)
 
     server = Server({"SDXL_MODELS": "tiny-sdxl"}, Path(tempfile.mkdtemp()) / "server.log")

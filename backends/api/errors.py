@@ -10,18 +10,27 @@ from typing import Any, Sequence
 
 from backends.sdxl_backend.errors import (
     BackendError,
+    Cancelled,
     InvalidImage,
     InvalidRequest,
+    JobExpired,
     OutOfMemory,
     PayloadTooLarge,
+    QueueFull,
+    UnknownJob,
     UnknownModel,
 )
 
 STATUS: dict[type[BackendError], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request_error"),
     UnknownModel: (404, "model_not_found"),
+    UnknownJob: (404, "job_not_found"),
+    JobExpired: (410, "job_expired"),
     PayloadTooLarge: (413, "payload_too_large"),
+    Cancelled: (409, "cancelled"),
     InvalidImage: (422, "invalid_image"),
+    QueueFull: (429, "queue_full"),
+    BackendError: (500, "internal_error"),
     OutOfMemory: (507, "out_of_memory"),
 }
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 from backends.sdxl_backend.protocol import GenerationResult
 
 # Headers a browser client may read across origins (CORS Access-Control-Expose-Headers).
-EXPOSED = ["X-Model", "X-Seed", "X-Inference-Time", "X-Model-Load-Time", "X-VRAM-Used", "X-VRAM-Total", "X-Device"]
+EXPOSED = [
+    "X-Model", "X-Seed", "X-Inference-Time", "X-Model-Load-Time", "X-VRAM-Used", "X-VRAM-Total", "X-VRAM-Mode",
+    "X-Device",
+]
 
 
 def result_headers(result: GenerationResult, device: str, memory: tuple[int, int] | None) -> dict[str, str]:
@@ -17,6 +20,7 @@ def result_headers(result: GenerationResult, device: str, memory: tuple[int, int
         "X-Inference-Time": f"{result.timings.inference_s:.3f}",
         "X-Model-Load-Time": f"{result.timings.load_s:.3f}",
         "X-Device": device,
+        "X-VRAM-Mode": result.vram_mode,  # the mode that served, after any out-of-memory retry
     }
     if memory is not None:
         headers["X-VRAM-Used"], headers["X-VRAM-Total"] = str(memory[0]), str(memory[1])

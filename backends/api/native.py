@@ -29,4 +29,6 @@ def result_body(result: GenerationResult, created: int) -> dict[str, Any]:
         ],
         "parameters": result.request.model_dump(),
         "timings": result.timings.model_dump(),
+        "vram_mode": result.vram_mode,
+        "out_of_memory_in": result.out_of_memory_in,
     }

@@ -24,6 +24,12 @@ class ServiceSettings(BaseModel):
     image_url_ttl_s: float
     image_url_max_bytes: int
     public_url: str | None  # base of image links when behind a proxy; default: the request's own
+    max_queue: int  # jobs waiting for the device; more get 429
+    job_ttl_s: float  # finished jobs (and their images) are kept this long
+    max_jobs: int  # ... and at most this many
+    job_max_bytes: int  # ... holding at most this many bytes of images
+    client_vram_mode: bool  # whether X-VRAM-Mode / vram_mode from clients is applied
+    test_fault_oom: str | None  # the out-of-memory test seam (engine.OutOfMemorySeam); tests only
 
     @classmethod
     def from_env(cls) -> "ServiceSettings":
@@ -39,6 +45,12 @@ class ServiceSettings(BaseModel):
             image_url_ttl_s=float(env("SDXL_IMAGE_URL_TTL_SECONDS", "3600")),
             image_url_max_bytes=int(env("SDXL_IMAGE_URL_MAX_BYTES", str(256 * 2**20))),
             public_url=(env("SDXL_PUBLIC_URL") or "").rstrip("/") or None,
+            max_queue=int(env("SDXL_MAX_QUEUE", "64")),
+            job_ttl_s=float(env("SDXL_JOB_TTL_SECONDS", "3600")),
+            max_jobs=int(env("SDXL_MAX_JOBS", "1000")),
+            job_max_bytes=int(env("SDXL_JOB_MAX_BYTES", str(512 * 2**20))),
+            client_vram_mode=env("SDXL_ALLOW_CLIENT_VRAM_MODE", "1") == "1",
+            test_fault_oom=env("SDXL_TEST_FAULT_OOM") or None,
         )
 
 

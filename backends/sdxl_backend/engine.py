@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -25,26 +26,51 @@ from .schedulers import SCHEDULERS, make_scheduler
 logger = logging.getLogger("sdxl_backend")
 
 
-class Engine:
-    """Runs generations one at a time on a single device thread.
+LOWER_MODE = {"high": "balanced", "balanced": "low"}
 
-    One thread, always the same: torch's CPU thread pools belong to the calling thread, and
+
+@dataclass(frozen=True)
+class OutOfMemorySeam:
+    """Test seam: the first `attempts` pipeline calls of every request raise CUDA's
+    out-of-memory error at denoising step `step`, so CPU tests can drive the recovery path.
+    Set by SDXL_TEST_FAULT_OOM ("ATTEMPTS" or "ATTEMPTS@STEP"); never set in production."""
+
+    attempts: int
+    step: int = 1
+
+    @classmethod
+    def parse(cls, text: str | None) -> "OutOfMemorySeam | None":
+        if not text:
+            return None
+        attempts, _, step = text.partition("@")
+        return cls(int(attempts), int(step or 1))
+
+
+# Called after each denoising step with (step, total steps, latents); may raise to stop.
+StepObserver = Callable[[int, int, "torch.Tensor | None"], None]
+
+
+class Engine:
+    """Turns requests into images. Call it from one thread only, always the same (the job
+    queue's device thread): torch's CPU thread pools belong to the calling thread, and
     generations spread over several threads were measured 2-3x slower on the CPU (their pools
-    fight for the cores); on CUDA it keeps the device's work in one ordered stream.
+    fight for the cores); on CUDA one thread keeps the device's work in one ordered stream.
     """
 
-    def __init__(self, models: ModelManager, default_model: str, limits: Limits | None = None):
+    def __init__(
+        self,
+        models: ModelManager,
+        default_model: str,
+        limits: Limits | None = None,
+        oom_seam: OutOfMemorySeam | None = None,
+    ):
         models.source(default_model)
         self.models = models
         self.default_model = default_model
         self.limits = limits or Limits()
-        self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-device")
+        self.oom_seam = oom_seam
 
-    def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
-        """Queue `request` for the device thread; the future holds the result or the error."""
-        return self._device_thread.submit(self.generate, request)
-
-    def generate(self, request: GenerationRequest) -> GenerationResult:
+    def generate(self, request: GenerationRequest, on_step: StepObserver | None = None) -> GenerationResult:
         source = self.models.source(request.model or self.default_model)
         init_image = decode_image(request.image, self.limits) if request.image is not None else None
         request = resolve(request, source.id, source.defaults, init_image)
@@ -52,10 +78,30 @@ class Engine:
         if init_image is not None and init_image.size != (request.width, request.height):
             init_image = init_image.resize((request.width, request.height), Image.Resampling.LANCZOS)
         seeds = [request.seed + i for i in range(request.n)]
+
+        # Out of memory: free what the call held, then once more in the next lower mode.
+        modes = [request.vram_mode or self.models.policy.default_mode]
+        if modes[0] in LOWER_MODE:
+            modes.append(LOWER_MODE[modes[0]])
         try:
-            pictures, load_s, inference_s = self._denoise(source, request, seeds, init_image)
+            for attempt, mode in enumerate(modes):
+                try:
+                    pictures, load_s, inference_s = self._denoise(
+                        source, request, seeds, init_image, mode, self._step_callback(attempt, on_step)
+                    )
+                    break
+                except OutOfMemory:
+                    logger.warning("out of memory generating with %s in mode %s", source.id, mode)
+                    if attempt == len(modes) - 1:
+                        # Nothing more to try: leave memory as it was before the request.
+                        self.models.unload([source.id])
+                        raise OutOfMemory(
+                            f"out of memory on {self.models.placement.device} generating {request.n} image(s) of "
+                            f"{request.width}x{request.height} with {source.id}; tried memory modes "
+                            f"{', '.join(modes)}; try fewer or smaller images"
+                        ) from None
         finally:
-            if request.vram_mode == "low":  # also after a failure: the request leaves nothing loaded
+            if mode == "low":  # low mode frees the model after the request, also after a failure
                 self.models.unload([source.id])
 
         started = time.perf_counter()
@@ -71,16 +117,26 @@ class Engine:
         ]
         timings = Timings(load_s=load_s, inference_s=inference_s, encode_s=time.perf_counter() - started)
         logger.info(
-            "generated %d image(s) %dx%d with %s, %d steps, %s, seed %d: %.2f s",
-            request.n, request.width, request.height, source.id, request.steps,
+            "generated %d image(s) %dx%d with %s in mode %s, %d steps, %s, seed %d: %.2f s",
+            request.n, request.width, request.height, source.id, mode, request.steps,
             request.scheduler, request.seed, inference_s,
         )
-        return GenerationResult(model=source.id, images=images, request=request, timings=timings)
+        return GenerationResult(
+            model=source.id, images=images, request=request, timings=timings,
+            vram_mode=mode, out_of_memory_in=modes[:attempt],
+        )
 
     def _denoise(
-        self, source: ModelSource, request: GenerationRequest, seeds: list[int], init_image: Image.Image | None
+        self,
+        source: ModelSource,
+        request: GenerationRequest,
+        seeds: list[int],
+        init_image: Image.Image | None,
+        mode: str,
+        on_step_end: Callable,
     ) -> tuple[list[Image.Image], float, float]:
-        """One batched pipeline call; returns the images, load seconds and inference seconds."""
+        """One batched pipeline call; returns the images, load seconds and inference seconds.
+        A device out-of-memory error comes out as `OutOfMemory`, with the call's memory freed."""
         arguments = dict(
             prompt=request.prompt,
             # None, not "": SDXL then uses zero embeddings, as the model was trained.
@@ -90,17 +146,20 @@ class Engine:
             num_images_per_prompt=request.n,
             # CPU generators: the same seed gives the same noise whatever the device.
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            callback_on_step_end=on_step_end,
         )
-        with self.models.use(source.id) as (loaded, load_s):
+        with self.models.use(source.id, mode, request.width * request.height) as (pipelines, load_s):
             if init_image is None:
-                if loaded.txt2img is None:
+                if pipelines.txt2img is None:
                     raise InvalidRequest(f"model '{source.id}' only does image-to-image: send an image", "image")
-                pipeline = loaded.txt2img
+                pipeline = pipelines.txt2img
                 arguments.update(width=request.width, height=request.height)
             else:
-                pipeline = loaded.img2img
+                pipeline = pipelines.img2img
                 arguments.update(image=init_image, strength=request.strength)
-            pipeline.scheduler = make_scheduler(request.scheduler, loaded.scheduler_config, source.defaults.timestep_spacing)
+            pipeline.scheduler = make_scheduler(
+                request.scheduler, pipelines.scheduler_config, source.defaults.timestep_spacing
+            )
             started = time.perf_counter()
             try:
                 pictures = pipeline(**arguments).images
@@ -109,11 +168,20 @@ class Engine:
                 pictures = None
             if pictures is None:
                 self.models.release_cached_memory()
-                raise OutOfMemory(
-                    f"out of memory on {self.models.placement.device} generating {request.n} image(s) "
-                    f"of {request.width}x{request.height}; try fewer or smaller images"
-                )
+                raise OutOfMemory("out of memory")
             return pictures, load_s, time.perf_counter() - started
+
+    def _step_callback(self, attempt: int, on_step: StepObserver | None) -> Callable:
+        seam = self.oom_seam
+
+        def on_step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
+            if seam is not None and attempt < seam.attempts and step + 1 >= seam.step:
+                raise torch.OutOfMemoryError("CUDA out of memory (SDXL_TEST_FAULT_OOM test seam)")
+            if on_step is not None:
+                on_step(step + 1, pipeline.num_timesteps, tensors.get("latents"))
+            return tensors
+
+        return on_step_end
 
 
 def resolve(

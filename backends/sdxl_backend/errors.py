@@ -37,3 +37,23 @@ class UnknownModel(BackendError):
 
 class OutOfMemory(BackendError):
     """The device ran out of memory and the request could not be completed."""
+
+
+class Cancelled(BackendError):
+    """The job was cancelled (by a client, or because its client went away)."""
+
+
+class QueueFull(BackendError):
+    """Too many jobs are waiting; `retry_after_s` says when to try again."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UnknownJob(BackendError):
+    """No job has this id."""
+
+
+class JobExpired(BackendError):
+    """The job finished long enough ago to be forgotten (SDXL_JOB_TTL_SECONDS and limits)."""

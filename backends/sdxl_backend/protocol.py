@@ -85,6 +85,8 @@ class GenerationResult(BaseModel):
     # The request as it ran: every default filled in, the base seed chosen.
     request: GenerationRequest
     timings: Timings
+    vram_mode: str  # the memory mode that produced the images
+    out_of_memory_in: list[str] = []  # modes that ran out of memory first (recovered)
 
     @property
     def seeds(self) -> list[int]:

@@ -1,0 +1,232 @@
+"""Jobs: every generation the service runs, queued, observable and cancellable.
+
+One worker thread (the device thread) takes jobs in arrival order and runs each through
+`Engine.generate`, whose step callback reports progress here, hands over latents for
+previews and stops a job whose cancellation was asked for at the next step. Finished jobs
+are kept for a while (their images included) and then forgotten; an id forgotten that way
+is remembered as expired.
+
+Why not BentoML's task API (`@bentoml.task`): it runs a task to its end and reports only
+pending/success/failure, so it can give neither step progress, nor a queue position, nor
+stop a running generation between two denoising steps; the queue here is what those need.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from .engine import Engine
+from .errors import BackendError, Cancelled, JobExpired, QueueFull, UnknownJob
+from .protocol import GenerationRequest, GenerationResult
+
+logger = logging.getLogger("sdxl_backend")
+
+# SDXL latents to RGB, a linear approximation (the factors ComfyUI uses for its previews):
+# good enough to watch an image form, at 1/8 of the size, for nearly nothing.
+SDXL_LATENT_RGB = torch.tensor([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
+                                [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]])
+SDXL_LATENT_RGB_BIAS = torch.tensor([0.1084, -0.0175, -0.0011])
+
+
+def latent_preview(latents: torch.Tensor) -> bytes:
+    """A small PNG of the first image's latents."""
+    rgb = latents[0].float().cpu().permute(1, 2, 0) @ SDXL_LATENT_RGB + SDXL_LATENT_RGB_BIAS
+    pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass(eq=False)
+class Job:
+    id: str
+    request: GenerationRequest
+    preview_every: int | None = None
+    status: str = "queued"  # queued | running | succeeded | failed | cancelled
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    step: int = 0
+    total_steps: int = 0
+    result: GenerationResult | None = None
+    error: BackendError | None = None
+    preview: bytes | None = None
+    preview_step: int = 0
+    cancel_requested_at: float | None = None
+    version: int = 0  # bumped on every change; watchers compare it
+    done: Future = field(default_factory=Future)  # resolved with the result, or the error
+    _first_step_at: float | None = None
+
+    @property
+    def percent(self) -> float:
+        if self.status == "succeeded":
+            return 100.0
+        return round(100.0 * self.step / self.total_steps, 1) if self.total_steps else 0.0
+
+    @property
+    def elapsed_s(self) -> float | None:
+        if self.started is None:
+            return None
+        return round((self.finished or time.time()) - self.started, 3)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Remaining denoising time, from the pace of the steps so far."""
+        if self.status != "running" or self.step < 1 or self._first_step_at is None:
+            return None
+        pace = (time.time() - self._first_step_at) / self.step
+        return round(pace * (self.total_steps - self.step), 3)
+
+    def on_step(self, step: int, total: int, latents: torch.Tensor | None) -> None:
+        """Called by the engine after each denoising step, on the device thread."""
+        if self.cancel_requested_at is not None:
+            raise Cancelled(f"job {self.id} cancelled at step {self.step} of {self.total_steps}")
+        if self._first_step_at is None or step < self.step:  # first step, or an out-of-memory retry
+            self._first_step_at = time.time()
+        self.step, self.total_steps = step, total
+        if self.preview_every and latents is not None and (step % self.preview_every == 0 or step == total):
+            self.preview, self.preview_step = latent_preview(latents), step
+        self.version += 1
+
+
+class JobQueue:
+    """The bounded, first-come-first-served queue in front of the device."""
+
+    def __init__(self, engine: Engine, max_queue: int = 64, ttl_s: float = 3600, max_jobs: int = 1000,
+                 max_bytes: int = 512 * 2**20):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.ttl_s = ttl_s
+        self.max_jobs = max_jobs
+        self.max_bytes = max_bytes
+        self._jobs: OrderedDict[str, Job] = OrderedDict()  # every job held, oldest first
+        self._queue: deque[Job] = deque()
+        self._expired: OrderedDict[str, None] = OrderedDict()
+        self._recent_durations: deque[float] = deque(maxlen=20)
+        self._lock = threading.Condition()
+        threading.Thread(target=self._work, name="sdxl-device", daemon=True).start()
+
+    def submit(self, request: GenerationRequest, preview_every: int | None = None) -> Job:
+        with self._lock:
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting); retry later", self.retry_after_s())
+            job = Job(secrets.token_hex(8), request, preview_every)
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self._lock.notify()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            self._expire()
+            if job_id in self._jobs:
+                return self._jobs[job_id]
+            if job_id in self._expired:
+                raise JobExpired(f"job {job_id} has expired and was deleted", "job_id")
+            raise UnknownJob(f"no job {job_id}", "job_id")
+
+    def recent(self, limit: int = 50) -> list[Job]:
+        with self._lock:
+            self._expire()
+            return list(reversed(self._jobs.values()))[:limit]
+
+    def position(self, job: Job) -> int:
+        """1 for the next job to run, 2 after it...; 0 when not waiting."""
+        with self._lock:
+            try:
+                return self._queue.index(job) + 1
+            except ValueError:
+                return 0
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    def retry_after_s(self) -> int:
+        """Seconds until a place is likely to free up: the mean duration of recent jobs."""
+        if not self._recent_durations:
+            return 5
+        return max(1, round(sum(self._recent_durations) / len(self._recent_durations)))
+
+    def cancel(self, job: Job, reason: str = "cancel requested") -> None:
+        """A queued job never starts; a running one stops at its next step."""
+        with self._lock:
+            if job.status not in ("queued", "running"):
+                return
+            job.cancel_requested_at = time.time()
+            logger.info("job %s: %s while %s", job.id, reason, job.status)
+            if job.status == "queued":
+                self._queue.remove(job)
+                self._finish(job, "cancelled", error=Cancelled(f"job {job.id} cancelled before it started"))
+
+    def forget_result(self, job: Job) -> None:
+        """Drop a delivered result's images (synchronous requests): only the record stays."""
+        with self._lock:
+            job.result = None
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue:
+                    self._lock.wait()
+                job = self._queue.popleft()
+                job.status, job.started = "running", time.time()
+                job.version += 1
+            try:
+                result = self.engine.generate(job.request, job.on_step)
+            except Cancelled as exc:
+                self.engine.models.release_cached_memory()
+                self._finish(job, "cancelled", error=exc)
+            except BackendError as exc:
+                self._finish(job, "failed", error=exc)
+            except Exception as exc:  # a bug: the job fails, the queue goes on
+                logger.exception("job %s failed unexpectedly", job.id)
+                self._finish(job, "failed", error=BackendError(f"internal error: {type(exc).__name__}"))
+            else:
+                self._finish(job, "succeeded", result=result)
+
+    def _finish(self, job: Job, status: str, result: GenerationResult | None = None,
+                error: BackendError | None = None) -> None:
+        with self._lock:
+            job.status, job.result, job.error, job.finished = status, result, error, time.time()
+            job.version += 1
+            if job.started is not None:
+                self._recent_durations.append(job.finished - job.started)
+            if job.cancel_requested_at is not None:
+                logger.info("job %s cancelled: the device was free %.3f s after the request",
+                            job.id, job.finished - job.cancel_requested_at)
+            self._expire()
+        if error is not None:
+            job.done.set_exception(error)
+        else:
+            job.done.set_result(result)
+
+    def _expire(self) -> None:
+        """Forget finished jobs past their time, beyond the count, or beyond the bytes."""
+        now = time.time()
+        finished = deque(j for j in self._jobs.values() if j.finished is not None)  # oldest first
+        held = sum(_result_bytes(j) for j in finished)
+        while finished:
+            job = finished[0]
+            if now - job.finished <= self.ttl_s and len(finished) <= self.max_jobs and held <= self.max_bytes:
+                break
+            finished.popleft()
+            held -= _result_bytes(job)
+            del self._jobs[job.id]
+            self._expired[job.id] = None
+        while len(self._expired) > 100_000:
+            self._expired.popitem(last=False)
+
+
+def _result_bytes(job: Job) -> int:
+    return sum(len(image.data) for image in job.result.images) if job.result else 0
