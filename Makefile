@@ -4,7 +4,10 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 2020
 
-.PHONY: install serve test bench clean
+BACKEND ?= docker
+IMAGE ?= sdxl:latest
+
+.PHONY: install serve test bench image smoke clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +27,17 @@ test: install
 
 bench: install
 	$(PY) bench/serving_overhead.py
+
+# The OCI image: bento (service, code, the models SDXL_MODELS names, else all stored) + containerize.
+# `make image BACKEND=buildah` where there is no Docker daemon.
+image: install
+	$(PY) -m models ensure-default
+	tag=$$($(VENV)/bin/bentoml build --output tag | tail -1 | sed 's/^__tag__://') && \
+	$(VENV)/bin/bentoml containerize --backend $(BACKEND) -t $(IMAGE) $$tag
+
+# Build, start and exercise the image (tiny-sdxl by default); on demand, not part of `make test`.
+smoke:
+	scripts/container_smoke.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

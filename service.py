@@ -24,13 +24,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from backends.api import errors, headers, image_generations, jobs, native
 from backends.api.auth import ApiKeyMiddleware
 from backends.api.kept_images import KeptImages
-from backends.api.settings import ServiceSettings
+from backends.api.settings import DEFAULTS, ServiceSettings
 from backends.sdxl_backend.device import device_memory, select_placement
 from backends.sdxl_backend.engine import Engine, OutOfMemorySeam
-from backends.sdxl_backend.jobs import Job, JobQueue
 from backends.sdxl_backend.errors import BackendError, InvalidRequest, QueueFull
+from backends.sdxl_backend.jobs import Job, JobQueue
 from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.model_manager import MemoryPolicy, ModelManager, ModelSource
+from backends.sdxl_backend.pipelines import MEMORY_MODES
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
 from backends.sdxl_backend.schedulers import SCHEDULERS
 from models.catalog import defaults_for, load_catalog
@@ -38,7 +39,6 @@ from models.store import stored_models
 
 logger = logging.getLogger("sdxl_backend")
 SETTINGS = ServiceSettings.from_env()
-VRAM_MODES = ("high", "balanced", "low")
 # Routes open without an API key: health probes, and kept-image links (unguessable, and
 # fetched by browsers that cannot send a key).
 OPEN_PATHS = ("/health",)
@@ -196,8 +196,8 @@ class SDXL:
     ) -> JSONResponse:
         """moondream-station's /v1/generate and the OpenAI Images API, one handler: the union
         of both request shapes in, the union of both answers out. `image` makes it img2img."""
-        if x_vram_mode is not None and x_vram_mode not in VRAM_MODES:
-            raise InvalidRequest(f"X-VRAM-Mode: '{x_vram_mode}' is not one of {', '.join(VRAM_MODES)}", "X-VRAM-Mode")
+        if x_vram_mode is not None and x_vram_mode not in MEMORY_MODES:
+            raise InvalidRequest(f"X-VRAM-Mode: '{x_vram_mode}' is not one of {', '.join(MEMORY_MODES)}", "X-VRAM-Mode")
         result, result_headers = await self._run(body.to_generation_request(x_vram_mode), request)
         urls = None
         if body.response_format == "url":
@@ -331,6 +331,11 @@ for _model_id, _model in SERVED.items():
     setattr(SDXL, model_attribute(_model_id), bentoml.models.BentoModel(_model.tag))
 SDXL = bentoml.service(
     name="sdxl",
+    # The image `bentoml containerize` builds: no distro packages (no compiler or git left in
+    # it: every dependency is a wheel), the pinned requirements, CUDA-enabled torch from PyPI.
+    image=bentoml.images.Image(base_image="python:3.11-slim", distro="none", python_version="3.11")
+    .requirements_file("requirements.txt"),
+    envs=[{"name": name, "value": value} for name, value in DEFAULTS.items()],
     resources={"gpu": 1},
     workers=1,
     traffic={"timeout": SETTINGS.timeout_s},

@@ -13,6 +13,22 @@ def _items(text: str) -> list[str]:
     return [item.strip() for item in text.replace("\n", ",").split(",") if item.strip()]
 
 
+# The defaults of the settings that have one; the service declares them to BentoML too, so a
+# bento's image and a BentoCloud deployment start from the same values.
+DEFAULTS = {
+    "SDXL_CORS_ORIGINS": "*",
+    "SDXL_TIMEOUT_SECONDS": "600",
+    "SDXL_WARMUP": "1",
+    "SDXL_IMAGE_URL_TTL_SECONDS": "3600",
+    "SDXL_IMAGE_URL_MAX_BYTES": str(256 * 2**20),
+    "SDXL_MAX_QUEUE": "64",
+    "SDXL_JOB_TTL_SECONDS": "3600",
+    "SDXL_MAX_JOBS": "1000",
+    "SDXL_JOB_MAX_BYTES": str(512 * 2**20),
+    "SDXL_ALLOW_CLIENT_VRAM_MODE": "1",
+}
+
+
 class ServiceSettings(BaseModel):
     models: list[str]  # empty: every SDXL model in the store
     default_model: str | None
@@ -33,23 +49,25 @@ class ServiceSettings(BaseModel):
 
     @classmethod
     def from_env(cls) -> "ServiceSettings":
-        env = os.environ.get
+        def env(name: str) -> str:
+            return os.environ.get(name, DEFAULTS.get(name, ""))
+
         return cls(
-            models=_items(env("SDXL_MODELS", "")),
+            models=_items(env("SDXL_MODELS")),
             default_model=env("SDXL_DEFAULT_MODEL") or None,
-            aliases=parse_aliases(env("SDXL_MODEL_ALIASES", "")),
-            api_keys=load_api_keys(env("SDXL_API_KEYS", "")),
-            cors_origins=_items(env("SDXL_CORS_ORIGINS", "*")),
-            timeout_s=int(env("SDXL_TIMEOUT_SECONDS", "600")),
-            warmup=env("SDXL_WARMUP", "1") == "1",
-            image_url_ttl_s=float(env("SDXL_IMAGE_URL_TTL_SECONDS", "3600")),
-            image_url_max_bytes=int(env("SDXL_IMAGE_URL_MAX_BYTES", str(256 * 2**20))),
-            public_url=(env("SDXL_PUBLIC_URL") or "").rstrip("/") or None,
-            max_queue=int(env("SDXL_MAX_QUEUE", "64")),
-            job_ttl_s=float(env("SDXL_JOB_TTL_SECONDS", "3600")),
-            max_jobs=int(env("SDXL_MAX_JOBS", "1000")),
-            job_max_bytes=int(env("SDXL_JOB_MAX_BYTES", str(512 * 2**20))),
-            client_vram_mode=env("SDXL_ALLOW_CLIENT_VRAM_MODE", "1") == "1",
+            aliases=parse_aliases(env("SDXL_MODEL_ALIASES")),
+            api_keys=load_api_keys(env("SDXL_API_KEYS")),
+            cors_origins=_items(env("SDXL_CORS_ORIGINS")),
+            timeout_s=int(env("SDXL_TIMEOUT_SECONDS")),
+            warmup=env("SDXL_WARMUP") == "1",
+            image_url_ttl_s=float(env("SDXL_IMAGE_URL_TTL_SECONDS")),
+            image_url_max_bytes=int(env("SDXL_IMAGE_URL_MAX_BYTES")),
+            public_url=env("SDXL_PUBLIC_URL").rstrip("/") or None,
+            max_queue=int(env("SDXL_MAX_QUEUE")),
+            job_ttl_s=float(env("SDXL_JOB_TTL_SECONDS")),
+            max_jobs=int(env("SDXL_MAX_JOBS")),
+            job_max_bytes=int(env("SDXL_JOB_MAX_BYTES")),
+            client_vram_mode=env("SDXL_ALLOW_CLIENT_VRAM_MODE") == "1",
             test_fault_oom=env("SDXL_TEST_FAULT_OOM") or None,
         )
 

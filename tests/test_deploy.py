@@ -1,0 +1,110 @@
+"""The deployment recipes: the bento's image and environment, the Kubernetes manifests
+(against the Kubernetes schemas, offline) and the BentoCloud deployment config."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from backends.api.settings import DEFAULTS
+from tests.served import ROOT
+
+MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def bento(tiny_model):
+    """A bento built from this checkout, serving tiny-sdxl: its manifest and its directory."""
+    env = {**os.environ, "SDXL_MODELS": "tiny-sdxl"}
+    built = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr
+    tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    shown = subprocess.run([sys.executable, "-m", "bentoml", "get", tag, "-o", "json"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
+    name, version = tag.split(":")
+    return json.loads(shown.stdout), Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version
+
+
+def test_bento_packs_the_served_models_and_declares_the_environment(bento, tiny_model):
+    manifest, _ = bento
+    service = manifest["services"][0]
+    assert [model["tag"] for model in service["models"]] == [str(tiny_model.tag)]
+    assert service["config"]["resources"] == {"gpu": 1}
+    assert service["config"]["traffic"]["timeout"] >= 300
+    assert {env["name"]: env["value"] for env in manifest["envs"]} == DEFAULTS
+
+
+def test_bento_image_is_lean_and_pinned(bento):
+    _, directory = bento
+    dockerfile = (directory / "env" / "docker" / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in dockerfile
+    assert "apt-get" not in dockerfile and "build-essential" not in dockerfile  # no toolchain in the image
+    assert "USER bentoml" in dockerfile
+    locked = (directory / "env" / "python" / "requirements.txt").read_text()
+    pins = dict(line.split("==", 1) for line in locked.splitlines() if "==" in line and not line.startswith("#"))
+    for requirement in (ROOT / "requirements.txt").read_text().splitlines():
+        if "==" in requirement and not requirement.startswith("#"):
+            package, version = requirement.split("==")
+            assert pins[package.replace("_", "-").lower()] == version, package
+    assert any(name.startswith("nvidia-") for name in pins)  # the CUDA build of torch
+    shipped = sorted(str(p.relative_to(directory / "src")) for p in (directory / "src").rglob("*") if p.is_file())
+    assert shipped == sorted(
+        ["service.py", "bentofile.yaml", "requirements.txt", "models/catalog.toml"]
+        + [str(p.relative_to(ROOT)) for p in (ROOT / "backends").rglob("*.py")]
+        + [str(p.relative_to(ROOT)) for p in (ROOT / "models").glob("*.py")]
+    )
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=[p.name for p in MANIFESTS])
+def test_kubernetes_manifests_validate_strictly(path):
+    for document in yaml.safe_load_all(path.read_text()):
+        kubernetes_validate.validate(document, "1.30", strict=True)
+
+
+def test_the_validation_catches_mistakes():
+    deployment = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "deployment.yaml").read_text())
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["periodSecond"] = 10
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, "1.30", strict=True)
+
+
+def test_kubernetes_deployment_is_what_the_service_needs():
+    documents = {doc["kind"]: doc for path in MANIFESTS for doc in yaml.safe_load_all(path.read_text())}
+    pod = documents["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # room to load SDXL
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
+    keys = next(e for e in container["env"] if e["name"] == "SDXL_API_KEYS")
+    assert keys["valueFrom"]["secretKeyRef"]["name"] == documents["Secret"]["metadata"]["name"]
+    assert documents["Service"]["spec"]["selector"] == documents["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert documents["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == "sdxl"
+    pdb = documents["PodDisruptionBudget"]["spec"]
+    assert pdb["selector"] == documents["Deployment"]["spec"]["selector"] and pdb["minAvailable"] >= 1
+
+
+def test_bentocloud_config_is_what_bentoml_deploy_accepts():
+    from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
+    from bentoml._internal.utils.cattr import bentoml_cattr
+
+    config = yaml.safe_load((ROOT / "deploy" / "bentocloud.yaml").read_text())
+    schema = bentoml_cattr.structure({**config, "bento": "sdxl:latest"}, CreateDeploymentSchema)
+    service = schema.services["sdxl"]
+    assert service.instance_type.startswith("gpu.")
+    assert 0 <= service.scaling.min_replicas < service.scaling.max_replicas
+    assert service.config_overrides["traffic"]["concurrency"] >= 1
+    assert {env.name for env in schema.envs} <= set(DEFAULTS) | {"SDXL_VRAM_MODE"}
