@@ -190,17 +190,21 @@ def test_out_of_memory_is_recovered_in_the_next_lower_mode(tiny_model, tmp_path_
 def test_out_of_memory_twice_is_507_and_memory_returns_to_its_level(tiny_model, tmp_path_factory):
     server = start(tmp_path_factory, "oom2", {"SDXL_MODELS": "tiny-sdxl", "SDXL_TEST_FAULT_OOM": "2@3",
                                               "SDXL_WARMUP": "0"})
+    body = {"width": 1024, "height": 1024, "steps": 4, "n": 2}
     try:
+        # The first request also pays the process's one-time growth (lazy imports, kernel and
+        # allocator caches); what must not grow is the memory each failed request leaves.
+        assert generate(server, "tiny-sdxl", body=body).status_code == 507
         before = status(server)["memory"]["process_rss"]
         for _ in range(3):
-            failed = generate(server, "tiny-sdxl", body={"width": 512, "height": 512, "steps": 4, "n": 2})
+            failed = generate(server, "tiny-sdxl", body=body)
             assert failed.status_code == 507
             error = failed.json()["error"]
             assert "out of memory" in error["message"] and "tried memory modes high, balanced" in error["message"]
             assert error["type"] == "out_of_memory"
         after = status(server)
         assert after["loaded"] == []
-        assert after["memory"]["process_rss"] - before < 64 * 2**20, (before, after["memory"]["process_rss"])
+        assert after["memory"]["process_rss"] - before < 48 * 2**20, (before, after["memory"]["process_rss"])
         assert httpx.get(f"{server.url}/health").status_code == 200
     finally:
         server.stop()
