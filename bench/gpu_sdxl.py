@@ -165,7 +165,7 @@ def main() -> None:
 
     # The service's loader and memory modes.
     started = time.perf_counter()
-    pipelines = load_pipelines(store, placement)
+    pipelines = load_pipelines(store, placement, "high")
     synchronize(device)
     report["load_s"] = round(time.perf_counter() - started, 2)
     report["modes"] = {}

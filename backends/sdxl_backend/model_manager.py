@@ -25,7 +25,7 @@ import psutil
 import torch
 
 from .device import Placement, device_memory
-from .errors import UnknownModel
+from .errors import OutOfMemory, UnknownModel
 from .pipelines import MEMORY_MODES, Pipelines, apply_memory_mode, load_pipelines, set_vae_tiling, weights_bytes
 from .protocol import ModelDefaults
 
@@ -143,7 +143,7 @@ class ModelManager:
         if loaded is None:
             # Only the engine's device thread loads, so no second load of the same model can
             # start meanwhile; the lock is not held through the load, so status stays quick.
-            loaded = self._load(source)
+            loaded = self._load(source, mode)
             load_s = loaded.load_s
         with self._lock:
             self._loaded.move_to_end(source.id)
@@ -151,7 +151,14 @@ class ModelManager:
         try:
             if loaded.pipelines.mode != mode:
                 logger.info("model %s: memory mode %s -> %s", source.id, loaded.pipelines.mode, mode)
-                apply_memory_mode(loaded.pipelines, mode, self.placement)
+                try:
+                    apply_memory_mode(loaded.pipelines, mode, self.placement)
+                    placed = True
+                except torch.OutOfMemoryError:  # leave the except block first: it holds the tensors
+                    placed = False
+                if not placed:
+                    self.release_cached_memory()
+                    raise OutOfMemory(f"out of memory placing {source.id} in mode {mode}")
             large = pixels > self.policy.tiling_pixels
             if large and mode == "high":
                 set_vae_tiling(loaded.pipelines, True)
@@ -165,7 +172,7 @@ class ModelManager:
                 loaded.in_use -= 1
                 self._last_activity = time.monotonic()
 
-    def _load(self, source: ModelSource) -> LoadedModel:
+    def _load(self, source: ModelSource, mode: str) -> LoadedModel:
         """Make room under the budget, load, and register the model as in use."""
         size = weights_bytes(source.path, self.placement.dtype)
         with self._lock:
@@ -181,11 +188,17 @@ class ModelManager:
             logger.warning("%s (%.2f GiB) does not fit the budget beside the models in use; loading it anyway",
                            source.id, size / GiB)
         started, before = time.perf_counter(), self._memory_in_use()
-        pipelines = load_pipelines(source.path, self.placement)
+        try:
+            pipelines = load_pipelines(source.path, self.placement, mode)
+        except torch.OutOfMemoryError:  # leave the except block first: it holds the tensors
+            pipelines = None
+        if pipelines is None:
+            self.release_cached_memory()
+            raise OutOfMemory(f"out of memory loading {source.id} ({size / GiB:.2f} GiB) in mode {mode}")
         load_s = time.perf_counter() - started
         self.loads[source.id] += 1
-        logger.info("loaded model %s on %s in %.2f s (%.0f MiB measured, %.0f MiB of weights)",
-                    source.id, self.placement.describe(), load_s,
+        logger.info("loaded model %s on %s in mode %s in %.2f s (%.0f MiB measured, %.0f MiB of weights)",
+                    source.id, self.placement.describe(), mode, load_s,
                     (self._memory_in_use() - before) / 2**20, size / 2**20)
         loaded = LoadedModel(source, pipelines, size, load_s, in_use=1)
         with self._lock:

@@ -36,7 +36,7 @@ class Pipelines:
     # The stored scheduler config: every request's scheduler starts from it, never from the
     # previous request's scheduler, whose variant options would carry over.
     scheduler_config: dict
-    mode: str = "high"
+    mode: str = "high"  # one of MEMORY_MODES once placed
 
     @property
     def owner(self) -> DiffusionPipeline:
@@ -49,31 +49,39 @@ def weights_variant(path: Path) -> str | None:
     return "fp16" if any(path.glob("*/*.fp16.safetensors")) else None
 
 
-def load_pipelines(path: Path, placement: Placement) -> Pipelines:
-    """Read a diffusers directory straight onto the device in the target dtype: diffusers
-    materialises each tensor from the safetensors file where `device_map` says, with no
-    float32 detour and no second copy in host memory."""
-    direct = placement.device.type == "cpu" or placement.device.index in (None, 0)
+def load_pipelines(path: Path, placement: Placement, mode: str = "high") -> Pipelines:
+    """Read a diffusers directory for `mode`. In `high` mode the weights go straight onto the
+    device in the target dtype (diffusers materialises each tensor from the safetensors file
+    where `device_map` says: no float32 detour, no second copy in host memory); in the offload
+    modes they load into host memory, and the offload hooks bring each part to the device when
+    it runs, so a model larger than the device's free memory still loads."""
+    on_device = mode == "high" or placement.device.type == "cpu"
+    target = placement.device if on_device else torch.device("cpu")
+    direct = target.type == "cpu" or target.index in (None, 0)
     base = DiffusionPipeline.from_pretrained(
         path,
         dtype=placement.dtype,
         variant=weights_variant(path),
         use_safetensors=True,
         local_files_only=True,
-        device_map=placement.device.type if direct else None,
+        device_map=target.type if direct else None,
     )
     if not direct:
-        base.to(placement.device)
+        base.to(target)
     base.set_progress_bar_config(disable=True)
     if isinstance(base, StableDiffusionXLPipeline):
         img2img = StableDiffusionXLImg2ImgPipeline(
             **base.components, force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt
         )
         img2img.set_progress_bar_config(disable=True)
-        return Pipelines(base, img2img, dict(base.scheduler.config))
-    if isinstance(base, StableDiffusionXLImg2ImgPipeline):
-        return Pipelines(None, base, dict(base.scheduler.config))
-    raise ValueError(f"{path} holds a {type(base).__name__}, not an SDXL pipeline")
+        pipelines = Pipelines(base, img2img, dict(base.scheduler.config))
+    elif isinstance(base, StableDiffusionXLImg2ImgPipeline):
+        pipelines = Pipelines(None, base, dict(base.scheduler.config))
+    else:
+        raise ValueError(f"{path} holds a {type(base).__name__}, not an SDXL pipeline")
+    pipelines.mode = "high" if on_device else "host"  # "host": in host memory, no hooks yet
+    apply_memory_mode(pipelines, mode, placement)
+    return pipelines
 
 
 def apply_memory_mode(pipelines: Pipelines, mode: str, placement: Placement) -> None:
