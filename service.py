@@ -21,7 +21,7 @@ from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from backends.api import errors, headers, image_generations, jobs, native
+from backends.api import a1111, errors, headers, image_generations, jobs, native
 from backends.api.auth import ApiKeyMiddleware
 from backends.api.kept_images import KeptImages
 from backends.api.settings import DEFAULTS, ServiceSettings
@@ -40,7 +40,7 @@ from models.store import stored_models
 logger = logging.getLogger("sdxl_backend")
 SETTINGS = ServiceSettings.from_env()
 # Routes open without an API key: health probes, and kept-image links (unguessable, and
-# fetched by browsers that cannot send a key).
+# fetched by browsers that cannot send a key). Everything else, /sdapi/ included, needs one.
 OPEN_PATHS = ("/health",)
 OPEN_PREFIXES = ("/v1/images/files/",)
 
@@ -218,6 +218,43 @@ class SDXL:
         if self.kept_images.expired(image_id):
             return JSONResponse(errors.error_body(f"image {image_id} has expired", "gone", code="expired"), 410)
         return JSONResponse(errors.error_body(f"no image {image_id}", "not_found", code="not_found"), 404)
+
+    # --- AUTOMATIC1111 clients --------------------------------------------------------------
+
+    @app.post("/sdapi/v1/txt2img")
+    async def a1111_txt2img(self, body: a1111.A1111Request, request: Request) -> dict:
+        result, _ = await self._run(body.to_generation_request(img2img=False), request)
+        return a1111.render(body, result)
+
+    @app.post("/sdapi/v1/img2img")
+    async def a1111_img2img(self, body: a1111.A1111Request, request: Request) -> dict:
+        result, _ = await self._run(body.to_generation_request(img2img=True), request)
+        return a1111.render(body, result)
+
+    @app.get("/sdapi/v1/sd-models")
+    async def a1111_models(self) -> list[dict]:
+        return [{"title": model_id, "model_name": model_id, "hash": model.tag.version[:10], "sha256": None,
+                 "filename": model_id, "config": None} for model_id, model in SERVED.items()]
+
+    @app.get("/sdapi/v1/samplers")
+    async def a1111_samplers(self) -> list[dict]:
+        return a1111.samplers()
+
+    @app.get("/sdapi/v1/options")
+    async def a1111_options(self) -> dict:
+        return {"sd_model_checkpoint": DEFAULT_MODEL}
+
+    @app.get("/sdapi/v1/progress")
+    async def a1111_progress(self, skip_current_image: bool = False) -> dict:
+        return a1111.progress(self.jobs.running, preview=not skip_current_image)
+
+    @app.post("/sdapi/v1/interrupt")
+    async def a1111_interrupt(self) -> dict:
+        """Stops the running generation at its next step, as A1111's interrupt does."""
+        job = self.jobs.running
+        if job is not None:
+            self.jobs.cancel(job, "interrupted (/sdapi/v1/interrupt)")
+        return {}
 
     # --- jobs -------------------------------------------------------------------------------
 

@@ -113,6 +113,7 @@ class JobQueue:
         self._queue: deque[Job] = deque()
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._recent_durations: deque[float] = deque(maxlen=20)
+        self._running: Job | None = None
         self._lock = threading.Condition()
         threading.Thread(target=self._work, name="sdxl-device", daemon=True).start()
 
@@ -152,6 +153,11 @@ class JobQueue:
     def queue_length(self) -> int:
         return len(self._queue)
 
+    @property
+    def running(self) -> Job | None:
+        """The job on the device now, if any."""
+        return self._running
+
     def retry_after_s(self) -> int:
         """Seconds until a place is likely to free up: the mean duration of recent jobs."""
         if not self._recent_durations:
@@ -179,7 +185,7 @@ class JobQueue:
             with self._lock:
                 while not self._queue:
                     self._lock.wait()
-                job = self._queue.popleft()
+                job = self._running = self._queue.popleft()
                 job.status, job.started = "running", time.time()
                 job.version += 1
             try:
@@ -198,6 +204,8 @@ class JobQueue:
     def _finish(self, job: Job, status: str, result: GenerationResult | None = None,
                 error: BackendError | None = None) -> None:
         with self._lock:
+            if self._running is job:
+                self._running = None
             job.status, job.result, job.error, job.finished = status, result, error, time.time()
             job.version += 1
             if job.started is not None:
