@@ -161,14 +161,7 @@ class Engine:
                 request.scheduler, pipelines.scheduler_config, source.defaults.timestep_spacing
             )
             started = time.perf_counter()
-            try:
-                pictures = pipeline(**arguments).images
-            except torch.OutOfMemoryError:
-                # Leave the except block first: its traceback holds the failed call's tensors.
-                pictures = None
-            if pictures is None:
-                self.models.release_cached_memory()
-                raise OutOfMemory("out of memory")
+            pictures = self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
             return pictures, load_s, time.perf_counter() - started
 
     def _step_callback(self, attempt: int, on_step: StepObserver | None) -> Callable:

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import psutil
 import torch
@@ -31,6 +31,7 @@ from .protocol import ModelDefaults
 
 logger = logging.getLogger("sdxl_backend")
 GiB = 2**30
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -151,14 +152,10 @@ class ModelManager:
         try:
             if loaded.pipelines.mode != mode:
                 logger.info("model %s: memory mode %s -> %s", source.id, loaded.pipelines.mode, mode)
-                try:
-                    apply_memory_mode(loaded.pipelines, mode, self.placement)
-                    placed = True
-                except torch.OutOfMemoryError:  # leave the except block first: it holds the tensors
-                    placed = False
-                if not placed:
-                    self.release_cached_memory()
-                    raise OutOfMemory(f"out of memory placing {source.id} in mode {mode}")
+                self.out_of_memory_as_error(
+                    lambda: apply_memory_mode(loaded.pipelines, mode, self.placement),
+                    f"out of memory placing {source.id} in mode {mode}",
+                )
             large = pixels > self.policy.tiling_pixels
             if large and mode == "high":
                 set_vae_tiling(loaded.pipelines, True)
@@ -188,13 +185,10 @@ class ModelManager:
             logger.warning("%s (%.2f GiB) does not fit the budget beside the models in use; loading it anyway",
                            source.id, size / GiB)
         started, before = time.perf_counter(), self._memory_in_use()
-        try:
-            pipelines = load_pipelines(source.path, self.placement, mode)
-        except torch.OutOfMemoryError:  # leave the except block first: it holds the tensors
-            pipelines = None
-        if pipelines is None:
-            self.release_cached_memory()
-            raise OutOfMemory(f"out of memory loading {source.id} ({size / GiB:.2f} GiB) in mode {mode}")
+        pipelines = self.out_of_memory_as_error(
+            lambda: load_pipelines(source.path, self.placement, mode),
+            f"out of memory loading {source.id} ({size / GiB:.2f} GiB) in mode {mode}",
+        )
         load_s = time.perf_counter() - started
         self.loads[source.id] += 1
         logger.info("loaded model %s on %s in mode %s in %.2f s (%.0f MiB measured, %.0f MiB of weights)",
@@ -218,6 +212,16 @@ class ModelManager:
         del self._loaded[model_id]
         self.release_cached_memory()
         logger.info("unloaded model %s", model_id)
+
+    def out_of_memory_as_error(self, action: Callable[[], T], message: str) -> T:
+        """Run `action` on the device; a CUDA out-of-memory error comes out as `OutOfMemory`,
+        once what the failed call held is freed."""
+        try:
+            return action()
+        except torch.OutOfMemoryError:
+            pass  # leave the except block first: its traceback holds the failed call's tensors
+        self.release_cached_memory()
+        raise OutOfMemory(message)
 
     def release_cached_memory(self) -> None:
         gc.collect()
