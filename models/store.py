@@ -19,6 +19,7 @@ from bentoml.exceptions import NotFound
 from .catalog import CatalogEntry
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+BENTOML_METADATA = ("model.yaml", "custom_objects.pkl")
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".safetensors.index.fp16.json")
 CONFIG_NAMES = (
     "config.json",
@@ -62,29 +63,40 @@ def remove(model_id: str) -> list[str]:
     return tags
 
 
-def _store(model_id: str, source: str, revision: str, fill: Callable[[Path], None]) -> bentoml.Model:
-    """Create a BentoML model and let `fill` write the diffusers directory into it.
-    A failure leaves nothing behind in the store."""
+def _store(model_id: str, source: str, revision: str, fill: Callable[[Path], None],
+           labels: dict[str, str] | None = None) -> bentoml.Model:
+    """Create a BentoML model and let `fill` write the diffusers directory into it; labels say
+    where it came from and what it holds (variant, dtype of the stored weights). A failure
+    leaves nothing behind in the store."""
     if not ID_PATTERN.match(model_id):
         raise ImportFailed(f"'{model_id}' is not a valid model id: use lowercase letters, digits, '.', '_', '-'")
-    labels = {"sdxl_id": model_id, "source": source, "revision": revision}
-    with bentoml.models.create(model_id, labels=labels) as model:
-        fill(Path(model.path))
+    with bentoml.models.create(model_id, labels={"sdxl_id": model_id, "source": source, "revision": revision,
+                                                 **(labels or {})}) as model:
+        path = Path(model.path)
+        fill(path)
+        fp16 = any(path.glob("*/*.fp16.safetensors"))
+        model.info.labels.update({"variant": "fp16" if fp16 else "none", "dtype": "float16" if fp16 else "as saved"})
     return model
 
 
 def _place(src: Path, dst: Path) -> None:
-    """Hard-link when possible (no second copy on disk), else copy."""
+    """Weights are hard-linked when possible (no second copy on disk); every other file is
+    copied, so that nothing written to the new model (BentoML rewrites its metadata) can
+    change the source through a shared file."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src.resolve(), dst)
-    except OSError:
-        shutil.copy2(src.resolve(), dst)
+    if src.name.endswith(".safetensors"):
+        try:
+            os.link(src.resolve(), dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src.resolve(), dst)
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
+    """A diffusers directory, which may be another BentoML model's (its metadata stays behind)."""
     for file in sorted(src.rglob("*")):
-        if file.is_file():
+        if file.is_file() and file.relative_to(src).parts[0] not in BENTOML_METADATA:
             _place(file, dst / file.relative_to(src))
 
 
@@ -140,16 +152,24 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
     bars), then hard-link it into the store."""
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
+    from huggingface_hub import constants
+
     if entry.repo is None:
         raise ImportFailed(f"{entry.id} is not downloaded: it is built locally")
     try:
-        info = HfApi().model_info(entry.repo, revision=revision)
-        sha = info.sha
-        model_index = json.loads(Path(hf_hub_download(entry.repo, "model_index.json", revision=sha)).read_text())
-        wanted = select_files([s.rfilename for s in info.siblings], model_index)
+        if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE=1: what the hub cache already holds, no network
+            cached = Path(snapshot_download(entry.repo, revision=revision, local_files_only=True))
+            sha, repo_files = cached.name, [str(f.relative_to(cached)) for f in cached.rglob("*") if f.is_file()]
+            model_index = json.loads((cached / "model_index.json").read_text())
+        else:
+            info = HfApi().model_info(entry.repo, revision=revision)
+            sha, repo_files = info.sha, [s.rfilename for s in info.siblings]
+            model_index = json.loads(Path(hf_hub_download(entry.repo, "model_index.json", revision=sha)).read_text())
+        wanted = select_files(repo_files, model_index)
         if entry.unet:
             wanted = [f for f in wanted if not (f.startswith("unet/") and ".safetensors" in f)]
-        snapshot = Path(snapshot_download(entry.repo, revision=sha, allow_patterns=wanted))
+        snapshot = Path(snapshot_download(entry.repo, revision=sha, allow_patterns=wanted,
+                                          local_files_only=constants.HF_HUB_OFFLINE))
         unet_file = Path(hf_hub_download(entry.unet[0], entry.unet[1])) if entry.unet else None
     except ImportFailed:
         raise
@@ -163,7 +183,9 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
             _place(unet_file, path / "unet" / "diffusion_pytorch_model.fp16.safetensors")
 
     source = f"hf:{entry.repo}" + (f"+{entry.unet[0]}/{entry.unet[1]}" if entry.unet else "")
-    return _store(entry.id, source, sha, fill)
+    # The revision of every component: the repo's commit, and the replacing UNet's (its cache path names it).
+    components = {"unet_revision": unet_file.parent.name} if unet_file is not None else {}
+    return _store(entry.id, source, sha, fill, components)
 
 
 def _hub_error(repo: str, exc: Exception) -> str:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +60,37 @@ def test_import_from_a_diffusers_directory(cli, tiny_model):
     listing = cli("list").stdout
     row = next(line for line in listing.splitlines() if line.startswith("my-sdxl"))
     assert f"local:{tiny_model.path}" in row
+
+
+def test_importing_from_a_bentoml_model_leaves_the_source_intact(cli, tiny_model):
+    from models.store import stored_model
+
+    source = Path(stored_model("tiny-sdxl").path)
+    source_yaml = (source / "model.yaml").read_text()
+    assert cli("import", "my-copy", "--from", str(source)).returncode == 0
+    assert (source / "model.yaml").read_text() == source_yaml
+
+
+def test_hub_import_with_hf_hub_offline_uses_the_cache(tmp_path, monkeypatch, tiny_model):
+    """HF_HUB_OFFLINE=1 and the files already in the hub cache: imported without the network
+    (HF_ENDPOINT points at a closed port, so any request would fail)."""
+    import shutil
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--example--tiny-sdxl"
+    shutil.copytree(tiny_model.path, repo / "snapshots" / sha, ignore=shutil.ignore_patterns("model.yaml"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    code = (
+        "from models.catalog import CatalogEntry; from models.store import import_from_hub; "
+        "m = import_from_hub(CatalogEntry(id='cached-sdxl', description='d', repo='example/tiny-sdxl')); "
+        "print(m.info.labels['revision'], m.info.labels['variant'])"
+    )
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == [sha, "none"]
 
 
 def test_import_from_a_path_that_is_not_a_model(cli, tmp_path):
