@@ -1,4 +1,6 @@
 # One word each: `make serve` and `make test` set everything up on a fresh machine.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
@@ -7,14 +9,17 @@ PORT ?= 2020
 BACKEND ?= docker
 IMAGE ?= sdxl:latest
 
-.PHONY: install serve test bench image smoke clean
+.PHONY: install serve test test-quick bench image smoke clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.txt
+	@echo "==> creating the virtual environment in $(VENV)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	@echo "==> installing the pinned packages (torch, diffusers, bentoml...) and the test clients: a few minutes the first time"
+	$(PY) -m pip install --progress-bar off -e ".[test]" | grep -E "^(Collecting|Successfully installed)" | cut -c1-100
+	@echo "==> installed"
 	touch $@
 
 # Imports the default model when the store holds none (tiny-sdxl, loudly, when the hub is out of reach).
@@ -24,6 +29,10 @@ serve: install
 
 test: install
 	$(PY) -m pytest
+
+# The in-process part alone (no `bentoml serve` processes): a minute or two.
+test-quick: install
+	$(PY) -m pytest -m "not served"
 
 bench: install
 	$(PY) bench/serving_overhead.py
