@@ -57,16 +57,18 @@ def main() -> None:
 
     model = import_tiny()
     # In-process, through the same job queue (and so the same device thread) as the service.
-    jobs = JobQueue(Engine(
+    engine = Engine(
         ModelManager([ModelSource("tiny-sdxl", Path(model.path), defaults_for("tiny-sdxl"))], select_placement()),
         "tiny-sdxl",
-    ))
-    jobs.submit(GenerationRequest(**body)).done.result()  # warm-up, as the service does at start
+    )
+    jobs = JobQueue(engine)
+    jobs.submit(engine.prepare(GenerationRequest(**body))).done.result()  # warm-up, as the service does at start
     in_process = []
     for _ in range(args.runs):
         started = time.perf_counter()
-        jobs.submit(GenerationRequest(**body)).done.result()
+        jobs.submit(engine.prepare(GenerationRequest(**body))).done.result()
         in_process.append(time.perf_counter() - started)
+    jobs.close()
 
     server = Server({"SDXL_MODELS": "tiny-sdxl"}, Path(tempfile.mkdtemp()) / "server.log")
     try:

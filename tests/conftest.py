@@ -1,6 +1,8 @@
-"""Shared fixtures: an isolated BentoML home, the tiny model in its store, a served process.
+"""Shared fixtures: an isolated BentoML home, the tiny model in its store, served processes.
 
 BENTOML_HOME is set before anything imports bentoml, so no test touches the user's store.
+Tests that use a served process are marked `served`; `pytest -m "not served"` runs the quick,
+in-process part alone.
 """
 
 from __future__ import annotations
@@ -30,16 +32,33 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model, tmp_path_factory):
+def serve(tiny_model, tmp_path_factory):
+    """The one way tests start a served process: `serve(name, env)` returns it ready (its log
+    under the test's output folder); every process started is stopped at the end."""
+    started: list[Server] = []
+
+    def start(name: str, env: dict[str, str], target: str = "service:SDXL") -> Server:
+        server = Server(env, tmp_path_factory.mktemp(name) / "server.log", target)
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(serve):
     """The service serving tiny-sdxl (also as `sdxl-realism`, the id gallery clients send),
     shared by the HTTP tests; a test that unloads models leaves them loadable."""
-    env = {"SDXL_MODELS": "tiny-sdxl", "SDXL_MODEL_ALIASES": "sdxl-realism=tiny-sdxl"}
-    srv = Server(env, tmp_path_factory.mktemp("server") / "server.log")
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+    return serve("server", {"SDXL_MODELS": "tiny-sdxl", "SDXL_MODEL_ALIASES": "sdxl-realism=tiny-sdxl"})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any("server" in name or name in ("serve", "secured", "bento") for name in item.fixturenames):
+            item.add_marker(pytest.mark.served)
 
 
 def png_bytes(width: int = 64, height: int = 64, color=(200, 30, 30)) -> bytes:

@@ -23,14 +23,15 @@ def free_port() -> int:
 class Server:
     """A real `bentoml serve` process on 127.0.0.1."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, target: str = "service:SDXL"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.started = time.monotonic()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:SDXL", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT,
+            [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
+            # A bento is served from elsewhere: in this checkout, `bentoml serve` would read bentofile.yaml.
+            cwd=ROOT if target == "service:SDXL" else log_path.parent,
             env={**os.environ, **env},
             stdout=log_path.open("w"),
             stderr=subprocess.STDOUT,

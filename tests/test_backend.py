@@ -26,7 +26,7 @@ def engine(tiny_model):
 
 
 def run(engine: Engine, **fields):
-    return engine.generate(GenerationRequest(prompt=fields.pop("prompt", "a red fox"), **fields))
+    return engine.generate(engine.prepare(GenerationRequest(prompt=fields.pop("prompt", "a red fox"), **fields)))
 
 
 def test_same_seed_same_pixels_and_other_seed_other_pixels(engine):
@@ -161,8 +161,18 @@ def test_base64_and_data_url_images_are_accepted():
         GenerationRequest(prompt="x", image="***")
 
 
-def test_limits_from_environment(monkeypatch):
-    monkeypatch.setenv("SDXL_MAX_STEPS", "12")
-    monkeypatch.setenv("SDXL_MAX_GUIDANCE_SCALE", "2.5")
-    limits = Limits.from_env()
-    assert limits.max_steps == 12 and limits.max_guidance_scale == 2.5
+@pytest.mark.parametrize("fields", [{"width": 0}, {"height": 0}, {"steps": 0}])
+def test_zero_is_refused_not_replaced_by_the_default(engine, fields):
+    with pytest.raises((InvalidRequest, ValueError)):
+        engine.prepare(GenerationRequest(prompt="x", **fields))
+
+
+def test_prepare_checks_everything_before_the_device(engine):
+    """A bad request fails in prepare, which loads nothing: the manager's load count stays."""
+    loads = dict(engine.models.loads)
+    with pytest.raises(InvalidRequest):
+        engine.prepare(GenerationRequest(prompt="x", width=63))
+    prepared = engine.prepare(GenerationRequest(prompt="x", image=png_bytes(96, 64), strength=0.5, steps=8))
+    assert prepared.init_image.size == (96, 64) and prepared.total_steps == 4
+    assert prepared.request.image is None  # the bytes are not carried to the device
+    assert engine.models.loads == loads

@@ -18,7 +18,6 @@ from PIL import Image
 
 from backends.api.kept_images import KeptImages
 from tests.conftest import pixels, png_bytes
-from tests.served import Server
 
 PROMPT = "a misty forest at dawn"
 
@@ -234,21 +233,16 @@ KEY = "sk-test-7f3a9c1e5b"
 
 
 @pytest.fixture(scope="module")
-def secured(tiny_model, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("secured")
-    (directory / "keys.txt").write_text(f"other-key\n{KEY}\n")
-    srv = Server({
+def secured(serve, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(f"other-key\n{KEY}\n")
+    return serve("secured", {
         "SDXL_MODELS": "tiny-sdxl",
-        "SDXL_API_KEYS": str(directory / "keys.txt"),
+        "SDXL_API_KEYS": str(keys),
         "SDXL_CORS_ORIGINS": "http://gallery.local",
         "SDXL_IMAGE_URL_TTL_SECONDS": "3",
-        "SDXL_WARMUP": "0",
-    }, directory / "server.log")
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+        "SDXL_WARMUP": "false",
+    })
 
 
 def test_api_keys(secured):

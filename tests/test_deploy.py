@@ -14,7 +14,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from backends.api.settings import DEFAULTS
+from backends.api.settings import declared_environment
+import httpx
+
 from tests.served import ROOT
 
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
@@ -40,7 +42,20 @@ def test_bento_packs_the_served_models_and_declares_the_environment(bento, tiny_
     assert [model["tag"] for model in service["models"]] == [str(tiny_model.tag)]
     assert service["config"]["resources"] == {"gpu": 1}
     assert service["config"]["traffic"]["timeout"] >= 300
-    assert {env["name"]: env["value"] for env in manifest["envs"]} == DEFAULTS
+    assert {env["name"]: env["value"] for env in manifest["envs"]} == declared_environment()
+    assert {"SDXL_MAX_QUEUE", "SDXL_TIMEOUT_SECONDS", "SDXL_VRAM_MODE", "SDXL_MAX_STEPS"} <= set(declared_environment())
+
+
+def test_a_bento_serves_only_the_models_it_packed(bento, tiny_model, serve):
+    """An extra model in the store is not served by a built bento."""
+    from models.store import import_from_path, stored_model
+
+    stored_model("tiny-extra") or import_from_path("tiny-extra", Path(tiny_model.path))
+    _, directory = bento
+    server = serve("bento", {"SDXL_MODELS": ""}, target=f"{directory.parent.name}:{directory.name}")
+    served = [m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=60).json()["models"]]
+    server.stop()
+    assert served == ["tiny-sdxl"]
 
 
 def test_bento_image_is_lean_and_pinned(bento):
@@ -107,4 +122,4 @@ def test_bentocloud_config_is_what_bentoml_deploy_accepts():
     assert service.instance_type.startswith("gpu.")
     assert 0 <= service.scaling.min_replicas < service.scaling.max_replicas
     assert service.config_overrides["traffic"]["concurrency"] >= 1
-    assert {env.name for env in schema.envs} <= set(DEFAULTS) | {"SDXL_VRAM_MODE"}
+    assert {env.name for env in schema.envs} <= set(declared_environment())

@@ -1,6 +1,8 @@
-"""Jobs over plain HTTP: submit, poll, events, previews, cancel, disconnects, limits.
+"""Jobs over plain HTTP: submit, poll, events, previews, cancel, disconnects, timeouts, limits.
 
-A 1024x1024, 30-step tiny-sdxl job runs about 4 s here: long enough to watch and cancel."""
+A 1024x1024, 30-step tiny-sdxl job runs about 4 s on an idle 2-core machine: long enough to
+watch and cancel. Nothing here asserts a duration: the tests check steps reached, order and
+final states, so they hold on a busy machine too."""
 
 from __future__ import annotations
 
@@ -13,36 +15,29 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.served import Server
 
 LONG = {"prompt": "a slow one", "width": 1024, "height": 1024, "steps": 30, "seed": 1}
 SHORT = {"prompt": "a quick one", "width": 64, "height": 64, "steps": 2, "seed": 1}
 
 
 @pytest.fixture(scope="module")
-def jobs_server(tiny_model, tmp_path_factory):
-    server = Server({"SDXL_MODELS": "tiny-sdxl", "SDXL_MAX_QUEUE": "2", "SDXL_JOB_TTL_SECONDS": "4"},
-                    tmp_path_factory.mktemp("jobs") / "server.log")
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
+def jobs_server(serve):
+    return serve("jobs", {"SDXL_MODELS": "tiny-sdxl", "SDXL_MAX_QUEUE": "2", "SDXL_JOB_TTL_SECONDS": "4"})
 
 
 def submit(server, body) -> dict:
-    response = httpx.post(f"{server.url}/v1/jobs", json=body)
+    response = httpx.post(f"{server.url}/v1/jobs", json=body, timeout=60)
     assert response.status_code == 202, response.text
     assert response.headers["location"] == response.json()["links"]["self"]
     return response.json()
 
 
 def get(server, job_id: str) -> dict:
-    return httpx.get(f"{server.url}/v1/jobs/{job_id}").json()
+    return httpx.get(f"{server.url}/v1/jobs/{job_id}", timeout=60).json()
 
 
 def wait(server, job_id: str, until=lambda job: job["status"] in ("succeeded", "failed", "cancelled"),
-         timeout: float = 60) -> tuple[dict, list[dict]]:
+         timeout: float = 600) -> tuple[dict, list[dict]]:
     """Poll until `until`; returns the last state and every state seen."""
     seen, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -77,11 +72,22 @@ def test_img2img_job_and_bad_body(jobs_server):
     job = submit(jobs_server, {**SHORT, "steps": 4, "image": base64.b64encode(png.getvalue()).decode()})
     done, _ = wait(jobs_server, job["id"])
     assert done["status"] == "succeeded" and done["total_steps"] == 3  # 4 steps x strength 0.75
-    bad = httpx.post(f"{jobs_server.url}/v1/jobs", json={**SHORT, "width": 63})
-    assert bad.status_code == 202  # validated when it runs, like every generation: the job fails
-    failed, _ = wait(jobs_server, bad.json()["id"])
-    assert failed["status"] == "failed" and failed["error"]["param"] == "width"
-    assert httpx.post(f"{jobs_server.url}/v1/jobs", json={**SHORT, "steps": "many"}).status_code == 400
+    for bad, param in [({"width": 63}, "width"), ({"steps": 100000}, "steps"), ({"steps": "many"}, "steps"),
+                       ({"model": "nope"}, "model")]:
+        refused = httpx.post(f"{jobs_server.url}/v1/jobs", json={**SHORT, **bad}, timeout=60)
+        assert refused.status_code in (400, 404) and refused.json()["error"]["param"] == param
+
+
+def test_a_bad_request_is_refused_at_once_even_behind_a_full_queue(jobs_server):
+    ids = [submit(jobs_server, LONG)["id"]]
+    wait(jobs_server, ids[0], until=lambda j: j["status"] == "running")
+    ids += [submit(jobs_server, LONG)["id"], submit(jobs_server, LONG)["id"]]  # SDXL_MAX_QUEUE=2 waiting
+    bad = httpx.post(f"{jobs_server.url}/v1/jobs", json={**SHORT, "width": 63}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "width"  # not 429, not 202
+    assert get(jobs_server, ids[0])["status"] == "running"  # answered while the first still runs
+    for job_id in ids:
+        httpx.delete(f"{jobs_server.url}/v1/jobs/{job_id}", timeout=60)
+    wait(jobs_server, ids[0])
 
 
 def test_cancel_queued_and_running_jobs_then_the_next_runs(jobs_server):
@@ -90,21 +96,18 @@ def test_cancel_queued_and_running_jobs_then_the_next_runs(jobs_server):
     assert queued["queue_position"] == 1
     wait(jobs_server, running["id"], until=lambda job: job["step"] >= 3)
 
-    cancelled_queued = httpx.delete(f"{jobs_server.url}/v1/jobs/{queued['id']}").json()
+    cancelled_queued = httpx.delete(f"{jobs_server.url}/v1/jobs/{queued['id']}", timeout=60).json()
     assert cancelled_queued["status"] == "cancelled" and cancelled_queued["elapsed_s"] is None
-    asked = time.monotonic()
-    httpx.post(f"{jobs_server.url}/v1/jobs/{running['id']}/cancel")
+    step_at_cancel = httpx.post(f"{jobs_server.url}/v1/jobs/{running['id']}/cancel", timeout=60).json()["step"]
     stopped, _ = wait(jobs_server, running["id"])
-    freed_in = time.monotonic() - asked
     assert stopped["status"] == "cancelled"
-    assert 3 <= stopped["step"] < 20, stopped["step"]  # stopped at the next step, far from the 30th
-    assert stopped["cancel_to_free_s"] < 1.0 and freed_in < 2.0
+    assert 3 <= stopped["step"] <= step_at_cancel + 1 < 30, stopped["step"]  # stopped at the next step
+    assert stopped["cancel_to_free_s"] >= 0
     assert stopped["error"]["type"] == "cancelled"
 
     after = submit(jobs_server, SHORT)
     assert wait(jobs_server, after["id"])[0]["status"] == "succeeded"
     assert get(jobs_server, queued["id"])["step"] == 0  # never started
-    print(f"\ncancel -> device free: {stopped['cancel_to_free_s']} s (server), {freed_in:.3f} s (client)")
 
 
 def read_events(server, job_id: str) -> list[tuple[str, dict]]:
@@ -145,13 +148,11 @@ def test_events_of_a_cancelled_job_end_with_cancelled(jobs_server):
 def test_a_synchronous_request_whose_client_leaves_is_cancelled(jobs_server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{jobs_server.url}/v1/txt2img", json=LONG, timeout=1.0)
-    started = time.monotonic()
-    quick = httpx.post(f"{jobs_server.url}/v1/txt2img", json=SHORT, timeout=60)
-    waited = time.monotonic() - started
+    quick = httpx.post(f"{jobs_server.url}/v1/txt2img", json=SHORT, timeout=300)
     assert quick.status_code == 200
-    assert waited < 2.5, waited  # the abandoned 4 s job did not hold the device to its end
-    abandoned = [j for j in httpx.get(f"{jobs_server.url}/v1/jobs").json()["jobs"] if j["total_steps"] == 30]
-    assert abandoned[0]["status"] == "cancelled" and abandoned[0]["step"] < 30
+    abandoned = [j for j in httpx.get(f"{jobs_server.url}/v1/jobs", timeout=60).json()["jobs"]
+                 if j["total_steps"] == 30]
+    assert abandoned[0]["status"] == "cancelled" and abandoned[0]["step"] < 30  # not run to its end
     assert "client disconnected" in jobs_server.log()
 
 
@@ -159,20 +160,62 @@ def test_full_queue_is_429_with_retry_after(jobs_server):
     ids = [submit(jobs_server, LONG)["id"]]
     wait(jobs_server, ids[0], until=lambda j: j["status"] == "running")
     ids += [submit(jobs_server, LONG)["id"], submit(jobs_server, LONG)["id"]]  # SDXL_MAX_QUEUE=2 waiting
-    full = httpx.post(f"{jobs_server.url}/v1/jobs", json=SHORT)
+    full = httpx.post(f"{jobs_server.url}/v1/jobs", json=SHORT, timeout=60)
     assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
     assert full.json()["error"]["type"] == "queue_full"
-    sync_full = httpx.post(f"{jobs_server.url}/v1/generate", json=SHORT)
+    sync_full = httpx.post(f"{jobs_server.url}/v1/generate", json=SHORT, timeout=60)
     assert sync_full.status_code == 429 and "retry-after" in sync_full.headers
-    assert httpx.get(f"{jobs_server.url}/v1/system/status").json()["queue_length"] == 2
+    assert httpx.get(f"{jobs_server.url}/v1/system/status", timeout=60).json()["queue_length"] == 2
     for job_id in ids:
-        httpx.delete(f"{jobs_server.url}/v1/jobs/{job_id}")
+        httpx.delete(f"{jobs_server.url}/v1/jobs/{job_id}", timeout=60)
+    wait(jobs_server, ids[0])
 
 
 def test_finished_jobs_expire_with_410(jobs_server):
     job = submit(jobs_server, SHORT)
     assert wait(jobs_server, job["id"])[0]["status"] == "succeeded"
     time.sleep(4.5)  # SDXL_JOB_TTL_SECONDS=4
-    expired = httpx.get(f"{jobs_server.url}/v1/jobs/{job['id']}")
+    expired = httpx.get(f"{jobs_server.url}/v1/jobs/{job['id']}", timeout=60)
     assert expired.status_code == 410 and expired.json()["error"]["type"] == "job_expired"
-    assert httpx.get(f"{jobs_server.url}/v1/jobs/0123456789abcdef").status_code == 404
+    assert httpx.get(f"{jobs_server.url}/v1/jobs/0123456789abcdef", timeout=60).status_code == 404
+
+
+def test_jobs_list_is_paginated(jobs_server):
+    ids = [submit(jobs_server, SHORT)["id"] for _ in range(3)]
+    for job_id in ids:
+        wait(jobs_server, job_id)
+    first = httpx.get(f"{jobs_server.url}/v1/jobs", params={"limit": 2}, timeout=60).json()
+    assert [j["id"] for j in first["jobs"]] == ids[::-1][:2] and first["next_before"] is not None
+    rest = httpx.get(f"{jobs_server.url}/v1/jobs", params={"limit": 2, "before": first["next_before"]}, timeout=60)
+    assert rest.json()["jobs"][0]["id"] == ids[0]
+    assert httpx.get(f"{jobs_server.url}/v1/jobs", params={"limit": 1000}, timeout=60).status_code == 400
+
+
+@pytest.fixture(scope="module")
+def short_timeout_server(serve):
+    return serve("timeout", {"SDXL_MODELS": "tiny-sdxl", "SDXL_TIMEOUT_SECONDS": "3"})
+
+
+def test_a_hang_up_just_before_the_timeout_leaves_the_device_serving(short_timeout_server):
+    """The race that once killed the device thread: the client leaves just before the request
+    timeout fires; cancellation and timeout meet on the same job. The next request must run."""
+    server = short_timeout_server
+    for _ in range(2):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/txt2img", json={**LONG, "steps": 60}, timeout=2.6)
+    # The device takes the next job (a job has no request timeout, so a busy machine cannot fail this).
+    assert wait(server, submit(server, SHORT)["id"])[0]["status"] == "succeeded"
+    assert httpx.get(f"{server.url}/readyz", timeout=60).status_code == 200
+    assert httpx.get(f"{server.url}/livez", timeout=60).status_code == 200
+
+
+def test_a_request_past_the_timeout_is_cancelled_with_a_504(short_timeout_server):
+    server = short_timeout_server
+    slow = {**LONG, "steps": 150}  # far longer than SDXL_TIMEOUT_SECONDS=3
+    timed_out = httpx.post(f"{server.url}/v1/txt2img", json=slow, timeout=300)
+    assert timed_out.status_code == 504, timed_out.text
+    assert timed_out.json()["error"]["type"] == "timeout"
+    jobs = httpx.get(f"{server.url}/v1/jobs", timeout=60).json()["jobs"]
+    abandoned = next(j for j in jobs if j["total_steps"] == 150)
+    assert abandoned["status"] == "cancelled" and abandoned["step"] < 150  # the device was freed
+    assert wait(server, submit(server, SHORT)["id"])[0]["status"] == "succeeded"

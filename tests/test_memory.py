@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from backends.sdxl_backend.device import select_placement
-from backends.sdxl_backend.model_manager import MemoryPolicy, ModelManager, ModelSource, parse_bytes
+from backends.api.settings import SettingsError, load_settings, parse_bytes
+from backends.sdxl_backend.model_manager import MemoryPolicy, ModelManager, ModelSource
 from backends.sdxl_backend.pipelines import weights_bytes
 from tests.served import ROOT, Server
 
@@ -99,19 +100,13 @@ def test_sizes_and_policy_from_environment(monkeypatch):
     monkeypatch.setenv("SDXL_MEMORY_BUDGET", "3GiB")
     monkeypatch.setenv("SDXL_VRAM_MODE", "balanced")
     monkeypatch.setenv("SDXL_IDLE_UNLOAD_SECONDS", "30")
-    assert MemoryPolicy.from_env() == MemoryPolicy(budget=3 * 2**30, default_mode="balanced", idle_unload_s=30)
+    assert load_settings().memory_policy == MemoryPolicy(budget=3 * 2**30, default_mode="balanced", idle_unload_s=30)
     monkeypatch.setenv("SDXL_VRAM_MODE", "turbo")
-    with pytest.raises(ValueError, match="SDXL_VRAM_MODE"):
-        MemoryPolicy.from_env()
+    with pytest.raises(SettingsError, match="SDXL_VRAM_MODE='turbo'"):
+        load_settings()
 
 
 # --- through a served process -------------------------------------------------------------
-
-def start(tmp_path_factory, name: str, env: dict[str, str]) -> Server:
-    server = Server(env, tmp_path_factory.mktemp(name) / "server.log")
-    server.wait_ready()
-    return server
-
 
 def generate(server: Server, model: str, **extra) -> httpx.Response:
     body = {"prompt": "x", "model": model, "width": 64, "height": 64, "steps": 2, **extra.pop("body", {})}
@@ -123,12 +118,10 @@ def status(server: Server) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trio_server(trio, tmp_path_factory):
+def trio_server(trio, serve):
     _, budget = trio
-    server = start(tmp_path_factory, "trio", {
+    return serve("trio", {
         "SDXL_MODELS": ",".join(TRIO), "SDXL_MEMORY_BUDGET": str(budget), "SDXL_IDLE_UNLOAD_SECONDS": "3"})
-    yield server
-    server.stop()
 
 
 def test_served_lru_concurrent_requests_and_status(trio_server):
@@ -170,8 +163,8 @@ def test_low_mode_frees_the_model_and_status_shows_modes(trio_server):
     assert "tiny-c" not in {m["id"] for m in status(trio_server)["loaded"]}
 
 
-def test_out_of_memory_is_recovered_in_the_next_lower_mode(tiny_model, tmp_path_factory):
-    server = start(tmp_path_factory, "oom1", {"SDXL_MODELS": "tiny-sdxl", "SDXL_TEST_FAULT_OOM": "1@2"})
+def test_out_of_memory_is_recovered_in_the_next_lower_mode(serve):
+    server = serve("oom1", {"SDXL_MODELS": "tiny-sdxl", "SDXL_TEST_FAULT_OOM": "1@2"})
     try:
         answer = generate(server, "tiny-sdxl")
         assert answer.status_code == 200, answer.text
@@ -187,8 +180,8 @@ def test_out_of_memory_is_recovered_in_the_next_lower_mode(tiny_model, tmp_path_
         server.stop()
 
 
-def test_out_of_memory_twice_is_507_and_memory_returns_to_its_level(tiny_model, tmp_path_factory):
-    server = start(tmp_path_factory, "oom2", {"SDXL_MODELS": "tiny-sdxl", "SDXL_TEST_FAULT_OOM": "2@3",
+def test_out_of_memory_twice_is_507_and_memory_returns_to_its_level(serve):
+    server = serve("oom2", {"SDXL_MODELS": "tiny-sdxl", "SDXL_TEST_FAULT_OOM": "2@3",
                                               "SDXL_WARMUP": "0"})
     body = {"width": 1024, "height": 1024, "steps": 4, "n": 2}
     try:

@@ -1,3 +1,3 @@
-"""HTTP dialects: how requests in each client's shape become a `GenerationRequest`, and how a
-`GenerationResult` or an error goes back in that shape. No BentoML and no routes here: the
-routes are in service.py."""
+"""The HTTP side: one module per dialect (its wire models, its router, its shaping), the
+runtime the routes reach, the settings, the error shape and the HTTP edge. Only the native
+API's methods are in service.py, as BentoML API methods."""

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from backends.api import errors
+from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.protocol import MAX_SEED, GenerationRequest, GenerationResult, ImageBytes
+from backends.sdxl_backend.jobs import Job, JobStatus
+from backends.sdxl_backend.protocol import MAX_SEED, TINY_PNG, GenerationRequest, GenerationResult, ImageBytes
 from backends.sdxl_backend.schedulers import SCHEDULERS
 
 # A1111's sampler names (and its older "k_" aliases) for our schedulers. Newer A1111 versions
@@ -37,7 +41,8 @@ OFF = {
 
 
 class A1111Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra={"example":
+        {"prompt": "a red fox", "sampler_name": "Euler a", "steps": 20, "width": 512, "height": 512, "seed": 1}})
 
     prompt: str = Field(min_length=1)
     negative_prompt: str = ""
@@ -67,6 +72,9 @@ class A1111Request(BaseModel):
             raise InvalidRequest("denoising_strength: 0 would return the input unchanged; use (0, 1]",
                                  "denoising_strength")
         model = self.override_settings.get("sd_model_checkpoint")
+        if model is not None and not isinstance(model, str):
+            raise InvalidRequest("override_settings.sd_model_checkpoint: must be a model name (a string)",
+                                 "override_settings.sd_model_checkpoint")
         return GenerationRequest(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
@@ -113,7 +121,7 @@ def render(body: A1111Request, result: GenerationResult) -> dict[str, Any]:
         "width": request.width, "height": request.height, "steps": request.steps,
         "cfg_scale": request.guidance_scale, "sampler_name": SCHEDULERS[request.scheduler].label,
         "sd_model_name": result.model, "batch_size": request.n,
-        "denoising_strength": request.strength if request.image is not None else None,
+        "denoising_strength": request.strength if result.img2img else None,
     }
     return {
         "images": [base64.b64encode(image.data).decode() for image in result.images],
@@ -126,19 +134,75 @@ def samplers() -> list[dict[str, Any]]:
     return [{"name": spec.label, "aliases": [name], "options": {}} for name, spec in SCHEDULERS.items()]
 
 
-def progress(job, preview: bool) -> dict[str, Any]:
+def progress(job: Job | None, preview: bool) -> dict[str, Any]:
     """A1111's /progress for the running (or latest) job; `job` may be None."""
-    running = job is not None and job.status == "running"
+    running = job is not None and job.status == JobStatus.RUNNING
     fraction = job.percent / 100 if running else 0.0
     return {
         "progress": fraction,
         "eta_relative": (job.eta_s or 0.0) if running else 0.0,
         "state": {
-            "skipped": False, "interrupted": job is not None and job.status == "cancelled",
-            "job": job.id if running else "", "job_count": 1 if running else 0, "job_timestamp": "0",
+            "skipped": False, "interrupted": job is not None and job.status == JobStatus.CANCELLED,
+            "job": "running" if running else "", "job_count": 1 if running else 0, "job_timestamp": "0",
             "job_no": 0, "sampling_step": job.step if running else 0,
             "sampling_steps": job.total_steps if running else 0,
         },
         "current_image": base64.b64encode(job.preview).decode() if running and preview and job.preview else None,
         "textinfo": None,
     }
+
+
+class A1111Answer(BaseModel):
+    images: list[str] = Field(description="base64 PNGs (or the requested format)")
+    parameters: dict[str, Any]
+    info: str = Field(description="JSON text: seed, all_seeds, sampler_name, ...")
+
+
+router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
+GENERATION_ERRORS = errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507)
+RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
+
+
+@router.post("/txt2img", response_model=A1111Answer, responses=GENERATION_ERRORS)
+async def txt2img(body: A1111Request, request: Request, runtime: RuntimeDep) -> dict:
+    return render(body, await runtime.run(body.to_generation_request(img2img=False), request))
+
+
+class A1111Img2ImgRequest(A1111Request):
+    model_config = ConfigDict(json_schema_extra={"example": {"prompt": "an oil painting", "init_images": [TINY_PNG],
+                                                             "denoising_strength": 0.6, "steps": 10}})
+
+
+@router.post("/img2img", response_model=A1111Answer, responses=GENERATION_ERRORS)
+async def img2img(body: A1111Img2ImgRequest, request: Request, runtime: RuntimeDep) -> dict:
+    return render(body, await runtime.run(body.to_generation_request(img2img=True), request))
+
+
+@router.get("/sd-models", responses=errors.responses(401))
+async def models(runtime: RuntimeDep) -> list[dict[str, Any]]:
+    return [{"title": model.id, "model_name": model.id, "hash": model.version[:10], "sha256": None,
+             "filename": model.id, "config": None} for model in runtime.served.values()]
+
+
+@router.get("/samplers", responses=errors.responses(401))
+async def list_samplers() -> list[dict[str, Any]]:
+    return samplers()
+
+
+@router.get("/options", responses=errors.responses(401))
+async def options(runtime: RuntimeDep) -> dict[str, Any]:
+    return {"sd_model_checkpoint": runtime.default_model}
+
+
+@router.get("/progress", responses=errors.responses(401))
+async def get_progress(runtime: RuntimeDep, skip_current_image: bool = False) -> dict[str, Any]:
+    return progress(runtime.jobs.running, preview=not skip_current_image)
+
+
+@router.post("/interrupt", responses=errors.responses(401))
+async def interrupt(runtime: RuntimeDep) -> dict[str, Any]:
+    """Stops the running generation at its next step, as A1111's interrupt does."""
+    job = runtime.jobs.running
+    if job is not None:
+        runtime.jobs.cancel(job, "interrupted (/sdapi/v1/interrupt)")
+    return {}

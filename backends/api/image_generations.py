@@ -1,4 +1,5 @@
-"""The dialect of `POST /v1/generate` and `POST /v1/images/generations`.
+"""The dialect of `POST /v1/generate` and `POST /v1/images/generations`, and the links that
+`response_format: "url"` hands out (`GET /v1/images/files/{image_id}`).
 
 Two kinds of client send to these routes: moondream-station style clients (the gallery
 frontend) and OpenAI Images API clients (the `openai` package). One request model takes the
@@ -12,11 +13,17 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Any, Literal
+import time
+from typing import Annotated, Any, Literal
 
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from backends.api import errors
+from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.errors import InvalidRequest
+from backends.sdxl_backend.modes import MEMORY_MODES
 from backends.sdxl_backend.protocol import MAX_SEED, GenerationRequest, GenerationResult, ImageBytes, OutputFormat
 
 SIZE_PATTERN = re.compile(r"^(\d+)x(\d+)$")
@@ -24,7 +31,8 @@ RECORDED_ONLY = ("quality", "style", "user", "safety_identifier", "moderation")
 
 
 class ImageGenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example":
+        {"prompt": "a misty forest at dawn", "width": 512, "height": 512, "steps": 20, "seed": 3}})
 
     prompt: str = Field(min_length=1)
     model: str | None = None
@@ -56,6 +64,8 @@ class ImageGenerationRequest(BaseModel):
     moderation: str | None = None
 
     def to_generation_request(self, vram_mode: str | None) -> GenerationRequest:
+        if vram_mode is not None and vram_mode not in MEMORY_MODES:
+            raise InvalidRequest(f"X-VRAM-Mode: '{vram_mode}' is not one of {', '.join(MEMORY_MODES)}", "X-VRAM-Mode")
         width, height = self.width, self.height
         if self.size not in (None, "auto"):
             match = SIZE_PATTERN.match(self.size)
@@ -109,11 +119,55 @@ def render(
         "steps": request.steps,
         "guidance_scale": request.guidance_scale,
         "scheduler": request.scheduler,
-        "mode": "img2img" if request.image is not None else "txt2img",
+        "mode": "img2img" if result.img2img else "txt2img",
         "vram_mode": result.vram_mode,
         "out_of_memory_in": result.out_of_memory_in,
-        **({"strength": request.strength} if request.image is not None else {}),
+        **({"strength": request.strength} if result.img2img else {}),
         **result.timings.model_dump(),
         **{f: getattr(body, f) for f in RECORDED_ONLY if getattr(body, f)},
     }
     return {"created": created, "data": data, "images": encoded, "image": encoded[0], "stats": stats}
+
+
+class ImageGenerationAnswer(BaseModel):
+    created: int
+    data: list[dict[str, Any]] = Field(description="OpenAI clients: b64_json or url, and the seed, per image.")
+    images: list[str] = Field(description="moondream clients: base64 images (or links).")
+    image: str = Field(description="The first of `images`.")
+    stats: dict[str, Any] = Field(description="Model, seeds, size, steps, timings, memory mode...")
+
+
+router = APIRouter(tags=["moondream-station and OpenAI Images"])
+
+
+@router.post("/v1/generate", response_model=ImageGenerationAnswer, responses=errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507))
+@router.post("/v1/images/generations", response_model=ImageGenerationAnswer, responses=errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507))
+async def generate(
+    body: ImageGenerationRequest,
+    request: Request,
+    runtime: Annotated[Runtime, Depends(runtime_of)],
+    x_vram_mode: Annotated[str | None, Header(description="high, balanced or low")] = None,
+) -> JSONResponse:
+    """moondream-station's /v1/generate and the OpenAI Images API, one handler: the union
+    of both request shapes in, the union of both answers out. `image` makes it img2img."""
+    result = await runtime.run(body.to_generation_request(x_vram_mode), request)
+    urls = None
+    if body.response_format == "url":
+        base, kept = runtime.base_url(request), runtime.kept_images
+        urls = [f"{base}/v1/images/files/{kept.put(image.data, image.media_type, result.request.output_format)}"
+                for image in result.images]
+    return JSONResponse(render(body, result, int(time.time()), urls), headers=runtime.result_headers(result))
+
+
+@router.get("/v1/images/files/{image_id}", response_class=Response, responses={
+    200: {"content": {media: {"schema": {"type": "string", "format": "binary"}} for media in
+                      ("image/png", "image/jpeg", "image/webp")}, "description": "The image"},
+    **errors.responses(404, 410)})
+async def kept_image(image_id: str, runtime: Annotated[Runtime, Depends(runtime_of)]) -> Response:
+    """An image answered with response_format "url", while it is kept."""
+    image = runtime.kept_images.get(image_id)
+    if image is not None:
+        return Response(image.data, media_type=image.media_type)
+    if runtime.kept_images.expired(image_id):
+        return JSONResponse(errors.error_body("this image has expired", "gone", code="expired"), 410)
+    return JSONResponse(errors.error_body("no such image", "not_found", code="not_found"), 404)

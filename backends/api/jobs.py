@@ -1,34 +1,72 @@
-"""The jobs dialect: `POST /v1/jobs` takes the native body plus `preview_every`; a job is
-shown as JSON, and its life as Server-Sent Events."""
+"""The jobs dialect: `POST /v1/jobs` takes the native body plus `preview_every` and answers 202
+at once (after validation: a bad request is a 400, never a failed job); a job is shown as
+JSON, and its life as Server-Sent Events."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from backends.api import errors, native
-from backends.sdxl_backend.jobs import Job
+from backends.api.runtime import Runtime, runtime_of
+from backends.sdxl_backend.errors import InvalidRequest
+from backends.sdxl_backend.jobs import Job, JobStatus
 from backends.sdxl_backend.protocol import GenerationRequest
 
-FINAL = ("succeeded", "failed", "cancelled")
+RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
+KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
 
 
 class JobRequest(GenerationRequest):
+    model_config = ConfigDict(json_schema_extra={"example":
+        {"prompt": "a lighthouse at dusk", "steps": 12, "width": 512, "height": 512, "preview_every": 4}})
+
     # Send a small preview of the image being formed every K steps (SSE `preview` events and
     # GET /v1/jobs/{id}/preview); decoded from the latents by a linear map, not the VAE.
-    preview_every: int | None = Field(None, ge=1)
+    preview_every: int | None = Field(None, ge=1, description="A latent preview every K steps.")
 
     def generation_request(self) -> GenerationRequest:
         return GenerationRequest(**self.model_dump(exclude={"preview_every"}), image=self.image)
 
 
+class JobLinks(BaseModel):
+    self: str
+    events: str
+    preview: str
+
+
+class JobAnswer(BaseModel):
+    id: str
+    status: JobStatus
+    queue_position: int = Field(description="1 for the next job to run; 0 when not waiting.")
+    step: int
+    total_steps: int
+    percent: float
+    created: float
+    elapsed_s: float | None
+    eta_s: float | None
+    links: JobLinks
+    cancel_requested_at: float | None = None
+    cancel_to_free_s: float | None = Field(None, description="From the cancel request to the device being free.")
+    result: native.GenerationAnswer | None = Field(None, description="When succeeded (null once delivered elsewhere).")
+    error: errors.ErrorDetail | None = Field(None, description="When failed or cancelled.")
+
+
+class JobList(BaseModel):
+    jobs: list[JobAnswer]
+    next_before: float | None = Field(None, description="Pass as `before` for the next page; null on the last.")
+
+
 def job_body(job: Job, position: int, base_url: str) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": job.id,
-        "status": job.status,
+        "status": job.status.value,
         "queue_position": position,
         "step": job.step,
         "total_steps": job.total_steps,
@@ -47,7 +85,7 @@ def job_body(job: Job, position: int, base_url: str) -> dict[str, Any]:
         if job.finished is not None:
             # How long the device took to be free once the cancellation was asked for.
             body["cancel_to_free_s"] = round(max(0.0, job.finished - job.cancel_requested_at), 3)
-    if job.status == "succeeded":
+    if job.status == JobStatus.SUCCEEDED:
         body["result"] = native.result_body(job.result, int(job.finished)) if job.result else None
     elif job.error is not None:
         body["error"] = errors.backend_error(job.error)[1]["error"]
@@ -61,7 +99,7 @@ def sse(event: str, data: dict[str, Any]) -> str:
 def progress_events(job: Job, position: int, sent_preview_step: int) -> list[str]:
     """The events that tell a watcher where `job` is now."""
     events = [sse("progress", {
-        "status": job.status, "queue_position": position, "step": job.step, "total_steps": job.total_steps,
+        "status": job.status.value, "queue_position": position, "step": job.step, "total_steps": job.total_steps,
         "percent": job.percent, "elapsed_s": job.elapsed_s, "eta_s": job.eta_s,
     })]
     if job.preview is not None and job.preview_step != sent_preview_step:
@@ -71,5 +109,92 @@ def progress_events(job: Job, position: int, sent_preview_step: int) -> list[str
 
 
 def final_event(job: Job, base_url: str) -> str:
-    event = {"succeeded": "result", "failed": "error", "cancelled": "cancelled"}[job.status]
+    event = {JobStatus.SUCCEEDED: "result", JobStatus.FAILED: "error", JobStatus.CANCELLED: "cancelled"}[job.status]
     return sse(event, job_body(job, 0, base_url))
+
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+NOT_FOUND = errors.responses(401, 404, 410)
+
+
+@router.post("", status_code=202, response_model=JobAnswer,
+             responses=errors.responses(400, 401, 404, 413, 422, 429, 503))
+async def submit(body: JobRequest, request: Request, runtime: RuntimeDep) -> JSONResponse:
+    """The native body (an `image` makes it img2img), checked, queued and answered at once."""
+    prepared = await runtime.prepare(body.generation_request())
+    job = runtime.submit(prepared, body.preview_every)
+    answer = job_body(job, runtime.jobs.position(job), runtime.base_url(request))
+    return JSONResponse(answer, status_code=202, headers={"Location": answer["links"]["self"]})
+
+
+@router.get("", response_model=JobList, responses=errors.responses(400, 401))
+async def list_jobs(
+    request: Request,
+    runtime: RuntimeDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Jobs per page.")] = 20,
+    before: Annotated[float | None, Query(description="Only jobs created before this time (the previous page's next_before).")] = None,
+) -> dict:
+    """Recent jobs, newest first, a page at a time."""
+    base = runtime.base_url(request)
+    page = runtime.jobs.recent(limit + 1, before)
+    more = len(page) > limit
+    page = page[:limit]
+    return {"jobs": [job_body(job, runtime.jobs.position(job), base) for job in page],
+            "next_before": page[-1].created if more else None}
+
+
+@router.get("/{job_id}", response_model=JobAnswer, responses=NOT_FOUND)
+async def get_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict:
+    job = runtime.jobs.get(job_id)
+    return job_body(job, runtime.jobs.position(job), runtime.base_url(request))
+
+
+@router.delete("/{job_id}", response_model=JobAnswer, responses=NOT_FOUND)
+@router.post("/{job_id}/cancel", response_model=JobAnswer, responses=NOT_FOUND)
+async def cancel_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict:
+    """A queued job never starts; a running one stops at its next step. Cancelling a
+    finished job changes nothing."""
+    job = runtime.jobs.get(job_id)
+    runtime.jobs.cancel(job)
+    return job_body(job, runtime.jobs.position(job), runtime.base_url(request))
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse, responses={
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+          "description": "`progress` (and `preview`) events, then `result`, `error` or `cancelled`"},
+    **NOT_FOUND})
+async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> StreamingResponse:
+    """Server-Sent Events: `progress` (and `preview`) while it runs, then `result`,
+    `error` or `cancelled`, then the stream ends."""
+    job, base = runtime.jobs.get(job_id), runtime.base_url(request)
+
+    async def stream():
+        seen, preview_step, quiet_s = -1, 0, 0.0
+        while True:
+            version, final = job.version, job.status.final
+            if version != seen:
+                seen, quiet_s = version, 0.0
+                for event in progress_events(job, runtime.jobs.position(job), preview_step):
+                    yield event
+                preview_step = job.preview_step
+            if final:
+                yield final_event(job, base)
+                return
+            if quiet_s >= KEEPALIVE_S:
+                quiet_s = 0.0
+                yield ": waiting\n\n"
+            await asyncio.sleep(0.05)
+            quiet_s += 0.05
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/{job_id}/preview", response_class=Response, responses={
+    200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+          "description": "The latest latent preview"},
+    **errors.responses(400, 401, 404, 410)})
+async def job_preview(job_id: str, runtime: RuntimeDep) -> Response:
+    job = runtime.jobs.get(job_id)
+    if job.preview is None:
+        raise InvalidRequest("preview: this job has no preview yet (submit with preview_every)", "preview_every")
+    return Response(job.preview, media_type="image/png", headers={"X-Preview-Step": str(job.preview_step)})

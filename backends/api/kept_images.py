@@ -30,6 +30,11 @@ class KeptImages:
         self._gone: OrderedDict[str, None] = OrderedDict()  # recently expired ids, for 410
         self._bytes = 0
         self._lock = threading.Lock()
+        # Expired images are deleted even when no request comes.
+        self._closing = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, args=(min(60.0, ttl_s),), name="kept-images-sweeper",
+                                         daemon=True)
+        self._sweeper.start()
 
     def put(self, data: bytes, media_type: str, extension: str) -> str:
         """Keep an image; returns its id (unguessable: the link is the only key to it)."""
@@ -52,16 +57,14 @@ class KeptImages:
         with self._lock:
             return image_id in self._gone
 
-    def sweep_forever(self, interval_s: float) -> None:
-        """Delete expired images every `interval_s`, even when no request comes (a daemon thread)."""
+    def close(self) -> None:
+        self._closing.set()
+        self._sweeper.join()
 
-        def sweep() -> None:
-            while True:
-                time.sleep(interval_s)
-                with self._lock:
-                    self._expire()
-
-        threading.Thread(target=sweep, name="kept-images-sweeper", daemon=True).start()
+    def _sweep(self, interval_s: float) -> None:
+        while not self._closing.wait(interval_s):
+            with self._lock:
+                self._expire()
 
     @property
     def total_bytes(self) -> int:

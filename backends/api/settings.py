@@ -1,90 +1,159 @@
-"""The service's settings, all from environment variables (the README's table lists them).
-Request limits are in backends/sdxl_backend/limits.py, device choice in device.py."""
+"""Every setting of the service, read once from `SDXL_*` environment variables at start.
+
+`load_settings()` is called once (service.py) and the object is passed down: the backend
+reads no environment variable. A bad value stops the start with the variable's name and what
+it accepts. The README's Configuration table lists the same variables.
+"""
 
 from __future__ import annotations
 
-import os
+import re
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from backends.sdxl_backend.limits import Limits
+from backends.sdxl_backend.model_manager import MemoryPolicy
+from backends.sdxl_backend.protocol import VramMode
 
-def _items(text: str) -> list[str]:
-    return [item.strip() for item in text.replace("\n", ",").split(",") if item.strip()]
-
-
-# The defaults of the settings that have one; the service declares them to BentoML too, so a
-# bento's image and a BentoCloud deployment start from the same values.
-DEFAULTS = {
-    "SDXL_CORS_ORIGINS": "*",
-    "SDXL_TIMEOUT_SECONDS": "600",
-    "SDXL_WARMUP": "1",
-    "SDXL_IMAGE_URL_TTL_SECONDS": "3600",
-    "SDXL_IMAGE_URL_MAX_BYTES": str(256 * 2**20),
-    "SDXL_MAX_QUEUE": "64",
-    "SDXL_JOB_TTL_SECONDS": "3600",
-    "SDXL_MAX_JOBS": "1000",
-    "SDXL_JOB_MAX_BYTES": str(512 * 2**20),
-    "SDXL_ALLOW_CLIENT_VRAM_MODE": "1",
-}
+PREFIX = "SDXL_"
 
 
-class ServiceSettings(BaseModel):
-    models: list[str]  # empty: every SDXL model in the store
-    default_model: str | None
-    aliases: dict[str, str]
-    api_keys: list[str]  # empty: no key needed
-    cors_origins: list[str]
-    timeout_s: int
-    warmup: bool
-    image_url_ttl_s: float
-    image_url_max_bytes: int
-    public_url: str | None  # base of image links when behind a proxy; default: the request's own
-    max_queue: int  # jobs waiting for the device; more get 429
-    job_ttl_s: float  # finished jobs (and their images) are kept this long
-    max_jobs: int  # ... and at most this many
-    job_max_bytes: int  # ... holding at most this many bytes of images
-    client_vram_mode: bool  # whether X-VRAM-Mode / vram_mode from clients is applied
-    test_fault_oom: str | None  # the out-of-memory test seam (engine.OutOfMemorySeam); tests only
-
-    @classmethod
-    def from_env(cls) -> "ServiceSettings":
-        def env(name: str) -> str:
-            return os.environ.get(name, DEFAULTS.get(name, ""))
-
-        return cls(
-            models=_items(env("SDXL_MODELS")),
-            default_model=env("SDXL_DEFAULT_MODEL") or None,
-            aliases=parse_aliases(env("SDXL_MODEL_ALIASES")),
-            api_keys=load_api_keys(env("SDXL_API_KEYS")),
-            cors_origins=_items(env("SDXL_CORS_ORIGINS")),
-            timeout_s=int(env("SDXL_TIMEOUT_SECONDS")),
-            warmup=env("SDXL_WARMUP") == "1",
-            image_url_ttl_s=float(env("SDXL_IMAGE_URL_TTL_SECONDS")),
-            image_url_max_bytes=int(env("SDXL_IMAGE_URL_MAX_BYTES")),
-            public_url=env("SDXL_PUBLIC_URL").rstrip("/") or None,
-            max_queue=int(env("SDXL_MAX_QUEUE")),
-            job_ttl_s=float(env("SDXL_JOB_TTL_SECONDS")),
-            max_jobs=int(env("SDXL_MAX_JOBS")),
-            job_max_bytes=int(env("SDXL_JOB_MAX_BYTES")),
-            client_vram_mode=env("SDXL_ALLOW_CLIENT_VRAM_MODE") == "1",
-            test_fault_oom=env("SDXL_TEST_FAULT_OOM") or None,
-        )
+def _items(value: Any) -> Any:
+    """'a, b,c' (or one per line) -> ['a', 'b', 'c']; lists pass through."""
+    if not isinstance(value, str):
+        return value
+    return [item.strip() for item in value.replace("\n", ",").split(",") if item.strip()]
 
 
-def parse_aliases(text: str) -> dict[str, str]:
+def _aliases(value: Any) -> Any:
     """'sdxl-realism=juggernaut-xl,sdxl-anime=tiny-sdxl' -> {'sdxl-realism': 'juggernaut-xl', ...}"""
+    if not isinstance(value, str):
+        return value
     aliases = {}
-    for item in _items(text):
+    for item in _items(value):
         alias, sep, target = item.partition("=")
         if not sep or not alias.strip() or not target.strip():
-            raise ValueError(f"SDXL_MODEL_ALIASES: '{item}' is not of the form alias=model")
+            raise ValueError(f"'{item}' is not of the form alias=model")
         aliases[alias.strip()] = target.strip()
     return aliases
 
 
-def load_api_keys(value: str) -> list[str]:
+def _keys(value: Any) -> Any:
     """Comma-separated keys, or the path of a file with one key per line (or comma-separated)."""
-    if value and Path(value).is_file():
+    if isinstance(value, str) and value and Path(value).is_file():
         value = Path(value).read_text()
     return _items(value)
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '500MB', '1.5G', '1073741824' -> bytes."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if not match:
+        raise ValueError(f"not a size: {text!r} (examples: 24GiB, 500MB, 1073741824)")
+    number, unit, binary = match.groups()
+    base = 1024 if binary.startswith("i") or not binary else 1000
+    return int(float(number) * base ** " kmgt".index(unit or " "))
+
+
+Names = Annotated[list[str], NoDecode, BeforeValidator(_items)]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=PREFIX, env_ignore_empty=True, extra="ignore")
+
+    # What is served
+    models: Names = []  # empty: every SDXL model in the store (or, in a bento, the models it packed)
+    default_model: str | None = None
+    model_aliases: Annotated[dict[str, str], NoDecode, BeforeValidator(_aliases)] = {}
+    # HTTP
+    api_keys: Annotated[list[str], NoDecode, BeforeValidator(_keys)] = Field([], repr=False)
+    cors_origins: Names = ["*"]
+    open_metrics: bool = False  # /metrics without a key (a Prometheus scraper on the pod network)
+    timeout_seconds: int = Field(600, ge=1)
+    public_url: str | None = None  # base of image links when behind a proxy; default: the request's own
+    image_url_ttl_seconds: float = Field(3600, gt=0)
+    image_url_max_bytes: int = Field(256 * 2**20, ge=0)
+    # Jobs
+    max_queue: int = Field(64, ge=1)  # jobs waiting for the device; more get 429
+    job_ttl_seconds: float = Field(3600, gt=0)  # finished jobs (and their images) are kept this long
+    max_jobs: int = Field(1000, ge=1)  # ... and at most this many
+    job_max_bytes: int = Field(512 * 2**20, ge=0)  # ... holding at most this many bytes
+    warmup: bool = True
+    # Device and memory
+    device: str = "auto"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    memory_budget: Annotated[int | None, BeforeValidator(lambda v: parse_bytes(v) if isinstance(v, str) else v)] = None
+    vram_mode: VramMode = "high"
+    allow_client_vram_mode: bool = True
+    vae_tiling_pixels: int = Field(1536 * 1536, ge=0)
+    idle_unload_seconds: float = Field(0, ge=0)  # 0: never
+    # Request limits (backends/sdxl_backend/limits.py has their meaning)
+    min_side: int = Field(Limits().min_side, ge=8)
+    max_side: int = Field(Limits().max_side, ge=8)
+    max_pixels: int = Field(Limits().max_pixels, ge=64)
+    max_steps: int = Field(Limits().max_steps, ge=1)
+    max_guidance_scale: float = Field(Limits().max_guidance_scale, ge=0)
+    max_images: int = Field(Limits().max_images, ge=1)
+    max_prompt_chars: int = Field(Limits().max_prompt_chars, ge=1)
+    max_input_image_bytes: int = Field(Limits().max_input_image_bytes, ge=1)
+    max_input_image_pixels: int = Field(Limits().max_input_image_pixels, ge=1)
+    # Tests only: "N[@STEP]" makes the first N tries of each request run out of memory
+    test_fault_oom: str | None = Field(None, pattern=r"^\d+(@\d+)?$")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(**{name: getattr(self, name) for name in Limits.model_fields})
+
+    @property
+    def memory_policy(self) -> MemoryPolicy:
+        return MemoryPolicy(budget=self.memory_budget, default_mode=self.vram_mode,
+                            tiling_pixels=self.vae_tiling_pixels, idle_unload_s=self.idle_unload_seconds or None)
+
+
+class SettingsError(Exception):
+    """A setting has a bad value; the message names each variable and what it accepts."""
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = [
+            f"{env_name(str(error['loc'][0]))}={error['input']!r}: {error['msg'].removeprefix('Value error, ')}"
+            if error["loc"] and error["input"] is not None and error["loc"][0] != "api_keys"
+            else f"{env_name(str(error['loc'][0]))}: {error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors()
+        ]
+        raise SettingsError("bad setting: " + "; ".join(problems)) from None
+
+
+def declared_environment() -> dict[str, str]:
+    """Every variable that has a default, as text, for BentoML's `envs=`: the bento's image and
+    a BentoCloud deployment start from the same values. (BentoML takes a declared variable
+    without a value for a required one, so those without a default are left out.)"""
+
+    def text(value: Any) -> str:
+        if isinstance(value, bool):
+            return "1" if value else "0"
+        if isinstance(value, (list, tuple)):
+            return ",".join(map(str, value))
+        if isinstance(value, dict):
+            return ",".join(f"{k}={v}" for k, v in value.items())
+        return "" if value is None else str(value)
+
+    declared = {env_name(name): text(field.default) for name, field in Settings.model_fields.items()}
+    return {name: value for name, value in declared.items() if value}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -20,15 +19,13 @@ class Placement:
         return f"{self.device} ({name}), {str(self.dtype).removeprefix('torch.')}"
 
 
-def select_placement(device: str | None = None, dtype: str | None = None) -> Placement:
-    """CUDA when present, else CPU; `SDXL_DEVICE` and `SDXL_DTYPE` override ("auto" by default).
+def select_placement(device: str = "auto", dtype: str = "auto") -> Placement:
+    """"auto": CUDA when present, else CPU.
 
     On CUDA the default is bfloat16 where the card supports it (the SDXL VAE is stable in it),
     else float16 (the pipeline then upcasts the VAE for decoding, as SDXL's VAE config asks).
     On CPU it is float32: half precision there is slow and poorly supported.
     """
-    device = device or os.environ.get("SDXL_DEVICE", "auto")
-    dtype = dtype or os.environ.get("SDXL_DTYPE", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     target = torch.device(device)
@@ -38,7 +35,7 @@ def select_placement(device: str | None = None, dtype: str | None = None) -> Pla
         else:
             dtype = "float32"
     if dtype not in DTYPES:
-        raise ValueError(f"SDXL_DTYPE must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return Placement(target, DTYPES[dtype])
 
 

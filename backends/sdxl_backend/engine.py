@@ -1,8 +1,10 @@
-"""`Engine.generate()`: a `GenerationRequest` becomes images.
+"""A `GenerationRequest` becomes images, in two steps:
 
-The steps, in order: pick the model, fill in its defaults, validate everything against the
-limits (before any model work), choose seeds, run one batched pipeline call on the device,
-encode the images.
+- `Engine.prepare()`, in the request's handler, before anything is queued: pick the model,
+  decode the input image, fill in the model's defaults, validate everything against the
+  limits, choose the seed. A bad request fails here, at once, and never waits in the queue.
+- `Engine.generate()`, on the device thread: one batched pipeline call (with out-of-memory
+  recovery), then encoding.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -20,13 +22,11 @@ from .errors import InvalidRequest, OutOfMemory
 from .images import MEDIA_TYPES, decode_image, encode_image
 from .limits import Limits
 from .model_manager import ModelManager, ModelSource
+from .modes import lower_mode
 from .protocol import MAX_SEED, GeneratedImage, GenerationRequest, GenerationResult, ModelDefaults, Timings
 from .schedulers import SCHEDULERS, make_scheduler
 
 logger = logging.getLogger("sdxl_backend")
-
-
-LOWER_MODE = {"high": "balanced", "balanced": "low"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,27 @@ class OutOfMemorySeam:
 StepObserver = Callable[[int, int, "torch.Tensor | None"], None]
 
 
+@dataclass
+class PreparedRequest:
+    """A request that passed every check: every field filled in, the input image decoded at
+    the output size. Only the device step is left."""
+
+    request: GenerationRequest  # as it will run; its `image` bytes are dropped (the decoded one is below)
+    source: ModelSource
+    init_image: Image.Image | None = field(default=None, repr=False)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.request.seed + i for i in range(self.request.n)]
+
+    @property
+    def total_steps(self) -> int:
+        """Denoising steps the pipeline will run (img2img runs `steps x strength`)."""
+        if self.init_image is None:
+            return self.request.steps
+        return int(self.request.steps * self.request.strength)
+
+
 class Engine:
     """Turns requests into images. Call it from one thread only, always the same (the job
     queue's device thread): torch's CPU thread pools belong to the calling thread, and
@@ -70,19 +91,25 @@ class Engine:
         self.limits = limits or Limits()
         self.oom_seam = oom_seam
 
-    def generate(self, request: GenerationRequest, on_step: StepObserver | None = None) -> GenerationResult:
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Everything before the device: raises `BackendError`s naming the field at fault."""
         source = self.models.source(request.model or self.default_model)
         init_image = decode_image(request.image, self.limits) if request.image is not None else None
         request = resolve(request, source.id, source.defaults, init_image)
         validate(request, self.limits)
+        if source.img2img_only and init_image is None:
+            raise InvalidRequest(f"image: model '{source.id}' only does image-to-image: send an image", "image")
         if init_image is not None and init_image.size != (request.width, request.height):
             init_image = init_image.resize((request.width, request.height), Image.Resampling.LANCZOS)
-        seeds = [request.seed + i for i in range(request.n)]
+        return PreparedRequest(request.model_copy(update={"image": None}), source, init_image)
+
+    def generate(self, prepared: PreparedRequest, on_step: StepObserver | None = None) -> GenerationResult:
+        request, source, init_image, seeds = prepared.request, prepared.source, prepared.init_image, prepared.seeds
 
         # Out of memory: free what the call held, then once more in the next lower mode.
         modes = [request.vram_mode or self.models.policy.default_mode]
-        if modes[0] in LOWER_MODE:
-            modes.append(LOWER_MODE[modes[0]])
+        if lower_mode(modes[0]):
+            modes.append(lower_mode(modes[0]))
         try:
             for attempt, mode in enumerate(modes):
                 try:
@@ -107,7 +134,7 @@ class Engine:
         started = time.perf_counter()
         images = [
             GeneratedImage(
-                data=encode_image(picture, request.output_format, request.quality, infotext(request, seed)),
+                data=encode_image(picture, request.output_format, request.quality, infotext(request, seed, init_image is not None)),
                 media_type=MEDIA_TYPES[request.output_format],
                 seed=seed,
                 width=picture.width,
@@ -123,7 +150,7 @@ class Engine:
         )
         return GenerationResult(
             model=source.id, images=images, request=request, timings=timings,
-            vram_mode=mode, out_of_memory_in=modes[:attempt],
+            vram_mode=mode, out_of_memory_in=modes[:attempt], img2img=init_image is not None,
         )
 
     def _denoise(
@@ -150,8 +177,6 @@ class Engine:
         )
         with self.models.use(source.id, mode, request.width * request.height) as (pipelines, load_s):
             if init_image is None:
-                if pipelines.txt2img is None:
-                    raise InvalidRequest(f"model '{source.id}' only does image-to-image: send an image", "image")
                 pipeline = pipelines.txt2img
                 arguments.update(width=request.width, height=request.height)
             else:
@@ -187,9 +212,9 @@ def resolve(
         width, height = init_image.width // 8 * 8, init_image.height // 8 * 8
     filled = {
         "model": model_id,
-        "width": request.width or width,
-        "height": request.height or height,
-        "steps": request.steps or defaults.steps,
+        "width": width if request.width is None else request.width,
+        "height": height if request.height is None else request.height,
+        "steps": defaults.steps if request.steps is None else request.steps,
         "guidance_scale": defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
         "scheduler": request.scheduler or defaults.scheduler,
         "seed": secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
@@ -229,14 +254,14 @@ def validate(request: GenerationRequest, limits: Limits) -> None:
         raise InvalidRequest(
             f"scheduler: unknown scheduler '{request.scheduler}'; known: {', '.join(SCHEDULERS)}", "scheduler"
         )
-    if request.image is not None and int(request.steps * request.strength) < 1:
+    if request.image is not None and int(request.steps * request.strength) < 1:  # before the image is dropped
         raise InvalidRequest(
             f"strength: {request.strength} x {request.steps} steps leaves no step to run; raise either",
             "strength",
         )
 
 
-def infotext(request: GenerationRequest, seed: int) -> str:
+def infotext(request: GenerationRequest, seed: int, img2img: bool) -> str:
     """The generation parameters in AUTOMATIC1111's format, which image tools parse."""
     lines = [request.prompt]
     if request.negative_prompt:
@@ -249,7 +274,7 @@ def infotext(request: GenerationRequest, seed: int) -> str:
         f"Size: {request.width}x{request.height}",
         f"Model: {request.model}",
     ]
-    if request.image is not None:
+    if img2img:
         settings.append(f"Denoising strength: {request.strength}")
     lines.append(", ".join(settings))
     return "\n".join(lines)

@@ -57,3 +57,11 @@ class UnknownJob(BackendError):
 
 class JobExpired(BackendError):
     """The job finished long enough ago to be forgotten (SDXL_JOB_TTL_SECONDS and limits)."""
+
+
+class TimedOut(BackendError):
+    """The request's wait for its result ran past the configured timeout; the job was cancelled."""
+
+
+class DeviceUnavailable(BackendError):
+    """The device thread is gone: nothing can run until the service restarts."""

@@ -1,10 +1,13 @@
 """Jobs: every generation the service runs, queued, observable and cancellable.
 
-One worker thread (the device thread) takes jobs in arrival order and runs each through
-`Engine.generate`, whose step callback reports progress here, hands over latents for
-previews and stops a job whose cancellation was asked for at the next step. Finished jobs
-are kept for a while (their images included) and then forgotten; an id forgotten that way
-is remembered as expired.
+Jobs hold requests that `Engine.prepare` has already accepted. One worker thread (the device
+thread) takes them in arrival order and runs each through `Engine.generate`, whose step
+callback reports progress here, hands over latents for previews and stops a job whose
+cancellation was asked for at the next step. Nothing that happens to a job or to whoever waits
+for it can end that thread; should it end anyway, `alive` says so and the service reports
+itself dead to its probes. Finished jobs drop their input and are kept for a while (their
+images counted against a byte budget), then forgotten; an id forgotten that way is
+remembered as expired.
 
 Why not BentoML's task API (`@bentoml.task`): it runs a task to its end and reports only
 pending/success/failure, so it can give neither step progress, nor a queue position, nor
@@ -19,13 +22,14 @@ import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 from PIL import Image
 
-from .engine import Engine
+from .engine import Engine, PreparedRequest
 from .errors import BackendError, Cancelled, JobExpired, QueueFull, UnknownJob
 from .protocol import GenerationRequest, GenerationResult
 
@@ -47,12 +51,24 @@ def latent_preview(latents: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
 @dataclass(eq=False)
 class Job:
     id: str
-    request: GenerationRequest
+    prepared: PreparedRequest | None  # what the device runs; dropped (with the input image) once finished
     preview_every: int | None = None
-    status: str = "queued"  # queued | running | succeeded | failed | cancelled
+    status: JobStatus = JobStatus.QUEUED
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -64,12 +80,18 @@ class Job:
     preview_step: int = 0
     cancel_requested_at: float | None = None
     version: int = 0  # bumped on every change; watchers compare it
-    done: Future = field(default_factory=Future)  # resolved with the result, or the error
+    # Resolved with the result or the error. Waiters must not cancel it (they wrap it with
+    # asyncio.shield or wait on it without ownership); the device thread copes if one does.
+    done: Future = field(default_factory=Future)
     _first_step_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.request: GenerationRequest = self.prepared.request  # kept after the input is dropped
+        self.total_steps = self.prepared.total_steps
 
     @property
     def percent(self) -> float:
-        if self.status == "succeeded":
+        if self.status == JobStatus.SUCCEEDED:
             return 100.0
         return round(100.0 * self.step / self.total_steps, 1) if self.total_steps else 0.0
 
@@ -82,10 +104,16 @@ class Job:
     @property
     def eta_s(self) -> float | None:
         """Remaining denoising time, from the pace of the steps so far."""
-        if self.status != "running" or self.step < 1 or self._first_step_at is None:
+        if self.status != JobStatus.RUNNING or self.step < 1 or self._first_step_at is None:
             return None
         pace = (time.time() - self._first_step_at) / self.step
         return round(pace * (self.total_steps - self.step), 3)
+
+    @property
+    def held_bytes(self) -> int:
+        """What a finished job holds in memory: its images and its preview."""
+        images = sum(len(image.data) for image in self.result.images) if self.result else 0
+        return images + len(self.preview or b"")
 
     def on_step(self, step: int, total: int, latents: torch.Tensor | None) -> None:
         """Called by the engine after each denoising step, on the device thread."""
@@ -109,22 +137,26 @@ class JobQueue:
         self.ttl_s = ttl_s
         self.max_jobs = max_jobs
         self.max_bytes = max_bytes
-        self._jobs: OrderedDict[str, Job] = OrderedDict()  # every job held, oldest first
+        self._jobs: dict[str, Job] = {}  # every job held
         self._queue: deque[Job] = deque()
+        self._finished: OrderedDict[str, Job] = OrderedDict()  # in the order they finished
+        self._finished_bytes = 0
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._recent_durations: deque[float] = deque(maxlen=20)
         self._running: Job | None = None
+        self._closing = False
         self._lock = threading.Condition()
-        threading.Thread(target=self._work, name="sdxl-device", daemon=True).start()
+        self._worker = threading.Thread(target=self._work, name="sdxl-device", daemon=True)
+        self._worker.start()
 
-    def submit(self, request: GenerationRequest, preview_every: int | None = None) -> Job:
+    def submit(self, prepared: PreparedRequest, preview_every: int | None = None) -> Job:
         with self._lock:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting); retry later", self.retry_after_s())
-            job = Job(secrets.token_hex(8), request, preview_every)
+            job = Job(secrets.token_hex(16), prepared, preview_every)
             self._jobs[job.id] = job
             self._queue.append(job)
-            self._lock.notify()
+            self._lock.notify_all()
         return job
 
     def get(self, job_id: str) -> Job:
@@ -136,10 +168,12 @@ class JobQueue:
                 raise JobExpired(f"job {job_id} has expired and was deleted", "job_id")
             raise UnknownJob(f"no job {job_id}", "job_id")
 
-    def recent(self, limit: int = 50) -> list[Job]:
+    def recent(self, limit: int = 50, before: float | None = None) -> list[Job]:
+        """The newest jobs first, at most `limit`, created before `before` when given."""
         with self._lock:
             self._expire()
-            return list(reversed(self._jobs.values()))[:limit]
+            jobs = sorted(self._jobs.values(), key=lambda job: job.created, reverse=True)
+        return [job for job in jobs if before is None or job.created < before][:limit]
 
     def position(self, job: Job) -> int:
         """1 for the next job to run, 2 after it...; 0 when not waiting."""
@@ -158,83 +192,112 @@ class JobQueue:
         """The job on the device now, if any."""
         return self._running
 
+    @property
+    def alive(self) -> bool:
+        """Whether the device thread is there to run the next job."""
+        return self._worker.is_alive()
+
     def retry_after_s(self) -> int:
-        """Seconds until a place is likely to free up: the mean duration of recent jobs."""
-        if not self._recent_durations:
-            return 5
-        return max(1, round(sum(self._recent_durations) / len(self._recent_durations)))
+        """Seconds until the queue has room again: the recent jobs' mean duration times the
+        jobs ahead (the running one and those waiting)."""
+        mean = sum(self._recent_durations) / len(self._recent_durations) if self._recent_durations else 5.0
+        ahead = len(self._queue) + (self._running is not None)
+        return max(1, round(mean * max(1, ahead) / max(1, self.max_queue)))
 
     def cancel(self, job: Job, reason: str = "cancel requested") -> None:
         """A queued job never starts; a running one stops at its next step."""
         with self._lock:
-            if job.status not in ("queued", "running"):
+            if job.status.final or job.cancel_requested_at is not None:
                 return
             job.cancel_requested_at = time.time()
-            logger.info("job %s: %s while %s", job.id, reason, job.status)
-            if job.status == "queued":
+            logger.info("job %s while %s", reason, job.status)
+            if job.status == JobStatus.QUEUED:
                 self._queue.remove(job)
-                self._finish(job, "cancelled", error=Cancelled(f"job {job.id} cancelled before it started"))
+                self._finish(job, JobStatus.CANCELLED, error=Cancelled(f"job {job.id} cancelled before it started"))
 
     def forget_result(self, job: Job) -> None:
         """Drop a delivered result's images (synchronous requests): only the record stays."""
         with self._lock:
-            job.result = None
+            if job.result is not None and job.id in self._finished:
+                self._finished_bytes -= job.held_bytes
+                job.result, job.preview = None, None
+                self._finished_bytes += job.held_bytes
+
+    def close(self) -> None:
+        """Cancel what waits, let the running job stop at its next step, end the device thread."""
+        with self._lock:
+            self._closing = True
+            for job in list(self._queue):
+                self.cancel(job, "cancelled: the server is shutting down")
+            if self._running is not None:
+                self.cancel(self._running, "cancelled: the server is shutting down")
+            self._lock.notify_all()
+        self._worker.join(timeout=30)
 
     def _work(self) -> None:
         while True:
             with self._lock:
-                while not self._queue:
+                while not self._queue and not self._closing:
                     self._lock.wait()
+                if self._closing:
+                    return
                 job = self._running = self._queue.popleft()
-                job.status, job.started = "running", time.time()
+                job.status, job.started = JobStatus.RUNNING, time.time()
                 job.version += 1
             try:
-                result = self.engine.generate(job.request, job.on_step)
-            except Cancelled as exc:
-                self.engine.models.release_cached_memory()
-                self._finish(job, "cancelled", error=exc)
-            except BackendError as exc:
-                self._finish(job, "failed", error=exc)
-            except Exception as exc:  # a bug: the job fails, the queue goes on
-                logger.exception("job %s failed unexpectedly", job.id)
-                self._finish(job, "failed", error=BackendError(f"internal error: {type(exc).__name__}"))
-            else:
-                self._finish(job, "succeeded", result=result)
+                self._run(job)
+            except BaseException:  # the thread outlives any job: log it and take the next one
+                logger.exception("the device thread caught an error around a job; it goes on")
 
-    def _finish(self, job: Job, status: str, result: GenerationResult | None = None,
+    def _run(self, job: Job) -> None:
+        try:
+            result = self.engine.generate(job.prepared, job.on_step)
+        except Cancelled as exc:
+            self.engine.models.release_cached_memory()
+            self._finish(job, JobStatus.CANCELLED, error=exc)
+        except BackendError as exc:
+            self._finish(job, JobStatus.FAILED, error=exc)
+        except Exception as exc:  # a bug: the job fails, the queue goes on
+            logger.exception("a job failed unexpectedly")
+            self._finish(job, JobStatus.FAILED, error=BackendError(f"internal error: {type(exc).__name__}"))
+        else:
+            self._finish(job, JobStatus.SUCCEEDED, result=result)
+
+    def _finish(self, job: Job, status: JobStatus, result: GenerationResult | None = None,
                 error: BackendError | None = None) -> None:
         with self._lock:
             if self._running is job:
                 self._running = None
             job.status, job.result, job.error, job.finished = status, result, error, time.time()
+            job.prepared = None  # the input image and the decoded copy go now
             job.version += 1
             if job.started is not None:
                 self._recent_durations.append(job.finished - job.started)
-            if job.cancel_requested_at is not None:
-                logger.info("job %s cancelled: the device was free %.3f s after the request",
-                            job.id, job.finished - job.cancel_requested_at)
+            if job.cancel_requested_at is not None and status == JobStatus.CANCELLED:
+                logger.info("job cancelled: the device was free %.3f s after the request",
+                            job.finished - job.cancel_requested_at)
+            self._finished[job.id] = job
+            self._finished_bytes += job.held_bytes
             self._expire()
-        if error is not None:
-            job.done.set_exception(error)
-        else:
-            job.done.set_result(result)
+        try:
+            if error is not None:
+                job.done.set_exception(error)
+            else:
+                job.done.set_result(result)
+        except InvalidStateError:  # its waiter cancelled the future: nobody is left to tell
+            pass
 
     def _expire(self) -> None:
-        """Forget finished jobs past their time, beyond the count, or beyond the bytes."""
+        """Forget finished jobs past their time, beyond the count, or beyond the bytes: the
+        oldest first, looking at no more jobs than it forgets."""
         now = time.time()
-        finished = deque(j for j in self._jobs.values() if j.finished is not None)  # oldest first
-        held = sum(_result_bytes(j) for j in finished)
-        while finished:
-            job = finished[0]
-            if now - job.finished <= self.ttl_s and len(finished) <= self.max_jobs and held <= self.max_bytes:
+        while self._finished:
+            job = next(iter(self._finished.values()))
+            if (now - job.finished <= self.ttl_s and len(self._finished) <= self.max_jobs
+                    and self._finished_bytes <= self.max_bytes):
                 break
-            finished.popleft()
-            held -= _result_bytes(job)
-            del self._jobs[job.id]
+            del self._finished[job.id], self._jobs[job.id]
+            self._finished_bytes -= job.held_bytes
             self._expired[job.id] = None
         while len(self._expired) > 100_000:
             self._expired.popitem(last=False)
-
-
-def _result_bytes(job: Job) -> int:
-    return sum(len(image.data) for image in job.result.images) if job.result else 0

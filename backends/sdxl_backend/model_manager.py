@@ -10,14 +10,14 @@ read or change it (status, unload, the idle timer).
 from __future__ import annotations
 
 import gc
+import json
 import logging
-import os
-import re
 import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -26,7 +26,7 @@ import torch
 
 from .device import Placement, device_memory
 from .errors import OutOfMemory, UnknownModel
-from .pipelines import MEMORY_MODES, Pipelines, apply_memory_mode, load_pipelines, set_vae_tiling, weights_bytes
+from .pipelines import Pipelines, apply_memory_mode, load_pipelines, set_vae_tiling, weights_bytes
 from .protocol import ModelDefaults
 
 logger = logging.getLogger("sdxl_backend")
@@ -42,6 +42,12 @@ class ModelSource:
     path: Path
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
 
+    @cached_property
+    def img2img_only(self) -> bool:
+        """An image-to-image pipeline (the refiner), read from the store before any load."""
+        index = json.loads((self.path / "model_index.json").read_text())
+        return index.get("_class_name") == "StableDiffusionXLImg2ImgPipeline"
+
 
 @dataclass
 class LoadedModel:
@@ -55,36 +61,12 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class MemoryPolicy:
-    """Settings of the manager; `from_env` reads them (the README lists the variables)."""
+    """How the manager spends device memory (the service sets it from `SDXL_*` variables)."""
 
     budget: int | None = None  # bytes; None: the device's total minus a margin
     default_mode: str = "high"
     tiling_pixels: int = 1536 * 1536  # larger images decode tiled in every mode
     idle_unload_s: float | None = None
-
-    @classmethod
-    def from_env(cls) -> "MemoryPolicy":
-        env = os.environ.get
-        idle = float(env("SDXL_IDLE_UNLOAD_SECONDS", "0"))
-        mode = env("SDXL_VRAM_MODE", "high")
-        if mode not in MEMORY_MODES:
-            raise ValueError(f"SDXL_VRAM_MODE must be one of {', '.join(MEMORY_MODES)}; got {mode!r}")
-        return cls(
-            budget=parse_bytes(env("SDXL_MEMORY_BUDGET")) if env("SDXL_MEMORY_BUDGET") else None,
-            default_mode=mode,
-            tiling_pixels=int(env("SDXL_VAE_TILING_PIXELS", str(cls.tiling_pixels))),
-            idle_unload_s=idle or None,
-        )
-
-
-def parse_bytes(text: str) -> int:
-    """'24GiB', '500MB', '1.5G', '1073741824' -> bytes."""
-    match = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
-    if not match:
-        raise ValueError(f"not a size: {text!r} (examples: 24GiB, 500MB, 1073741824)")
-    number, unit, binary = match.groups()
-    base = 1024 if binary.startswith("i") or not binary else 1000
-    return int(float(number) * base ** " kmgt".index(unit or " "))
 
 
 def device_total(placement: Placement) -> int:
@@ -118,6 +100,7 @@ class ModelManager:
         self._last_activity = time.monotonic()
         logger.info("memory budget %.2f GiB of %.2f GiB; default mode %s", self.budget / GiB, total / GiB,
                     self.policy.default_mode)
+        self._closing = threading.Event()
         if self.policy.idle_unload_s:
             threading.Thread(target=self._unload_when_idle, name="sdxl-idle-unload", daemon=True).start()
 
@@ -233,10 +216,14 @@ class ModelManager:
             return torch.cuda.memory_allocated(self.placement.device)
         return psutil.Process().memory_info().rss
 
+    def close(self) -> None:
+        """Stop the idle timer and free every model."""
+        self._closing.set()
+        self.unload()
+
     def _unload_when_idle(self) -> None:
         idle_s = self.policy.idle_unload_s
-        while True:
-            time.sleep(min(5.0, idle_s / 2))
+        while not self._closing.wait(min(5.0, idle_s / 2)):
             with self._lock:
                 idle_for = time.monotonic() - self._last_activity
                 if self._loaded and idle_for >= idle_s:

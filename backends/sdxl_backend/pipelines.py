@@ -23,8 +23,7 @@ from diffusers import DiffusionPipeline, StableDiffusionXLImg2ImgPipeline, Stabl
 from safetensors import safe_open
 
 from .device import Placement
-
-MEMORY_MODES = ("high", "balanced", "low")
+from .modes import MEMORY_MODES
 
 
 @dataclass

@@ -7,12 +7,16 @@ import base64
 import binascii
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from .modes import MEMORY_MODES
 
 OutputFormat = Literal["png", "jpeg", "webp"]
-# Memory policy of a request: "low" frees the model after the request.
-VramMode = Literal["high", "balanced", "low"]
+VramMode = Literal[MEMORY_MODES]  # type: ignore[valid-type]
 MAX_SEED = 2**32 - 1
+# A 64x64 red PNG: the example input image of the API documents (one that works when tried).
+TINY_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAAYElEQVR4nO3PQQ0AIBDAMMC/sJOFCB4Nyapg27P+dnTAqwa0BrQGtAa0"
+            "BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0C/RXAUhw4L3GAAAAAElFTkSuQmCC")
 
 
 def _base64_to_bytes(value: Any) -> Any:
@@ -27,8 +31,13 @@ def _base64_to_bytes(value: Any) -> Any:
         raise ValueError("not valid base64") from None
 
 
-# Encoded image bytes: raw from Python, base64 (optionally a data URL) from JSON.
-ImageBytes = Annotated[bytes, BeforeValidator(_base64_to_bytes)]
+# Encoded image bytes: raw from Python, base64 (optionally a data URL) from JSON, which is
+# what the schema says (OpenAPI's "byte" format), so that no client takes it for an upload.
+ImageBytes = Annotated[
+    bytes,
+    BeforeValidator(_base64_to_bytes),
+    WithJsonSchema({"type": "string", "format": "byte", "description": "an image, base64 (a data URL is fine)"}),
+]
 
 
 class ModelDefaults(BaseModel):
@@ -44,25 +53,39 @@ class ModelDefaults(BaseModel):
     timestep_spacing: str | None = None
 
 
-class GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TextToImageRequest(BaseModel):
+    """The fields of every generation. A field left out takes the model's default."""
 
-    prompt: str = Field(min_length=1)
-    negative_prompt: str = ""
-    model: str | None = None
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    n: int = Field(1, ge=1)
-    scheduler: str | None = None
-    output_format: OutputFormat = "png"
-    quality: int = Field(90, ge=1, le=100)
-    # img2img: the input image (PNG, JPEG, WebP...) and how much of it to repaint.
-    image: ImageBytes | None = Field(None, exclude=True, repr=False)
-    strength: float = Field(0.75, gt=0, le=1)
-    vram_mode: VramMode | None = None
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"prompt": "a lighthouse at dusk", "seed": 7}})
+
+    prompt: str = Field(min_length=1, description="What to draw.")
+    negative_prompt: str = Field("", description="What to steer away from.")
+    model: str | None = Field(None, description="A served model id or alias (GET /v1/models); default: the server's.")
+    width: int | None = Field(None, description="Pixels, a multiple of 8 within the server's limits; default: the model's (img2img: the input's).")
+    height: int | None = Field(None, description="Pixels, a multiple of 8 within the server's limits; default: the model's (img2img: the input's).")
+    steps: int | None = Field(None, ge=1, description="Denoising steps; default: the model's.")
+    guidance_scale: float | None = Field(None, ge=0, description="Classifier-free guidance (0 turns it off); default: the model's.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i of the request uses seed + i; default: random.")
+    n: int = Field(1, ge=1, description="Images in one batch.")
+    scheduler: str | None = Field(None, description="A scheduler name (GET /v1/schedulers); default: the model's.")
+    output_format: OutputFormat = Field("png", description="Encoding of the images.")
+    quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
+    vram_mode: VramMode | None = Field(None, description="Memory mode of this request; default: the server's.")
+
+
+class ImageToImageRequest(TextToImageRequest):
+    model_config = ConfigDict(json_schema_extra={"example": {"prompt": "an oil painting", "strength": 0.6,
+                                                             "image": TINY_PNG}})
+
+    image: ImageBytes = Field(exclude=True, repr=False, description="The input image (PNG, JPEG, WebP...), base64.")
+    strength: float = Field(0.75, gt=0, le=1, description="How much of the input to repaint; steps x strength must be at least 1.")
+
+
+class GenerationRequest(TextToImageRequest):
+    """What the engine takes: a text-to-image request, or an image-to-image one with `image`."""
+
+    image: ImageBytes | None = Field(None, exclude=True, repr=False, description="img2img: the input image, base64.")
+    strength: float = Field(0.75, gt=0, le=1, description="img2img: how much of the input to repaint.")
 
 
 class GeneratedImage(BaseModel):
@@ -82,8 +105,9 @@ class Timings(BaseModel):
 class GenerationResult(BaseModel):
     model: str
     images: list[GeneratedImage]
-    # The request as it ran: every default filled in, the base seed chosen.
+    # The request as it ran: every default filled in, the base seed chosen (no input image).
     request: GenerationRequest
+    img2img: bool = False
     timings: Timings
     vram_mode: str  # the memory mode that produced the images
     out_of_memory_in: list[str] = []  # modes that ran out of memory first (recovered)

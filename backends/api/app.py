@@ -1,0 +1,51 @@
+"""The fixed-path dialects as one FastAPI app, mounted into the BentoML service: one router per
+dialect, and every error (backend errors, validation, unknown routes, bugs) in the one shape."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from backends.api import a1111, errors, image_generations, jobs, system
+from backends.sdxl_backend.errors import BackendError
+
+logger = logging.getLogger("sdxl_backend")
+
+
+async def _backend_error(_: Request, exc: BackendError) -> JSONResponse:
+    status, body = errors.backend_error(exc)
+    return JSONResponse(body, status_code=status, headers=errors.error_headers(exc))
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    status, body = errors.validation_error(exc.errors())
+    return JSONResponse(body, status_code=status)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    message = {404: f"no route {request.method} {request.url.path}: this server generates images (see /docs.json)",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+    return JSONResponse(errors.status_error(exc.status_code, message), status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error while answering a request")
+    return JSONResponse(errors.status_error(500, f"internal error ({type(exc).__name__}); see the server log"),
+                        status_code=500)
+
+
+def create_app() -> FastAPI:
+    # BentoML's own OpenAPI UI (at /) documents these routes; FastAPI's second copy is off.
+    app = FastAPI(title="SDXL", docs_url=None, redoc_url=None, openapi_url=None)
+    for router in (image_generations.router, jobs.router, a1111.router, system.router):
+        app.include_router(router)
+    app.add_exception_handler(BackendError, _backend_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    return app

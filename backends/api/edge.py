@@ -1,0 +1,143 @@
+"""The HTTP edge, an ASGI middleware around the whole BentoML app (its own routes included):
+
+- API keys: with `SDXL_API_KEYS` set, every route needs `Authorization: Bearer <key>` or
+  `X-API-Key: <key>`, except the probes, `/health`, kept-image links (unguessable, fetched by
+  browsers that cannot send a key), CORS preflights, and `/metrics` when `SDXL_OPEN_METRICS=1`;
+- the one error shape for the errors BentoML itself answers (request validation of the native
+  API methods, its timeouts and limits), which are `{"error": "<text>", ...}` there;
+- `/docs.json`, BentoML's OpenAPI document made truthful (openapi.py).
+
+A plain ASGI middleware, not Starlette's BaseHTTPMiddleware: that one wraps `receive` so that
+routes can no longer see their client disconnect, which cancelling abandoned generations needs.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any, Callable
+
+from pydantic import ValidationError
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from backends.api import errors, openapi
+
+PROBES = ("/health", "/livez", "/readyz", "/healthz")
+OPEN_PREFIXES = ("/v1/images/files/",)
+
+
+def presented_key(headers: Headers) -> str | None:
+    authorization = headers.get("authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return headers.get("x-api-key")
+
+
+def key_is_valid(presented: str | None, keys: list[str]) -> bool:
+    """Constant-time against every key, so timing tells nothing about which prefix matched."""
+    if presented is None:
+        return False
+    matches = [hmac.compare_digest(presented.encode(), key.encode()) for key in keys]
+    return any(matches)
+
+
+class Edge:
+    def __init__(self, app: ASGIApp, keys: list[str], open_metrics: bool):
+        self.app = app
+        self.keys = keys
+        self.open_paths = PROBES + (("/metrics",) if open_metrics else ())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if self.keys and not self._open(scope, path):
+            body = errors.status_error(401, "missing or invalid API key: send Authorization: Bearer <key> or X-API-Key")
+            body["error"]["code"] = "invalid_api_key"
+            await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+            return
+        if path == "/docs.json":
+            await self.app(scope, receive, _rewriting(send, lambda status, body: (status, openapi.truthful(body))))
+            return
+        await self.app(scope, receive, _rewriting(send, _bentoml_error, only_errors=True))
+
+    def _open(self, scope: Scope, path: str) -> bool:
+        return (scope["method"] == "OPTIONS" or path in self.open_paths or path.startswith(OPEN_PREFIXES)
+                or key_is_valid(presented_key(Headers(scope=scope)), self.keys))
+
+
+def _bentoml_error(status: int, body: Any) -> tuple[int, Any]:
+    """BentoML's and Starlette's error bodies in the one shape; ours pass through unchanged."""
+    if isinstance(body, str):  # plain text: Starlette's "Not Found" for a path no route has
+        message = {404: "no such route: this server generates images (routes: /docs.json)",
+                   405: "method not allowed on this route"}.get(status, body.strip() or "error")
+        return status, errors.status_error(status, message)
+    if isinstance(body, list) and len(body) == 1:  # BentoML sends some errors as a one-item list
+        body = body[0]
+    if not isinstance(body, dict) or not isinstance(body.get("error"), str):
+        return status, body
+    if isinstance(body.get("detail"), list):  # pydantic validation of a native API method's body
+        return errors.validation_error(body["detail"])
+    return status, errors.status_error(status, body["error"])
+
+
+def _rewriting(send: Send, rewrite: Callable[[int, Any], tuple[int, Any]], only_errors: bool = False) -> Send:
+    """A `send` that buffers a JSON answer (with `only_errors`: an error answer, JSON or plain
+    text) and passes it through `rewrite`; any other answer streams through untouched."""
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def rewriting_send(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            content_type = Headers(raw=message["headers"]).get("content-type", "")
+            error = message["status"] >= 400
+            if (content_type.startswith("application/json") and (error or not only_errors)
+                    or only_errors and error and content_type.startswith("text/plain")):
+                start = message
+                return
+        elif message["type"] == "http.response.body" and start is not None:
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            status, body = start["status"], b"".join(chunks)
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = body.decode(errors="replace")
+            status, rewritten = rewrite(status, parsed)
+            body = json.dumps(rewritten).encode()
+            headers = [(k, v) for k, v in start["headers"] if k.lower() not in (b"content-length", b"content-type")]
+            await send({**start, "status": status, "headers": [
+                *headers, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await send(message)
+
+    return rewriting_send
+
+
+async def _send_json(send: Send, status: int, body: dict, extra_headers: list[tuple[bytes, bytes]]) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra_headers]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class _NoValidationTracebacks(logging.Filter):
+    """BentoML logs a traceback for every body that fails validation, input values (prompts)
+    included; the client got a 400 that says what was wrong, so the log keeps one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ValidationError):
+            record.msg, record.args, record.exc_info, record.exc_text = "request body refused (400)", (), None, None
+        return True
+
+
+def quiet_validation_logs() -> None:
+    logging.getLogger("bentoml._internal.server.http_app").addFilter(_NoValidationTracebacks())

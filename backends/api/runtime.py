@@ -1,0 +1,130 @@
+"""The runtime: what every route reaches (the dialect routers through `app.state.runtime`,
+the native BentoML methods through the service): settings, engine, job queue, kept images.
+
+`Runtime.run()` is how a synchronous request is served: prepared (validated) in the handler,
+queued as a job, waited for, and cancelled when its client leaves or its time runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from starlette.requests import Request
+
+from backends.api import headers
+from backends.api.kept_images import KeptImages
+from backends.api.settings import Settings
+from backends.sdxl_backend.device import device_memory, select_placement
+from backends.sdxl_backend.engine import Engine, OutOfMemorySeam, PreparedRequest
+from backends.sdxl_backend.errors import DeviceUnavailable, TimedOut
+from backends.sdxl_backend.jobs import Job, JobQueue
+from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, ModelDefaults
+
+logger = logging.getLogger("sdxl_backend")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    id: str
+    path: Path
+    version: str  # the BentoML store version
+    description: str
+    defaults: ModelDefaults
+
+
+class Runtime:
+    def __init__(self, settings: Settings, served: list[ServedModel], default_model: str):
+        self.settings = settings
+        self.served = {model.id: model for model in served}
+        self.default_model = default_model
+        placement = select_placement(settings.device, settings.dtype)
+        logger.info(
+            "device: %s; models: %s (default %s)%s; API keys %s",
+            placement.describe(), ", ".join(self.served), default_model,
+            "".join(f"; alias {a} -> {t}" for a, t in settings.model_aliases.items()),
+            "required" if settings.api_keys else "off",
+        )
+        sources = [ModelSource(m.id, m.path, m.defaults) for m in served]
+        models = ModelManager(sources, placement, settings.model_aliases, settings.memory_policy)
+        oom_seam = OutOfMemorySeam.parse(settings.test_fault_oom)
+        if oom_seam:
+            logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_OOM=%s makes generations fail", settings.test_fault_oom)
+        self.engine = Engine(models, default_model, settings.limits, oom_seam)
+        self.jobs = JobQueue(self.engine, settings.max_queue, settings.job_ttl_seconds, settings.max_jobs,
+                             settings.job_max_bytes)
+        self.kept_images = KeptImages(settings.image_url_ttl_seconds, settings.image_url_max_bytes)
+
+    def warm_up(self) -> None:
+        """Load the default model and run it once, so that no request pays for either."""
+        started = time.perf_counter()
+        self.jobs.submit(self.engine.prepare(GenerationRequest(prompt="warm-up", steps=2))).done.result()
+        logger.info("warm-up of %s done in %.2f s", self.default_model, time.perf_counter() - started)
+
+    @property
+    def alive(self) -> bool:
+        return self.jobs.alive
+
+    def close(self) -> None:
+        self.jobs.close()
+        self.kept_images.close()
+        self.engine.models.close()
+
+    async def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Validate, decode and fill in, off the event loop (an input image may be large)."""
+        if request.vram_mode is not None and not self.settings.allow_client_vram_mode:
+            logger.info("client asked for memory mode %s; SDXL_ALLOW_CLIENT_VRAM_MODE=0, so the server's applies",
+                        request.vram_mode)
+            request = request.model_copy(update={"vram_mode": None})
+        return await anyio.to_thread.run_sync(self.engine.prepare, request)
+
+    def submit(self, prepared: PreparedRequest, preview_every: int | None = None) -> Job:
+        if not self.jobs.alive:
+            raise DeviceUnavailable("the device thread has stopped; the service must be restarted")
+        return self.jobs.submit(prepared, preview_every)
+
+    async def run(self, request: GenerationRequest, http: Request) -> GenerationResult:
+        """A synchronous generation: a job whose client waits for it. Whatever ends the wait
+        (the client leaving, the timeout, the handler being cancelled) cancels the job, so the
+        device moves on at its next step."""
+        job = self.submit(await self.prepare(request))
+        waiter = asyncio.wrap_future(job.done)
+        deadline = time.monotonic() + self.settings.timeout_seconds
+        try:
+            while not waiter.done():
+                # asyncio.wait never cancels what it waits on: job.done stays the device thread's.
+                await asyncio.wait({waiter}, timeout=0.25)
+                if waiter.done():
+                    break
+                if await http.is_disconnected():
+                    self.jobs.cancel(job, "cancelled: client disconnected")
+                    await asyncio.wait({waiter})
+                elif time.monotonic() > deadline:
+                    self.jobs.cancel(job, "cancelled: past SDXL_TIMEOUT_SECONDS")
+                    await asyncio.wait({waiter})
+                    if job.result is None:
+                        raise TimedOut(f"the request took longer than {self.settings.timeout_seconds} s "
+                                       f"(SDXL_TIMEOUT_SECONDS) and was cancelled")
+        except asyncio.CancelledError:
+            self.jobs.cancel(job, "cancelled: its request was abandoned")
+            raise
+        result = waiter.result()
+        self.jobs.forget_result(job)  # delivered now: the images are the client's, not ours to keep
+        return result
+
+    def result_headers(self, result: GenerationResult) -> dict[str, str]:
+        placement = self.engine.models.placement
+        return headers.result_headers(result, placement.device.type, device_memory(placement))
+
+    def base_url(self, request: Request) -> str:
+        return self.settings.public_url or str(request.base_url).rstrip("/")
+
+
+def runtime_of(request: Request) -> Runtime:
+    """The runtime, for the dialect routers (`Depends(runtime_of)`); service.py puts it on the app."""
+    return request.app.state.runtime
