@@ -142,6 +142,22 @@ def test_raw_answer_takes_one_image(server):
 
 
 def test_server_keeps_serving_after_errors(server):
-    for body in ({"prompt": "x", "width": 7}, {"prompt": "x", "model": "nope"}, {"prompt": 3}):
-        assert post(server, "/v1/txt2img", body).status_code >= 400
+    for body, status in (({"prompt": "x", "width": 7}, 400), ({"prompt": "x", "model": "nope"}, 404),
+                         ({"prompt": 3}, 400), ({"prompt": "x", "width": 0}, 400), ({"prompt": "x", "height": 0}, 400)):
+        assert post(server, "/v1/txt2img", body).status_code == status, body
     assert post(server, "/v1/txt2img", {"prompt": "still here"}).status_code == 200
+
+
+@pytest.mark.parametrize(("route", "body"), [
+    ("/v1/txt2img", {"prompt": "x", "width": 0}),
+    ("/v1/img2img", {"prompt": "x", "height": 0, "image": base64.b64encode(png_bytes()).decode()}),
+    ("/v1/generate", {"prompt": "x", "size": "0x0"}),
+    ("/v1/images/generations", {"prompt": "x", "width": 0, "height": 0}),
+    ("/v1/jobs", {"prompt": "x", "width": 0}),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "width": 0}),
+    ("/sdapi/v1/img2img", {"prompt": "x", "height": 0, "init_images": [base64.b64encode(png_bytes()).decode()]}),
+])
+def test_a_zero_size_is_refused_on_every_generation_route(server, route, body):
+    response = post(server, route, body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] in ("width", "height")
