@@ -126,6 +126,10 @@ SDXL = bentoml.service(
     # The service ends a request at SDXL_TIMEOUT_SECONDS itself (cancelling its job, answering
     # 504 in the error shape); BentoML's own timeout is the backstop behind it.
     traffic={"timeout": SETTINGS.timeout_seconds + 60},
+    # BentoML's access log and HTTP metrics name raw paths, job and image ids included; the edge
+    # (backends/api/edge.py) logs and counts by route template instead, and serves /metrics.
+    logging={"access": {"enabled": False}},
+    metrics={"enabled": False},
     http={
         "cors": {
             "enabled": True,
@@ -136,4 +140,5 @@ SDXL = bentoml.service(
         }
     },
 )(bentoml.asgi_app(dialects)(SDXL))
-SDXL.add_asgi_middleware(Edge, keys=SETTINGS.api_keys, open_metrics=SETTINGS.open_metrics)
+SDXL.add_asgi_middleware(Edge, keys=SETTINGS.api_keys, open_metrics=SETTINGS.open_metrics,
+                         max_body_bytes=SETTINGS.max_body_bytes, state=dialects.state)

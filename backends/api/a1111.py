@@ -194,15 +194,22 @@ async def options(runtime: RuntimeDep) -> dict[str, Any]:
     return {"sd_model_checkpoint": runtime.default_model}
 
 
+def own_running_job(runtime: Runtime, request: Request) -> Job | None:
+    """The job on the device, if the caller may see it (with API keys: if its key made it)."""
+    job, owner = runtime.jobs.running, runtime.owner(request)
+    return job if job is not None and (owner is None or job.owner == owner) else None
+
+
 @router.get("/progress", responses=errors.responses(401))
-async def get_progress(runtime: RuntimeDep, skip_current_image: bool = False) -> dict[str, Any]:
-    return progress(runtime.jobs.running, preview=not skip_current_image)
+async def get_progress(request: Request, runtime: RuntimeDep, skip_current_image: bool = False) -> dict[str, Any]:
+    return progress(own_running_job(runtime, request), preview=not skip_current_image)
 
 
 @router.post("/interrupt", responses=errors.responses(401))
-async def interrupt(runtime: RuntimeDep) -> dict[str, Any]:
-    """Stops the running generation at its next step, as A1111's interrupt does."""
-    job = runtime.jobs.running
+async def interrupt(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+    """Stops the running generation at its next step, as A1111's interrupt does (with API
+    keys, only a generation of the caller's key)."""
+    job = own_running_job(runtime, request)
     if job is not None:
         runtime.jobs.cancel(job, "interrupted (/sdapi/v1/interrupt)")
     return {}

@@ -1,11 +1,14 @@
 """The HTTP edge, an ASGI middleware around the whole BentoML app (its own routes included):
 
+- a request body over `SDXL_MAX_BODY_BYTES` is a 413 before any of it is parsed;
 - API keys: with `SDXL_API_KEYS` set, every route needs `Authorization: Bearer <key>` or
   `X-API-Key: <key>`, except the probes, `/health`, kept-image links (unguessable, fetched by
   browsers that cannot send a key), CORS preflights, and `/metrics` when `SDXL_OPEN_METRICS=1`;
 - the one error shape for the errors BentoML itself answers (request validation of the native
   API methods, its timeouts and limits), which are `{"error": "<text>", ...}` there;
-- `/docs.json`, BentoML's OpenAPI document made truthful (openapi.py).
+- `/docs.json`, BentoML's OpenAPI document made truthful (openapi.py);
+- the access log and the request metrics, labelled by route template (`/v1/jobs/{job_id}`),
+  so that neither carries a job or image id.
 
 A plain ASGI middleware, not Starlette's BaseHTTPMiddleware: that one wraps `receive` so that
 routes can no longer see their client disconnect, which cancelling abandoned generations needs.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import time
 from typing import Any, Callable
 
 from pydantic import ValidationError
@@ -27,6 +31,7 @@ from backends.api import errors, openapi
 
 PROBES = ("/health", "/livez", "/readyz", "/healthz")
 OPEN_PREFIXES = ("/v1/images/files/",)
+access_log = logging.getLogger("sdxl_backend.access")
 
 
 def presented_key(headers: Headers) -> str | None:
@@ -46,20 +51,41 @@ def key_is_valid(presented: str | None, keys: list[str]) -> bool:
 
 
 class Edge:
-    def __init__(self, app: ASGIApp, keys: list[str], open_metrics: bool):
+    def __init__(self, app: ASGIApp, keys: list[str], open_metrics: bool, max_body_bytes: int, state: Any):
         self.app = app
         self.keys = keys
         self.open_paths = PROBES + (("/metrics",) if open_metrics else ())
+        self.max_body_bytes = max_body_bytes
+        self.state = state  # the dialect app's state, where the runtime (and its metrics) will be
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started, status = time.perf_counter(), [500]
+
+        async def recording_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._answer(scope, receive, recording_send)
+        finally:
+            self._record(scope, status[0], time.perf_counter() - started)
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if self.keys and not self._open(scope, path):
             body = errors.status_error(401, "missing or invalid API key: send Authorization: Bearer <key> or X-API-Key")
             body["error"]["code"] = "invalid_api_key"
             await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+            return
+        receive = await self._bounded(scope, receive)
+        if receive is None:
+            body = errors.status_error(413, f"the request body is over the limit of {self.max_body_bytes} bytes "
+                                            f"(SDXL_MAX_BODY_BYTES)")
+            await _send_json(send, 413, body, [(b"connection", b"close")])
             return
         if path == "/docs.json":
             await self.app(scope, receive, _rewriting(send, lambda status, body: (status, openapi.truthful(body))))
@@ -69,6 +95,41 @@ class Edge:
     def _open(self, scope: Scope, path: str) -> bool:
         return (scope["method"] == "OPTIONS" or path in self.open_paths or path.startswith(OPEN_PREFIXES)
                 or key_is_valid(presented_key(Headers(scope=scope)), self.keys))
+
+    async def _bounded(self, scope: Scope, receive: Receive) -> Receive | None:
+        """`receive` for a body within the limit, None for one over it. A declared length is
+        checked before reading; a body without one (chunked) is read up to the limit first."""
+        length = Headers(scope=scope).get("content-length")
+        if length is not None:
+            return receive if length.isdigit() and int(length) <= self.max_body_bytes else None
+        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            return receive
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return receive
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return None
+            more = message.get("more_body", False)
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replaying_receive() -> Message:
+            return replay.pop() if replay else await receive()
+
+        return replaying_receive
+
+    def _record(self, scope: Scope, status: int, seconds: float) -> None:
+        """One access-log line and the request metrics, by the template of the route that
+        answered (`/v1/jobs/{job_id}`); "unmatched" when none did (unknown path, refused key)."""
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        runtime = getattr(self.state, "runtime", None)
+        if runtime is not None:
+            runtime.metrics.observe_request(route, scope["method"], status, seconds)
+        if route not in PROBES:
+            access_log.info("%s %s %d %.1f ms", scope["method"], route, status, seconds * 1000)
 
 
 def _bentoml_error(status: int, body: Any) -> tuple[int, Any]:

@@ -122,7 +122,7 @@ NOT_FOUND = errors.responses(401, 404, 410)
 async def submit(body: JobRequest, request: Request, runtime: RuntimeDep) -> JSONResponse:
     """The native body (an `image` makes it img2img), checked, queued and answered at once."""
     prepared = await runtime.prepare(body.generation_request())
-    job = runtime.submit(prepared, body.preview_every)
+    job = runtime.submit(prepared, request, body.preview_every)
     answer = job_body(job, runtime.jobs.position(job), runtime.base_url(request))
     return JSONResponse(answer, status_code=202, headers={"Location": answer["links"]["self"]})
 
@@ -136,7 +136,7 @@ async def list_jobs(
 ) -> dict:
     """Recent jobs, newest first, a page at a time."""
     base = runtime.base_url(request)
-    page = runtime.jobs.recent(limit + 1, before)
+    page = runtime.jobs.recent(limit + 1, before, runtime.owner(request))
     more = len(page) > limit
     page = page[:limit]
     return {"jobs": [job_body(job, runtime.jobs.position(job), base) for job in page],
@@ -145,7 +145,7 @@ async def list_jobs(
 
 @router.get("/{job_id}", response_model=JobAnswer, responses=NOT_FOUND)
 async def get_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict:
-    job = runtime.jobs.get(job_id)
+    job = runtime.jobs.get(job_id, runtime.owner(request))
     return job_body(job, runtime.jobs.position(job), runtime.base_url(request))
 
 
@@ -154,7 +154,7 @@ async def get_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict:
 async def cancel_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict:
     """A queued job never starts; a running one stops at its next step. Cancelling a
     finished job changes nothing."""
-    job = runtime.jobs.get(job_id)
+    job = runtime.jobs.get(job_id, runtime.owner(request))
     runtime.jobs.cancel(job)
     return job_body(job, runtime.jobs.position(job), runtime.base_url(request))
 
@@ -166,7 +166,7 @@ async def cancel_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict
 async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> StreamingResponse:
     """Server-Sent Events: `progress` (and `preview`) while it runs, then `result`,
     `error` or `cancelled`, then the stream ends."""
-    job, base = runtime.jobs.get(job_id), runtime.base_url(request)
+    job, base = runtime.jobs.get(job_id, runtime.owner(request)), runtime.base_url(request)
 
     async def stream():
         seen, preview_step, quiet_s = -1, 0, 0.0
@@ -193,8 +193,8 @@ async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> Stre
     200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
           "description": "The latest latent preview"},
     **errors.responses(400, 401, 404, 410)})
-async def job_preview(job_id: str, runtime: RuntimeDep) -> Response:
-    job = runtime.jobs.get(job_id)
+async def job_preview(job_id: str, request: Request, runtime: RuntimeDep) -> Response:
+    job = runtime.jobs.get(job_id, runtime.owner(request))
     if job.preview is None:
         raise InvalidRequest("preview: this job has no preview yet (submit with preview_every)", "preview_every")
     return Response(job.preview, media_type="image/png", headers={"X-Preview-Step": str(job.preview_step)})

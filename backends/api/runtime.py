@@ -8,7 +8,11 @@ queued as a job, waited for, and cancelled when its client leaves or its time ru
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +21,14 @@ import anyio
 from starlette.requests import Request
 
 from backends.api import headers
+from backends.api.edge import presented_key
 from backends.api.kept_images import KeptImages
+from backends.api.metrics import Metrics
 from backends.api.settings import Settings
 from backends.sdxl_backend.device import device_memory, select_placement
 from backends.sdxl_backend.engine import Engine, OutOfMemorySeam, PreparedRequest
 from backends.sdxl_backend.errors import DeviceUnavailable, TimedOut
-from backends.sdxl_backend.jobs import Job, JobQueue
+from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue
 from backends.sdxl_backend.model_manager import ModelManager, ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, ModelDefaults
 
@@ -56,8 +62,12 @@ class Runtime:
         if oom_seam:
             logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_OOM=%s makes generations fail", settings.test_fault_oom)
         self.engine = Engine(models, default_model, settings.limits, oom_seam)
+        self.metrics = Metrics()
+        # BentoML restarts a worker that dies under the same server process, the worker's parent:
+        # the default journal is that process's, so a new worker finds its predecessor's jobs.
+        self.jobs_dir = settings.jobs_dir or Path(tempfile.gettempdir()) / f"sdxl-jobs-{os.getppid()}"
         self.jobs = JobQueue(self.engine, settings.max_queue, settings.job_ttl_seconds, settings.max_jobs,
-                             settings.job_max_bytes)
+                             settings.job_max_bytes, on_change=self._job_changed, journal=JobJournal(self.jobs_dir))
         self.kept_images = KeptImages(settings.image_url_ttl_seconds, settings.image_url_max_bytes)
 
     def warm_up(self) -> None:
@@ -71,9 +81,12 @@ class Runtime:
         return self.jobs.alive
 
     def close(self) -> None:
+        """A clean stop (not a crash): the jobs end here, and so does the default journal."""
         self.jobs.close()
         self.kept_images.close()
         self.engine.models.close()
+        if self.settings.jobs_dir is None:
+            shutil.rmtree(self.jobs_dir, ignore_errors=True)
 
     async def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Validate, decode and fill in, off the event loop (an input image may be large)."""
@@ -83,16 +96,29 @@ class Runtime:
             request = request.model_copy(update={"vram_mode": None})
         return await anyio.to_thread.run_sync(self.engine.prepare, request)
 
-    def submit(self, prepared: PreparedRequest, preview_every: int | None = None) -> Job:
+    def owner(self, http: Request) -> str | None:
+        """Who a request acts for: with API keys set, a digest of its key (jobs belong to it);
+        without keys, nobody in particular (None: every job is visible)."""
+        if not self.settings.api_keys:
+            return None
+        key = presented_key(http.headers) or ""
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+    def submit(self, prepared: PreparedRequest, http: Request, preview_every: int | None = None) -> Job:
         if not self.jobs.alive:
             raise DeviceUnavailable("the device thread has stopped; the service must be restarted")
-        return self.jobs.submit(prepared, preview_every)
+        return self.jobs.submit(prepared, preview_every, self.owner(http))
+
+    def _job_changed(self, job: Job) -> None:
+        self.metrics.observe_queue(self.jobs.queue_length, int(self.jobs.running is not None))
+        if job.status.final:
+            self.metrics.observe_finished(job)
 
     async def run(self, request: GenerationRequest, http: Request) -> GenerationResult:
         """A synchronous generation: a job whose client waits for it. Whatever ends the wait
         (the client leaving, the timeout, the handler being cancelled) cancels the job, so the
         device moves on at its next step."""
-        job = self.submit(await self.prepare(request))
+        job = self.submit(await self.prepare(request), http)
         waiter = asyncio.wrap_future(job.done)
         deadline = time.monotonic() + self.settings.timeout_seconds
         try:

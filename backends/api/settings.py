@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode, BeforeValidator(_keys)] = Field([], repr=False)
     cors_origins: Names = ["*"]
     open_metrics: bool = False  # /metrics without a key (a Prometheus scraper on the pod network)
+    max_body_bytes: int = Field(32 * 2**20, ge=1024)  # larger bodies get 413 before any parsing
     timeout_seconds: int = Field(600, ge=1)
     public_url: str | None = None  # base of image links when behind a proxy; default: the request's own
     image_url_ttl_seconds: float = Field(3600, gt=0)
@@ -82,6 +83,9 @@ class Settings(BaseSettings):
     max_jobs: int = Field(1000, ge=1)  # ... and at most this many
     job_max_bytes: int = Field(512 * 2**20, ge=0)  # ... holding at most this many bytes
     warmup: bool = True
+    # Where job records are kept so that a restarted worker still answers for its ids; default:
+    # a folder in the temporary directory of this `bentoml serve` (removed when it stops).
+    jobs_dir: Path | None = None
     # Device and memory
     device: str = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"

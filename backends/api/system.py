@@ -6,8 +6,9 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends
+from fastapi.responses import Response
 
-from backends.api import errors
+from backends.api import errors, metrics
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.schedulers import SCHEDULERS
 
@@ -61,3 +62,13 @@ async def unload(runtime: RuntimeDep) -> dict[str, Any]:
     """Free every loaded pipeline; the next request loads its model again."""
     unloaded = await anyio.to_thread.run_sync(runtime.engine.models.unload)
     return {"status": "ok", "unloaded": unloaded}
+
+
+@router.get("/metrics", response_class=Response, responses={
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus metrics"},
+    **errors.responses(401)})
+async def prometheus_metrics() -> Response:
+    """Requests by route template, queued and running jobs, generations by model and outcome,
+    out-of-memory recoveries, model load seconds (and the Python process's own figures)."""
+    body, content_type = await anyio.to_thread.run_sync(metrics.exposition)
+    return Response(body, media_type=content_type)

@@ -17,7 +17,9 @@ stop a running generation between two denoising steps; the queue here is what th
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -25,6 +27,8 @@ from collections import OrderedDict, deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -68,6 +72,7 @@ class Job:
     id: str
     prepared: PreparedRequest | None  # what the device runs; dropped (with the input image) once finished
     preview_every: int | None = None
+    owner: str | None = None  # who may see and cancel it (a digest of the API key that created it)
     status: JobStatus = JobStatus.QUEUED
     created: float = field(default_factory=time.time)
     started: float | None = None
@@ -86,8 +91,10 @@ class Job:
     _first_step_at: float | None = None
 
     def __post_init__(self) -> None:
-        self.request: GenerationRequest = self.prepared.request  # kept after the input is dropped
-        self.total_steps = self.prepared.total_steps
+        # Kept after the input is dropped; None for a job recovered from the journal.
+        self.request: GenerationRequest | None = self.prepared.request if self.prepared else None
+        if self.prepared is not None:
+            self.total_steps = self.prepared.total_steps
 
     @property
     def percent(self) -> float:
@@ -127,12 +134,61 @@ class Job:
         self.version += 1
 
 
+class JobJournal:
+    """One small file per job held (its status, owner, times, error), so that a restarted
+    worker still answers for the ids the one before handed out: a job that was queued or
+    running then is failed with a message that says so. Images are not journalled."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def write(self, job: Job) -> None:
+        record = {"status": job.status.value, "owner": job.owner, "created": job.created, "started": job.started,
+                  "finished": job.finished, "step": job.step, "total_steps": job.total_steps,
+                  "error": job.error.message if job.error else None}
+        temporary = self.directory / f".{job.id}.tmp"
+        temporary.write_text(json.dumps(record))
+        os.replace(temporary, self.directory / job.id)
+
+    def forget(self, job_id: str) -> None:
+        (self.directory / job_id).unlink(missing_ok=True)
+
+    def recover(self) -> list[Job]:
+        """The jobs of the worker before, oldest first; unfinished ones failed (and rewritten)."""
+        jobs = []
+        for file in self.directory.iterdir():
+            if file.name.startswith("."):
+                continue
+            try:
+                record = json.loads(file.read_text())
+            except (OSError, ValueError):
+                continue
+            status = JobStatus(record["status"])
+            job = Job(file.name, None, owner=record["owner"], created=record["created"], started=record["started"],
+                      finished=record["finished"], step=record["step"], total_steps=record["total_steps"])
+            if status.final:
+                job.status = status
+                job.error = BackendError(record["error"]) if record["error"] else None
+                if status == JobStatus.SUCCEEDED:  # its images were in the lost worker's memory
+                    job.error = BackendError("the worker restarted after this job succeeded; its images are lost")
+            else:
+                job.status, job.finished = JobStatus.FAILED, time.time()
+                job.error = BackendError(f"failed: the worker restarted while this job was {status.value}")
+                self.write(job)
+            jobs.append(job)
+        return sorted(jobs, key=lambda job: job.created)
+
+
 class JobQueue:
     """The bounded, first-come-first-served queue in front of the device."""
 
     def __init__(self, engine: Engine, max_queue: int = 64, ttl_s: float = 3600, max_jobs: int = 1000,
-                 max_bytes: int = 512 * 2**20):
+                 max_bytes: int = 512 * 2**20, on_change: Callable[[Job], None] | None = None,
+                 journal: JobJournal | None = None):
         self.engine = engine
+        self.journal = journal
+        self.on_change = on_change  # told of every submit, start and finish (metrics), on the thread that did it
         self.max_queue = max_queue
         self.ttl_s = ttl_s
         self.max_jobs = max_jobs
@@ -146,34 +202,44 @@ class JobQueue:
         self._running: Job | None = None
         self._closing = False
         self._lock = threading.Condition()
+        for job in journal.recover() if journal else []:
+            self._jobs[job.id] = self._finished[job.id] = job
+        if self._finished:
+            logger.warning("%d job(s) of a previous worker found; those unfinished are marked failed", len(self._finished))
         self._worker = threading.Thread(target=self._work, name="sdxl-device", daemon=True)
         self._worker.start()
 
-    def submit(self, prepared: PreparedRequest, preview_every: int | None = None) -> Job:
+    def submit(self, prepared: PreparedRequest, preview_every: int | None = None, owner: str | None = None) -> Job:
         with self._lock:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting); retry later", self.retry_after_s())
-            job = Job(secrets.token_hex(16), prepared, preview_every)
+            job = Job(secrets.token_hex(16), prepared, preview_every, owner)
             self._jobs[job.id] = job
             self._queue.append(job)
+            if self.journal:
+                self.journal.write(job)
             self._lock.notify_all()
+        self._changed(job)
         return job
 
-    def get(self, job_id: str) -> Job:
+    def get(self, job_id: str, owner: str | None = None) -> Job:
+        """The job, if `owner` may see it: another owner's job is as unknown as a missing one."""
         with self._lock:
             self._expire()
-            if job_id in self._jobs:
-                return self._jobs[job_id]
-            if job_id in self._expired:
+            job = self._jobs.get(job_id)
+            if job is not None and (owner is None or job.owner == owner):
+                return job
+            if job is None and job_id in self._expired:
                 raise JobExpired(f"job {job_id} has expired and was deleted", "job_id")
             raise UnknownJob(f"no job {job_id}", "job_id")
 
-    def recent(self, limit: int = 50, before: float | None = None) -> list[Job]:
-        """The newest jobs first, at most `limit`, created before `before` when given."""
+    def recent(self, limit: int = 50, before: float | None = None, owner: str | None = None) -> list[Job]:
+        """The newest jobs first (of `owner`, when given), at most `limit`, created before `before`."""
         with self._lock:
             self._expire()
             jobs = sorted(self._jobs.values(), key=lambda job: job.created, reverse=True)
-        return [job for job in jobs if before is None or job.created < before][:limit]
+        return [job for job in jobs if (before is None or job.created < before)
+                and (owner is None or job.owner == owner)][:limit]
 
     def position(self, job: Job) -> int:
         """1 for the next job to run, 2 after it...; 0 when not waiting."""
@@ -244,7 +310,10 @@ class JobQueue:
                 job = self._running = self._queue.popleft()
                 job.status, job.started = JobStatus.RUNNING, time.time()
                 job.version += 1
+                if self.journal:
+                    self.journal.write(job)
             try:
+                self._changed(job)
                 self._run(job)
             except BaseException:  # the thread outlives any job: log it and take the next one
                 logger.exception("the device thread caught an error around a job; it goes on")
@@ -278,6 +347,8 @@ class JobQueue:
                             job.finished - job.cancel_requested_at)
             self._finished[job.id] = job
             self._finished_bytes += job.held_bytes
+            if self.journal:
+                self.journal.write(job)
             self._expire()
         try:
             if error is not None:
@@ -286,6 +357,14 @@ class JobQueue:
                 job.done.set_result(result)
         except InvalidStateError:  # its waiter cancelled the future: nobody is left to tell
             pass
+        self._changed(job)
+
+    def _changed(self, job: Job) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(job)
+            except Exception:  # an observer's failure is not the job's
+                logger.exception("a job observer failed")
 
     def _expire(self) -> None:
         """Forget finished jobs past their time, beyond the count, or beyond the bytes: the
@@ -299,5 +378,7 @@ class JobQueue:
             del self._finished[job.id], self._jobs[job.id]
             self._finished_bytes -= job.held_bytes
             self._expired[job.id] = None
+            if self.journal:
+                self.journal.forget(job.id)
         while len(self._expired) > 100_000:
             self._expired.popitem(last=False)

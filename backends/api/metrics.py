@@ -1,0 +1,57 @@
+"""Prometheus metrics that leak nothing and stay bounded: requests are labelled by their route
+template (`/v1/jobs/{job_id}`), never by a raw path (which would carry job and image ids, and
+grow one series per id); generation metrics by model and outcome.
+
+BentoML's own HTTP metrics label by raw path, so they are off (service.py) and these replace
+them, through prometheus_client as BentoML documents for user metrics. They are created in the
+worker, after BentoML has pointed prometheus_client at its multiprocess directory.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from backends.sdxl_backend.jobs import Job, JobStatus
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests = Counter("sdxl_http_requests_total", "HTTP requests answered", ["route", "method", "status"])
+        self.request_seconds = Histogram("sdxl_http_request_seconds", "Time to answer an HTTP request",
+                                         ["route", "method"],
+                                         buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+        self.queued = Gauge("sdxl_queued_jobs", "Jobs waiting for the device", multiprocess_mode="livesum")
+        self.running = Gauge("sdxl_running_jobs", "Jobs on the device", multiprocess_mode="livesum")
+        self.generations = Counter("sdxl_generations_total", "Finished jobs", ["model", "outcome"])
+        self.recoveries = Counter("sdxl_out_of_memory_recoveries_total", "Out-of-memory errors recovered in a lower mode",
+                                  ["model"])
+        self.load_seconds = Counter("sdxl_model_load_seconds_total", "Seconds spent loading models", ["model"])
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.request_seconds.labels(route, method).observe(seconds)
+
+    def observe_queue(self, queued: int, running: int) -> None:
+        self.queued.set(queued)
+        self.running.set(running)
+
+    def observe_finished(self, job: Job) -> None:
+        model = job.request.model or "unknown"
+        self.generations.labels(model, job.status.value).inc()
+        if job.status == JobStatus.SUCCEEDED and job.result is not None:
+            if job.result.out_of_memory_in:
+                self.recoveries.labels(model).inc(len(job.result.out_of_memory_in))
+            if job.result.timings.load_s:
+                self.load_seconds.labels(model).inc(job.result.timings.load_s)
+
+
+def exposition() -> tuple[bytes, str]:
+    """Every metric of the service's processes, in Prometheus' text format."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,137 @@
+"""Faults and attackers: a worker killed mid-job, keys that are not tenants, metrics that would
+leak ids, bodies too large to parse, a device thread that must outlive whatever a job does."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from backends.sdxl_backend.device import select_placement
+from backends.sdxl_backend.engine import Engine
+from backends.sdxl_backend.jobs import JobQueue, JobStatus
+from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+from backends.sdxl_backend.protocol import GenerationRequest
+from models.catalog import defaults_for
+from tests.test_jobs import LONG, SHORT, submit, wait
+
+K1, K2 = "key-one-0123456789", "key-two-0123456789"
+
+
+# --- the device thread, in-process ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    source = ModelSource("tiny-sdxl", Path(tiny_model.path), defaults_for("tiny-sdxl"))
+    return Engine(ModelManager([source], select_placement()), "tiny-sdxl")
+
+
+def test_the_device_thread_outlives_a_cancelled_waiter_and_a_crashing_observer(engine):
+    seen = []
+
+    def observer(job):
+        seen.append(job.status)
+        if job.status == JobStatus.RUNNING:
+            raise RuntimeError("an observer bug")
+
+    jobs = JobQueue(engine, on_change=observer)
+    try:
+        first = jobs.submit(engine.prepare(GenerationRequest(prompt="x", steps=2)))
+        first.done.cancel()  # a waiter that gave up the way asyncio does: the device must not care
+        second = jobs.submit(engine.prepare(GenerationRequest(prompt="y", steps=2)))
+        assert second.done.result(timeout=300).images
+        assert first.status == JobStatus.SUCCEEDED and jobs.alive
+        assert seen.count(JobStatus.RUNNING) == 2
+    finally:
+        jobs.close()
+    assert not jobs.alive  # close() ends the thread it started
+
+
+# --- through served processes ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def keyed(serve):
+    return serve("keyed", {"SDXL_MODELS": "tiny-sdxl", "SDXL_API_KEYS": f"{K1},{K2}", "SDXL_MAX_BODY_BYTES": "200000"})
+
+
+def as_key(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_jobs_belong_to_the_key_that_made_them(keyed):
+    job = httpx.post(f"{keyed.url}/v1/jobs", json=SHORT, headers=as_key(K1), timeout=60).json()
+    for route in ("", "/events", "/preview"):
+        other = httpx.get(f"{keyed.url}/v1/jobs/{job['id']}{route}", headers=as_key(K2), timeout=60)
+        assert other.status_code == 404, route  # not 403: the id is not confirmed
+    assert httpx.delete(f"{keyed.url}/v1/jobs/{job['id']}", headers=as_key(K2), timeout=60).status_code == 404
+    assert job["id"] not in [j["id"] for j in httpx.get(f"{keyed.url}/v1/jobs", headers=as_key(K2), timeout=60).json()["jobs"]]
+    mine = httpx.get(f"{keyed.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=60)
+    assert mine.status_code == 200 and mine.json()["id"] == job["id"]
+
+
+def test_interrupt_stops_only_the_callers_generation(keyed):
+    job = httpx.post(f"{keyed.url}/v1/jobs", json=LONG, headers=as_key(K1), timeout=60).json()
+    deadline = time.monotonic() + 300
+    while httpx.get(f"{keyed.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=60).json()["step"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    httpx.post(f"{keyed.url}/sdapi/v1/interrupt", headers=as_key(K2), timeout=60)
+    assert httpx.get(f"{keyed.url}/sdapi/v1/progress", headers=as_key(K2), timeout=60).json()["state"]["job_count"] == 0
+    step = httpx.get(f"{keyed.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=60).json()["step"]
+    while (state := httpx.get(f"{keyed.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=60).json())["step"] < step + 2:
+        assert state["status"] == "running"  # K2's interrupt did not touch it
+        time.sleep(0.1)
+    assert httpx.get(f"{keyed.url}/sdapi/v1/progress", headers=as_key(K1), timeout=60).json()["state"]["job_count"] == 1
+    httpx.post(f"{keyed.url}/sdapi/v1/interrupt", headers=as_key(K1), timeout=60)
+    while (state := httpx.get(f"{keyed.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=60).json())["status"] == "running":
+        time.sleep(0.1)
+    assert state["status"] == "cancelled" and state["step"] < 30
+
+
+def test_metrics_and_docs_need_the_key_and_name_routes_not_ids(keyed):
+    assert httpx.get(f"{keyed.url}/metrics", timeout=60).status_code == 401
+    assert httpx.get(f"{keyed.url}/docs.json", timeout=60).status_code == 401
+    job = httpx.post(f"{keyed.url}/v1/jobs", json=SHORT, headers=as_key(K1), timeout=60).json()
+    httpx.get(f"{keyed.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=60)
+    httpx.get(f"{keyed.url}/v1/images/files/not-an-image.png", timeout=60)
+    text = httpx.get(f"{keyed.url}/metrics", headers=as_key(K1), timeout=60).text
+    assert job["id"] not in text and "not-an-image" not in text
+    assert 'route="/v1/jobs/{job_id}"' in text and 'route="/v1/images/files/{image_id}"' in text
+    assert "sdxl_queued_jobs" in text and 'sdxl_generations_total{model="tiny-sdxl",outcome="succeeded"}' in text
+    assert job["id"] not in keyed.log() and K1 not in keyed.log()
+
+
+def test_a_body_over_the_limit_is_413_before_parsing(keyed):
+    big = b'{"prompt": "' + b"x" * 300_000 + b'"}'
+    declared = httpx.post(f"{keyed.url}/v1/txt2img", content=big, headers={**as_key(K1), "Content-Type": "application/json"},
+                          timeout=60)
+    assert declared.status_code == 413 and "SDXL_MAX_BODY_BYTES" in declared.json()["error"]["message"]
+    chunked = httpx.post(f"{keyed.url}/v1/generate", content=iter([big[:100_000], big[100_000:]]),
+                         headers={**as_key(K1), "Content-Type": "application/json"}, timeout=60)
+    assert chunked.status_code == 413
+    assert httpx.post(f"{keyed.url}/v1/txt2img", json=SHORT, headers=as_key(K1), timeout=300).status_code == 200
+
+
+def worker_of(server) -> psutil.Process:
+    return next(p for p in psutil.Process(server.process.pid).children(recursive=True)
+                if "_bentoml_impl.worker.service" in " ".join(p.cmdline()))
+
+
+def test_a_worker_killed_mid_job_leaves_jobs_that_say_so(serve):
+    server = serve("crash", {"SDXL_MODELS": "tiny-sdxl"})
+    running = submit(server, {**LONG, "steps": 150})
+    queued = submit(server, LONG)
+    wait(server, running["id"], until=lambda job: job["step"] >= 2)
+    worker = worker_of(server)
+    worker.kill()  # kill -9
+    worker.wait(60)
+    server.wait_ready()  # BentoML starts a new worker
+    for job_id, was in ((running["id"], "running"), (queued["id"], "queued")):
+        job = httpx.get(f"{server.url}/v1/jobs/{job_id}", timeout=60).json()
+        assert job["status"] == "failed", job
+        assert job["error"]["message"] == f"failed: the worker restarted while this job was {was}"
+    assert wait(server, submit(server, SHORT)["id"])[0]["status"] == "succeeded"
