@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from backends.api import errors, openapi
 
 PROBES = ("/health", "/livez", "/readyz", "/healthz")
+JSON_ONLY = ("/v1/txt2img", "/v1/img2img")  # the native BentoML methods, whose bodies are JSON
 OPEN_PREFIXES = ("/v1/images/files/",)
 access_log = logging.getLogger("sdxl_backend.access")
 
@@ -87,6 +88,12 @@ class Edge:
                                             f"(SDXL_MAX_BODY_BYTES)")
             await _send_json(send, 413, body, [(b"connection", b"close")])
             return
+        if path in JSON_ONLY and scope["method"] == "POST":
+            media_type = Headers(scope=scope).get("content-type", "application/json").split(";")[0].strip().lower()
+            if media_type != "application/json":
+                body = errors.status_error(415, f"the body must be JSON (Content-Type: application/json), not {media_type}")
+                await _send_json(send, 415, body, [])
+                return
         if path == "/docs.json":
             await self.app(scope, receive, _rewriting(send, lambda status, body: (status, openapi.truthful(body))))
             return

@@ -49,6 +49,7 @@ DESCRIPTIONS = {
     409: "The job was cancelled",
     410: "The job or image has expired",
     413: "A body or input image over the limits",
+    415: "The body is not JSON",
     422: "The input image does not decode",
     429: "The queue is full; Retry-After says when to try again",
     500: "Internal error",
@@ -100,7 +101,7 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> tuple[int, dict[str, A
 def status_error(status: int, message: str) -> dict[str, Any]:
     """An error that has no backend class (unknown route, bad method, body too large...)."""
     type_ = {401: "authentication_error", 404: "not_found", 405: "method_not_allowed",
-             413: "payload_too_large", 429: "rate_limited", 503: "unavailable",
+             413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited", 503: "unavailable",
              504: "timeout"}.get(status, "invalid_request_error" if status < 500 else "internal_error")
     return error_body(message, type_, None, type_)
 

@@ -160,7 +160,7 @@ async def cancel_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+    200: {"content": {"text/event-stream": {}},
           "description": "`progress` (and `preview`) events, then `result`, `error` or `cancelled`"},
     **NOT_FOUND})
 async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> StreamingResponse:
