@@ -1,8 +1,8 @@
 """moondream-station and OpenAI Images clients against a real served process.
 
-The gallery requests below are the bodies the public Image-Gallery-2 client sends (see
-shared/docs/CLIENT_CONTRACTS.md §2), as JSON.stringify writes them, and the answers are read
-the way that client reads them.
+The gallery requests below are the bodies the public Image-Gallery-2 client sends (its
+MoondreamLocalProvider and usePerformanceTest), as JSON.stringify writes them, and the answers
+are read the way that client reads them.
 """
 
 from __future__ import annotations
