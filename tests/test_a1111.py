@@ -85,15 +85,15 @@ def test_options_that_are_on_are_refused_by_name(server, route, change, param):
 
 
 def test_models_samplers_options(server):
-    models = httpx.get(f"{server.url}/sdapi/v1/sd-models").json()
+    models = httpx.get(f"{server.url}/sdapi/v1/sd-models", timeout=300).json()
     assert [m["title"] for m in models] == ["tiny-sdxl"]
-    samplers = {s["name"]: s["aliases"] for s in httpx.get(f"{server.url}/sdapi/v1/samplers").json()}
+    samplers = {s["name"]: s["aliases"] for s in httpx.get(f"{server.url}/sdapi/v1/samplers", timeout=300).json()}
     assert samplers["Euler a"] == ["euler_a"] and "DPM++ SDE Karras" in samplers
-    assert httpx.get(f"{server.url}/sdapi/v1/options").json() == {"sd_model_checkpoint": "tiny-sdxl"}
+    assert httpx.get(f"{server.url}/sdapi/v1/options", timeout=300).json() == {"sd_model_checkpoint": "tiny-sdxl"}
 
 
 def test_progress_and_interrupt(server):
-    idle = httpx.get(f"{server.url}/sdapi/v1/progress").json()
+    idle = httpx.get(f"{server.url}/sdapi/v1/progress", timeout=300).json()
     assert idle["progress"] == 0.0 and idle["state"]["job_count"] == 0
     answers = []
     worker = threading.Thread(target=lambda: answers.append(sdapi(server, "txt2img", {
@@ -101,12 +101,12 @@ def test_progress_and_interrupt(server):
     worker.start()
     deadline, seen = time.monotonic() + 30, None
     while time.monotonic() < deadline:
-        seen = httpx.get(f"{server.url}/sdapi/v1/progress?skip_current_image=true").json()
+        seen = httpx.get(f"{server.url}/sdapi/v1/progress?skip_current_image=true", timeout=300).json()
         if seen["state"]["sampling_step"] >= 3:
             break
         time.sleep(0.05)
     assert seen["state"]["sampling_steps"] == 30 and 0 < seen["progress"] < 1 and seen["eta_relative"] > 0
-    assert httpx.post(f"{server.url}/sdapi/v1/interrupt").status_code == 200
+    assert httpx.post(f"{server.url}/sdapi/v1/interrupt", timeout=300).status_code == 200
     worker.join(30)
     assert answers[0].status_code == 409 and answers[0].json()["error"]["type"] == "cancelled"
     assert sdapi(server, "txt2img", A1111_DEFAULTS).status_code == 200  # the next one runs

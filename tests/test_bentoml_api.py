@@ -52,7 +52,7 @@ def test_async_client(server):
 
 
 def test_schema_json_lists_the_native_routes(server):
-    schema = httpx.get(f"{server.url}/schema.json", timeout=60).json()
+    schema = httpx.get(f"{server.url}/schema.json", timeout=300).json()
     routes = {route["name"]: route for route in schema["routes"]}
     assert routes["txt2img"]["route"] == "/v1/txt2img" and routes["img2img"]["route"] == "/v1/img2img"
     fields = routes["txt2img"]["input"]["properties"]
@@ -63,7 +63,7 @@ def test_schema_json_lists_the_native_routes(server):
 
 @pytest.fixture(scope="module")
 def spec(server) -> dict:
-    return httpx.get(f"{server.url}/docs.json", timeout=60).json()
+    return httpx.get(f"{server.url}/docs.json", timeout=300).json()
 
 
 def test_openapi_document_validates_for_the_version_it_declares(spec):
@@ -104,7 +104,7 @@ CALLS = [
 
 @pytest.mark.parametrize(("method", "path", "body"), CALLS, ids=[f"{m} {p} {i}" for i, (m, p, _) in enumerate(CALLS)])
 def test_every_status_sent_is_declared(server, spec, method, path, body):
-    response = httpx.request(method, f"{server.url}{path}", json=body, timeout=120)
+    response = httpx.request(method, f"{server.url}{path}", json=body, timeout=300)
     template = path.split("?")[0].replace("0123456789abcdef", "{job_id}").replace("nope.png", "{image_id}")
     declared = spec["paths"][template][method]["responses"]
     assert str(response.status_code) in declared, (response.status_code, response.text[:300])
@@ -133,7 +133,7 @@ def test_every_example_body_works_when_tried(server, spec):
 def test_unknown_routes_and_methods_answer_in_the_error_shape(server):
     for method, path, status in [("get", "/v1/chat/completions", 404), ("get", "/nowhere", 404),
                                  ("put", "/v1/models", 405)]:
-        response = httpx.request(method, f"{server.url}{path}", timeout=60)
+        response = httpx.request(method, f"{server.url}{path}", timeout=300)
         assert response.status_code == status
         assert response.headers["content-type"] == "application/json"
         assert response.json()["error"]["message"]
@@ -141,7 +141,7 @@ def test_unknown_routes_and_methods_answer_in_the_error_shape(server):
 
 def test_a_body_that_is_not_utf8_is_a_400_in_the_error_shape(server):
     for route in ("/v1/txt2img", "/v1/generate", "/v1/jobs"):
-        response = httpx.post(f"{server.url}{route}", content=b"\xff\xfe{", timeout=60,
+        response = httpx.post(f"{server.url}{route}", content=b"\xff\xfe{", timeout=300,
                               headers={"Content-Type": "application/json"})
         assert response.status_code == 400, route
         assert response.json()["error"]["type"] == "invalid_request_error"

@@ -23,7 +23,7 @@ PROMPT = "a misty forest at dawn"
 
 
 def post_raw(server, route: str, payload: bytes, **headers: str) -> httpx.Response:
-    return httpx.post(f"{server.url}{route}", content=payload, timeout=120,
+    return httpx.post(f"{server.url}{route}", content=payload, timeout=300,
                       headers={"Content-Type": "application/json", **headers})
 
 
@@ -32,7 +32,7 @@ def gallery_image(answer: dict) -> Image.Image:
     first = answer["data"][0]
     if first.get("b64_json"):
         return Image.open(io.BytesIO(base64.b64decode(first["b64_json"])))
-    return Image.open(io.BytesIO(httpx.get(first["url"]).content))
+    return Image.open(io.BytesIO(httpx.get(first["url"], timeout=300).content))
 
 
 # --- replayed gallery requests -----------------------------------------------------------------
@@ -84,28 +84,28 @@ def test_older_clients_read_images_or_image(server):
 
 def test_vram_mode_low_frees_the_model_after_the_request(server):
     body = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
-    low = httpx.post(f"{server.url}/v1/generate", json=body, headers={"X-VRAM-Mode": "low"}, timeout=60)
+    low = httpx.post(f"{server.url}/v1/generate", json=body, headers={"X-VRAM-Mode": "low"}, timeout=300)
     assert low.status_code == 200 and low.json()["stats"]["vram_mode"] == "low"
-    models = httpx.get(f"{server.url}/v1/models").json()["models"]
+    models = httpx.get(f"{server.url}/v1/models", timeout=300).json()["models"]
     assert models[0]["loaded"] is False
-    again = httpx.post(f"{server.url}/v1/generate", json=body, timeout=60)
+    again = httpx.post(f"{server.url}/v1/generate", json=body, timeout=300)
     assert float(again.headers["X-Model-Load-Time"]) > 0
-    bad = httpx.post(f"{server.url}/v1/generate", json=body, headers={"X-VRAM-Mode": "max"})
+    bad = httpx.post(f"{server.url}/v1/generate", json=body, headers={"X-VRAM-Mode": "max"}, timeout=300)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-VRAM-Mode"
 
 
 def test_unload_route(server):
     body = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
-    httpx.post(f"{server.url}/v1/generate", json=body, timeout=60)
-    unloaded = httpx.post(f"{server.url}/v1/system/unload").json()
+    httpx.post(f"{server.url}/v1/generate", json=body, timeout=300)
+    unloaded = httpx.post(f"{server.url}/v1/system/unload", timeout=300).json()
     assert unloaded == {"status": "ok", "unloaded": ["tiny-sdxl"]}
-    assert httpx.get(f"{server.url}/v1/models").json()["models"][0]["loaded"] is False
-    assert float(httpx.post(f"{server.url}/v1/generate", json=body, timeout=60).headers["X-Model-Load-Time"]) > 0
+    assert httpx.get(f"{server.url}/v1/models", timeout=300).json()["models"][0]["loaded"] is False
+    assert float(httpx.post(f"{server.url}/v1/generate", json=body, timeout=300).headers["X-Model-Load-Time"]) > 0
 
 
 def test_companion_routes(server):
-    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
-    samplers = httpx.get(f"{server.url}/v1/samplers").json()
+    assert httpx.get(f"{server.url}/health", timeout=300).json()["status"] == "ok"
+    samplers = httpx.get(f"{server.url}/v1/samplers", timeout=300).json()
     assert samplers["samplers"] == samplers["schedulers"] and {"name": "euler", "label": "Euler"} in samplers["samplers"]
 
 
@@ -126,7 +126,7 @@ def test_openai_b64_json_n_images_and_size(client):
 
 def test_openai_url_format(client):
     result = client.images.generate(model="tiny-sdxl", prompt=PROMPT, size="64x64", response_format="url")
-    fetched = httpx.get(result.data[0].url)
+    fetched = httpx.get(result.data[0].url, timeout=300)
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(fetched.content)).size == (64, 64)
 
@@ -153,7 +153,7 @@ def test_openai_errors(client):
 
 def generated_pixels(server, **fields) -> bytes:
     body = {"prompt": PROMPT, "model": "tiny-sdxl", "width": 64, "height": 64, "steps": 4, "seed": 1, **fields}
-    response = httpx.post(f"{server.url}/v1/generate", json=body, timeout=60)
+    response = httpx.post(f"{server.url}/v1/generate", json=body, timeout=300)
     assert response.status_code == 200, response.text
     return pixels(base64.b64decode(response.json()["images"][0]))
 
@@ -174,7 +174,7 @@ def test_strength_changes_img2img(server):
 
 def test_num_images_and_n(server):
     for count in ({"num_images": 3}, {"n": 3}, {"n": 3, "num_images": 3}):
-        answer = httpx.post(f"{server.url}/v1/generate", timeout=60, json={
+        answer = httpx.post(f"{server.url}/v1/generate", timeout=300, json={
             "prompt": "x", "model": "tiny-sdxl", "width": 64, "height": 64, "seed": 4, **count}).json()
         assert answer["stats"]["seeds"] == [4, 5, 6] and len(answer["images"]) == 3
 
@@ -218,13 +218,13 @@ def test_bad_input_gets_its_4xx(server, body, status, param):
         if isinstance(body, bytes):
             response = post_raw(server, route, body)
         else:
-            response = httpx.post(f"{server.url}{route}", json=body, timeout=120)
+            response = httpx.post(f"{server.url}{route}", json=body, timeout=300)
         assert response.status_code == status, response.text[:500]
         if status >= 400:
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"}
             assert error["param"] == param and error["message"]
-    assert httpx.post(f"{server.url}/v1/generate", json={"prompt": "ok", "width": 64, "height": 64}).status_code == 200
+    assert httpx.post(f"{server.url}/v1/generate", json={"prompt": "ok", "width": 64, "height": 64}, timeout=300).status_code == 200
 
 
 # --- keys, CORS, kept images: a server configured for them -----------------------------------
@@ -248,15 +248,15 @@ def secured(serve, tmp_path_factory):
 def test_api_keys(secured):
     body = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
     url = f"{secured.url}/v1/generate"
-    missing = httpx.post(url, json=body)
+    missing = httpx.post(url, json=body, timeout=300)
     assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60).status_code == 200
-    assert httpx.post(url, json=body, headers={"X-API-Key": "other-key"}, timeout=60).status_code == 200
-    assert httpx.post(f"{secured.url}/v1/system/unload").status_code == 401
-    assert httpx.post(f"{secured.url}/v1/txt2img", json=body).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}, timeout=300).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=300).status_code == 200
+    assert httpx.post(url, json=body, headers={"X-API-Key": "other-key"}, timeout=300).status_code == 200
+    assert httpx.post(f"{secured.url}/v1/system/unload", timeout=300).status_code == 401
+    assert httpx.post(f"{secured.url}/v1/txt2img", json=body, timeout=300).status_code == 401
     for open_route in ("/health", "/readyz", "/livez"):
-        assert httpx.get(f"{secured.url}{open_route}").status_code == 200, open_route
+        assert httpx.get(f"{secured.url}{open_route}", timeout=300).status_code == 200, open_route
     assert KEY not in secured.log()
 
 
@@ -270,14 +270,14 @@ def test_openai_client_with_key(secured):
 def test_cors_preflight_and_exposed_headers(secured):
     preflight = httpx.options(f"{secured.url}/v1/images/generations", headers={
         "Origin": "http://gallery.local", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type,authorization,x-vram-mode"})
+        "Access-Control-Request-Headers": "content-type,authorization,x-vram-mode"}, timeout=300)
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "http://gallery.local"
     assert "x-vram-mode" in preflight.headers["access-control-allow-headers"].lower()
     stranger = httpx.options(f"{secured.url}/v1/images/generations", headers={
-        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}, timeout=300)
     assert "access-control-allow-origin" not in stranger.headers
-    answer = httpx.post(f"{secured.url}/v1/generate", timeout=60, json={"prompt": "x", "width": 64, "height": 64},
+    answer = httpx.post(f"{secured.url}/v1/generate", timeout=300, json={"prompt": "x", "width": 64, "height": 64},
                         headers={"Origin": "http://gallery.local", "X-API-Key": KEY})
     exposed = answer.headers["access-control-expose-headers"]
     for header in ("X-Inference-Time", "X-Model-Load-Time", "X-VRAM-Used", "X-VRAM-Total", "X-Seed"):
@@ -285,16 +285,16 @@ def test_cors_preflight_and_exposed_headers(secured):
 
 
 def test_kept_image_url_expires(secured):
-    answer = httpx.post(f"{secured.url}/v1/images/generations", timeout=60, headers={"X-API-Key": KEY},
+    answer = httpx.post(f"{secured.url}/v1/images/generations", timeout=300, headers={"X-API-Key": KEY},
                         json={"prompt": "x", "size": "64x64", "response_format": "url", "output_format": "webp"}).json()
     url = answer["data"][0]["url"]
     assert url.startswith(f"{secured.url}/v1/images/files/") and url.endswith(".webp")
     assert answer["images"] == [url] and answer["image"] == url
-    kept = httpx.get(url)  # no key: links are fetched by browsers
+    kept = httpx.get(url, timeout=300)  # no key: links are fetched by browsers
     assert kept.status_code == 200 and kept.headers["content-type"] == "image/webp"
     time.sleep(3.5)
-    assert httpx.get(url).status_code == 410
-    assert httpx.get(f"{secured.url}/v1/images/files/never-made.png").status_code == 404
+    assert httpx.get(url, timeout=300).status_code == 410
+    assert httpx.get(f"{secured.url}/v1/images/files/never-made.png", timeout=300).status_code == 404
 
 
 def test_kept_images_cap_pushes_out_the_oldest_and_time_expires_them():

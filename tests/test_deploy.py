@@ -31,7 +31,7 @@ def bento(tiny_model):
     assert built.returncode == 0, built.stderr
     tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     shown = subprocess.run([sys.executable, "-m", "bentoml", "get", tag, "-o", "json"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
     name, version = tag.split(":")
     return json.loads(shown.stdout), Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version
 
@@ -53,7 +53,7 @@ def test_a_bento_serves_only_the_models_it_packed(bento, tiny_model, serve):
     stored_model("tiny-extra") or import_from_path("tiny-extra", Path(tiny_model.path))
     _, directory = bento
     server = serve("bento", {"SDXL_MODELS": ""}, target=f"{directory.parent.name}:{directory.name}")
-    served = [m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=60).json()["models"]]
+    served = [m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=300).json()["models"]]
     server.stop()
     assert served == ["tiny-sdxl"]
 

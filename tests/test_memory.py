@@ -110,11 +110,11 @@ def test_sizes_and_policy_from_environment(monkeypatch):
 
 def generate(server: Server, model: str, **extra) -> httpx.Response:
     body = {"prompt": "x", "model": model, "width": 64, "height": 64, "steps": 2, **extra.pop("body", {})}
-    return httpx.post(f"{server.url}/v1/generate", json=body, timeout=120, **extra)
+    return httpx.post(f"{server.url}/v1/generate", json=body, timeout=300, **extra)
 
 
 def status(server: Server) -> dict:
-    return httpx.get(f"{server.url}/v1/system/status").json()
+    return httpx.get(f"{server.url}/v1/system/status", timeout=300).json()
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_served_lru_concurrent_requests_and_status(trio_server):
     assert [a.json()["stats"]["model"] for a in answers] == ["tiny-a", "tiny-b", "tiny-c"] * 4
     state = status(trio_server)
     assert len(state["loaded"]) == 2 and not any(m["in_use"] for m in state["loaded"])
-    listed = {m["id"]: m["loaded"] for m in httpx.get(f"{trio_server.url}/v1/models").json()["models"]}
+    listed = {m["id"]: m["loaded"] for m in httpx.get(f"{trio_server.url}/v1/models", timeout=300).json()["models"]}
     assert listed == {m: m in {x["id"] for x in state["loaded"]} for m in TRIO}
 
 
@@ -157,7 +157,7 @@ def test_idle_unload_fires(trio_server):
 def test_low_mode_frees_the_model_and_status_shows_modes(trio_server):
     generate(trio_server, "tiny-b", body={}, headers={"X-VRAM-Mode": "balanced"})
     assert {m["id"]: m["mode"] for m in status(trio_server)["loaded"]}["tiny-b"] == "balanced"
-    low = httpx.post(f"{trio_server.url}/v1/txt2img", timeout=60,
+    low = httpx.post(f"{trio_server.url}/v1/txt2img", timeout=300,
                      json={"prompt": "x", "model": "tiny-c", "steps": 2, "vram_mode": "low"})
     assert low.status_code == 200 and low.json()["vram_mode"] == "low"
     assert "tiny-c" not in {m["id"] for m in status(trio_server)["loaded"]}
@@ -171,7 +171,7 @@ def test_out_of_memory_is_recovered_in_the_next_lower_mode(serve):
         assert answer.json()["stats"]["vram_mode"] == "balanced"
         assert answer.json()["stats"]["out_of_memory_in"] == ["high"]
         assert answer.headers["X-VRAM-Mode"] == "balanced"
-        native = httpx.post(f"{server.url}/v1/txt2img", json={"prompt": "x", "steps": 2}, timeout=60).json()
+        native = httpx.post(f"{server.url}/v1/txt2img", json={"prompt": "x", "steps": 2}, timeout=300).json()
         assert (native["vram_mode"], native["out_of_memory_in"]) == ("balanced", ["high"])
         from_low = generate(server, "tiny-sdxl", headers={"X-VRAM-Mode": "low"})  # nothing lower to try
         assert from_low.status_code == 507
@@ -198,7 +198,7 @@ def test_out_of_memory_twice_is_507_and_memory_returns_to_its_level(serve):
         after = status(server)
         assert after["loaded"] == []
         assert after["memory"]["process_rss"] - before < 48 * 2**20, (before, after["memory"]["process_rss"])
-        assert httpx.get(f"{server.url}/health").status_code == 200
+        assert httpx.get(f"{server.url}/health", timeout=300).status_code == 200
     finally:
         server.stop()
 

@@ -19,7 +19,7 @@ def test_every_operation_keeps_the_documents_promises(serve, tmp_path):
     server = serve("fuzzed", {"SDXL_MODELS": "tiny-sdxl", "SDXL_MAX_SIDE": "128", "SDXL_MAX_STEPS": "3",
                               "SDXL_MAX_IMAGES": "2"})
     document = tmp_path / "docs.json"
-    document.write_bytes(httpx.get(f"{server.url}/docs.json", timeout=60).content)
+    document.write_bytes(httpx.get(f"{server.url}/docs.json", timeout=300).content)
     run = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", str(document), "--url", server.url, "--checks", CHECKS,
          "--phases", "examples,coverage,fuzzing", "--max-examples", "20", "--request-timeout", "300",

@@ -13,7 +13,7 @@ from tests.conftest import pixels, png_bytes
 
 
 def post(server, route: str, body, **kwargs) -> httpx.Response:
-    return httpx.post(f"{server.url}{route}", json=body, timeout=120, **kwargs)
+    return httpx.post(f"{server.url}{route}", json=body, timeout=300, **kwargs)
 
 
 def decode(b64: str) -> Image.Image:
@@ -70,18 +70,18 @@ def test_img2img_with_base64_and_data_url(server):
 
 
 def test_models_and_schedulers(server):
-    models = httpx.get(f"{server.url}/v1/models").json()["models"]
+    models = httpx.get(f"{server.url}/v1/models", timeout=300).json()["models"]
     assert [m["id"] for m in models] == ["tiny-sdxl", "sdxl-realism"]
     assert models[0]["default"] is True and models[0]["version"] and "alias_of" not in models[0]
     assert models[1]["alias_of"] == "tiny-sdxl" and models[1]["version"] == models[0]["version"]
-    names = [s["name"] for s in httpx.get(f"{server.url}/v1/schedulers").json()["schedulers"]]
+    names = [s["name"] for s in httpx.get(f"{server.url}/v1/schedulers", timeout=300).json()["schedulers"]]
     assert {"euler", "euler_a", "dpmpp_2m_karras", "dpmpp_sde_karras", "lcm"} <= set(names)
 
 
 def test_bentoml_endpoints_stay_on(server):
     for route in ("/livez", "/readyz", "/metrics", "/"):
-        assert httpx.get(f"{server.url}{route}").status_code == 200, route
-    spec = httpx.get(f"{server.url}/docs.json").json()
+        assert httpx.get(f"{server.url}{route}", timeout=300).status_code == 200, route
+    spec = httpx.get(f"{server.url}/docs.json", timeout=300).json()
     assert "/v1/txt2img" in spec["paths"] and "/v1/img2img" in spec["paths"]
 
 
@@ -122,7 +122,7 @@ def _huge_png_header() -> str:
 )
 def test_bad_input_gets_4xx_naming_the_field(server, route, body, status, param):
     if isinstance(body, bytes):
-        response = httpx.post(f"{server.url}{route}", content=body, headers={"Content-Type": "application/json"})
+        response = httpx.post(f"{server.url}{route}", content=body, headers={"Content-Type": "application/json"}, timeout=300)
     else:
         response = post(server, route, body)
     assert response.status_code == status, response.text

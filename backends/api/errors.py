@@ -75,7 +75,7 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 
 def backend_error(exc: BackendError) -> tuple[int, dict[str, Any]]:
-    status, type_ = STATUS[type(exc)]
+    status, type_ = next(STATUS[cls] for cls in type(exc).__mro__ if cls in STATUS)
     return status, error_body(exc.message, type_, exc.param, type_)
 
 

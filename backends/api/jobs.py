@@ -15,12 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backends.api import errors, native
 from backends.api.runtime import Runtime, runtime_of
-from backends.sdxl_backend.errors import InvalidRequest
+from backends.sdxl_backend.errors import InvalidRequest, QueueFull
 from backends.sdxl_backend.jobs import Job, JobStatus
 from backends.sdxl_backend.protocol import GenerationRequest
 
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
+
+
+class TooManyStreams(QueueFull):
+    """As many event streams are open as the server allows (SDXL_MAX_EVENT_STREAMS): 429."""
 
 
 class JobRequest(GenerationRequest):
@@ -162,13 +166,24 @@ async def cancel_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={
     200: {"content": {"text/event-stream": {}},
           "description": "`progress` (and `preview`) events, then `result`, `error` or `cancelled`"},
-    **NOT_FOUND})
+    **errors.responses(401, 404, 410, 429)})
 async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> StreamingResponse:
     """Server-Sent Events: `progress` (and `preview`) while it runs, then `result`,
     `error` or `cancelled`, then the stream ends."""
     job, base = runtime.jobs.get(job_id, runtime.owner(request)), runtime.base_url(request)
+    if runtime.event_streams >= runtime.settings.max_event_streams:
+        raise TooManyStreams(f"{runtime.event_streams} event streams are open (SDXL_MAX_EVENT_STREAMS); poll "
+                             f"GET /v1/jobs/{{id}} or retry later", 1)
+    runtime.event_streams += 1
 
     async def stream():
+        try:
+            async for event in events():
+                yield event
+        finally:
+            runtime.event_streams -= 1
+
+    async def events():
         seen, preview_step, quiet_s = -1, 0, 0.0
         while True:
             version, final = job.version, job.status.final

@@ -83,6 +83,7 @@ class Settings(BaseSettings):
     max_jobs: int = Field(1000, ge=1)  # ... and at most this many
     job_max_bytes: int = Field(512 * 2**20, ge=0)  # ... holding at most this many bytes
     warmup: bool = True
+    max_event_streams: int = Field(256, ge=1)  # open /v1/jobs/{id}/events streams; more get 429
     # Where job records are kept so that a restarted worker still answers for its ids; default:
     # a folder in the temporary directory of this `bentoml serve` (removed when it stops).
     jobs_dir: Path | None = None
