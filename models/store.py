@@ -80,9 +80,9 @@ def _store(model_id: str, source: str, revision: str, fill: Callable[[Path], Non
 
 
 def _place(src: Path, dst: Path) -> None:
-    """Weights are hard-linked when possible (no second copy on disk); every other file is
-    copied, so that nothing written to the new model (BentoML rewrites its metadata) can
-    change the source through a shared file."""
+    """Weights are hard-linked into the new model's folder when possible (BentoML then copies
+    that folder into the store); every other file is copied, so that nothing written to the new
+    model (BentoML rewrites its metadata) can change the source through a shared file."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if src.name.endswith(".safetensors"):
         try:
@@ -149,7 +149,7 @@ def select_files(repo_files: list[str], model_index: dict) -> list[str]:
 
 def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml.Model:
     """Download only what the pipeline needs into the HF cache (resumable, with progress
-    bars), then hard-link it into the store."""
+    bars), then place it in the new model."""
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
     from huggingface_hub import constants
