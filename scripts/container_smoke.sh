@@ -9,7 +9,8 @@
 #
 # Where a Docker daemon runs, the image is built with it; elsewhere with buildah (vfs storage,
 # chroot isolation), and when Docker Hub is out of reach the base image python:3.11-slim is
-# made locally with debootstrap (see shared/docs/CONTAINERS.md for why each choice).
+# made locally with debootstrap (Debian's own tool, from Debian's package mirror, the only
+# registry such a machine reaches).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -75,9 +75,8 @@ def test_jobs_belong_to_the_key_that_made_them(keyed):
 
 def test_interrupt_stops_only_the_callers_generation(keyed):
     job = httpx.post(f"{keyed.url}/v1/jobs", json=LONG, headers=as_key(K1), timeout=300).json()
-    deadline = time.monotonic() + 300
-    while httpx.get(f"{keyed.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json()["step"] < 2:
-        assert time.monotonic() < deadline
+    while (state := httpx.get(f"{keyed.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())["step"] < 2:
+        assert state["status"] in ("queued", "running"), state  # it reaches step 2 or the test fails here
         time.sleep(0.1)
     httpx.post(f"{keyed.url}/sdapi/v1/interrupt", headers=as_key(K2), timeout=300)
     assert httpx.get(f"{keyed.url}/sdapi/v1/progress", headers=as_key(K2), timeout=300).json()["state"]["job_count"] == 0
