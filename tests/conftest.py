@@ -44,6 +44,8 @@ def serve(tiny_model, tmp_path_factory):
         return server
 
     yield start
+    for server in started:  # all asked to stop first: each takes seconds to shut down
+        server.terminate()
     for server in started:
         server.stop()
 
@@ -55,9 +57,37 @@ def server(serve):
     return serve("server", {"SDXL_MODELS": "tiny-sdxl", "SDXL_MODEL_ALIASES": "sdxl-realism=tiny-sdxl"})
 
 
+@pytest.fixture(scope="session")
+def jobs_server(serve):
+    """A short queue (2 waiting), a 3 s request timeout, finished jobs kept 10 s."""
+    return serve("jobs", {"SDXL_MODELS": "tiny-sdxl", "SDXL_MAX_QUEUE": "2", "SDXL_TIMEOUT_SECONDS": "3",
+                          "SDXL_JOB_TTL_SECONDS": "10"})
+
+
+# The keys `guarded` accepts; the first is the one the tests mostly present.
+GUARD_KEYS = ("sk-test-7f3a9c1e5b", "other-key", "key-one-0123456789", "key-two-0123456789")
+
+
+@pytest.fixture(scope="session")
+def guarded(serve, tmp_path_factory):
+    """The edge's guards, all switched on: API keys (read from a file), CORS for one origin,
+    image links that expire in 3 s, a 200 kB body limit, room for one event stream."""
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text("\n".join(GUARD_KEYS) + "\n")
+    return serve("guarded", {
+        "SDXL_MODELS": "tiny-sdxl",
+        "SDXL_API_KEYS": str(keys),
+        "SDXL_CORS_ORIGINS": "http://gallery.local",
+        "SDXL_IMAGE_URL_TTL_SECONDS": "3",
+        "SDXL_MAX_BODY_BYTES": "200000",
+        "SDXL_MAX_EVENT_STREAMS": "1",
+        "SDXL_WARMUP": "false",
+    })
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
-        if any("server" in name or name in ("serve", "secured", "bento") for name in item.fixturenames):
+        if any("server" in name or name in ("serve", "guarded", "bento") for name in item.fixturenames):
             item.add_marker(pytest.mark.served)
 
 

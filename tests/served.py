@@ -55,9 +55,14 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """Asks the process group to shut down, without waiting."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, 15)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.terminate()
             try:
                 self.process.wait(20)
             except subprocess.TimeoutExpired:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from backends.api.kept_images import KeptImages
-from tests.conftest import pixels, png_bytes
+from tests.conftest import GUARD_KEYS, pixels, png_bytes
 
 PROMPT = "a misty forest at dawn"
 
@@ -201,8 +201,7 @@ def _huge_header() -> str:
     ({"prompt": "x", "n": 2, "num_images": 3}, 400, "n"),
     ({"prompt": "x", "n": 11}, 400, "n"),
     ({"prompt": "x", "steps": 1000}, 400, "steps"),
-    ({"prompt": "x", "size": "2048x2048", "width": 2048, "height": 2048, "steps": 1, "model": "tiny-sdxl",
-      "n": 2}, 200, None),
+    ({"prompt": "x", "size": "2048x2048", "width": 2048, "height": 2048, "steps": 1, "model": "tiny-sdxl"}, 200, None),
     ({"prompt": "x", "size": "4096x4096"}, 400, "width"),
     ({"prompt": "x", "scheduler": "k_euler_magic"}, 400, "scheduler"),
     ({"prompt": "x", "response_format": "binary"}, 400, "response_format"),
@@ -229,72 +228,59 @@ def test_bad_input_gets_its_4xx(server, body, status, param):
 
 # --- keys, CORS, kept images: a server configured for them -----------------------------------
 
-KEY = "sk-test-7f3a9c1e5b"
+KEY = GUARD_KEYS[0]
 
 
-@pytest.fixture(scope="module")
-def secured(serve, tmp_path_factory):
-    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
-    keys.write_text(f"other-key\n{KEY}\n")
-    return serve("secured", {
-        "SDXL_MODELS": "tiny-sdxl",
-        "SDXL_API_KEYS": str(keys),
-        "SDXL_CORS_ORIGINS": "http://gallery.local",
-        "SDXL_IMAGE_URL_TTL_SECONDS": "3",
-        "SDXL_WARMUP": "false",
-    })
-
-
-def test_api_keys(secured):
+def test_api_keys(guarded):
     body = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
-    url = f"{secured.url}/v1/generate"
+    url = f"{guarded.url}/v1/generate"
     missing = httpx.post(url, json=body, timeout=300)
     assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
     assert httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}, timeout=300).status_code == 401
     assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=300).status_code == 200
     assert httpx.post(url, json=body, headers={"X-API-Key": "other-key"}, timeout=300).status_code == 200
-    assert httpx.post(f"{secured.url}/v1/system/unload", timeout=300).status_code == 401
-    assert httpx.post(f"{secured.url}/v1/txt2img", json=body, timeout=300).status_code == 401
+    assert httpx.post(f"{guarded.url}/v1/system/unload", timeout=300).status_code == 401
+    assert httpx.post(f"{guarded.url}/v1/txt2img", json=body, timeout=300).status_code == 401
     for open_route in ("/health", "/readyz", "/livez"):
-        assert httpx.get(f"{secured.url}{open_route}", timeout=300).status_code == 200, open_route
-    assert KEY not in secured.log()
+        assert httpx.get(f"{guarded.url}{open_route}", timeout=300).status_code == 200, open_route
+    assert KEY not in guarded.log()
 
 
-def test_openai_client_with_key(secured):
-    client = openai.OpenAI(base_url=f"{secured.url}/v1", api_key=KEY, max_retries=0)
+def test_openai_client_with_key(guarded):
+    client = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key=KEY, max_retries=0)
     assert client.images.generate(prompt="x", size="64x64").data[0].b64_json
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{secured.url}/v1", api_key="nope", max_retries=0).images.generate(prompt="x")
+        openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="nope", max_retries=0).images.generate(prompt="x")
 
 
-def test_cors_preflight_and_exposed_headers(secured):
-    preflight = httpx.options(f"{secured.url}/v1/images/generations", headers={
+def test_cors_preflight_and_exposed_headers(guarded):
+    preflight = httpx.options(f"{guarded.url}/v1/images/generations", headers={
         "Origin": "http://gallery.local", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "content-type,authorization,x-vram-mode"}, timeout=300)
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "http://gallery.local"
     assert "x-vram-mode" in preflight.headers["access-control-allow-headers"].lower()
-    stranger = httpx.options(f"{secured.url}/v1/images/generations", headers={
+    stranger = httpx.options(f"{guarded.url}/v1/images/generations", headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}, timeout=300)
     assert "access-control-allow-origin" not in stranger.headers
-    answer = httpx.post(f"{secured.url}/v1/generate", timeout=300, json={"prompt": "x", "width": 64, "height": 64},
+    answer = httpx.post(f"{guarded.url}/v1/generate", timeout=300, json={"prompt": "x", "width": 64, "height": 64},
                         headers={"Origin": "http://gallery.local", "X-API-Key": KEY})
     exposed = answer.headers["access-control-expose-headers"]
     for header in ("X-Inference-Time", "X-Model-Load-Time", "X-VRAM-Used", "X-VRAM-Total", "X-Seed"):
         assert header in exposed
 
 
-def test_kept_image_url_expires(secured):
-    answer = httpx.post(f"{secured.url}/v1/images/generations", timeout=300, headers={"X-API-Key": KEY},
+def test_kept_image_url_expires(guarded):
+    answer = httpx.post(f"{guarded.url}/v1/images/generations", timeout=300, headers={"X-API-Key": KEY},
                         json={"prompt": "x", "size": "64x64", "response_format": "url", "output_format": "webp"}).json()
     url = answer["data"][0]["url"]
-    assert url.startswith(f"{secured.url}/v1/images/files/") and url.endswith(".webp")
+    assert url.startswith(f"{guarded.url}/v1/images/files/") and url.endswith(".webp")
     assert answer["images"] == [url] and answer["image"] == url
     kept = httpx.get(url, timeout=300)  # no key: links are fetched by browsers
     assert kept.status_code == 200 and kept.headers["content-type"] == "image/webp"
     time.sleep(3.5)
     assert httpx.get(url, timeout=300).status_code == 410
-    assert httpx.get(f"{secured.url}/v1/images/files/never-made.png", timeout=300).status_code == 404
+    assert httpx.get(f"{guarded.url}/v1/images/files/never-made.png", timeout=300).status_code == 404
 
 
 def test_kept_images_cap_pushes_out_the_oldest_and_time_expires_them():

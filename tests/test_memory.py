@@ -205,7 +205,7 @@ def test_out_of_memory_twice_is_507_and_memory_returns_to_its_level(serve):
 
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
-    run = subprocess.run([sys.executable, "bench/gpu_sdxl.py", "--tiny", "--runs", "1", "--out", str(out)],
+    run = subprocess.run([sys.executable, "bench/gpu_sdxl.py", "--tiny", "--runs", "1", "--steps", "4", "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -17,9 +17,10 @@ from backends.sdxl_backend.jobs import JobQueue, JobStatus
 from backends.sdxl_backend.model_manager import ModelManager, ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
 from models.catalog import defaults_for
+from tests.conftest import GUARD_KEYS
 from tests.test_jobs import LONG, SHORT, submit, wait
 
-K1, K2 = "key-one-0123456789", "key-two-0123456789"
+K1, K2 = GUARD_KEYS[2:]
 
 
 # --- the device thread, in-process ------------------------------------------------------------
@@ -53,66 +54,61 @@ def test_the_device_thread_outlives_a_cancelled_waiter_and_a_crashing_observer(e
 
 # --- through served processes ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def keyed(serve):
-    return serve("keyed", {"SDXL_MODELS": "tiny-sdxl", "SDXL_API_KEYS": f"{K1},{K2}", "SDXL_MAX_BODY_BYTES": "200000"})
-
-
 def as_key(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def test_jobs_belong_to_the_key_that_made_them(keyed):
-    job = httpx.post(f"{keyed.url}/v1/jobs", json=SHORT, headers=as_key(K1), timeout=300).json()
+def test_jobs_belong_to_the_key_that_made_them(guarded):
+    job = httpx.post(f"{guarded.url}/v1/jobs", json=SHORT, headers=as_key(K1), timeout=300).json()
     for route in ("", "/events", "/preview"):
-        other = httpx.get(f"{keyed.url}/v1/jobs/{job['id']}{route}", headers=as_key(K2), timeout=300)
+        other = httpx.get(f"{guarded.url}/v1/jobs/{job['id']}{route}", headers=as_key(K2), timeout=300)
         assert other.status_code == 404, route  # not 403: the id is not confirmed
-    assert httpx.delete(f"{keyed.url}/v1/jobs/{job['id']}", headers=as_key(K2), timeout=300).status_code == 404
-    assert job["id"] not in [j["id"] for j in httpx.get(f"{keyed.url}/v1/jobs", headers=as_key(K2), timeout=300).json()["jobs"]]
-    mine = httpx.get(f"{keyed.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300)
+    assert httpx.delete(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K2), timeout=300).status_code == 404
+    assert job["id"] not in [j["id"] for j in httpx.get(f"{guarded.url}/v1/jobs", headers=as_key(K2), timeout=300).json()["jobs"]]
+    mine = httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300)
     assert mine.status_code == 200 and mine.json()["id"] == job["id"]
 
 
-def test_interrupt_stops_only_the_callers_generation(keyed):
-    job = httpx.post(f"{keyed.url}/v1/jobs", json=LONG, headers=as_key(K1), timeout=300).json()
-    while (state := httpx.get(f"{keyed.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())["step"] < 2:
+def test_interrupt_stops_only_the_callers_generation(guarded):
+    job = httpx.post(f"{guarded.url}/v1/jobs", json=LONG, headers=as_key(K1), timeout=300).json()
+    while (state := httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())["step"] < 2:
         assert state["status"] in ("queued", "running"), state  # it reaches step 2 or the test fails here
         time.sleep(0.1)
-    httpx.post(f"{keyed.url}/sdapi/v1/interrupt", headers=as_key(K2), timeout=300)
-    assert httpx.get(f"{keyed.url}/sdapi/v1/progress", headers=as_key(K2), timeout=300).json()["state"]["job_count"] == 0
-    step = httpx.get(f"{keyed.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json()["step"]
-    while (state := httpx.get(f"{keyed.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())["step"] < step + 2:
+    httpx.post(f"{guarded.url}/sdapi/v1/interrupt", headers=as_key(K2), timeout=300)
+    assert httpx.get(f"{guarded.url}/sdapi/v1/progress", headers=as_key(K2), timeout=300).json()["state"]["job_count"] == 0
+    step = httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json()["step"]
+    while (state := httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())["step"] < step + 2:
         assert state["status"] == "running"  # K2's interrupt did not touch it
         time.sleep(0.1)
-    assert httpx.get(f"{keyed.url}/sdapi/v1/progress", headers=as_key(K1), timeout=300).json()["state"]["job_count"] == 1
-    httpx.post(f"{keyed.url}/sdapi/v1/interrupt", headers=as_key(K1), timeout=300)
-    while (state := httpx.get(f"{keyed.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())["status"] == "running":
+    assert httpx.get(f"{guarded.url}/sdapi/v1/progress", headers=as_key(K1), timeout=300).json()["state"]["job_count"] == 1
+    httpx.post(f"{guarded.url}/sdapi/v1/interrupt", headers=as_key(K1), timeout=300)
+    while (state := httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())["status"] == "running":
         time.sleep(0.1)
     assert state["status"] == "cancelled" and state["step"] < 30
 
 
-def test_metrics_and_docs_need_the_key_and_name_routes_not_ids(keyed):
-    assert httpx.get(f"{keyed.url}/metrics", timeout=300).status_code == 401
-    assert httpx.get(f"{keyed.url}/docs.json", timeout=300).status_code == 401
-    job = httpx.post(f"{keyed.url}/v1/jobs", json=SHORT, headers=as_key(K1), timeout=300).json()
-    httpx.get(f"{keyed.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300)
-    httpx.get(f"{keyed.url}/v1/images/files/not-an-image.png", timeout=300)
-    text = httpx.get(f"{keyed.url}/metrics", headers=as_key(K1), timeout=300).text
+def test_metrics_and_docs_need_the_key_and_name_routes_not_ids(guarded):
+    assert httpx.get(f"{guarded.url}/metrics", timeout=300).status_code == 401
+    assert httpx.get(f"{guarded.url}/docs.json", timeout=300).status_code == 401
+    job = httpx.post(f"{guarded.url}/v1/jobs", json=SHORT, headers=as_key(K1), timeout=300).json()
+    httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300)
+    httpx.get(f"{guarded.url}/v1/images/files/not-an-image.png", timeout=300)
+    text = httpx.get(f"{guarded.url}/metrics", headers=as_key(K1), timeout=300).text
     assert job["id"] not in text and "not-an-image" not in text
     assert 'route="/v1/jobs/{job_id}"' in text and 'route="/v1/images/files/{image_id}"' in text
     assert "sdxl_queued_jobs" in text and 'sdxl_generations_total{model="tiny-sdxl",outcome="succeeded"}' in text
-    assert job["id"] not in keyed.log() and K1 not in keyed.log()
+    assert job["id"] not in guarded.log() and K1 not in guarded.log()
 
 
-def test_a_body_over_the_limit_is_413_before_parsing(keyed):
+def test_a_body_over_the_limit_is_413_before_parsing(guarded):
     big = b'{"prompt": "' + b"x" * 300_000 + b'"}'
-    declared = httpx.post(f"{keyed.url}/v1/txt2img", content=big, headers={**as_key(K1), "Content-Type": "application/json"},
+    declared = httpx.post(f"{guarded.url}/v1/txt2img", content=big, headers={**as_key(K1), "Content-Type": "application/json"},
                           timeout=300)
     assert declared.status_code == 413 and "SDXL_MAX_BODY_BYTES" in declared.json()["error"]["message"]
-    chunked = httpx.post(f"{keyed.url}/v1/generate", content=iter([big[:100_000], big[100_000:]]),
+    chunked = httpx.post(f"{guarded.url}/v1/generate", content=iter([big[:100_000], big[100_000:]]),
                          headers={**as_key(K1), "Content-Type": "application/json"}, timeout=300)
     assert chunked.status_code == 413
-    assert httpx.post(f"{keyed.url}/v1/txt2img", json=SHORT, headers=as_key(K1), timeout=300).status_code == 200
+    assert httpx.post(f"{guarded.url}/v1/txt2img", json=SHORT, headers=as_key(K1), timeout=300).status_code == 200
 
 
 def worker_of(server) -> psutil.Process:
@@ -120,8 +116,8 @@ def worker_of(server) -> psutil.Process:
                 if "_bentoml_impl.worker.service" in " ".join(p.cmdline()))
 
 
-def test_a_worker_killed_mid_job_leaves_jobs_that_say_so(serve):
-    server = serve("crash", {"SDXL_MODELS": "tiny-sdxl"})
+def test_a_worker_killed_mid_job_leaves_jobs_that_say_so(jobs_server):
+    server = jobs_server
     running = submit(server, {**LONG, "steps": 150})
     queued = submit(server, LONG)
     wait(server, running["id"], until=lambda job: job["step"] >= 2)
@@ -136,24 +132,24 @@ def test_a_worker_killed_mid_job_leaves_jobs_that_say_so(serve):
     assert wait(server, submit(server, SHORT)["id"])[0]["status"] == "succeeded"
 
 
-def test_deeply_nested_json_is_a_400_not_a_crash(keyed):
+def test_deeply_nested_json_is_a_400_not_a_crash(guarded):
     deep = b'{"prompt": "x", "width": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
     for route in ("/v1/txt2img", "/v1/generate", "/sdapi/v1/txt2img"):
-        response = httpx.post(f"{keyed.url}{route}", content=deep, timeout=300,
+        response = httpx.post(f"{guarded.url}{route}", content=deep, timeout=300,
                               headers={**as_key(K1), "Content-Type": "application/json"})
         assert response.status_code == 400, (route, response.text[:200])
-    assert httpx.post(f"{keyed.url}/v1/txt2img", json=SHORT, headers=as_key(K1), timeout=300).status_code == 200
+    assert httpx.post(f"{guarded.url}/v1/txt2img", json=SHORT, headers=as_key(K1), timeout=300).status_code == 200
 
 
-def test_event_streams_are_capped(serve):
-    server = serve("streams", {"SDXL_MODELS": "tiny-sdxl", "SDXL_MAX_EVENT_STREAMS": "1"})
-    job = submit(server, {**LONG, "steps": 60})
-    with httpx.stream("GET", f"{server.url}/v1/jobs/{job['id']}/events", timeout=300) as first:
+def test_event_streams_are_capped(guarded):
+    server, key = guarded, as_key(K1)
+    job = submit(server, {**LONG, "steps": 60}, headers=key)
+    with httpx.stream("GET", f"{server.url}/v1/jobs/{job['id']}/events", headers=key, timeout=300) as first:
         lines = first.iter_lines()  # held: a dropped iterator closes the stream
         assert next(lines) == "event: progress"
-        second = httpx.get(f"{server.url}/v1/jobs/{job['id']}/events", timeout=300)
+        second = httpx.get(f"{server.url}/v1/jobs/{job['id']}/events", headers=key, timeout=300)
         assert second.status_code == 429 and "SDXL_MAX_EVENT_STREAMS" in second.json()["error"]["message"]
-    httpx.delete(f"{server.url}/v1/jobs/{job['id']}", timeout=300)
-    wait(server, job["id"])
-    with httpx.stream("GET", f"{server.url}/v1/jobs/{job['id']}/events", timeout=300) as again:
+    httpx.delete(f"{server.url}/v1/jobs/{job['id']}", headers=key, timeout=300)
+    wait(server, job["id"], headers=key)
+    with httpx.stream("GET", f"{server.url}/v1/jobs/{job['id']}/events", headers=key, timeout=300) as again:
         assert again.status_code == 200  # the first stream's place was given back
