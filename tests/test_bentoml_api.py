@@ -8,6 +8,9 @@ import asyncio
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 
 import bentoml
 import httpx
@@ -18,7 +21,7 @@ from PIL import Image
 
 from backends.api.settings import SettingsError, load_settings
 from tests.conftest import png_bytes
-from tests.served import Server
+from tests.served import ROOT, Server
 
 
 def test_sync_client_calls_both_native_endpoints(server):
@@ -172,3 +175,13 @@ def test_settings_read_booleans_and_lists_as_people_write_them(monkeypatch):
     monkeypatch.setenv("SDXL_MODEL_ALIASES", "sdxl-realism")
     with pytest.raises(SettingsError, match="SDXL_MODEL_ALIASES='sdxl-realism': 'sdxl-realism' is not of the form"):
         load_settings()
+
+
+def test_the_service_module_loads_neither_torch_nor_diffusers(tiny_model):
+    """BentoML's main process imports service.py only to read the service's definition; the
+    worker loads torch and diffusers when it builds the runtime. Seconds off every start."""
+    probe = "import sys, service; print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))"
+    run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "SDXL_MODELS": "tiny-sdxl"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"

@@ -19,7 +19,8 @@ import torch
 
 from backends.sdxl_backend.device import select_placement
 from backends.api.settings import SettingsError, load_settings, parse_bytes
-from backends.sdxl_backend.model_manager import MemoryPolicy, ModelManager, ModelSource
+from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+from backends.sdxl_backend.modes import MemoryPolicy
 from backends.sdxl_backend.pipelines import weights_bytes
 from tests.served import ROOT, Server
 

@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 from starlette.requests import Request
@@ -25,12 +26,12 @@ from backends.api.edge import presented_key
 from backends.api.kept_images import KeptImages
 from backends.api.metrics import Metrics
 from backends.api.settings import Settings
-from backends.sdxl_backend.device import device_memory, select_placement
-from backends.sdxl_backend.engine import Engine, OutOfMemorySeam, PreparedRequest
 from backends.sdxl_backend.errors import DeviceUnavailable, TimedOut
 from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue
-from backends.sdxl_backend.model_manager import ModelManager, ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, ModelDefaults
+
+if TYPE_CHECKING:
+    from backends.sdxl_backend.engine import PreparedRequest
 
 logger = logging.getLogger("sdxl_backend")
 
@@ -49,6 +50,12 @@ class Runtime:
         self.settings = settings
         self.served = {model.id: model for model in served}
         self.default_model = default_model
+        # torch and diffusers load here, in the worker. BentoML's main process imports the service
+        # module too, only to read its definition: a light module saves seconds on every start.
+        from backends.sdxl_backend.device import select_placement
+        from backends.sdxl_backend.engine import Engine, OutOfMemorySeam
+        from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+
         placement = select_placement(settings.device, settings.dtype)
         logger.info(
             "device: %s; models: %s (default %s)%s; API keys %s",
@@ -145,8 +152,8 @@ class Runtime:
         return result
 
     def result_headers(self, result: GenerationResult) -> dict[str, str]:
-        placement = self.engine.models.placement
-        return headers.result_headers(result, placement.device.type, device_memory(placement))
+        models = self.engine.models
+        return headers.result_headers(result, models.placement.device.type, models.device_memory())
 
     def base_url(self, request: Request) -> str:
         return self.settings.public_url or str(request.base_url).rstrip("/")

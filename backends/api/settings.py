@@ -15,7 +15,7 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backends.sdxl_backend.limits import Limits
-from backends.sdxl_backend.model_manager import MemoryPolicy
+from backends.sdxl_backend.modes import MemoryPolicy
 from backends.sdxl_backend.protocol import VramMode
 
 PREFIX = "SDXL_"

@@ -28,27 +28,31 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
 from PIL import Image
 
-from .engine import Engine, PreparedRequest
 from .errors import BackendError, Cancelled, JobExpired, QueueFull, UnknownJob
 from .protocol import GenerationRequest, GenerationResult
+
+if TYPE_CHECKING:  # the API layer imports this module in BentoML's main process, which needs no torch
+    import torch
+
+    from .engine import Engine, PreparedRequest
 
 logger = logging.getLogger("sdxl_backend")
 
 # SDXL latents to RGB, a linear approximation (the factors ComfyUI uses for its previews):
 # good enough to watch an image form, at 1/8 of the size, for nearly nothing.
-SDXL_LATENT_RGB = torch.tensor([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
-                                [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]])
-SDXL_LATENT_RGB_BIAS = torch.tensor([0.1084, -0.0175, -0.0011])
+SDXL_LATENT_RGB = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068),
+                   (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188))
+SDXL_LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 
 
 def latent_preview(latents: torch.Tensor) -> bytes:
     """A small PNG of the first image's latents."""
-    rgb = latents[0].float().cpu().permute(1, 2, 0) @ SDXL_LATENT_RGB + SDXL_LATENT_RGB_BIAS
+    first = latents[0].float().cpu().permute(1, 2, 0)
+    rgb = first @ first.new_tensor(SDXL_LATENT_RGB) + first.new_tensor(SDXL_LATENT_RGB_BIAS)
     pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().numpy()
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")

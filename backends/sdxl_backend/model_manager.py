@@ -27,6 +27,7 @@ import torch
 from .device import Placement, device_memory
 from .errors import OutOfMemory, UnknownModel
 from .pipelines import Pipelines, apply_memory_mode, load_pipelines, set_vae_tiling, weights_bytes
+from .modes import MemoryPolicy
 from .protocol import ModelDefaults
 
 logger = logging.getLogger("sdxl_backend")
@@ -57,16 +58,6 @@ class LoadedModel:
     load_s: float
     last_used: float = field(default_factory=time.time)
     in_use: int = 0
-
-
-@dataclass(frozen=True)
-class MemoryPolicy:
-    """How the manager spends device memory (the service sets it from `SDXL_*` variables)."""
-
-    budget: int | None = None  # bytes; None: the device's total minus a margin
-    default_mode: str = "high"
-    tiling_pixels: int = 1536 * 1536  # larger images decode tiled in every mode
-    idle_unload_s: float | None = None
 
 
 def device_total(placement: Placement) -> int:
@@ -230,8 +221,12 @@ class ModelManager:
                     logger.info("idle for %.0f s: freeing loaded models", idle_for)
                     self.unload()
 
+    def device_memory(self) -> tuple[int, int] | None:
+        """(used, total) bytes of the device, all processes included; None on the CPU."""
+        return device_memory(self.placement)
+
     def status(self) -> dict:
-        memory = device_memory(self.placement)
+        memory = self.device_memory()
         if memory is None:
             host = psutil.virtual_memory()
             memory = (host.total - host.available, host.total)
