@@ -1,4 +1,5 @@
-"""AUTOMATIC1111 clients against a real served process (tiny-sdxl, also aliased sdxl-realism)."""
+"""AUTOMATIC1111 clients against a real served process (tiny-sdxl, also aliased sdxl-realism):
+`webuiapi` on its defaults, and A1111 bodies as other tools send them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 
 import httpx
 import pytest
+import webuiapi
 from PIL import Image
 
 from tests.conftest import pixels, png_bytes
@@ -28,7 +30,7 @@ A1111_DEFAULTS = {
 }
 
 
-def sdapi(server, route: str, body: dict, timeout: float = 120) -> httpx.Response:
+def sdapi(server, route: str, body: dict, timeout: float = 300) -> httpx.Response:
     return httpx.post(f"{server.url}/sdapi/v1/{route}", json=body, timeout=timeout)
 
 
@@ -69,7 +71,9 @@ def test_img2img(server):
     ("txt2img", {"enable_hr": True}, "enable_hr"),
     ("txt2img", {"restore_faces": True}, "restore_faces"),
     ("txt2img", {"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts"),
-    ("txt2img", {"n_iter": 2}, "n_iter"),
+    ("txt2img", {"scheduler": "Exponential"}, "scheduler"),
+    ("txt2img", {"eta": 0.5}, "eta"),  # Euler a runs at eta 1.0 only
+    ("txt2img", {"sampler_name": "", "sampler_index": "Warp Drive"}, "sampler_index"),
     ("txt2img", {"sampler_name": "Warp Drive"}, "sampler_name"),
     ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings"),
     ("txt2img", {"init_images": [base64.b64encode(png_bytes()).decode()]}, "init_images"),
@@ -89,7 +93,7 @@ def test_models_samplers_options(server):
     assert [m["title"] for m in models] == ["tiny-sdxl"]
     samplers = {s["name"]: s["aliases"] for s in httpx.get(f"{server.url}/sdapi/v1/samplers", timeout=300).json()}
     assert samplers["Euler a"] == ["euler_a"] and "DPM++ SDE Karras" in samplers
-    assert httpx.get(f"{server.url}/sdapi/v1/options", timeout=300).json() == {"sd_model_checkpoint": "tiny-sdxl"}
+    assert httpx.get(f"{server.url}/sdapi/v1/options", timeout=300).json()["sd_model_checkpoint"] == "tiny-sdxl"
 
 
 def test_progress_and_interrupt(server):
@@ -99,7 +103,7 @@ def test_progress_and_interrupt(server):
     worker = threading.Thread(target=lambda: answers.append(sdapi(server, "txt2img", {
         **A1111_DEFAULTS, "width": 1024, "height": 1024, "steps": 30})))
     worker.start()
-    deadline, seen = time.monotonic() + 30, None
+    deadline, seen = time.monotonic() + 300, None
     while time.monotonic() < deadline:
         seen = httpx.get(f"{server.url}/sdapi/v1/progress?skip_current_image=true", timeout=300).json()
         if seen["state"]["sampling_step"] >= 3:
@@ -107,6 +111,63 @@ def test_progress_and_interrupt(server):
         time.sleep(0.05)
     assert seen["state"]["sampling_steps"] == 30 and 0 < seen["progress"] < 1 and seen["eta_relative"] > 0
     assert httpx.post(f"{server.url}/sdapi/v1/interrupt", timeout=300).status_code == 200
-    worker.join(30)
-    assert answers[0].status_code == 409 and answers[0].json()["error"]["type"] == "cancelled"
+    worker.join(300)
+    # A1111's behaviour: the interrupted call answers with the image as it stood.
+    assert answers[0].status_code == 200, answers[0].text[:300]
+    assert Image.open(io.BytesIO(base64.b64decode(answers[0].json()["images"][0]))).size == (1024, 1024)
+    job = next(j for j in httpx.get(f"{server.url}/v1/jobs", timeout=300).json()["jobs"] if j["total_steps"] == 30)
+    assert job["status"] == "succeeded" and 3 <= job["step"] < 30
     assert sdapi(server, "txt2img", A1111_DEFAULTS).status_code == 200  # the next one runs
+
+
+# --- webuiapi, the most used A1111 client, on its defaults --------------------------------------
+
+@pytest.fixture
+def api(server):
+    return webuiapi.WebUIApi(baseurl=f"{server.url}/sdapi/v1", steps=4)
+
+
+def test_webuiapi_txt2img_and_img2img_on_its_defaults(api):
+    # Its defaults: sampler "Euler a" (also as sampler_index), scheduler "automatic", eta 1.0,
+    # 512x512, and every other A1111 field at A1111's default.
+    result = api.txt2img(prompt="a misty forest", seed=11)
+    assert result.image.size == (512, 512)
+    assert result.info["all_seeds"] == [11] and result.info["sampler_name"] == "Euler a"
+    grown = api.img2img(images=[result.image], prompt="the same forest in snow", denoising_strength=0.5, seed=11)
+    assert grown.image.size == (512, 512) and grown.info["denoising_strength"] == 0.5
+    assert grown.image.tobytes() != result.image.tobytes()
+
+
+def test_webuiapi_batches_n_iter_and_eta_where_a1111_takes_it(api):
+    batches = api.txt2img(prompt="x", width=64, height=64, seed=3, batch_size=2, n_iter=2)
+    assert len(batches.images) == 4 and batches.info["all_seeds"] == [3, 4, 5, 6]
+    ddim = {eta: api.txt2img(prompt="x", width=64, height=64, seed=3, sampler_name="DDIM", eta=eta).image.tobytes()
+            for eta in (0.0, 1.0)}
+    assert ddim[0.0] != ddim[1.0]  # DDIM's eta is honoured
+    with pytest.raises(RuntimeError, match="400"):
+        api.txt2img(prompt="x", width=64, height=64, eta=0.3)  # Euler a: eta 1.0 only, said so
+
+
+def test_webuiapi_png_info_reads_back_the_parameters(api):
+    made = api.txt2img(prompt="a fox\nin a hat", negative_prompt="blurry", width=64, height=64, seed=9)
+    info = api.png_info(made.image)
+    assert info.info.startswith("a fox\nin a hat\nNegative prompt: blurry\n")
+    parameters = info.json["parameters"]
+    assert parameters["Prompt"] == "a fox\nin a hat" and parameters["Negative prompt"] == "blurry"
+    assert (parameters["Seed"], parameters["Steps"], parameters["Size-1"]) == ("9", "4", "64")
+
+
+def test_webuiapi_listings_options_and_skip(api):
+    assert api.get_scripts() == {"txt2img": [], "img2img": []}  # its constructor probes this
+    for listing in ("get_loras", "get_upscalers", "get_latent_upscale_modes", "get_sd_vae", "get_hypernetworks",
+                    "get_face_restorers", "get_realesrgan_models", "get_prompt_styles"):
+        assert getattr(api, listing)() == [], listing
+    assert api.get_embeddings() == {"loaded": {}, "skipped": {}} and api.get_cmd_flags() == {}
+    assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
+    assert api.get_memory()["ram"]["total"] > 0
+    assert api.util_get_model_names() == ["tiny-sdxl"] and api.util_get_current_model() == "tiny-sdxl"
+    assert api.refresh_checkpoints() is None and api.skip() == {}
+    api.set_options({"jpeg_quality": 80})
+    assert api.get_options()["jpeg_quality"] == 80
+    with pytest.raises(RuntimeError):  # webuiapi raises on a non-200 answer
+        api._to_api_result(api.session.post(f"{api.baseurl}/options", json={"sd_model_checkpoint": "nope"}))

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+import webuiapi
 
 from backends.sdxl_backend.device import select_placement
 from backends.api.settings import SettingsError, load_settings, parse_bytes
@@ -162,6 +163,20 @@ def test_low_mode_frees_the_model_and_status_shows_modes(trio_server):
                      json={"prompt": "x", "model": "tiny-c", "steps": 2, "vram_mode": "low"})
     assert low.status_code == 200 and low.json()["vram_mode"] == "low"
     assert "tiny-c" not in {m["id"] for m in status(trio_server)["loaded"]}
+
+
+def test_webuiapi_set_options_switches_the_default_model(trio_server):
+    api = webuiapi.WebUIApi(baseurl=f"{trio_server.url}/sdapi/v1", steps=2)
+    assert api.util_get_current_model() == "tiny-a"
+    try:
+        api.util_set_model("tiny-b")  # POST /sdapi/v1/options {"sd_model_checkpoint": ...}
+        assert api.util_get_current_model() == "tiny-b"
+        assert api.txt2img(prompt="x", width=64, height=64).info["sd_model_name"] == "tiny-b"
+        native = httpx.post(f"{trio_server.url}/v1/txt2img", json={"prompt": "x", "steps": 2}, timeout=300)
+        assert native.json()["model"] == "tiny-b"  # the default of every dialect
+        assert httpx.get(f"{trio_server.url}/health", timeout=300).json()["default_model"] == "tiny-b"
+    finally:
+        api.set_options({"sd_model_checkpoint": "tiny-a"})
 
 
 def test_out_of_memory_is_recovered_in_the_next_lower_mode(serve):

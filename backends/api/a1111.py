@@ -1,17 +1,26 @@
-"""The AUTOMATIC1111 dialect: `/sdapi/v1/txt2img`, `/img2img`, `/sd-models`, `/samplers`,
-`/progress`, `/interrupt`, `/options`, for the many tools that speak only this API.
+"""The AUTOMATIC1111 dialect (`/sdapi/v1/...`), for the many tools that speak only this API,
+`webuiapi` first among them.
 
 A1111 clients send every field of A1111's request model, most at their defaults. Fields this
-server honours are mapped; any other field is accepted only at A1111's default (or empty), and
-refused with a 400 naming it otherwise, so an option the client turned on (hires fix, face
-restoration, an inpainting mask...) is never silently dropped.
+server honours are mapped; `eta` is honoured where A1111 honours it (DDIM, and the ancestral
+samplers at their one value here, 1.0) and ignored where A1111 ignores it; any other field is
+accepted only at A1111's default (or empty), and refused with a 400 naming it otherwise, so an
+option the client turned on (hires fix, face restoration, an inpainting mask...) is never
+silently dropped. `/interrupt` and `/skip` end the caller's running generation at its next step
+and its request answers with the image as it stood, as A1111's do. The listings of things this
+server does not have (upscalers, VAEs, embeddings, scripts...) are truthfully empty.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import json
+import re
 from typing import Annotated, Any
+
+import psutil
+from PIL import Image
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,13 +38,14 @@ SAMPLER_NAMES = {spec.label.lower(): name for name, spec in SCHEDULERS.items()}
 SAMPLER_NAMES |= {"k_euler": "euler", "k_euler_a": "euler_a", "k_heun": "heun", "k_lms": "lms",
                   "k_dpmpp_2m": "dpmpp_2m", "k_dpmpp_2m_ka": "dpmpp_2m_karras"}
 KARRAS = {"euler": "euler_karras", "dpmpp_2m": "dpmpp_2m_karras"}
+ANCESTRAL = {"euler_a"}
 
 # A1111 fields this server does not implement, at the values A1111 sends when they are off.
 OFF = {
     "subseed": -1, "seed_resize_from_h": -1, "seed_resize_from_w": -1, "s_noise": 1.0,
     "override_settings_restore_afterwards": True, "send_images": True, "resize_mode": 0, "mask_blur": 4,
     "inpainting_fill": 0, "inpaint_full_res": True, "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0,
-    "initial_noise_multiplier": 1.0, "hr_scale": 2.0, "image_cfg_scale": 1.5, "sampler_index": "Euler",
+    "initial_noise_multiplier": 1.0, "hr_scale": 2.0, "image_cfg_scale": 1.5,
     "hr_upscaler": "Latent", "disable_extra_networks": False, "hr_resize_x": 0, "hr_resize_y": 0,
 }
 
@@ -48,7 +58,9 @@ class A1111Request(BaseModel):
     negative_prompt: str = ""
     seed: int = Field(-1, ge=-1, le=MAX_SEED)  # -1: random
     sampler_name: str | None = None
+    sampler_index: str | None = None  # A1111's older name for sampler_name; used when that is empty
     scheduler: str | None = None  # "Automatic", "Karras", ...
+    eta: float | None = Field(None, ge=0, le=1)
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1)
     steps: int | None = Field(None, ge=1)
@@ -62,8 +74,6 @@ class A1111Request(BaseModel):
 
     def to_generation_request(self, img2img: bool) -> GenerationRequest:
         self._refuse_what_is_on()
-        if self.n_iter != 1:
-            raise InvalidRequest("n_iter: one batch per request here; use batch_size", "n_iter")
         if img2img and len(self.init_images) != 1:
             raise InvalidRequest("init_images: img2img takes exactly one image", "init_images")
         if not img2img and self.init_images:
@@ -75,6 +85,7 @@ class A1111Request(BaseModel):
         if model is not None and not isinstance(model, str):
             raise InvalidRequest("override_settings.sd_model_checkpoint: must be a model name (a string)",
                                  "override_settings.sd_model_checkpoint")
+        scheduler = self._scheduler()
         return GenerationRequest(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
@@ -84,23 +95,40 @@ class A1111Request(BaseModel):
             steps=self.steps,
             guidance_scale=self.cfg_scale,
             seed=None if self.seed == -1 else self.seed,
-            n=self.batch_size,
-            scheduler=self._scheduler(),
+            n=self.batch_size * self.n_iter,  # A1111's seeds run on across batches too: seed + i
+            scheduler=scheduler,
+            eta=self._eta(scheduler),
             image=self.init_images[0] if img2img else None,
             strength=self.denoising_strength if img2img and self.denoising_strength else 0.75,
         )
 
     def _scheduler(self) -> str | None:
-        if not self.sampler_name:
+        sampler, field = (self.sampler_name, "sampler_name") if self.sampler_name else (self.sampler_index, "sampler_index")
+        schedule = (self.scheduler or "automatic").strip().lower()
+        if schedule not in ("automatic", "karras"):
+            raise InvalidRequest(f"scheduler: '{self.scheduler}' is not available here; use Automatic or Karras",
+                                 "scheduler")
+        if not sampler:
             return None
-        name = self.sampler_name.strip().lower()
-        karras = name.endswith(" karras") or (self.scheduler or "").lower() == "karras"
+        name = sampler.strip().lower()
+        karras = name.endswith(" karras") or schedule == "karras"
         base = SAMPLER_NAMES.get(name) or SAMPLER_NAMES.get(name.removesuffix(" karras"))
         if base is None:
             raise InvalidRequest(
-                f"sampler_name: unknown sampler '{self.sampler_name}'; "
-                f"known: {', '.join(spec.label for spec in SCHEDULERS.values())}", "sampler_name")
+                f"{field}: unknown sampler '{sampler}'; "
+                f"known: {', '.join(spec.label for spec in SCHEDULERS.values())}", field)
         return KARRAS.get(base, base) if karras else base
+
+    def _eta(self, scheduler: str | None) -> float | None:
+        """DDIM takes eta; the ancestral samplers here add full noise (A1111's eta 1.0); the
+        others have no eta, and A1111 ignores it for them too."""
+        if self.eta is None or scheduler is None:
+            return None
+        if scheduler == "ddim":
+            return self.eta
+        if scheduler in ANCESTRAL and self.eta != 1.0:
+            raise InvalidRequest(f"eta: the ancestral samplers here run at eta 1.0 only (sent {self.eta})", "eta")
+        return None
 
     def _refuse_what_is_on(self) -> None:
         for field, value in (self.model_extra or {}).items():
@@ -120,7 +148,7 @@ def render(body: A1111Request, result: GenerationResult) -> dict[str, Any]:
         "seed": result.seeds[0], "all_seeds": result.seeds,
         "width": request.width, "height": request.height, "steps": request.steps,
         "cfg_scale": request.guidance_scale, "sampler_name": SCHEDULERS[request.scheduler].label,
-        "sd_model_name": result.model, "batch_size": request.n,
+        "sd_model_name": result.model, "batch_size": body.batch_size, "n_iter": body.n_iter,
         "denoising_strength": request.strength if result.img2img else None,
     }
     return {
@@ -142,7 +170,7 @@ def progress(job: Job | None, preview: bool) -> dict[str, Any]:
         "progress": fraction,
         "eta_relative": (job.eta_s or 0.0) if running else 0.0,
         "state": {
-            "skipped": False, "interrupted": job is not None and job.status == JobStatus.CANCELLED,
+            "skipped": False, "interrupted": job is not None and job.stop_requested_at is not None,
             "job": "running" if running else "", "job_count": 1 if running else 0, "job_timestamp": "0",
             "job_no": 0, "sampling_step": job.step if running else 0,
             "sampling_steps": job.total_steps if running else 0,
@@ -190,8 +218,63 @@ async def list_samplers() -> list[dict[str, Any]]:
 
 
 @router.get("/options", responses=errors.responses(401))
-async def options(runtime: RuntimeDep) -> dict[str, Any]:
-    return {"sd_model_checkpoint": runtime.default_model}
+async def get_options(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+    return {**stored_options(request), "sd_model_checkpoint": runtime.default_model}
+
+
+@router.post("/options", responses=errors.responses(400, 401, 404))
+async def set_options(body: dict[str, Any], request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+    """`sd_model_checkpoint` switches the server's default model (as A1111's does, for every
+    client); other options are kept and shown by GET, and change nothing else."""
+    model = body.pop("sd_model_checkpoint", None)
+    if model is not None:
+        if not isinstance(model, str):
+            raise InvalidRequest("sd_model_checkpoint: must be a model name (a string)", "sd_model_checkpoint")
+        runtime.engine.set_default_model(model.split(" ")[0])  # A1111 titles: "name [hash]"
+    stored_options(request).update(body)
+    return {}
+
+
+def stored_options(request: Request) -> dict[str, Any]:
+    state = request.app.state
+    if not hasattr(state, "a1111_options"):
+        state.a1111_options = {}
+    return state.a1111_options
+
+
+class PngInfoRequest(BaseModel):
+    image: ImageBytes
+
+
+@router.post("/png-info", responses=errors.responses(400, 401))
+async def png_info(body: PngInfoRequest) -> dict[str, Any]:
+    """The generation parameters an image carries (its `parameters` text, as this server and
+    A1111 write it), parsed; other text chunks as `items`."""
+    try:
+        chunks = {k: v for k, v in Image.open(io.BytesIO(body.image)).info.items() if isinstance(v, str)}
+    except Exception:
+        raise InvalidRequest("image: not an image", "image") from None
+    text = chunks.pop("parameters", "")
+    return {"info": text, "items": chunks, "parameters": parse_infotext(text)}
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """A1111's infotext ("prompt\nNegative prompt: ...\nSteps: 20, Sampler: Euler, ...")."""
+    if not text:
+        return {}
+    *prompt_lines, settings = text.split("\n")
+    if not re.match(r"^[\w ]+: ", settings):  # no settings line: all of it is prompt
+        prompt_lines, settings = [*prompt_lines, settings], ""
+    negative = [line for line in prompt_lines if line.startswith("Negative prompt: ")]
+    parsed: dict[str, Any] = {
+        "Prompt": "\n".join(line for line in prompt_lines if not line.startswith("Negative prompt: ")),
+        "Negative prompt": negative[0].removeprefix("Negative prompt: ") if negative else "",
+    }
+    for key, value in re.findall(r"\s*([\w ]+): ([^,]+)(?:,|$)", settings):
+        parsed[key.strip()] = value.strip()
+    if "Size" in parsed and "x" in parsed["Size"]:
+        parsed["Size-1"], parsed["Size-2"] = parsed["Size"].split("x", 1)
+    return parsed
 
 
 def own_running_job(runtime: Runtime, request: Request) -> Job | None:
@@ -206,10 +289,52 @@ async def get_progress(request: Request, runtime: RuntimeDep, skip_current_image
 
 
 @router.post("/interrupt", responses=errors.responses(401))
+@router.post("/skip", responses=errors.responses(401))
 async def interrupt(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
-    """Stops the running generation at its next step, as A1111's interrupt does (with API
-    keys, only a generation of the caller's key)."""
+    """Ends the running generation at its next step; its request answers with the image as
+    it stood, as A1111's does (with API keys, only a generation of the caller's key). Each
+    request here is one batch, so skipping the current batch is the same."""
     job = own_running_job(runtime, request)
     if job is not None:
-        runtime.jobs.cancel(job, "interrupted (/sdapi/v1/interrupt)")
+        runtime.jobs.stop_early(job, "interrupted (A1111 interrupt or skip)")
     return {}
+
+
+@router.get("/schedulers", responses=errors.responses(401))
+async def schedulers() -> list[dict[str, Any]]:
+    """The noise schedules a sampler can be combined with."""
+    return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False},
+            {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False}]
+
+
+@router.get("/memory", responses=errors.responses(401))
+async def memory(runtime: RuntimeDep) -> dict[str, Any]:
+    ram = psutil.virtual_memory()
+    used_total = runtime.engine.models.device_memory()
+    cuda = ({"system": {"free": used_total[1] - used_total[0], "used": used_total[0], "total": used_total[1]}}
+            if used_total else {"error": "no CUDA device"})
+    return {"ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total}, "cuda": cuda}
+
+
+@router.post("/refresh-checkpoints", responses=errors.responses(401))
+async def refresh_checkpoints() -> None:
+    """The served models are fixed at start (the bento's, or SDXL_MODELS): nothing to rescan."""
+
+
+# What this server does not have, listed as A1111 lists an empty collection.
+EMPTY_LISTINGS: dict[str, Any] = {
+    "/loras": [], "/upscalers": [], "/latent-upscale-modes": [], "/sd-vae": [], "/hypernetworks": [],
+    "/face-restorers": [], "/realesrgan-models": [], "/prompt-styles": [], "/script-info": [],
+    "/embeddings": {"loaded": {}, "skipped": {}}, "/scripts": {"txt2img": [], "img2img": []}, "/cmd-flags": {},
+}
+
+
+def empty_listing(path: str):
+    async def listing() -> Any:
+        return EMPTY_LISTINGS[path]
+    return listing
+
+
+for _path in EMPTY_LISTINGS:
+    router.add_api_route(_path, empty_listing(_path), methods=["GET"], responses=errors.responses(401),
+                         name=_path.strip("/").replace("-", "_"))

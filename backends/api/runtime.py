@@ -49,7 +49,6 @@ class Runtime:
     def __init__(self, settings: Settings, served: list[ServedModel], default_model: str):
         self.settings = settings
         self.served = {model.id: model for model in served}
-        self.default_model = default_model
         # torch and diffusers load here, in the worker. BentoML's main process imports the service
         # module too, only to read its definition: a light module saves seconds on every start.
         from backends.sdxl_backend.device import select_placement
@@ -83,6 +82,10 @@ class Runtime:
         started = time.perf_counter()
         self.jobs.submit(self.engine.prepare(GenerationRequest(prompt="warm-up", steps=2))).done.result()
         logger.info("warm-up of %s done in %.2f s", self.default_model, time.perf_counter() - started)
+
+    @property
+    def default_model(self) -> str:
+        return self.engine.default_model
 
     @property
     def alive(self) -> bool:

@@ -46,8 +46,9 @@ class OutOfMemorySeam:
         return cls(int(attempts), int(step or 1))
 
 
-# Called after each denoising step with (step, total steps, latents); may raise to stop.
-StepObserver = Callable[[int, int, "torch.Tensor | None"], None]
+# Called after each denoising step with (step, total steps, latents). It may raise to abandon
+# the generation, or return True to end the denoising there and keep the image as it stands.
+StepObserver = Callable[[int, int, "torch.Tensor | None"], "bool | None"]
 
 
 @dataclass
@@ -85,11 +86,16 @@ class Engine:
         limits: Limits | None = None,
         oom_seam: OutOfMemorySeam | None = None,
     ):
-        models.source(default_model)
         self.models = models
-        self.default_model = default_model
+        self.default_model = models.source(default_model).id
         self.limits = limits or Limits()
         self.oom_seam = oom_seam
+
+    def set_default_model(self, model_id: str) -> str:
+        """The model a request without `model` gets from now on (an alias names its model)."""
+        self.default_model = self.models.source(model_id).id
+        logger.info("default model is now %s", self.default_model)
+        return self.default_model
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Everything before the device: raises `BackendError`s naming the field at fault."""
@@ -175,6 +181,8 @@ class Engine:
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
             callback_on_step_end=on_step_end,
         )
+        if request.eta is not None:
+            arguments.update(eta=request.eta)
         with self.models.use(source.id, mode, request.width * request.height) as (pipelines, load_s):
             if init_image is None:
                 pipeline = pipelines.txt2img
@@ -195,8 +203,8 @@ class Engine:
         def on_step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
             if seam is not None and attempt < seam.attempts and step + 1 >= seam.step:
                 raise torch.OutOfMemoryError("CUDA out of memory (SDXL_TEST_FAULT_OOM test seam)")
-            if on_step is not None:
-                on_step(step + 1, pipeline.num_timesteps, tensors.get("latents"))
+            if on_step is not None and on_step(step + 1, pipeline.num_timesteps, tensors.get("latents")):
+                pipeline._interrupt = True  # diffusers' documented way: skip the remaining steps, then decode
             return tensors
 
         return on_step_end
@@ -254,6 +262,8 @@ def validate(request: GenerationRequest, limits: Limits) -> None:
         raise InvalidRequest(
             f"scheduler: unknown scheduler '{request.scheduler}'; known: {', '.join(SCHEDULERS)}", "scheduler"
         )
+    if request.eta is not None and request.scheduler != "ddim":
+        raise InvalidRequest(f"eta: only the ddim scheduler takes eta, not {request.scheduler}", "eta")
     if request.image is not None and int(request.steps * request.strength) < 1:  # before the image is dropped
         raise InvalidRequest(
             f"strength: {request.strength} x {request.steps} steps leaves no step to run; raise either",

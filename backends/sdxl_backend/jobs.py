@@ -88,6 +88,7 @@ class Job:
     preview: bytes | None = None
     preview_step: int = 0
     cancel_requested_at: float | None = None
+    stop_requested_at: float | None = None  # end the denoising early and keep the image as it stands
     version: int = 0  # bumped on every change; watchers compare it
     # Resolved with the result or the error. Waiters must not cancel it (they wrap it with
     # asyncio.shield or wait on it without ownership); the device thread copes if one does.
@@ -126,8 +127,13 @@ class Job:
         images = sum(len(image.data) for image in self.result.images) if self.result else 0
         return images + len(self.preview or b"")
 
-    def on_step(self, step: int, total: int, latents: torch.Tensor | None) -> None:
-        """Called by the engine after each denoising step, on the device thread."""
+    @property
+    def stopped_early(self) -> bool:
+        return self.stop_requested_at is not None and self.status == JobStatus.SUCCEEDED and self.step < self.total_steps
+
+    def on_step(self, step: int, total: int, latents: torch.Tensor | None) -> bool:
+        """Called by the engine after each denoising step, on the device thread; True: stop
+        denoising here (the image is decoded as it stands)."""
         if self.cancel_requested_at is not None:
             raise Cancelled(f"job {self.id} cancelled at step {self.step} of {self.total_steps}")
         if self._first_step_at is None or step < self.step:  # first step, or an out-of-memory retry
@@ -136,6 +142,7 @@ class Job:
         if self.preview_every and latents is not None and (step % self.preview_every == 0 or step == total):
             self.preview, self.preview_step = latent_preview(latents), step
         self.version += 1
+        return self.stop_requested_at is not None
 
 
 class JobJournal:
@@ -284,6 +291,16 @@ class JobQueue:
             if job.status == JobStatus.QUEUED:
                 self._queue.remove(job)
                 self._finish(job, JobStatus.CANCELLED, error=Cancelled(f"job {job.id} cancelled before it started"))
+
+    def stop_early(self, job: Job, reason: str) -> None:
+        """A running job ends its denoising at the next step and succeeds with the image as it
+        stands (AUTOMATIC1111's interrupt); a queued one is cancelled."""
+        with self._lock:
+            if job.status == JobStatus.QUEUED:
+                self.cancel(job, reason)
+            elif job.status == JobStatus.RUNNING and job.stop_requested_at is None:
+                job.stop_requested_at = time.time()
+                logger.info("job %s at step %d of %d", reason, job.step, job.total_steps)
 
     def forget_result(self, job: Job) -> None:
         """Drop a delivered result's images (synchronous requests): only the record stays."""

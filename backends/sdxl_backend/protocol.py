@@ -68,6 +68,7 @@ class TextToImageRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i of the request uses seed + i; default: random.")
     n: int = Field(1, ge=1, description="Images in one batch.")
     scheduler: str | None = Field(None, description="A scheduler name (GET /v1/schedulers); default: the model's.")
+    eta: float | None = Field(None, ge=0, le=1, description="DDIM's eta (0: deterministic, 1: full noise); only the ddim scheduler takes it.")
     output_format: OutputFormat = Field("png", description="Encoding of the images.")
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
     vram_mode: VramMode | None = Field(None, description="Memory mode of this request; default: the server's.")
