@@ -169,5 +169,7 @@ def test_webuiapi_listings_options_and_skip(api):
     assert api.refresh_checkpoints() is None and api.skip() == {}
     api.set_options({"jpeg_quality": 80})
     assert api.get_options()["jpeg_quality"] == 80
+    too_much = api.session.post(f"{api.baseurl}/options", json={"notes": "x" * 70_000}, timeout=300)
+    assert too_much.status_code == 400 and too_much.json()["error"]["param"] == "options"  # kept options are bounded
     with pytest.raises(RuntimeError):  # webuiapi raises on a non-200 answer
         api._to_api_result(api.session.post(f"{api.baseurl}/options", json={"sd_model_checkpoint": "nope"}))

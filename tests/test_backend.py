@@ -79,6 +79,13 @@ def test_every_scheduler_runs_and_draws_its_own_pixels(engine, name):
     assert pixels(result.images[0].data) != pixels(run(engine, seed=1, scheduler="euler", steps=3).images[0].data)
 
 
+def test_align_your_steps_takes_its_sigmas_also_for_img2img(engine):
+    txt = run(engine, seed=2, scheduler="euler_ays", steps=7)
+    assert txt.request.steps == 7
+    img = run(engine, seed=2, scheduler="euler_ays", steps=10, image=png_bytes(64, 64), strength=0.5)
+    assert pixels(img.images[0].data) != pixels(txt.images[0].data)
+
+
 def test_img2img_strength_changes_output_and_keeps_size(engine):
     init = png_bytes(96, 64)
     light = run(engine, seed=5, image=init, strength=0.3, steps=10)

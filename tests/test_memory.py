@@ -189,9 +189,14 @@ def test_out_of_memory_is_recovered_in_the_next_lower_mode(serve):
         assert answer.headers["X-VRAM-Mode"] == "balanced"
         native = httpx.post(f"{server.url}/v1/txt2img", json={"prompt": "x", "steps": 2}, timeout=300).json()
         assert (native["vram_mode"], native["out_of_memory_in"]) == ("balanced", ["high"])
-        from_low = generate(server, "tiny-sdxl", headers={"X-VRAM-Mode": "low"})  # nothing lower to try
+        from_low = httpx.post(f"{server.url}/v1/txt2img", json={"prompt": "x", "steps": 2, "vram_mode": "low"},
+                              timeout=300)  # nothing lower to try
         assert from_low.status_code == 507
         assert "tried memory modes low" in from_low.json()["error"]["message"]
+        # moondream-station's answer on its route: a 500 saying "CUDA out of memory", on which
+        # the gallery retries in low-memory mode.
+        gallery = generate(server, "tiny-sdxl", headers={"X-VRAM-Mode": "low"})
+        assert gallery.status_code == 500 and "CUDA out of memory" in gallery.text
     finally:
         server.stop()
 
@@ -199,14 +204,18 @@ def test_out_of_memory_is_recovered_in_the_next_lower_mode(serve):
 def test_out_of_memory_twice_is_507_and_memory_returns_to_its_level(serve):
     server = serve("oom2", {"SDXL_MODELS": "tiny-sdxl", "SDXL_TEST_FAULT_OOM": "2@3",
                                               "SDXL_WARMUP": "0"})
-    body = {"width": 1024, "height": 1024, "steps": 4, "n": 2}
+    body = {"prompt": "x", "width": 1024, "height": 1024, "steps": 4, "n": 2}
+
+    def generate(server, model, body):  # the native route, whose out-of-memory answer is 507
+        return httpx.post(f"{server.url}/v1/txt2img", json={**body, "model": model}, timeout=300)
+
     try:
         # The first request also pays the process's one-time growth (lazy imports, kernel and
         # allocator caches); what must not grow is the memory each failed request leaves.
-        assert generate(server, "tiny-sdxl", body=body).status_code == 507
+        assert generate(server, "tiny-sdxl", body).status_code == 507
         before = status(server)["memory"]["process_rss"]
         for _ in range(3):
-            failed = generate(server, "tiny-sdxl", body=body)
+            failed = generate(server, "tiny-sdxl", body)
             assert failed.status_code == 507
             error = failed.json()["error"]
             assert "out of memory" in error["message"] and "tried memory modes high, balanced" in error["message"]

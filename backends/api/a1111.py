@@ -222,16 +222,26 @@ async def get_options(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
     return {**stored_options(request), "sd_model_checkpoint": runtime.default_model}
 
 
+MAX_KEPT_OPTIONS_BYTES = 64 * 1024  # options change nothing here: a client must not grow them without end
+
+
+class A1111Options(BaseModel):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"example": {"jpeg_quality": 80}})
+
+    sd_model_checkpoint: str | None = Field(None, description="A served model id or alias: the new default model.")
+
+
 @router.post("/options", responses=errors.responses(400, 401, 404))
-async def set_options(body: dict[str, Any], request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+async def set_options(body: A1111Options, request: Request, runtime: RuntimeDep) -> dict[str, Any]:
     """`sd_model_checkpoint` switches the server's default model (as A1111's does, for every
     client); other options are kept and shown by GET, and change nothing else."""
-    model = body.pop("sd_model_checkpoint", None)
-    if model is not None:
-        if not isinstance(model, str):
-            raise InvalidRequest("sd_model_checkpoint: must be a model name (a string)", "sd_model_checkpoint")
-        runtime.engine.set_default_model(model.split(" ")[0])  # A1111 titles: "name [hash]"
-    stored_options(request).update(body)
+    kept = {**stored_options(request), **(body.model_extra or {})}
+    if len(json.dumps(kept)) > MAX_KEPT_OPTIONS_BYTES:
+        raise InvalidRequest(f"options: the options kept here are limited to {MAX_KEPT_OPTIONS_BYTES} bytes of JSON",
+                             "options")
+    if body.sd_model_checkpoint is not None:
+        runtime.engine.set_default_model(body.sd_model_checkpoint.split(" ")[0])  # A1111 titles: "name [hash]"
+    stored_options(request).update(body.model_extra or {})
     return {}
 
 
@@ -243,6 +253,8 @@ def stored_options(request: Request) -> dict[str, Any]:
 
 
 class PngInfoRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"image": TINY_PNG}})
+
     image: ImageBytes
 
 

@@ -12,8 +12,8 @@ EXPOSED = [
 
 
 def result_headers(result: GenerationResult, device: str, memory: tuple[int, int] | None) -> dict[str, str]:
-    """Times in seconds. X-VRAM-Used/X-VRAM-Total in bytes, the device as the driver sees it;
-    absent on the CPU, which has no device memory (X-Device says which device served)."""
+    """Times in seconds; the device memory as `vram_headers` gives it (X-Device says which
+    device served)."""
     headers = {
         "X-Model": result.model,
         "X-Seed": ",".join(str(seed) for seed in result.seeds),
@@ -22,6 +22,12 @@ def result_headers(result: GenerationResult, device: str, memory: tuple[int, int
         "X-Device": device,
         "X-VRAM-Mode": result.vram_mode,  # the mode that served, after any out-of-memory retry
     }
-    if memory is not None:
-        headers["X-VRAM-Used"], headers["X-VRAM-Total"] = str(memory[0]), str(memory[1])
-    return headers
+    return {**headers, **vram_headers(memory)}
+
+
+def vram_headers(memory: tuple[int, int] | None) -> dict[str, str]:
+    """X-VRAM-Used/X-VRAM-Total in MB (MiB, as moondream-station sends them and the gallery
+    displays them), the device as the driver sees it; none on the CPU, which has no device memory."""
+    if memory is None:
+        return {}
+    return {"X-VRAM-Used": str(memory[0] // 2**20), "X-VRAM-Total": str(memory[1] // 2**20)}

@@ -7,6 +7,13 @@ union of their fields and one answer carries the union of their response keys; e
 reads its own keys and ignores the rest. Every accepted field is used, except OpenAI's
 `quality`, `style`, `user`, `safety_identifier` and `moderation`, which have no SDXL meaning:
 they are accepted so OpenAI clients work, and recorded in `stats`.
+
+Each route is as lenient as the server it imitates. `/v1/generate` is moondream-station's: it
+takes the fork's scheduler names (a name it cannot map falls back to the model's default),
+accepts fields it does not know, and answers a final out-of-memory with the fork's 500
+"CUDA out of memory" (the gallery retries in low-memory mode on exactly that); what it did
+not use is listed in `stats.ignored`. `/v1/images/generations` is OpenAI's: an unknown
+parameter is a 400, and out-of-memory is 507.
 """
 
 from __future__ import annotations
@@ -22,9 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backends.api import errors
 from backends.api.runtime import Runtime, runtime_of
-from backends.sdxl_backend.errors import InvalidRequest
+from backends.sdxl_backend.errors import InvalidRequest, OutOfMemory
 from backends.sdxl_backend.modes import MEMORY_MODES
 from backends.sdxl_backend.protocol import MAX_SEED, GenerationRequest, GenerationResult, ImageBytes, OutputFormat
+from backends.sdxl_backend.schedulers import resolve_moondream_name
 
 SIZE_PATTERN = re.compile(r"^(\d+)x(\d+)$")
 RECORDED_ONLY = ("quality", "style", "user", "safety_identifier", "moderation")
@@ -89,13 +97,32 @@ class ImageGenerationRequest(BaseModel):
             guidance_scale=self.guidance_scale,
             seed=self.seed,
             n=self.n or self.num_images or 1,
-            scheduler=self.scheduler,
+            scheduler=self._scheduler(),
             output_format=self.output_format,
             quality=max(1, self.output_compression) if self.output_compression is not None else 90,
             image=self.image,
             strength=self.strength,
             vram_mode=vram_mode,
         )
+
+
+    def _scheduler(self) -> str | None:
+        if self.scheduler is None:
+            return None
+        return resolve_moondream_name(self.scheduler) or None  # unknown: the model's default
+
+    def ignored(self) -> dict[str, Any]:
+        """What the answer did not use: an unknown scheduler name, fields no dialect here knows."""
+        unused = dict(self.model_extra or {})
+        if self.scheduler is not None and self._scheduler() is None:
+            unused["scheduler"] = self.scheduler
+        return unused
+
+
+class MoondreamRequest(ImageGenerationRequest):
+    """moondream-station's handler reads the fields it knows and ignores the rest: so here."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 def render(
@@ -125,6 +152,7 @@ def render(
         **({"strength": request.strength} if result.img2img else {}),
         **result.timings.model_dump(),
         **{f: getattr(body, f) for f in RECORDED_ONLY if getattr(body, f)},
+        **({"ignored": body.ignored()} if body.ignored() else {}),
     }
     return {"created": created, "data": data, "images": encoded, "image": encoded[0], "stats": stats}
 
@@ -140,16 +168,27 @@ class ImageGenerationAnswer(BaseModel):
 router = APIRouter(tags=["moondream-station and OpenAI Images"])
 
 
-@router.post("/v1/generate", response_model=ImageGenerationAnswer, responses=errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507))
-@router.post("/v1/images/generations", response_model=ImageGenerationAnswer, responses=errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507))
-async def generate(
-    body: ImageGenerationRequest,
-    request: Request,
-    runtime: Annotated[Runtime, Depends(runtime_of)],
-    x_vram_mode: Annotated[str | None, Header(description="high, balanced or low")] = None,
-) -> JSONResponse:
-    """moondream-station's /v1/generate and the OpenAI Images API, one handler: the union
-    of both request shapes in, the union of both answers out. `image` makes it img2img."""
+VramModeHeader = Annotated[str | None, Header(description="high, balanced or low")]
+
+
+@router.post("/v1/generate", response_model=ImageGenerationAnswer,
+             responses=errors.responses(400, 401, 404, 413, 422, 429, 500, 503, 504))
+async def moondream_generate(body: MoondreamRequest, request: Request, runtime: Annotated[Runtime, Depends(runtime_of)],
+                             x_vram_mode: VramModeHeader = None) -> JSONResponse:
+    """moondream-station's generation route. `image` makes it img2img."""
+    try:
+        return await generate(body, request, runtime, x_vram_mode)
+    except OutOfMemory as exc:
+        return JSONResponse(errors.error_body(f"CUDA out of memory: {exc.message}", "out_of_memory",
+                                              code="out_of_memory"), 500)
+
+
+@router.post("/v1/images/generations", response_model=ImageGenerationAnswer,
+             responses=errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507))
+async def generate(body: ImageGenerationRequest, request: Request, runtime: Annotated[Runtime, Depends(runtime_of)],
+                   x_vram_mode: VramModeHeader = None) -> JSONResponse:
+    """The OpenAI Images API (and, through the route above, moondream-station's): the union
+    of both request shapes in, the union of both answers out."""
     result = await runtime.run(body.to_generation_request(x_vram_mode), request)
     urls = None
     if body.response_format == "url":

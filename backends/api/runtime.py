@@ -76,6 +76,7 @@ class Runtime:
                              settings.job_max_bytes, on_change=self._job_changed, journal=JobJournal(self.jobs_dir))
         self.kept_images = KeptImages(settings.image_url_ttl_seconds, settings.image_url_max_bytes)
         self.event_streams = 0  # SSE streams open now (changed on the event loop only)
+        self.started = int(time.time())
 
     def warm_up(self) -> None:
         """Load the default model and run it once, so that no request pays for either."""

@@ -1,4 +1,8 @@
-"""Companion routes: health, the served models and schedulers, device status, unload."""
+"""Companion routes: health, the served models and schedulers, device status, unload.
+
+`GET /v1/models` answers three kinds of client at once: moondream-station's (`models`, each
+with `type: "generation"` so the gallery does not take it for a vision model, and the VRAM
+headers it polls), OpenAI's (`object: "list"`, `data`), and people (descriptions, aliases)."""
 
 from __future__ import annotations
 
@@ -6,11 +10,12 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
-from backends.api import errors, metrics
+from backends.api import errors, headers, metrics
 from backends.api.runtime import Runtime, runtime_of
-from backends.sdxl_backend.schedulers import SCHEDULERS
+from backends.sdxl_backend.errors import UnknownModel
+from backends.sdxl_backend.schedulers import MOONDREAM_NAMES, SCHEDULERS
 
 router = APIRouter(tags=["service"])
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
@@ -22,8 +27,7 @@ async def health(runtime: RuntimeDep) -> dict[str, Any]:
             "default_model": runtime.default_model}
 
 
-@router.get("/v1/models", responses=errors.responses(401))
-async def list_models(runtime: RuntimeDep) -> dict[str, Any]:
+def model_entries(runtime: Runtime) -> list[dict[str, Any]]:
     """The served models, then the aliases (`alias_of` names the model that serves them)."""
     manager = runtime.engine.models
 
@@ -31,7 +35,11 @@ async def list_models(runtime: RuntimeDep) -> dict[str, Any]:
         model = runtime.served[served_by]
         return {
             "id": model_id,
+            "object": "model",
+            "created": runtime.started,
+            "owned_by": "sdxl-bento",
             "name": model_id,
+            "type": "generation",
             "description": model.description,
             "version": model.version,
             "loaded": manager.is_loaded(served_by),
@@ -39,15 +47,32 @@ async def list_models(runtime: RuntimeDep) -> dict[str, Any]:
             **({"alias_of": served_by} if served_by != model_id else {}),
         }
 
-    return {"models": [entry(m, m) for m in runtime.served]
-            + [entry(alias, target) for alias, target in manager.aliases.items()]}
+    return [entry(m, m) for m in runtime.served] + [entry(alias, target) for alias, target in manager.aliases.items()]
+
+
+@router.get("/v1/models", responses=errors.responses(401))
+async def list_models(runtime: RuntimeDep) -> JSONResponse:
+    entries = model_entries(runtime)
+    return JSONResponse({"object": "list", "data": entries, "models": entries},
+                        headers=headers.vram_headers(runtime.engine.models.device_memory()))
+
+
+@router.get("/v1/models/{model_id}", responses=errors.responses(401, 404))
+async def get_model(model_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+    entry = next((e for e in model_entries(runtime) if e["id"] == model_id), None)
+    if entry is None:
+        raise UnknownModel(model_id, [e["id"] for e in model_entries(runtime)])
+    return entry
 
 
 @router.get("/v1/schedulers", responses=errors.responses(401))
 @router.get("/v1/samplers", responses=errors.responses(401))
 async def list_schedulers() -> dict[str, Any]:
-    schedulers = [{"name": name, "label": spec.label} for name, spec in SCHEDULERS.items()]
-    return {"schedulers": schedulers, "samplers": schedulers}
+    """Names, as moondream-station lists them (strings: clients take one and send it back),
+    their labels, and the other names /v1/generate takes for them."""
+    names = list(SCHEDULERS)
+    return {"schedulers": names, "samplers": names, "labels": {name: spec.label for name, spec in SCHEDULERS.items()},
+            "aliases": MOONDREAM_NAMES}
 
 
 @router.get("/v1/system/status", responses=errors.responses(401))
@@ -61,7 +86,7 @@ async def system_status(runtime: RuntimeDep) -> dict[str, Any]:
 async def unload(runtime: RuntimeDep) -> dict[str, Any]:
     """Free every loaded pipeline; the next request loads its model again."""
     unloaded = await anyio.to_thread.run_sync(runtime.engine.models.unload)
-    return {"status": "ok", "unloaded": unloaded}
+    return {"status": "success", "message": f"unloaded {len(unloaded)} model(s)", "unloaded": unloaded}
 
 
 @router.get("/metrics", response_class=Response, responses={

@@ -24,7 +24,7 @@ from .limits import Limits
 from .model_manager import ModelManager, ModelSource
 from .modes import lower_mode
 from .protocol import MAX_SEED, GeneratedImage, GenerationRequest, GenerationResult, ModelDefaults, Timings
-from .schedulers import SCHEDULERS, make_scheduler
+from .schedulers import SCHEDULERS, make_scheduler, step_arguments
 
 logger = logging.getLogger("sdxl_backend")
 
@@ -174,7 +174,7 @@ class Engine:
             prompt=request.prompt,
             # None, not "": SDXL then uses zero embeddings, as the model was trained.
             negative_prompt=request.negative_prompt or None,
-            num_inference_steps=request.steps,
+            **step_arguments(request.scheduler, request.steps),
             guidance_scale=request.guidance_scale,
             num_images_per_prompt=request.n,
             # CPU generators: the same seed gives the same noise whatever the device.
