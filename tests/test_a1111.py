@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 import webuiapi
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from tests.conftest import pixels, png_bytes
 
@@ -173,3 +173,20 @@ def test_webuiapi_listings_options_and_skip(api):
     assert too_much.status_code == 400 and too_much.json()["error"]["param"] == "options"  # kept options are bounded
     with pytest.raises(RuntimeError):  # webuiapi raises on a non-200 answer
         api._to_api_result(api.session.post(f"{api.baseurl}/options", json={"sd_model_checkpoint": "nope"}))
+
+
+def test_webuiapi_inpainting_on_its_defaults(api):
+    # Its defaults: inpainting_fill 0 ("fill"), inpaint_full_res True ("only masked"), padding 0, mask_blur 4.
+    image = Image.new("RGB", (128, 128), (30, 160, 60))
+    mask = Image.new("L", (128, 128), 0)
+    ImageDraw.Draw(mask).rectangle((40, 40, 87, 87), fill=255)
+    for extra in ({}, {"inpaint_full_res": False, "inpainting_fill": 1}):
+        result = api.img2img(images=[image], mask_image=mask, prompt="a stone", width=128, height=128, seed=1,
+                             denoising_strength=0.9, **extra)
+        out = result.image.convert("RGB")
+        assert out.size == (128, 128)
+        for corner in ((2, 2), (125, 2), (2, 125), (125, 125)):
+            assert out.getpixel(corner) == image.getpixel(corner), (extra, corner)
+        assert out.getpixel((64, 64)) != image.getpixel((64, 64)), extra
+    with pytest.raises(RuntimeError, match="inpainting_fill"):
+        api.img2img(images=[image], mask_image=mask, prompt="x", inpainting_fill=2)  # latent noise: not here

@@ -6,11 +6,11 @@ import io
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from backends.sdxl_backend.device import select_placement
 from backends.sdxl_backend.engine import Engine
-from backends.sdxl_backend.errors import InvalidImage, InvalidRequest, PayloadTooLarge, UnknownModel
+from backends.sdxl_backend.errors import BackendError, InvalidImage, InvalidRequest, PayloadTooLarge, UnknownModel
 from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.model_manager import ModelManager, ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
@@ -84,6 +84,58 @@ def test_align_your_steps_takes_its_sigmas_also_for_img2img(engine):
     assert txt.request.steps == 7
     img = run(engine, seed=2, scheduler="euler_ays", steps=10, image=png_bytes(64, 64), strength=0.5)
     assert pixels(img.images[0].data) != pixels(txt.images[0].data)
+
+
+def square_mask(size: int, box: tuple[int, int, int, int]) -> bytes:
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).rectangle(box, fill=255)
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def rgb(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def test_inpainting_repaints_inside_the_mask_and_keeps_the_rest(engine):
+    source = png_bytes(128, 128, (40, 120, 200))
+    box = (32, 32, 95, 95)
+    for fields in ({}, {"masked_content": "fill"}, {"masked_area_only": True, "masked_area_padding": 8}):
+        result = run(engine, seed=3, steps=8, strength=0.9, image=source, mask=square_mask(128, box), mask_blur=0,
+                     **fields)
+        assert result.inpainting and result.images[0].width == 128
+        out, before = rgb(result.images[0].data), rgb(source)
+        outside = [(x, y) for x in range(0, 128, 7) for y in range(0, 128, 7)
+                   if not (box[0] - 2 <= x <= box[2] + 2 and box[1] - 2 <= y <= box[3] + 2)]
+        assert all(out.getpixel(p) == before.getpixel(p) for p in outside), fields  # kept exactly
+        inside = [(x, y) for x in range(40, 88, 6) for y in range(40, 88, 6)]
+        assert sum(out.getpixel(p) != before.getpixel(p) for p in inside) > len(inside) // 2, fields
+    text = Image.open(io.BytesIO(result.images[0].data)).text["parameters"]
+    assert "Mask blur: 0" in text and "Inpaint area: Only masked" in text
+
+
+def test_masked_area_only_repaints_at_full_resolution_and_differs(engine):
+    source, mask = png_bytes(128, 128, (40, 120, 200)), square_mask(128, (48, 48, 79, 79))
+    whole = run(engine, seed=3, steps=8, strength=0.9, image=source, mask=mask, mask_blur=0)
+    cropped = run(engine, seed=3, steps=8, strength=0.9, image=source, mask=mask, mask_blur=0, masked_area_only=True,
+                  masked_area_padding=0)
+    assert pixels(whole.images[0].data) != pixels(cropped.images[0].data)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"mask": b"png?"}, "mask"),  # no image to paint into
+    ({"image": b"", "mask": b""}, "image"),
+])
+def test_inpainting_refusals_name_the_field(engine, fields, param):
+    with pytest.raises(BackendError) as refused:
+        engine.prepare(GenerationRequest(prompt="x", **fields))
+    assert refused.value.param == param
+
+
+def test_an_all_black_mask_is_refused(engine):
+    with pytest.raises(BackendError, match="all black"):
+        engine.prepare(GenerationRequest(prompt="x", image=png_bytes(), mask=png_bytes(color=(0, 0, 0))))
 
 
 def test_img2img_strength_changes_output_and_keeps_size(engine):

@@ -33,6 +33,10 @@ def test_sync_client_calls_both_native_endpoints(server):
         repainted = client.img2img(prompt="a painting", image=base64.b64encode(png_bytes(96, 64)).decode(), strength=0.5)
         first = Image.open(io.BytesIO(base64.b64decode(repainted["images"][0]["b64_json"])))
         assert first.size == (96, 64) and first.info["parameters"].endswith("Denoising strength: 0.5")
+        mask = base64.b64encode(png_bytes(96, 64, (255, 255, 255))).decode()  # all white: repaint everything
+        inpainted = client.img2img(prompt="a painting", image=base64.b64encode(png_bytes(96, 64)).decode(),
+                                   mask=mask, mask_blur=0, masked_content="fill", strength=0.5)
+        assert "Mask blur: 0" in Image.open(io.BytesIO(base64.b64decode(inpainted["images"][0]["b64_json"]))).info["parameters"]
 
 
 def test_sync_client_raises_bentoml_errors_with_the_servers_message(server):

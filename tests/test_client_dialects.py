@@ -15,7 +15,7 @@ import time
 import httpx
 import openai
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from backends.api.kept_images import KeptImages
 from tests.conftest import GUARD_KEYS, pixels, png_bytes
@@ -189,6 +189,38 @@ def test_openai_models_list_and_retrieve(client):
     assert client.models.retrieve("sdxl-realism").id == "sdxl-realism"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("dall-e-3")
+
+
+def test_openai_edit_with_a_mask_repaints_only_its_transparent_area(client):
+    source = png_bytes(64, 64, (200, 30, 30))
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=(0, 0, 0, 0))  # transparent: edit here
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    result = client.images.edit(image=("in.png", source, "image/png"), mask=("mask.png", buffer.getvalue(), "image/png"),
+                                prompt=PROMPT, size="64x64", extra_body={"steps": 4, "seed": 1})
+    edited, original = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).convert("RGB"), Image.open(
+        io.BytesIO(source)).convert("RGB")
+    for corner in ((1, 1), (62, 1), (1, 62), (62, 62)):  # far outside the (blurred) mask: unchanged
+        assert edited.getpixel(corner) == original.getpixel(corner)
+    assert edited.getpixel((32, 32)) != original.getpixel((32, 32))
+    raw = client.images.with_raw_response.edit(image=("in.png", source, "image/png"), prompt=PROMPT, size="64x64",
+                                               extra_body={"steps": 4}).http_response.json()
+    assert raw["stats"]["mode"] == "img2img"  # no mask: the whole image is edited
+
+
+def test_openai_edit_takes_the_first_of_several_images_and_variations_need_no_prompt(client):
+    images = [("a.png", png_bytes(64, 64, (200, 30, 30)), "image/png"), ("b.png", png_bytes(96, 96), "image/png")]
+    edited = client.images.edit(image=images, prompt=PROMPT, n=2, extra_body={"steps": 4})
+    assert [Image.open(io.BytesIO(base64.b64decode(d.b64_json))).size for d in edited.data] == [(64, 64)] * 2
+    variations = client.images.create_variation(image=images[0], n=2, size="64x64", extra_body={"steps": 5, "seed": 3})
+    decoded = [base64.b64decode(d.b64_json) for d in variations.data]
+    assert len(decoded) == 2 and pixels(decoded[0]) != pixels(decoded[1])
+    with pytest.raises(openai.UnprocessableEntityError) as broken:
+        client.images.create_variation(image=("a.png", b"not an image", "image/png"))
+    assert "0x" not in str(broken.value)  # no Python object address in the message
+    with pytest.raises(openai.BadRequestError):
+        client.images.edit(image=images[0], prompt=PROMPT, extra_body={"warp": 9})  # OpenAI refuses unknown parameters
 
 
 def test_openai_errors(client):

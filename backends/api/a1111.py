@@ -5,7 +5,7 @@ A1111 clients send every field of A1111's request model, most at their defaults.
 server honours are mapped; `eta` is honoured where A1111 honours it (DDIM, and the ancestral
 samplers at their one value here, 1.0) and ignored where A1111 ignores it; any other field is
 accepted only at A1111's default (or empty), and refused with a 400 naming it otherwise, so an
-option the client turned on (hires fix, face restoration, an inpainting mask...) is never
+option the client turned on (hires fix, face restoration, scripts...) is never
 silently dropped. `/interrupt` and `/skip` end the caller's running generation at its next step
 and its request answers with the image as it stood, as A1111's do. The listings of things this
 server does not have (upscalers, VAEs, embeddings, scripts...) are truthfully empty.
@@ -43,8 +43,7 @@ ANCESTRAL = {"euler_a"}
 # A1111 fields this server does not implement, at the values A1111 sends when they are off.
 OFF = {
     "subseed": -1, "seed_resize_from_h": -1, "seed_resize_from_w": -1, "s_noise": 1.0,
-    "override_settings_restore_afterwards": True, "send_images": True, "resize_mode": 0, "mask_blur": 4,
-    "inpainting_fill": 0, "inpaint_full_res": True, "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0,
+    "override_settings_restore_afterwards": True, "send_images": True, "resize_mode": 0,
     "initial_noise_multiplier": 1.0, "hr_scale": 2.0, "image_cfg_scale": 1.5,
     "hr_upscaler": "Latent", "disable_extra_networks": False, "hr_resize_x": 0, "hr_resize_y": 0,
 }
@@ -71,6 +70,13 @@ class A1111Request(BaseModel):
     # img2img
     init_images: list[ImageBytes] = []
     denoising_strength: float | None = Field(None, ge=0, le=1)  # txt2img: hires fix only, ignored
+    # img2img inpainting (without a mask A1111 ignores these, and so does this server)
+    mask: ImageBytes | None = None
+    mask_blur: int = Field(4, ge=0, le=64)
+    inpainting_fill: int = Field(0, ge=0, le=3)  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = True  # "only masked"
+    inpaint_full_res_padding: int = Field(0, ge=0, le=1024)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
 
     def to_generation_request(self, img2img: bool) -> GenerationRequest:
         self._refuse_what_is_on()
@@ -100,7 +106,20 @@ class A1111Request(BaseModel):
             eta=self._eta(scheduler),
             image=self.init_images[0] if img2img else None,
             strength=self.denoising_strength if img2img and self.denoising_strength else 0.75,
+            **self._inpainting(img2img),
         )
+
+    def _inpainting(self, img2img: bool) -> dict[str, Any]:
+        if self.mask is None:
+            return {}
+        if not img2img:
+            raise InvalidRequest("mask: txt2img takes no mask; use /sdapi/v1/img2img", "mask")
+        if self.inpainting_fill not in (0, 1):
+            raise InvalidRequest(f"inpainting_fill: {self.inpainting_fill} (latent noise/nothing) is not available; "
+                                 "use 0 (fill) or 1 (original)", "inpainting_fill")
+        return {"mask": self.mask, "mask_blur": self.mask_blur, "mask_invert": bool(self.inpainting_mask_invert),
+                "masked_content": "fill" if self.inpainting_fill == 0 else "original",
+                "masked_area_only": self.inpaint_full_res, "masked_area_padding": self.inpaint_full_res_padding}
 
     def _scheduler(self) -> str | None:
         sampler, field = (self.sampler_name, "sampler_name") if self.sampler_name else (self.sampler_index, "sampler_index")
@@ -153,7 +172,7 @@ def render(body: A1111Request, result: GenerationResult) -> dict[str, Any]:
     }
     return {
         "images": [base64.b64encode(image.data).decode() for image in result.images],
-        "parameters": body.model_dump(exclude={"init_images"}),
+        "parameters": body.model_dump(exclude={"init_images", "mask"}),
         "info": json.dumps(info),
     }
 

@@ -1,5 +1,6 @@
-"""The dialect of `POST /v1/generate` and `POST /v1/images/generations`, and the links that
-`response_format: "url"` hands out (`GET /v1/images/files/{image_id}`).
+"""The dialect of `POST /v1/generate` and `POST /v1/images/generations`, OpenAI's multipart
+`/v1/images/edits` and `/v1/images/variations`, and the links that `response_format: "url"`
+hands out (`GET /v1/images/files/{image_id}`).
 
 Two kinds of client send to these routes: moondream-station style clients (the gallery
 frontend) and OpenAI Images API clients (the `openai` package). One request model takes the
@@ -19,19 +20,24 @@ parameter is a 400, and out-of-memory is 507.
 from __future__ import annotations
 
 import base64
+import io
 import re
 import time
 from typing import Annotated, Any, Literal
 
+import anyio
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backends.api import errors
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.errors import InvalidRequest, OutOfMemory
 from backends.sdxl_backend.modes import MEMORY_MODES
 from backends.sdxl_backend.protocol import MAX_SEED, GenerationRequest, GenerationResult, ImageBytes, OutputFormat
+from backends.sdxl_backend.images import decode_image
+from backends.sdxl_backend.limits import Limits
+from backends.sdxl_backend.masks import mask_from_alpha
 from backends.sdxl_backend.schedulers import resolve_moondream_name
 
 SIZE_PATTERN = re.compile(r"^(\d+)x(\d+)$")
@@ -59,6 +65,7 @@ class ImageGenerationRequest(BaseModel):
     # img2img: moondream's base64 `image` and `strength`.
     image: ImageBytes | None = None
     strength: float = Field(0.75, gt=0, le=1)
+    mask: ImageBytes | None = None  # inpainting: white repaints, black keeps
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: OutputFormat = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
@@ -102,6 +109,7 @@ class ImageGenerationRequest(BaseModel):
             quality=max(1, self.output_compression) if self.output_compression is not None else 90,
             image=self.image,
             strength=self.strength,
+            mask=self.mask,
             vram_mode=vram_mode,
         )
 
@@ -146,7 +154,7 @@ def render(
         "steps": request.steps,
         "guidance_scale": request.guidance_scale,
         "scheduler": request.scheduler,
-        "mode": "img2img" if result.img2img else "txt2img",
+        "mode": "inpaint" if result.inpainting else "img2img" if result.img2img else "txt2img",
         "vram_mode": result.vram_mode,
         "out_of_memory_in": result.out_of_memory_in,
         **({"strength": request.strength} if result.img2img else {}),
@@ -196,6 +204,77 @@ async def generate(body: ImageGenerationRequest, request: Request, runtime: Anno
         urls = [f"{base}/v1/images/files/{kept.put(image.data, image.media_type, result.request.output_format)}"
                 for image in result.images]
     return JSONResponse(render(body, result, int(time.time()), urls), headers=runtime.result_headers(result))
+
+
+class ImageEditForm(ImageGenerationRequest):
+    """OpenAI's edit and variation forms: the generation fields, as multipart text fields."""
+
+    prompt: str = ""
+    input_fidelity: str | None = None  # OpenAI's; no SDXL meaning
+
+
+MULTIPART_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["image"],
+    "properties": {"image": {"type": "string", "format": "binary", "description": "the image (repeated: the first is used)"},
+                   "mask": {"type": "string", "format": "binary",
+                            "description": "edits: a PNG whose fully transparent pixels mark the area to repaint"},
+                   "prompt": {"type": "string"}, "n": {"type": "integer"}, "size": {"type": "string"},
+                   "response_format": {"type": "string"}, "model": {"type": "string"}}}}}}}
+
+
+async def read_edit_form(request: Request, runtime: Runtime, with_prompt: bool) -> ImageEditForm:
+    """The multipart form the `openai` package sends: `image` (or `image[]`, repeated), `mask`,
+    and the other fields as text. Uploads are bounded by SDXL_MAX_BODY_BYTES at the edge."""
+    try:
+        form = await request.form(max_files=16, max_fields=64)
+    except Exception:
+        raise InvalidRequest("body: expected a multipart/form-data upload", "image") from None
+    uploads = [await item.read() for key in ("image", "image[]") for item in form.getlist(key)
+               if not isinstance(item, str)]
+    if not uploads:
+        raise InvalidRequest("image: required (a file upload)", "image")
+    fields: dict[str, Any] = {key: value for key, value in form.multi_items()
+                              if isinstance(value, str) and key not in ("image", "image[]", "mask")}
+    if not with_prompt and "prompt" in fields:
+        raise InvalidRequest("prompt: variations take no prompt", "prompt")
+    mask = form.get("mask")
+    if mask is not None and not isinstance(mask, str):
+        # OpenAI marks the area to edit with transparency; the engine takes white-repaints masks.
+        fields["mask"] = await anyio.to_thread.run_sync(alpha_mask_png, await mask.read(), runtime.engine.limits)
+    try:
+        return ImageEditForm(**fields, image=uploads[0])
+    except ValidationError as exc:
+        error = errors.validation_error(exc.errors())[1]["error"]
+        raise InvalidRequest(error["message"], error["param"]) from None
+
+
+def alpha_mask_png(data: bytes, limits: Limits) -> bytes:
+    buffer = io.BytesIO()
+    mask_from_alpha(decode_image(data, limits, "mask", mode="RGBA")).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@router.post("/v1/images/edits", response_model=ImageGenerationAnswer, openapi_extra=MULTIPART_BODY,
+             responses=errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507))
+async def edit_image(request: Request, runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONResponse:
+    """OpenAI's image edit: img2img from `image` and `prompt`; with `mask`, inpainting of its
+    transparent area (strength 1.0: the area is drawn anew, as OpenAI's edits are)."""
+    form = await read_edit_form(request, runtime, with_prompt=True)
+    if not form.prompt:
+        raise InvalidRequest("prompt: required for an edit", "prompt")
+    if form.mask is not None and "strength" not in form.model_fields_set:
+        form.strength = 1.0
+    return await generate(form, request, runtime)
+
+
+@router.post("/v1/images/variations", response_model=ImageGenerationAnswer, openapi_extra=MULTIPART_BODY,
+             responses=errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507))
+async def image_variations(request: Request, runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONResponse:
+    """OpenAI's variations: img2img of `image` with no prompt, at strength 0.6 unless given."""
+    form = await read_edit_form(request, runtime, with_prompt=False)
+    if "strength" not in form.model_fields_set:
+        form.strength = 0.6
+    return await generate(form, request, runtime)
 
 
 @router.get("/v1/images/files/{image_id}", response_class=Response, responses={

@@ -36,7 +36,7 @@ class JobRequest(GenerationRequest):
     preview_every: int | None = Field(None, ge=1, description="A latent preview every K steps.")
 
     def generation_request(self) -> GenerationRequest:
-        return GenerationRequest(**self.model_dump(exclude={"preview_every"}), image=self.image)
+        return GenerationRequest(**{name: getattr(self, name) for name in GenerationRequest.model_fields})
 
 
 class JobLinks(BaseModel):

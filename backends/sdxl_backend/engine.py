@@ -21,6 +21,7 @@ from PIL import Image
 from .errors import InvalidRequest, OutOfMemory
 from .images import MEDIA_TYPES, decode_image, encode_image
 from .limits import Limits
+from .masks import fill_masked, prepare_mask
 from .model_manager import ModelManager, ModelSource
 from .modes import lower_mode
 from .protocol import MAX_SEED, GeneratedImage, GenerationRequest, GenerationResult, ModelDefaults, Timings
@@ -56,9 +57,10 @@ class PreparedRequest:
     """A request that passed every check: every field filled in, the input image decoded at
     the output size. Only the device step is left."""
 
-    request: GenerationRequest  # as it will run; its `image` bytes are dropped (the decoded one is below)
+    request: GenerationRequest  # as it will run; its `image` and `mask` bytes are dropped (decoded below)
     source: ModelSource
     init_image: Image.Image | None = field(default=None, repr=False)
+    mask: Image.Image | None = field(default=None, repr=False)  # prepared: sized, inverted, blurred
 
     @property
     def seeds(self) -> list[int]:
@@ -107,10 +109,22 @@ class Engine:
             raise InvalidRequest(f"image: model '{source.id}' only does image-to-image: send an image", "image")
         if init_image is not None and init_image.size != (request.width, request.height):
             init_image = init_image.resize((request.width, request.height), Image.Resampling.LANCZOS)
-        return PreparedRequest(request.model_copy(update={"image": None}), source, init_image)
+        mask = None
+        if request.mask is not None:
+            if init_image is None:
+                raise InvalidRequest("mask: inpainting needs the image to paint into (`image`)", "mask")
+            size = (request.width, request.height)
+            mask = prepare_mask(decode_image(request.mask, self.limits, "mask", mode="L"), size, request.mask_blur,
+                                request.mask_invert)
+            if mask.getextrema()[1] == 0:
+                raise InvalidRequest("mask: it is all black, so nothing would be repainted (white repaints)", "mask")
+            if request.masked_content == "fill":
+                init_image = fill_masked(init_image, mask)
+        return PreparedRequest(request.model_copy(update={"image": None, "mask": None}), source, init_image, mask)
 
     def generate(self, prepared: PreparedRequest, on_step: StepObserver | None = None) -> GenerationResult:
         request, source, init_image, seeds = prepared.request, prepared.source, prepared.init_image, prepared.seeds
+        inpainting = prepared.mask is not None
 
         # Out of memory: free what the call held, then once more in the next lower mode.
         modes = [request.vram_mode or self.models.policy.default_mode]
@@ -119,9 +133,7 @@ class Engine:
         try:
             for attempt, mode in enumerate(modes):
                 try:
-                    pictures, load_s, inference_s = self._denoise(
-                        source, request, seeds, init_image, mode, self._step_callback(attempt, on_step)
-                    )
+                    pictures, load_s, inference_s = self._denoise(prepared, mode, self._step_callback(attempt, on_step))
                     break
                 except OutOfMemory:
                     logger.warning("out of memory generating with %s in mode %s", source.id, mode)
@@ -140,7 +152,8 @@ class Engine:
         started = time.perf_counter()
         images = [
             GeneratedImage(
-                data=encode_image(picture, request.output_format, request.quality, infotext(request, seed, init_image is not None)),
+                data=encode_image(picture, request.output_format, request.quality,
+                                  infotext(request, seed, init_image is not None, inpainting)),
                 media_type=MEDIA_TYPES[request.output_format],
                 seed=seed,
                 width=picture.width,
@@ -157,19 +170,15 @@ class Engine:
         return GenerationResult(
             model=source.id, images=images, request=request, timings=timings,
             vram_mode=mode, out_of_memory_in=modes[:attempt], img2img=init_image is not None,
+            inpainting=inpainting,
         )
 
     def _denoise(
-        self,
-        source: ModelSource,
-        request: GenerationRequest,
-        seeds: list[int],
-        init_image: Image.Image | None,
-        mode: str,
-        on_step_end: Callable,
+        self, prepared: PreparedRequest, mode: str, on_step_end: Callable
     ) -> tuple[list[Image.Image], float, float]:
         """One batched pipeline call; returns the images, load seconds and inference seconds.
         A device out-of-memory error comes out as `OutOfMemory`, with the call's memory freed."""
+        request, source, init_image, mask = prepared.request, prepared.source, prepared.init_image, prepared.mask
         arguments = dict(
             prompt=request.prompt,
             # None, not "": SDXL then uses zero embeddings, as the model was trained.
@@ -178,7 +187,7 @@ class Engine:
             guidance_scale=request.guidance_scale,
             num_images_per_prompt=request.n,
             # CPU generators: the same seed gives the same noise whatever the device.
-            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in prepared.seeds],
             callback_on_step_end=on_step_end,
         )
         if request.eta is not None:
@@ -187,14 +196,21 @@ class Engine:
             if init_image is None:
                 pipeline = pipelines.txt2img
                 arguments.update(width=request.width, height=request.height)
-            else:
+            elif mask is None:
                 pipeline = pipelines.img2img
                 arguments.update(image=init_image, strength=request.strength)
+            else:
+                pipeline = pipelines.inpaint
+                arguments.update(image=init_image, mask_image=mask, strength=request.strength,
+                                 width=request.width, height=request.height,
+                                 padding_mask_crop=request.masked_area_padding if request.masked_area_only else None)
             pipeline.scheduler = make_scheduler(
                 request.scheduler, pipelines.scheduler_config, source.defaults.timestep_spacing
             )
             started = time.perf_counter()
             pictures = self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
+            if mask is not None and not request.masked_area_only:  # (the crop path pastes back by itself)
+                pictures = [pipeline.image_processor.apply_overlay(mask, init_image, picture) for picture in pictures]
             return pictures, load_s, time.perf_counter() - started
 
     def _step_callback(self, attempt: int, on_step: StepObserver | None) -> Callable:
@@ -232,6 +248,8 @@ def resolve(
 
 def validate(request: GenerationRequest, limits: Limits) -> None:
     """Every check that does not need the model, with the field named in the message."""
+    if not request.prompt and request.image is None:
+        raise InvalidRequest("prompt: required (only a variation of an input image may go without one)", "prompt")
     for field in ("width", "height"):
         value = getattr(request, field)
         if value % 8:
@@ -271,7 +289,7 @@ def validate(request: GenerationRequest, limits: Limits) -> None:
         )
 
 
-def infotext(request: GenerationRequest, seed: int, img2img: bool) -> str:
+def infotext(request: GenerationRequest, seed: int, img2img: bool, inpainting: bool) -> str:
     """The generation parameters in AUTOMATIC1111's format, which image tools parse."""
     lines = [request.prompt]
     if request.negative_prompt:
@@ -286,5 +304,9 @@ def infotext(request: GenerationRequest, seed: int, img2img: bool) -> str:
     ]
     if img2img:
         settings.append(f"Denoising strength: {request.strength}")
+    if inpainting:
+        settings.append(f"Mask blur: {request.mask_blur}")
+        if request.masked_area_only:
+            settings.append(f"Inpaint area: Only masked, Masked area padding: {request.masked_area_padding}")
     lines.append(", ".join(settings))
     return "\n".join(lines)

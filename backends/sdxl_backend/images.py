@@ -13,8 +13,8 @@ from .limits import Limits
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-def decode_image(data: bytes, limits: Limits, param: str = "image") -> Image.Image:
-    """Decode an uploaded image to RGB, refusing oversized payloads and decompression bombs.
+def decode_image(data: bytes, limits: Limits, param: str = "image", mode: str = "RGB") -> Image.Image:
+    """Decode an uploaded image to `mode`, refusing oversized payloads and decompression bombs.
 
     The pixel count is read from the header before any pixel is decoded, so a small file
     that claims 100 megapixels costs nothing.
@@ -38,9 +38,11 @@ def decode_image(data: bytes, limits: Limits, param: str = "image") -> Image.Ima
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own guard, which fires in Image.open for the most extreme headers.
         raise PayloadTooLarge(f"{param}: too many pixels ({exc})", param) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:  # (its message would show a Python object and its address)
+        raise InvalidImage(f"{param}: not an image this server reads (PNG, JPEG, WebP, ...)", param) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"{param}: cannot decode the image ({exc})", param) from exc
-    return image.convert("RGB")
+    return image.convert(mode)
 
 
 def encode_image(image: Image.Image, fmt: str, quality: int, parameters: str) -> bytes:

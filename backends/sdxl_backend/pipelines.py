@@ -19,7 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
 from safetensors import safe_open
 
 from .device import Placement
@@ -28,10 +33,11 @@ from .modes import MEMORY_MODES
 
 @dataclass
 class Pipelines:
-    """Two pipelines over one set of components (no second copy of the weights)."""
+    """The pipelines over one set of components (no second copy of the weights)."""
 
     txt2img: StableDiffusionXLPipeline | None  # None for img2img-only models (the refiner)
     img2img: StableDiffusionXLImg2ImgPipeline
+    inpaint: StableDiffusionXLInpaintPipeline
     # The stored scheduler config: every request's scheduler starts from it, never from the
     # previous request's scheduler, whose variant options would carry over.
     scheduler_config: dict
@@ -72,12 +78,16 @@ def load_pipelines(path: Path, placement: Placement, mode: str = "high") -> Pipe
         img2img = StableDiffusionXLImg2ImgPipeline(
             **base.components, force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt
         )
-        img2img.set_progress_bar_config(disable=True)
-        pipelines = Pipelines(base, img2img, dict(base.scheduler.config))
+        txt2img = base
     elif isinstance(base, StableDiffusionXLImg2ImgPipeline):
-        pipelines = Pipelines(None, base, dict(base.scheduler.config))
+        img2img, txt2img = base, None
     else:
         raise ValueError(f"{path} holds a {type(base).__name__}, not an SDXL pipeline")
+    inpaint = StableDiffusionXLInpaintPipeline(**img2img.components, **{
+        key: img2img.config[key] for key in ("requires_aesthetics_score", "force_zeros_for_empty_prompt")})
+    for pipeline in (img2img, inpaint):
+        pipeline.set_progress_bar_config(disable=True)
+    pipelines = Pipelines(txt2img, img2img, inpaint, dict(base.scheduler.config))
     pipelines.mode = "high" if on_device else "host"  # "host": in host memory, no hooks yet
     apply_memory_mode(pipelines, mode, placement)
     return pipelines

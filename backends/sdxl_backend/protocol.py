@@ -13,6 +13,7 @@ from .modes import MEMORY_MODES
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 VramMode = Literal[MEMORY_MODES]  # type: ignore[valid-type]
+MaskedContent = Literal["original", "fill"]
 MAX_SEED = 2**32 - 1
 # A 64x64 red PNG: the example input image of the API documents (one that works when tried).
 TINY_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAAYElEQVR4nO3PQQ0AIBDAMMC/sJOFCB4Nyapg27P+dnTAqwa0BrQGtAa0"
@@ -80,13 +81,22 @@ class ImageToImageRequest(TextToImageRequest):
 
     image: ImageBytes = Field(exclude=True, repr=False, description="The input image (PNG, JPEG, WebP...), base64.")
     strength: float = Field(0.75, gt=0, le=1, description="How much of the input to repaint; steps x strength must be at least 1.")
+    mask: ImageBytes | None = Field(None, exclude=True, repr=False, description="Inpainting: where to repaint, white repaints and black keeps (resized to the output), base64.")
+    mask_blur: int = Field(4, ge=0, le=64, description="Inpainting: blur radius of the mask's edge, pixels.")
+    mask_invert: bool = Field(False, description="Inpainting: black repaints and white keeps instead.")
+    masked_content: MaskedContent = Field("original", description="Inpainting: what the masked area starts from: the input there, or the colours around it ('fill').")
+    masked_area_only: bool = Field(False, description="Inpainting: repaint the mask's box (plus padding) at the full output resolution, then paste it back.")
+    masked_area_padding: int = Field(32, ge=0, le=1024, description="Inpainting with masked_area_only: pixels around the mask's box.")
 
 
-class GenerationRequest(TextToImageRequest):
-    """What the engine takes: a text-to-image request, or an image-to-image one with `image`."""
+class GenerationRequest(ImageToImageRequest):
+    """What the engine takes: a text-to-image request, or an image-to-image one with `image`
+    (inpainting with a `mask` too)."""
 
+    model_config = ConfigDict(json_schema_extra={"example": {"prompt": "a lighthouse at dusk", "seed": 7}})
+
+    prompt: str = Field("", description="What to draw; empty only with an image (a variation of it).")
     image: ImageBytes | None = Field(None, exclude=True, repr=False, description="img2img: the input image, base64.")
-    strength: float = Field(0.75, gt=0, le=1, description="img2img: how much of the input to repaint.")
 
 
 class GeneratedImage(BaseModel):
@@ -109,6 +119,7 @@ class GenerationResult(BaseModel):
     # The request as it ran: every default filled in, the base seed chosen (no input image).
     request: GenerationRequest
     img2img: bool = False
+    inpainting: bool = False
     timings: Timings
     vram_mode: str  # the memory mode that produced the images
     out_of_memory_in: list[str] = []  # modes that ran out of memory first (recovered)
