@@ -68,7 +68,8 @@ def test_img2img(server):
 
 
 @pytest.mark.parametrize(("route", "change", "param"), [
-    ("txt2img", {"enable_hr": True}, "enable_hr"),
+    ("txt2img", {"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+    ("txt2img", {"enable_hr": True, "hr_sampler_name": "DDIM"}, "hr_sampler_name"),
     ("txt2img", {"restore_faces": True}, "restore_faces"),
     ("txt2img", {"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts"),
     ("txt2img", {"scheduler": "Exponential"}, "scheduler"),
@@ -159,9 +160,11 @@ def test_webuiapi_png_info_reads_back_the_parameters(api):
 
 def test_webuiapi_listings_options_and_skip(api):
     assert api.get_scripts() == {"txt2img": [], "img2img": []}  # its constructor probes this
-    for listing in ("get_loras", "get_upscalers", "get_latent_upscale_modes", "get_sd_vae", "get_hypernetworks",
-                    "get_face_restorers", "get_realesrgan_models", "get_prompt_styles"):
+    for listing in ("get_loras", "get_sd_vae", "get_hypernetworks", "get_face_restorers", "get_realesrgan_models",
+                    "get_prompt_styles"):
         assert getattr(api, listing)() == [], listing
+    assert [u["name"] for u in api.get_upscalers()] == ["Lanczos"]  # what the hires fix has
+    assert [m["name"] for m in api.get_latent_upscale_modes()] == ["Latent"]
     assert api.get_embeddings() == {"loaded": {}, "skipped": {}} and api.get_cmd_flags() == {}
     assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
     assert api.get_memory()["ram"]["total"] > 0
@@ -190,3 +193,14 @@ def test_webuiapi_inpainting_on_its_defaults(api):
         assert out.getpixel((64, 64)) != image.getpixel((64, 64)), extra
     with pytest.raises(RuntimeError, match="inpainting_fill"):
         api.img2img(images=[image], mask_image=mask, prompt="x", inpainting_fill=2)  # latent noise: not here
+
+
+@pytest.mark.parametrize("upscaler", [webuiapi.HiResUpscaler.Latent, webuiapi.HiResUpscaler.Lanczos])
+def test_webuiapi_hires_fix(api, upscaler):
+    result = api.txt2img(prompt="a castle", width=64, height=64, seed=2, enable_hr=True, hr_scale=2,
+                         hr_upscaler=upscaler, denoising_strength=0.5)
+    assert result.image.size == (128, 128)
+    assert f"Hires resize: 128x128, Hires steps: 4, Hires upscaler: {upscaler.value}" in result.image.info["parameters"]
+    sized = api.txt2img(prompt="a castle", width=64, height=64, enable_hr=True, hr_resize_x=96, hr_resize_y=128,
+                        hr_second_pass_steps=2)
+    assert sized.image.size == (96, 128)

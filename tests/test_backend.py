@@ -138,6 +138,34 @@ def test_an_all_black_mask_is_refused(engine):
         engine.prepare(GenerationRequest(prompt="x", image=png_bytes(), mask=png_bytes(color=(0, 0, 0))))
 
 
+@pytest.mark.parametrize("upscaler", ["latent", "lanczos"])
+def test_hires_fix_runs_a_second_pass_at_the_larger_size(engine, upscaler):
+    prepared = engine.prepare(GenerationRequest(prompt="a red fox", seed=5, steps=4, width=64, height=64,
+                                                hires_fix={"scale": 2, "upscaler": upscaler, "strength": 0.5}))
+    assert prepared.total_steps == 4 + 2
+    seen = []
+    result = engine.generate(prepared, lambda step, total, latents: seen.append((step, total)))
+    assert (result.images[0].width, result.images[0].height) == (128, 128)
+    assert seen == [(step, 6) for step in range(1, 7)]  # the two passes read as one run
+    text = Image.open(io.BytesIO(result.images[0].data)).text["parameters"]
+    assert f"Hires resize: 128x128, Hires steps: 4, Hires upscaler: {upscaler.title()}" in text
+    plain = run(engine, seed=5, steps=4, width=128, height=128)
+    assert pixels(plain.images[0].data) != pixels(result.images[0].data)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"hires_fix": {"scale": 4}, "width": 1024, "height": 1024}, "hires_fix.width"),  # past the size limit
+    ({"hires_fix": {"width": 32, "height": 32}, "width": 64, "height": 64}, "hires_fix.width"),
+    ({"hires_fix": {"width": 64, "height": 64}, "width": 128, "height": 128}, "hires_fix"),  # smaller
+    ({"hires_fix": {"strength": 0.1, "steps": 4}}, "hires_fix.strength"),
+    ({"hires_fix": {}, "image": png_bytes()}, "hires_fix"),
+])
+def test_hires_fix_refusals_name_the_field(engine, fields, param):
+    with pytest.raises(InvalidRequest) as refused:
+        engine.prepare(GenerationRequest(prompt="x", **fields))
+    assert refused.value.param == param
+
+
 def test_img2img_strength_changes_output_and_keeps_size(engine):
     init = png_bytes(96, 64)
     light = run(engine, seed=5, image=init, strength=0.3, steps=10)

@@ -44,9 +44,10 @@ ANCESTRAL = {"euler_a"}
 OFF = {
     "subseed": -1, "seed_resize_from_h": -1, "seed_resize_from_w": -1, "s_noise": 1.0,
     "override_settings_restore_afterwards": True, "send_images": True, "resize_mode": 0,
-    "initial_noise_multiplier": 1.0, "hr_scale": 2.0, "image_cfg_scale": 1.5,
-    "hr_upscaler": "Latent", "disable_extra_networks": False, "hr_resize_x": 0, "hr_resize_y": 0,
+    "initial_noise_multiplier": 1.0, "image_cfg_scale": 1.5, "disable_extra_networks": False,
 }
+# A1111's upscalers for the hires fix that this server has, and what they are here.
+HIRES_UPSCALERS = {"latent": "latent", "lanczos": "lanczos"}
 
 
 class A1111Request(BaseModel):
@@ -69,7 +70,14 @@ class A1111Request(BaseModel):
     override_settings: dict[str, Any] = {}
     # img2img
     init_images: list[ImageBytes] = []
-    denoising_strength: float | None = Field(None, ge=0, le=1)  # txt2img: hires fix only, ignored
+    denoising_strength: float | None = Field(None, ge=0, le=1)  # txt2img: the hires fix's second pass
+    # txt2img hires fix
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, ge=1, le=4)
+    hr_upscaler: str | None = "Latent"
+    hr_second_pass_steps: int = Field(0, ge=0)  # 0: the same as steps
+    hr_resize_x: int = Field(0, ge=0)
+    hr_resize_y: int = Field(0, ge=0)
     # img2img inpainting (without a mask A1111 ignores these, and so does this server)
     mask: ImageBytes | None = None
     mask_blur: int = Field(4, ge=0, le=64)
@@ -107,7 +115,19 @@ class A1111Request(BaseModel):
             image=self.init_images[0] if img2img else None,
             strength=self.denoising_strength if img2img and self.denoising_strength else 0.75,
             **self._inpainting(img2img),
+            hires_fix=self._hires_fix(img2img),
         )
+
+    def _hires_fix(self, img2img: bool) -> dict[str, Any] | None:
+        if not self.enable_hr or img2img:  # A1111's img2img has no hires fix and ignores the flag
+            return None
+        upscaler = HIRES_UPSCALERS.get((self.hr_upscaler or "latent").strip().lower())
+        if upscaler is None:
+            raise InvalidRequest(f"hr_upscaler: '{self.hr_upscaler}' is not available here; use Latent or Lanczos",
+                                 "hr_upscaler")
+        size = {"width": self.hr_resize_x, "height": self.hr_resize_y} if self.hr_resize_x and self.hr_resize_y else {}
+        return {"scale": self.hr_scale, **size, "upscaler": upscaler,
+                "strength": self.denoising_strength or 0.7, "steps": self.hr_second_pass_steps or None}
 
     def _inpainting(self, img2img: bool) -> dict[str, Any]:
         if self.mask is None:
@@ -352,9 +372,20 @@ async def refresh_checkpoints() -> None:
     """The served models are fixed at start (the bento's, or SDXL_MODELS): nothing to rescan."""
 
 
+@router.get("/upscalers", responses=errors.responses(401))
+async def upscalers() -> list[dict[str, Any]]:
+    """The hires fix's image upscaler (the latent one is under /latent-upscale-modes)."""
+    return [{"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+
+
+@router.get("/latent-upscale-modes", responses=errors.responses(401))
+async def latent_upscale_modes() -> list[dict[str, Any]]:
+    return [{"name": "Latent"}]
+
+
 # What this server does not have, listed as A1111 lists an empty collection.
 EMPTY_LISTINGS: dict[str, Any] = {
-    "/loras": [], "/upscalers": [], "/latent-upscale-modes": [], "/sd-vae": [], "/hypernetworks": [],
+    "/loras": [], "/sd-vae": [], "/hypernetworks": [],
     "/face-restorers": [], "/realesrgan-models": [], "/prompt-styles": [], "/script-info": [],
     "/embeddings": {"loaded": {}, "skipped": {}}, "/scripts": {"txt2img": [], "img2img": []}, "/cmd-flags": {},
 }

@@ -68,10 +68,17 @@ class PreparedRequest:
 
     @property
     def total_steps(self) -> int:
-        """Denoising steps the pipeline will run (img2img runs `steps x strength`)."""
-        if self.init_image is None:
-            return self.request.steps
-        return int(self.request.steps * self.request.strength)
+        """Denoising steps the pipelines will run (img2img runs `steps x strength`; a hires fix
+        adds its second pass)."""
+        if self.init_image is not None:
+            return int(self.request.steps * self.request.strength)
+        hires = self.request.hires_fix
+        return self.request.steps + (int(hires.steps * hires.strength) if hires else 0)
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        hires = self.request.hires_fix
+        return (hires.width, hires.height) if hires else (self.request.width, self.request.height)
 
 
 class Engine:
@@ -133,7 +140,7 @@ class Engine:
         try:
             for attempt, mode in enumerate(modes):
                 try:
-                    pictures, load_s, inference_s = self._denoise(prepared, mode, self._step_callback(attempt, on_step))
+                    pictures, load_s, inference_s = self._denoise(prepared, mode, attempt, on_step)
                     break
                 except OutOfMemory:
                     logger.warning("out of memory generating with %s in mode %s", source.id, mode)
@@ -174,11 +181,14 @@ class Engine:
         )
 
     def _denoise(
-        self, prepared: PreparedRequest, mode: str, on_step_end: Callable
+        self, prepared: PreparedRequest, mode: str, attempt: int, on_step: StepObserver | None
     ) -> tuple[list[Image.Image], float, float]:
-        """One batched pipeline call; returns the images, load seconds and inference seconds.
-        A device out-of-memory error comes out as `OutOfMemory`, with the call's memory freed."""
+        """One batched pipeline call (two with a hires fix); returns the images, load seconds and
+        inference seconds. A device out-of-memory error comes out as `OutOfMemory`, with the
+        call's memory freed."""
         request, source, init_image, mask = prepared.request, prepared.source, prepared.init_image, prepared.mask
+        hires = request.hires_fix if init_image is None else None
+        second_pass_steps = int(hires.steps * hires.strength) if hires else 0
         arguments = dict(
             prompt=request.prompt,
             # None, not "": SDXL then uses zero embeddings, as the model was trained.
@@ -188,14 +198,17 @@ class Engine:
             num_images_per_prompt=request.n,
             # CPU generators: the same seed gives the same noise whatever the device.
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in prepared.seeds],
-            callback_on_step_end=on_step_end,
+            callback_on_step_end=self._step_callback(attempt, on_step, 0, second_pass_steps),
         )
         if request.eta is not None:
             arguments.update(eta=request.eta)
-        with self.models.use(source.id, mode, request.width * request.height) as (pipelines, load_s):
+        width, height = prepared.output_size
+        with self.models.use(source.id, mode, width * height) as (pipelines, load_s):
             if init_image is None:
                 pipeline = pipelines.txt2img
                 arguments.update(width=request.width, height=request.height)
+                if hires is not None:
+                    arguments.update(output_type="latent" if hires.upscaler == "latent" else "pil")
             elif mask is None:
                 pipeline = pipelines.img2img
                 arguments.update(image=init_image, strength=request.strength)
@@ -211,15 +224,36 @@ class Engine:
             pictures = self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
             if mask is not None and not request.masked_area_only:  # (the crop path pastes back by itself)
                 pictures = [pipeline.image_processor.apply_overlay(mask, init_image, picture) for picture in pictures]
+            if hires is not None:
+                # The second pass: the first pass's latents (or images) upscaled, repainted as img2img.
+                # (An interrupt in the first pass also ends this one after its first step.)
+                if hires.upscaler == "latent":
+                    upscaled = torch.nn.functional.interpolate(pictures, size=(height // 8, width // 8), mode="bilinear")
+                else:
+                    upscaled = [picture.resize((width, height), Image.Resampling.LANCZOS) for picture in pictures]
+                second = pipelines.img2img
+                second.scheduler = make_scheduler(
+                    request.scheduler, pipelines.scheduler_config, source.defaults.timestep_spacing
+                )
+                arguments = {**arguments, **step_arguments(request.scheduler, hires.steps),
+                             "image": upscaled, "strength": hires.strength, "output_type": "pil",
+                             "generator": [torch.Generator("cpu").manual_seed(seed) for seed in prepared.seeds],
+                             "callback_on_step_end": self._step_callback(attempt, on_step, pipeline.num_timesteps, 0)}
+                for first_pass_only in ("width", "height"):
+                    arguments.pop(first_pass_only)
+                pictures = self.models.out_of_memory_as_error(lambda: second(**arguments).images, "out of memory")
             return pictures, load_s, time.perf_counter() - started
 
-    def _step_callback(self, attempt: int, on_step: StepObserver | None) -> Callable:
+    def _step_callback(self, attempt: int, on_step: StepObserver | None, offset: int, after: int) -> Callable:
+        """Reports the steps of one pipeline call, counted on from `offset` steps run before it,
+        with `after` more planned (a hires fix's two passes read as one run)."""
         seam = self.oom_seam
 
         def on_step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
             if seam is not None and attempt < seam.attempts and step + 1 >= seam.step:
                 raise torch.OutOfMemoryError("CUDA out of memory (SDXL_TEST_FAULT_OOM test seam)")
-            if on_step is not None and on_step(step + 1, pipeline.num_timesteps, tensors.get("latents")):
+            total = offset + pipeline.num_timesteps + after
+            if on_step is not None and on_step(offset + step + 1, total, tensors.get("latents")):
                 pipeline._interrupt = True  # diffusers' documented way: skip the remaining steps, then decode
             return tensors
 
@@ -243,24 +277,34 @@ def resolve(
         "scheduler": request.scheduler or defaults.scheduler,
         "seed": secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
     }
+    if request.hires_fix is not None:
+        hires = request.hires_fix
+        filled["hires_fix"] = hires.model_copy(update={
+            "width": hires.width or int(filled["width"] * hires.scale) // 8 * 8,
+            "height": hires.height or int(filled["height"] * hires.scale) // 8 * 8,
+            "steps": hires.steps or filled["steps"],
+        })
     return request.model_copy(update=filled)
+
+
+def check_size(width: int, height: int, limits: Limits, prefix: str = "") -> None:
+    for field, value in ((f"{prefix}width", width), (f"{prefix}height", height)):
+        if value % 8:
+            raise InvalidRequest(f"{field}: {value} is not a multiple of 8", field)
+        if not limits.min_side <= value <= limits.max_side:
+            raise InvalidRequest(f"{field}: {value} is outside {limits.min_side}..{limits.max_side}", field)
+    if width * height > limits.max_pixels:
+        raise InvalidRequest(
+            f"{prefix}width x {prefix}height: {width}x{height} is over the limit of {limits.max_pixels} pixels",
+            f"{prefix}width",
+        )
 
 
 def validate(request: GenerationRequest, limits: Limits) -> None:
     """Every check that does not need the model, with the field named in the message."""
     if not request.prompt and request.image is None:
         raise InvalidRequest("prompt: required (only a variation of an input image may go without one)", "prompt")
-    for field in ("width", "height"):
-        value = getattr(request, field)
-        if value % 8:
-            raise InvalidRequest(f"{field}: {value} is not a multiple of 8", field)
-        if not limits.min_side <= value <= limits.max_side:
-            raise InvalidRequest(f"{field}: {value} is outside {limits.min_side}..{limits.max_side}", field)
-    if request.width * request.height > limits.max_pixels:
-        raise InvalidRequest(
-            f"width x height: {request.width}x{request.height} is over the limit of {limits.max_pixels} pixels",
-            "width",
-        )
+    check_size(request.width, request.height, limits)
     if request.steps > limits.max_steps:
         raise InvalidRequest(f"steps: {request.steps} is over the limit of {limits.max_steps}", "steps")
     if request.guidance_scale > limits.max_guidance_scale:
@@ -287,6 +331,21 @@ def validate(request: GenerationRequest, limits: Limits) -> None:
             f"strength: {request.strength} x {request.steps} steps leaves no step to run; raise either",
             "strength",
         )
+    hires = request.hires_fix
+    if hires is not None:
+        if request.image is not None:
+            raise InvalidRequest("hires_fix: txt2img only (an img2img request sets its size from its image)",
+                                 "hires_fix")
+        check_size(hires.width, hires.height, limits, "hires_fix.")
+        if hires.width < request.width or hires.height < request.height:
+            raise InvalidRequest(f"hires_fix: {hires.width}x{hires.height} is smaller than the first pass's "
+                                 f"{request.width}x{request.height}", "hires_fix")
+        if hires.steps > limits.max_steps:
+            raise InvalidRequest(f"hires_fix.steps: {hires.steps} is over the limit of {limits.max_steps}",
+                                 "hires_fix.steps")
+        if int(hires.steps * hires.strength) < 1:
+            raise InvalidRequest(f"hires_fix.strength: {hires.strength} x {hires.steps} steps leaves no step to run",
+                                 "hires_fix.strength")
 
 
 def infotext(request: GenerationRequest, seed: int, img2img: bool, inpainting: bool) -> str:
@@ -304,6 +363,10 @@ def infotext(request: GenerationRequest, seed: int, img2img: bool, inpainting: b
     ]
     if img2img:
         settings.append(f"Denoising strength: {request.strength}")
+    if request.hires_fix and not img2img:
+        hires = request.hires_fix
+        settings.append(f"Hires resize: {hires.width}x{hires.height}, Hires steps: {hires.steps}, "
+                        f"Hires upscaler: {hires.upscaler.title()}, Denoising strength: {hires.strength}")
     if inpainting:
         settings.append(f"Mask blur: {request.mask_blur}")
         if request.masked_area_only:

@@ -54,6 +54,20 @@ class ModelDefaults(BaseModel):
     timestep_spacing: str | None = None
 
 
+class HiresFix(BaseModel):
+    """A second pass at a larger size (AUTOMATIC1111's hires fix): the first image is upscaled,
+    then repainted as img2img, adding the detail one pass at that size would not."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float = Field(2.0, ge=1, le=4, description="Upscale factor, when width and height are not given.")
+    width: int | None = Field(None, description="Final width, a multiple of 8; default: width x scale.")
+    height: int | None = Field(None, description="Final height, a multiple of 8; default: height x scale.")
+    upscaler: Literal["latent", "lanczos"] = Field("latent", description="Upscale the latents, or the decoded image (Lanczos).")
+    strength: float = Field(0.55, gt=0, le=1, description="How much the second pass repaints.")
+    steps: int | None = Field(None, ge=1, description="Second-pass steps (x strength are run); default: the request's steps.")
+
+
 class TextToImageRequest(BaseModel):
     """The fields of every generation. A field left out takes the model's default."""
 
@@ -73,6 +87,7 @@ class TextToImageRequest(BaseModel):
     output_format: OutputFormat = Field("png", description="Encoding of the images.")
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
     vram_mode: VramMode | None = Field(None, description="Memory mode of this request; default: the server's.")
+    hires_fix: HiresFix | None = Field(None, description="txt2img: a second, img2img pass at a larger size.")
 
 
 class ImageToImageRequest(TextToImageRequest):
