@@ -141,4 +141,5 @@ SDXL = bentoml.service(
     },
 )(bentoml.asgi_app(dialects)(SDXL))
 SDXL.add_asgi_middleware(Edge, keys=SETTINGS.api_keys, open_metrics=SETTINGS.open_metrics,
-                         max_body_bytes=SETTINGS.max_body_bytes, state=dialects.state)
+                         max_body_bytes=SETTINGS.max_body_bytes, cors_origins=SETTINGS.cors_origins,
+                         state=dialects.state)

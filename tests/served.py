@@ -20,6 +20,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def own_home(home: Path) -> Path:
+    """A BentoML home of the server's own that shares the store's models and bentos: BentoML
+    clears `$BENTOML_HOME/prometheus_multiproc_dir` whenever a server starts, so servers that
+    shared a home would wipe each other's metrics."""
+    shared = Path(os.environ["BENTOML_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    for store in ("models", "bentos"):
+        (shared / store).mkdir(parents=True, exist_ok=True)
+        if not (home / store).exists():
+            (home / store).symlink_to(shared / store, target_is_directory=True)
+    return home
+
+
 class Server:
     """A real `bentoml serve` process on 127.0.0.1."""
 
@@ -32,7 +45,7 @@ class Server:
             [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
             # A bento is served from elsewhere: in this checkout, `bentoml serve` would read bentofile.yaml.
             cwd=ROOT if target == "service:SDXL" else log_path.parent,
-            env={**os.environ, **env},
+            env={**os.environ, "BENTOML_HOME": str(own_home(log_path.parent / "bentoml")), **env},
             stdout=log_path.open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,

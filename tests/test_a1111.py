@@ -97,30 +97,6 @@ def test_models_samplers_options(server):
     assert httpx.get(f"{server.url}/sdapi/v1/options", timeout=300).json()["sd_model_checkpoint"] == "tiny-sdxl"
 
 
-def test_progress_and_interrupt(server):
-    idle = httpx.get(f"{server.url}/sdapi/v1/progress", timeout=300).json()
-    assert idle["progress"] == 0.0 and idle["state"]["job_count"] == 0
-    answers = []
-    worker = threading.Thread(target=lambda: answers.append(sdapi(server, "txt2img", {
-        **A1111_DEFAULTS, "width": 1024, "height": 1024, "steps": 30})))
-    worker.start()
-    deadline, seen = time.monotonic() + 300, None
-    while time.monotonic() < deadline:
-        seen = httpx.get(f"{server.url}/sdapi/v1/progress?skip_current_image=true", timeout=300).json()
-        if seen["state"]["sampling_step"] >= 3:
-            break
-        time.sleep(0.05)
-    assert seen["state"]["sampling_steps"] == 30 and 0 < seen["progress"] < 1 and seen["eta_relative"] > 0
-    assert httpx.post(f"{server.url}/sdapi/v1/interrupt", timeout=300).status_code == 200
-    worker.join(300)
-    # A1111's behaviour: the interrupted call answers with the image as it stood.
-    assert answers[0].status_code == 200, answers[0].text[:300]
-    assert Image.open(io.BytesIO(base64.b64decode(answers[0].json()["images"][0]))).size == (1024, 1024)
-    job = next(j for j in httpx.get(f"{server.url}/v1/jobs", timeout=300).json()["jobs"] if j["total_steps"] == 30)
-    assert job["status"] == "succeeded" and 3 <= job["step"] < 30
-    assert sdapi(server, "txt2img", A1111_DEFAULTS).status_code == 200  # the next one runs
-
-
 # --- webuiapi, the most used A1111 client, on its defaults --------------------------------------
 
 @pytest.fixture
@@ -170,6 +146,9 @@ def test_webuiapi_listings_options_and_skip(api):
     assert api.get_memory()["ram"]["total"] > 0
     assert api.util_get_model_names() == ["tiny-sdxl"] and api.util_get_current_model() == "tiny-sdxl"
     assert api.refresh_checkpoints() is None and api.skip() == {}
+    for route in ("refresh-vae", "refresh-loras", "refresh-embeddings", "unload-checkpoint"):
+        assert api.session.post(f"{api.baseurl}/{route}", timeout=300).status_code == 200, route
+    assert api.session.get(f"{api.baseurl}/extensions", timeout=300).json() == []
     api.set_options({"jpeg_quality": 80})
     assert api.get_options()["jpeg_quality"] == 80
     too_much = api.session.post(f"{api.baseurl}/options", json={"notes": "x" * 70_000}, timeout=300)
@@ -204,3 +183,26 @@ def test_webuiapi_hires_fix(api, upscaler):
     sized = api.txt2img(prompt="a castle", width=64, height=64, enable_hr=True, hr_resize_x=96, hr_resize_y=128,
                         hr_second_pass_steps=2)
     assert sized.image.size == (96, 128)
+
+
+def test_webuiapi_progress_and_interrupt_keep_the_image_as_it_stood(api, server):
+    idle = api.get_progress()
+    assert idle["progress"] == 0.0 and idle["state"]["job_count"] == 0
+    answers = []
+    worker = threading.Thread(target=lambda: answers.append(
+        api.txt2img(prompt="a slow one", width=1024, height=1024, steps=30)))
+    worker.start()
+    deadline, seen = time.monotonic() + 300, None
+    while time.monotonic() < deadline:
+        seen = api.get_progress()
+        if seen["state"]["sampling_step"] >= 3:
+            break
+        time.sleep(0.05)
+    assert seen["state"]["sampling_steps"] == 30 and 0 < seen["progress"] < 1 and seen["eta_relative"] > 0
+    assert api.interrupt() == {}
+    worker.join(300)
+    # A1111's behaviour: the interrupted call answers with the image as it stood.
+    assert answers[0].image.size == (1024, 1024)
+    job = next(j for j in httpx.get(f"{server.url}/v1/jobs", timeout=300).json()["jobs"] if j["total_steps"] == 30)
+    assert job["status"] == "succeeded" and 3 <= job["step"] < 30
+    assert api.txt2img(prompt="the next one", width=64, height=64).image.size == (64, 64)  # the device goes on

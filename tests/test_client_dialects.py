@@ -346,6 +346,9 @@ def test_cors_preflight_and_exposed_headers(guarded):
     assert "access-control-allow-origin" not in stranger.headers
     answer = httpx.post(f"{guarded.url}/v1/generate", timeout=300, json={"prompt": "x", "width": 64, "height": 64},
                         headers={"Origin": "http://gallery.local", "X-API-Key": KEY})
+    refused = httpx.post(f"{guarded.url}/v1/generate", timeout=300, json={"prompt": "x"},
+                         headers={"Origin": "http://gallery.local"})  # no key: the edge's own 401
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "http://gallery.local"
     exposed = answer.headers["access-control-expose-headers"]
     for header in ("X-Inference-Time", "X-Model-Load-Time", "X-VRAM-Used", "X-VRAM-Total", "X-Seed"):
         assert header in exposed

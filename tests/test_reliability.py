@@ -84,7 +84,7 @@ def test_interrupt_stops_only_the_callers_generation(guarded):
     httpx.post(f"{guarded.url}/sdapi/v1/interrupt", headers=as_key(K1), timeout=300)
     while (state := httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())["status"] == "running":
         time.sleep(0.1)
-    assert state["status"] == "cancelled" and state["step"] < 30
+    assert state["status"] == "succeeded" and state["step"] < 30  # ended early, with the image as it stood
 
 
 def test_metrics_and_docs_need_the_key_and_name_routes_not_ids(guarded):

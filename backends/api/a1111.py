@@ -19,6 +19,7 @@ import json
 import re
 from typing import Annotated, Any
 
+import anyio
 import psutil
 from PIL import Image
 
@@ -368,8 +369,19 @@ async def memory(runtime: RuntimeDep) -> dict[str, Any]:
 
 
 @router.post("/refresh-checkpoints", responses=errors.responses(401))
+@router.post("/refresh-vae", responses=errors.responses(401))
+@router.post("/refresh-loras", responses=errors.responses(401))
+@router.post("/refresh-embeddings", responses=errors.responses(401))
 async def refresh_checkpoints() -> None:
-    """The served models are fixed at start (the bento's, or SDXL_MODELS): nothing to rescan."""
+    """The served models are fixed at start (the bento's, or SDXL_MODELS), and there are no
+    VAEs, LoRAs or embeddings of their own: nothing to rescan."""
+
+
+@router.post("/unload-checkpoint", responses=errors.responses(401))
+async def unload_checkpoint(runtime: RuntimeDep) -> dict[str, Any]:
+    """Frees every loaded model, as /v1/system/unload does; the next request loads its model."""
+    await anyio.to_thread.run_sync(runtime.engine.models.unload)
+    return {}
 
 
 @router.get("/upscalers", responses=errors.responses(401))
@@ -388,6 +400,7 @@ EMPTY_LISTINGS: dict[str, Any] = {
     "/loras": [], "/sd-vae": [], "/hypernetworks": [],
     "/face-restorers": [], "/realesrgan-models": [], "/prompt-styles": [], "/script-info": [],
     "/embeddings": {"loaded": {}, "skipped": {}}, "/scripts": {"txt2img": [], "img2img": []}, "/cmd-flags": {},
+    "/extensions": [],
 }
 
 

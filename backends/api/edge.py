@@ -4,6 +4,8 @@
 - API keys: with `SDXL_API_KEYS` set, every route needs `Authorization: Bearer <key>` or
   `X-API-Key: <key>`, except the probes, `/health`, kept-image links (unguessable, fetched by
   browsers that cannot send a key), CORS preflights, and `/metrics` when `SDXL_OPEN_METRICS=1`;
+- its own refusals (401, 413, 415) carry the CORS headers BentoML's CORS middleware, which
+  they never reach, would have added, so that a browser shows the refusal, not a CORS error;
 - the one error shape for the errors BentoML itself answers (request validation of the native
   API methods, its timeouts and limits), which are `{"error": "<text>", ...}` there;
 - `/docs.json`, BentoML's OpenAPI document made truthful (openapi.py);
@@ -52,9 +54,11 @@ def key_is_valid(presented: str | None, keys: list[str]) -> bool:
 
 
 class Edge:
-    def __init__(self, app: ASGIApp, keys: list[str], open_metrics: bool, max_body_bytes: int, state: Any):
+    def __init__(self, app: ASGIApp, keys: list[str], open_metrics: bool, max_body_bytes: int,
+                 cors_origins: list[str], state: Any):
         self.app = app
         self.keys = keys
+        self.cors_origins = cors_origins
         self.open_paths = PROBES + (("/metrics",) if open_metrics else ())
         self.max_body_bytes = max_body_bytes
         self.state = state  # the dialect app's state, where the runtime (and its metrics) will be
@@ -80,24 +84,31 @@ class Edge:
         if self.keys and not self._open(scope, path):
             body = errors.status_error(401, "missing or invalid API key: send Authorization: Bearer <key> or X-API-Key")
             body["error"]["code"] = "invalid_api_key"
-            await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+            await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer"), *self._cors(scope)])
             return
         receive = await self._bounded(scope, receive)
         if receive is None:
             body = errors.status_error(413, f"the request body is over the limit of {self.max_body_bytes} bytes "
                                             f"(SDXL_MAX_BODY_BYTES)")
-            await _send_json(send, 413, body, [(b"connection", b"close")])
+            await _send_json(send, 413, body, [(b"connection", b"close"), *self._cors(scope)])
             return
         if path in JSON_ONLY and scope["method"] == "POST":
             media_type = Headers(scope=scope).get("content-type", "application/json").split(";")[0].strip().lower()
             if media_type != "application/json":
                 body = errors.status_error(415, f"the body must be JSON (Content-Type: application/json), not {media_type}")
-                await _send_json(send, 415, body, [])
+                await _send_json(send, 415, body, self._cors(scope))
                 return
         if path == "/docs.json":
             await self.app(scope, receive, _rewriting(send, lambda status, body: (status, openapi.truthful(body))))
             return
         await self.app(scope, receive, _rewriting(send, _bentoml_error, only_errors=True))
+
+    def _cors(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        origin = Headers(scope=scope).get("origin")
+        if origin is None or not ("*" in self.cors_origins or origin in self.cors_origins):
+            return []
+        return [(b"access-control-allow-origin", b"*" if "*" in self.cors_origins else origin.encode()),
+                (b"vary", b"Origin")]
 
     def _open(self, scope: Scope, path: str) -> bool:
         return (scope["method"] == "OPTIONS" or path in self.open_paths or path.startswith(OPEN_PREFIXES)
