@@ -96,6 +96,7 @@ def test_metrics_and_docs_need_the_key_and_name_routes_not_ids(guarded):
     text = httpx.get(f"{guarded.url}/metrics", headers=as_key(K1), timeout=300).text
     assert job["id"] not in text and "not-an-image" not in text
     assert 'route="/v1/jobs/{job_id}"' in text and 'route="/v1/images/files/{image_id}"' in text
+    assert 'route="refused",status="401"' in text  # the two requests without a key above
     assert "sdxl_queued_jobs" in text and 'sdxl_generations_total{model="tiny-sdxl",outcome="succeeded"}' in text
     assert job["id"] not in guarded.log() and K1 not in guarded.log()
 

@@ -181,6 +181,12 @@ class A1111Request(BaseModel):
                                  f"{', '.join(sorted(unknown))}", "override_settings")
 
 
+class A1111Answer(BaseModel):
+    images: list[str] = Field(description="base64 PNGs (or the requested format)")
+    parameters: dict[str, Any]
+    info: str = Field(description="JSON text: seed, all_seeds, sampler_name, ...")
+
+
 def render(body: A1111Request, result: GenerationResult) -> dict[str, Any]:
     request = result.request
     info = {
@@ -191,11 +197,11 @@ def render(body: A1111Request, result: GenerationResult) -> dict[str, Any]:
         "sd_model_name": result.model, "batch_size": body.batch_size, "n_iter": body.n_iter,
         "denoising_strength": request.strength if result.img2img else None,
     }
-    return {
-        "images": [base64.b64encode(image.data).decode() for image in result.images],
-        "parameters": body.model_dump(exclude={"init_images", "mask"}),
-        "info": json.dumps(info),
-    }
+    return A1111Answer(
+        images=[base64.b64encode(image.data).decode() for image in result.images],
+        parameters=body.model_dump(exclude={"init_images", "mask"}),
+        info=json.dumps(info),
+    ).model_dump()
 
 
 def samplers() -> list[dict[str, Any]]:
@@ -218,12 +224,6 @@ def progress(job: Job | None, preview: bool) -> dict[str, Any]:
         "current_image": base64.b64encode(job.preview).decode() if running and preview and job.preview else None,
         "textinfo": None,
     }
-
-
-class A1111Answer(BaseModel):
-    images: list[str] = Field(description="base64 PNGs (or the requested format)")
-    parameters: dict[str, Any]
-    info: str = Field(description="JSON text: seed, all_seeds, sampler_name, ...")
 
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])

@@ -35,6 +35,7 @@ PROBES = ("/health", "/livez", "/readyz", "/healthz")
 JSON_ONLY = ("/v1/txt2img", "/v1/img2img")  # the native BentoML methods, whose bodies are JSON
 OPEN_PREFIXES = ("/v1/images/files/",)
 access_log = logging.getLogger("sdxl_backend.access")
+REFUSED = "sdxl.refused_at_edge"  # a scope key: the edge answered this request itself
 
 
 def presented_key(headers: Headers) -> str | None:
@@ -82,12 +83,14 @@ class Edge:
     async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if self.keys and not self._open(scope, path):
+            scope[REFUSED] = True
             body = errors.status_error(401, "missing or invalid API key: send Authorization: Bearer <key> or X-API-Key")
             body["error"]["code"] = "invalid_api_key"
             await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer"), *self._cors(scope)])
             return
         receive = await self._bounded(scope, receive)
         if receive is None:
+            scope[REFUSED] = True
             body = errors.status_error(413, f"the request body is over the limit of {self.max_body_bytes} bytes "
                                             f"(SDXL_MAX_BODY_BYTES)")
             await _send_json(send, 413, body, [(b"connection", b"close"), *self._cors(scope)])
@@ -95,6 +98,7 @@ class Edge:
         if path in JSON_ONLY and scope["method"] == "POST":
             media_type = Headers(scope=scope).get("content-type", "application/json").split(";")[0].strip().lower()
             if media_type != "application/json":
+                scope[REFUSED] = True
                 body = errors.status_error(415, f"the body must be JSON (Content-Type: application/json), not {media_type}")
                 await _send_json(send, 415, body, self._cors(scope))
                 return
@@ -141,8 +145,9 @@ class Edge:
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
         """One access-log line and the request metrics, by the template of the route that
-        answered (`/v1/jobs/{job_id}`); "unmatched" when none did (unknown path, refused key)."""
-        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        answered (`/v1/jobs/{job_id}`); "refused" when the edge answered itself (key, body size,
+        media type), "unmatched" when no route did (an unknown path)."""
+        route = getattr(scope.get("route"), "path", None) or ("refused" if scope.get(REFUSED) else "unmatched")
         runtime = getattr(self.state, "runtime", None)
         if runtime is not None:
             runtime.metrics.observe_request(route, scope["method"], status, seconds)

@@ -68,32 +68,25 @@ class JobList(BaseModel):
 
 
 def job_body(job: Job, position: int, base_url: str) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": job.id,
-        "status": job.status.value,
-        "queue_position": position,
-        "step": job.step,
-        "total_steps": job.total_steps,
-        "percent": job.percent,
-        "created": job.created,
-        "elapsed_s": job.elapsed_s,
-        "eta_s": job.eta_s,
-        "links": {
-            "self": f"{base_url}/v1/jobs/{job.id}",
-            "events": f"{base_url}/v1/jobs/{job.id}/events",
-            "preview": f"{base_url}/v1/jobs/{job.id}/preview",
-        },
-    }
-    if job.cancel_requested_at is not None:
-        body["cancel_requested_at"] = job.cancel_requested_at
-        if job.finished is not None:
-            # How long the device took to be free once the cancellation was asked for.
-            body["cancel_to_free_s"] = round(max(0.0, job.finished - job.cancel_requested_at), 3)
-    if job.status == JobStatus.SUCCEEDED:
-        body["result"] = native.result_body(job.result, int(job.finished)) if job.result else None
-    elif job.error is not None:
-        body["error"] = errors.backend_error(job.error)[1]["error"]
-    return body
+    cancelled_and_free = job.cancel_requested_at is not None and job.finished is not None
+    return JobAnswer(
+        id=job.id,
+        status=job.status,
+        queue_position=position,
+        step=job.step,
+        total_steps=job.total_steps,
+        percent=job.percent,
+        created=job.created,
+        elapsed_s=job.elapsed_s,
+        eta_s=job.eta_s,
+        links=JobLinks(self=f"{base_url}/v1/jobs/{job.id}", events=f"{base_url}/v1/jobs/{job.id}/events",
+                       preview=f"{base_url}/v1/jobs/{job.id}/preview"),
+        cancel_requested_at=job.cancel_requested_at,
+        # How long the device took to be free once the cancellation was asked for.
+        cancel_to_free_s=round(max(0.0, job.finished - job.cancel_requested_at), 3) if cancelled_and_free else None,
+        result=native.result_body(job.result, int(job.finished)) if job.result and job.status == JobStatus.SUCCEEDED else None,
+        error=errors.backend_error(job.error)[1]["error"] if job.error and job.status != JobStatus.SUCCEEDED else None,
+    ).model_dump(mode="json")
 
 
 def sse(event: str, data: dict[str, Any]) -> str:
