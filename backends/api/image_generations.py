@@ -160,7 +160,7 @@ def render(
         **({"strength": request.strength} if result.img2img else {}),
         **result.timings.model_dump(),
         **{f: getattr(body, f) for f in RECORDED_ONLY if getattr(body, f)},
-        **({"ignored": body.ignored()} if body.ignored() else {}),
+        **({"ignored": ignored} if (ignored := body.ignored()) else {}),
     }
     return {"created": created, "data": data, "images": encoded, "image": encoded[0], "stats": stats}
 
