@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from backends.sdxl_backend.device import select_placement
 from backends.sdxl_backend.engine import Engine
-from backends.sdxl_backend.errors import BackendError, InvalidImage, InvalidRequest, PayloadTooLarge, UnknownModel
+from backends.sdxl_backend.errors import BackendError, Cancelled, InvalidImage, InvalidRequest, PayloadTooLarge, UnknownModel
 from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.model_manager import ModelManager, ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
@@ -52,6 +52,84 @@ def test_n_images_in_one_batch_have_consecutive_seeds_and_match_single_runs(engi
     a = Image.open(io.BytesIO(result.images[1].data)).convert("L")
     b = Image.open(io.BytesIO(single.images[0].data)).convert("L")
     assert max(abs(x - y) for x, y in zip(a.getdata(), b.getdata())) <= 2
+
+
+def max_difference(a: bytes, b: bytes) -> int:
+    first, second = (Image.open(io.BytesIO(data)).convert("RGB").tobytes() for data in (a, b))
+    return max(abs(x - y) for x, y in zip(first, second))
+
+
+def counting_calls(engine: Engine, monkeypatch) -> list[int]:
+    """The number of images of each pipeline call the engine makes."""
+    calls: list[int] = []
+    with engine.models.use("tiny-sdxl", "high", 0) as (pipelines, _):
+        for pipeline in (pipelines.txt2img, pipelines.img2img):
+            original = type(pipeline).__call__
+
+            def counted(self, *args, _original=original, **kwargs):
+                calls.append(len(kwargs["generator"]))
+                return _original(self, *args, **kwargs)
+
+            monkeypatch.setattr(type(pipeline), "__call__", counted)
+    return calls
+
+
+def test_a_batch_is_one_call_and_each_request_keeps_its_seeds_and_pixels(engine, monkeypatch):
+    requests = [GenerationRequest(prompt="a red fox", seed=7, steps=4),
+                GenerationRequest(prompt="a blue bird", seed=8, n=2, steps=4, output_format="jpeg"),
+                GenerationRequest(prompt="a green tree", seed=9, steps=4)]
+    alone = [engine.generate(engine.prepare(request)) for request in requests]
+    prepared = [engine.prepare(request) for request in requests]
+    assert len({engine.batch_key(p) for p in prepared}) == 1
+    calls = counting_calls(engine, monkeypatch)
+    batched = engine.generate_batch([(p, None) for p in prepared])
+    assert calls == [4]
+    for one, together in zip(alone, batched):
+        assert together.seeds == one.seeds and together.batch_images == 4 and one.batch_images == len(one.seeds)
+        assert together.images[0].media_type == one.images[0].media_type
+        for a, b in zip(one.images, together.images):
+            # The same noise (per-image CPU generators); the CPU's batched arithmetic rounds a
+            # little differently (the README gives the measured difference).
+            assert max_difference(a.data, b.data) <= 3
+
+
+@pytest.mark.parametrize("other", [{"steps": 5}, {"width": 72}, {"guidance_scale": 2.0}, {"scheduler": "ddim"},
+                                   {"negative_prompt": "blur"}, {"image": png_bytes()},
+                                   {"hires_fix": {"scale": 1.5}}])
+def test_requests_that_differ_in_the_call_do_not_batch(engine, other):
+    base = engine.prepare(GenerationRequest(prompt="a", steps=4, width=64, height=64))
+    assert engine.batch_key(base) != engine.batch_key(engine.prepare(GenerationRequest(
+        prompt="b", **{"steps": 4, "width": 64, "height": 64, **other})))
+
+
+def test_img2img_requests_batch_with_their_own_input_images(engine, monkeypatch):
+    requests = [GenerationRequest(prompt="x", image=png_bytes(64, 64, colour), strength=0.5, steps=4, seed=3)
+                for colour in ((200, 30, 30), (30, 30, 200))]
+    alone = [engine.generate(engine.prepare(request)) for request in requests]
+    prepared = [engine.prepare(request) for request in requests]
+    calls = counting_calls(engine, monkeypatch)
+    batched = engine.generate_batch([(p, None) for p in prepared])
+    assert calls == [2] and batched[0].img2img and batched[0].batch_images == 2
+    assert max_difference(batched[0].images[0].data, batched[1].images[0].data) > 10
+    for one, together in zip(alone, batched):
+        assert max_difference(one.images[0].data, together.images[0].data) <= 3
+
+
+def test_a_request_cancelled_inside_a_batch_is_dropped_and_the_others_finish(engine):
+    prepared = [engine.prepare(GenerationRequest(prompt=p, steps=4, seed=1)) for p in ("a", "b", "c")]
+    steps: dict[int, list[int]] = {0: [], 1: [], 2: []}
+
+    def observer(index: int):
+        def on_step(step, total, latents):
+            assert latents.shape[0] == 1  # its own rows of the batch's latents
+            steps[index].append(step)
+            if index == 1 and step == 2:
+                raise Cancelled("cancelled in the test")
+        return on_step
+
+    outcomes = engine.generate_batch([(p, observer(i)) for i, p in enumerate(prepared)])
+    assert isinstance(outcomes[1], Cancelled) and steps[1] == [1, 2]
+    assert [len(outcomes[i].images) for i in (0, 2)] == [1, 1] and steps[0] == steps[2] == [1, 2, 3, 4]
 
 
 def test_model_defaults_fill_open_fields(engine):

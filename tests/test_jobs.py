@@ -214,3 +214,39 @@ def test_a_request_past_the_timeout_is_cancelled_with_a_504(jobs_server):
     abandoned = next(j for j in jobs if j["total_steps"] == 150)
     assert abandoned["status"] == "cancelled" and abandoned["step"] < 150  # the device was freed
     assert wait(server, submit(server, SHORT)["id"])[0]["status"] == "succeeded"
+
+
+def test_compatible_queued_jobs_run_as_one_batch_and_a_cancelled_one_leaves_it(server):
+    """SDXL_MAX_BATCH at its default (4): while a long job holds the device, three compatible
+    jobs (other prompts and seeds) and an incompatible one queue up; the three then run in one
+    pipeline call, in arrival order before the incompatible one, each with its own seed and
+    pixels; one of them cancelled mid-call ends cancelled while the other two succeed."""
+    blocker = submit(server, LONG)
+    wait(server, blocker["id"], until=lambda job: job["status"] == "running")
+    batch = {**SHORT, "steps": 30, "width": 512, "height": 512}
+    first = submit(server, {**batch, "prompt": "one", "seed": 11})
+    other = submit(server, {**batch, "steps": 29})  # another step count: its own call
+    second = submit(server, {**batch, "prompt": "two", "seed": 12, "n": 2})
+    third = submit(server, {**batch, "prompt": "three", "seed": 13})
+    httpx.delete(f"{server.url}/v1/jobs/{blocker['id']}", timeout=300)
+    wait(server, third["id"], until=lambda job: job["status"] != "queued" and job["step"] >= 1)
+    assert get(server, first["id"])["status"] == get(server, second["id"])["status"] == "running"
+    assert get(server, other["id"])["status"] == "queued"
+    httpx.delete(f"{server.url}/v1/jobs/{third['id']}", timeout=300)
+
+    cancelled, _ = wait(server, third["id"])
+    done_first, _ = wait(server, first["id"])
+    done_second, _ = wait(server, second["id"])
+    done_other, _ = wait(server, other["id"])
+    assert cancelled["status"] == "cancelled" and cancelled["step"] < 30
+    assert done_first["status"] == done_second["status"] == done_other["status"] == "succeeded"
+    assert done_first["result"]["batch_images"] == done_second["result"]["batch_images"] == 4
+    assert done_other["result"]["batch_images"] == 1
+    assert [image["seed"] for image in done_second["result"]["images"]] == [12, 13]
+    assert done_first["result"]["parameters"]["prompt"] == "one"
+    # Each job's pixels are those it gets alone (the CPU's batched rounding aside: at most 1 level).
+    alone = httpx.post(f"{server.url}/v1/txt2img", json={**batch, "prompt": "one", "seed": 11}, timeout=300).json()
+    assert alone["batch_images"] == 1
+    a, b = (Image.open(io.BytesIO(base64.b64decode(answer["images"][0]["b64_json"]))).convert("RGB").tobytes()
+            for answer in (alone, done_first["result"]))
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 3

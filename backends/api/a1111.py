@@ -329,15 +329,15 @@ def parse_infotext(text: str) -> dict[str, Any]:
     return parsed
 
 
-def own_running_job(runtime: Runtime, request: Request) -> Job | None:
-    """The job on the device, if the caller may see it (with API keys: if its key made it)."""
-    job, owner = runtime.jobs.running, runtime.owner(request)
-    return job if job is not None and (owner is None or job.owner == owner) else None
+def own_running_jobs(runtime: Runtime, request: Request) -> list[Job]:
+    """The jobs on the device that the caller may see (with API keys: those its key made)."""
+    owner = runtime.owner(request)
+    return [job for job in runtime.jobs.running if owner is None or job.owner == owner]
 
 
 @router.get("/progress", responses=errors.responses(401))
 async def get_progress(request: Request, runtime: RuntimeDep, skip_current_image: bool = False) -> dict[str, Any]:
-    return progress(own_running_job(runtime, request), preview=not skip_current_image)
+    return progress(next(iter(own_running_jobs(runtime, request)), None), preview=not skip_current_image)
 
 
 @router.post("/interrupt", responses=errors.responses(401))
@@ -345,9 +345,9 @@ async def get_progress(request: Request, runtime: RuntimeDep, skip_current_image
 async def interrupt(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
     """Ends the running generation at its next step; its request answers with the image as
     it stood, as A1111's does (with API keys, only a generation of the caller's key). Each
-    request here is one batch, so skipping the current batch is the same."""
-    job = own_running_job(runtime, request)
-    if job is not None:
+    request here is one batch, so skipping the current batch is the same. (A generation that
+    shares its pipeline call with another client's runs on to its end.)"""
+    for job in own_running_jobs(runtime, request):
         runtime.jobs.stop_early(job, "interrupted (A1111 interrupt or skip)")
     return {}
 

@@ -84,7 +84,8 @@ def job_body(job: Job, position: int, base_url: str) -> dict[str, Any]:
         cancel_requested_at=job.cancel_requested_at,
         # How long the device took to be free once the cancellation was asked for.
         cancel_to_free_s=round(max(0.0, job.finished - job.cancel_requested_at), 3) if cancelled_and_free else None,
-        result=native.result_body(job.result, int(job.finished)) if job.result and job.status == JobStatus.SUCCEEDED else None,
+        result=native.result_answer(job.result, int(job.finished))
+        if job.result and job.status == JobStatus.SUCCEEDED else None,
         error=errors.backend_error(job.error)[1]["error"] if job.error and job.status != JobStatus.SUCCEEDED else None,
     ).model_dump(mode="json")
 

@@ -42,13 +42,15 @@ class GenerationAnswer(BaseModel):
     timings: Timings
     vram_mode: str = Field(description="The memory mode that served, after any out-of-memory retry.")
     out_of_memory_in: list[str] = Field(description="Memory modes that ran out of memory first (recovered).")
+    batch_images: int = Field(description="Images in the pipeline call that made these: more than the request's "
+                                          "own when it ran batched with other requests (SDXL_MAX_BATCH).")
 
 
 def wants_raw_image(accept: str | None) -> bool:
     return bool(accept) and accept.split(",")[0].strip().startswith("image/")
 
 
-def result_body(result: GenerationResult, created: int) -> dict[str, Any]:
+def result_answer(result: GenerationResult, created: int) -> GenerationAnswer:
     return GenerationAnswer(
         created=created,
         model=result.model,
@@ -59,7 +61,8 @@ def result_body(result: GenerationResult, created: int) -> dict[str, Any]:
         timings=result.timings,
         vram_mode=result.vram_mode,
         out_of_memory_in=result.out_of_memory_in,
-    ).model_dump()
+        batch_images=result.batch_images,
+    )
 
 
 async def answer(runtime: Runtime, request: GenerationRequest, ctx: bentoml.Context) -> Response:
@@ -78,4 +81,4 @@ async def answer(runtime: Runtime, request: GenerationRequest, ctx: bentoml.Cont
     if raw:
         image = result.images[0]
         return Response(image.data, media_type=image.media_type, headers=result_headers)
-    return JSONResponse(result_body(result, int(time.time())), headers=result_headers)
+    return JSONResponse(result_answer(result, int(time.time())).model_dump(), headers=result_headers)

@@ -73,7 +73,8 @@ class Runtime:
         # the default journal is that process's, so a new worker finds its predecessor's jobs.
         self.jobs_dir = settings.jobs_dir or Path(tempfile.gettempdir()) / f"sdxl-jobs-{os.getppid()}"
         self.jobs = JobQueue(self.engine, settings.max_queue, settings.job_ttl_seconds, settings.max_jobs,
-                             settings.job_max_bytes, on_change=self._job_changed, journal=JobJournal(self.jobs_dir))
+                             settings.job_max_bytes, on_change=self._job_changed, journal=JobJournal(self.jobs_dir),
+                             max_batch=settings.max_batch)
         self.kept_images = KeptImages(settings.image_url_ttl_seconds, settings.image_url_max_bytes)
         self.event_streams = 0  # SSE streams open now (changed on the event loop only)
         self.started = int(time.time())
@@ -122,7 +123,7 @@ class Runtime:
         return self.jobs.submit(prepared, preview_every, self.owner(http))
 
     def _job_changed(self, job: Job) -> None:
-        self.metrics.observe_queue(self.jobs.queue_length, int(self.jobs.running is not None))
+        self.metrics.observe_queue(self.jobs.queue_length, len(self.jobs.running))
         if job.status.final:
             self.metrics.observe_finished(job)
 

@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     image_url_max_bytes: int = Field(256 * 2**20, ge=0)
     # Jobs
     max_queue: int = Field(64, ge=1)  # jobs waiting for the device; more get 429
+    max_batch: int = Field(4, ge=1)  # images of compatible jobs in one pipeline call; 1: each job alone
     job_ttl_seconds: float = Field(3600, gt=0)  # finished jobs (and their images) are kept this long
     max_jobs: int = Field(1000, ge=1)  # ... and at most this many
     job_max_bytes: int = Field(512 * 2**20, ge=0)  # ... holding at most this many bytes

@@ -3,8 +3,8 @@
 - `Engine.prepare()`, in the request's handler, before anything is queued: pick the model,
   decode the input image, fill in the model's defaults, validate everything against the
   limits, choose the seed. A bad request fails here, at once, and never waits in the queue.
-- `Engine.generate()`, on the device thread: one batched pipeline call (with out-of-memory
-  recovery), then encoding.
+- `Engine.generate()`, on the device thread: one pipeline call (with out-of-memory recovery),
+  then encoding; `Engine.generate_batch()` runs compatible requests (`batch_key`) in one call.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from .errors import InvalidRequest, OutOfMemory
+from .errors import BackendError, Cancelled, InvalidRequest, OutOfMemory
 from .images import MEDIA_TYPES, decode_image, encode_image
 from .limits import Limits
 from .masks import fill_masked, prepare_mask
@@ -81,6 +81,40 @@ class PreparedRequest:
         return (hires.width, hires.height) if hires else (self.request.width, self.request.height)
 
 
+class BatchProgress:
+    """Hands each step of a pipeline call to the observers of the requests in it, each with its
+    own rows of the latents. A request whose observer raises `Cancelled` is dropped from then
+    on; when none is left, the call is abandoned."""
+
+    def __init__(self, batch: list[tuple[PreparedRequest, StepObserver | None]]):
+        self.batch = batch
+        self.dropped: dict[int, Cancelled] = {}
+
+    def step(self, step: int, total: int, latents: torch.Tensor | None) -> bool:
+        """True: every request still in the call asks to end the denoising here."""
+        stops, row = [], 0
+        for index, (prepared, on_step) in enumerate(self.batch):
+            rows = slice(row, row + prepared.request.n)
+            row += prepared.request.n
+            if on_step is None or index in self.dropped:
+                continue
+            try:
+                stops.append(bool(on_step(step, total, None if latents is None else latents[rows])))
+            except Cancelled as exc:
+                if len(self.dropped) + 1 == len(self.batch):
+                    raise
+                self.dropped[index] = exc
+        return bool(stops) and all(stops)
+
+    def split(self, pictures: list) -> list[list[Image.Image] | BackendError]:
+        """The call's images, each request's own (a dropped one gets its `Cancelled`)."""
+        outcomes, row = [], 0
+        for index, (prepared, _) in enumerate(self.batch):
+            outcomes.append(self.dropped.get(index) or list(pictures[row:row + prepared.request.n]))
+            row += prepared.request.n
+        return outcomes
+
+
 class Engine:
     """Turns requests into images. Call it from one thread only, always the same (the job
     queue's device thread): torch's CPU thread pools belong to the calling thread, and
@@ -129,10 +163,21 @@ class Engine:
                 init_image = fill_masked(init_image, mask)
         return PreparedRequest(request.model_copy(update={"image": None, "mask": None}), source, init_image, mask)
 
-    def generate(self, prepared: PreparedRequest, on_step: StepObserver | None = None) -> GenerationResult:
-        request, source, init_image, seeds = prepared.request, prepared.source, prepared.init_image, prepared.seeds
-        inpainting = prepared.mask is not None
+    def batch_key(self, prepared: PreparedRequest) -> tuple | None:
+        """Requests with equal keys can share one pipeline call (their prompts, negative prompts,
+        seeds, input images, counts and encodings may differ); None: this one runs alone."""
+        request = prepared.request
+        if prepared.mask is not None or request.hires_fix is not None:
+            return None
+        img2img = prepared.init_image is not None
+        # An empty negative prompt means zero embeddings, a written one is encoded: no mixing.
+        return (prepared.source.id, request.width, request.height, request.steps, request.scheduler,
+                request.guidance_scale, request.eta, request.strength if img2img else None, img2img,
+                bool(request.negative_prompt), request.vram_mode or self.models.policy.default_mode)
 
+    def generate(self, prepared: PreparedRequest, on_step: StepObserver | None = None) -> GenerationResult:
+        """One request: its pipeline call, with out-of-memory recovery, then encoding."""
+        request, source = prepared.request, prepared.source
         # Out of memory: free what the call held, then once more in the next lower mode.
         modes = [request.vram_mode or self.models.policy.default_mode]
         if lower_mode(modes[0]):
@@ -140,7 +185,7 @@ class Engine:
         try:
             for attempt, mode in enumerate(modes):
                 try:
-                    pictures, load_s, inference_s = self._denoise(prepared, mode, attempt, on_step)
+                    (pictures,), load_s, inference_s = self._denoise([(prepared, on_step)], mode, attempt)
                     break
                 except OutOfMemory:
                     logger.warning("out of memory generating with %s in mode %s", source.id, mode)
@@ -155,7 +200,49 @@ class Engine:
         finally:
             if mode == "low":  # low mode frees the model after the request, also after a failure
                 self.models.unload([source.id])
+        if isinstance(pictures, BackendError):
+            raise pictures
+        return self._result(prepared, pictures, mode, modes[:attempt], load_s, inference_s, request.n)
 
+    def generate_batch(
+        self, batch: list[tuple[PreparedRequest, StepObserver | None]]
+    ) -> list[GenerationResult | BackendError]:
+        """Requests of one `batch_key` in one pipeline call; each gets its result, or its error
+        (a request whose observer raised `Cancelled` is dropped at that step, the others go on).
+        Out of memory: each request is run alone instead, with the usual recovery."""
+        if len(batch) == 1:
+            prepared, on_step = batch[0]
+            try:
+                return [self.generate(prepared, on_step)]
+            except BackendError as exc:
+                return [exc]
+        first = batch[0][0]
+        mode = first.request.vram_mode or self.models.policy.default_mode
+        try:
+            outcomes, load_s, inference_s = self._denoise(batch, mode, 0)
+        except Cancelled as last:  # every request of the call was cancelled, the last one now
+            return [last] * len(batch)
+        except OutOfMemory:
+            logger.warning("out of memory generating a batch of %d requests with %s in mode %s; each runs alone",
+                           len(batch), first.source.id, mode)
+            return self.generate_each(batch)
+        finally:
+            if mode == "low":
+                self.models.unload([first.source.id])
+        images = sum(prepared.request.n for prepared, _ in batch)
+        return [pictures if isinstance(pictures, BackendError)
+                else self._result(prepared, pictures, mode, [], load_s, inference_s, images)
+                for (prepared, _), pictures in zip(batch, outcomes)]
+
+    def generate_each(
+        self, batch: list[tuple[PreparedRequest, StepObserver | None]]
+    ) -> list[GenerationResult | BackendError]:
+        return [outcome for member in batch for outcome in self.generate_batch([member])]
+
+    def _result(self, prepared: PreparedRequest, pictures: list[Image.Image], mode: str, out_of_memory_in: list[str],
+                load_s: float, inference_s: float, batch_images: int) -> GenerationResult:
+        request, init_image = prepared.request, prepared.init_image
+        inpainting = prepared.mask is not None
         started = time.perf_counter()
         images = [
             GeneratedImage(
@@ -166,55 +253,67 @@ class Engine:
                 width=picture.width,
                 height=picture.height,
             )
-            for picture, seed in zip(pictures, seeds)
+            for picture, seed in zip(pictures, prepared.seeds)
         ]
         timings = Timings(load_s=load_s, inference_s=inference_s, encode_s=time.perf_counter() - started)
         logger.info(
-            "generated %d image(s) %dx%d with %s in mode %s, %d steps, %s, seed %d: %.2f s",
-            request.n, request.width, request.height, source.id, mode, request.steps,
-            request.scheduler, request.seed, inference_s,
+            "generated %d image(s) %dx%d with %s in mode %s, %d steps, %s, in a call of %d image(s): %.2f s",
+            request.n, request.width, request.height, prepared.source.id, mode, request.steps,
+            request.scheduler, batch_images, inference_s,
         )
         return GenerationResult(
-            model=source.id, images=images, request=request, timings=timings,
-            vram_mode=mode, out_of_memory_in=modes[:attempt], img2img=init_image is not None,
+            model=prepared.source.id, images=images, request=request, timings=timings, batch_images=batch_images,
+            vram_mode=mode, out_of_memory_in=out_of_memory_in, img2img=init_image is not None,
             inpainting=inpainting,
         )
 
     def _denoise(
-        self, prepared: PreparedRequest, mode: str, attempt: int, on_step: StepObserver | None
-    ) -> tuple[list[Image.Image], float, float]:
-        """One batched pipeline call (two with a hires fix); returns the images, load seconds and
-        inference seconds. A device out-of-memory error comes out as `OutOfMemory`, with the
-        call's memory freed."""
-        request, source, init_image, mask = prepared.request, prepared.source, prepared.init_image, prepared.mask
-        hires = request.hires_fix if init_image is None else None
+        self, batch: list[tuple[PreparedRequest, StepObserver | None]], mode: str, attempt: int
+    ) -> tuple[list[list[Image.Image] | BackendError], float, float]:
+        """One pipeline call for the batch (two with a hires fix, which runs alone); returns each
+        request's images (or the `Cancelled` that dropped it), load seconds and inference
+        seconds. A device out-of-memory error comes out as `OutOfMemory`, with the call's memory
+        freed. Every image has its own prompt row and CPU generator, so a request's pixels do
+        not depend on what it shares the call with."""
+        members = [prepared for prepared, _ in batch]
+        first = members[0]
+        request, source = first.request, first.source
+        hires = request.hires_fix if first.init_image is None else None
         second_pass_steps = int(hires.steps * hires.strength) if hires else 0
+
+        def per_image(values: Callable[[PreparedRequest], object]) -> list:
+            return [values(prepared) for prepared in members for _ in range(prepared.request.n)]
+
+        def generators() -> list[torch.Generator]:
+            # CPU generators: the same seed gives the same noise whatever the device.
+            return [torch.Generator("cpu").manual_seed(seed) for prepared in members for seed in prepared.seeds]
+
+        progress = BatchProgress(batch)
         arguments = dict(
-            prompt=request.prompt,
+            prompt=per_image(lambda prepared: prepared.request.prompt),
             # None, not "": SDXL then uses zero embeddings, as the model was trained.
-            negative_prompt=request.negative_prompt or None,
+            negative_prompt=per_image(lambda prepared: prepared.request.negative_prompt)
+            if request.negative_prompt else None,
             **step_arguments(request.scheduler, request.steps),
             guidance_scale=request.guidance_scale,
-            num_images_per_prompt=request.n,
-            # CPU generators: the same seed gives the same noise whatever the device.
-            generator=[torch.Generator("cpu").manual_seed(seed) for seed in prepared.seeds],
-            callback_on_step_end=self._step_callback(attempt, on_step, 0, second_pass_steps),
+            generator=generators(),
+            callback_on_step_end=self._step_callback(attempt, progress, 0, second_pass_steps),
         )
         if request.eta is not None:
             arguments.update(eta=request.eta)
-        width, height = prepared.output_size
+        width, height = first.output_size
         with self.models.use(source.id, mode, width * height) as (pipelines, load_s):
-            if init_image is None:
+            if first.init_image is None:
                 pipeline = pipelines.txt2img
                 arguments.update(width=request.width, height=request.height)
                 if hires is not None:
                     arguments.update(output_type="latent" if hires.upscaler == "latent" else "pil")
-            elif mask is None:
+            elif first.mask is None:
                 pipeline = pipelines.img2img
-                arguments.update(image=init_image, strength=request.strength)
+                arguments.update(image=per_image(lambda prepared: prepared.init_image), strength=request.strength)
             else:
-                pipeline = pipelines.inpaint
-                arguments.update(image=init_image, mask_image=mask, strength=request.strength,
+                pipeline = pipelines.inpaint  # (alone: the crop path takes one image and one mask)
+                arguments.update(image=first.init_image, mask_image=first.mask, strength=request.strength,
                                  width=request.width, height=request.height,
                                  padding_mask_crop=request.masked_area_padding if request.masked_area_only else None)
             pipeline.scheduler = make_scheduler(
@@ -222,8 +321,9 @@ class Engine:
             )
             started = time.perf_counter()
             pictures = self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
-            if mask is not None and not request.masked_area_only:  # (the crop path pastes back by itself)
-                pictures = [pipeline.image_processor.apply_overlay(mask, init_image, picture) for picture in pictures]
+            if first.mask is not None and not request.masked_area_only:  # (the crop path pastes back by itself)
+                pictures = [pipeline.image_processor.apply_overlay(first.mask, first.init_image, picture)
+                            for picture in pictures]
             if hires is not None:
                 # The second pass: the first pass's latents (or images) upscaled, repainted as img2img.
                 # (An interrupt in the first pass also ends this one after its first step.)
@@ -237,14 +337,14 @@ class Engine:
                 )
                 arguments = {**arguments, **step_arguments(request.scheduler, hires.steps),
                              "image": upscaled, "strength": hires.strength, "output_type": "pil",
-                             "generator": [torch.Generator("cpu").manual_seed(seed) for seed in prepared.seeds],
-                             "callback_on_step_end": self._step_callback(attempt, on_step, pipeline.num_timesteps, 0)}
+                             "generator": generators(),
+                             "callback_on_step_end": self._step_callback(attempt, progress, pipeline.num_timesteps, 0)}
                 for first_pass_only in ("width", "height"):
                     arguments.pop(first_pass_only)
                 pictures = self.models.out_of_memory_as_error(lambda: second(**arguments).images, "out of memory")
-            return pictures, load_s, time.perf_counter() - started
+            return progress.split(pictures), load_s, time.perf_counter() - started
 
-    def _step_callback(self, attempt: int, on_step: StepObserver | None, offset: int, after: int) -> Callable:
+    def _step_callback(self, attempt: int, progress: BatchProgress, offset: int, after: int) -> Callable:
         """Reports the steps of one pipeline call, counted on from `offset` steps run before it,
         with `after` more planned (a hires fix's two passes read as one run)."""
         seam = self.oom_seam
@@ -253,7 +353,7 @@ class Engine:
             if seam is not None and attempt < seam.attempts and step + 1 >= seam.step:
                 raise torch.OutOfMemoryError("CUDA out of memory (SDXL_TEST_FAULT_OOM test seam)")
             total = offset + pipeline.num_timesteps + after
-            if on_step is not None and on_step(offset + step + 1, total, tensors.get("latents")):
+            if progress.step(offset + step + 1, total, tensors.get("latents")):
                 pipeline._interrupt = True  # diffusers' documented way: skip the remaining steps, then decode
             return tensors
 

@@ -1,9 +1,11 @@
 """Jobs: every generation the service runs, queued, observable and cancellable.
 
 Jobs hold requests that `Engine.prepare` has already accepted. One worker thread (the device
-thread) takes them in arrival order and runs each through `Engine.generate`, whose step
-callback reports progress here, hands over latents for previews and stops a job whose
-cancellation was asked for at the next step. Nothing that happens to a job or to whoever waits
+thread) takes them in arrival order: the oldest job, and with it the queued jobs that can share
+its pipeline call (`Engine.batch_key`), up to `max_batch` images, so a waiting job is passed by
+at most one batch. `Engine.generate_batch` runs them; its step callback reports each job's
+progress here, hands over its latents for previews and drops a job whose cancellation was
+asked for at the next step, while the others in the call go on. Nothing that happens to a job or to whoever waits
 for it can end that thread; should it end anyway, `alive` says so and the service reports
 itself dead to its probes. Finished jobs drop their input and are kept for a while (their
 images counted against a byte budget), then forgotten; an id forgotten that way is
@@ -196,8 +198,9 @@ class JobQueue:
 
     def __init__(self, engine: Engine, max_queue: int = 64, ttl_s: float = 3600, max_jobs: int = 1000,
                  max_bytes: int = 512 * 2**20, on_change: Callable[[Job], None] | None = None,
-                 journal: JobJournal | None = None):
+                 journal: JobJournal | None = None, max_batch: int = 1):
         self.engine = engine
+        self.max_batch = max_batch  # images in one pipeline call, from several jobs; 1: each job alone
         self.journal = journal
         self.on_change = on_change  # told of every submit, start and finish (metrics), on the thread that did it
         self.max_queue = max_queue
@@ -210,7 +213,7 @@ class JobQueue:
         self._finished_bytes = 0
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._recent_durations: deque[float] = deque(maxlen=20)
-        self._running: Job | None = None
+        self._running: list[Job] = []  # on the device now: one job, or a batch
         self._closing = False
         self._lock = threading.Condition()
         for job in journal.recover() if journal else []:
@@ -265,9 +268,9 @@ class JobQueue:
         return len(self._queue)
 
     @property
-    def running(self) -> Job | None:
-        """The job on the device now, if any."""
-        return self._running
+    def running(self) -> list[Job]:
+        """The jobs on the device now (several when batched), oldest first."""
+        return list(self._running)
 
     @property
     def alive(self) -> bool:
@@ -278,7 +281,7 @@ class JobQueue:
         """Seconds until the queue has room again: the recent jobs' mean duration times the
         jobs ahead (the running one and those waiting)."""
         mean = sum(self._recent_durations) / len(self._recent_durations) if self._recent_durations else 5.0
-        ahead = len(self._queue) + (self._running is not None)
+        ahead = len(self._queue) + bool(self._running)
         return max(1, round(mean * max(1, ahead) / max(1, self.max_queue)))
 
     def cancel(self, job: Job, reason: str = "cancel requested") -> None:
@@ -316,8 +319,8 @@ class JobQueue:
             self._closing = True
             for job in list(self._queue):
                 self.cancel(job, "cancelled: the server is shutting down")
-            if self._running is not None:
-                self.cancel(self._running, "cancelled: the server is shutting down")
+            for job in self._running:
+                self.cancel(job, "cancelled: the server is shutting down")
             self._lock.notify_all()
         self._worker.join(timeout=30)
 
@@ -328,43 +331,78 @@ class JobQueue:
                     self._lock.wait()
                 if self._closing:
                     return
-                job = self._running = self._queue.popleft()
-                job.status, job.started = JobStatus.RUNNING, time.time()
-                job.version += 1
-                if self.journal:
-                    self.journal.write(job)
+                batch = self._take_batch()
+                self._running = list(batch)  # (emptied as its jobs finish)
+                for job in batch:
+                    job.status, job.started = JobStatus.RUNNING, time.time()
+                    job.version += 1
+                    if self.journal:
+                        self.journal.write(job)
             try:
-                self._changed(job)
-                self._run(job)
+                for job in batch:
+                    self._changed(job)
+                self._run(batch)
             except BaseException:  # the thread outlives any job: log it and take the next one
                 logger.exception("the device thread caught an error around a job; it goes on")
 
-    def _run(self, job: Job) -> None:
+    def _take_batch(self) -> list[Job]:
+        """The oldest job, and the queued jobs that can share its call, in arrival order, while
+        their images fit in `max_batch`. Called with the lock held."""
+        head = self._queue.popleft()
+        batch, images = [head], head.prepared.request.n
+        key = self.engine.batch_key(head.prepared) if images < self.max_batch else None
+        if key is not None:
+            for job in list(self._queue):
+                n = job.prepared.request.n
+                if images + n <= self.max_batch and self.engine.batch_key(job.prepared) == key:
+                    self._queue.remove(job)
+                    batch.append(job)
+                    images += n
+                    if images == self.max_batch:
+                        break
+        return batch
+
+    def _run(self, batch: list[Job]) -> None:
         try:
-            result = self.engine.generate(job.prepared, job.on_step)
-        except Cancelled as exc:
+            outcomes = self.engine.generate_batch([(job.prepared, self._observer(job)) for job in batch])
+        except Exception as exc:  # a bug: the jobs fail, the queue goes on
+            logger.exception("a batch failed unexpectedly")
+            outcomes = [BackendError(f"internal error: {type(exc).__name__}")] * len(batch)
+        for job, outcome in zip(batch, outcomes):
+            if isinstance(outcome, GenerationResult):
+                self._finish(job, JobStatus.SUCCEEDED, result=outcome)
+            elif isinstance(outcome, Cancelled):
+                self._finish(job, JobStatus.CANCELLED, error=outcome)
+            else:
+                self._finish(job, JobStatus.FAILED, error=outcome)
+        if any(job.status == JobStatus.CANCELLED for job in batch):
             self.engine.models.release_cached_memory()
-            self._finish(job, JobStatus.CANCELLED, error=exc)
-        except BackendError as exc:
-            self._finish(job, JobStatus.FAILED, error=exc)
-        except Exception as exc:  # a bug: the job fails, the queue goes on
-            logger.exception("a job failed unexpectedly")
-            self._finish(job, JobStatus.FAILED, error=BackendError(f"internal error: {type(exc).__name__}"))
-        else:
-            self._finish(job, JobStatus.SUCCEEDED, result=result)
+
+    def _observer(self, job: Job) -> Callable:
+        """The job's step observer; a cancelled job is finished at once, even while the rest
+        of its batch runs on."""
+        def on_step(step: int, total: int, latents: torch.Tensor | None) -> bool:
+            try:
+                return job.on_step(step, total, latents)
+            except Cancelled as exc:
+                self._finish(job, JobStatus.CANCELLED, error=exc)
+                raise
+        return on_step
 
     def _finish(self, job: Job, status: JobStatus, result: GenerationResult | None = None,
                 error: BackendError | None = None) -> None:
         with self._lock:
-            if self._running is job:
-                self._running = None
+            if job.status.final:  # a cancelled job of a batch, finished at its step already
+                return
+            if job in self._running:
+                self._running.remove(job)
             job.status, job.result, job.error, job.finished = status, result, error, time.time()
             job.prepared = None  # the input image and the decoded copy go now
             job.version += 1
             if job.started is not None:
                 self._recent_durations.append(job.finished - job.started)
             if job.cancel_requested_at is not None and status == JobStatus.CANCELLED:
-                logger.info("job cancelled: the device was free %.3f s after the request",
+                logger.info("job cancelled: it left the device %.3f s after the request",
                             job.finished - job.cancel_requested_at)
             self._finished[job.id] = job
             self._finished_bytes += job.held_bytes

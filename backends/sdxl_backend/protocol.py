@@ -137,6 +137,7 @@ class GenerationResult(BaseModel):
     inpainting: bool = False
     timings: Timings
     vram_mode: str  # the memory mode that produced the images
+    batch_images: int = 1  # images in the pipeline call that made these: more than n when batched with others
     out_of_memory_in: list[str] = []  # modes that ran out of memory first (recovered)
 
     @property
