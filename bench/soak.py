@@ -6,7 +6,7 @@ The load, from 2 clients in a loop: synchronous txt2img (n=2), img2img, OpenAI-s
 (and the link fetched), A1111 txt2img, jobs that are polled to the end, jobs cancelled while
 running, requests refused at validation, unknown kept-image links.
 
-    python bench/soak.py [--minutes 10] [--clients 2] [--size 64]
+    python bench/soak.py [--minutes 10] [--clients 2] [--size 64] [--kinds txt2img,url,...]
 
 A private BentoML home with tiny-sdxl imported; traffic only to 127.0.0.1.
 """
@@ -37,6 +37,9 @@ from models.store import import_tiny  # noqa: E402
 from tests.served import Server  # noqa: E402
 
 
+KINDS = ["txt2img", "img2img", "url", "a1111", "job", "cancel", "refused", "unknown-link"]
+
+
 def png(size: int) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), (random.randrange(256), 80, 160)).save(buffer, format="PNG")
@@ -61,6 +64,8 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--kinds", type=lambda text: text.split(","), default=KINDS,
+                        help=f"a comma-separated subset of {','.join(KINDS)}, to find which one grows")
     args = parser.parse_args()
 
     import_tiny()
@@ -107,7 +112,7 @@ def main() -> int:
             r = client.get(f"/v1/images/files/{random.getrandbits(64):x}.png")
             note(kind, r.status_code == 404, r.text)
 
-    kinds = ["txt2img", "img2img", "url", "a1111", "job", "cancel", "refused", "unknown-link"]
+    kinds = args.kinds
     try:
         server.wait_ready()
         started = time.monotonic()

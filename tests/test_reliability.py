@@ -3,6 +3,7 @@ leak ids, bodies too large to parse, a device thread that must outlive whatever 
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from backends.sdxl_backend.device import select_placement
 from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.jobs import JobQueue, JobStatus
 from backends.sdxl_backend.model_manager import ModelManager, ModelSource
-from backends.sdxl_backend.protocol import GenerationRequest
+from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
 from models.catalog import defaults_for
 from tests.conftest import GUARD_KEYS
 from tests.test_jobs import LONG, SHORT, submit, wait
@@ -44,12 +45,37 @@ def test_the_device_thread_outlives_a_cancelled_waiter_and_a_crashing_observer(e
         first = jobs.submit(engine.prepare(GenerationRequest(prompt="x", steps=2)))
         first.done.cancel()  # a waiter that gave up the way asyncio does: the device must not care
         second = jobs.submit(engine.prepare(GenerationRequest(prompt="y", steps=2)))
-        assert second.done.result(timeout=300).images
+        second.done.result(timeout=300)
+        assert second.result.images
         assert first.status == JobStatus.SUCCEEDED and jobs.alive
         assert seen.count(JobStatus.RUNNING) == 2
     finally:
         jobs.close()
     assert not jobs.alive  # close() ends the thread it started
+
+
+def test_a_delivered_result_and_a_kept_error_hold_nothing_of_the_generation(engine):
+    """What a finished job keeps: a delivered result's images are freed (no future holds them),
+    and a cancelled job's error has no traceback (whose frames would hold its tensors)."""
+    jobs = JobQueue(engine)
+    try:
+        delivered = jobs.submit(engine.prepare(GenerationRequest(prompt="delivered-7f3a", steps=2)))
+        delivered.done.result(timeout=300)
+        assert delivered.status == JobStatus.SUCCEEDED and delivered.result.images
+        jobs.forget_result(delivered)
+        gc.collect()
+        assert not [o for o in gc.get_objects() if isinstance(o, GenerationResult) and o.request.prompt == "delivered-7f3a"]
+        cancelled = jobs.submit(engine.prepare(GenerationRequest(prompt="x", **{k: LONG[k] for k in ("width", "height", "steps")})))
+        while cancelled.step < 1:
+            time.sleep(0.01)
+        jobs.cancel(cancelled)
+        cancelled.done.result(timeout=300)
+        assert cancelled.status == JobStatus.CANCELLED
+        assert cancelled.error.__traceback__ is None and cancelled.error.__context__ is None
+        again = cancelled.error.copy()
+        assert type(again) is type(cancelled.error) and again.message == cancelled.error.message and again is not cancelled.error
+    finally:
+        jobs.close()
 
 
 # --- through served processes ------------------------------------------------------------------

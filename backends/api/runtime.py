@@ -82,7 +82,10 @@ class Runtime:
     def warm_up(self) -> None:
         """Load the default model and run it once, so that no request pays for either."""
         started = time.perf_counter()
-        self.jobs.submit(self.engine.prepare(GenerationRequest(prompt="warm-up", steps=2))).done.result()
+        warm_up = self.jobs.submit(self.engine.prepare(GenerationRequest(prompt="warm-up", steps=2)))
+        warm_up.done.result()
+        if warm_up.error is not None:
+            raise warm_up.error.copy()
         logger.info("warm-up of %s done in %.2f s", self.default_model, time.perf_counter() - started)
 
     @property
@@ -152,7 +155,9 @@ class Runtime:
         except asyncio.CancelledError:
             self.jobs.cancel(job, "cancelled: its request was abandoned")
             raise
-        result = waiter.result()
+        if job.error is not None:
+            raise job.error.copy()
+        result = job.result
         self.jobs.forget_result(job)  # delivered now: the images are the client's, not ours to keep
         return result
 

@@ -11,6 +11,13 @@ class BackendError(Exception):
         self.message = message
         self.param = param
 
+    def copy(self) -> BackendError:
+        """The same error, fresh: a job keeps its error, and raising the kept one would keep the
+        raiser's frames (and the request they hold) in its traceback for as long as the job."""
+        clone = Exception.__new__(type(self), *self.args)
+        clone.__dict__.update(self.__dict__)
+        return clone
+
 
 class InvalidRequest(BackendError):
     """A field has a value the service cannot honour (bad type, out of range, bad combination)."""

@@ -92,8 +92,9 @@ class Job:
     cancel_requested_at: float | None = None
     stop_requested_at: float | None = None  # end the denoising early and keep the image as it stands
     version: int = 0  # bumped on every change; watchers compare it
-    # Resolved with the result or the error. Waiters must not cancel it (they wrap it with
-    # asyncio.shield or wait on it without ownership); the device thread copes if one does.
+    # Resolved (with None) when the job is final: waiters then read `result` or `error`. It
+    # carries no payload, so a delivered result dropped from the job is freed. Waiters must not
+    # cancel it (they wait on it without ownership); the device thread copes if one does.
     done: Future = field(default_factory=Future)
     _first_step_at: float | None = None
 
@@ -385,7 +386,7 @@ class JobQueue:
             try:
                 return job.on_step(step, total, latents)
             except Cancelled as exc:
-                self._finish(job, JobStatus.CANCELLED, error=exc)
+                self._finish(job, JobStatus.CANCELLED, error=exc.copy())  # (`exc` gathers frames on its way up)
                 raise
         return on_step
 
@@ -396,6 +397,10 @@ class JobQueue:
                 return
             if job in self._running:
                 self._running.remove(job)
+            if error is not None:
+                # A kept error keeps its message only: its traceback's frames hold the call's
+                # tensors and images, its context the device's own error.
+                error.__traceback__ = error.__context__ = error.__cause__ = None
             job.status, job.result, job.error, job.finished = status, result, error, time.time()
             job.prepared = None  # the input image and the decoded copy go now
             job.version += 1
@@ -410,10 +415,7 @@ class JobQueue:
                 self.journal.write(job)
             self._expire()
         try:
-            if error is not None:
-                job.done.set_exception(error)
-            else:
-                job.done.set_result(result)
+            job.done.set_result(None)
         except InvalidStateError:  # its waiter cancelled the future: nobody is left to tell
             pass
         self._changed(job)
