@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import time
@@ -89,13 +90,13 @@ class BatchProgress:
     def __init__(self, batch: list[tuple[PreparedRequest, StepObserver | None]]):
         self.batch = batch
         self.dropped: dict[int, Cancelled] = {}
+        ends = list(itertools.accumulate(prepared.request.n for prepared, _ in batch))
+        self.rows = [slice(end - prepared.request.n, end) for (prepared, _), end in zip(batch, ends)]
 
     def step(self, step: int, total: int, latents: torch.Tensor | None) -> bool:
         """True: every request still in the call asks to end the denoising here."""
-        stops, row = [], 0
-        for index, (prepared, on_step) in enumerate(self.batch):
-            rows = slice(row, row + prepared.request.n)
-            row += prepared.request.n
+        stops = []
+        for index, ((_, on_step), rows) in enumerate(zip(self.batch, self.rows)):
             if on_step is None or index in self.dropped:
                 continue
             try:
@@ -108,11 +109,7 @@ class BatchProgress:
 
     def split(self, pictures: list) -> list[list[Image.Image] | BackendError]:
         """The call's images, each request's own (a dropped one gets its `Cancelled`)."""
-        outcomes, row = [], 0
-        for index, (prepared, _) in enumerate(self.batch):
-            outcomes.append(self.dropped.get(index) or list(pictures[row:row + prepared.request.n]))
-            row += prepared.request.n
-        return outcomes
+        return [self.dropped.get(index) or list(pictures[rows]) for index, rows in enumerate(self.rows)]
 
 
 class Engine:
@@ -163,6 +160,10 @@ class Engine:
                 init_image = fill_masked(init_image, mask)
         return PreparedRequest(request.model_copy(update={"image": None, "mask": None}), source, init_image, mask)
 
+    def mode_of(self, request: GenerationRequest) -> str:
+        """The memory mode a request runs in: its own, else the server's."""
+        return request.vram_mode or self.models.policy.default_mode
+
     def batch_key(self, prepared: PreparedRequest) -> tuple | None:
         """Requests with equal keys can share one pipeline call (their prompts, negative prompts,
         seeds, input images, counts and encodings may differ); None: this one runs alone."""
@@ -173,13 +174,13 @@ class Engine:
         # An empty negative prompt means zero embeddings, a written one is encoded: no mixing.
         return (prepared.source.id, request.width, request.height, request.steps, request.scheduler,
                 request.guidance_scale, request.eta, request.strength if img2img else None, img2img,
-                bool(request.negative_prompt), request.vram_mode or self.models.policy.default_mode)
+                bool(request.negative_prompt), self.mode_of(request))
 
     def generate(self, prepared: PreparedRequest, on_step: StepObserver | None = None) -> GenerationResult:
         """One request: its pipeline call, with out-of-memory recovery, then encoding."""
         request, source = prepared.request, prepared.source
         # Out of memory: free what the call held, then once more in the next lower mode.
-        modes = [request.vram_mode or self.models.policy.default_mode]
+        modes = [self.mode_of(request)]
         if lower_mode(modes[0]):
             modes.append(lower_mode(modes[0]))
         try:
@@ -217,7 +218,7 @@ class Engine:
             except BackendError as exc:
                 return [exc]
         first = batch[0][0]
-        mode = first.request.vram_mode or self.models.policy.default_mode
+        mode = self.mode_of(first.request)
         try:
             outcomes, load_s, inference_s = self._denoise(batch, mode, 0)
         except Cancelled as last:  # every request of the call was cancelled, the last one now
@@ -225,7 +226,7 @@ class Engine:
         except OutOfMemory:
             logger.warning("out of memory generating a batch of %d requests with %s in mode %s; each runs alone",
                            len(batch), first.source.id, mode)
-            return self.generate_each(batch)
+            return [outcome for member in batch for outcome in self.generate_batch([member])]
         finally:
             if mode == "low":
                 self.models.unload([first.source.id])
@@ -233,11 +234,6 @@ class Engine:
         return [pictures if isinstance(pictures, BackendError)
                 else self._result(prepared, pictures, mode, [], load_s, inference_s, images)
                 for (prepared, _), pictures in zip(batch, outcomes)]
-
-    def generate_each(
-        self, batch: list[tuple[PreparedRequest, StepObserver | None]]
-    ) -> list[GenerationResult | BackendError]:
-        return [outcome for member in batch for outcome in self.generate_batch([member])]
 
     def _result(self, prepared: PreparedRequest, pictures: list[Image.Image], mode: str, out_of_memory_in: list[str],
                 load_s: float, inference_s: float, batch_images: int) -> GenerationResult:
