@@ -15,10 +15,11 @@ from pathlib import Path
 
 import bentoml
 import yaml
+from bentoml._internal.server.http import traffic
 
 from backends.api import headers, native
 from backends.api.app import create_app
-from backends.api.edge import Edge, quiet_validation_logs
+from backends.api.edge import Edge, TimelyTimeout, quiet_validation_logs
 from backends.api.runtime import Runtime, ServedModel
 from backends.api.settings import declared_environment, load_settings
 from backends.sdxl_backend.protocol import GenerationRequest, ImageToImageRequest, TextToImageRequest
@@ -124,7 +125,8 @@ SDXL = bentoml.service(
     resources={"gpu": 1},
     workers=1,
     # The service ends a request at SDXL_TIMEOUT_SECONDS itself (cancelling its job, answering
-    # 504 in the error shape); BentoML's own timeout is the backstop behind it.
+    # 504 in the error shape); BentoML's own timeout is the backstop behind it, with the timer
+    # that BentoML leaves armed cancelled (TimelyTimeout, installed below).
     traffic={"timeout": SETTINGS.timeout_seconds + 60},
     # BentoML's access log and HTTP metrics name raw paths, job and image ids included; the edge
     # (backends/api/edge.py) logs and counts by route template instead, and serves /metrics.
@@ -140,6 +142,7 @@ SDXL = bentoml.service(
         }
     },
 )(bentoml.asgi_app(dialects)(SDXL))
+traffic.TimeoutMiddleware = TimelyTimeout  # BentoML imports it from there when it builds the app
 SDXL.add_asgi_middleware(Edge, keys=SETTINGS.api_keys, open_metrics=SETTINGS.open_metrics,
                          max_body_bytes=SETTINGS.max_body_bytes, cors_origins=SETTINGS.cors_origins,
                          state=dialects.state)

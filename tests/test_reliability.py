@@ -78,6 +78,42 @@ def test_a_delivered_result_and_a_kept_error_hold_nothing_of_the_generation(engi
         jobs.close()
 
 
+def test_the_request_timeout_disarms_its_timer_and_answers_504_in_the_error_shape():
+    """BentoML's request timeout, as service.py installs it: a finished request leaves no armed
+    timer (which would hold the request's context until it fired), and one with no answer in
+    time gets the one error shape."""
+    import asyncio
+    import json
+
+    from backends.api.edge import TimelyTimeout
+
+    async def quick(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def stuck(scope, receive, send):
+        await asyncio.sleep(60)
+
+    async def main() -> tuple[list, list]:
+        loop = asyncio.get_running_loop()
+        answered: list = []
+        for _ in range(5):
+            await TimelyTimeout(quick, timeout=600)({"type": "http"}, None, lambda m: _append(answered, m))
+        armed = [timer for timer in loop._scheduled if not timer.cancelled()]
+        assert not armed, armed
+        timed_out: list = []
+        await TimelyTimeout(stuck, timeout=0.05)({"type": "http"}, None, lambda m: _append(timed_out, m))
+        return answered, timed_out
+
+    async def _append(messages, message):
+        messages.append(message)
+
+    answered, timed_out = asyncio.run(main())
+    assert [m["status"] for m in answered if m["type"] == "http.response.start"] == [200] * 5
+    assert timed_out[0]["status"] == 504
+    assert json.loads(timed_out[1]["body"])["error"]["message"].startswith("no answer within 0.05 s")
+
+
 # --- through served processes ------------------------------------------------------------------
 
 def as_key(key: str) -> dict[str, str]:

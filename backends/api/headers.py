@@ -1,6 +1,9 @@
-"""Response headers of every generation route (moondream-station clients read them)."""
+"""Headers: the API key a request presents, and the response headers of every generation
+route (moondream-station clients read them)."""
 
 from __future__ import annotations
+
+from starlette.datastructures import Headers
 
 from backends.sdxl_backend.protocol import GenerationResult
 
@@ -31,3 +34,11 @@ def vram_headers(memory: tuple[int, int] | None) -> dict[str, str]:
     if memory is None:
         return {}
     return {"X-VRAM-Used": str(memory[0] // 2**20), "X-VRAM-Total": str(memory[1] // 2**20)}
+
+
+def presented_key(headers: Headers) -> str | None:
+    authorization = headers.get("authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return headers.get("x-api-key")

@@ -22,7 +22,6 @@ import anyio
 from starlette.requests import Request
 
 from backends.api import headers
-from backends.api.edge import presented_key
 from backends.api.kept_images import KeptImages
 from backends.api.metrics import Metrics
 from backends.api.settings import Settings
@@ -117,7 +116,7 @@ class Runtime:
         without keys, nobody in particular (None: every job is visible)."""
         if not self.settings.api_keys:
             return None
-        key = presented_key(http.headers) or ""
+        key = headers.presented_key(http.headers) or ""
         return hashlib.sha256(key.encode()).hexdigest()[:32]
 
     def submit(self, prepared: PreparedRequest, http: Request, preview_every: int | None = None) -> Job:
