@@ -32,15 +32,24 @@ SETTINGS = load_settings()
 BENTO_MANIFEST = Path(__file__).resolve().parent.parent / "bento.yaml"
 
 
+def packed_models(kind: str) -> dict[str, bentoml.Model] | None:
+    """The models of `kind` a built bento packed; None when serving from source."""
+    if not BENTO_MANIFEST.is_file():
+        return None
+    manifest = yaml.safe_load(BENTO_MANIFEST.read_text())
+    tags = [m["tag"] for m in manifest.get("models", [])]
+    tags += [m["tag"] for service in manifest.get("services", []) for m in service.get("models", [])]
+    packed = [bentoml.models.get(tag) for tag in tags]
+    return {model.info.labels["sdxl_id"]: model for model in packed
+            if "sdxl_id" in model.info.labels and model.info.labels.get("sdxl_kind", "pipeline") == kind}
+
+
 def served_models() -> dict[str, bentoml.Model]:
     """A built bento serves exactly the models it packed; from source, `SDXL_MODELS` or every
     SDXL model in the store."""
-    if BENTO_MANIFEST.is_file():
-        manifest = yaml.safe_load(BENTO_MANIFEST.read_text())
-        tags = [m["tag"] for m in manifest.get("models", [])]
-        tags += [m["tag"] for service in manifest.get("services", []) for m in service.get("models", [])]
-        packed = [bentoml.models.get(tag) for tag in tags]
-        return {model.info.labels["sdxl_id"]: model for model in packed if "sdxl_id" in model.info.labels}
+    packed = packed_models("pipeline")
+    if packed is not None:
+        return packed
     stored = stored_models()
     missing = [m for m in SETTINGS.models if m not in stored]
     if missing:
@@ -51,6 +60,18 @@ def served_models() -> dict[str, bentoml.Model]:
     if not stored:
         raise RuntimeError("the model store holds no SDXL model: run `python -m models import tiny-sdxl` (or sdxl-base)")
     return {m: stored[m] for m in SETTINGS.models} if SETTINGS.models else stored
+
+
+def replacement_vae() -> bentoml.Model | None:
+    """The stored VAE that `SDXL_VAE` names, used in place of each served model's own."""
+    if SETTINGS.vae is None:
+        return None
+    stored = packed_models("vae")
+    stored = stored_models("vae") if stored is None else stored
+    if SETTINGS.vae not in stored:
+        raise RuntimeError(f"SDXL_VAE={SETTINGS.vae} is not a VAE in the model store; import it with "
+                           f"`python -m models import {SETTINGS.vae}` (stored VAEs: {', '.join(stored) or 'none'})")
+    return stored[SETTINGS.vae]
 
 
 def default_model(served: list[str]) -> str:
@@ -69,6 +90,7 @@ def model_attribute(model_id: str) -> str:
 
 SERVED = served_models()
 DEFAULT_MODEL = default_model(list(SERVED))
+VAE = replacement_vae()
 dialects = create_app()
 
 
@@ -82,7 +104,8 @@ class SDXL:
                         catalog[model_id].description if model_id in catalog else "", defaults_for(model_id))
             for model_id, model in SERVED.items()
         ]
-        self.runtime = Runtime(SETTINGS, served, DEFAULT_MODEL)
+        vae = Path(self.model_vae.path) if VAE is not None else None
+        self.runtime = Runtime(SETTINGS, served, DEFAULT_MODEL, vae)
         dialects.state.runtime = self.runtime
         if SETTINGS.warmup:
             self.runtime.warm_up()
@@ -115,6 +138,8 @@ class SDXL:
 # a service (which is why the decorators are applied by hand).
 for _model_id, _model in SERVED.items():
     setattr(SDXL, model_attribute(_model_id), bentoml.models.BentoModel(_model.tag))
+if VAE is not None:
+    SDXL.model_vae = bentoml.models.BentoModel(VAE.tag)
 SDXL = bentoml.service(
     name="sdxl",
     # The image `bentoml containerize` builds: no distro packages (no compiler or git left in

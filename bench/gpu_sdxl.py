@@ -9,12 +9,19 @@ back with the service's own loader. Then, in one run:
   memory, in each memory mode (high, balanced, low), and for the plain diffusers pipeline
   with default settings (float32, default scheduler) as the baseline;
 - images/s at batch 1, 2, 4 at SIZE with guidance, and at FAST_SIZE with FAST_STEPS steps
-  without guidance (turbo-like).
+  without guidance (turbo-like);
+- each speed setting of the service (fast_paths.py: eager vs SDPA attention, fused QKV,
+  channels-last, int8 and fp8 weights, torch.compile, all together) loaded by the service's
+  loader, against the plain service load in the placement's dtype (bfloat16 on a recent card):
+  p50 at batch 1 and 4, the first call (compilation included) and peak memory; and float16
+  with SDXL's own VAE (upcast to float32 to decode) against a VAE that needs no upcast, as the
+  fp16-fix VAE (SDXL_VAE=sdxl-vae-fp16-fix) runs.
 
 Needs only torch, diffusers, transformers and accelerate (no BentoML):
 
     python bench/gpu_sdxl.py                # full size: for a GPU
     python bench/gpu_sdxl.py --tiny         # tiny-sdxl at small sizes: checks the script on a CPU
+    python bench/gpu_sdxl.py --fast-paths plain,fuse-qkv,compile   # a subset of the settings
 
 It prints a table and writes JSON (--out).
 """
@@ -41,9 +48,24 @@ from diffusers import (  # noqa: E402
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
-from backends.sdxl_backend.device import select_placement  # noqa: E402
+from backends.sdxl_backend.device import Placement, select_placement  # noqa: E402
+from backends.sdxl_backend.fast_paths import FastPaths  # noqa: E402
 from backends.sdxl_backend.pipelines import MEMORY_MODES, apply_memory_mode, load_pipelines  # noqa: E402
 from models.tiny import build_tiny_sdxl, make_tokenizer  # noqa: E402
+
+# Each speed setting alone, then together; "plain" is the service's default.
+FAST_PATHS = {
+    "plain": FastPaths(),
+    "eager-attention": FastPaths(attention="eager"),
+    "fuse-qkv": FastPaths(fuse_qkv=True),
+    "channels-last": FastPaths(channels_last=True),
+    "int8": FastPaths(quantize="int8"),
+    "fp8": FastPaths(quantize="fp8"),
+    "compile": FastPaths(compile=True),
+    "fuse-qkv+channels-last+compile": FastPaths(fuse_qkv=True, channels_last=True, compile=True),
+    "all, fp8": FastPaths(fuse_qkv=True, channels_last=True, compile=True, quantize="fp8"),
+}
+VAE_CHOICES = ("float16, own VAE (upcast)", "float16, no-upcast VAE")
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
 SDXL_UNET = dict(
@@ -102,10 +124,15 @@ def peak_bytes(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def timed(pipeline, device: torch.device, runs: int, **call) -> list[float]:
-    """Seconds per call, after one warm-up call."""
+def timed(pipeline, device: torch.device, runs: int, first: list | None = None, **call) -> list[float]:
+    """Seconds per call, after one warm-up call (its seconds appended to `first`)."""
     pipeline.set_progress_bar_config(disable=True)
+    synchronize(device)
+    started = time.perf_counter()
     pipeline(**call, generator=torch.Generator("cpu").manual_seed(0))
+    synchronize(device)
+    if first is not None:
+        first.append(time.perf_counter() - started)
     seconds = []
     for run in range(runs):
         synchronize(device)
@@ -126,6 +153,8 @@ def main() -> None:
     parser.add_argument("--fast-steps", type=int, default=4)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per figure (low mode: 1)")
     parser.add_argument("--modes", default=",".join(MEMORY_MODES))
+    parser.add_argument("--fast-paths", default=",".join([*FAST_PATHS, *VAE_CHOICES]),
+                        help=f"comma-separated, of: {', '.join([*FAST_PATHS, *VAE_CHOICES])}; empty: none")
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_sdxl.json"))
     args = parser.parse_args()
     size = args.size or (128 if args.tiny else 1024)
@@ -187,10 +216,54 @@ def main() -> None:
                             **{**call, **extra, "num_images_per_prompt": batch})
             report["throughput"][f"{label}_batch{batch}"] = round(batch / statistics.median(seconds), 3)
 
+    del pipelines
+    reset_peak(device)
+    report["fast_paths"] = {}
+    for name in [n for n in args.fast_paths.split(",") if n]:
+        report["fast_paths"][name] = fast_path_figures(store, placement, name, call, args.runs)
+        plain = report["fast_paths"].get("plain")
+        if plain:
+            report["fast_paths"][name]["speedup_vs_plain"] = round(
+                plain["batch1_p50_s"] / report["fast_paths"][name]["batch1_p50_s"], 2)
+
     print_table(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwritten to {args.out}")
+
+
+def fast_path_figures(store: Path, placement: Placement, name: str, call: dict, runs: int) -> dict:
+    """One speed setting (or VAE choice): load with the service's loader, time batch 1 and 4."""
+    device = placement.device
+    vae = None
+    if name in VAE_CHOICES:
+        placement = Placement(device, torch.float16)
+        fast = FastPaths()
+        if name == VAE_CHOICES[1]:  # the same architecture, configured as the fp16-fix VAE is
+            vae = store / "vae-no-upcast"
+            config = json.loads((store / "vae" / "config.json").read_text())
+            AutoencoderKL.from_config({**config, "force_upcast": False}).save_pretrained(vae)
+    else:
+        fast = FAST_PATHS[name]
+    torch._dynamo.reset()
+    reset_peak(device)
+    try:
+        started = time.perf_counter()
+        pipelines = load_pipelines(store, placement, "high", fast, vae)
+        synchronize(device)
+        load_s = time.perf_counter() - started
+        first: list[float] = []
+        one = timed(pipelines.txt2img, device, runs, first, **call)
+        four = timed(pipelines.txt2img, device, max(1, runs // 2), first, **call, num_images_per_prompt=4)
+    except Exception as exc:  # a setting this card or build cannot run: say so, go on
+        print(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        return {"error": f"{type(exc).__name__}: {exc}"[:300], "batch1_p50_s": float("nan")}
+    figures = {"load_s": round(load_s, 2), "first_call_s": round(first[0], 2),
+               "batch1_p50_s": round(statistics.median(one), 3),
+               "batch4_images_per_s": round(4 / statistics.median(four), 3), "peak_bytes": peak_bytes(device)}
+    del pipelines
+    reset_peak(device)
+    return figures
 
 
 def print_table(report: dict) -> None:
@@ -210,6 +283,16 @@ def print_table(report: dict) -> None:
     for key, value in report["throughput"].items():
         workload, _, batch = key.rpartition("_batch")
         print(f"| {workload} | {batch} | {value} |")
+    if report["fast_paths"]:
+        print(f"\nspeed settings ({report['size']}px, {report['steps']} steps, guidance; service loader, mode high):")
+        print("| setting | load s | first call s | batch 1 p50 s | vs plain | batch 4 images/s | peak GiB |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for name, f in report["fast_paths"].items():
+            if "error" in f:
+                print(f"| {name} | failed: {f['error'][:80]} | | | | | |")
+                continue
+            print(f"| {name} | {f['load_s']} | {f['first_call_s']} | {f['batch1_p50_s']} | "
+                  f"{f.get('speedup_vs_plain', '-')}x | {f['batch4_images_per_s']} | {gib(f['peak_bytes'])} |")
 
 
 if __name__ == "__main__":

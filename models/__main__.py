@@ -14,7 +14,17 @@ import sys
 from pathlib import Path
 
 from .catalog import load_catalog
-from .store import ImportFailed, import_from_hub, import_from_path, import_tiny, model_size, remove, stored_model, stored_models
+from .store import (
+    TINY,
+    ImportFailed,
+    import_from_hub,
+    import_from_path,
+    import_tiny,
+    model_size,
+    remove,
+    stored_model,
+    stored_models,
+)
 
 DEFAULT_IMPORT = "sdxl-base"
 
@@ -27,8 +37,8 @@ def _import(model_id: str, source: Path | None, config: str | None, revision: st
     catalog = load_catalog()
     if source is not None:
         model = import_from_path(model_id, source, config)
-    elif model_id == "tiny-sdxl":
-        model = import_tiny()
+    elif model_id in TINY:
+        model = import_tiny(model_id)
     elif model_id in catalog:
         entry = catalog[model_id]
         if entry.licence:
@@ -40,12 +50,14 @@ def _import(model_id: str, source: Path | None, config: str | None, revision: st
 
 
 def _list() -> None:
-    stored = stored_models()
+    stored = stored_models(kind=None)
     rows = [("ID", "STORED AS", "SIZE", "DESCRIPTION")]
     catalog = load_catalog()
     for model_id in [*catalog, *sorted(set(stored) - set(catalog))]:
         model = stored.get(model_id)
         description = catalog[model_id].description if model_id in catalog else model.info.labels["source"]
+        if (catalog[model_id].kind if model_id in catalog else model.info.labels.get("sdxl_kind")) == "vae":
+            description = "[VAE, for SDXL_VAE] " + description
         rows.append((
             model_id,
             str(model.tag) if model else "-",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tomllib
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -18,6 +19,9 @@ class CatalogEntry(BaseModel):
 
     id: str
     description: str
+    # "pipeline": a servable SDXL model; "vae": a component that replaces every served model's
+    # VAE when SDXL_VAE names it.
+    kind: Literal["pipeline", "vae"] = "pipeline"
     repo: str | None = None  # None: built locally (tiny-sdxl)
     unet: tuple[str, str] | None = None  # (repo, file) replacing the repo's UNet weights
     licence: str | None = None

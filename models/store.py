@@ -1,7 +1,8 @@
 """SDXL models in the BentoML model store: import (hub, local path, tiny), list, remove.
 
-Each model is one BentoML model named by its friendly id, holding a diffusers directory.
-Labels record where it came from: `sdxl_id`, `source`, `revision`.
+Each model is one BentoML model named by its friendly id, holding a diffusers directory (a
+pipeline), or one component's directory (a VAE: `config.json` and its weights). Labels record
+what it is and where it came from: `sdxl_id`, `sdxl_kind`, `source`, `revision`.
 """
 
 from __future__ import annotations
@@ -37,18 +38,21 @@ class ImportFailed(Exception):
     """A model could not be imported; the message is one line, fit for a user."""
 
 
-def stored_models() -> dict[str, bentoml.Model]:
-    """The newest stored version of every SDXL model, by friendly id."""
+def stored_models(kind: str | None = "pipeline") -> dict[str, bentoml.Model]:
+    """The newest stored version of every SDXL model of `kind` ("pipeline", "vae"; None: every
+    kind), by friendly id."""
     newest: dict[str, bentoml.Model] = {}
     for model in bentoml.models.list():
         model_id = model.info.labels.get("sdxl_id")
-        if model_id and (model_id not in newest or model.creation_time > newest[model_id].creation_time):
+        if not model_id or kind not in (None, model.info.labels.get("sdxl_kind", "pipeline")):
+            continue
+        if model_id not in newest or model.creation_time > newest[model_id].creation_time:
             newest[model_id] = model
     return newest
 
 
-def stored_model(model_id: str) -> bentoml.Model | None:
-    return stored_models().get(model_id)
+def stored_model(model_id: str, kind: str | None = None) -> bentoml.Model | None:
+    return stored_models(kind).get(model_id)
 
 
 def model_size(model: bentoml.Model) -> int:
@@ -64,17 +68,17 @@ def remove(model_id: str) -> list[str]:
 
 
 def _store(model_id: str, source: str, revision: str, fill: Callable[[Path], None],
-           labels: dict[str, str] | None = None) -> bentoml.Model:
+           labels: dict[str, str] | None = None, kind: str = "pipeline") -> bentoml.Model:
     """Create a BentoML model and let `fill` write the diffusers directory into it; labels say
     where it came from and what it holds (variant, dtype of the stored weights). A failure
     leaves nothing behind in the store."""
     if not ID_PATTERN.match(model_id):
         raise ImportFailed(f"'{model_id}' is not a valid model id: use lowercase letters, digits, '.', '_', '-'")
-    with bentoml.models.create(model_id, labels={"sdxl_id": model_id, "source": source, "revision": revision,
-                                                 **(labels or {})}) as model:
+    with bentoml.models.create(model_id, labels={"sdxl_id": model_id, "sdxl_kind": kind, "source": source,
+                                                 "revision": revision, **(labels or {})}) as model:
         path = Path(model.path)
         fill(path)
-        fp16 = any(path.glob("*/*.fp16.safetensors"))
+        fp16 = any(path.glob("*.fp16.safetensors")) or any(path.glob("*/*.fp16.safetensors"))
         model.info.labels.update({"variant": "fp16" if fp16 else "none", "dtype": "float16" if fp16 else "as saved"})
     return model
 
@@ -100,13 +104,17 @@ def _copy_tree(src: Path, dst: Path) -> None:
             _place(file, dst / file.relative_to(src))
 
 
-def import_tiny() -> bentoml.Model:
-    from .tiny import build_tiny_sdxl
+TINY = ("tiny-sdxl", "tiny-sdxl-vae")  # the models built locally
 
-    def fill(path: Path) -> None:
-        build_tiny_sdxl().save_pretrained(path, safe_serialization=True)
 
-    return _store("tiny-sdxl", "generated:models/tiny.py", "1", fill)
+def import_tiny(model_id: str = "tiny-sdxl") -> bentoml.Model:
+    from .tiny import SEED, build_tiny_sdxl, build_tiny_vae
+
+    if model_id == "tiny-sdxl":
+        return _store(model_id, "generated:models/tiny.py", "1",
+                      lambda path: build_tiny_sdxl().save_pretrained(path, safe_serialization=True))
+    return _store(model_id, "generated:models/tiny.py", "1",
+                  lambda path: build_tiny_vae(seed=SEED + 1).save_pretrained(path, safe_serialization=True), kind="vae")
 
 
 def import_from_path(model_id: str, path: Path, config: str | None = None) -> bentoml.Model:
@@ -147,6 +155,15 @@ def select_files(repo_files: list[str], model_index: dict) -> list[str]:
     return chosen
 
 
+def select_component_files(repo_files: list[str]) -> list[str]:
+    """A component repository (a VAE): its config and its diffusers weights at the top, fp16
+    when the repo has them; never the single-file checkpoints beside them."""
+    weights = [f for f in repo_files if "/" not in f and f.startswith("diffusion_pytorch_model") and
+               f.endswith(WEIGHT_SUFFIXES)]
+    fp16 = [f for f in weights if ".fp16." in f]
+    return ["config.json", *(fp16 or weights)]
+
+
 def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml.Model:
     """Download only what the pipeline needs into the HF cache (resumable, with progress
     bars), then place it in the new model."""
@@ -160,12 +177,15 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
         if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE=1: what the hub cache already holds, no network
             cached = Path(snapshot_download(entry.repo, revision=revision, local_files_only=True))
             sha, repo_files = cached.name, [str(f.relative_to(cached)) for f in cached.rglob("*") if f.is_file()]
-            model_index = json.loads((cached / "model_index.json").read_text())
         else:
             info = HfApi().model_info(entry.repo, revision=revision)
             sha, repo_files = info.sha, [s.rfilename for s in info.siblings]
-            model_index = json.loads(Path(hf_hub_download(entry.repo, "model_index.json", revision=sha)).read_text())
-        wanted = select_files(repo_files, model_index)
+        if entry.kind == "pipeline":
+            model_index = json.loads(Path(hf_hub_download(entry.repo, "model_index.json", revision=sha,
+                                                          local_files_only=constants.HF_HUB_OFFLINE)).read_text())
+            wanted = select_files(repo_files, model_index)
+        else:
+            wanted = select_component_files(repo_files)
         if entry.unet:
             wanted = [f for f in wanted if not (f.startswith("unet/") and ".safetensors" in f)]
         snapshot = Path(snapshot_download(entry.repo, revision=sha, allow_patterns=wanted,
@@ -185,7 +205,7 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
     source = f"hf:{entry.repo}" + (f"+{entry.unet[0]}/{entry.unet[1]}" if entry.unet else "")
     # The revision of every component: the repo's commit, and the replacing UNet's (its cache path names it).
     components = {"unet_revision": unet_file.parent.name} if unet_file is not None else {}
-    return _store(entry.id, source, sha, fill, components)
+    return _store(entry.id, source, sha, fill, components, kind=entry.kind)
 
 
 def _hub_error(repo: str, exc: Exception) -> str:

@@ -5,6 +5,7 @@ concatenated, `text_time` added conditioning, a 4-channel latent space and a VAE
 factor 8, so latents, batches and image sizes have the shapes of the real model. Everything
 else is made small: attention only at the lowest UNet resolution and none in the VAE, so a
 1024x1024 image takes seconds on a CPU. The weights are random (seeded), so it draws noise.
+A second VAE of the same architecture stands in for a replacement VAE in tests.
 """
 
 from __future__ import annotations
@@ -82,20 +83,7 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
         addition_time_embed_dim=TIME_EMBED,
         projection_class_embeddings_input_dim=TEXT_PROJECTION + 6 * TIME_EMBED,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=1024,
-        scaling_factor=0.13025,
-        mid_block_add_attention=False,
-        force_upcast=False,
-    )
+    vae = build_tiny_vae()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -114,3 +102,25 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
         unet=unet,
         scheduler=scheduler,
     )
+
+
+def build_tiny_vae(seed: int | None = None) -> AutoencoderKL:
+    """The tiny pipeline's VAE architecture. With its own seed, a second VAE (tiny-sdxl-vae)
+    that stands in for a replacement VAE such as the fp16-fix SDXL VAE."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=1024,
+        scaling_factor=0.13025,
+        mid_block_add_attention=False,
+        force_upcast=False,
+    )
+

@@ -157,7 +157,8 @@ def test_a_body_that_is_not_utf8_is_a_400_in_the_error_shape(server):
 
 
 def test_bad_settings_stop_the_start_naming_each_variable(tiny_model, tmp_path):
-    bad = {"SDXL_MAX_QUEUE": "abc", "SDXL_WARMUP": "perhaps", "SDXL_VRAM_MODE": "turbo", "SDXL_MEMORY_BUDGET": "lots"}
+    bad = {"SDXL_MAX_QUEUE": "abc", "SDXL_WARMUP": "perhaps", "SDXL_VRAM_MODE": "turbo", "SDXL_MEMORY_BUDGET": "lots",
+           "SDXL_QUANTIZE": "fp4", "SDXL_ATTENTION": "flash", "SDXL_COMPILE": "maybe"}
     server = Server({"SDXL_MODELS": "tiny-sdxl", **bad}, tmp_path / "server.log")
     try:
         server.process.wait(300)

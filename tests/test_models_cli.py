@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from models.store import select_files
+from models.store import select_component_files, select_files
 from tests.served import ROOT
 
 
@@ -47,6 +47,18 @@ def test_import_tiny_list_and_remove(cli, tmp_path, tiny_model):
     removed = cli("remove", "tiny-sdxl")
     assert removed.returncode == 0 and "removed tiny-sdxl:" in removed.stdout
     assert cli("remove", "tiny-sdxl").returncode == 1
+
+
+def test_a_vae_imports_as_a_component_listed_apart_from_the_models(cli, tmp_path):
+    imported = cli("import", "tiny-sdxl-vae")
+    assert imported.returncode == 0, imported.stderr
+    version = next(p for p in (tmp_path / "bentoml" / "models" / "tiny-sdxl-vae").iterdir() if p.is_dir())
+    assert json.loads((version / "config.json").read_text())["_class_name"] == "AutoencoderKL"
+    assert "sdxl_kind: vae" in (version / "model.yaml").read_text()
+    row = next(line for line in cli("list").stdout.splitlines() if line.startswith("tiny-sdxl-vae"))
+    assert "tiny-sdxl-vae:" in row and "[VAE, for SDXL_VAE]" in row
+    # A store that holds only a VAE holds no model to serve: ensure-default imports one.
+    assert "imported tiny-sdxl as tiny-sdxl:" in cli("ensure-default", SDXL_DEFAULT_MODEL="tiny-sdxl").stdout
 
 
 def test_import_from_a_diffusers_directory(cli, tiny_model):
@@ -159,3 +171,11 @@ def test_hub_file_selection_without_fp16_takes_plain_safetensors_and_shards():
              "unet/diffusion_pytorch_model.bin"]
     chosen = select_files(files, {"unet": ["diffusers", "UNet2DConditionModel"], "image_encoder": [None, None]})
     assert sorted(chosen) == sorted(files[:5])
+
+
+def test_hub_file_selection_for_a_vae_takes_its_config_and_diffusers_weights():
+    files = ["README.md", "config.json", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors",
+             "sdxl.vae.safetensors", "sdxl_vae.safetensors", "images/compare.png"]
+    assert select_component_files(files) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert select_component_files([*files, "diffusion_pytorch_model.fp16.safetensors"]) == [
+        "config.json", "diffusion_pytorch_model.fp16.safetensors"]

@@ -45,7 +45,7 @@ class ServedModel:
 
 
 class Runtime:
-    def __init__(self, settings: Settings, served: list[ServedModel], default_model: str):
+    def __init__(self, settings: Settings, served: list[ServedModel], default_model: str, vae: Path | None = None):
         self.settings = settings
         self.served = {model.id: model for model in served}
         # torch and diffusers load here, in the worker. BentoML's main process imports the service
@@ -56,13 +56,15 @@ class Runtime:
 
         placement = select_placement(settings.device, settings.dtype)
         logger.info(
-            "device: %s; models: %s (default %s)%s; API keys %s",
+            "device: %s; models: %s (default %s)%s; VAE %s; %s; API keys %s",
             placement.describe(), ", ".join(self.served), default_model,
             "".join(f"; alias {a} -> {t}" for a, t in settings.model_aliases.items()),
+            settings.vae or "each model's own", settings.fast_paths.describe(),
             "required" if settings.api_keys else "off",
         )
         sources = [ModelSource(m.id, m.path, m.defaults) for m in served]
-        models = ModelManager(sources, placement, settings.model_aliases, settings.memory_policy)
+        models = ModelManager(sources, placement, settings.model_aliases, settings.memory_policy,
+                              settings.fast_paths, vae)
         oom_seam = OutOfMemorySeam.parse(settings.test_fault_oom)
         if oom_seam:
             logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_OOM=%s makes generations fail", settings.test_fault_oom)

@@ -11,9 +11,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from backends.sdxl_backend.fast_paths import Attention, FastPaths, Quantization
 from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.modes import MemoryPolicy
 from backends.sdxl_backend.protocol import VramMode
@@ -96,6 +97,13 @@ class Settings(BaseSettings):
     allow_client_vram_mode: bool = True
     vae_tiling_pixels: int = Field(1536 * 1536, ge=0)
     idle_unload_seconds: float = Field(0, ge=0)  # 0: never
+    # Speed (backends/sdxl_backend/fast_paths.py has their meaning)
+    vae: str | None = None  # a stored VAE (python -m models import sdxl-vae-fp16-fix) in place of each model's
+    attention: Attention = FastPaths.attention
+    fuse_qkv: bool = FastPaths.fuse_qkv
+    channels_last: bool = FastPaths.channels_last
+    quantize: Quantization = FastPaths.quantize
+    compile: bool = FastPaths.compile
     # Request limits (backends/sdxl_backend/limits.py has their meaning)
     min_side: int = Field(Limits().min_side, ge=8)
     max_side: int = Field(Limits().max_side, ge=8)
@@ -116,9 +124,20 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
 
+    @field_validator("fuse_qkv")
+    @classmethod
+    def _fused_needs_sdpa(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("attention") != "sdpa":
+            raise ValueError("fused QKV projections run on SDPA attention: set SDXL_ATTENTION=sdpa or SDXL_FUSE_QKV=0")
+        return value
+
     @property
     def limits(self) -> Limits:
         return Limits(**{name: getattr(self, name) for name in Limits.model_fields})
+
+    @property
+    def fast_paths(self) -> FastPaths:
+        return FastPaths(self.attention, self.fuse_qkv, self.channels_last, self.quantize, self.compile)
 
     @property
     def memory_policy(self) -> MemoryPolicy:

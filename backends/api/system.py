@@ -77,8 +77,8 @@ async def list_schedulers() -> dict[str, Any]:
 
 @router.get("/v1/system/status", responses=errors.responses(401))
 async def system_status(runtime: RuntimeDep) -> dict[str, Any]:
-    """Device, memory (bytes), loaded models (most recently used first) and the queue."""
-    return {**runtime.engine.models.status(), "queue_length": runtime.jobs.queue_length,
+    """Device, memory (bytes), speed settings, loaded models (most recently used first) and the queue."""
+    return {**runtime.engine.models.status(), "vae": runtime.settings.vae, "queue_length": runtime.jobs.queue_length,
             "device_thread_alive": runtime.alive}
 
 

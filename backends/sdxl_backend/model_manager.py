@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -26,6 +26,7 @@ import torch
 
 from .device import Placement, device_memory
 from .errors import OutOfMemory, UnknownModel
+from .fast_paths import FastPaths
 from .pipelines import Pipelines, apply_memory_mode, load_pipelines, set_vae_tiling, weights_bytes
 from .modes import MemoryPolicy
 from .protocol import ModelDefaults
@@ -74,10 +75,14 @@ class ModelManager:
         placement: Placement,
         aliases: dict[str, str] | None = None,
         policy: MemoryPolicy | None = None,
+        fast_paths: FastPaths = FastPaths(),
+        vae: Path | None = None,  # a VAE directory used in place of each model's own
     ):
         self.sources = {source.id: source for source in sources}
         self.placement = placement
         self.policy = policy or MemoryPolicy()
+        self.fast_paths = fast_paths
+        self.vae = vae
         total = device_total(placement)
         self.budget = self.policy.budget or total - max(GiB, total // 10)
         # Ids that clients are hard-wired to, served by another model: {"sdxl-realism": "juggernaut-xl"}.
@@ -160,7 +165,7 @@ class ModelManager:
                            source.id, size / GiB)
         started, before = time.perf_counter(), self._memory_in_use()
         pipelines = self.out_of_memory_as_error(
-            lambda: load_pipelines(source.path, self.placement, mode),
+            lambda: load_pipelines(source.path, self.placement, mode, self.fast_paths, self.vae),
             f"out of memory loading {source.id} ({size / GiB:.2f} GiB) in mode {mode}",
         )
         load_s = time.perf_counter() - started
@@ -244,6 +249,7 @@ class ModelManager:
                        "budget": self.budget, "models": sum(m["bytes"] for m in loaded),
                        "process_rss": psutil.Process().memory_info().rss},
             "default_mode": self.policy.default_mode,
+            "fast_paths": asdict(self.fast_paths),
             "loaded": loaded,
             "loads": dict(self.loads),
         }

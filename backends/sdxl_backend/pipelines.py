@@ -1,7 +1,8 @@
 """Pipelines from a store directory, and the memory modes they run in.
 
 Only torch, diffusers and safetensors here, so that bench/gpu_sdxl.py can load and place
-pipelines exactly as the service does on a machine without the rest of the stack.
+pipelines exactly as the service does on a machine without the rest of the stack. The speed
+settings applied at load are in fast_paths.py.
 
 Memory modes:
 - `high`: every component resident on the device;
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 from diffusers import (
+    AutoencoderKL,
     DiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
@@ -28,6 +30,7 @@ from diffusers import (
 from safetensors import safe_open
 
 from .device import Placement
+from .fast_paths import FastPaths, apply_fast_paths
 from .modes import MEMORY_MODES
 
 
@@ -50,19 +53,27 @@ class Pipelines:
 
 
 def weights_variant(path: Path) -> str | None:
-    """Hub imports keep the fp16 file names of the repository; diffusers reads them as a variant."""
-    return "fp16" if any(path.glob("*/*.fp16.safetensors")) else None
+    """Hub imports keep the fp16 file names of the repository; diffusers reads them as a variant.
+    `path` is a pipeline's directory (weights one level down) or a component's (at the top)."""
+    return "fp16" if any(path.glob("*.fp16.safetensors")) or any(path.glob("*/*.fp16.safetensors")) else None
 
 
-def load_pipelines(path: Path, placement: Placement, mode: str = "high") -> Pipelines:
-    """Read a diffusers directory for `mode`. In `high` mode the weights go straight onto the
-    device in the target dtype (diffusers materialises each tensor from the safetensors file
-    where `device_map` says: no float32 detour, no second copy in host memory); in the offload
-    modes they load into host memory, and the offload hooks bring each part to the device when
-    it runs, so a model larger than the device's free memory still loads."""
+def load_pipelines(path: Path, placement: Placement, mode: str = "high", fast: FastPaths = FastPaths(),
+                   vae: Path | None = None) -> Pipelines:
+    """Read a diffusers directory for `mode`, with the VAE stored at `vae` in place of its own
+    when given (all SDXL models share one latent space), and the speed settings `fast`.
+
+    In `high` mode the weights go straight onto the device in the target dtype (diffusers
+    materialises each tensor from the safetensors file where `device_map` says: no float32
+    detour, no second copy in host memory); in the offload modes they load into host memory,
+    and the offload hooks bring each part to the device when it runs, so a model larger than
+    the device's free memory still loads."""
     on_device = mode == "high" or placement.device.type == "cpu"
     target = placement.device if on_device else torch.device("cpu")
     direct = target.type == "cpu" or target.index in (None, 0)
+    replaced = {} if vae is None else {"vae": AutoencoderKL.from_pretrained(
+        vae, dtype=placement.dtype, variant=weights_variant(vae), use_safetensors=True, local_files_only=True,
+        device_map=target.type if direct else None)}
     base = DiffusionPipeline.from_pretrained(
         path,
         dtype=placement.dtype,
@@ -70,10 +81,12 @@ def load_pipelines(path: Path, placement: Placement, mode: str = "high") -> Pipe
         use_safetensors=True,
         local_files_only=True,
         device_map=target.type if direct else None,
+        **replaced,
     )
     if not direct:
         base.to(target)
     base.set_progress_bar_config(disable=True)
+    apply_fast_paths(base, fast)
     if isinstance(base, StableDiffusionXLPipeline):
         img2img = StableDiffusionXLImg2ImgPipeline(
             **base.components, force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt
