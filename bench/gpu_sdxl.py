@@ -63,9 +63,10 @@ FAST_PATHS = {
     "fp8": FastPaths(quantize="fp8"),
     "compile": FastPaths(compile=True),
     "fuse-qkv+channels-last+compile": FastPaths(fuse_qkv=True, channels_last=True, compile=True),
-    "all, fp8": FastPaths(fuse_qkv=True, channels_last=True, compile=True, quantize="fp8"),
+    "all+fp8": FastPaths(fuse_qkv=True, channels_last=True, compile=True, quantize="fp8"),
 }
-VAE_CHOICES = ("float16, own VAE (upcast)", "float16, no-upcast VAE")
+# float16 with SDXL's own VAE (upcast to float32 to decode), and with one that needs no upcast
+VAE_CHOICES = ("fp16-own-vae", "fp16-no-upcast-vae")
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
 SDXL_UNET = dict(

@@ -230,11 +230,15 @@ def test_out_of_memory_twice_is_507_and_memory_returns_to_its_level(serve):
 
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
-    run = subprocess.run([sys.executable, "bench/gpu_sdxl.py", "--tiny", "--runs", "1", "--steps", "4", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    settings = "plain,eager-attention,fuse-qkv,channels-last,int8,fp16-no-upcast-vae"  # (compile: minutes on a CPU)
+    run = subprocess.run([sys.executable, "bench/gpu_sdxl.py", "--tiny", "--runs", "1", "--steps", "4", "--out", str(out),
+                          "--fast-paths", settings], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["modes"]) == {"high", "balanced", "low"}
     assert report["baseline"]["p50_s"] > 0 and report["load_s"] > 0
     assert len(report["throughput"]) == 6
     assert "| service, mode high |" in run.stdout
+    assert list(report["fast_paths"]) == settings.split(",")
+    assert all("error" not in figures and figures["batch1_p50_s"] > 0 for figures in report["fast_paths"].values())
+    assert "| fuse-qkv |" in run.stdout
