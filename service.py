@@ -20,7 +20,7 @@ from bentoml._internal.server.http import traffic
 from backends.api import headers, native
 from backends.api.app import create_app
 from backends.api.edge import Edge, TimelyTimeout, quiet_validation_logs
-from backends.api.runtime import Runtime, ServedModel
+from backends.api.runtime import Runtime, ServedLora, ServedModel
 from backends.api.settings import declared_environment, load_settings
 from backends.sdxl_backend.protocol import GenerationRequest, ImageToImageRequest, TextToImageRequest
 from models.catalog import defaults_for, load_catalog
@@ -74,6 +74,12 @@ def replacement_vae() -> bentoml.Model | None:
     return stored[SETTINGS.vae]
 
 
+def served_loras() -> dict[str, bentoml.Model]:
+    """Every LoRA in the store (in a bento, every LoRA it packed): requests pick among them."""
+    packed = packed_models("lora")
+    return stored_models("lora") if packed is None else packed
+
+
 def default_model(served: list[str]) -> str:
     """`SDXL_DEFAULT_MODEL`, else the first served model in catalog order."""
     if SETTINGS.default_model:
@@ -84,13 +90,14 @@ def default_model(served: list[str]) -> str:
     return min(served, key=lambda m: order.index(m) if m in order else len(order))
 
 
-def model_attribute(model_id: str) -> str:
-    return "model_" + model_id.replace("-", "_").replace(".", "_")
+def model_attribute(model_id: str, kind: str = "model") -> str:
+    return f"{kind}_" + model_id.replace("-", "_").replace(".", "_")
 
 
 SERVED = served_models()
 DEFAULT_MODEL = default_model(list(SERVED))
 VAE = replacement_vae()
+LORAS = served_loras()
 dialects = create_app()
 
 
@@ -105,7 +112,12 @@ class SDXL:
             for model_id, model in SERVED.items()
         ]
         vae = Path(self.model_vae.path) if VAE is not None else None
-        self.runtime = Runtime(SETTINGS, served, DEFAULT_MODEL, vae)
+        loras = [
+            ServedLora(lora_id, Path(getattr(self, model_attribute(lora_id, "lora")).path), lora.info.labels["fits"],
+                       catalog[lora_id].description if lora_id in catalog else lora.info.labels["source"])
+            for lora_id, lora in LORAS.items()
+        ]
+        self.runtime = Runtime(SETTINGS, served, DEFAULT_MODEL, vae, loras)
         dialects.state.runtime = self.runtime
         if SETTINGS.warmup:
             self.runtime.warm_up()
@@ -138,6 +150,8 @@ class SDXL:
 # a service (which is why the decorators are applied by hand).
 for _model_id, _model in SERVED.items():
     setattr(SDXL, model_attribute(_model_id), bentoml.models.BentoModel(_model.tag))
+for _lora_id, _lora in LORAS.items():
+    setattr(SDXL, model_attribute(_lora_id, "lora"), bentoml.models.BentoModel(_lora.tag))
 if VAE is not None:
     SDXL.model_vae = bentoml.models.BentoModel(VAE.tag)
 SDXL = bentoml.service(

@@ -1,7 +1,7 @@
 """`python -m models`: the SDXL models in the BentoML model store.
 
     python -m models list
-    python -m models import ID [--from PATH [--config REPO_OR_DIR]] [--revision REV] [--force]
+    python -m models import ID [--from PATH [--config REPO_OR_DIR | --fits MODEL]] [--revision REV] [--force]
     python -m models remove ID
     python -m models ensure-default    # what `make serve` runs: a store with at least one model
 """
@@ -29,14 +29,15 @@ from .store import (
 DEFAULT_IMPORT = "sdxl-base"
 
 
-def _import(model_id: str, source: Path | None, config: str | None, revision: str | None, force: bool) -> None:
+def _import(model_id: str, source: Path | None, config: str | None, revision: str | None, force: bool,
+            fits: str | None = None) -> None:
     existing = stored_model(model_id)
     if existing is not None and not force:
         print(f"{model_id} is already in the store as {existing.tag} (use --force for a new version)")
         return
     catalog = load_catalog()
     if source is not None:
-        model = import_from_path(model_id, source, config)
+        model = import_from_path(model_id, source, config, fits)
     elif model_id in TINY:
         model = import_tiny(model_id)
     elif model_id in catalog:
@@ -56,8 +57,8 @@ def _list() -> None:
     for model_id in [*catalog, *sorted(set(stored) - set(catalog))]:
         model = stored.get(model_id)
         description = catalog[model_id].description if model_id in catalog else model.info.labels["source"]
-        if (catalog[model_id].kind if model_id in catalog else model.info.labels.get("sdxl_kind")) == "vae":
-            description = "[VAE, for SDXL_VAE] " + description
+        kind = catalog[model_id].kind if model_id in catalog else model.info.labels.get("sdxl_kind")
+        description = {"vae": "[VAE, for SDXL_VAE] ", "lora": "[LoRA] "}.get(kind, "") + description
         rows.append((
             model_id,
             str(model.tag) if model else "-",
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--from", dest="source", type=Path, help="a diffusers directory or a .safetensors file")
     imp.add_argument("--config", help="for a single .safetensors file: the diffusers repo or directory of its configs")
     imp.add_argument("--revision", help="hub branch, tag or commit (default: main)")
+    imp.add_argument("--fits", help="for a LoRA file: the stored model whose UNet it was trained on (default: SDXL base's)")
     imp.add_argument("--force", action="store_true", help="import again even when already stored")
     rm = commands.add_parser("remove", help="delete every stored version of a model")
     rm.add_argument("id")
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             _list()
         elif args.command == "import":
-            _import(args.id, args.source, args.config, args.revision, args.force)
+            _import(args.id, args.source, args.config, args.revision, args.force, args.fits)
         elif args.command == "remove":
             deleted = remove(args.id)
             if not deleted:

@@ -1,8 +1,10 @@
 """SDXL models in the BentoML model store: import (hub, local path, tiny), list, remove.
 
 Each model is one BentoML model named by its friendly id, holding a diffusers directory (a
-pipeline), or one component's directory (a VAE: `config.json` and its weights). Labels record
-what it is and where it came from: `sdxl_id`, `sdxl_kind`, `source`, `revision`.
+pipeline), one component's directory (a VAE: `config.json` and its weights), or a LoRA's
+weights (`pytorch_lora_weights.safetensors`, with a `fits` label: the UNet architecture it was
+trained on). Labels record what it is and where it came from: `sdxl_id`, `sdxl_kind`, `source`,
+`revision`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Callable
 
 import bentoml
 from bentoml.exceptions import NotFound
+
+from backends.sdxl_backend.loras import LORA_FILE, SDXL_UNET, model_unet_signature, unet_signature
 
 from .catalog import CatalogEntry
 
@@ -80,7 +84,7 @@ def _store(model_id: str, source: str, revision: str, fill: Callable[[Path], Non
         fill(path)
         fp16 = any(path.glob("*.fp16.safetensors")) or any(path.glob("*/*.fp16.safetensors"))
         model.info.labels.update({"variant": "fp16" if fp16 else "none", "dtype": "float16" if fp16 else "as saved"})
-    return model
+    return bentoml.models.get(model.tag)  # as stored: the model being created lives in a temporary folder
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -104,30 +108,61 @@ def _copy_tree(src: Path, dst: Path) -> None:
             _place(file, dst / file.relative_to(src))
 
 
-TINY = ("tiny-sdxl", "tiny-sdxl-vae")  # the models built locally
+TINY = ("tiny-sdxl", "tiny-sdxl-vae", "tiny-sdxl-lora")  # the models built locally
 
 
 def import_tiny(model_id: str = "tiny-sdxl") -> bentoml.Model:
-    from .tiny import SEED, build_tiny_sdxl, build_tiny_vae
+    from .tiny import SEED, build_tiny_sdxl, build_tiny_vae, save_tiny_lora
 
+    source = "generated:models/tiny.py"
     if model_id == "tiny-sdxl":
-        return _store(model_id, "generated:models/tiny.py", "1",
-                      lambda path: build_tiny_sdxl().save_pretrained(path, safe_serialization=True))
-    return _store(model_id, "generated:models/tiny.py", "1",
-                  lambda path: build_tiny_vae(seed=SEED + 1).save_pretrained(path, safe_serialization=True), kind="vae")
+        return _store(model_id, source, "1", lambda path: build_tiny_sdxl().save_pretrained(path, safe_serialization=True))
+    if model_id == "tiny-sdxl-vae":
+        return _store(model_id, source, "1",
+                      lambda path: build_tiny_vae(seed=SEED + 1).save_pretrained(path, safe_serialization=True), kind="vae")
+    fits = unet_signature(build_tiny_sdxl().unet.config)
+    return _store(model_id, source, "1", save_tiny_lora, {"fits": fits}, kind="lora")
 
 
-def import_from_path(model_id: str, path: Path, config: str | None = None) -> bentoml.Model:
-    """A diffusers directory, or a single-file `.safetensors` SDXL checkpoint (converted to the
-    diffusers layout; `config` names the diffusers repo or directory whose configs it follows)."""
+def model_unet_signature_of(model_id: str) -> str | None:
+    """The UNet signature of a stored pipeline (what its LoRAs must fit); None if not stored."""
+    model = stored_model(model_id, "pipeline")
+    return model_unet_signature(Path(model.path)) if model else None
+
+
+def import_from_path(model_id: str, path: Path, config: str | None = None, fits: str | None = None) -> bentoml.Model:
+    """A diffusers directory; a single-file `.safetensors` SDXL checkpoint (converted to the
+    diffusers layout; `config` names the diffusers repo or directory whose configs it follows);
+    or a LoRA `.safetensors` (diffusers/PEFT or kohya/A1111 keys), which fits SDXL base's
+    architecture unless `fits` names a stored model whose UNet it was trained on."""
     path = path.expanduser().resolve()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ImportFailed(f"{path} is not a diffusers directory (no model_index.json)")
         return _store(model_id, f"local:{path}", "-", lambda dst: _copy_tree(path, dst))
     if path.is_file() and path.suffix == ".safetensors":
+        if is_lora(path):
+            return _store(model_id, f"local:{path}", "-", lambda dst: _place(path, dst / LORA_FILE),
+                          {"fits": _fits(fits)}, kind="lora")
         return _store(model_id, f"local:{path}", "-", lambda dst: _convert_single_file(path, dst, config))
     raise ImportFailed(f"{path} is neither a diffusers directory nor a .safetensors file")
+
+
+def is_lora(path: Path) -> bool:
+    """LoRA files name their factors: `lora_A`/`lora_B` (PEFT), `lora.down`/`lora_down` (kohya)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as weights:
+        return any("lora" in key for key in weights.keys())
+
+
+def _fits(model_id: str | None) -> str:
+    if model_id is None:
+        return SDXL_UNET
+    signature = model_unet_signature_of(model_id)
+    if signature is None:
+        raise ImportFailed(f"--fits {model_id}: no such model in the store")
+    return signature
 
 
 def _convert_single_file(path: Path, dst: Path, config: str | None) -> None:
@@ -184,6 +219,8 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
             model_index = json.loads(Path(hf_hub_download(entry.repo, "model_index.json", revision=sha,
                                                           local_files_only=constants.HF_HUB_OFFLINE)).read_text())
             wanted = select_files(repo_files, model_index)
+        elif entry.kind == "lora":
+            wanted = [entry.weights]
         else:
             wanted = select_component_files(repo_files)
         if entry.unet:
@@ -198,14 +235,16 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
 
     def fill(path: Path) -> None:
         for name in wanted:
-            _place(snapshot / name, path / name)
+            _place(snapshot / name, path / (LORA_FILE if entry.kind == "lora" else name))
         if unet_file is not None:
             _place(unet_file, path / "unet" / "diffusion_pytorch_model.fp16.safetensors")
 
     source = f"hf:{entry.repo}" + (f"+{entry.unet[0]}/{entry.unet[1]}" if entry.unet else "")
     # The revision of every component: the repo's commit, and the replacing UNet's (its cache path names it).
-    components = {"unet_revision": unet_file.parent.name} if unet_file is not None else {}
-    return _store(entry.id, source, sha, fill, components, kind=entry.kind)
+    labels = {"unet_revision": unet_file.parent.name} if unet_file is not None else {}
+    if entry.kind == "lora":
+        labels["fits"] = SDXL_UNET
+    return _store(entry.id, source, sha, fill, labels, kind=entry.kind)
 
 
 def _hub_error(repo: str, exc: Exception) -> str:

@@ -5,13 +5,20 @@ concatenated, `text_time` added conditioning, a 4-channel latent space and a VAE
 factor 8, so latents, batches and image sizes have the shapes of the real model. Everything
 else is made small: attention only at the lowest UNet resolution and none in the VAE, so a
 1024x1024 image takes seconds on a CPU. The weights are random (seeded), so it draws noise.
-A second VAE of the same architecture stands in for a replacement VAE in tests.
+A second VAE and a LoRA of the same architecture stand in for those components in tests.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TEXT_HIDDEN = 16
@@ -58,14 +65,9 @@ def _text_config(vocab_size: int) -> CLIPTextConfig:
     )
 
 
-def build_tiny_sdxl() -> StableDiffusionXLPipeline:
-    """The tiny pipeline, identical for every call (seeded)."""
-    torch.manual_seed(SEED)
-    tokenizer = make_tokenizer()
-    text_config = _text_config(len(tokenizer))
-    text_encoder = CLIPTextModel(text_config)
-    text_encoder_2 = CLIPTextModelWithProjection(text_config)
-    unet = UNet2DConditionModel(
+def tiny_unet(cross_attention_dim: int, time_ids: int) -> UNet2DConditionModel:
+    """SDXL's UNet layout, tiny, conditioned on `time_ids` time ids."""
+    return UNet2DConditionModel(
         sample_size=128,
         in_channels=4,
         out_channels=4,
@@ -78,13 +80,15 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
         transformer_layers_per_block=1,
         use_linear_projection=True,
         norm_num_groups=4,
-        cross_attention_dim=2 * TEXT_HIDDEN,
+        cross_attention_dim=cross_attention_dim,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED,
-        projection_class_embeddings_input_dim=TEXT_PROJECTION + 6 * TIME_EMBED,
+        projection_class_embeddings_input_dim=TEXT_PROJECTION + time_ids * TIME_EMBED,
     )
-    vae = build_tiny_vae()
-    scheduler = EulerDiscreteScheduler(
+
+
+def tiny_scheduler() -> EulerDiscreteScheduler:
+    return EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -93,14 +97,24 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
         timestep_spacing="leading",
         prediction_type="epsilon",
     )
+
+
+def build_tiny_sdxl() -> StableDiffusionXLPipeline:
+    """The tiny pipeline, identical for every call (seeded)."""
+    torch.manual_seed(SEED)
+    tokenizer = make_tokenizer()
+    text_config = _text_config(len(tokenizer))
+    text_encoder = CLIPTextModel(text_config)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    unet = tiny_unet(2 * TEXT_HIDDEN, 6)
     return StableDiffusionXLPipeline(
-        vae=vae,
+        vae=build_tiny_vae(),
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=tiny_scheduler(),
     )
 
 
@@ -124,3 +138,15 @@ def build_tiny_vae(seed: int | None = None) -> AutoencoderKL:
         force_upcast=False,
     )
 
+
+def save_tiny_lora(path: Path, seed: int = SEED + 2) -> None:
+    """A LoRA for tiny-sdxl's UNet attention (rank 4), random in both factors so that it
+    changes the images (a trained LoRA's second factor starts at zero); `seed` makes others."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = build_tiny_sdxl().unet
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    StableDiffusionXLPipeline.save_lora_weights(path, unet_lora_layers=get_peft_model_state_dict(unet),
+                                                safe_serialization=True)

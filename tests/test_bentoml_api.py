@@ -31,7 +31,7 @@ def test_sync_client_calls_both_native_endpoints(server):
         assert [image["seed"] for image in answer["images"]] == [4, 5]
         hires = client.txt2img(prompt="a lighthouse", width=64, height=64, hires_fix={"scale": 1.5, "upscaler": "lanczos"})
         assert (hires["images"][0]["width"], hires["parameters"]["hires_fix"]["width"]) == (96, 96)
-        assert answer["parameters"]["steps"] == 4 and set(answer["timings"]) == {"load_s", "inference_s", "encode_s"}
+        assert answer["parameters"]["steps"] == 4 and set(answer["timings"]) == {"load_s", "lora_load_s", "inference_s", "encode_s"}
         repainted = client.img2img(prompt="a painting", image=base64.b64encode(png_bytes(96, 64)).decode(), strength=0.5)
         first = Image.open(io.BytesIO(base64.b64decode(repainted["images"][0]["b64_json"])))
         assert first.size == (96, 64) and first.info["parameters"].endswith("Denoising strength: 0.5")

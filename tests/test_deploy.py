@@ -23,8 +23,9 @@ MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
-def bento(tiny_model):
-    """A bento built from this checkout, serving tiny-sdxl: its manifest and its directory."""
+def bento(tiny_model, tiny_lora):
+    """A bento built from this checkout, serving tiny-sdxl (and the stored LoRA): its manifest
+    and its directory."""
     env = {**os.environ, "SDXL_MODELS": "tiny-sdxl"}
     built = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -36,10 +37,10 @@ def bento(tiny_model):
     return json.loads(shown.stdout), Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version
 
 
-def test_bento_packs_the_served_models_and_declares_the_environment(bento, tiny_model):
+def test_bento_packs_the_served_models_and_loras_and_declares_the_environment(bento, tiny_model, tiny_lora):
     manifest, _ = bento
     service = manifest["services"][0]
-    assert [model["tag"] for model in service["models"]] == [str(tiny_model.tag)]
+    assert sorted(model["tag"] for model in service["models"]) == sorted([str(tiny_model.tag), str(tiny_lora.tag)])
     assert service["config"]["resources"] == {"gpu": 1}
     assert service["config"]["traffic"]["timeout"] >= 300
     assert {env["name"]: env["value"] for env in manifest["envs"]} == declared_environment()
@@ -47,15 +48,17 @@ def test_bento_packs_the_served_models_and_declares_the_environment(bento, tiny_
 
 
 def test_a_bento_serves_only_the_models_it_packed(bento, tiny_model, serve):
-    """An extra model in the store is not served by a built bento."""
+    """An extra model in the store is not served by a built bento; its packed LoRA is."""
     from models.store import import_from_path, stored_model
 
     stored_model("tiny-extra") or import_from_path("tiny-extra", Path(tiny_model.path))
     _, directory = bento
     server = serve("bento", {"SDXL_MODELS": ""}, target=f"{directory.parent.name}:{directory.name}")
     served = [m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=300).json()["models"]]
+    loras = httpx.get(f"{server.url}/v1/loras", timeout=300).json()["data"]
     server.stop()
     assert served == ["tiny-sdxl"]
+    assert [(lora["id"], lora["fits"]) for lora in loras] == [("tiny-sdxl-lora", ["tiny-sdxl"])]
 
 
 def test_bento_image_is_lean_and_pinned(bento):

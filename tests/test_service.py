@@ -28,7 +28,7 @@ def test_txt2img_json(server):
     assert [image["seed"] for image in body["images"]] == [11, 12]
     assert decode(body["images"][0]["b64_json"]).size == (128, 96)
     assert body["parameters"]["steps"] == 4 and body["parameters"]["scheduler"] == "euler"
-    assert set(body["timings"]) == {"load_s", "inference_s", "encode_s"}
+    assert set(body["timings"]) == {"load_s", "lora_load_s", "inference_s", "encode_s"}
     assert response.headers["x-seed"] == "11,12"
     assert float(response.headers["x-inference-time"]) > 0
     assert response.headers["x-model-load-time"] == "0.000"  # warmed up at start

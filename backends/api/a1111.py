@@ -6,9 +6,11 @@ server honours are mapped; `eta` is honoured where A1111 honours it (DDIM, and t
 samplers at their one value here, 1.0) and ignored where A1111 ignores it; any other field is
 accepted only at A1111's default (or empty), and refused with a 400 naming it otherwise, so an
 option the client turned on (hires fix, face restoration, scripts...) is never
-silently dropped. `/interrupt` and `/skip` end the caller's running generation at its next step
+silently dropped. LoRAs come as A1111 prompts carry them, `<lora:name:weight>`, and are
+taken out of the text the encoders see. `/interrupt` and `/skip` end the caller's running generation at its next step
 and its request answers with the image as it stood, as A1111's do. The listings of things this
-server does not have (upscalers, VAEs, embeddings, scripts...) are truthfully empty.
+server does not have (upscalers, VAEs, embeddings, scripts...) are truthfully empty;
+`/loras` lists the served LoRAs.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from backends.api import errors
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.jobs import Job, JobStatus
-from backends.sdxl_backend.protocol import MAX_SEED, TINY_PNG, GenerationRequest, GenerationResult, ImageBytes
+from backends.sdxl_backend.protocol import (
+    MAX_SEED,
+    TINY_PNG,
+    GenerationRequest,
+    GenerationResult,
+    ImageBytes,
+    LoraWeight,
+)
 from backends.sdxl_backend.schedulers import SCHEDULERS
 
 # A1111's sampler names (and its older "k_" aliases) for our schedulers. Newer A1111 versions
@@ -45,8 +54,25 @@ ANCESTRAL = {"euler_a"}
 OFF = {
     "subseed": -1, "seed_resize_from_h": -1, "seed_resize_from_w": -1, "s_noise": 1.0,
     "override_settings_restore_afterwards": True, "send_images": True, "resize_mode": 0,
-    "initial_noise_multiplier": 1.0, "image_cfg_scale": 1.5, "disable_extra_networks": False,
+    "initial_noise_multiplier": 1.0, "image_cfg_scale": 1.5,
 }
+# A1111's extra-network tag for LoRAs: <lora:name> or <lora:name:weight> (its older <lyco:...> too).
+LORA_TAG = re.compile(r"<\s*(?:lora|lyco)\s*:\s*([^:<>]+?)\s*(?::\s*([^:<>]*?)\s*)?(?::[^<>]*)?>", re.IGNORECASE)
+
+
+def take_loras(prompt: str) -> tuple[str, list[LoraWeight]]:
+    """The prompt without its LoRA tags, and the LoRAs they name (a weight that is not a
+    number is a 400 naming the tag)."""
+    loras = []
+    for match in LORA_TAG.finditer(prompt):
+        name, weight = match[1], match[2]
+        try:
+            loras.append(LoraWeight(id=name, weight=float(weight) if weight else 1.0))
+        except ValueError:
+            raise InvalidRequest(f"prompt: {match[0]} does not give a weight between -4 and 4", "prompt") from None
+    text = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", LORA_TAG.sub(" ", prompt))).strip(" ,")
+    return text, loras
+
 # A1111's upscalers for the hires fix that this server has, and what they are here.
 HIRES_UPSCALERS = {"latent": "latent", "lanczos": "lanczos"}
 
@@ -86,6 +112,7 @@ class A1111Request(BaseModel):
     inpaint_full_res: bool = True  # "only masked"
     inpaint_full_res_padding: int = Field(0, ge=0, le=1024)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    disable_extra_networks: bool = False  # True: LoRA tags are taken out of the prompt and not applied
 
     def to_generation_request(self, img2img: bool) -> GenerationRequest:
         self._refuse_what_is_on()
@@ -101,8 +128,9 @@ class A1111Request(BaseModel):
             raise InvalidRequest("override_settings.sd_model_checkpoint: must be a model name (a string)",
                                  "override_settings.sd_model_checkpoint")
         scheduler = self._scheduler()
+        prompt, loras = take_loras(self.prompt)
         return GenerationRequest(
-            prompt=self.prompt,
+            prompt=prompt,
             negative_prompt=self.negative_prompt,
             model=model.split(" ")[0] if model else None,  # A1111 titles: "name [hash]"
             width=self.width,
@@ -117,6 +145,7 @@ class A1111Request(BaseModel):
             strength=self.denoising_strength if img2img and self.denoising_strength else 0.75,
             **self._inpainting(img2img),
             hires_fix=self._hires_fix(img2img),
+            loras=[] if self.disable_extra_networks else loras,
         )
 
     def _hires_fix(self, img2img: bool) -> dict[str, Any] | None:
@@ -250,6 +279,13 @@ async def img2img(body: A1111Img2ImgRequest, request: Request, runtime: RuntimeD
 async def models(runtime: RuntimeDep) -> list[dict[str, Any]]:
     return [{"title": model.id, "model_name": model.id, "hash": model.version[:10], "sha256": None,
              "filename": model.id, "config": None} for model in runtime.served.values()]
+
+
+@router.get("/loras", responses=errors.responses(401))
+async def loras(runtime: RuntimeDep) -> list[dict[str, Any]]:
+    """A1111's LoRA listing: `name` is what goes in `<lora:name:weight>`."""
+    return [{"name": lora.id, "alias": lora.id, "path": f"{lora.id}.safetensors", "metadata": {}}
+            for lora in runtime.loras.values()]
 
 
 @router.get("/samplers", responses=errors.responses(401))
@@ -397,7 +433,7 @@ async def latent_upscale_modes() -> list[dict[str, Any]]:
 
 # What this server does not have, listed as A1111 lists an empty collection.
 EMPTY_LISTINGS: dict[str, Any] = {
-    "/loras": [], "/sd-vae": [], "/hypernetworks": [],
+    "/sd-vae": [], "/hypernetworks": [],
     "/face-restorers": [], "/realesrgan-models": [], "/prompt-styles": [], "/script-info": [],
     "/embeddings": {"loaded": {}, "skipped": {}}, "/scripts": {"txt2img": [], "img2img": []}, "/cmd-flags": {},
     "/extensions": [],

@@ -34,7 +34,14 @@ from backends.api import errors
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.errors import InvalidRequest, OutOfMemory
 from backends.sdxl_backend.modes import MEMORY_MODES
-from backends.sdxl_backend.protocol import MAX_SEED, GenerationRequest, GenerationResult, ImageBytes, OutputFormat
+from backends.sdxl_backend.protocol import (
+    MAX_SEED,
+    GenerationRequest,
+    GenerationResult,
+    ImageBytes,
+    LoraWeight,
+    OutputFormat,
+)
 from backends.sdxl_backend.images import decode_image
 from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.masks import mask_from_alpha
@@ -66,6 +73,7 @@ class ImageGenerationRequest(BaseModel):
     image: ImageBytes | None = None
     strength: float = Field(0.75, gt=0, le=1)
     mask: ImageBytes | None = None  # inpainting: white repaints, black keeps
+    loras: list[LoraWeight] = []  # [{"id": ..., "weight": ...}] (GET /v1/loras)
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: OutputFormat = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
@@ -111,6 +119,7 @@ class ImageGenerationRequest(BaseModel):
             strength=self.strength,
             mask=self.mask,
             vram_mode=vram_mode,
+            loras=self.loras,
         )
 
 

@@ -145,6 +145,7 @@ class Engine:
         validate(request, self.limits)
         if source.img2img_only and init_image is None:
             raise InvalidRequest(f"image: model '{source.id}' only does image-to-image: send an image", "image")
+        self.models.check_loras(source, [lora.id for lora in request.loras])
         if init_image is not None and init_image.size != (request.width, request.height):
             init_image = init_image.resize((request.width, request.height), Image.Resampling.LANCZOS)
         mask = None
@@ -174,7 +175,8 @@ class Engine:
         # An empty negative prompt means zero embeddings, a written one is encoded: no mixing.
         return (prepared.source.id, request.width, request.height, request.steps, request.scheduler,
                 request.guidance_scale, request.eta, request.strength if img2img else None, img2img,
-                bool(request.negative_prompt), self.mode_of(request))
+                bool(request.negative_prompt), self.mode_of(request),
+                tuple((lora.id, lora.weight) for lora in request.loras))
 
     def generate(self, prepared: PreparedRequest, on_step: StepObserver | None = None) -> GenerationResult:
         """One request: its pipeline call, with out-of-memory recovery, then encoding."""
@@ -186,7 +188,7 @@ class Engine:
         try:
             for attempt, mode in enumerate(modes):
                 try:
-                    (pictures,), load_s, inference_s = self._denoise([(prepared, on_step)], mode, attempt)
+                    (pictures,), timings = self._denoise([(prepared, on_step)], mode, attempt)
                     break
                 except OutOfMemory:
                     logger.warning("out of memory generating with %s in mode %s", source.id, mode)
@@ -203,7 +205,7 @@ class Engine:
                 self.models.unload([source.id])
         if isinstance(pictures, BackendError):
             raise pictures
-        return self._result(prepared, pictures, mode, modes[:attempt], load_s, inference_s, request.n)
+        return self._result(prepared, pictures, mode, modes[:attempt], timings, request.n)
 
     def generate_batch(
         self, batch: list[tuple[PreparedRequest, StepObserver | None]]
@@ -220,7 +222,7 @@ class Engine:
         first = batch[0][0]
         mode = self.mode_of(first.request)
         try:
-            outcomes, load_s, inference_s = self._denoise(batch, mode, 0)
+            outcomes, timings = self._denoise(batch, mode, 0)
         except Cancelled as last:  # every request of the call was cancelled, the last one now
             return [last] * len(batch)
         except OutOfMemory:
@@ -232,11 +234,11 @@ class Engine:
                 self.models.unload([first.source.id])
         images = sum(prepared.request.n for prepared, _ in batch)
         return [pictures if isinstance(pictures, BackendError)
-                else self._result(prepared, pictures, mode, [], load_s, inference_s, images)
+                else self._result(prepared, pictures, mode, [], timings, images)
                 for (prepared, _), pictures in zip(batch, outcomes)]
 
     def _result(self, prepared: PreparedRequest, pictures: list[Image.Image], mode: str, out_of_memory_in: list[str],
-                load_s: float, inference_s: float, batch_images: int) -> GenerationResult:
+                timings: Timings, batch_images: int) -> GenerationResult:
         request, init_image = prepared.request, prepared.init_image
         inpainting = prepared.mask is not None
         started = time.perf_counter()
@@ -251,11 +253,11 @@ class Engine:
             )
             for picture, seed in zip(pictures, prepared.seeds)
         ]
-        timings = Timings(load_s=load_s, inference_s=inference_s, encode_s=time.perf_counter() - started)
+        timings = timings.model_copy(update={"encode_s": time.perf_counter() - started})
         logger.info(
             "generated %d image(s) %dx%d with %s in mode %s, %d steps, %s, in a call of %d image(s): %.2f s",
             request.n, request.width, request.height, prepared.source.id, mode, request.steps,
-            request.scheduler, batch_images, inference_s,
+            request.scheduler, batch_images, timings.inference_s,
         )
         return GenerationResult(
             model=prepared.source.id, images=images, request=request, timings=timings, batch_images=batch_images,
@@ -265,10 +267,10 @@ class Engine:
 
     def _denoise(
         self, batch: list[tuple[PreparedRequest, StepObserver | None]], mode: str, attempt: int
-    ) -> tuple[list[list[Image.Image] | BackendError], float, float]:
+    ) -> tuple[list[list[Image.Image] | BackendError], Timings]:
         """One pipeline call for the batch (two with a hires fix, which runs alone); returns each
-        request's images (or the `Cancelled` that dropped it), load seconds and inference
-        seconds. A device out-of-memory error comes out as `OutOfMemory`, with the call's memory
+        request's images (or the `Cancelled` that dropped it) and the call's timings (load,
+        LoRA load, inference). A device out-of-memory error comes out as `OutOfMemory`, with the call's memory
         freed. Every image has its own prompt row and CPU generator, so a request's pixels do
         not depend on what it shares the call with."""
         members = [prepared for prepared, _ in batch]
@@ -299,6 +301,7 @@ class Engine:
             arguments.update(eta=request.eta)
         width, height = first.output_size
         with self.models.use(source.id, mode, width * height) as (pipelines, load_s):
+            lora_load_s = self.models.apply_loras(source.id, pipelines, request.loras)
             if first.init_image is None:
                 pipeline = pipelines.txt2img
                 arguments.update(width=request.width, height=request.height)
@@ -338,7 +341,9 @@ class Engine:
                 for first_pass_only in ("width", "height"):
                     arguments.pop(first_pass_only)
                 pictures = self.models.out_of_memory_as_error(lambda: second(**arguments).images, "out of memory")
-            return progress.split(pictures), load_s, time.perf_counter() - started
+            timings = Timings(load_s=load_s, lora_load_s=lora_load_s, inference_s=time.perf_counter() - started,
+                              encode_s=0.0)
+            return progress.split(pictures), timings
 
     def _step_callback(self, attempt: int, progress: BatchProgress, offset: int, after: int) -> Callable:
         """Reports the steps of one pipeline call, counted on from `offset` steps run before it,

@@ -25,11 +25,12 @@ import psutil
 import torch
 
 from .device import Placement, device_memory
-from .errors import OutOfMemory, UnknownModel
+from .errors import InvalidRequest, OutOfMemory, UnknownModel
 from .fast_paths import FastPaths
+from .loras import LORA_FILE, LoraSource, model_unet_signature
 from .pipelines import Pipelines, apply_memory_mode, load_pipelines, set_vae_tiling, weights_bytes
 from .modes import MemoryPolicy
-from .protocol import ModelDefaults
+from .protocol import LoraWeight, ModelDefaults
 
 logger = logging.getLogger("sdxl_backend")
 GiB = 2**30
@@ -50,6 +51,11 @@ class ModelSource:
         index = json.loads((self.path / "model_index.json").read_text())
         return index.get("_class_name") == "StableDiffusionXLImg2ImgPipeline"
 
+    @cached_property
+    def unet_signature(self) -> str:
+        """Its UNet's architecture, which a LoRA must have been trained on (loras.py)."""
+        return model_unet_signature(self.path)
+
 
 @dataclass
 class LoadedModel:
@@ -59,6 +65,7 @@ class LoadedModel:
     load_s: float
     last_used: float = field(default_factory=time.time)
     in_use: int = 0
+    loras: OrderedDict[str, int] = field(default_factory=OrderedDict)  # loaded adapters' bytes, least recently used first
 
 
 def device_total(placement: Placement) -> int:
@@ -77,12 +84,16 @@ class ModelManager:
         policy: MemoryPolicy | None = None,
         fast_paths: FastPaths = FastPaths(),
         vae: Path | None = None,  # a VAE directory used in place of each model's own
+        loras: list[LoraSource] = (),
+        max_loaded_loras: int = 8,  # adapters kept loaded per model; the least recently used go first
     ):
         self.sources = {source.id: source for source in sources}
         self.placement = placement
         self.policy = policy or MemoryPolicy()
         self.fast_paths = fast_paths
         self.vae = vae
+        self.loras = {lora.id: lora for lora in loras}
+        self.max_loaded_loras = max_loaded_loras
         total = device_total(placement)
         self.budget = self.policy.budget or total - max(GiB, total // 10)
         # Ids that clients are hard-wired to, served by another model: {"sdxl-realism": "juggernaut-xl"}.
@@ -147,6 +158,56 @@ class ModelManager:
             with self._lock:
                 loaded.in_use -= 1
                 self._last_activity = time.monotonic()
+
+    def check_loras(self, source: ModelSource, lora_ids: list[str]) -> None:
+        """A request's LoRAs are served, named once each, and fit the model; raises
+        `InvalidRequest` naming the one at fault."""
+        if lora_ids and self.fast_paths.fuse_qkv:
+            raise InvalidRequest("loras: this server fuses the attention projections (SDXL_FUSE_QKV=1), which "
+                                 "LoRAs would not reach", "loras")
+        for lora_id in lora_ids:
+            if lora_id not in self.loras:
+                raise InvalidRequest(f"loras: unknown LoRA '{lora_id}' (served: {', '.join(self.loras) or 'none'}; "
+                                     f"GET /v1/loras)", "loras")
+            if lora_ids.count(lora_id) > 1:
+                raise InvalidRequest(f"loras: '{lora_id}' is named twice", "loras")
+            if self.loras[lora_id].fits != source.unet_signature:
+                raise InvalidRequest(f"loras: '{lora_id}' does not fit model '{source.id}' (it was trained on another "
+                                     f"UNet architecture)", "loras")
+
+    def apply_loras(self, model_id: str, pipelines: Pipelines, requested: list[LoraWeight]) -> float:
+        """Make exactly `requested` active on the model (loading those it lacks, none when empty);
+        returns the seconds spent loading. Switching never reloads the model: adapters stay
+        loaded beside it, up to `max_loaded_loras`, and inactive ones do not act."""
+        owner = pipelines.owner
+        with self._lock:
+            loaded = self._loaded[self.source(model_id).id]
+        started, loaded_now = time.perf_counter(), False
+        for wanted in requested:
+            lora = self.loras[wanted.id]
+            if lora.id not in loaded.loras:
+                self.out_of_memory_as_error(
+                    lambda: owner.load_lora_weights(str(lora.path), weight_name=LORA_FILE, adapter_name=lora.adapter_name),
+                    f"out of memory loading LoRA {lora.id}",
+                )
+                with self._lock:
+                    loaded.loras[lora.id] = lora.file.stat().st_size
+                    loaded.bytes += loaded.loras[lora.id]
+                loaded_now = True
+                logger.info("loaded LoRA %s into %s in %.2f s", lora.id, model_id, time.perf_counter() - started)
+            loaded.loras.move_to_end(lora.id)
+        for victim in [lora_id for lora_id in loaded.loras if lora_id not in {w.id for w in requested}]:
+            if len(loaded.loras) <= self.max_loaded_loras:
+                break
+            owner.delete_adapters([self.loras[victim].adapter_name])
+            with self._lock:
+                loaded.bytes -= loaded.loras.pop(victim)
+        if requested:
+            owner.enable_lora()
+            owner.set_adapters([self.loras[w.id].adapter_name for w in requested], [w.weight for w in requested])
+        elif loaded.loras:
+            owner.disable_lora()
+        return time.perf_counter() - started if loaded_now else 0.0
 
     def _load(self, source: ModelSource, mode: str) -> LoadedModel:
         """Make room under the budget, load, and register the model as in use."""
@@ -238,7 +299,7 @@ class ModelManager:
         with self._lock:
             loaded = [
                 {"id": m.source.id, "bytes": m.bytes, "mode": m.pipelines.mode, "in_use": m.in_use > 0,
-                 "last_used": m.last_used, "load_s": round(m.load_s, 3)}
+                 "last_used": m.last_used, "load_s": round(m.load_s, 3), "loras": list(m.loras)}
                 for m in reversed(self._loaded.values())  # most recently used first
             ]
         return {

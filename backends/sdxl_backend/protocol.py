@@ -68,6 +68,13 @@ class HiresFix(BaseModel):
     steps: int | None = Field(None, ge=1, description="Second-pass steps (x strength are run); default: the request's steps.")
 
 
+class LoraWeight(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="A served LoRA (GET /v1/loras).")
+    weight: float = Field(1.0, ge=-4, le=4, description="How strongly it applies; 0: not at all.")
+
+
 class TextToImageRequest(BaseModel):
     """The fields of every generation. A field left out takes the model's default."""
 
@@ -88,6 +95,7 @@ class TextToImageRequest(BaseModel):
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
     vram_mode: VramMode | None = Field(None, description="Memory mode of this request; default: the server's.")
     hires_fix: HiresFix | None = Field(None, description="txt2img: a second, img2img pass at a larger size.")
+    loras: list[LoraWeight] = Field([], max_length=8, description="LoRAs to apply, each with its weight; they must fit the model.")
 
 
 class ImageToImageRequest(TextToImageRequest):
@@ -126,6 +134,7 @@ class Timings(BaseModel):
     load_s: float
     inference_s: float
     encode_s: float
+    lora_load_s: float = 0.0  # LoRAs loaded into the model for this request (0 when all were loaded already)
 
 
 class GenerationResult(BaseModel):

@@ -1,0 +1,44 @@
+"""LoRAs: which served LoRA fits which model (plain Python: the store and the settings read it
+without loading torch). The model manager loads them into a model's pipelines
+(`ModelManager.apply_loras`); a request names them in `loras`.
+
+A LoRA is trained against one UNet architecture; it fits every model of that architecture
+(SDXL base and its fine-tunes share one; the refiner's is another, tiny-sdxl's another). The
+architecture is recorded as a signature of the UNet's config, for models read from their
+`unet/config.json`, for LoRAs written as the `fits` label at import.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what a stored LoRA's folder holds, whatever it came as
+SDXL_UNET = "320,640,1280/2048"  # SDXL base's signature: what hub and single-file LoRAs are trained on
+
+
+def unet_signature(config: dict) -> str:
+    """The UNet's block widths and text-conditioning width: what a LoRA's shapes depend on."""
+    return ",".join(str(width) for width in config["block_out_channels"]) + f"/{config['cross_attention_dim']}"
+
+
+def model_unet_signature(path: Path) -> str:
+    """A stored pipeline's signature."""
+    return unet_signature(json.loads((path / "unet" / "config.json").read_text()))
+
+
+@dataclass(frozen=True)
+class LoraSource:
+    id: str
+    path: Path  # a folder holding LORA_FILE
+    fits: str  # the UNet signature it was trained on
+
+    @property
+    def file(self) -> Path:
+        return self.path / LORA_FILE
+
+    @property
+    def adapter_name(self) -> str:
+        """PEFT adapter names end up in module keys, where a dot would split them."""
+        return self.id.replace(".", "_")

@@ -1,0 +1,148 @@
+"""LoRAs: from the store, per request, in every dialect; switching never reloads the model and
+no request's LoRAs leak into the next. tiny-sdxl-lora and a second LoRA built the same way
+(another seed) stand in for real ones."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import httpx
+import pytest
+
+from backends.api.a1111 import take_loras
+from backends.sdxl_backend.device import select_placement
+from backends.sdxl_backend.engine import Engine
+from backends.sdxl_backend.errors import InvalidRequest
+from backends.sdxl_backend.loras import LoraSource
+from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+from backends.sdxl_backend.protocol import GenerationRequest, LoraWeight
+from models.catalog import defaults_for
+from tests.conftest import pixels
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_lora, tmp_path_factory) -> list[LoraSource]:
+    """tiny-sdxl-lora; a second LoRA for tiny-sdxl, imported from a file with `--fits`; and the
+    same file imported without it, so that it claims SDXL base's architecture."""
+    from models.store import import_from_path, stored_model
+    from models.tiny import save_tiny_lora
+
+    folder = tmp_path_factory.mktemp("lora-b")
+    save_tiny_lora(folder, seed=99)
+    file = folder / "pytorch_lora_weights.safetensors"
+    other = stored_model("tiny-lora-b") or import_from_path("tiny-lora-b", file, fits="tiny-sdxl")
+    unfit = stored_model("sdxl-style-lora") or import_from_path("sdxl-style-lora", file)
+    return [LoraSource(m.info.labels["sdxl_id"], Path(m.path), m.info.labels["fits"]) for m in (tiny_lora, other, unfit)]
+
+
+def engine_with(tiny_model, loras: list[LoraSource], max_loaded_loras: int = 8) -> Engine:
+    source = ModelSource("tiny-sdxl", Path(tiny_model.path), defaults_for("tiny-sdxl"))
+    return Engine(ModelManager([source], select_placement(), loras=loras, max_loaded_loras=max_loaded_loras),
+                  "tiny-sdxl")
+
+
+def run(engine: Engine, *loras: tuple[str, float]):
+    request = GenerationRequest(prompt="a lighthouse", seed=11, loras=[LoraWeight(id=i, weight=w) for i, w in loras])
+    return engine.generate(engine.prepare(request))
+
+
+def test_a_lora_changes_the_images_and_weight_zero_or_none_gives_the_models_own(tiny_model, loras):
+    engine = engine_with(tiny_model, loras)
+    base = pixels(run(engine).images[0].data)
+    first = run(engine, ("tiny-sdxl-lora", 1.0))
+    assert pixels(first.images[0].data) != base
+    assert first.timings.lora_load_s > 0  # loaded for this request ...
+    again = run(engine, ("tiny-sdxl-lora", 1.0))
+    assert again.timings.lora_load_s == 0  # ... and not again
+    assert pixels(again.images[0].data) == pixels(first.images[0].data)
+    assert pixels(run(engine, ("tiny-sdxl-lora", 0.0)).images[0].data) == base
+    assert pixels(run(engine).images[0].data) == base  # the loaded LoRA does not act on a request without it
+    assert pixels(run(engine, ("tiny-sdxl-lora", 0.5)).images[0].data) not in (base, pixels(first.images[0].data))
+
+
+def test_switching_loras_never_reloads_the_model_and_a_b_a_gives_a_exactly(tiny_model, loras):
+    engine = engine_with(tiny_model, loras, max_loaded_loras=1)
+    a = pixels(run(engine, ("tiny-sdxl-lora", 0.8)).images[0].data)
+    b = pixels(run(engine, ("tiny-lora-b", 0.8)).images[0].data)
+    assert engine.models.status()["loaded"][0]["loras"] == ["tiny-lora-b"]  # over the cap of 1: A went
+    assert pixels(run(engine, ("tiny-sdxl-lora", 0.8)).images[0].data) == a
+    both = pixels(run(engine, ("tiny-sdxl-lora", 0.8), ("tiny-lora-b", 0.8)).images[0].data)
+    assert len({a, b, both}) == 3
+    assert engine.models.loads == {"tiny-sdxl": 1}
+
+
+def test_loras_are_checked_before_the_queue(tiny_model, loras):
+    engine = engine_with(tiny_model, loras)
+    for named, message in [
+        ([("no-such-lora", 1.0)], "unknown LoRA 'no-such-lora'"),
+        ([("sdxl-style-lora", 1.0)], "'sdxl-style-lora' does not fit model 'tiny-sdxl'"),
+        ([("tiny-sdxl-lora", 1.0), ("tiny-sdxl-lora", 0.5)], "'tiny-sdxl-lora' is named twice"),
+    ]:
+        with pytest.raises(InvalidRequest, match=message):
+            engine.prepare(GenerationRequest(prompt="x", loras=[LoraWeight(id=i, weight=w) for i, w in named]))
+
+
+def test_requests_with_other_loras_do_not_share_a_call(tiny_model, loras):
+    engine = engine_with(tiny_model, loras)
+
+    def key(*named):
+        return engine.batch_key(engine.prepare(GenerationRequest(
+            prompt="x", loras=[LoraWeight(id=i, weight=w) for i, w in named])))
+
+    assert key(("tiny-sdxl-lora", 1.0)) == key(("tiny-sdxl-lora", 1.0))
+    assert len({key(), key(("tiny-sdxl-lora", 1.0)), key(("tiny-sdxl-lora", 0.5)), key(("tiny-lora-b", 1.0))}) == 4
+
+
+def test_a1111_lora_tags_are_read_and_taken_out_of_the_prompt():
+    assert take_loras("a fox <lora:tiny-sdxl-lora:0.8>, forest") == (
+        "a fox, forest", [LoraWeight(id="tiny-sdxl-lora", weight=0.8)])
+    assert take_loras("<LORA: tiny-sdxl-lora >a fox") == ("a fox", [LoraWeight(id="tiny-sdxl-lora", weight=1.0)])
+    assert take_loras("x <lora:a:0.5:0.3> y <lyco:b>") == (
+        "x y", [LoraWeight(id="a", weight=0.5), LoraWeight(id="b", weight=1.0)])
+    assert take_loras("no tags: <b>bold</b>") == ("no tags: <b>bold</b>", [])
+    with pytest.raises(InvalidRequest, match="<lora:a:strong>"):
+        take_loras("a <lora:a:strong>")
+
+
+@pytest.mark.served
+def test_every_dialect_takes_loras_and_lists_them(serve, tiny_lora):
+    import webuiapi
+    from openai import OpenAI
+
+    server = serve("loras", {"SDXL_MODELS": "tiny-sdxl"})
+    listed = httpx.get(f"{server.url}/v1/loras", timeout=300).json()["data"]
+    assert {"id": "tiny-sdxl-lora", "fits": ["tiny-sdxl"]}.items() <= next(
+        lora for lora in listed if lora["id"] == "tiny-sdxl-lora").items()
+    plain = {"prompt": "a lighthouse", "seed": 5, "width": 64, "height": 64}
+    with_lora = {**plain, "loras": [{"id": "tiny-sdxl-lora", "weight": 0.8}]}
+
+    native = [b64_pixels(httpx.post(f"{server.url}/v1/txt2img", json=body, timeout=300).json()["images"][0]["b64_json"])
+              for body in (plain, with_lora)]
+    assert native[0] != native[1]
+    moondream = httpx.post(f"{server.url}/v1/generate", json=with_lora, timeout=300).json()
+    assert b64_pixels(moondream["images"][0]) == native[1]
+    openai = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=300, max_retries=0)
+    answer = openai.images.generate(prompt="a lighthouse", size="64x64",
+                                    extra_body={"seed": 5, "loras": with_lora["loras"]})
+    assert b64_pixels(answer.data[0].b64_json) == native[1]
+
+    a1111 = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    assert "tiny-sdxl-lora" in [lora["name"] for lora in a1111.get_loras()]
+    tagged = a1111.txt2img(prompt="a lighthouse <lora:tiny-sdxl-lora:0.8>", seed=5, width=64, height=64)
+    assert tagged.info["prompt"] == "a lighthouse"
+    untagged = a1111.txt2img(prompt="a lighthouse", seed=5, width=64, height=64)
+    assert pixels_of(tagged.image) != pixels_of(untagged.image)
+
+    refused = httpx.post(f"{server.url}/v1/txt2img", json={**plain, "loras": [{"id": "nope"}]}, timeout=300)
+    assert refused.status_code == 400 and "unknown LoRA 'nope'" in refused.json()["error"]["message"]
+    status = httpx.get(f"{server.url}/v1/system/status", timeout=300).json()
+    assert status["loaded"][0]["loras"] == ["tiny-sdxl-lora"] and status["loads"]["tiny-sdxl"] == 1
+
+
+def b64_pixels(data: str) -> bytes:
+    return pixels(base64.b64decode(data.split(",")[-1]))  # (moondream's answers are data URLs)
+
+
+def pixels_of(image) -> bytes:
+    return image.convert("RGB").tobytes()
