@@ -108,15 +108,18 @@ def _copy_tree(src: Path, dst: Path) -> None:
             _place(file, dst / file.relative_to(src))
 
 
-TINY = ("tiny-sdxl", "tiny-sdxl-vae", "tiny-sdxl-lora")  # the models built locally
+TINY = ("tiny-sdxl", "tiny-sdxl-refiner", "tiny-sdxl-vae", "tiny-sdxl-lora")  # the models built locally
 
 
 def import_tiny(model_id: str = "tiny-sdxl") -> bentoml.Model:
-    from .tiny import SEED, build_tiny_sdxl, build_tiny_vae, save_tiny_lora
+    from .tiny import SEED, build_tiny_refiner, build_tiny_sdxl, build_tiny_vae, save_tiny_lora
 
     source = "generated:models/tiny.py"
     if model_id == "tiny-sdxl":
         return _store(model_id, source, "1", lambda path: build_tiny_sdxl().save_pretrained(path, safe_serialization=True))
+    if model_id == "tiny-sdxl-refiner":
+        return _store(model_id, source, "1",
+                      lambda path: build_tiny_refiner().save_pretrained(path, safe_serialization=True))
     if model_id == "tiny-sdxl-vae":
         return _store(model_id, source, "1",
                       lambda path: build_tiny_vae(seed=SEED + 1).save_pretrained(path, safe_serialization=True), kind="vae")

@@ -16,6 +16,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -66,7 +67,8 @@ def _text_config(vocab_size: int) -> CLIPTextConfig:
 
 
 def tiny_unet(cross_attention_dim: int, time_ids: int) -> UNet2DConditionModel:
-    """SDXL's UNet layout, tiny, conditioned on `time_ids` time ids."""
+    """SDXL's UNet layout, tiny; the base model conditions on both text encoders and 6 time
+    ids, the refiner on the second encoder and 5 (its aesthetic score replaces the crop size)."""
     return UNet2DConditionModel(
         sample_size=128,
         in_channels=4,
@@ -115,6 +117,24 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
         tokenizer_2=tokenizer,
         unet=unet,
         scheduler=tiny_scheduler(),
+    )
+
+
+def build_tiny_refiner() -> StableDiffusionXLImg2ImgPipeline:
+    """A tiny refiner shaped as SDXL's: image-to-image only, the second text encoder alone,
+    aesthetic-score conditioning."""
+    torch.manual_seed(SEED + 3)
+    tokenizer = make_tokenizer()
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=build_tiny_vae(),
+        text_encoder=None,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tokenizer))),
+        tokenizer=None,
+        tokenizer_2=tokenizer,
+        unet=tiny_unet(TEXT_HIDDEN, 5),
+        scheduler=tiny_scheduler(),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
     )
 
 

@@ -40,6 +40,14 @@ def tiny_lora(tiny_model):
 
 
 @pytest.fixture(scope="session")
+def tiny_refiner(tiny_model):
+    """tiny-sdxl-refiner in the store."""
+    from models.store import import_tiny, stored_model
+
+    return stored_model("tiny-sdxl-refiner") or import_tiny("tiny-sdxl-refiner")
+
+
+@pytest.fixture(scope="session")
 def serve(tiny_model, tmp_path_factory):
     """The one way tests start a served process: `serve(name, env)` returns it ready (its log
     under the test's output folder); every process started is stopped at the end."""

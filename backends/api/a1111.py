@@ -113,6 +113,8 @@ class A1111Request(BaseModel):
     inpaint_full_res_padding: int = Field(0, ge=0, le=1024)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
     disable_extra_networks: bool = False  # True: LoRA tags are taken out of the prompt and not applied
+    refiner_checkpoint: str | None = None  # a refiner's title ("name [hash]" or "name")
+    refiner_switch_at: float | None = Field(None, gt=0, lt=1)
 
     def to_generation_request(self, img2img: bool) -> GenerationRequest:
         self._refuse_what_is_on()
@@ -146,6 +148,8 @@ class A1111Request(BaseModel):
             **self._inpainting(img2img),
             hires_fix=self._hires_fix(img2img),
             loras=[] if self.disable_extra_networks else loras,
+            refiner={"model": self.refiner_checkpoint.split(" ")[0], "switch_at": self.refiner_switch_at or 0.8}
+            if self.refiner_checkpoint else None,
         )
 
     def _hires_fix(self, img2img: bool) -> dict[str, Any] | None:

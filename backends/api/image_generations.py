@@ -41,6 +41,7 @@ from backends.sdxl_backend.protocol import (
     ImageBytes,
     LoraWeight,
     OutputFormat,
+    Refiner,
 )
 from backends.sdxl_backend.images import decode_image
 from backends.sdxl_backend.limits import Limits
@@ -74,6 +75,7 @@ class ImageGenerationRequest(BaseModel):
     strength: float = Field(0.75, gt=0, le=1)
     mask: ImageBytes | None = None  # inpainting: white repaints, black keeps
     loras: list[LoraWeight] = []  # [{"id": ..., "weight": ...}] (GET /v1/loras)
+    refiner: Refiner | None = None  # {"model": "sdxl-refiner", "switch_at": 0.8}
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: OutputFormat = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
@@ -120,6 +122,7 @@ class ImageGenerationRequest(BaseModel):
             mask=self.mask,
             vram_mode=vram_mode,
             loras=self.loras,
+            refiner=self.refiner,
         )
 
 

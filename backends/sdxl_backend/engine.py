@@ -62,6 +62,7 @@ class PreparedRequest:
     source: ModelSource
     init_image: Image.Image | None = field(default=None, repr=False)
     mask: Image.Image | None = field(default=None, repr=False)  # prepared: sized, inverted, blurred
+    refiner: ModelSource | None = None  # the model that takes over at `request.refiner.switch_at`
 
     @property
     def seeds(self) -> list[int]:
@@ -146,6 +147,7 @@ class Engine:
         if source.img2img_only and init_image is None:
             raise InvalidRequest(f"image: model '{source.id}' only does image-to-image: send an image", "image")
         self.models.check_loras(source, [lora.id for lora in request.loras])
+        refiner = self._refiner(request, source)
         if init_image is not None and init_image.size != (request.width, request.height):
             init_image = init_image.resize((request.width, request.height), Image.Resampling.LANCZOS)
         mask = None
@@ -159,7 +161,22 @@ class Engine:
                 raise InvalidRequest("mask: it is all black, so nothing would be repainted (white repaints)", "mask")
             if request.masked_content == "fill":
                 init_image = fill_masked(init_image, mask)
-        return PreparedRequest(request.model_copy(update={"image": None, "mask": None}), source, init_image, mask)
+        return PreparedRequest(request.model_copy(update={"image": None, "mask": None}), source, init_image, mask,
+                               refiner)
+
+    def _refiner(self, request: GenerationRequest, source: ModelSource) -> ModelSource | None:
+        if request.refiner is None:
+            return None
+        refiner = self.models.source(request.refiner.model)
+        if not refiner.img2img_only:
+            raise InvalidRequest(f"refiner.model: '{refiner.id}' is not a refiner (an image-to-image-only model)",
+                                 "refiner.model")
+        if source.img2img_only:
+            raise InvalidRequest(f"refiner: model '{source.id}' is a refiner itself", "refiner")
+        for other in ("hires_fix", "mask"):
+            if getattr(request, other) is not None:
+                raise InvalidRequest(f"refiner: not with {other}", "refiner")
+        return refiner
 
     def mode_of(self, request: GenerationRequest) -> str:
         """The memory mode a request runs in: its own, else the server's."""
@@ -169,7 +186,7 @@ class Engine:
         """Requests with equal keys can share one pipeline call (their prompts, negative prompts,
         seeds, input images, counts and encodings may differ); None: this one runs alone."""
         request = prepared.request
-        if prepared.mask is not None or request.hires_fix is not None:
+        if prepared.mask is not None or request.hires_fix is not None or prepared.refiner is not None:
             return None
         img2img = prepared.init_image is not None
         # An empty negative prompt means zero embeddings, a written one is encoded: no mixing.
@@ -202,7 +219,7 @@ class Engine:
                         ) from None
         finally:
             if mode == "low":  # low mode frees the model after the request, also after a failure
-                self.models.unload([source.id])
+                self.models.unload([source.id] + ([prepared.refiner.id] if prepared.refiner else []))
         if isinstance(pictures, BackendError):
             raise pictures
         return self._result(prepared, pictures, mode, modes[:attempt], timings, request.n)
@@ -278,6 +295,8 @@ class Engine:
         request, source = first.request, first.source
         hires = request.hires_fix if first.init_image is None else None
         second_pass_steps = int(hires.steps * hires.strength) if hires else 0
+        if first.refiner is not None:  # the refiner's share of the steps, counted on after the base's
+            second_pass_steps = first.total_steps - round(first.total_steps * request.refiner.switch_at)
 
         def per_image(values: Callable[[PreparedRequest], object]) -> list:
             return [values(prepared) for prepared in members for _ in range(prepared.request.n)]
@@ -318,8 +337,14 @@ class Engine:
             pipeline.scheduler = make_scheduler(
                 request.scheduler, pipelines.scheduler_config, source.defaults.timestep_spacing
             )
+            if first.refiner is not None:  # the base stops at switch_at and hands over its latents
+                arguments.update(denoising_end=request.refiner.switch_at, output_type="latent")
             started = time.perf_counter()
             pictures = self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
+            if first.refiner is not None:
+                pictures, refiner_load_s = self._refine(first, pictures, arguments, mode, attempt, progress,
+                                                        pipeline.num_timesteps)
+                load_s += refiner_load_s
             if first.mask is not None and not request.masked_area_only:  # (the crop path pastes back by itself)
                 pictures = [pipeline.image_processor.apply_overlay(first.mask, first.init_image, picture)
                             for picture in pictures]
@@ -344,6 +369,26 @@ class Engine:
             timings = Timings(load_s=load_s, lora_load_s=lora_load_s, inference_s=time.perf_counter() - started,
                               encode_s=0.0)
             return progress.split(pictures), timings
+
+    def _refine(self, prepared: PreparedRequest, latents: torch.Tensor, arguments: dict, mode: str, attempt: int,
+                progress: BatchProgress, steps_run: int) -> tuple[list[Image.Image], float]:
+        """The refiner's part: the base's latents denoised from `switch_at` on (diffusers'
+        ensemble of experts: no decoding in between); returns the images and the refiner's
+        load seconds."""
+        request, refiner = prepared.request, prepared.refiner
+        width, height = prepared.output_size
+        with self.models.use(refiner.id, mode, width * height) as (pipelines, load_s):
+            pipeline = pipelines.img2img
+            pipeline.scheduler = make_scheduler(request.scheduler, pipelines.scheduler_config,
+                                                refiner.defaults.timestep_spacing)
+            arguments = {**arguments, "image": latents, "denoising_start": request.refiner.switch_at,
+                         "output_type": "pil", "generator": [torch.Generator("cpu").manual_seed(seed)
+                                                             for seed in prepared.seeds],
+                         "callback_on_step_end": self._step_callback(attempt, progress, steps_run, 0)}
+            for base_only in ("width", "height", "denoising_end", "strength"):
+                arguments.pop(base_only, None)
+            pictures = self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
+        return pictures, load_s
 
     def _step_callback(self, attempt: int, progress: BatchProgress, offset: int, after: int) -> Callable:
         """Reports the steps of one pipeline call, counted on from `offset` steps run before it,
@@ -468,6 +513,8 @@ def infotext(request: GenerationRequest, seed: int, img2img: bool, inpainting: b
         hires = request.hires_fix
         settings.append(f"Hires resize: {hires.width}x{hires.height}, Hires steps: {hires.steps}, "
                         f"Hires upscaler: {hires.upscaler.title()}, Denoising strength: {hires.strength}")
+    if request.refiner:
+        settings.append(f"Refiner: {request.refiner.model}, Refiner switch at: {request.refiner.switch_at}")
     if inpainting:
         settings.append(f"Mask blur: {request.mask_blur}")
         if request.masked_area_only:

@@ -68,6 +68,13 @@ class HiresFix(BaseModel):
     steps: int | None = Field(None, ge=1, description="Second-pass steps (x strength are run); default: the request's steps.")
 
 
+class Refiner(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("sdxl-refiner", description="A served refiner (an image-to-image-only model, GET /v1/models).")
+    switch_at: float = Field(0.8, gt=0, lt=1, description="The part of the denoising the base model does; the refiner does the rest.")
+
+
 class LoraWeight(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -96,6 +103,7 @@ class TextToImageRequest(BaseModel):
     vram_mode: VramMode | None = Field(None, description="Memory mode of this request; default: the server's.")
     hires_fix: HiresFix | None = Field(None, description="txt2img: a second, img2img pass at a larger size.")
     loras: list[LoraWeight] = Field([], max_length=8, description="LoRAs to apply, each with its weight; they must fit the model.")
+    refiner: Refiner | None = Field(None, description="Hand the last part of the denoising to a refiner (not with hires_fix or a mask).")
 
 
 class ImageToImageRequest(TextToImageRequest):
