@@ -33,6 +33,7 @@ from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.jobs import Job, JobStatus
 from backends.sdxl_backend.protocol import (
+    MAX_LORAS,
     MAX_SEED,
     TINY_PNG,
     GenerationRequest,
@@ -70,6 +71,8 @@ def take_loras(prompt: str) -> tuple[str, list[LoraWeight]]:
             loras.append(LoraWeight(id=name, weight=float(weight) if weight else 1.0))
         except ValueError:
             raise InvalidRequest(f"prompt: {match[0]} does not give a weight between -4 and 4", "prompt") from None
+    if len(loras) > MAX_LORAS:
+        raise InvalidRequest(f"prompt: {len(loras)} LoRA tags; at most {MAX_LORAS}", "prompt")
     text = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", LORA_TAG.sub(" ", prompt))).strip(" ,")
     return text, loras
 

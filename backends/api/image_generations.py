@@ -35,6 +35,7 @@ from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.errors import InvalidRequest, OutOfMemory
 from backends.sdxl_backend.modes import MEMORY_MODES
 from backends.sdxl_backend.protocol import (
+    MAX_LORAS,
     MAX_SEED,
     GenerationRequest,
     GenerationResult,
@@ -74,7 +75,7 @@ class ImageGenerationRequest(BaseModel):
     image: ImageBytes | None = None
     strength: float = Field(0.75, gt=0, le=1)
     mask: ImageBytes | None = None  # inpainting: white repaints, black keeps
-    loras: list[LoraWeight] = []  # [{"id": ..., "weight": ...}] (GET /v1/loras)
+    loras: list[LoraWeight] = Field([], max_length=MAX_LORAS)  # [{"id": ..., "weight": ...}] (GET /v1/loras)
     refiner: Refiner | None = None  # {"model": "sdxl-refiner", "switch_at": 0.8}
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: OutputFormat = "png"

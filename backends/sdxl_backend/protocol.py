@@ -75,6 +75,9 @@ class Refiner(BaseModel):
     switch_at: float = Field(0.8, gt=0, lt=1, description="The part of the denoising the base model does; the refiner does the rest.")
 
 
+MAX_LORAS = 8  # per request
+
+
 class LoraWeight(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -102,7 +105,7 @@ class TextToImageRequest(BaseModel):
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
     vram_mode: VramMode | None = Field(None, description="Memory mode of this request; default: the server's.")
     hires_fix: HiresFix | None = Field(None, description="txt2img: a second, img2img pass at a larger size.")
-    loras: list[LoraWeight] = Field([], max_length=8, description="LoRAs to apply, each with its weight; they must fit the model.")
+    loras: list[LoraWeight] = Field([], max_length=MAX_LORAS, description="LoRAs to apply, each with its weight; they must fit the model.")
     refiner: Refiner | None = Field(None, description="Hand the last part of the denoising to a refiner (not with hires_fix or a mask).")
 
 
