@@ -1,0 +1,79 @@
+"""What a LoRA costs per request, on tiny-sdxl through the engine (no HTTP): a request without
+one, the first request that names one (it loads), the same LoRA again, and alternating
+between two loaded LoRAs (a switch), each against the plain request of the same run.
+
+    python bench/adapters.py [--runs 20] [--size 64] [--steps 4]
+
+A private BentoML home with tiny-sdxl and two tiny LoRAs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="sdxl-adapters-")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backends.sdxl_backend.device import select_placement  # noqa: E402
+from backends.sdxl_backend.engine import Engine  # noqa: E402
+from backends.sdxl_backend.loras import LoraSource  # noqa: E402
+from backends.sdxl_backend.model_manager import ModelManager, ModelSource  # noqa: E402
+from backends.sdxl_backend.protocol import GenerationRequest, LoraWeight  # noqa: E402
+from models.catalog import defaults_for  # noqa: E402
+from models.store import import_from_path, import_tiny  # noqa: E402
+from models.tiny import save_tiny_lora  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+
+    model = import_tiny()
+    folder = Path(tempfile.mkdtemp(prefix="lora-b-"))
+    save_tiny_lora(folder, seed=99)
+    loras = [import_tiny("tiny-sdxl-lora"),
+             import_from_path("tiny-lora-b", folder / "pytorch_lora_weights.safetensors", fits="tiny-sdxl")]
+    sources = [LoraSource(m.info.labels["sdxl_id"], Path(m.path), m.info.labels["fits"]) for m in loras]
+
+    def engine() -> Engine:
+        source = ModelSource("tiny-sdxl", Path(model.path), defaults_for("tiny-sdxl"))
+        built = Engine(ModelManager([source], select_placement(), loras=sources), "tiny-sdxl")
+        run(built)  # the model loads here, not in a figure
+        return built
+
+    def run(on: Engine, *named: str) -> float:
+        request = GenerationRequest(prompt="a lighthouse", seed=1, width=args.size, height=args.size,
+                                    steps=args.steps, loras=[LoraWeight(id=i) for i in named])
+        started = time.perf_counter()
+        on.generate(on.prepare(request))
+        return time.perf_counter() - started
+
+    warm = engine()
+    plain = [run(warm) for _ in range(args.runs)]
+    first = [run(engine(), "tiny-sdxl-lora") for _ in range(max(3, args.runs // 4))]
+    run(warm, "tiny-sdxl-lora"), run(warm, "tiny-lora-b")
+    again = [run(warm, "tiny-sdxl-lora") for _ in range(args.runs)]
+    switching = [run(warm, ("tiny-sdxl-lora", "tiny-lora-b")[i % 2]) for i in range(args.runs)]
+    back_to_none = [run(warm) for _ in range(args.runs)]
+
+    base = statistics.median(plain)
+    print(f"tiny-sdxl {args.size}x{args.size}, {args.steps} steps, guidance, CPU; p50 of {args.runs}:")
+    print("| request | p50 ms | vs no LoRA |\n| --- | --- | --- |")
+    for name, seconds in [("no LoRA", plain), ("first use of a LoRA (loads it)", first),
+                          ("the same LoRA again", again), ("alternating two loaded LoRAs", switching),
+                          ("no LoRA, with two loaded", back_to_none)]:
+        p50 = statistics.median(seconds)
+        print(f"| {name} | {p50 * 1000:.1f} | {p50 / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
