@@ -195,7 +195,8 @@ class ModelManager:
                     loaded.bytes += loaded.loras[lora.id]
                 loaded_now = True
                 logger.info("loaded LoRA %s into %s in %.2f s", lora.id, model_id, time.perf_counter() - started)
-            loaded.loras.move_to_end(lora.id)
+            with self._lock:  # (status() lists them from other threads)
+                loaded.loras.move_to_end(lora.id)
         for victim in [lora_id for lora_id in loaded.loras if lora_id not in {w.id for w in requested}]:
             if len(loaded.loras) <= self.max_loaded_loras:
                 break
