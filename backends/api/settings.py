@@ -138,7 +138,8 @@ class Settings(BaseSettings):
 
     @property
     def fast_paths(self) -> FastPaths:
-        return FastPaths(self.attention, self.fuse_qkv, self.channels_last, self.quantize, self.compile)
+        return FastPaths(attention=self.attention, fuse_qkv=self.fuse_qkv, channels_last=self.channels_last,
+                         quantize=self.quantize, compile=self.compile)
 
     @property
     def memory_policy(self) -> MemoryPolicy:

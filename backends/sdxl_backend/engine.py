@@ -339,12 +339,11 @@ class Engine:
             )
             if first.refiner is not None:  # the base stops at switch_at and hands over its latents
                 arguments.update(denoising_end=request.refiner.switch_at, output_type="latent")
-            started = time.perf_counter()
+            started, refiner_load_s = time.perf_counter(), 0.0
             pictures = self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
             if first.refiner is not None:
-                pictures, refiner_load_s = self._refine(first, pictures, arguments, mode, attempt, progress,
-                                                        pipeline.num_timesteps)
-                load_s += refiner_load_s
+                pictures, refiner_load_s = self._refine(first, pictures, {**arguments, "generator": generators()},
+                                                        mode, attempt, progress, pipeline.num_timesteps)
             if first.mask is not None and not request.masked_area_only:  # (the crop path pastes back by itself)
                 pictures = [pipeline.image_processor.apply_overlay(first.mask, first.init_image, picture)
                             for picture in pictures]
@@ -366,15 +365,16 @@ class Engine:
                 for first_pass_only in ("width", "height"):
                     arguments.pop(first_pass_only)
                 pictures = self.models.out_of_memory_as_error(lambda: second(**arguments).images, "out of memory")
-            timings = Timings(load_s=load_s, lora_load_s=lora_load_s, inference_s=time.perf_counter() - started,
-                              encode_s=0.0)
+            # (a refiner loaded on the way counts as load time, not inference)
+            timings = Timings(load_s=load_s + refiner_load_s, lora_load_s=lora_load_s,
+                              inference_s=time.perf_counter() - started - refiner_load_s, encode_s=0.0)
             return progress.split(pictures), timings
 
     def _refine(self, prepared: PreparedRequest, latents: torch.Tensor, arguments: dict, mode: str, attempt: int,
                 progress: BatchProgress, steps_run: int) -> tuple[list[Image.Image], float]:
         """The refiner's part: the base's latents denoised from `switch_at` on (diffusers'
-        ensemble of experts: no decoding in between); returns the images and the refiner's
-        load seconds."""
+        ensemble of experts: no decoding in between), with `arguments` as the base ran (fresh
+        generators in them); returns the images and the refiner's load seconds."""
         request, refiner = prepared.request, prepared.refiner
         width, height = prepared.output_size
         with self.models.use(refiner.id, mode, width * height) as (pipelines, load_s):
@@ -382,8 +382,7 @@ class Engine:
             pipeline.scheduler = make_scheduler(request.scheduler, pipelines.scheduler_config,
                                                 refiner.defaults.timestep_spacing)
             arguments = {**arguments, "image": latents, "denoising_start": request.refiner.switch_at,
-                         "output_type": "pil", "generator": [torch.Generator("cpu").manual_seed(seed)
-                                                             for seed in prepared.seeds],
+                         "output_type": "pil",
                          "callback_on_step_end": self._step_callback(attempt, progress, steps_run, 0)}
             for base_only in ("width", "height", "denoising_end", "strength"):
                 arguments.pop(base_only, None)

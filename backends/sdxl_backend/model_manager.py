@@ -197,7 +197,8 @@ class ModelManager:
                 logger.info("loaded LoRA %s into %s in %.2f s", lora.id, model_id, time.perf_counter() - started)
             with self._lock:  # (status() lists them from other threads)
                 loaded.loras.move_to_end(lora.id)
-        for victim in [lora_id for lora_id in loaded.loras if lora_id not in {w.id for w in requested}]:
+        wanted_ids = {wanted.id for wanted in requested}
+        for victim in [lora_id for lora_id in loaded.loras if lora_id not in wanted_ids]:
             if len(loaded.loras) <= self.max_loaded_loras:
                 break
             owner.delete_adapters([self.loras[victim].adapter_name])
