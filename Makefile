@@ -9,7 +9,7 @@ PORT ?= 2020
 BACKEND ?= docker
 IMAGE ?= sdxl:latest
 
-.PHONY: install serve test test-quick bench image smoke clean
+.PHONY: install serve test test-quick test-busy bench image smoke clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ test: install
 # The in-process part alone (no `bentoml serve` processes): a minute or two.
 test-quick: install
 	$(PY) -m pytest -m "not served"
+
+# The served jobs and reliability tests again, beside two busy loops that keep both cores of a
+# 2-core machine busy (`pytest --busy N`): what a loaded CI runner does to timing. CI runs it.
+test-busy: install
+	$(PY) -m pytest --busy 2 -m served tests/test_jobs.py tests/test_reliability.py
 
 bench: install
 	$(PY) bench/serving_overhead.py

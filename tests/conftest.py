@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,6 +23,22 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 from PIL import Image  # noqa: E402
 
 from tests.served import Server  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--busy", type=int, default=0, metavar="N",
+                     help="keep N CPU busy loops running for the whole session (the busy-machine check)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def busy_machine(request):
+    """`--busy N`: the suite shares the machine with N busy loops, as on a loaded CI runner."""
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+             for _ in range(request.config.getoption("--busy"))]
+    yield len(loops)
+    for loop in loops:
+        loop.kill()
+        loop.wait()
 
 
 @pytest.fixture(scope="session")
