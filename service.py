@@ -20,7 +20,7 @@ from bentoml._internal.server.http import traffic
 from backends.api import headers, native
 from backends.api.app import create_app
 from backends.api.edge import Edge, TimelyTimeout, quiet_validation_logs
-from backends.api.runtime import Runtime, ServedLora, ServedModel
+from backends.api.runtime import Runtime, ServedAdapter, ServedModel
 from backends.api.settings import declared_environment, load_settings
 from backends.sdxl_backend.protocol import GenerationRequest, ImageToImageRequest, TextToImageRequest
 from models.catalog import defaults_for, load_catalog
@@ -74,10 +74,11 @@ def replacement_vae() -> bentoml.Model | None:
     return stored[SETTINGS.vae]
 
 
-def served_loras() -> dict[str, bentoml.Model]:
-    """Every LoRA in the store (in a bento, every LoRA it packed): requests pick among them."""
-    packed = packed_models("lora")
-    return stored_models("lora") if packed is None else packed
+def served_adapters(kind: str) -> dict[str, bentoml.Model]:
+    """Every LoRA (or ControlNet) in the store; in a bento, every one it packed. Requests pick
+    among them."""
+    packed = packed_models(kind)
+    return stored_models(kind) if packed is None else packed
 
 
 def default_model(served: list[str]) -> str:
@@ -97,7 +98,8 @@ def model_attribute(model_id: str, kind: str = "model") -> str:
 SERVED = served_models()
 DEFAULT_MODEL = default_model(list(SERVED))
 VAE = replacement_vae()
-LORAS = served_loras()
+LORAS = served_adapters("lora")
+CONTROLNETS = served_adapters("controlnet")
 dialects = create_app()
 
 
@@ -112,12 +114,14 @@ class SDXL:
             for model_id, model in SERVED.items()
         ]
         vae = Path(self.model_vae.path) if VAE is not None else None
-        loras = [
-            ServedLora(lora_id, Path(getattr(self, model_attribute(lora_id, "lora")).path), lora.info.labels["fits"],
-                       catalog[lora_id].description if lora_id in catalog else lora.info.labels["source"])
-            for lora_id, lora in LORAS.items()
-        ]
-        self.runtime = Runtime(SETTINGS, served, DEFAULT_MODEL, vae, loras)
+        loras, controlnets = (
+            [ServedAdapter(adapter_id, Path(getattr(self, model_attribute(adapter_id, kind)).path),
+                           adapter.info.labels["fits"],
+                           catalog[adapter_id].description if adapter_id in catalog else adapter.info.labels["source"])
+             for adapter_id, adapter in adapters.items()]
+            for kind, adapters in (("lora", LORAS), ("controlnet", CONTROLNETS))
+        )
+        self.runtime = Runtime(SETTINGS, served, DEFAULT_MODEL, vae, loras, controlnets)
         dialects.state.runtime = self.runtime
         if SETTINGS.warmup:
             self.runtime.warm_up()
@@ -150,8 +154,9 @@ class SDXL:
 # a service (which is why the decorators are applied by hand).
 for _model_id, _model in SERVED.items():
     setattr(SDXL, model_attribute(_model_id), bentoml.models.BentoModel(_model.tag))
-for _lora_id, _lora in LORAS.items():
-    setattr(SDXL, model_attribute(_lora_id, "lora"), bentoml.models.BentoModel(_lora.tag))
+for _kind, _adapters in (("lora", LORAS), ("controlnet", CONTROLNETS)):
+    for _adapter_id, _adapter in _adapters.items():
+        setattr(SDXL, model_attribute(_adapter_id, _kind), bentoml.models.BentoModel(_adapter.tag))
 if VAE is not None:
     SDXL.model_vae = bentoml.models.BentoModel(VAE.tag)
 SDXL = bentoml.service(

@@ -58,7 +58,7 @@ def _list() -> None:
         model = stored.get(model_id)
         description = catalog[model_id].description if model_id in catalog else model.info.labels["source"]
         kind = catalog[model_id].kind if model_id in catalog else model.info.labels.get("sdxl_kind")
-        description = {"vae": "[VAE, for SDXL_VAE] ", "lora": "[LoRA] "}.get(kind, "") + description
+        description = {"vae": "[VAE, for SDXL_VAE] ", "lora": "[LoRA] ", "controlnet": "[ControlNet] "}.get(kind, "") + description
         rows.append((
             model_id,
             str(model.tag) if model else "-",
@@ -95,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("list", help="catalog entries and what the store holds")
     imp = commands.add_parser("import", help="import a catalog model (hub) or a local one (--from)")
     imp.add_argument("id")
-    imp.add_argument("--from", dest="source", type=Path, help="a diffusers directory or a .safetensors file")
+    imp.add_argument("--from", dest="source", type=Path,
+                     help="a diffusers directory (a pipeline or a ControlNet) or a .safetensors file")
     imp.add_argument("--config", help="for a single .safetensors file: the diffusers repo or directory of its configs")
     imp.add_argument("--revision", help="hub branch, tag or commit (default: main)")
-    imp.add_argument("--fits", help="for a LoRA file: the stored model whose UNet it was trained on (default: SDXL base's)")
+    imp.add_argument("--fits", help="for a LoRA or ControlNet: the stored model whose UNet it was made for (default: SDXL base's)")
     imp.add_argument("--force", action="store_true", help="import again even when already stored")
     rm = commands.add_parser("remove", help="delete every stored version of a model")
     rm.add_argument("id")

@@ -20,8 +20,9 @@ class CatalogEntry(BaseModel):
     id: str
     description: str
     # "pipeline": a servable SDXL model; "vae": a component that replaces every served model's
-    # VAE when SDXL_VAE names it; "lora": an adapter a request names in `loras`.
-    kind: Literal["pipeline", "vae", "lora"] = "pipeline"
+    # VAE when SDXL_VAE names it; "lora": an adapter a request names in `loras`; "controlnet":
+    # a control model a request names in `controlnets`.
+    kind: Literal["pipeline", "vae", "lora", "controlnet"] = "pipeline"
     weights: str | None = None  # a LoRA's file in its repo
     repo: str | None = None  # None: built locally (tiny-sdxl)
     unet: tuple[str, str] | None = None  # (repo, file) replacing the repo's UNet weights

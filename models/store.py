@@ -1,9 +1,9 @@
 """SDXL models in the BentoML model store: import (hub, local path, tiny), list, remove.
 
 Each model is one BentoML model named by its friendly id, holding a diffusers directory (a
-pipeline), one component's directory (a VAE: `config.json` and its weights), or a LoRA's
-weights (`pytorch_lora_weights.safetensors`, with a `fits` label: the UNet architecture it was
-trained on). Labels record what it is and where it came from: `sdxl_id`, `sdxl_kind`, `source`,
+pipeline), one component's directory (a VAE or a ControlNet: `config.json` and its weights), or
+a LoRA's weights (`pytorch_lora_weights.safetensors`). LoRAs and ControlNets carry a `fits`
+label: the UNet architecture they were made for (backends/sdxl_backend/loras.py). Labels record what it is and where it came from: `sdxl_id`, `sdxl_kind`, `source`,
 `revision`.
 """
 
@@ -43,8 +43,8 @@ class ImportFailed(Exception):
 
 
 def stored_models(kind: str | None = "pipeline") -> dict[str, bentoml.Model]:
-    """The newest stored version of every SDXL model of `kind` ("pipeline", "vae"; None: every
-    kind), by friendly id."""
+    """The newest stored version of every SDXL model of `kind` ("pipeline", "vae", "lora",
+    "controlnet"; None: every kind), by friendly id."""
     newest: dict[str, bentoml.Model] = {}
     for model in bentoml.models.list():
         model_id = model.info.labels.get("sdxl_id")
@@ -108,11 +108,11 @@ def _copy_tree(src: Path, dst: Path) -> None:
             _place(file, dst / file.relative_to(src))
 
 
-TINY = ("tiny-sdxl", "tiny-sdxl-refiner", "tiny-sdxl-vae", "tiny-sdxl-lora")  # the models built locally
+TINY = ("tiny-sdxl", "tiny-sdxl-refiner", "tiny-sdxl-vae", "tiny-sdxl-lora", "tiny-sdxl-controlnet")  # built locally
 
 
 def import_tiny(model_id: str = "tiny-sdxl") -> bentoml.Model:
-    from .tiny import SEED, build_tiny_refiner, build_tiny_sdxl, build_tiny_vae, save_tiny_lora
+    from .tiny import SEED, build_tiny_controlnet, build_tiny_refiner, build_tiny_sdxl, build_tiny_vae, save_tiny_lora
 
     source = "generated:models/tiny.py"
     if model_id == "tiny-sdxl":
@@ -124,6 +124,10 @@ def import_tiny(model_id: str = "tiny-sdxl") -> bentoml.Model:
         return _store(model_id, source, "1",
                       lambda path: build_tiny_vae(seed=SEED + 1).save_pretrained(path, safe_serialization=True), kind="vae")
     fits = unet_signature(build_tiny_sdxl().unet.config)
+    if model_id == "tiny-sdxl-controlnet":
+        return _store(model_id, source, "1",
+                      lambda path: build_tiny_controlnet().save_pretrained(path, safe_serialization=True),
+                      {"fits": fits}, kind="controlnet")
     return _store(model_id, source, "1", save_tiny_lora, {"fits": fits}, kind="lora")
 
 
@@ -134,14 +138,19 @@ def model_unet_signature_of(model_id: str) -> str | None:
 
 
 def import_from_path(model_id: str, path: Path, config: str | None = None, fits: str | None = None) -> bentoml.Model:
-    """A diffusers directory; a single-file `.safetensors` SDXL checkpoint (converted to the
-    diffusers layout; `config` names the diffusers repo or directory whose configs it follows);
-    or a LoRA `.safetensors` (diffusers/PEFT or kohya/A1111 keys), which fits SDXL base's
-    architecture unless `fits` names a stored model whose UNet it was trained on."""
+    """A diffusers directory: a pipeline, or a ControlNet's (`config.json` naming a
+    `ControlNetModel`); a single-file `.safetensors` SDXL checkpoint (converted to the diffusers
+    layout; `config` names the diffusers repo or directory whose configs it follows); or a LoRA
+    `.safetensors` (diffusers/PEFT or kohya/A1111 keys). LoRAs and ControlNets fit SDXL base's
+    architecture unless `fits` names a stored model whose UNet they were made for."""
     path = path.expanduser().resolve()
     if path.is_dir():
+        if _class_name(path / "config.json") == "ControlNetModel":
+            return _store(model_id, f"local:{path}", "-", lambda dst: _copy_tree(path, dst), {"fits": _fits(fits)},
+                          kind="controlnet")
         if not (path / "model_index.json").is_file():
-            raise ImportFailed(f"{path} is not a diffusers directory (no model_index.json)")
+            raise ImportFailed(f"{path} is not a diffusers directory (no model_index.json, nor a ControlNet's "
+                               f"config.json)")
         return _store(model_id, f"local:{path}", "-", lambda dst: _copy_tree(path, dst))
     if path.is_file() and path.suffix == ".safetensors":
         if is_lora(path):
@@ -149,6 +158,10 @@ def import_from_path(model_id: str, path: Path, config: str | None = None, fits:
                           {"fits": _fits(fits)}, kind="lora")
         return _store(model_id, f"local:{path}", "-", lambda dst: _convert_single_file(path, dst, config))
     raise ImportFailed(f"{path} is neither a diffusers directory nor a .safetensors file")
+
+
+def _class_name(config: Path) -> str | None:
+    return json.loads(config.read_text()).get("_class_name") if config.is_file() else None
 
 
 def is_lora(path: Path) -> bool:
@@ -194,7 +207,7 @@ def select_files(repo_files: list[str], model_index: dict) -> list[str]:
 
 
 def select_component_files(repo_files: list[str]) -> list[str]:
-    """A component repository (a VAE): its config and its diffusers weights at the top, fp16
+    """A component repository (a VAE, a ControlNet): its config and its diffusers weights at the top, fp16
     when the repo has them; never the single-file checkpoints beside them."""
     weights = [f for f in repo_files if "/" not in f and f.startswith("diffusion_pytorch_model") and
                f.endswith(WEIGHT_SUFFIXES)]
@@ -245,7 +258,7 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
     source = f"hf:{entry.repo}" + (f"+{entry.unet[0]}/{entry.unet[1]}" if entry.unet else "")
     # The revision of every component: the repo's commit, and the replacing UNet's (its cache path names it).
     labels = {"unet_revision": unet_file.parent.name} if unet_file is not None else {}
-    if entry.kind == "lora":
+    if entry.kind in ("lora", "controlnet"):
         labels["fits"] = SDXL_UNET
     return _store(entry.id, source, sha, fill, labels, kind=entry.kind)
 

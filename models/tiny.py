@@ -5,7 +5,8 @@ concatenated, `text_time` added conditioning, a 4-channel latent space and a VAE
 factor 8, so latents, batches and image sizes have the shapes of the real model. Everything
 else is made small: attention only at the lowest UNet resolution and none in the VAE, so a
 1024x1024 image takes seconds on a CPU. The weights are random (seeded), so it draws noise.
-A second VAE and a LoRA of the same architecture stand in for those components in tests.
+A second VAE, a LoRA and a ControlNet of the same architecture stand in for those components
+in tests.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     EulerDiscreteScheduler,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
@@ -170,3 +172,19 @@ def save_tiny_lora(path: Path, seed: int = SEED + 2) -> None:
                                 init_lora_weights=False))
     StableDiffusionXLPipeline.save_lora_weights(path, unet_lora_layers=get_peft_model_state_dict(unet),
                                                 safe_serialization=True)
+
+
+def build_tiny_controlnet(seed: int = SEED + 4) -> ControlNetModel:
+    """A ControlNet made from tiny-sdxl's UNet, as diffusers makes one for training
+    (`ControlNetModel.from_unet`: the encoder's weights copied), with random zero convolutions
+    where training starts them at zero, so that it changes the images. (ControlNets need a
+    middle block, which tiny-sdxl's UNet does without: a small one is added.)"""
+    unet = build_tiny_sdxl().unet
+    with_middle = UNet2DConditionModel.from_config({**unet.config, "mid_block_type": "UNetMidBlock2D"})
+    with_middle.load_state_dict(unet.state_dict(), strict=False)
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(with_middle, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    with torch.no_grad():
+        for zero_conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            zero_conv.weight.normal_(0.0, 0.5)
+    return controlnet

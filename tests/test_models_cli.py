@@ -69,6 +69,19 @@ def test_import_from_a_diffusers_directory(cli, tiny_model):
     assert f"local:{tiny_model.path}" in row
 
 
+def test_a_controlnet_imports_from_its_directory_fitting_the_model_named(cli, tiny_controlnet):
+    imported = cli("import", "my-controlnet", "--from", tiny_controlnet.path, "--fits", "tiny-sdxl")
+    assert imported.returncode == 1 and "--fits tiny-sdxl: no such model in the store" in imported.stderr
+    assert cli("import", "tiny-sdxl").returncode == 0
+    imported = cli("import", "my-controlnet", "--from", tiny_controlnet.path, "--fits", "tiny-sdxl")
+    assert imported.returncode == 0, imported.stderr
+    row = next(line for line in cli("list").stdout.splitlines() if line.startswith("my-controlnet"))
+    assert "[ControlNet]" in row
+    from models.store import stored_model
+
+    assert stored_model("tiny-sdxl-controlnet").info.labels["fits"] == "8,16,32/32"
+
+
 def test_importing_from_a_bentoml_model_leaves_the_source_intact(cli, tiny_model):
     from models.store import stored_model
 
@@ -103,7 +116,8 @@ def test_hub_import_with_hf_hub_offline_uses_the_cache(tmp_path, monkeypatch, ti
 def test_import_from_a_path_that_is_not_a_model(cli, tmp_path):
     result = cli("import", "junk", "--from", str(tmp_path))
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: {tmp_path} is not a diffusers directory (no model_index.json)"
+    assert result.stderr.strip() == (f"error: {tmp_path} is not a diffusers directory (no model_index.json, nor a "
+                                     f"ControlNet's config.json)")
 
 
 def test_hub_out_of_reach_is_one_clear_line(cli):

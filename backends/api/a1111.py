@@ -7,10 +7,12 @@ samplers at their one value here, 1.0) and ignored where A1111 ignores it; any o
 accepted only at A1111's default (or empty), and refused with a 400 naming it otherwise, so an
 option the client turned on (hires fix, face restoration, scripts...) is never
 silently dropped. LoRAs come as A1111 prompts carry them, `<lora:name:weight>`, and are
-taken out of the text the encoders see. `/interrupt` and `/skip` end the caller's running generation at its next step
+taken out of the text the encoders see. ControlNet units come as the sd-webui-controlnet
+extension takes them, in `alwayson_scripts.controlnet.args`, and its `/controlnet/...` listings
+are served. `/interrupt` and `/skip` end the caller's running generation at its next step
 and its request answers with the image as it stood, as A1111's do. The listings of things this
-server does not have (upscalers, VAEs, embeddings, scripts...) are truthfully empty;
-`/loras` lists the served LoRAs.
+server does not have (upscalers, VAEs, embeddings...) are truthfully empty; `/loras` lists
+the served LoRAs, `/scripts` ControlNet when one is served.
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ import psutil
 from PIL import Image
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backends.api import errors
 from backends.api.runtime import Runtime, runtime_of
+from backends.sdxl_backend.controlnets import PREPROCESSORS
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.jobs import Job, JobStatus
 from backends.sdxl_backend.protocol import (
+    MAX_CONTROLNETS,
     MAX_LORAS,
     MAX_SEED,
     TINY_PNG,
@@ -76,6 +80,75 @@ def take_loras(prompt: str) -> tuple[str, list[LoraWeight]]:
     text = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", LORA_TAG.sub(" ", prompt))).strip(" ,")
     return text, loras
 
+# The sd-webui-controlnet extension's names (and numbers) for what this server does.
+CONTROL_MODES = {"balanced": False, "0": False, "controlnet is more important": True, "2": True}  # -> guess_mode
+RESIZE_MODES = {"just resize": "stretch", "0": "stretch", "crop and resize": "crop", "1": "crop",
+                "resize and fill": "fill", "2": "fill",
+                "inner fit (scale to fit)": "crop", "outer fit (shrink to fit)": "fill"}  # (its older names)
+CANNY_DEFAULTS = (100, 200)  # the extension's thresholds when a unit leaves them at -1
+
+
+class A1111ControlNetUnit(BaseModel):
+    """One unit of the sd-webui-controlnet extension's API (what `webuiapi.ControlNetUnit`
+    sends). Preprocessing runs at the output size here, which is the extension's pixel-perfect
+    mode, so `processor_res`, `pixel_perfect` and `low_vram` change nothing."""
+
+    model_config = ConfigDict(extra="allow")
+
+    enabled: bool = True
+    image: ImageBytes | None = None  # img2img without one: the input image, as the extension does
+    input_image: ImageBytes | None = None  # its older name
+    mask: ImageBytes | None = None
+    module: str = "none"
+    model: str = "None"
+    weight: float = Field(1.0, ge=0, le=2)
+    guidance_start: float = Field(0.0, ge=0, le=1)
+    guidance_end: float = Field(1.0, ge=0, le=1)
+    control_mode: int | str = "Balanced"
+    resize_mode: int | str = "Crop and Resize"
+    threshold_a: float = Field(-1, ge=-1, le=255)  # canny: the low threshold (-1: the extension's default)
+    threshold_b: float = Field(-1, ge=-1, le=255)  # canny: the high one
+    processor_res: int = 512
+    pixel_perfect: bool = False
+    low_vram: bool = False
+    hr_option: str = "Both"  # with a hires fix, the units guide both passes here
+
+    def to_native(self, field: str, init_image: bytes | None) -> dict[str, Any]:
+        for name, value in (self.model_extra or {}).items():
+            if value not in (None, False, 0, "", [], {}):
+                raise InvalidRequest(f"{field}.{name}: not supported by this server (sent {value!r})", f"{field}.{name}")
+        module = self.module.strip().lower()
+        if module not in PREPROCESSORS:
+            raise InvalidRequest(f"{field}.module: '{self.module}' is not available here; use "
+                                 f"{' or '.join(PREPROCESSORS)}", f"{field}.module")
+        model = self.model.split(" [")[0].strip()  # the extension's titles: "name [hash]"
+        if model.lower() in ("", "none"):
+            raise InvalidRequest(f"{field}.model: name a ControlNet (GET /controlnet/model_list)", f"{field}.model")
+        guess_mode = CONTROL_MODES.get(str(self.control_mode).strip().lower())
+        if guess_mode is None:
+            raise InvalidRequest(f"{field}.control_mode: '{self.control_mode}' is not available here; use Balanced or "
+                                 "ControlNet is more important", f"{field}.control_mode")
+        resize_mode = RESIZE_MODES.get(str(self.resize_mode).strip().lower())
+        if resize_mode is None:
+            raise InvalidRequest(f"{field}.resize_mode: '{self.resize_mode}' is not one of Just Resize, Crop and "
+                                 "Resize, Resize and Fill", f"{field}.resize_mode")
+        if self.hr_option.strip().lower() != "both":
+            raise InvalidRequest(f"{field}.hr_option: '{self.hr_option}' is not available here; with a hires fix the "
+                                 "units guide both passes (Both)", f"{field}.hr_option")
+        if self.mask:
+            raise InvalidRequest(f"{field}.mask: a unit's own mask is not supported; inpaint with the request's mask",
+                                 f"{field}.mask")
+        image = self.image or self.input_image or init_image
+        if not image:
+            raise InvalidRequest(f"{field}.image: required (txt2img has no input image to fall back on)",
+                                 f"{field}.image")
+        low, high = (round(value) if value >= 0 else default
+                     for value, default in zip((self.threshold_a, self.threshold_b), CANNY_DEFAULTS))
+        return {"id": model, "image": image, "scale": self.weight, "start": self.guidance_start,
+                "end": self.guidance_end, "preprocess": module, "low_threshold": low, "high_threshold": high,
+                "resize_mode": resize_mode, "guess_mode": guess_mode}
+
+
 # A1111's upscalers for the hires fix that this server has, and what they are here.
 HIRES_UPSCALERS = {"latent": "latent", "lanczos": "lanczos"}
 
@@ -118,6 +191,7 @@ class A1111Request(BaseModel):
     disable_extra_networks: bool = False  # True: LoRA tags are taken out of the prompt and not applied
     refiner_checkpoint: str | None = None  # a refiner's title ("name [hash]" or "name")
     refiner_switch_at: float | None = Field(None, gt=0, lt=1)
+    alwayson_scripts: dict[str, Any] = {}  # {"controlnet": {"args": [unit, ...]}} (any case); no other script
 
     def to_generation_request(self, img2img: bool) -> GenerationRequest:
         self._refuse_what_is_on()
@@ -153,7 +227,36 @@ class A1111Request(BaseModel):
             loras=[] if self.disable_extra_networks else loras,
             refiner={"model": self.refiner_checkpoint.split(" ")[0], "switch_at": self.refiner_switch_at or 0.8}
             if self.refiner_checkpoint else None,
+            controlnets=self._controlnets(img2img),
         )
+
+    def _controlnets(self, img2img: bool) -> list[dict[str, Any]]:
+        """The enabled ControlNet units of `alwayson_scripts`, as native `controlnets`."""
+        scripts = {name.strip().lower(): script for name, script in self.alwayson_scripts.items()}
+        for name, script in scripts.items():
+            if name != "controlnet" and script not in (None, {}, {"args": []}):
+                raise InvalidRequest(f"alwayson_scripts.{name}: not supported by this server (only ControlNet)",
+                                     f"alwayson_scripts.{name}")
+        script = scripts.get("controlnet") or {}
+        args = script.get("args", []) if isinstance(script, dict) else None
+        if not isinstance(args, list):
+            raise InvalidRequest('alwayson_scripts.controlnet: must be {"args": [unit, ...]}',
+                                 "alwayson_scripts.controlnet")
+        units = []
+        for index, raw in enumerate(args):
+            field = f"alwayson_scripts.controlnet.args[{index}]"
+            try:
+                unit = A1111ControlNetUnit.model_validate(raw)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ".".join([field, *(str(part) for part in error["loc"])])
+                raise InvalidRequest(f"{where}: {error['msg']}", where) from None
+            if unit.enabled:
+                units.append(unit.to_native(field, self.init_images[0] if img2img and self.init_images else None))
+        if len(units) > MAX_CONTROLNETS:
+            raise InvalidRequest(f"alwayson_scripts.controlnet.args: {len(units)} enabled units; at most "
+                                 f"{MAX_CONTROLNETS}", "alwayson_scripts.controlnet.args")
+        return units
 
     def _hires_fix(self, img2img: bool) -> dict[str, Any] | None:
         if not self.enable_hr or img2img:  # A1111's img2img has no hires fix and ignores the flag
@@ -235,7 +338,7 @@ def render(body: A1111Request, result: GenerationResult) -> dict[str, Any]:
     }
     return A1111Answer(
         images=[base64.b64encode(image.data).decode() for image in result.images],
-        parameters=body.model_dump(exclude={"init_images", "mask"}),
+        parameters=body.model_dump(exclude={"init_images", "mask", "alwayson_scripts"}),
         info=json.dumps(info),
     ).model_dump()
 
@@ -293,6 +396,13 @@ async def loras(runtime: RuntimeDep) -> list[dict[str, Any]]:
     """A1111's LoRA listing: `name` is what goes in `<lora:name:weight>`."""
     return [{"name": lora.id, "alias": lora.id, "path": f"{lora.id}.safetensors", "metadata": {}}
             for lora in runtime.loras.values()]
+
+
+@router.get("/scripts", responses=errors.responses(401))
+async def scripts(runtime: RuntimeDep) -> dict[str, list[str]]:
+    """The scripts a request may turn on: ControlNet (`alwayson_scripts`) when one is served."""
+    served = ["controlnet"] if runtime.controlnets else []
+    return {"txt2img": served, "img2img": served}
 
 
 @router.get("/samplers", responses=errors.responses(401))
@@ -442,7 +552,7 @@ async def latent_upscale_modes() -> list[dict[str, Any]]:
 EMPTY_LISTINGS: dict[str, Any] = {
     "/sd-vae": [], "/hypernetworks": [],
     "/face-restorers": [], "/realesrgan-models": [], "/prompt-styles": [], "/script-info": [],
-    "/embeddings": {"loaded": {}, "skipped": {}}, "/scripts": {"txt2img": [], "img2img": []}, "/cmd-flags": {},
+    "/embeddings": {"loaded": {}, "skipped": {}}, "/cmd-flags": {},
     "/extensions": [],
 }
 
@@ -456,3 +566,24 @@ def empty_listing(path: str):
 for _path in EMPTY_LISTINGS:
     router.add_api_route(_path, empty_listing(_path), methods=["GET"], responses=errors.responses(401),
                          name=_path.strip("/").replace("-", "_"))
+
+
+# The sd-webui-controlnet extension's own routes, which its clients read before sending units.
+controlnet_router = APIRouter(prefix="/controlnet", tags=["AUTOMATIC1111"])
+
+
+@controlnet_router.get("/version", responses=errors.responses(401))
+async def controlnet_version() -> dict[str, int]:
+    return {"version": 2}
+
+
+@controlnet_router.get("/model_list", responses=errors.responses(401))
+async def controlnet_models(runtime: RuntimeDep) -> dict[str, list[str]]:
+    """The served ControlNets: what a unit's `model` names."""
+    return {"model_list": list(runtime.controlnets)}
+
+
+@controlnet_router.get("/module_list", responses=errors.responses(401))
+async def controlnet_modules() -> dict[str, list[str]]:
+    """The preprocessors: a unit's `module`."""
+    return {"module_list": list(PREPROCESSORS)}

@@ -42,7 +42,7 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
 def create_app() -> FastAPI:
     # BentoML's own OpenAPI UI (at /) documents these routes; FastAPI's second copy is off.
     app = FastAPI(title="SDXL", docs_url=None, redoc_url=None, openapi_url=None)
-    for router in (image_generations.router, jobs.router, a1111.router, system.router):
+    for router in (image_generations.router, jobs.router, a1111.router, a1111.controlnet_router, system.router):
         app.include_router(router)
     app.add_exception_handler(BackendError, _backend_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -35,8 +35,10 @@ from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.errors import InvalidRequest, OutOfMemory
 from backends.sdxl_backend.modes import MEMORY_MODES
 from backends.sdxl_backend.protocol import (
+    MAX_CONTROLNETS,
     MAX_LORAS,
     MAX_SEED,
+    ControlNetUnit,
     GenerationRequest,
     GenerationResult,
     ImageBytes,
@@ -77,6 +79,7 @@ class ImageGenerationRequest(BaseModel):
     mask: ImageBytes | None = None  # inpainting: white repaints, black keeps
     loras: list[LoraWeight] = Field([], max_length=MAX_LORAS)  # [{"id": ..., "weight": ...}] (GET /v1/loras)
     refiner: Refiner | None = None  # {"model": "sdxl-refiner", "switch_at": 0.8}
+    controlnets: list[ControlNetUnit] = Field([], max_length=MAX_CONTROLNETS)  # as the native API's
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: OutputFormat = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
@@ -124,6 +127,7 @@ class ImageGenerationRequest(BaseModel):
             vram_mode=vram_mode,
             loras=self.loras,
             refiner=self.refiner,
+            controlnets=self.controlnets,
         )
 
 

@@ -45,20 +45,23 @@ class ServedModel:
 
 
 @dataclass(frozen=True)
-class ServedLora:
+class ServedAdapter:
+    """A LoRA or a ControlNet: made for one UNet architecture, named by requests."""
+
     id: str
     path: Path
-    fits: str  # the UNet architecture it was trained on (backends/sdxl_backend/loras.py)
+    fits: str  # the UNet architecture it was made for (backends/sdxl_backend/loras.py)
     description: str
 
 
 class Runtime:
     def __init__(self, settings: Settings, served: list[ServedModel], default_model: str, vae: Path | None = None,
-                 loras: list[ServedLora] = ()):
+                 loras: list[ServedAdapter] = (), controlnets: list[ServedAdapter] = ()):
         self.settings = settings
         self.served = {model.id: model for model in served}
         # torch and diffusers load here, in the worker. BentoML's main process imports the service
         # module too, only to read its definition: a light module saves seconds on every start.
+        from backends.sdxl_backend.controlnets import ControlNetSource
         from backends.sdxl_backend.device import select_placement
         from backends.sdxl_backend.engine import Engine, OutOfMemorySeam
         from backends.sdxl_backend.loras import LoraSource
@@ -66,18 +69,20 @@ class Runtime:
 
         placement = select_placement(settings.device, settings.dtype)
         logger.info(
-            "device: %s; models: %s (default %s)%s; LoRAs: %s; VAE %s; %s; API keys %s",
+            "device: %s; models: %s (default %s)%s; LoRAs: %s; ControlNets: %s; VAE %s; %s; API keys %s",
             placement.describe(), ", ".join(self.served), default_model,
             "".join(f"; alias {a} -> {t}" for a, t in settings.model_aliases.items()),
-            ", ".join(lora.id for lora in loras) or "none",
+            ", ".join(lora.id for lora in loras) or "none", ", ".join(c.id for c in controlnets) or "none",
             settings.vae or "each model's own", settings.fast_paths.describe(),
             "required" if settings.api_keys else "off",
         )
         sources = [ModelSource(m.id, m.path, m.defaults) for m in served]
         self.loras = {lora.id: lora for lora in loras}
+        self.controlnets = {controlnet.id: controlnet for controlnet in controlnets}
         models = ModelManager(sources, placement, settings.model_aliases, settings.memory_policy, settings.fast_paths,
                               vae, [LoraSource(lora.id, lora.path, lora.fits) for lora in loras],
-                              settings.max_loaded_loras)
+                              settings.max_loaded_loras, [ControlNetSource(c.id, c.path, c.fits) for c in controlnets],
+                              settings.max_loaded_controlnets)
         oom_seam = OutOfMemorySeam.parse(settings.test_fault_oom)
         if oom_seam:
             logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_OOM=%s makes generations fail", settings.test_fault_oom)

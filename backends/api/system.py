@@ -13,7 +13,8 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from backends.api import errors, headers, metrics
-from backends.api.runtime import Runtime, runtime_of
+from backends.api.runtime import Runtime, ServedAdapter, runtime_of
+from backends.sdxl_backend.controlnets import PREPROCESSORS
 from backends.sdxl_backend.errors import UnknownModel
 from backends.sdxl_backend.schedulers import MOONDREAM_NAMES, SCHEDULERS
 
@@ -65,22 +66,31 @@ async def get_model(model_id: str, runtime: RuntimeDep) -> dict[str, Any]:
     return entry
 
 
-def lora_entries(runtime: Runtime) -> list[dict[str, Any]]:
-    """The served LoRAs, each with the served models it fits and those it is loaded into now."""
-    manager = runtime.engine.models
-    loaded = {entry["id"]: entry["loras"] for entry in manager.status()["loaded"]}
-    return [
-        {"id": lora.id, "object": "lora", "description": lora.description,
-         "fits": [m for m, source in manager.sources.items() if source.unet_signature == lora.fits],
-         "loaded_in": [m for m, loras in loaded.items() if lora.id in loras]}
-        for lora in runtime.loras.values()
-    ]
+def fitting_models(runtime: Runtime, adapter: ServedAdapter) -> list[str]:
+    """The served models a LoRA or ControlNet fits."""
+    return [m for m, source in runtime.engine.models.sources.items() if source.unet_signature == adapter.fits]
 
 
 @router.get("/v1/loras", responses=errors.responses(401))
 async def list_loras(runtime: RuntimeDep) -> dict[str, Any]:
-    """LoRAs a request can name in `loras` (A1111: `<lora:id:weight>` in the prompt)."""
-    return {"object": "list", "data": lora_entries(runtime)}
+    """LoRAs a request can name in `loras` (A1111: `<lora:id:weight>` in the prompt), each with
+    the served models it fits and those it is loaded into now."""
+    loaded = {entry["id"]: entry["loras"] for entry in runtime.engine.models.status()["loaded"]}
+    return {"object": "list", "data": [
+        {"id": lora.id, "object": "lora", "description": lora.description, "fits": fitting_models(runtime, lora),
+         "loaded_in": [m for m, loras in loaded.items() if lora.id in loras]}
+        for lora in runtime.loras.values()]}
+
+
+@router.get("/v1/controlnets", responses=errors.responses(401))
+async def list_controlnets(runtime: RuntimeDep) -> dict[str, Any]:
+    """ControlNets a request can name in `controlnets` (A1111: a unit's `model`), each with the
+    served models it fits, whether it is loaded now, and the preprocessors a unit may ask for."""
+    loaded = {entry["id"] for entry in runtime.engine.models.status()["controlnets"]}
+    return {"object": "list", "preprocessors": list(PREPROCESSORS), "data": [
+        {"id": controlnet.id, "object": "controlnet", "description": controlnet.description,
+         "fits": fitting_models(runtime, controlnet), "loaded": controlnet.id in loaded}
+        for controlnet in runtime.controlnets.values()]}
 
 
 @router.get("/v1/schedulers", responses=errors.responses(401))

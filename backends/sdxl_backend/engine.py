@@ -19,16 +19,20 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from .controlnets import control_map
 from .errors import BackendError, Cancelled, InvalidRequest, OutOfMemory
 from .images import MEDIA_TYPES, decode_image, encode_image
 from .limits import Limits
 from .masks import fill_masked, prepare_mask
 from .model_manager import ModelManager, ModelSource
 from .modes import lower_mode
+from .pipelines import with_controlnets
 from .protocol import MAX_SEED, GeneratedImage, GenerationRequest, GenerationResult, ModelDefaults, Timings
 from .schedulers import SCHEDULERS, make_scheduler, step_arguments
 
 logger = logging.getLogger("sdxl_backend")
+# What a ControlNet pipeline call takes beyond the plain one (the control maps aside).
+CONTROL_ARGUMENTS = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "guess_mode")
 
 
 @dataclass(frozen=True)
@@ -58,11 +62,12 @@ class PreparedRequest:
     """A request that passed every check: every field filled in, the input image decoded at
     the output size. Only the device step is left."""
 
-    request: GenerationRequest  # as it will run; its `image` and `mask` bytes are dropped (decoded below)
+    request: GenerationRequest  # as it will run; its image bytes are dropped (decoded below)
     source: ModelSource
     init_image: Image.Image | None = field(default=None, repr=False)
     mask: Image.Image | None = field(default=None, repr=False)  # prepared: sized, inverted, blurred
     refiner: ModelSource | None = None  # the model that takes over at `request.refiner.switch_at`
+    controls: list[Image.Image] = field(default_factory=list, repr=False)  # per ControlNet, at the output size
 
     @property
     def seeds(self) -> list[int]:
@@ -147,7 +152,12 @@ class Engine:
         if source.img2img_only and init_image is None:
             raise InvalidRequest(f"image: model '{source.id}' only does image-to-image: send an image", "image")
         self.models.check_loras(source, [lora.id for lora in request.loras])
+        self.models.check_controlnets(source, [unit.id for unit in request.controlnets])
         refiner = self._refiner(request, source)
+        hires = request.hires_fix
+        size = (hires.width, hires.height) if hires else (request.width, request.height)
+        controls = [control_map(decode_image(unit.image, self.limits, f"controlnets[{index}].image"), unit, size)
+                    for index, unit in enumerate(request.controlnets)]
         if init_image is not None and init_image.size != (request.width, request.height):
             init_image = init_image.resize((request.width, request.height), Image.Resampling.LANCZOS)
         mask = None
@@ -161,8 +171,9 @@ class Engine:
                 raise InvalidRequest("mask: it is all black, so nothing would be repainted (white repaints)", "mask")
             if request.masked_content == "fill":
                 init_image = fill_masked(init_image, mask)
-        return PreparedRequest(request.model_copy(update={"image": None, "mask": None}), source, init_image, mask,
-                               refiner)
+        controlnets = [unit.model_copy(update={"image": b""}) for unit in request.controlnets]
+        return PreparedRequest(request.model_copy(update={"image": None, "mask": None, "controlnets": controlnets}),
+                               source, init_image, mask, refiner, controls)
 
     def _refiner(self, request: GenerationRequest, source: ModelSource) -> ModelSource | None:
         if request.refiner is None:
@@ -186,7 +197,8 @@ class Engine:
         """Requests with equal keys can share one pipeline call (their prompts, negative prompts,
         seeds, input images, counts and encodings may differ); None: this one runs alone."""
         request = prepared.request
-        if prepared.mask is not None or request.hires_fix is not None or prepared.refiner is not None:
+        if (prepared.mask is not None or request.hires_fix is not None or prepared.refiner is not None
+                or prepared.controls):
             return None
         img2img = prepared.init_image is not None
         # An empty negative prompt means zero embeddings, a written one is encoded: no mixing.
@@ -211,18 +223,24 @@ class Engine:
                     logger.warning("out of memory generating with %s in mode %s", source.id, mode)
                     if attempt == len(modes) - 1:
                         # Nothing more to try: leave memory as it was before the request.
-                        self.models.unload([source.id])
+                        self.models.unload(self._models_of(prepared))
                         raise OutOfMemory(
                             f"out of memory on {self.models.placement.device} generating {request.n} image(s) of "
                             f"{request.width}x{request.height} with {source.id}; tried memory modes "
                             f"{', '.join(modes)}; try fewer or smaller images"
                         ) from None
         finally:
-            if mode == "low":  # low mode frees the model after the request, also after a failure
-                self.models.unload([source.id] + ([prepared.refiner.id] if prepared.refiner else []))
+            if mode == "low":  # low mode frees the models after the request, also after a failure
+                self.models.unload(self._models_of(prepared))
         if isinstance(pictures, BackendError):
             raise pictures
         return self._result(prepared, pictures, mode, modes[:attempt], timings, request.n)
+
+    @staticmethod
+    def _models_of(prepared: PreparedRequest) -> list[str]:
+        """Every model a request loads: its own, its refiner's, its ControlNets'."""
+        return [prepared.source.id, *([prepared.refiner.id] if prepared.refiner else []),
+                *(unit.id for unit in prepared.request.controlnets)]
 
     def generate_batch(
         self, batch: list[tuple[PreparedRequest, StepObserver | None]]
@@ -319,18 +337,21 @@ class Engine:
         if request.eta is not None:
             arguments.update(eta=request.eta)
         width, height = first.output_size
-        with self.models.use(source.id, mode, width * height) as (pipelines, load_s):
+        task = "txt2img" if first.init_image is None else "img2img" if first.mask is None else "inpaint"
+        controlnet_ids = [unit.id for unit in request.controlnets]
+        with (self.models.use(source.id, mode, width * height) as (pipelines, load_s),
+              self.models.use_controlnets(controlnet_ids) as (controlnets, controlnet_load_s)):
             lora_load_s = self.models.apply_loras(source.id, pipelines, request.loras)
-            if first.init_image is None:
-                pipeline = pipelines.txt2img
+            pipeline = with_controlnets(pipelines, task, controlnets) if controlnets else getattr(pipelines, task)
+            if controlnets:
+                arguments.update(control_arguments(first, "image" if task == "txt2img" else "control_image"))
+            if task == "txt2img":
                 arguments.update(width=request.width, height=request.height)
                 if hires is not None:
                     arguments.update(output_type="latent" if hires.upscaler == "latent" else "pil")
-            elif first.mask is None:
-                pipeline = pipelines.img2img
+            elif task == "img2img":
                 arguments.update(image=per_image(lambda prepared: prepared.init_image), strength=request.strength)
-            else:
-                pipeline = pipelines.inpaint  # (alone: the crop path takes one image and one mask)
+            else:  # (alone: the crop path takes one image and one mask)
                 arguments.update(image=first.init_image, mask_image=first.mask, strength=request.strength,
                                  width=request.width, height=request.height,
                                  padding_mask_crop=request.masked_area_padding if request.masked_area_only else None)
@@ -354,7 +375,9 @@ class Engine:
                     upscaled = torch.nn.functional.interpolate(pictures, size=(height // 8, width // 8), mode="bilinear")
                 else:
                     upscaled = [picture.resize((width, height), Image.Resampling.LANCZOS) for picture in pictures]
-                second = pipelines.img2img
+                second = with_controlnets(pipelines, "img2img", controlnets) if controlnets else pipelines.img2img
+                if controlnets:  # the control maps were made at this size: the first pass had them scaled down
+                    arguments = {**arguments, **control_arguments(first, "control_image")}
                 second.scheduler = make_scheduler(
                     request.scheduler, pipelines.scheduler_config, source.defaults.timestep_spacing
                 )
@@ -366,7 +389,7 @@ class Engine:
                     arguments.pop(first_pass_only)
                 pictures = self.models.out_of_memory_as_error(lambda: second(**arguments).images, "out of memory")
             # (a refiner loaded on the way counts as load time, not inference)
-            timings = Timings(load_s=load_s + refiner_load_s, lora_load_s=lora_load_s,
+            timings = Timings(load_s=load_s + controlnet_load_s + refiner_load_s, lora_load_s=lora_load_s,
                               inference_s=time.perf_counter() - started - refiner_load_s, encode_s=0.0)
             return progress.split(pictures), timings
 
@@ -384,7 +407,7 @@ class Engine:
             arguments = {**arguments, "image": latents, "denoising_start": request.refiner.switch_at,
                          "output_type": "pil",
                          "callback_on_step_end": self._step_callback(attempt, progress, steps_run, 0)}
-            for base_only in ("width", "height", "denoising_end", "strength"):
+            for base_only in ("width", "height", "denoising_end", "strength", *CONTROL_ARGUMENTS):
                 arguments.pop(base_only, None)
             pictures = self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
         return pictures, load_s
@@ -403,6 +426,22 @@ class Engine:
             return tensors
 
         return on_step_end
+
+
+def control_arguments(prepared: PreparedRequest, maps_argument: str) -> dict:
+    """The ControlNet arguments of a pipeline call; the maps go in `maps_argument` ("image" in
+    text-to-image, where `image` is not taken, else "control_image"). diffusers takes plain
+    values for one ControlNet and lists for several."""
+    units = prepared.request.controlnets
+
+    def each(values: list) -> list | object:
+        return values if len(units) > 1 else values[0]
+
+    return {maps_argument: each(prepared.controls),
+            "controlnet_conditioning_scale": each([unit.scale for unit in units]),
+            "control_guidance_start": each([unit.start for unit in units]),
+            "control_guidance_end": each([unit.end for unit in units]),
+            "guess_mode": units[0].guess_mode}
 
 
 def resolve(
@@ -476,6 +515,19 @@ def validate(request: GenerationRequest, limits: Limits) -> None:
             f"strength: {request.strength} x {request.steps} steps leaves no step to run; raise either",
             "strength",
         )
+    for index, unit in enumerate(request.controlnets):
+        if unit.end <= unit.start:
+            raise InvalidRequest(f"controlnets[{index}].end: {unit.end} is not after start ({unit.start})",
+                                 f"controlnets[{index}].end")
+        if unit.guess_mode != request.controlnets[0].guess_mode:
+            raise InvalidRequest("controlnets: guess_mode applies to the whole generation; give every unit the same",
+                                 f"controlnets[{index}].guess_mode")
+        if unit.preprocess == "canny" and unit.low_threshold > unit.high_threshold:
+            raise InvalidRequest(f"controlnets[{index}].low_threshold: {unit.low_threshold} is above high_threshold "
+                                 f"({unit.high_threshold})", f"controlnets[{index}].low_threshold")
+    if request.controlnets and request.refiner is not None and request.image is not None:
+        raise InvalidRequest("controlnets: with a refiner, text-to-image only (diffusers' ControlNet image-to-image "
+                             "cannot hand over to a refiner)", "controlnets")
     hires = request.hires_fix
     if hires is not None:
         if request.image is not None:
@@ -514,6 +566,9 @@ def infotext(request: GenerationRequest, seed: int, img2img: bool, inpainting: b
                         f"Hires upscaler: {hires.upscaler.title()}, Denoising strength: {hires.strength}")
     if request.refiner:
         settings.append(f"Refiner: {request.refiner.model}, Refiner switch at: {request.refiner.switch_at}")
+    for index, unit in enumerate(request.controlnets):  # as A1111's ControlNet extension writes them
+        settings.append(f'ControlNet {index}: "Module: {unit.preprocess}, Model: {unit.id}, Weight: {unit.scale}, '
+                        f'Guidance Start: {unit.start}, Guidance End: {unit.end}"')
     if inpainting:
         settings.append(f"Mask blur: {request.mask_blur}")
         if request.masked_area_only:

@@ -1,10 +1,11 @@
 """The only code that loads, places and frees pipelines.
 
 Loaded models are kept in least-recently-used order under a memory budget: loading one that
-does not fit evicts the least recently used models that no request is using. Each model runs
-in a memory mode (pipelines.py) chosen per request. Generations are serialised by the
-engine's device thread; the lock here guards the loaded set against the other threads that
-read or change it (status, unload, the idle timer).
+does not fit evicts the least recently used models that no request is using. ControlNets are
+loaded beside them (shared by every model they fit), counted in the budget, and kept up to
+`max_loaded_controlnets`. Each model runs in a memory mode (pipelines.py) chosen per request.
+Generations are serialised by the engine's device thread; the lock here guards the loaded set
+against the other threads that read or change it (status, unload, the idle timer).
 """
 
 from __future__ import annotations
@@ -24,11 +25,20 @@ from typing import Callable, Iterator, TypeVar
 import psutil
 import torch
 
+from .controlnets import ControlNetSource
 from .device import Placement, device_memory
 from .errors import InvalidRequest, OutOfMemory, UnknownModel
 from .fast_paths import FastPaths
 from .loras import LORA_FILE, LoraSource, model_unet_signature
-from .pipelines import Pipelines, apply_memory_mode, load_pipelines, set_vae_tiling, weights_bytes
+from .pipelines import (
+    Pipelines,
+    apply_memory_mode,
+    component_bytes,
+    load_controlnet,
+    load_pipelines,
+    set_vae_tiling,
+    weights_bytes,
+)
 from .modes import MemoryPolicy
 from .protocol import LoraWeight, ModelDefaults
 
@@ -68,6 +78,15 @@ class LoadedModel:
     loras: OrderedDict[str, int] = field(default_factory=OrderedDict)  # loaded adapters' bytes, least recently used first
 
 
+@dataclass
+class LoadedControlNet:
+    source: ControlNetSource
+    module: torch.nn.Module = field(repr=False)
+    bytes: int
+    load_s: float
+    in_use: int = 0
+
+
 def device_total(placement: Placement) -> int:
     memory = device_memory(placement)
     return memory[1] if memory else psutil.virtual_memory().total
@@ -86,6 +105,8 @@ class ModelManager:
         vae: Path | None = None,  # a VAE directory used in place of each model's own
         loras: list[LoraSource] = (),
         max_loaded_loras: int = 8,  # adapters kept loaded per model; the least recently used go first
+        controlnets: list[ControlNetSource] = (),
+        max_loaded_controlnets: int = 2,  # ControlNets kept loaded; the least recently used go first
     ):
         self.sources = {source.id: source for source in sources}
         self.placement = placement
@@ -94,6 +115,8 @@ class ModelManager:
         self.vae = vae
         self.loras = {lora.id: lora for lora in loras}
         self.max_loaded_loras = max_loaded_loras
+        self.controlnets = {controlnet.id: controlnet for controlnet in controlnets}
+        self.max_loaded_controlnets = max_loaded_controlnets
         total = device_total(placement)
         self.budget = self.policy.budget or total - max(GiB, total // 10)
         # Ids that clients are hard-wired to, served by another model: {"sdxl-realism": "juggernaut-xl"}.
@@ -101,8 +124,9 @@ class ModelManager:
         for alias, target in self.aliases.items():
             if target not in self.sources:
                 raise ValueError(f"alias {alias}={target}: {target} is not served (served: {', '.join(self.sources)})")
-        self.loads: dict[str, int] = {model_id: 0 for model_id in self.sources}
+        self.loads: dict[str, int] = {model_id: 0 for model_id in [*self.sources, *self.controlnets]}
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
+        self._controlnets: OrderedDict[str, LoadedControlNet] = OrderedDict()  # least recently used first
         self._lock = threading.RLock()
         self._last_activity = time.monotonic()
         logger.info("memory budget %.2f GiB of %.2f GiB; default mode %s", self.budget / GiB, total / GiB,
@@ -211,21 +235,86 @@ class ModelManager:
             owner.disable_lora()
         return time.perf_counter() - started if loaded_now else 0.0
 
-    def _load(self, source: ModelSource, mode: str) -> LoadedModel:
-        """Make room under the budget, load, and register the model as in use."""
-        size = weights_bytes(source.path, self.placement.dtype)
+    def check_controlnets(self, source: ModelSource, controlnet_ids: list[str]) -> None:
+        """A request's ControlNets are served and fit the model; raises `InvalidRequest` naming
+        the one at fault."""
+        for index, controlnet_id in enumerate(controlnet_ids):
+            field_name = f"controlnets[{index}].id"
+            if controlnet_id not in self.controlnets:
+                raise InvalidRequest(f"{field_name}: unknown ControlNet '{controlnet_id}' (served: "
+                                     f"{', '.join(self.controlnets) or 'none'}; GET /v1/controlnets)", field_name)
+            if self.controlnets[controlnet_id].fits != source.unet_signature:
+                raise InvalidRequest(f"{field_name}: '{controlnet_id}' does not fit model '{source.id}' (it was made "
+                                     f"for another UNet architecture)", field_name)
+
+    @contextmanager
+    def use_controlnets(self, controlnet_ids: list[str]) -> Iterator[tuple[list[torch.nn.Module], float]]:
+        """The ControlNets, loaded, held in use for the block; yields them and the seconds spent
+        loading for this call."""
+        held: list[LoadedControlNet] = []
+        load_s = 0.0
+        try:
+            for controlnet_id in controlnet_ids:
+                with self._lock:
+                    loaded = self._controlnets.get(controlnet_id)
+                    if loaded is not None:
+                        loaded.in_use += 1
+                if loaded is None:
+                    loaded = self._load_controlnet(self.controlnets[controlnet_id])
+                    load_s += loaded.load_s
+                held.append(loaded)
+                with self._lock:
+                    self._controlnets.move_to_end(controlnet_id)
+            with self._lock:
+                for victim in [c for c in self._controlnets.values() if not c.in_use]:
+                    if len(self._controlnets) <= self.max_loaded_controlnets:
+                        break
+                    self._free_controlnet(victim.source.id)
+            yield [loaded.module for loaded in held], load_s
+        finally:
+            with self._lock:
+                for loaded in held:
+                    loaded.in_use -= 1
+                self._last_activity = time.monotonic()
+
+    def _load_controlnet(self, source: ControlNetSource) -> LoadedControlNet:
+        """Load a ControlNet under the budget, registered as in use."""
+        size = component_bytes(source.path, self.placement.dtype)
+        self._make_room(size, source.id)
+        started = time.perf_counter()
+        module = self.out_of_memory_as_error(lambda: load_controlnet(source.path, self.placement),
+                                             f"out of memory loading ControlNet {source.id}")
+        loaded = LoadedControlNet(source, module, size, time.perf_counter() - started, in_use=1)
+        self.loads[source.id] += 1
+        logger.info("loaded ControlNet %s on %s in %.2f s (%.0f MiB)", source.id, self.placement.describe(),
+                    loaded.load_s, size / 2**20)
         with self._lock:
-            used = sum(m.bytes for m in self._loaded.values())
+            self._controlnets[source.id] = loaded
+        return loaded
+
+    def _used(self) -> int:
+        return sum(m.bytes for m in self._loaded.values()) + sum(c.bytes for c in self._controlnets.values())
+
+    def _make_room(self, size: int, for_id: str) -> None:
+        """Evict the least recently used models no request is using until `size` more bytes fit
+        the budget (a warning when even that is not enough)."""
+        with self._lock:
+            used = self._used()
             for victim in [m for m in self._loaded.values() if not m.in_use]:  # least recently used first
                 if used + size <= self.budget:
                     break
                 logger.info("evicting %s (%.2f GiB) to make room for %s (%.2f GiB) under the %.2f GiB budget",
-                            victim.source.id, victim.bytes / GiB, source.id, size / GiB, self.budget / GiB)
+                            victim.source.id, victim.bytes / GiB, for_id, size / GiB, self.budget / GiB)
                 self._free(victim.source.id)
                 used -= victim.bytes
         if used + size > self.budget:
             logger.warning("%s (%.2f GiB) does not fit the budget beside the models in use; loading it anyway",
-                           source.id, size / GiB)
+                           for_id, size / GiB)
+
+    def _load(self, source: ModelSource, mode: str) -> LoadedModel:
+        """Make room under the budget, load, and register the model as in use."""
+        size = weights_bytes(source.path, self.placement.dtype)
+        self._make_room(size, source.id)
         started, before = time.perf_counter(), self._memory_in_use()
         pipelines = self.out_of_memory_as_error(
             lambda: load_pipelines(source.path, self.placement, mode, self.fast_paths, self.vae),
@@ -242,18 +331,26 @@ class ModelManager:
         return loaded
 
     def unload(self, model_ids: list[str] | None = None) -> list[str]:
-        """Free the given loaded models (default: all) that no request is using."""
+        """Free the given loaded models and ControlNets (default: all) that no request is using."""
         with self._lock:
-            freed = [m for m, loaded in self._loaded.items()
+            freed = [m for m, loaded in [*self._loaded.items(), *self._controlnets.items()]
                      if (model_ids is None or m in model_ids) and not loaded.in_use]
             for model_id in freed:
-                self._free(model_id)
+                if model_id in self._controlnets:
+                    self._free_controlnet(model_id)
+                else:
+                    self._free(model_id)
         return sorted(freed)
 
     def _free(self, model_id: str) -> None:
         del self._loaded[model_id]
         self.release_cached_memory()
         logger.info("unloaded model %s", model_id)
+
+    def _free_controlnet(self, controlnet_id: str) -> None:
+        del self._controlnets[controlnet_id]
+        self.release_cached_memory()
+        logger.info("unloaded ControlNet %s", controlnet_id)
 
     def out_of_memory_as_error(self, action: Callable[[], T], message: str) -> T:
         """Run `action` on the device; a CUDA out-of-memory error comes out as `OutOfMemory`,
@@ -285,7 +382,7 @@ class ModelManager:
         while not self._closing.wait(min(5.0, idle_s / 2)):
             with self._lock:
                 idle_for = time.monotonic() - self._last_activity
-                if self._loaded and idle_for >= idle_s:
+                if (self._loaded or self._controlnets) and idle_for >= idle_s:
                     logger.info("idle for %.0f s: freeing loaded models", idle_for)
                     self.unload()
 
@@ -304,15 +401,18 @@ class ModelManager:
                  "last_used": m.last_used, "load_s": round(m.load_s, 3), "loras": list(m.loras)}
                 for m in reversed(self._loaded.values())  # most recently used first
             ]
+            controlnets = [{"id": c.source.id, "bytes": c.bytes, "in_use": c.in_use > 0, "load_s": round(c.load_s, 3)}
+                           for c in reversed(self._controlnets.values())]
         return {
             "device": str(self.placement.device),
             "device_name": self.placement.describe(),
             "dtype": str(self.placement.dtype).removeprefix("torch."),
             "memory": {"total": memory[1], "used": memory[0], "free": memory[1] - memory[0],
-                       "budget": self.budget, "models": sum(m["bytes"] for m in loaded),
+                       "budget": self.budget, "models": sum(m["bytes"] for m in [*loaded, *controlnets]),
                        "process_rss": psutil.Process().memory_info().rss},
             "default_mode": self.policy.default_mode,
             "fast_paths": asdict(self.fast_paths),
             "loaded": loaded,
+            "controlnets": controlnets,
             "loads": dict(self.loads),
         }

@@ -22,7 +22,11 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     DiffusionPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
@@ -106,6 +110,31 @@ def load_pipelines(path: Path, placement: Placement, mode: str = "high", fast: F
     return pipelines
 
 
+CONTROLNET_PIPELINES = {"txt2img": StableDiffusionXLControlNetPipeline,
+                        "img2img": StableDiffusionXLControlNetImg2ImgPipeline,
+                        "inpaint": StableDiffusionXLControlNetInpaintPipeline}
+
+
+def with_controlnets(pipelines: Pipelines, task: str, controlnets: list[ControlNetModel]) -> DiffusionPipeline:
+    """The `task` pipeline ("txt2img", "img2img", "inpaint") over the same components, guided by
+    `controlnets` (several: diffusers combines them). Made per call: it holds no weights of its own."""
+    base = getattr(pipelines, task)
+    config = {key: base.config[key] for key in ("requires_aesthetics_score", "force_zeros_for_empty_prompt")
+              if key in base.config}
+    pipeline = CONTROLNET_PIPELINES[task](**base.components, **config,
+                                          controlnet=controlnets if len(controlnets) > 1 else controlnets[0])
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def load_controlnet(path: Path, placement: Placement) -> ControlNetModel:
+    """A stored ControlNet, on the device in the placement's dtype. It stays there in every
+    memory mode: it runs beside the UNet at every step."""
+    controlnet = ControlNetModel.from_pretrained(path, dtype=placement.dtype, variant=weights_variant(path),
+                                                 use_safetensors=True, local_files_only=True)
+    return controlnet.to(placement.device)
+
+
 def apply_memory_mode(pipelines: Pipelines, mode: str, placement: Placement) -> None:
     if mode not in MEMORY_MODES:
         raise ValueError(f"memory mode must be one of {', '.join(MEMORY_MODES)}; got {mode!r}")
@@ -137,18 +166,22 @@ def set_vae_tiling(pipelines: Pipelines, on: bool) -> None:
 
 
 def weights_bytes(path: Path, dtype: torch.dtype) -> int:
-    """The weights' size once loaded in `dtype`, from the safetensors headers alone."""
-    variant = weights_variant(path)
+    """A pipeline's weights' size once loaded in `dtype`, from the safetensors headers alone."""
     index = json.loads((path / "model_index.json").read_text())
+    variant = weights_variant(path)
+    return sum(component_bytes(path / component, dtype, variant) for component in index if (path / component).is_dir())
+
+
+def component_bytes(path: Path, dtype: torch.dtype, variant: str | None = None) -> int:
+    """One component's (a UNet's, a ControlNet's...) weights' size once loaded in `dtype`."""
+    files = sorted(path.glob("*.safetensors"))
+    variant = variant or weights_variant(path)
     total = 0
-    for component in index:
-        files = sorted((path / component).glob("*.safetensors")) if (path / component).is_dir() else []
-        files = [f for f in files if (".fp16." in f.name) == (variant == "fp16")] or files
-        for file in files:
-            with safe_open(file, framework="pt") as weights:
-                for name in weights.keys():
-                    numel = 1
-                    for dim in weights.get_slice(name).get_shape():
-                        numel *= dim
-                    total += numel * dtype.itemsize
+    for file in [f for f in files if (".fp16." in f.name) == (variant == "fp16")] or files:
+        with safe_open(file, framework="pt") as weights:
+            for name in weights.keys():
+                numel = 1
+                for dim in weights.get_slice(name).get_shape():
+                    numel *= dim
+                total += numel * dtype.itemsize
     return total

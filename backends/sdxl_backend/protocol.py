@@ -85,6 +85,27 @@ class LoraWeight(BaseModel):
     weight: float = Field(1.0, ge=-4, le=4, description="How strongly it applies; 0: not at all.")
 
 
+MAX_CONTROLNETS = 4  # per request
+
+
+class ControlNetUnit(BaseModel):
+    """One ControlNet and the image it reads. Several may guide one generation."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"id": "controlnet-canny-sdxl",
+                                                                             "image": TINY_PNG, "preprocess": "canny"}})
+
+    id: str = Field(description="A served ControlNet (GET /v1/controlnets).")
+    image: ImageBytes = Field(exclude=True, repr=False, description="The control image, base64: a control map (preprocess none), or a picture to preprocess.")
+    scale: float = Field(1.0, ge=0, le=2, description="How strongly it guides (0: not at all).")
+    start: float = Field(0.0, ge=0, le=1, description="The part of the denoising where its guidance starts.")
+    end: float = Field(1.0, ge=0, le=1, description="... and where it ends (above start).")
+    preprocess: Literal["none", "canny"] = Field("none", description="none: the image is the control map; canny: its Canny edges are.")
+    low_threshold: int = Field(100, ge=0, le=255, description="canny: edges weaker than this are dropped.")
+    high_threshold: int = Field(200, ge=0, le=255, description="canny: edges stronger than this are kept (weaker ones when joined to them).")
+    resize_mode: Literal["crop", "stretch", "fill"] = Field("crop", description="How the image meets the output size: cover and crop, stretch, or fit and pad with black.")
+    guess_mode: bool = Field(False, description="Guide from the image alone, the prompt weighing less (A1111's 'ControlNet is more important'); all units of a request agree.")
+
+
 class TextToImageRequest(BaseModel):
     """The fields of every generation. A field left out takes the model's default."""
 
@@ -107,6 +128,7 @@ class TextToImageRequest(BaseModel):
     hires_fix: HiresFix | None = Field(None, description="txt2img: a second, img2img pass at a larger size.")
     loras: list[LoraWeight] = Field([], max_length=MAX_LORAS, description="LoRAs to apply, each with its weight; they must fit the model.")
     refiner: Refiner | None = Field(None, description="Hand the last part of the denoising to a refiner (not with hires_fix or a mask).")
+    controlnets: list[ControlNetUnit] = Field([], max_length=MAX_CONTROLNETS, description="ControlNets guiding the generation, each with its control image; they must fit the model.")
 
 
 class ImageToImageRequest(TextToImageRequest):

@@ -1,0 +1,158 @@
+"""ControlNets: from the store, per request (txt2img, img2img, inpainting, hires fix, several at
+once), through the native API and an A1111 client's `alwayson_scripts`. tiny-sdxl-controlnet,
+made from tiny-sdxl's UNet with random weights, stands in for a real one."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from backends.sdxl_backend.controlnets import ControlNetSource, control_map
+from backends.sdxl_backend.device import select_placement
+from backends.sdxl_backend.engine import Engine
+from backends.sdxl_backend.errors import InvalidRequest
+from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+from backends.sdxl_backend.protocol import ControlNetUnit, GenerationRequest
+from models.catalog import defaults_for
+from tests.conftest import pixels
+
+
+def square_png(size: int = 64) -> bytes:
+    """A white square on black: a picture with clear edges, and a control map as it is."""
+    image = Image.new("RGB", (size, size))
+    image.paste((255, 255, 255), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+SQUARE = square_png()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, tiny_controlnet) -> Engine:
+    source = ModelSource("tiny-sdxl", Path(tiny_model.path), defaults_for("tiny-sdxl"))
+    controlnet = ControlNetSource("tiny-sdxl-controlnet", Path(tiny_controlnet.path), tiny_controlnet.info.labels["fits"])
+    return Engine(ModelManager([source], select_placement(), controlnets=[controlnet]), "tiny-sdxl")
+
+
+def run(engine: Engine, *units: dict, **fields) -> bytes:
+    request = GenerationRequest(**{"prompt": "a lighthouse", "seed": 11, **fields},
+                                controlnets=[{"id": "tiny-sdxl-controlnet", "image": SQUARE, **unit} for unit in units])
+    return pixels(engine.generate(engine.prepare(request)).images[0].data)
+
+
+def test_a_controlnet_changes_the_images_and_scale_zero_gives_the_models_own(engine):
+    base = run(engine)
+    guided = run(engine, {})
+    assert guided != base
+    assert run(engine, {"scale": 0.0}) == base
+    assert run(engine, {"scale": 0.5}) not in (base, guided)
+    assert run(engine, {"start": 0.5}) not in (base, guided)  # guidance over the second half only
+    assert run(engine, {}) == guided
+    assert engine.models.loads == {"tiny-sdxl": 1, "tiny-sdxl-controlnet": 1}
+    assert [c["id"] for c in engine.models.status()["controlnets"]] == ["tiny-sdxl-controlnet"]
+
+
+def test_two_controlnets_at_once_and_with_image_to_image_and_inpainting(engine):
+    one = run(engine, {})
+    assert run(engine, {}, {"scale": 0.0}) == one  # the second one at scale 0 adds nothing
+    assert run(engine, {}, {"preprocess": "canny"}) != one
+    img2img = {"image": base64.b64encode(square_png()).decode(), "strength": 0.8, "steps": 5}
+    assert run(engine, {}, **img2img) != run(engine, **img2img)
+    mask = {"mask": base64.b64encode(square_png()).decode()}
+    assert run(engine, {}, **img2img, **mask) != run(engine, **img2img, **mask)
+    hires = {"hires_fix": {"scale": 1.5, "steps": 2}}
+    assert run(engine, {}, **hires) != run(engine, **hires)
+
+
+def test_canny_gives_an_edge_map_at_the_output_size():
+    photo = Image.open(io.BytesIO(square_png(100))).convert("RGB")
+    edges = np.asarray(control_map(photo, ControlNetUnit(id="c", image=b"x", preprocess="canny", resize_mode="stretch"),
+                                   (64, 48)))
+    assert edges.shape == (48, 64, 3)
+    assert set(np.unique(edges)) == {0, 255}  # edges, and nothing else
+    assert edges[24, 14:18].any() and not edges[24, 20:44].any()  # the square's left side, not its inside
+    filled = np.asarray(control_map(photo, ControlNetUnit(id="c", image=b"x", resize_mode="fill"), (128, 64)))
+    assert not filled[:, :30].any() and filled[32, 64].all()  # padded with black beside the picture
+    cropped = np.asarray(control_map(photo, ControlNetUnit(id="c", image=b"x", resize_mode="crop"), (128, 64)))
+    assert cropped.shape == (64, 128, 3) and cropped[32, 64].all()
+
+
+def test_controlnets_are_checked_before_the_queue(engine, tiny_refiner):
+    for unit, fields, message in [
+        ({"id": "no-such-controlnet"}, {}, "unknown ControlNet 'no-such-controlnet'"),
+        ({"start": 0.6, "end": 0.4}, {}, r"controlnets\[0\].end: 0.4 is not after start"),
+        ({"preprocess": "canny", "low_threshold": 200, "high_threshold": 100}, {}, "is above high_threshold"),
+        ({"image": base64.b64encode(b"not an image").decode()}, {}, r"controlnets\[0\].image"),
+    ]:
+        with pytest.raises(Exception, match=message):
+            engine.prepare(GenerationRequest(prompt="x", controlnets=[{"id": "tiny-sdxl-controlnet", "image": SQUARE,
+                                                                      **unit}], **fields))
+    with pytest.raises(InvalidRequest, match="guess_mode applies to the whole generation"):
+        engine.prepare(GenerationRequest(prompt="x", controlnets=[
+            {"id": "tiny-sdxl-controlnet", "image": SQUARE}, {"id": "tiny-sdxl-controlnet", "image": SQUARE,
+                                                            "guess_mode": True}]))
+    prepared = engine.prepare(GenerationRequest(prompt="x", controlnets=[{"id": "tiny-sdxl-controlnet", "image": SQUARE}]))
+    assert engine.batch_key(prepared) is None  # runs alone
+    assert prepared.request.controlnets[0].image == b""  # the queued request holds the map, not the upload
+
+
+@pytest.mark.served
+def test_native_and_a1111_clients_send_controlnets(serve, tiny_controlnet):
+    import webuiapi
+
+    server = serve("controlnets", {"SDXL_MODELS": "tiny-sdxl"})
+    listed = httpx.get(f"{server.url}/v1/controlnets", timeout=300).json()
+    assert listed["preprocessors"] == ["none", "canny"]
+    assert {"id": "tiny-sdxl-controlnet", "fits": ["tiny-sdxl"], "loaded": False}.items() <= listed["data"][0].items()
+    square = base64.b64encode(square_png()).decode()
+    unit = {"id": "tiny-sdxl-controlnet", "image": square, "preprocess": "canny", "low_threshold": 64,
+            "high_threshold": 64, "resize_mode": "fill"}
+    # (what webuiapi sends by default: Euler a, 20 steps, CFG 7)
+    plain = {"prompt": "a lighthouse", "seed": 5, "width": 64, "height": 64, "scheduler": "euler_a", "steps": 20,
+             "guidance_scale": 7.0}
+    native = [httpx.post(f"{server.url}/v1/txt2img", json=body, timeout=300) for body in (plain, {**plain, "controlnets": [unit]})]
+    assert [answer.status_code for answer in native] == [200, 200], native[1].text
+    guided = pixels(base64.b64decode(native[1].json()["images"][0]["b64_json"]))
+    assert guided != pixels(base64.b64decode(native[0].json()["images"][0]["b64_json"]))
+
+    a1111 = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    assert a1111.controlnet_model_list() == ["tiny-sdxl-controlnet"]
+    assert a1111.controlnet_module_list() == ["none", "canny"]
+    picture = Image.open(io.BytesIO(square_png()))
+    # The client's defaults: Resize and Fill, thresholds 64 and 64, Balanced, hr_option Both.
+    # (`alwayson_scripts={}` each time: webuiapi adds the units to that argument's default dict,
+    # which every later call in this process would send again)
+    answer = a1111.txt2img(prompt="a lighthouse", seed=5, width=64, height=64, alwayson_scripts={}, controlnet_units=[
+        webuiapi.ControlNetUnit(image=picture, module="canny", model="tiny-sdxl-controlnet")])
+    assert answer.image.convert("RGB").tobytes() == guided
+    assert 'ControlNet 0: "Module: canny, Model: tiny-sdxl-controlnet' in answer.image.info["parameters"]
+    img2img = {"images": [picture], "prompt": "a lighthouse", "seed": 5, "denoising_strength": 0.8, "width": 64,
+               "height": 64}
+    plain_img2img = a1111.img2img(**img2img)
+    guided_img2img = a1111.img2img(**img2img, alwayson_scripts={}, controlnet_units=[  # without a unit image: the input image guides
+        webuiapi.ControlNetUnit(module="canny", model="tiny-sdxl-controlnet [0123abcd]")])
+    assert "ControlNet 0" not in plain_img2img.image.info["parameters"]
+    assert guided_img2img.image.tobytes() != plain_img2img.image.tobytes()
+
+    for unit, param in [({"module": "depth_midas"}, "module"), ({"control_mode": 1}, "control_mode"),
+                        ({"model": "None"}, "model"), ({"image": ""}, "image"), ({"hr_option": "Low res only"},
+                                                                                "hr_option")]:
+        body = {"prompt": "x", "alwayson_scripts": {"controlnet": {"args": [
+            {"image": square, "module": "canny", "model": "tiny-sdxl-controlnet", **unit}]}}}
+        refused = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=300)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == f"alwayson_scripts.controlnet.args[0].{param}"
+    other_script = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=300,
+                              json={"prompt": "x", "alwayson_scripts": {"ADetailer": {"args": [True]}}})
+    assert other_script.status_code == 400 and other_script.json()["error"]["param"] == "alwayson_scripts.adetailer"
+    status = httpx.get(f"{server.url}/v1/system/status", timeout=300).json()
+    assert [c["id"] for c in status["controlnets"]] == ["tiny-sdxl-controlnet"]
+    assert status["loads"] == {"tiny-sdxl": 1, "tiny-sdxl-controlnet": 1}
