@@ -71,7 +71,7 @@ def test_img2img(server):
     ("txt2img", {"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
     ("txt2img", {"enable_hr": True, "hr_sampler_name": "DDIM"}, "hr_sampler_name"),
     ("txt2img", {"restore_faces": True}, "restore_faces"),
-    ("txt2img", {"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts"),
+    ("txt2img", {"alwayson_scripts": {"ADetailer": {"args": [True]}}}, "alwayson_scripts.adetailer"),
     ("txt2img", {"scheduler": "Exponential"}, "scheduler"),
     ("txt2img", {"eta": 0.5}, "eta"),  # Euler a runs at eta 1.0 only
     ("txt2img", {"sampler_name": "", "sampler_index": "Warp Drive"}, "sampler_index"),
