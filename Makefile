@@ -6,10 +6,12 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 2020
 
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 BACKEND ?= docker
 IMAGE ?= sdxl:latest
 
-.PHONY: install serve test test-quick test-busy bench image smoke clean
+.PHONY: install browser serve test test-quick test-busy bench image smoke clean
 
 install: $(VENV)/.installed
 
@@ -22,12 +24,20 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	@echo "==> installed"
 	touch $@
 
+# The playground's browser tests drive Debian's Chromium through Playwright (Playwright's own
+# browser download comes from outside the package registries).
+browser:
+	@command -v chromium >/dev/null || { \
+	  echo "==> installing Chromium (Debian's chromium package) for the playground's browser tests: a minute or so"; \
+	  $(SUDO) apt-get update -q | tail -1 && \
+	  $(SUDO) apt-get install -y -q chromium | grep -E "^Setting up" | cut -c1-80; }
+
 # Imports the default model when the store holds none (tiny-sdxl, loudly, when the hub is out of reach).
 serve: install
 	$(PY) -m models ensure-default
 	$(VENV)/bin/bentoml serve service:SDXL --host $(HOST) --port $(PORT)
 
-test: install
+test: install browser
 	$(PY) -m pytest
 
 # The in-process part alone (no `bentoml serve` processes): a minute or two.

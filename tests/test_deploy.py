@@ -23,9 +23,9 @@ MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
-def bento(tiny_model, tiny_lora):
-    """A bento built from this checkout, serving tiny-sdxl (and the stored LoRA): its manifest
-    and its directory."""
+def bento(tiny_model, tiny_lora, tiny_controlnet):
+    """A bento built from this checkout, serving tiny-sdxl (and the stored LoRA and ControlNet):
+    its manifest and its directory."""
     env = {**os.environ, "SDXL_MODELS": "tiny-sdxl"}
     built = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -37,10 +37,12 @@ def bento(tiny_model, tiny_lora):
     return json.loads(shown.stdout), Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version
 
 
-def test_bento_packs_the_served_models_and_loras_and_declares_the_environment(bento, tiny_model, tiny_lora):
+def test_bento_packs_the_served_models_loras_and_controlnets_and_declares_the_environment(
+        bento, tiny_model, tiny_lora, tiny_controlnet):
     manifest, _ = bento
     service = manifest["services"][0]
-    assert sorted(model["tag"] for model in service["models"]) == sorted([str(tiny_model.tag), str(tiny_lora.tag)])
+    assert sorted(model["tag"] for model in service["models"]) == sorted(
+        [str(tiny_model.tag), str(tiny_lora.tag), str(tiny_controlnet.tag)])
     assert service["config"]["resources"] == {"gpu": 1}
     assert service["config"]["traffic"]["timeout"] >= 300
     assert {env["name"]: env["value"] for env in manifest["envs"]} == declared_environment()
@@ -48,7 +50,8 @@ def test_bento_packs_the_served_models_and_loras_and_declares_the_environment(be
 
 
 def test_a_bento_serves_only_the_models_it_packed(bento, tiny_model, serve):
-    """An extra model in the store is not served by a built bento; its packed LoRA is."""
+    """An extra model in the store is not served by a built bento; its packed LoRA and
+    ControlNet are."""
     from models.store import import_from_path, stored_model
 
     stored_model("tiny-extra") or import_from_path("tiny-extra", Path(tiny_model.path))
@@ -56,9 +59,13 @@ def test_a_bento_serves_only_the_models_it_packed(bento, tiny_model, serve):
     server = serve("bento", {"SDXL_MODELS": ""}, target=f"{directory.parent.name}:{directory.name}")
     served = [m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=300).json()["models"]]
     loras = httpx.get(f"{server.url}/v1/loras", timeout=300).json()["data"]
+    controlnets = httpx.get(f"{server.url}/v1/controlnets", timeout=300).json()["data"]
+    playground = httpx.get(f"{server.url}/ui", timeout=300)
     server.stop()
+    assert playground.status_code == 200 and "SDXL playground" in playground.text  # packed with the code
     assert served == ["tiny-sdxl"]
     assert [(lora["id"], lora["fits"]) for lora in loras] == [("tiny-sdxl-lora", ["tiny-sdxl"])]
+    assert [(c["id"], c["fits"]) for c in controlnets] == [("tiny-sdxl-controlnet", ["tiny-sdxl"])]
 
 
 def test_bento_image_is_lean_and_pinned(bento):
@@ -76,7 +83,7 @@ def test_bento_image_is_lean_and_pinned(bento):
     assert any(name.startswith("nvidia-") for name in pins)  # the CUDA build of torch
     shipped = sorted(str(p.relative_to(directory / "src")) for p in (directory / "src").rglob("*") if p.is_file())
     assert shipped == sorted(
-        ["service.py", "bentofile.yaml", "requirements.txt", "models/catalog.toml"]
+        ["service.py", "bentofile.yaml", "requirements.txt", "models/catalog.toml", "backends/api/playground.html"]
         + [str(p.relative_to(ROOT)) for p in (ROOT / "backends").rglob("*.py")]
         + [str(p.relative_to(ROOT)) for p in (ROOT / "models").glob("*.py")]
     )

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from backends.api import a1111, errors, image_generations, jobs, system
+from backends.api import a1111, errors, image_generations, jobs, playground, system
 from backends.sdxl_backend.errors import BackendError
 
 logger = logging.getLogger("sdxl_backend")
@@ -42,7 +42,8 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
 def create_app() -> FastAPI:
     # BentoML's own OpenAPI UI (at /) documents these routes; FastAPI's second copy is off.
     app = FastAPI(title="SDXL", docs_url=None, redoc_url=None, openapi_url=None)
-    for router in (image_generations.router, jobs.router, a1111.router, a1111.controlnet_router, system.router):
+    for router in (image_generations.router, jobs.router, a1111.router, a1111.controlnet_router, system.router,
+                   playground.router):
         app.include_router(router)
     app.add_exception_handler(BackendError, _backend_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

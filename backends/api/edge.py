@@ -37,6 +37,7 @@ from backends.api import errors, openapi
 from backends.api.headers import presented_key
 
 PROBES = ("/health", "/livez", "/readyz", "/healthz")
+PAGES = ("/ui",)  # the playground: it holds no secret, and asks for the key itself
 JSON_ONLY = ("/v1/txt2img", "/v1/img2img")  # the native BentoML methods, whose bodies are JSON
 OPEN_PREFIXES = ("/v1/images/files/",)
 access_log = logging.getLogger("sdxl_backend.access")
@@ -57,7 +58,7 @@ class Edge:
         self.app = app
         self.keys = keys
         self.cors_origins = cors_origins
-        self.open_paths = PROBES + (("/metrics",) if open_metrics else ())
+        self.open_paths = PROBES + PAGES + (("/metrics",) if open_metrics else ())
         self.max_body_bytes = max_body_bytes
         self.state = state  # the dialect app's state, where the runtime (and its metrics) will be
 

@@ -5,6 +5,7 @@ document 3.0.2, while the schemas it merges in (pydantic's, FastAPI's) use OpenA
 Schema (numeric `exclusiveMinimum`, `type: "null"`). Here the document says 3.1.0, every
 operation declares the errors it really sends in the one error shape (and not FastAPI's 422,
 which this server answers as 400), and the native methods declare their raw-image answer.
+Its description, which BentoML's UI at `/` shows first, links the playground.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def _error_responses(statuses: tuple[int, ...]) -> dict[str, Any]:
 
 def truthful(spec: dict[str, Any]) -> dict[str, Any]:
     spec["openapi"] = "3.1.0"
+    info = spec.setdefault("info", {})
+    info["description"] = ("**[Open the playground](/ui)**: generate, watch and compare in the browser.\n\n"
+                           + info.get("description", ""))
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas["ErrorBody"] = errors.ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
     schemas.update(schemas["ErrorBody"].pop("$defs"))
@@ -46,7 +50,7 @@ def truthful(spec: dict[str, Any]) -> dict[str, Any]:
                     responses.update(_error_responses((400,)))
                 if path == "/metrics":
                     responses.update(_error_responses((401,)))
-                elif path != "/health" and not path.startswith("/v1/images/files"):
+                elif path not in ("/health", "/ui") and not path.startswith("/v1/images/files"):
                     responses.update(_error_responses((401,)))
             operation["responses"] = responses
     return spec

@@ -1,0 +1,171 @@
+"""The playground page (/ui) in a real browser: headless Chromium (Debian's package, which
+`make test` installs) driven by Playwright, against served processes. Screenshots go to each
+test's output folder."""
+
+from __future__ import annotations
+
+import shutil
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+
+from tests.conftest import GUARD_KEYS
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "no Chromium: `make test` installs it (Debian's chromium package)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_page(browser):
+    """`open_page(url, width)`: the page loaded, with the console errors and the hosts of every
+    request it makes recorded on it (`page.console_errors`, `page.hosts`)."""
+    contexts = []
+
+    def open_at(url: str, width: int = 1280):
+        # (Playwright's waits evaluate strings, which the page's content policy forbids to its own scripts)
+        context = browser.new_context(viewport={"width": width, "height": 900}, bypass_csp=True)
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.console_errors, page.hosts = [], set()
+        page.on("console", lambda message: message.type == "error" and page.console_errors.append(message.text))
+        page.on("pageerror", lambda error: page.console_errors.append(str(error)))
+        page.on("request", lambda request: page.hosts.add(urlparse(request.url).hostname)
+                if request.url.startswith("http") else None)
+        page.goto(f"{url}/ui")
+        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        return page
+
+    yield open_at
+    for context in contexts:
+        context.close()
+
+
+def record_statuses(page) -> None:
+    """Keep every text the status line shows, and whether a preview appeared."""
+    page.evaluate("""() => {
+        window.statuses = [];
+        new MutationObserver(() => statuses.push(document.querySelector('#status').textContent))
+            .observe(document.querySelector('#status'), {childList: true, characterData: true, subtree: true});
+        window.previewed = false;
+        new MutationObserver(() => { previewed = true; }).observe(document.querySelector('#preview'), {attributes: true});
+    }""")
+
+
+def generate(page, cards_before: int) -> None:
+    page.click("#generate")
+    page.wait_for_function(f"document.querySelectorAll('.card').length > {cards_before}", timeout=300_000)
+
+
+@pytest.mark.served
+def test_a_generation_shows_progress_a_preview_then_the_image_and_works_again_from_it(server, open_page, tmp_path):
+    page = open_page(server.url)
+    assert page.input_value("#model") == "tiny-sdxl"
+    page.fill("#steps", "12")
+    page.select_option("#size", "custom")
+    page.fill("#width", "256")
+    page.fill("#height", "256")
+    page.fill("#seed", "42")
+    record_statuses(page)
+    generate(page, 0)
+    statuses = page.evaluate("window.statuses")
+    assert any(text.startswith("Step ") and " of 12" in text for text in statuses), statuses
+    assert statuses[-1].startswith("Done: 1 image(s)")
+    assert page.evaluate("window.previewed")
+    card = page.locator(".card").first
+    assert card.get_attribute("data-seed") == "42"
+    assert "seed 42 · 256x256 · tiny-sdxl, 12 steps" in card.locator(".meta").inner_text()
+    assert card.locator("a").get_attribute("download") == "sdxl-42.png"
+    page.screenshot(path=tmp_path / "playground.png", full_page=True)
+
+    card.get_by_text("Use as input").click()  # img2img from the generated image
+    assert page.is_visible("#input-image")
+    with page.expect_request(lambda request: request.url.endswith("/v1/jobs") and request.method == "POST") as sent:
+        generate(page, 1)
+    body = sent.value.post_data_json
+    assert body["image"].startswith("data:image/png;base64,") and body["strength"] == 0.75 and "mask" not in body
+    assert page.locator(".card").count() == 2
+    page.locator("[data-compare]").nth(0).check()
+    page.locator("[data-compare]").nth(1).check()
+    assert page.locator("#compare img").count() == 2
+    page.locator(".card").nth(1).get_by_text("Same settings").click()
+    assert page.input_value("#seed") == "42" and page.input_value("#width") == "256"
+
+    page.get_by_text("Copy as curl / Python").click()
+    page.click("#show-curl")
+    assert '"seed": 42' in page.inner_text("#snippet") and "/v1/txt2img" not in page.inner_text("#snippet")  # img2img
+    assert page.console_errors == []
+    assert page.hosts == {"127.0.0.1"}  # nothing fetched from anywhere else ...
+    policy = httpx.get(f"{server.url}/ui", timeout=300).headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy  # ... nor could it be
+    # BentoML's API page at / shows the document's description first: it links the playground.
+    assert "(/ui)" in httpx.get(f"{server.url}/docs.json", timeout=300).json()["info"]["description"]
+
+
+@pytest.mark.served
+def test_cancel_stops_a_long_job(server, open_page):
+    page = open_page(server.url)
+    page.select_option("#size", "512x512")
+    page.fill("#steps", "150")
+    record_statuses(page)
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Step ')", timeout=300_000)
+    page.click("#cancel")
+    page.wait_for_function("document.querySelector('#status').textContent === 'Cancelled.'", timeout=300_000)
+    job = httpx.get(f"{server.url}/v1/jobs", params={"limit": 1}, timeout=300).json()["jobs"][0]
+    assert job["status"] == "cancelled" and job["step"] < 150
+    assert page.is_enabled("#generate") and page.locator(".card").count() == 0
+
+
+@pytest.mark.served
+def test_a_refused_request_shows_the_servers_message_on_its_field(server, open_page):
+    page = open_page(server.url)
+    page.select_option("#size", "custom")
+    page.fill("#width", "100")
+    page.fill("#height", "64")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#error').textContent !== ''")
+    assert page.inner_text("#error") == "width: 100 is not a multiple of 8"
+    assert "invalid" in page.get_attribute("#width", "class")
+    assert page.locator(".card").count() == 0 and page.is_enabled("#generate")
+
+
+@pytest.mark.served
+def test_with_api_keys_the_page_asks_for_one_and_then_works(guarded, browser, tmp_path):
+    context = browser.new_context(bypass_csp=True)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(f"{guarded.url}/ui")  # the page itself needs no key
+    page.wait_for_function("document.querySelector('#error').textContent !== ''")
+    assert "needs an API key" in page.inner_text("#error")
+    page.fill("#key", GUARD_KEYS[0])
+    page.click("#save-key")
+    page.wait_for_function("document.querySelector('#error').textContent === ''")
+    assert page.locator("#model option").count() > 0
+    generate(page, 0)
+    assert page.evaluate("localStorage.getItem('sdxl-key')") == GUARD_KEYS[0]  # kept in the browser only
+    context.close()
+
+
+@pytest.mark.served
+@pytest.mark.parametrize("width", [375, 1920])
+def test_the_page_fits_a_phone_and_a_wide_screen(server, open_page, width, tmp_path):
+    page = open_page(server.url, width)
+    assert page.evaluate("document.documentElement.scrollWidth") <= width  # nothing wider than the screen
+    form, results = page.locator("#form").bounding_box(), page.locator("section").bounding_box()
+    if width < 760:
+        assert results["y"] >= form["y"] + form["height"]  # stacked
+    else:
+        assert results["x"] >= form["x"] + form["width"]  # side by side
+    page.screenshot(path=tmp_path / f"playground-{width}.png", full_page=True)
+    assert page.console_errors == [] and page.hosts == {"127.0.0.1"}
