@@ -4,11 +4,14 @@ test's output folder."""
 
 from __future__ import annotations
 
+import base64
+import io
 import shutil
 from urllib.parse import urlparse
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.conftest import GUARD_KEYS
 
@@ -169,3 +172,36 @@ def test_the_page_fits_a_phone_and_a_wide_screen(server, open_page, width, tmp_p
         assert results["x"] >= form["x"] + form["width"]  # side by side
     page.screenshot(path=tmp_path / f"playground-{width}.png", full_page=True)
     assert page.console_errors == [] and page.hosts == {"127.0.0.1"}
+
+
+@pytest.mark.served
+def test_a_painted_mask_a_lora_and_a_controlnet_go_into_the_request(serve, tiny_lora, tiny_controlnet, open_page,
+                                                                     tmp_path):
+    server = serve("playground", {"SDXL_MODELS": "tiny-sdxl"})
+    page = open_page(server.url, 1280)
+    picture = tmp_path / "input.png"
+    Image.new("RGB", (128, 128), (40, 90, 160)).save(picture)
+    page.get_by_text("Image to image, inpainting").click()
+    page.set_input_files("#image-file", str(picture))
+    page.wait_for_function("document.querySelector('#mask').width === 128")
+    page.check("#paint-on")
+    box = page.locator("#mask").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.5, steps=8)
+    page.mouse.up()
+    page.click("#lora-panel summary")
+    page.locator("#loras [data-lora]").first.check()
+    page.click("#controlnet-panel summary")
+    page.select_option("#controlnet", "tiny-sdxl-controlnet")
+    page.set_input_files("#control-file", str(picture))
+    page.wait_for_function("document.querySelector('#control-file').files.length === 1")
+    with page.expect_request(lambda request: request.url.endswith("/v1/jobs") and request.method == "POST") as sent:
+        generate(page, 0)
+    body = sent.value.post_data_json
+    mask = Image.open(io.BytesIO(base64.b64decode(body["mask"].split(",")[1]))).convert("L")
+    assert mask.size == (128, 128) and mask.getpixel((64, 64)) == 255 and mask.getpixel((64, 5)) == 0  # the stroke
+    assert body["loras"] == [{"id": "tiny-sdxl-lora", "weight": 0.8}]
+    assert body["controlnets"][0]["id"] == "tiny-sdxl-controlnet" and body["controlnets"][0]["preprocess"] == "canny"
+    assert "seed" in page.locator(".card .meta").first.inner_text()  # inpainted, guided and styled: it ran
+    assert page.console_errors == []
