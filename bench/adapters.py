@@ -60,7 +60,8 @@ def main() -> None:
     def engine() -> Engine:
         source = ModelSource("tiny-sdxl", Path(model.path), defaults_for("tiny-sdxl"))
         built = Engine(ModelManager([source], select_placement(), loras=sources, controlnets=controlnets), "tiny-sdxl")
-        run(built)  # the model loads here, not in a figure
+        for _ in range(3):  # the model loads here, and the thread pools warm up, not in a figure
+            run(built)
         return built
 
     def run(on: Engine, *named: str, units: tuple[dict, ...] = ()) -> float:
