@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import shutil
+import threading
 from urllib.parse import urlparse
 
 import httpx
@@ -155,8 +156,32 @@ def test_with_api_keys_the_page_asks_for_one_and_then_works(guarded, browser, tm
     page.click("#save-key")
     page.wait_for_function("document.querySelector('#error').textContent === ''")
     assert page.locator("#model option").count() > 0
-    generate(page, 0)
     assert page.evaluate("localStorage.getItem('sdxl-key')") == GUARD_KEYS[0]  # kept in the browser only
+
+    # This server allows one event stream: another client's job holds it, and runs first.
+    auth = {"Authorization": f"Bearer {GUARD_KEYS[0]}"}
+    long_job = httpx.post(f"{guarded.url}/v1/jobs", headers=auth, timeout=300,
+                          json={"prompt": "x", "width": 512, "height": 512, "steps": 150}).json()
+    watched = threading.Event()
+
+    def watch_long_job():
+        with httpx.stream("GET", f"{guarded.url}/v1/jobs/{long_job['id']}/events", headers=auth, timeout=300) as events:
+            watched.set()
+            for _ in events.iter_lines():
+                pass
+
+    watcher = threading.Thread(target=watch_long_job)
+    watcher.start()
+    assert watched.wait(300)
+    polls = []
+    page.on("request", lambda request: polls.append(request.url) if "/v1/jobs/" in request.url
+            and not request.url.endswith(("/events", "/cancel")) else None)
+    page.click("#generate")  # its events are refused (429): the page polls the job instead
+    page.wait_for_function("document.querySelector('#status').textContent === 'Queued, position 1…'", timeout=300_000)
+    httpx.post(f"{guarded.url}/v1/jobs/{long_job['id']}/cancel", headers=auth, timeout=300)
+    page.wait_for_function("document.querySelectorAll('.card').length === 1", timeout=300_000)
+    watcher.join(300)
+    assert page.inner_text("#error") == "" and len(polls) >= 2
     context.close()
 
 
