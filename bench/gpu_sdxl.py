@@ -10,6 +10,8 @@ back with the service's own loader. Then, in one run:
   with default settings (float32, default scheduler) as the baseline;
 - images/s at batch 1, 2, 4 at SIZE with guidance, and at FAST_SIZE with FAST_STEPS steps
   without guidance (turbo-like);
+- one and two ControlNets (SDXL's full ControlNet architecture, made from the UNet as
+  diffusers does for training), through the service's ControlNet pipeline, against mode high;
 - each speed setting of the service (fast_paths.py: eager vs SDPA attention, fused QKV,
   channels-last, int8 and fp8 weights, torch.compile, all together) loaded by the service's
   loader, against the plain service load in the placement's dtype (bfloat16 on a recent card):
@@ -40,8 +42,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
+    ControlNetModel,
     EulerDiscreteScheduler,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -50,8 +54,13 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from backends.sdxl_backend.device import Placement, select_placement  # noqa: E402
 from backends.sdxl_backend.fast_paths import FastPaths  # noqa: E402
-from backends.sdxl_backend.pipelines import MEMORY_MODES, apply_memory_mode, load_pipelines  # noqa: E402
-from models.tiny import build_tiny_sdxl, make_tokenizer  # noqa: E402
+from backends.sdxl_backend.pipelines import (  # noqa: E402
+    MEMORY_MODES,
+    apply_memory_mode,
+    load_pipelines,
+    with_controlnets,
+)
+from models.tiny import build_tiny_controlnet, build_tiny_sdxl, make_tokenizer  # noqa: E402
 
 # Each speed setting alone, then together; "plain" is the service's default.
 FAST_PATHS = {
@@ -207,6 +216,21 @@ def main() -> None:
         report["modes"][mode]["speedup_vs_baseline"] = round(report["baseline"]["p50_s"] / statistics.median(seconds), 2)
 
     apply_memory_mode(pipelines, "high", placement)
+    controlnet = (build_tiny_controlnet() if args.tiny else ControlNetModel.from_unet(pipelines.txt2img.unet)).to(
+        device, placement.dtype)
+    edges = Image.new("RGB", (size, size))
+    edges.paste((255, 255, 255), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    report["controlnets"] = {}
+    unguided = report["modes"].get("high", {}).get("p50_s", float("nan"))
+    for count in (1, 2):
+        reset_peak(device)
+        guided = with_controlnets(pipelines, "txt2img", [controlnet] * count)
+        seconds = timed(guided, device, args.runs, **call, image=[edges] * count if count > 1 else edges)
+        report["controlnets"][str(count)] = {"p50_s": round(statistics.median(seconds), 3),
+                                             "peak_bytes": peak_bytes(device),
+                                             "vs_mode_high": round(statistics.median(seconds) / unguided, 2)}
+    del controlnet, guided
+
     report["throughput"] = {}
     for label, extra in ((f"{size}px_{args.steps}steps_cfg", {}),
                          (f"{fast_size}px_{args.fast_steps}steps_nocfg",
@@ -280,6 +304,9 @@ def print_table(report: dict) -> None:
     for mode, figures in report["modes"].items():
         print(f"| service, mode {mode} | {figures['p50_s']} | {gib(figures['peak_bytes'])} | "
               f"{figures['speedup_vs_baseline']}x |")
+    print("\nControlNets (service, mode high):\n| ControlNets | p50 s | peak GiB | vs none |\n| --- | --- | --- | --- |")
+    for count, figures in report["controlnets"].items():
+        print(f"| {count} | {figures['p50_s']} | {gib(figures['peak_bytes'])} | {figures['vs_mode_high']}x |")
     print("\nimages/s (service, mode high):\n| workload | batch | images/s |\n| --- | --- | --- |")
     for key, value in report["throughput"].items():
         workload, _, batch = key.rpartition("_batch")

@@ -239,6 +239,7 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     assert set(report["modes"]) == {"high", "balanced", "low"}
     assert report["baseline"]["p50_s"] > 0 and report["load_s"] > 0
     assert len(report["throughput"]) == 6
+    assert set(report["controlnets"]) == {"1", "2"} and report["controlnets"]["1"]["p50_s"] > 0
     assert "| service, mode high |" in run.stdout
     assert list(report["fast_paths"]) == settings.split(",")
     assert all("error" not in figures and figures["batch1_p50_s"] > 0 for figures in report["fast_paths"].values())
