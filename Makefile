@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BACKEND ?= docker
 IMAGE ?= sdxl:latest
 
-.PHONY: install browser serve test test-quick test-busy bench image smoke clean
+.PHONY: install test-programs serve test test-quick test-busy bench image smoke clean
 
 install: $(VENV)/.installed
 
@@ -24,20 +24,23 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	@echo "==> installed"
 	touch $@
 
-# The playground's browser tests drive Debian's Chromium through Playwright (Playwright's own
-# browser download comes from outside the package registries).
-browser:
-	@command -v chromium >/dev/null || { \
-	  echo "==> installing Chromium (Debian's chromium package) for the playground's browser tests: a minute or so"; \
+# What the tests run besides Python, from Debian's packages when missing: Chromium, which the
+# playground's browser tests drive through Playwright (Playwright's own browser download comes
+# from outside the package registries), and a Redis server for the shared-store tests.
+test-programs:
+	@missing=""; for program in chromium redis-server; do command -v $$program >/dev/null || missing="$$missing $$program"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "==> installing$$missing (Debian packages) for the browser and Redis tests: a minute or so"; \
 	  $(SUDO) apt-get update -q | tail -1 && \
-	  $(SUDO) apt-get install -y -q chromium | grep -E "^Setting up" | cut -c1-80; }
+	  $(SUDO) apt-get install -y -q $$missing | grep -E "^Setting up" | cut -c1-80; \
+	fi
 
 # Imports the default model when the store holds none (tiny-sdxl, loudly, when the hub is out of reach).
 serve: install
 	$(PY) -m models ensure-default
 	$(VENV)/bin/bentoml serve service:SDXL --host $(HOST) --port $(PORT)
 
-test: install browser
+test: install test-programs
 	$(PY) -m pytest
 
 # The in-process part alone (no `bentoml serve` processes): a minute or two.

@@ -22,7 +22,7 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 
 from PIL import Image  # noqa: E402
 
-from tests.served import Server  # noqa: E402
+from tests.served import RedisServer, Server  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -90,6 +90,14 @@ def serve(tiny_model, tmp_path_factory):
         server.terminate()
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real Redis on 127.0.0.1, for the replicas that share it."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -159,7 +159,8 @@ def test_a_body_that_is_not_utf8_is_a_400_in_the_error_shape(server):
 def test_bad_settings_stop_the_start_naming_each_variable(tiny_model, tmp_path):
     bad = {"SDXL_MAX_QUEUE": "abc", "SDXL_WARMUP": "perhaps", "SDXL_VRAM_MODE": "turbo", "SDXL_MEMORY_BUDGET": "lots",
            "SDXL_QUANTIZE": "fp4", "SDXL_ATTENTION": "flash", "SDXL_COMPILE": "maybe"}
-    server = Server({"SDXL_MODELS": "tiny-sdxl", **bad}, tmp_path / "server.log")
+    secret = {"SDXL_REDIS_URL": "http://user:hunter2@redis:6379"}  # a bad value, never shown: it may hold a password
+    server = Server({"SDXL_MODELS": "tiny-sdxl", **bad, **secret}, tmp_path / "server.log")
     try:
         server.process.wait(300)
     finally:
@@ -167,6 +168,7 @@ def test_bad_settings_stop_the_start_naming_each_variable(tiny_model, tmp_path):
     assert server.process.returncode != 0
     for variable, value in bad.items():  # every problem at once, not one per restart
         assert f"{variable}='{value}'" in server.log()
+    assert "SDXL_REDIS_URL: String should match pattern" in server.log() and "hunter2" not in server.log()
 
 
 def test_settings_read_booleans_and_lists_as_people_write_them(monkeypatch):

@@ -22,6 +22,7 @@ from backends.sdxl_backend.errors import (
     OutOfMemory,
     PayloadTooLarge,
     QueueFull,
+    StoreUnavailable,
     TimedOut,
     UnknownJob,
     UnknownModel,
@@ -38,6 +39,7 @@ STATUS: dict[type[BackendError], tuple[int, str]] = {
     QueueFull: (429, "queue_full"),
     BackendError: (500, "internal_error"),
     DeviceUnavailable: (503, "unavailable"),
+    StoreUnavailable: (503, "unavailable"),
     TimedOut: (504, "timeout"),
     OutOfMemory: (507, "out_of_memory"),
 }
@@ -53,7 +55,7 @@ DESCRIPTIONS = {
     422: "The input image does not decode",
     429: "The queue is full; Retry-After says when to try again",
     500: "Internal error",
-    503: "The device is unavailable",
+    503: "The device, or the shared store (Redis), is unavailable",
     504: "The request ran past the timeout and was cancelled",
     507: "Out of memory, also after a retry in a lower memory mode",
 }

@@ -214,11 +214,15 @@ async def generate(body: ImageGenerationRequest, request: Request, runtime: Anno
                    x_vram_mode: VramModeHeader = None) -> JSONResponse:
     """The OpenAI Images API (and, through the route above, moondream-station's): the union
     of both request shapes in, the union of both answers out."""
+    if body.response_format == "url":
+        await anyio.to_thread.run_sync(runtime.kept_images.check)
     result = await runtime.run(body.to_generation_request(x_vram_mode), request)
     urls = None
     if body.response_format == "url":
         base, kept = runtime.base_url(request), runtime.kept_images
-        urls = [f"{base}/v1/images/files/{kept.put(image.data, image.media_type, result.request.output_format)}"
+        # (off the event loop: the kept images may be in Redis)
+        urls = [f"{base}/v1/images/files/"
+                f"{await anyio.to_thread.run_sync(kept.put, image.data, image.media_type, result.request.output_format)}"
                 for image in result.images]
     return JSONResponse(render(body, result, int(time.time()), urls), headers=runtime.result_headers(result))
 
@@ -297,12 +301,12 @@ async def image_variations(request: Request, runtime: Annotated[Runtime, Depends
 @router.get("/v1/images/files/{image_id}", response_class=Response, responses={
     200: {"content": {media: {"schema": {"type": "string", "format": "binary"}} for media in
                       ("image/png", "image/jpeg", "image/webp")}, "description": "The image"},
-    **errors.responses(404, 410)})
+    **errors.responses(404, 410, 503)})
 async def kept_image(image_id: str, runtime: Annotated[Runtime, Depends(runtime_of)]) -> Response:
     """An image answered with response_format "url", while it is kept."""
-    image = runtime.kept_images.get(image_id)
+    image = await anyio.to_thread.run_sync(runtime.kept_images.get, image_id)
     if image is not None:
         return Response(image.data, media_type=image.media_type)
-    if runtime.kept_images.expired(image_id):
+    if await anyio.to_thread.run_sync(runtime.kept_images.expired, image_id):
         return JSONResponse(errors.error_body("this image has expired", "gone", code="expired"), 410)
     return JSONResponse(errors.error_body("no such image", "not_found", code="not_found"), 404)

@@ -1,8 +1,9 @@
 """Images kept for `response_format: "url"`: served from this service for a while, then gone.
 
-In memory, under a byte cap: the oldest image goes first when a new one does not fit, and an
-image is deleted once its time is up. A link that expired answers 410, one that never
-existed 404. A restart forgets every kept image.
+Under a byte cap: the oldest image goes first when a new one does not fit, and an image is
+deleted once its time is up. A link that expired answers 410, one that never existed 404.
+`KeptImages` keeps them in this process (a restart forgets them); `SharedKeptImages` in Redis
+(`SDXL_REDIS_URL`), where every replica serves every link and the cap holds for all of them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+from backends.sdxl_backend.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    import redis
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,9 @@ class KeptImages:
             self._expire()
             return self._images.get(image_id)
 
+    def check(self) -> None:
+        """Nothing to check: this process is where the images are."""
+
     def expired(self, image_id: str) -> bool:
         """Whether `image_id` was kept once and is gone now (timed out or pushed out)."""
         with self._lock:
@@ -80,3 +91,91 @@ class KeptImages:
         self._gone[image_id] = None
         while len(self._gone) > 100_000:
             self._gone.popitem(last=False)
+
+
+# Adds an image and, in the same step, drops the expired ones and then the oldest while the
+# images are over the cap; each dropped id leaves a tombstone (for 410) that lasts a day.
+# KEYS: the age index (a sorted set by expiry), the sizes (a hash), the byte total, the key
+# prefix. ARGV: id, data, media type, time to live (ms), cap (bytes).
+PUT_SCRIPT = """
+local index, sizes, total, prefix = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local id, data, media_type, ttl_ms, cap = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local function drop(old)
+  redis.call('DECRBY', total, tonumber(redis.call('HGET', sizes, old) or '0'))
+  redis.call('HDEL', sizes, old)
+  redis.call('ZREM', index, old)
+  redis.call('DEL', prefix .. 'image:' .. old)
+  redis.call('SET', prefix .. 'gone:' .. old, '1', 'EX', 86400)
+end
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', now_ms)) do drop(old) end
+while tonumber(redis.call('GET', total) or '0') + #data > cap do
+  local oldest = redis.call('ZRANGE', index, 0, 0)[1]
+  if not oldest then break end
+  drop(oldest)
+end
+redis.call('HSET', prefix .. 'image:' .. id, 'data', data, 'media_type', media_type)
+redis.call('PEXPIRE', prefix .. 'image:' .. id, ttl_ms)
+redis.call('ZADD', index, now_ms + ttl_ms, id)
+redis.call('HSET', sizes, id, #data)
+redis.call('INCRBY', total, #data)
+"""
+
+
+@contextmanager
+def redis_failures_as_unavailable() -> Iterator[None]:
+    import redis
+
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise StoreUnavailable(f"the shared store (Redis, SDXL_REDIS_URL) cannot be reached: {exc}") from None
+
+
+class SharedKeptImages:
+    """Kept images in Redis: each image a key that expires with its time to live, an index by
+    expiry and a byte total for the cap (kept up to date when an image is added). Redis out of
+    reach is `StoreUnavailable` (503) after at most a few seconds, never a hang."""
+
+    PREFIX = "sdxl:kept:"
+
+    def __init__(self, client: "redis.Redis", ttl_s: float, max_bytes: int):
+        self.client = client
+        self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self._put = client.register_script(PUT_SCRIPT)
+        self._keys = [self.PREFIX + "index", self.PREFIX + "sizes", self.PREFIX + "bytes", self.PREFIX]
+
+    def put(self, data: bytes, media_type: str, extension: str) -> str:
+        image_id = f"{secrets.token_urlsafe(16)}.{extension}"
+        with redis_failures_as_unavailable():
+            self._put(keys=self._keys, args=[image_id, data, media_type, int(self.ttl_s * 1000), self.max_bytes])
+        return image_id
+
+    def get(self, image_id: str) -> KeptImage | None:
+        with redis_failures_as_unavailable():
+            found = self.client.hgetall(self.PREFIX + "image:" + image_id)
+        if not found:
+            return None
+        return KeptImage(found[b"data"], found[b"media_type"].decode(), 0.0)
+
+    def check(self) -> None:
+        """Raises `StoreUnavailable` unless Redis answers: checked before a generation whose
+        images it will keep, so that an outage costs no device work."""
+        with redis_failures_as_unavailable():
+            self.client.ping()
+
+    def expired(self, image_id: str) -> bool:
+        with redis_failures_as_unavailable():
+            if self.client.exists(self.PREFIX + "gone:" + image_id):
+                return True
+            return self.client.zscore(self._keys[0], image_id) is not None  # indexed, and its key is gone
+
+    def close(self) -> None:
+        self.client.close()
+
+    @property
+    def total_bytes(self) -> int:
+        with redis_failures_as_unavailable():
+            return int(self.client.get(self._keys[2]) or 0)

@@ -22,7 +22,7 @@ import anyio
 from starlette.requests import Request
 
 from backends.api import headers
-from backends.api.kept_images import KeptImages
+from backends.api.kept_images import KeptImages, SharedKeptImages
 from backends.api.metrics import Metrics
 from backends.api.settings import Settings
 from backends.sdxl_backend.errors import DeviceUnavailable, TimedOut
@@ -94,9 +94,27 @@ class Runtime:
         self.jobs = JobQueue(self.engine, settings.max_queue, settings.job_ttl_seconds, settings.max_jobs,
                              settings.job_max_bytes, on_change=self._job_changed, journal=JobJournal(self.jobs_dir),
                              max_batch=settings.max_batch)
-        self.kept_images = KeptImages(settings.image_url_ttl_seconds, settings.image_url_max_bytes)
+        self.kept_images = self._kept_images(settings)
         self.event_streams = 0  # SSE streams open now (changed on the event loop only)
         self.started = int(time.time())
+
+    @staticmethod
+    def _kept_images(settings: Settings) -> KeptImages | SharedKeptImages:
+        """In this process, or in the Redis the replicas share (which may come up after us:
+        until it does, links answer 503)."""
+        if settings.redis_url is None:
+            return KeptImages(settings.image_url_ttl_seconds, settings.image_url_max_bytes)
+        import redis
+
+        # Short timeouts: Redis out of reach is a quick 503, never a hanging request.
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=3)
+        try:
+            client.ping()
+            logger.info("kept images are shared through Redis (SDXL_REDIS_URL)")
+        except redis.RedisError as exc:
+            logger.warning("Redis (SDXL_REDIS_URL) cannot be reached yet (%s); image links answer 503 until it can",
+                           type(exc).__name__)
+        return SharedKeptImages(client, settings.image_url_ttl_seconds, settings.image_url_max_bytes)
 
     def warm_up(self) -> None:
         """Load the default model and run it once, so that no request pays for either."""

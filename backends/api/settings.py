@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     public_url: str | None = None  # base of image links when behind a proxy; default: the request's own
     image_url_ttl_seconds: float = Field(3600, gt=0)
     image_url_max_bytes: int = Field(256 * 2**20, ge=0)
+    # Scale-out: the Redis every replica shares (kept images today); unset: each keeps its own
+    redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://", repr=False)
     # Jobs
     max_queue: int = Field(64, ge=1)  # jobs waiting for the device; more get 429
     max_batch: int = Field(4, ge=1)  # images of compatible jobs in one pipeline call; 1: each job alone
@@ -148,6 +150,9 @@ class Settings(BaseSettings):
                             tiling_pixels=self.vae_tiling_pixels, idle_unload_s=self.idle_unload_seconds or None)
 
 
+SECRET_SETTINGS = ("api_keys", "redis_url")  # never shown back, even when wrong: they may hold passwords
+
+
 class SettingsError(Exception):
     """A setting has a bad value; the message names each variable and what it accepts."""
 
@@ -162,7 +167,7 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         problems = [
             f"{env_name(str(error['loc'][0]))}={error['input']!r}: {error['msg'].removeprefix('Value error, ')}"
-            if error["loc"] and error["input"] is not None and error["loc"][0] != "api_keys"
+            if error["loc"] and error["input"] is not None and error["loc"][0] not in SECRET_SETTINGS
             else f"{env_name(str(error['loc'][0]))}: {error['msg'].removeprefix('Value error, ')}"
             for error in exc.errors()
         ]

@@ -72,3 +72,7 @@ class TimedOut(BackendError):
 
 class DeviceUnavailable(BackendError):
     """The device thread is gone: nothing can run until the service restarts."""
+
+
+class StoreUnavailable(BackendError):
+    """The shared store (Redis, SDXL_REDIS_URL) cannot be reached; the request can be retried."""
