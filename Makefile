@@ -28,7 +28,8 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 # playground's browser tests drive through Playwright (Playwright's own browser download comes
 # from outside the package registries), and a Redis server for the shared-store tests.
 test-programs:
-	@missing=""; for program in chromium redis-server; do command -v $$program >/dev/null || missing="$$missing $$program"; done; \
+	@missing=""; \
+	for program in chromium redis-server; do command -v $$program >/dev/null || missing="$$missing $$program"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "==> installing$$missing (Debian packages) for the browser and Redis tests: a minute or so"; \
 	  $(SUDO) apt-get update -q | tail -1 && \

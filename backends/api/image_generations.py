@@ -220,9 +220,9 @@ async def generate(body: ImageGenerationRequest, request: Request, runtime: Anno
     urls = None
     if body.response_format == "url":
         base, kept = runtime.base_url(request), runtime.kept_images
+        extension = result.request.output_format
         # (off the event loop: the kept images may be in Redis)
-        urls = [f"{base}/v1/images/files/"
-                f"{await anyio.to_thread.run_sync(kept.put, image.data, image.media_type, result.request.output_format)}"
+        urls = [f"{base}/v1/images/files/{await anyio.to_thread.run_sync(kept.put, image.data, image.media_type, extension)}"
                 for image in result.images]
     return JSONResponse(render(body, result, int(time.time()), urls), headers=runtime.result_headers(result))
 
