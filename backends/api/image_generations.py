@@ -219,11 +219,11 @@ async def generate(body: ImageGenerationRequest, request: Request, runtime: Anno
     result = await runtime.run(body.to_generation_request(x_vram_mode), request)
     urls = None
     if body.response_format == "url":
-        base, kept = runtime.base_url(request), runtime.kept_images
-        extension = result.request.output_format
+        base, kept, extension = runtime.base_url(request), runtime.kept_images, result.request.output_format
         # (off the event loop: the kept images may be in Redis)
-        urls = [f"{base}/v1/images/files/{await anyio.to_thread.run_sync(kept.put, image.data, image.media_type, extension)}"
-                for image in result.images]
+        ids = [await anyio.to_thread.run_sync(kept.put, image.data, image.media_type, extension)
+               for image in result.images]
+        urls = [f"{base}/v1/images/files/{image_id}" for image_id in ids]
     return JSONResponse(render(body, result, int(time.time()), urls), headers=runtime.result_headers(result))
 
 
