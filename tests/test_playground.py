@@ -67,8 +67,11 @@ def record_statuses(page) -> None:
 
 
 def generate(page, cards_before: int) -> None:
+    """Click Generate and wait for a new result (a refusal or failure shown instead fails at once)."""
     page.click("#generate")
-    page.wait_for_function(f"document.querySelectorAll('.card').length > {cards_before}", timeout=300_000)
+    page.wait_for_function(f"document.querySelectorAll('.card').length > {cards_before} "
+                           f"|| document.querySelector('#error').textContent !== ''", timeout=300_000)
+    assert page.inner_text("#error") == ""
 
 
 @pytest.mark.served
@@ -216,7 +219,11 @@ def test_a_painted_mask_a_lora_and_a_controlnet_go_into_the_request(serve, tiny_
     page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.5, steps=8)
     page.mouse.up()
     page.click("#lora-panel summary")
-    page.locator("#loras [data-lora]").first.check()
+    # Only the LoRAs that fit the model are offered (other tests leave one for SDXL base in the store).
+    offered = page.locator("#loras > div:not([hidden])")
+    assert offered.count() >= 1 and all(fits == "tiny-sdxl" for fits in
+                                        offered.evaluate_all("rows => rows.map(row => row.dataset.fits)"))
+    page.locator('#loras > div[data-id="tiny-sdxl-lora"] [data-lora]').check()
     page.click("#controlnet-panel summary")
     page.select_option("#controlnet", "tiny-sdxl-controlnet")
     page.set_input_files("#control-file", str(picture))
