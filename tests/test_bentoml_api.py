@@ -19,7 +19,7 @@ from bentoml.exceptions import BentoMLException, InvalidArgument
 from openapi_spec_validator import validate
 from PIL import Image
 
-from backends.api.settings import SettingsError, load_settings
+from backends.api.settings import Settings, SettingsError, env_name, load_settings
 from tests.conftest import png_bytes
 from tests.served import ROOT, Server
 
@@ -169,6 +169,12 @@ def test_bad_settings_stop_the_start_naming_each_variable(tiny_model, tmp_path):
     for variable, value in bad.items():  # every problem at once, not one per restart
         assert f"{variable}='{value}'" in server.log()
     assert "SDXL_REDIS_URL: String should match pattern" in server.log() and "hunter2" not in server.log()
+
+
+def test_every_setting_has_its_row_in_the_readmes_configuration_table():
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `SDXL_")]
+    assert [env_name(field) for field in Settings.model_fields
+            if not any(f"`{env_name(field)}`" in row.split(" | ")[0] for row in rows)] == []
 
 
 def test_settings_read_booleans_and_lists_as_people_write_them(monkeypatch):
