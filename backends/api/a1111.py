@@ -80,6 +80,20 @@ def take_loras(prompt: str) -> tuple[str, list[LoraWeight]]:
     text = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", LORA_TAG.sub(" ", prompt))).strip(" ,")
     return text, loras
 
+def refuse_what_is_on(extra: dict[str, Any] | None, prefix: str = "", off: dict[str, Any] | None = None) -> None:
+    """Fields this server does not implement pass when off (empty, 0, False, or the value in
+    `off`, A1111's default); one turned on is a 400 naming it."""
+    for name, value in (extra or {}).items():
+        if value in (None, False, 0, "", [], {}) or (off or {}).get(name) == value:
+            continue
+        raise InvalidRequest(f"{prefix}{name}: not supported by this server (sent {value!r})", f"{prefix}{name}")
+
+
+def title_name(title: str) -> str:
+    """The name in an A1111 model title, "name [hash]" (or the bare name)."""
+    return title.split(" ")[0]
+
+
 # The sd-webui-controlnet extension's names (and numbers) for what this server does.
 CONTROL_MODES = {"balanced": False, "0": False, "controlnet is more important": True, "2": True}  # -> guess_mode
 RESIZE_MODES = {"just resize": "stretch", "0": "stretch", "crop and resize": "crop", "1": "crop",
@@ -114,14 +128,12 @@ class A1111ControlNetUnit(BaseModel):
     hr_option: str = "Both"  # with a hires fix, the units guide both passes here
 
     def to_native(self, field: str, init_image: bytes | None) -> dict[str, Any]:
-        for name, value in (self.model_extra or {}).items():
-            if value not in (None, False, 0, "", [], {}):
-                raise InvalidRequest(f"{field}.{name}: not supported by this server (sent {value!r})", f"{field}.{name}")
+        refuse_what_is_on(self.model_extra, f"{field}.")
         module = self.module.strip().lower()
         if module not in PREPROCESSORS:
             raise InvalidRequest(f"{field}.module: '{self.module}' is not available here; use "
                                  f"{' or '.join(PREPROCESSORS)}", f"{field}.module")
-        model = self.model.split(" [")[0].strip()  # the extension's titles: "name [hash]"
+        model = title_name(self.model.strip())
         if model.lower() in ("", "none"):
             raise InvalidRequest(f"{field}.model: name a ControlNet (GET /controlnet/model_list)", f"{field}.model")
         guess_mode = CONTROL_MODES.get(str(self.control_mode).strip().lower())
@@ -211,7 +223,7 @@ class A1111Request(BaseModel):
         return GenerationRequest(
             prompt=prompt,
             negative_prompt=self.negative_prompt,
-            model=model.split(" ")[0] if model else None,  # A1111 titles: "name [hash]"
+            model=title_name(model) if model else None,
             width=self.width,
             height=self.height,
             steps=self.steps,
@@ -225,7 +237,7 @@ class A1111Request(BaseModel):
             **self._inpainting(img2img),
             hires_fix=self._hires_fix(img2img),
             loras=[] if self.disable_extra_networks else loras,
-            refiner={"model": self.refiner_checkpoint.split(" ")[0], "switch_at": self.refiner_switch_at or 0.8}
+            refiner={"model": title_name(self.refiner_checkpoint), "switch_at": self.refiner_switch_at or 0.8}
             if self.refiner_checkpoint else None,
             controlnets=self._controlnets(img2img),
         )
@@ -310,10 +322,7 @@ class A1111Request(BaseModel):
         return None
 
     def _refuse_what_is_on(self) -> None:
-        for field, value in (self.model_extra or {}).items():
-            if value in (None, False, 0, "", [], {}) or OFF.get(field) == value:
-                continue
-            raise InvalidRequest(f"{field}: not supported by this server (sent {value!r})", field)
+        refuse_what_is_on(self.model_extra, off=OFF)
         unknown = set(self.override_settings) - {"sd_model_checkpoint"}
         if unknown:
             raise InvalidRequest(f"override_settings: only sd_model_checkpoint is supported, not "
@@ -433,7 +442,7 @@ async def set_options(body: A1111Options, request: Request, runtime: RuntimeDep)
         raise InvalidRequest(f"options: the options kept here are limited to {MAX_KEPT_OPTIONS_BYTES} bytes of JSON",
                              "options")
     if body.sd_model_checkpoint is not None:
-        runtime.engine.set_default_model(body.sd_model_checkpoint.split(" ")[0])  # A1111 titles: "name [hash]"
+        runtime.engine.set_default_model(title_name(body.sd_model_checkpoint))
     stored_options(request).update(body.model_extra or {})
     return {}
 
