@@ -84,8 +84,7 @@ class PreparedRequest:
 
     @property
     def output_size(self) -> tuple[int, int]:
-        hires = self.request.hires_fix
-        return (hires.width, hires.height) if hires else (self.request.width, self.request.height)
+        return output_size(self.request)
 
 
 class BatchProgress:
@@ -154,10 +153,8 @@ class Engine:
         self.models.check_loras(source, [lora.id for lora in request.loras])
         self.models.check_controlnets(source, [unit.id for unit in request.controlnets])
         refiner = self._refiner(request, source)
-        hires = request.hires_fix
-        size = (hires.width, hires.height) if hires else (request.width, request.height)
-        controls = [control_map(decode_image(unit.image, self.limits, f"controlnets[{index}].image"), unit, size)
-                    for index, unit in enumerate(request.controlnets)]
+        controls = [control_map(decode_image(unit.image, self.limits, f"controlnets[{index}].image"), unit,
+                                output_size(request)) for index, unit in enumerate(request.controlnets)]
         if init_image is not None and init_image.size != (request.width, request.height):
             init_image = init_image.resize((request.width, request.height), Image.Resampling.LANCZOS)
         mask = None
@@ -426,6 +423,12 @@ class Engine:
             return tensors
 
         return on_step_end
+
+
+def output_size(request: GenerationRequest) -> tuple[int, int]:
+    """The size of the images a resolved request makes: its own, or its hires fix's."""
+    hires = request.hires_fix
+    return (hires.width, hires.height) if hires else (request.width, request.height)
 
 
 def control_arguments(prepared: PreparedRequest, maps_argument: str) -> dict:

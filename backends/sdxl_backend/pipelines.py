@@ -168,14 +168,14 @@ def set_vae_tiling(pipelines: Pipelines, on: bool) -> None:
 def weights_bytes(path: Path, dtype: torch.dtype) -> int:
     """A pipeline's weights' size once loaded in `dtype`, from the safetensors headers alone."""
     index = json.loads((path / "model_index.json").read_text())
-    variant = weights_variant(path)
-    return sum(component_bytes(path / component, dtype, variant) for component in index if (path / component).is_dir())
+    return sum(component_bytes(path / component, dtype) for component in index if (path / component).is_dir())
 
 
-def component_bytes(path: Path, dtype: torch.dtype, variant: str | None = None) -> int:
-    """One component's (a UNet's, a ControlNet's...) weights' size once loaded in `dtype`."""
+def component_bytes(path: Path, dtype: torch.dtype) -> int:
+    """One component's (a UNet's, a ControlNet's...) weights' size once loaded in `dtype`: its
+    fp16 files when it has them, as diffusers reads the variant."""
     files = sorted(path.glob("*.safetensors"))
-    variant = variant or weights_variant(path)
+    variant = weights_variant(path)
     total = 0
     for file in [f for f in files if (".fp16." in f.name) == (variant == "fp16")] or files:
         with safe_open(file, framework="pt") as weights:
