@@ -98,8 +98,7 @@ def model_attribute(model_id: str, kind: str = "model") -> str:
 SERVED = served_models()
 DEFAULT_MODEL = default_model(list(SERVED))
 VAE = replacement_vae()
-LORAS = served_adapters("lora")
-CONTROLNETS = served_adapters("controlnet")
+ADAPTERS = {kind: served_adapters(kind) for kind in ("lora", "controlnet")}
 dialects = create_app()
 
 
@@ -119,7 +118,7 @@ class SDXL:
                            adapter.info.labels["fits"],
                            catalog[adapter_id].description if adapter_id in catalog else adapter.info.labels["source"])
              for adapter_id, adapter in adapters.items()]
-            for kind, adapters in (("lora", LORAS), ("controlnet", CONTROLNETS))
+            for kind, adapters in ADAPTERS.items()
         )
         self.runtime = Runtime(SETTINGS, served, DEFAULT_MODEL, vae, loras, controlnets)
         dialects.state.runtime = self.runtime
@@ -154,7 +153,7 @@ class SDXL:
 # a service (which is why the decorators are applied by hand).
 for _model_id, _model in SERVED.items():
     setattr(SDXL, model_attribute(_model_id), bentoml.models.BentoModel(_model.tag))
-for _kind, _adapters in (("lora", LORAS), ("controlnet", CONTROLNETS)):
+for _kind, _adapters in ADAPTERS.items():
     for _adapter_id, _adapter in _adapters.items():
         setattr(SDXL, model_attribute(_adapter_id, _kind), bentoml.models.BentoModel(_adapter.tag))
 if VAE is not None:
