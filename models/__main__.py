@@ -27,6 +27,7 @@ from .store import (
 )
 
 DEFAULT_IMPORT = "sdxl-base"
+KIND_LABELS = {"vae": "[VAE, for SDXL_VAE] ", "lora": "[LoRA] ", "controlnet": "[ControlNet] "}  # in the listing
 
 
 def _import(model_id: str, source: Path | None, config: str | None, revision: str | None, force: bool,
@@ -58,7 +59,7 @@ def _list() -> None:
         model = stored.get(model_id)
         description = catalog[model_id].description if model_id in catalog else model.info.labels["source"]
         kind = catalog[model_id].kind if model_id in catalog else model.info.labels.get("sdxl_kind")
-        description = {"vae": "[VAE, for SDXL_VAE] ", "lora": "[LoRA] ", "controlnet": "[ControlNet] "}.get(kind, "") + description
+        description = KIND_LABELS.get(kind, "") + description
         rows.append((
             model_id,
             str(model.tag) if model else "-",

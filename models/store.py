@@ -3,8 +3,8 @@
 Each model is one BentoML model named by its friendly id, holding a diffusers directory (a
 pipeline), one component's directory (a VAE or a ControlNet: `config.json` and its weights), or
 a LoRA's weights (`pytorch_lora_weights.safetensors`). LoRAs and ControlNets carry a `fits`
-label: the UNet architecture they were made for (backends/sdxl_backend/loras.py). Labels record what it is and where it came from: `sdxl_id`, `sdxl_kind`, `source`,
-`revision`.
+label: the UNet architecture they were made for (backends/sdxl_backend/loras.py). Labels record
+what it is and where it came from: `sdxl_id`, `sdxl_kind`, `source`, `revision`.
 """
 
 from __future__ import annotations
@@ -123,11 +123,11 @@ def import_tiny(model_id: str = "tiny-sdxl") -> bentoml.Model:
     if model_id == "tiny-sdxl-vae":
         return _store(model_id, source, "1",
                       lambda path: build_tiny_vae(seed=SEED + 1).save_pretrained(path, safe_serialization=True), kind="vae")
+    if model_id == "tiny-sdxl-controlnet":  # (a ControlNet's config holds the widths of the UNet it was made from)
+        controlnet = build_tiny_controlnet()
+        return _store(model_id, source, "1", lambda path: controlnet.save_pretrained(path, safe_serialization=True),
+                      {"fits": unet_signature(controlnet.config)}, kind="controlnet")
     fits = unet_signature(build_tiny_sdxl().unet.config)
-    if model_id == "tiny-sdxl-controlnet":
-        return _store(model_id, source, "1",
-                      lambda path: build_tiny_controlnet().save_pretrained(path, safe_serialization=True),
-                      {"fits": fits}, kind="controlnet")
     return _store(model_id, source, "1", save_tiny_lora, {"fits": fits}, kind="lora")
 
 
