@@ -16,7 +16,7 @@ from PIL import Image
 from backends.sdxl_backend.controlnets import ControlNetSource, control_map
 from backends.sdxl_backend.device import select_placement
 from backends.sdxl_backend.engine import Engine
-from backends.sdxl_backend.errors import InvalidRequest
+from backends.sdxl_backend.errors import BackendError, InvalidRequest
 from backends.sdxl_backend.model_manager import ModelManager, ModelSource
 from backends.sdxl_backend.protocol import ControlNetUnit, GenerationRequest
 from models.catalog import defaults_for
@@ -92,7 +92,7 @@ def test_controlnets_are_checked_before_the_queue(engine, tiny_refiner):
         ({"preprocess": "canny", "low_threshold": 200, "high_threshold": 100}, {}, "is above high_threshold"),
         ({"image": base64.b64encode(b"not an image").decode()}, {}, r"controlnets\[0\].image"),
     ]:
-        with pytest.raises(Exception, match=message):
+        with pytest.raises(BackendError, match=message):
             engine.prepare(GenerationRequest(prompt="x", controlnets=[{"id": "tiny-sdxl-controlnet", "image": SQUARE,
                                                                       **unit}], **fields))
     with pytest.raises(InvalidRequest, match="guess_mode applies to the whole generation"):
