@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import bentoml
-from bentoml.exceptions import NotFound
 
 from backends.sdxl_backend.loras import LORA_FILE, SDXL_UNET, model_unet_signature, unet_signature
 

@@ -475,11 +475,11 @@ def resolve(
 
 
 def check_size(width: int, height: int, limits: Limits, prefix: str = "") -> None:
-    for field, value in ((f"{prefix}width", width), (f"{prefix}height", height)):
+    for name, value in ((f"{prefix}width", width), (f"{prefix}height", height)):
         if value % 8:
-            raise InvalidRequest(f"{field}: {value} is not a multiple of 8", field)
+            raise InvalidRequest(f"{name}: {value} is not a multiple of 8", name)
         if not limits.min_side <= value <= limits.max_side:
-            raise InvalidRequest(f"{field}: {value} is outside {limits.min_side}..{limits.max_side}", field)
+            raise InvalidRequest(f"{name}: {value} is outside {limits.min_side}..{limits.max_side}", name)
     if width * height > limits.max_pixels:
         raise InvalidRequest(
             f"{prefix}width x {prefix}height: {width}x{height} is over the limit of {limits.max_pixels} pixels",
@@ -501,11 +501,11 @@ def validate(request: GenerationRequest, limits: Limits) -> None:
         )
     if request.n > limits.max_images:
         raise InvalidRequest(f"n: {request.n} is over the limit of {limits.max_images} images", "n")
-    for field in ("prompt", "negative_prompt"):
-        length = len(getattr(request, field))
+    for name in ("prompt", "negative_prompt"):
+        length = len(getattr(request, name))
         if length > limits.max_prompt_chars:
             raise InvalidRequest(
-                f"{field}: {length} characters is over the limit of {limits.max_prompt_chars}", field
+                f"{name}: {length} characters is over the limit of {limits.max_prompt_chars}", name
             )
     if request.scheduler not in SCHEDULERS:
         raise InvalidRequest(
