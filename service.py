@@ -122,8 +122,7 @@ class SDXL:
         )
         self.runtime = Runtime(SETTINGS, served, DEFAULT_MODEL, vae, loras, controlnets)
         dialects.state.runtime = self.runtime
-        if SETTINGS.warmup:
-            self.runtime.warm_up()
+        self.runtime.start(warm_up=SETTINGS.warmup)
 
     @bentoml.api(route="/v1/txt2img", input_spec=TextToImageRequest)
     async def txt2img(self, ctx: bentoml.Context, **fields) -> native.GenerationAnswer:

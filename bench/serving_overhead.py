@@ -65,6 +65,7 @@ def main() -> None:
         "tiny-sdxl",
     )
     jobs = JobQueue(engine)
+    jobs.start()
     jobs.submit(engine.prepare(GenerationRequest(**body))).done.result()  # warm-up, as the service does at start
     in_process = []
     for _ in range(args.runs):

@@ -73,6 +73,17 @@ class Server:
         if self.process.poll() is None:
             os.killpg(self.process.pid, 15)
 
+    def kill(self) -> None:
+        """kill -9 of the server and its workers (which BentoML starts in process groups of
+        their own), as a node that dies takes them: no shutdown hook runs."""
+        import psutil
+
+        processes = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
+        for process in processes:
+            process.kill()
+        psutil.wait_procs(processes, timeout=60)
+        self.process.wait()
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.terminate()

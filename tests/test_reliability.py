@@ -4,7 +4,6 @@ leak ids, bodies too large to parse, a device thread that must outlive whatever 
 from __future__ import annotations
 
 import gc
-import threading
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ def test_the_device_thread_outlives_a_cancelled_waiter_and_a_crashing_observer(e
             raise RuntimeError("an observer bug")
 
     jobs = JobQueue(engine, on_change=observer)
+    jobs.start()
     try:
         first = jobs.submit(engine.prepare(GenerationRequest(prompt="x", steps=2)))
         first.done.cancel()  # a waiter that gave up the way asyncio does: the device must not care
@@ -58,6 +58,7 @@ def test_a_delivered_result_and_a_kept_error_hold_nothing_of_the_generation(engi
     """What a finished job keeps: a delivered result's images are freed (no future holds them),
     and a cancelled job's error has no traceback (whose frames would hold its tensors)."""
     jobs = JobQueue(engine)
+    jobs.start()
     try:
         delivered = jobs.submit(engine.prepare(GenerationRequest(prompt="delivered-7f3a", steps=2)))
         delivered.done.result(timeout=300)

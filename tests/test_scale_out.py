@@ -1,28 +1,164 @@
 """Replicas sharing one Redis (SDXL_REDIS_URL): real `bentoml serve` processes and a real
-`redis-server` on 127.0.0.1. Shared so far: the kept images behind `response_format: "url"`."""
+`redis-server` on 127.0.0.1. They share one job queue (every generation, synchronous ones too)
+and the kept images behind `response_format: "url"`: any replica answers for any job.
+
+Which replica runs a job is found from `/v1/system/status` (`jobs_on_device`). Each fleet has
+a Redis database of its own, so the fleets of this module never take each other's jobs."""
 
 from __future__ import annotations
 
+import base64
 import time
 from urllib.parse import urlparse
 
 import httpx
 import pytest
+import redis
 
 URL_REQUEST = {"prompt": "a lighthouse", "size": "64x64", "response_format": "url", "seed": 3}
+SMALL = {"prompt": "a quick one", "width": 64, "height": 64, "steps": 4, "seed": 5}
+# Long enough to be caught running and cancelled (about 20 s alone); nothing waits for its end.
+BLOCKER = {"prompt": "a slow one", "width": 1024, "height": 1024, "steps": 150, "seed": 1}
+MEDIUM = {"prompt": "a medium one", "width": 1024, "height": 1024, "steps": 30, "seed": 2}
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def fleet_env(redis_server, database: int, **more: str) -> dict[str, str]:
+    return {"SDXL_MODELS": "tiny-sdxl", "SDXL_REDIS_URL": f"{redis_server.url[:-2]}/{database}",
+            "SDXL_WARMUP": "false", **more}
 
 
 @pytest.fixture(scope="module")
 def replicas(serve, redis_server):
-    env = {"SDXL_MODELS": "tiny-sdxl", "SDXL_REDIS_URL": redis_server.url, "SDXL_IMAGE_URL_TTL_SECONDS": "8",
-           "SDXL_WARMUP": "false"}
+    env = fleet_env(redis_server, 0, SDXL_IMAGE_URL_TTL_SECONDS="8", SDXL_MAX_QUEUE="3")
     return serve("replica-a", env), serve("replica-b", env)
 
 
-def image_path(replica, body=URL_REQUEST) -> str:
-    answer = httpx.post(f"{replica.url}/v1/images/generations", json=body, timeout=300)
+def submit(replica, body) -> dict:
+    answer = httpx.post(f"{replica.url}/v1/jobs", json=body, timeout=300)
+    assert answer.status_code == 202, answer.text
+    return answer.json()
+
+
+def job(replica, job_id: str) -> dict:
+    answer = httpx.get(f"{replica.url}/v1/jobs/{job_id}", timeout=300)
     assert answer.status_code == 200, answer.text
-    return urlparse(answer.json()["data"][0]["url"]).path
+    return answer.json()
+
+
+def wait(replica, job_id: str, until=lambda state: state["status"] in FINAL, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job(replica, job_id)
+        if until(state):
+            return state
+        time.sleep(0.05)
+    raise TimeoutError(state)
+
+
+def running(state: dict) -> bool:
+    return state["status"] == "running" and state["step"] >= 1
+
+
+def on_device(replica) -> int:
+    return httpx.get(f"{replica.url}/v1/system/status", timeout=300).json()["jobs_on_device"]
+
+
+def runner_and_other(fleet, job_id: str):
+    """The replica whose device runs the job, and another one."""
+    wait(fleet[0], job_id, running)
+    busy = [replica for replica in fleet if on_device(replica)]
+    assert len(busy) == 1, "exactly one replica runs the only job"
+    return busy[0], next(replica for replica in fleet if replica is not busy[0])
+
+
+def cancel(replica, job_id: str) -> None:
+    assert httpx.delete(f"{replica.url}/v1/jobs/{job_id}", timeout=300).status_code == 200
+
+
+def test_a_job_submitted_on_one_replica_is_followed_streamed_and_fetched_on_the_other(replicas):
+    a, b = replicas
+    submitted = submit(a, {**SMALL, "preview_every": 1})
+    done = wait(b, submitted["id"])
+    assert done["status"] == "succeeded" and done["step"] == done["total_steps"] == 4
+    events = httpx.get(f"{b.url}/v1/jobs/{submitted['id']}/events", timeout=300).text
+    assert "event: result" in events and done["result"]["images"][0]["b64_json"] in events
+    preview = httpx.get(f"{b.url}/v1/jobs/{submitted['id']}/preview", timeout=300)
+    assert preview.status_code == 200 and preview.headers["x-preview-step"] == "4"
+    assert submitted["id"] in [listed["id"] for listed in httpx.get(f"{b.url}/v1/jobs", timeout=300).json()["jobs"]]
+    # The request travelled through Redis and back (its images as PNG): the pixels are those of
+    # the same request answered synchronously.
+    direct = httpx.post(f"{a.url}/v1/txt2img", json=SMALL, timeout=300).json()
+    assert base64.b64decode(direct["images"][0]["b64_json"]) == base64.b64decode(done["result"]["images"][0]["b64_json"])
+
+
+def test_img2img_travels_with_its_input_image(replicas):
+    a, b = replicas
+    made = httpx.post(f"{a.url}/v1/txt2img", json=SMALL, timeout=300).json()["images"][0]["b64_json"]
+    body = {**SMALL, "image": made, "strength": 0.5}
+    submitted = submit(b, body)
+    done = wait(a, submitted["id"])
+    assert done["status"] == "succeeded" and done["result"]["parameters"]["strength"] == 0.5
+    direct = httpx.post(f"{a.url}/v1/img2img", json=body, timeout=300).json()
+    assert direct["images"][0]["b64_json"] == done["result"]["images"][0]["b64_json"]
+
+
+def test_a_cancel_sent_to_one_replica_stops_the_job_running_on_the_other(replicas):
+    submitted = submit(replicas[0], BLOCKER)
+    runner, other = runner_and_other(replicas, submitted["id"])
+    cancel(other, submitted["id"])
+    done = wait(other, submitted["id"])
+    assert done["status"] == "cancelled" and done["step"] < done["total_steps"]
+    assert done["cancel_to_free_s"] is not None
+    assert on_device(runner) == 0
+
+
+def test_an_a1111_interrupt_sent_to_one_replica_ends_the_job_running_on_the_other_with_its_image(replicas):
+    submitted = submit(replicas[0], BLOCKER)
+    runner, other = runner_and_other(replicas, submitted["id"])
+    progress = httpx.get(f"{other.url}/sdapi/v1/progress", timeout=300).json()
+    assert progress["state"]["sampling_steps"] == BLOCKER["steps"] and progress["state"]["sampling_step"] >= 1
+    assert httpx.post(f"{other.url}/sdapi/v1/interrupt", timeout=300).status_code == 200
+    done = wait(runner, submitted["id"])
+    assert done["status"] == "succeeded" and done["step"] < done["total_steps"] and done["result"]["images"]
+
+
+def test_a_synchronous_client_is_answered_when_its_job_ran_on_the_other_replica(replicas):
+    submitted = submit(replicas[0], BLOCKER)
+    runner, other = runner_and_other(replicas, submitted["id"])
+    try:
+        answer = httpx.post(f"{runner.url}/v1/txt2img", json=SMALL, timeout=300)
+        assert answer.status_code == 200 and answer.json()["images"]
+        # The runner's device was busy all along: the other replica made the image.
+        assert job(other, submitted["id"])["status"] == "running" and on_device(runner) == 1
+    finally:
+        cancel(runner, submitted["id"])
+
+
+def test_the_queue_and_its_bound_are_the_fleets(replicas):
+    a, b = replicas
+    blockers = [submit(a, BLOCKER)["id"], submit(b, BLOCKER)["id"]]
+    queued = []
+    try:
+        for blocker in blockers:
+            wait(a, blocker, running)
+        queued = [submit(replica, SMALL)["id"] for replica in (a, b, a)]  # SDXL_MAX_QUEUE=3
+        assert [job(other, job_id)["queue_position"] for other, job_id in zip((b, a, b), queued)] == [1, 2, 3]
+        for replica in (a, b):
+            refused = httpx.post(f"{replica.url}/v1/jobs", json=SMALL, timeout=300)
+            assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        metrics = httpx.get(f"{b.url}/metrics", timeout=300).text
+        assert "sdxl_queued_jobs 3.0" in metrics and "sdxl_running_jobs 2.0" in metrics
+        # A cancelled queued job leaves the line: those behind it move up, on every replica.
+        cancel(b, queued[0])
+        assert job(a, queued[0])["status"] == "cancelled" and job(b, queued[2])["queue_position"] == 2
+    finally:
+        for job_id in blockers:
+            cancel(a, job_id)
+    assert all(wait(b, job_id)["status"] == "cancelled" for job_id in blockers)
+    # The first device free takes the two compatible jobs left as one batch (SDXL_MAX_BATCH=4).
+    results = [wait(a, job_id)["result"] for job_id in queued[1:]]
+    assert [result["batch_images"] for result in results] == [2, 2]
 
 
 def test_an_image_link_made_on_one_replica_is_served_by_the_other_until_it_expires(replicas):
@@ -38,19 +174,88 @@ def test_an_image_link_made_on_one_replica_is_served_by_the_other_until_it_expir
     assert httpx.get(f"{a.url}/v1/images/files/never-made.png", timeout=300).status_code == 404
 
 
+def image_path(replica, body=URL_REQUEST) -> str:
+    answer = httpx.post(f"{replica.url}/v1/images/generations", json=body, timeout=300)
+    assert answer.status_code == 200, answer.text
+    return urlparse(answer.json()["data"][0]["url"]).path
+
+
 def test_redis_out_of_reach_is_a_quick_503_and_the_replicas_recover(replicas, redis_server):
     a, b = replicas
     redis_server.stop()
     try:
-        jobs_before = len(httpx.get(f"{a.url}/v1/jobs", params={"limit": 100}, timeout=300).json()["jobs"])
-        refused = httpx.post(f"{a.url}/v1/images/generations", json=URL_REQUEST, timeout=300)
-        assert refused.status_code == 503
-        assert "the shared store (Redis, SDXL_REDIS_URL) cannot be reached" in refused.json()["error"]["message"]
-        assert httpx.get(f"{b.url}/v1/images/files/any.png", timeout=300).status_code == 503
+        for refused in (httpx.post(f"{a.url}/v1/images/generations", json=URL_REQUEST, timeout=300),
+                        httpx.post(f"{b.url}/v1/txt2img", json=SMALL, timeout=300),
+                        httpx.post(f"{a.url}/v1/jobs", json=SMALL, timeout=300),
+                        httpx.get(f"{b.url}/v1/jobs", timeout=300),
+                        httpx.get(f"{b.url}/v1/images/files/any.png", timeout=300)):
+            assert refused.status_code == 503, refused.text
+            assert "the shared store (Redis, SDXL_REDIS_URL) cannot be reached" in refused.json()["error"]["message"]
         assert httpx.get(f"{b.url}/health", timeout=300).status_code == 200  # the rest still serves
-        # Refused before it was queued: no device work was spent on images nobody could fetch.
-        assert len(httpx.get(f"{a.url}/v1/jobs", params={"limit": 100}, timeout=300).json()["jobs"]) == jobs_before
+        assert httpx.get(f"{a.url}/metrics", timeout=300).status_code == 200
     finally:
-        redis_server.start()
+        redis_server.start()  # (empty: this Redis keeps nothing on disk)
     path = image_path(a)
     assert httpx.get(f"{b.url}{path}", timeout=300).status_code == 200
+    assert httpx.post(f"{b.url}/v1/txt2img", json=SMALL, timeout=300).status_code == 200
+    assert wait(a, submit(b, SMALL)["id"])["status"] == "succeeded"
+
+
+def test_a_killed_replicas_job_is_finished_by_another_and_queued_jobs_outlive_every_replica(serve, redis_server):
+    """kill -9 of the replica running a job: another replica resumes it once the dead one's
+    heartbeat lapses. Then the last replica is stopped (its running job handed back, the queued
+    one left queued) and a new one, started later, finishes both."""
+    env = fleet_env(redis_server, 1)
+    fleet = [serve("fleet-c", env), serve("fleet-d", env)]
+    submitted = submit(fleet[0], MEDIUM)
+    runner, survivor = runner_and_other(fleet, submitted["id"])
+    runner.kill()
+    done = wait(survivor, submitted["id"])
+    assert done["status"] == "succeeded" and done["step"] == done["total_steps"]
+    assert done["result"]["images"][0]["seed"] == MEDIUM["seed"]
+
+    handed_back, waiting = submit(survivor, BLOCKER)["id"], submit(survivor, SMALL)["id"]
+    wait(survivor, handed_back, running)
+    survivor.stop()
+    store = redis.Redis.from_url(env["SDXL_REDIS_URL"])
+    assert store.lrange("sdxl:jobs:queue", 0, -1) == [handed_back.encode(), waiting.encode()]
+    assert store.hget(f"sdxl:jobs:job:{handed_back}", "status") == b"queued"
+    later = serve("fleet-e", env)
+    assert wait(later, handed_back, running)  # it runs again, from its start, on the new replica
+    cancel(later, handed_back)
+    assert wait(later, waiting)["status"] == "succeeded"
+
+
+def test_a_job_left_running_by_a_dead_replica_is_requeued_and_fails_after_the_last_attempt(tiny_model, redis_server):
+    """Without serving: a queue on the tiny engine finds what a replica that took two jobs and
+    died leaves in Redis (the jobs running under a name whose heartbeat is gone)."""
+    from pathlib import Path
+
+    from backends.sdxl_backend.device import select_placement
+    from backends.sdxl_backend.engine import Engine
+    from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+    from backends.sdxl_backend.protocol import GenerationRequest
+    from backends.sdxl_backend.shared_jobs import MAX_ATTEMPTS, SharedJobQueue
+    from models.catalog import defaults_for
+
+    store = redis.Redis.from_url(fleet_env(redis_server, 2)["SDXL_REDIS_URL"])
+    engine = Engine(ModelManager([ModelSource("tiny-sdxl", Path(tiny_model.path), defaults_for("tiny-sdxl"))],
+                                 select_placement()), "tiny-sdxl")
+    queue = SharedJobQueue(engine, store)
+    again, given_up = (queue.submit(engine.prepare(GenerationRequest(**SMALL))) for _ in range(2))
+    for orphan, attempts in ((again, 1), (given_up, MAX_ATTEMPTS)):
+        store.lrem("sdxl:jobs:queue", 1, orphan.id)
+        store.hset(f"sdxl:jobs:job:{orphan.id}", mapping={"status": "running", "replica": "dead", "attempts": attempts})
+        store.hset("sdxl:jobs:running", orphan.id, "dead")
+    queue.start()
+    try:
+        deadline = time.monotonic() + 600
+        while not all(queue.get(orphan.id).status.final for orphan in (again, given_up)):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert queue.get(again.id).status == "succeeded" and queue.get(again.id).result.images
+        failed = queue.get(given_up.id)
+        assert failed.status == "failed" and f"stopped ({MAX_ATTEMPTS} times)" in failed.error.message
+        assert store.hlen("sdxl:jobs:running") == 0
+    finally:
+        queue.close()

@@ -491,15 +491,15 @@ def parse_infotext(text: str) -> dict[str, Any]:
     return parsed
 
 
-def own_running_jobs(runtime: Runtime, request: Request) -> list[Job]:
-    """The jobs on the device that the caller may see (with API keys: those its key made)."""
+async def own_running_jobs(runtime: Runtime, request: Request) -> list[Job]:
+    """The running jobs that the caller may see (with API keys: those its key made)."""
     owner = runtime.owner(request)
-    return [job for job in runtime.jobs.running if owner is None or job.owner == owner]
+    return [job for job in await runtime.on_queue(lambda: runtime.jobs.running) if owner is None or job.owner == owner]
 
 
 @router.get("/progress", responses=errors.responses(401))
 async def get_progress(request: Request, runtime: RuntimeDep, skip_current_image: bool = False) -> dict[str, Any]:
-    return progress(next(iter(own_running_jobs(runtime, request)), None), preview=not skip_current_image)
+    return progress(next(iter(await own_running_jobs(runtime, request)), None), preview=not skip_current_image)
 
 
 @router.post("/interrupt", responses=errors.responses(401))
@@ -509,8 +509,8 @@ async def interrupt(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
     it stood, as A1111's does (with API keys, only a generation of the caller's key). Each
     request here is one batch, so skipping the current batch is the same. (A generation that
     shares its pipeline call with another client's runs on to its end.)"""
-    for job in own_running_jobs(runtime, request):
-        runtime.jobs.stop_early(job, "interrupted (A1111 interrupt or skip)")
+    for job in await own_running_jobs(runtime, request):
+        await runtime.on_queue(runtime.jobs.stop_early, job, "interrupted (A1111 interrupt or skip)")
     return {}
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backends.api import errors, native
 from backends.api.runtime import Runtime, runtime_of
-from backends.sdxl_backend.errors import InvalidRequest, QueueFull
+from backends.sdxl_backend.errors import BackendError, InvalidRequest, QueueFull
 from backends.sdxl_backend.jobs import Job, JobStatus
 from backends.sdxl_backend.protocol import GenerationRequest
 
@@ -90,6 +90,10 @@ def job_body(job: Job, position: int, base_url: str) -> dict[str, Any]:
     ).model_dump(mode="json")
 
 
+async def answer(runtime: Runtime, job: Job, base_url: str) -> dict[str, Any]:
+    return job_body(job, await runtime.on_queue(runtime.jobs.position, job), base_url)
+
+
 def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
@@ -120,9 +124,9 @@ NOT_FOUND = errors.responses(401, 404, 410)
 async def submit(body: JobRequest, request: Request, runtime: RuntimeDep) -> JSONResponse:
     """The native body (an `image` makes it img2img), checked, queued and answered at once."""
     prepared = await runtime.prepare(body.generation_request())
-    job = runtime.submit(prepared, request, body.preview_every)
-    answer = job_body(job, runtime.jobs.position(job), runtime.base_url(request))
-    return JSONResponse(answer, status_code=202, headers={"Location": answer["links"]["self"]})
+    job = await runtime.submit(prepared, request, body.preview_every)
+    shown = await answer(runtime, job, runtime.base_url(request))
+    return JSONResponse(shown, status_code=202, headers={"Location": shown["links"]["self"]})
 
 
 @router.get("", response_model=JobList, responses=errors.responses(400, 401))
@@ -134,17 +138,17 @@ async def list_jobs(
 ) -> dict:
     """Recent jobs, newest first, a page at a time."""
     base = runtime.base_url(request)
-    page = runtime.jobs.recent(limit + 1, before, runtime.owner(request))
+    page = await runtime.on_queue(runtime.jobs.recent, limit + 1, before, runtime.owner(request))
     more = len(page) > limit
     page = page[:limit]
-    return {"jobs": [job_body(job, runtime.jobs.position(job), base) for job in page],
+    return {"jobs": [await answer(runtime, job, base) for job in page],
             "next_before": page[-1].created if more else None}
 
 
 @router.get("/{job_id}", response_model=JobAnswer, responses=NOT_FOUND)
 async def get_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict:
-    job = runtime.jobs.get(job_id, runtime.owner(request))
-    return job_body(job, runtime.jobs.position(job), runtime.base_url(request))
+    job = await runtime.on_queue(runtime.jobs.get, job_id, runtime.owner(request))
+    return await answer(runtime, job, runtime.base_url(request))
 
 
 @router.delete("/{job_id}", response_model=JobAnswer, responses=NOT_FOUND)
@@ -152,9 +156,9 @@ async def get_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict:
 async def cancel_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict:
     """A queued job never starts; a running one stops at its next step. Cancelling a
     finished job changes nothing."""
-    job = runtime.jobs.get(job_id, runtime.owner(request))
-    runtime.jobs.cancel(job)
-    return job_body(job, runtime.jobs.position(job), runtime.base_url(request))
+    job = await runtime.on_queue(runtime.jobs.get, job_id, runtime.owner(request))
+    await runtime.on_queue(runtime.jobs.cancel, job)
+    return await answer(runtime, await runtime.on_queue(runtime.jobs.refresh, job), runtime.base_url(request))
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={
@@ -164,7 +168,7 @@ async def cancel_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict
 async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> StreamingResponse:
     """Server-Sent Events: `progress` (and `preview`) while it runs, then `result`,
     `error` or `cancelled`, then the stream ends."""
-    job, base = runtime.jobs.get(job_id, runtime.owner(request)), runtime.base_url(request)
+    job, base = await runtime.on_queue(runtime.jobs.get, job_id, runtime.owner(request)), runtime.base_url(request)
     if runtime.event_streams >= runtime.settings.max_event_streams:
         raise TooManyStreams(f"{runtime.event_streams} event streams are open (SDXL_MAX_EVENT_STREAMS); poll "
                              f"GET /v1/jobs/{{id}} or retry later", 1)
@@ -178,22 +182,27 @@ async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> Stre
             runtime.event_streams -= 1
 
     async def events():
-        seen, preview_step, quiet_s = -1, 0, 0.0
+        seen, preview_step, quiet_s, current = -1, 0, 0.0, job
         while True:
-            version, final = job.version, job.status.final
+            version, final = current.version, current.status.final
             if version != seen:
                 seen, quiet_s = version, 0.0
-                for event in progress_events(job, runtime.jobs.position(job), preview_step):
+                for event in progress_events(current, await runtime.on_queue(runtime.jobs.position, current),
+                                             preview_step):
                     yield event
-                preview_step = job.preview_step
+                preview_step = current.preview_step
             if final:
-                yield final_event(job, base)
+                yield final_event(current, base)
                 return
             if quiet_s >= KEEPALIVE_S:
                 quiet_s = 0.0
                 yield ": waiting\n\n"
             await asyncio.sleep(0.05)
             quiet_s += 0.05
+            try:
+                current = await runtime.on_queue(runtime.jobs.refresh, current)
+            except BackendError:  # Redis went away (or the job expired): the stream ends, the client polls
+                return
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -203,7 +212,7 @@ async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> Stre
           "description": "The latest latent preview"},
     **errors.responses(400, 401, 404, 410)})
 async def job_preview(job_id: str, request: Request, runtime: RuntimeDep) -> Response:
-    job = runtime.jobs.get(job_id, runtime.owner(request))
+    job = await runtime.on_queue(runtime.jobs.get, job_id, runtime.owner(request))
     if job.preview is None:
         raise InvalidRequest("preview: this job has no preview yet (submit with preview_every)", "preview_every")
     return Response(job.preview, media_type="image/png", headers={"X-Preview-Step": str(job.preview_step)})

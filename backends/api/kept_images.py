@@ -12,11 +12,10 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
-from backends.sdxl_backend.errors import StoreUnavailable
+from backends.sdxl_backend.errors import redis_failures_as_unavailable
 
 if TYPE_CHECKING:
     import redis
@@ -121,16 +120,6 @@ redis.call('ZADD', index, now_ms + ttl_ms, id)
 redis.call('HSET', sizes, id, #data)
 redis.call('INCRBY', total, #data)
 """
-
-
-@contextmanager
-def redis_failures_as_unavailable() -> Iterator[None]:
-    import redis
-
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise StoreUnavailable(f"the shared store (Redis, SDXL_REDIS_URL) cannot be reached: {exc}") from None
 
 
 class SharedKeptImages:

@@ -23,8 +23,9 @@ class Metrics:
         self.request_seconds = Histogram("sdxl_http_request_seconds", "Time to answer an HTTP request",
                                          ["route", "method"],
                                          buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
-        self.queued = Gauge("sdxl_queued_jobs", "Jobs waiting for the device", multiprocess_mode="livesum")
-        self.running = Gauge("sdxl_running_jobs", "Jobs on the device", multiprocess_mode="livesum")
+        # With a shared queue (SDXL_REDIS_URL), the fleet's counts: the same on every replica.
+        self.queued = Gauge("sdxl_queued_jobs", "Jobs waiting for a device", multiprocess_mode="livesum")
+        self.running = Gauge("sdxl_running_jobs", "Jobs running on a device", multiprocess_mode="livesum")
         self.generations = Counter("sdxl_generations_total", "Finished jobs", ["model", "outcome"])
         self.recoveries = Counter("sdxl_out_of_memory_recoveries_total", "Out-of-memory errors recovered in a lower mode",
                                   ["model"])
@@ -39,7 +40,7 @@ class Metrics:
         self.running.set(running)
 
     def observe_finished(self, job: Job) -> None:
-        model = job.request.model or "unknown"
+        model = (job.request.model if job.request else None) or "unknown"
         self.generations.labels(model, job.status.value).inc()
         if job.status == JobStatus.SUCCEEDED and job.result is not None:
             if job.result.out_of_memory_in:

@@ -3,20 +3,26 @@ the native BentoML methods through the service): settings, engine, job queue, ke
 
 `Runtime.run()` is how a synchronous request is served: prepared (validated) in the handler,
 queued as a job, waited for, and cancelled when its client leaves or its time runs out.
+
+The job queue is this process's (`JobQueue`), or, with `SDXL_REDIS_URL`, the one every replica
+shares (`SharedJobQueue`), which waits on Redis: the routes call either through `on_queue`, off
+the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -25,14 +31,16 @@ from backends.api import headers
 from backends.api.kept_images import KeptImages, SharedKeptImages
 from backends.api.metrics import Metrics
 from backends.api.settings import Settings
-from backends.sdxl_backend.errors import DeviceUnavailable, TimedOut
+from backends.sdxl_backend.errors import DeviceUnavailable, StoreUnavailable, TimedOut
 from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, ModelDefaults
+from backends.sdxl_backend.shared_jobs import SharedJobQueue
 
 if TYPE_CHECKING:
     from backends.sdxl_backend.engine import PreparedRequest
 
 logger = logging.getLogger("sdxl_backend")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -88,42 +96,50 @@ class Runtime:
             logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_OOM=%s makes generations fail", settings.test_fault_oom)
         self.engine = Engine(models, default_model, settings.limits, oom_seam)
         self.metrics = Metrics()
-        # BentoML restarts a worker that dies under the same server process, the worker's parent:
-        # the default journal is that process's, so a new worker finds its predecessor's jobs.
-        self.jobs_dir = settings.jobs_dir or Path(tempfile.gettempdir()) / f"sdxl-jobs-{os.getppid()}"
-        self.jobs = JobQueue(self.engine, settings.max_queue, settings.job_ttl_seconds, settings.max_jobs,
-                             settings.job_max_bytes, on_change=self._job_changed, journal=JobJournal(self.jobs_dir),
-                             max_batch=settings.max_batch)
-        self.kept_images = self._kept_images(settings)
+        bounds = dict(max_queue=settings.max_queue, ttl_s=settings.job_ttl_seconds, max_jobs=settings.max_jobs,
+                      max_bytes=settings.job_max_bytes, on_change=self._job_changed, max_batch=settings.max_batch)
+        self.jobs_dir: Path | None = None
+        if settings.redis_url is None:
+            self.kept_images = KeptImages(settings.image_url_ttl_seconds, settings.image_url_max_bytes)
+            # BentoML restarts a worker that dies under the same server process, the worker's parent:
+            # the default journal is that process's, so a new worker finds its predecessor's jobs.
+            self.jobs_dir = settings.jobs_dir or Path(tempfile.gettempdir()) / f"sdxl-jobs-{os.getppid()}"
+            self.jobs = JobQueue(self.engine, journal=JobJournal(self.jobs_dir), **bounds)
+        else:
+            client = self._redis(settings.redis_url)
+            self.kept_images = SharedKeptImages(client, settings.image_url_ttl_seconds, settings.image_url_max_bytes)
+            self.jobs = SharedJobQueue(self.engine, client, **bounds)
         self.event_streams = 0  # SSE streams open now (changed on the event loop only)
         self.started = int(time.time())
 
     @staticmethod
-    def _kept_images(settings: Settings) -> KeptImages | SharedKeptImages:
-        """In this process, or in the Redis the replicas share (which may come up after us:
-        until it does, links answer 503)."""
-        if settings.redis_url is None:
-            return KeptImages(settings.image_url_ttl_seconds, settings.image_url_max_bytes)
+    def _redis(url: str):
+        """The client of the Redis the replicas share, which may come up after us: until it
+        does, the routes that need it answer 503."""
         import redis
 
         # Short timeouts: Redis out of reach is a quick 503, never a hanging request.
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=3)
+        client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
         try:
             client.ping()
-            logger.info("kept images are shared through Redis (SDXL_REDIS_URL)")
+            logger.info("the job queue and kept images are shared through Redis (SDXL_REDIS_URL)")
         except redis.RedisError as exc:
-            logger.warning("Redis (SDXL_REDIS_URL) cannot be reached yet (%s); image links answer 503 until it can",
-                           type(exc).__name__)
-        return SharedKeptImages(client, settings.image_url_ttl_seconds, settings.image_url_max_bytes)
+            logger.warning("Redis (SDXL_REDIS_URL) cannot be reached yet (%s); jobs and image links answer 503 "
+                           "until it can", type(exc).__name__)
+        return client
 
-    def warm_up(self) -> None:
-        """Load the default model and run it once, so that no request pays for either."""
-        started = time.perf_counter()
-        warm_up = self.jobs.submit(self.engine.prepare(GenerationRequest(prompt="warm-up", steps=2)))
-        warm_up.done.result()
-        if warm_up.error is not None:
-            raise warm_up.error.copy()
-        logger.info("warm-up of %s done in %.2f s", self.default_model, time.perf_counter() - started)
+    def start(self, warm_up: bool) -> None:
+        """Warm up (load the default model and run it once, so that no request pays for either),
+        then start the device thread. The warm-up runs here, before that thread takes any job:
+        on this replica, not on whichever one a shared queue would give it to."""
+        if warm_up:
+            started = time.perf_counter()
+            (outcome,) = self.engine.generate_batch([(self.engine.prepare(GenerationRequest(prompt="warm-up", steps=2)),
+                                                      None)])
+            if isinstance(outcome, Exception):
+                raise outcome
+            logger.info("warm-up of %s done in %.2f s", self.default_model, time.perf_counter() - started)
+        self.jobs.start()
 
     @property
     def default_model(self) -> str:
@@ -138,7 +154,7 @@ class Runtime:
         self.jobs.close()
         self.kept_images.close()
         self.engine.models.close()
-        if self.settings.jobs_dir is None:
+        if self.jobs_dir is not None and self.settings.jobs_dir is None:
             shutil.rmtree(self.jobs_dir, ignore_errors=True)
 
     async def prepare(self, request: GenerationRequest) -> PreparedRequest:
@@ -157,45 +173,50 @@ class Runtime:
         key = headers.presented_key(http.headers) or ""
         return hashlib.sha256(key.encode()).hexdigest()[:32]
 
-    def submit(self, prepared: PreparedRequest, http: Request, preview_every: int | None = None) -> Job:
+    async def on_queue(self, call: Callable[..., T], *args: Any) -> T:
+        """A call of the job queue, off the event loop: the shared queue waits on Redis, which may
+        be slow or away (3 s at most, then `StoreUnavailable`)."""
+        return await anyio.to_thread.run_sync(call, *args)
+
+    async def submit(self, prepared: PreparedRequest, http: Request, preview_every: int | None = None) -> Job:
         if not self.jobs.alive:
             raise DeviceUnavailable("the device thread has stopped; the service must be restarted")
-        return self.jobs.submit(prepared, preview_every, self.owner(http))
+        return await self.on_queue(self.jobs.submit, prepared, preview_every, self.owner(http))
 
     def _job_changed(self, job: Job) -> None:
-        self.metrics.observe_queue(self.jobs.queue_length, len(self.jobs.running))
         if job.status.final:
             self.metrics.observe_finished(job)
+
+    def observe_queue(self) -> None:
+        """The queue gauges, as they stand (for a scrape): fleet-wide with a shared queue."""
+        self.metrics.observe_queue(self.jobs.queue_length, len(self.jobs.running))
 
     async def run(self, request: GenerationRequest, http: Request) -> GenerationResult:
         """A synchronous generation: a job whose client waits for it. Whatever ends the wait
         (the client leaving, the timeout, the handler being cancelled) cancels the job, so the
         device moves on at its next step."""
-        job = self.submit(await self.prepare(request), http)
-        waiter = asyncio.wrap_future(job.done)
+        job = await self.submit(await self.prepare(request), http)
         deadline = time.monotonic() + self.settings.timeout_seconds
         try:
-            while not waiter.done():
-                # asyncio.wait never cancels what it waits on: job.done stays the device thread's.
-                await asyncio.wait({waiter}, timeout=0.25)
-                if waiter.done():
-                    break
+            while not (job := await self.jobs.wait(job, 0.25)).status.final:
                 if await http.is_disconnected():
-                    self.jobs.cancel(job, "cancelled: client disconnected")
-                    await asyncio.wait({waiter})
+                    await self.on_queue(self.jobs.cancel, job, "cancelled: client disconnected")
+                    job = await self.jobs.wait(job, math.inf)
                 elif time.monotonic() > deadline:
-                    self.jobs.cancel(job, "cancelled: past SDXL_TIMEOUT_SECONDS")
-                    await asyncio.wait({waiter})
+                    await self.on_queue(self.jobs.cancel, job, "cancelled: past SDXL_TIMEOUT_SECONDS")
+                    job = await self.jobs.wait(job, math.inf)
                     if job.result is None:
                         raise TimedOut(f"the request took longer than {self.settings.timeout_seconds} s "
                                        f"(SDXL_TIMEOUT_SECONDS) and was cancelled")
         except asyncio.CancelledError:
-            self.jobs.cancel(job, "cancelled: its request was abandoned")
+            # (On the event loop: a cancelled handler can await nothing more. Redis away: the job runs on.)
+            with contextlib.suppress(StoreUnavailable):
+                self.jobs.cancel(job, "cancelled: its request was abandoned")
             raise
         if job.error is not None:
             raise job.error.copy()
         result = job.result
-        self.jobs.forget_result(job)  # delivered now: the images are the client's, not ours to keep
+        await self.on_queue(self.jobs.forget_result, job)  # delivered: the images are the client's now
         return result
 
     def result_headers(self, result: GenerationResult) -> dict[str, str]:

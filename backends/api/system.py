@@ -6,6 +6,7 @@ headers it polls), OpenAI's (`object: "list"`, `data`), and people (descriptions
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Any
 
 import anyio
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from backends.api import errors, headers, metrics
 from backends.api.runtime import Runtime, ServedAdapter, runtime_of
 from backends.sdxl_backend.controlnets import PREPROCESSORS
-from backends.sdxl_backend.errors import UnknownModel
+from backends.sdxl_backend.errors import StoreUnavailable, UnknownModel
 from backends.sdxl_backend.schedulers import MOONDREAM_NAMES, SCHEDULERS
 
 router = APIRouter(tags=["service"])
@@ -105,9 +106,11 @@ async def list_schedulers() -> dict[str, Any]:
 
 @router.get("/v1/system/status", responses=errors.responses(401))
 async def system_status(runtime: RuntimeDep) -> dict[str, Any]:
-    """Device, memory (bytes), speed settings, loaded models (most recently used first) and the queue."""
-    return {**runtime.engine.models.status(), "vae": runtime.settings.vae, "queue_length": runtime.jobs.queue_length,
-            "device_thread_alive": runtime.alive}
+    """Device, memory (bytes), speed settings, loaded models (most recently used first), the jobs
+    on this device and the queue (with a shared queue: every replica's)."""
+    return {**runtime.engine.models.status(), "vae": runtime.settings.vae,
+            "queue_length": await runtime.on_queue(lambda: runtime.jobs.queue_length),
+            "jobs_on_device": len(runtime.jobs.running_here), "device_thread_alive": runtime.alive}
 
 
 @router.post("/v1/system/unload", responses=errors.responses(401))
@@ -120,8 +123,11 @@ async def unload(runtime: RuntimeDep) -> dict[str, Any]:
 @router.get("/metrics", response_class=Response, responses={
     200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus metrics"},
     **errors.responses(401)})
-async def prometheus_metrics() -> Response:
+async def prometheus_metrics(runtime: RuntimeDep) -> Response:
     """Requests by route template, queued and running jobs, generations by model and outcome,
-    out-of-memory recoveries, model load seconds (and the Python process's own figures)."""
+    out-of-memory recoveries, model load seconds (and the Python process's own figures). With a
+    shared queue the job gauges count every replica's jobs (the same on each replica)."""
+    with contextlib.suppress(StoreUnavailable):  # Redis away: the gauges keep their last values
+        await runtime.on_queue(runtime.observe_queue)
     body, content_type = await anyio.to_thread.run_sync(metrics.exposition)
     return Response(body, media_type=content_type)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 
 class BackendError(Exception):
     """Base class; `param` names the request field at fault, when there is one."""
@@ -76,3 +79,14 @@ class DeviceUnavailable(BackendError):
 
 class StoreUnavailable(BackendError):
     """The shared store (Redis, SDXL_REDIS_URL) cannot be reached; the request can be retried."""
+
+
+@contextmanager
+def redis_failures_as_unavailable() -> Iterator[None]:
+    """Redis out of reach (or too slow to answer) is `StoreUnavailable`, a 503 the client may retry."""
+    import redis
+
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise StoreUnavailable(f"the shared store (Redis, SDXL_REDIS_URL) cannot be reached: {exc}") from None

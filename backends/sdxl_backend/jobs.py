@@ -11,6 +11,9 @@ itself dead to its probes. Finished jobs drop their input and are kept for a whi
 images counted against a byte budget), then forgotten; an id forgotten that way is
 remembered as expired.
 
+This queue lives in one process. Replicas that share a Redis share `SharedJobQueue`
+(shared_jobs.py) instead: the same interface, the jobs in Redis.
+
 Why not BentoML's task API (`@bentoml.task`): it runs a task to its end and reports only
 pending/success/failure, so it can give neither step progress, nor a queue position, nor
 stop a running generation between two denoising steps; the queue here is what those need.
@@ -18,9 +21,11 @@ stop a running generation between two denoising steps; the queue here is what th
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import math
 import os
 import secrets
 import threading
@@ -148,6 +153,38 @@ class Job:
         return self.stop_requested_at is not None
 
 
+def tell(on_change: Callable[[Job], None] | None, job: Job) -> None:
+    """Tells a queue's observer (metrics) of a change to a job; its failure is not the job's."""
+    if on_change is not None:
+        try:
+            on_change(job)
+        except Exception:
+            logger.exception("a job observer failed")
+
+
+def run_batch(engine: Engine, batch: list[Job], observer: Callable[[Job], Callable],
+              finish: Callable[..., None]) -> None:
+    """The device's part, whichever queue the jobs came from: one pipeline call for the batch,
+    then each job finished by its outcome (except one the step observer has let go already:
+    finished at a step by a cancel, or handed back to a shared queue)."""
+    try:
+        outcomes = engine.generate_batch([(job.prepared, observer(job)) for job in batch])
+    except Exception as exc:  # a bug: the jobs fail, the queue goes on
+        logger.exception("a batch failed unexpectedly")
+        outcomes = [BackendError(f"internal error: {type(exc).__name__}")] * len(batch)
+    for job, outcome in zip(batch, outcomes):
+        if job.status != JobStatus.RUNNING:
+            continue
+        if isinstance(outcome, GenerationResult):
+            finish(job, JobStatus.SUCCEEDED, result=outcome)
+        elif isinstance(outcome, Cancelled):
+            finish(job, JobStatus.CANCELLED, error=outcome)
+        else:
+            finish(job, JobStatus.FAILED, error=outcome)
+    if any(job.status in (JobStatus.CANCELLED, JobStatus.QUEUED) for job in batch):  # a call cut short
+        engine.models.release_cached_memory()
+
+
 class JobJournal:
     """One small file per job held (its status, owner, times, error), so that a restarted
     worker still answers for the ids the one before handed out: a job that was queued or
@@ -222,6 +259,9 @@ class JobQueue:
         if self._finished:
             logger.warning("%d job(s) of a previous worker found; those unfinished are marked failed", len(self._finished))
         self._worker = threading.Thread(target=self._work, name="sdxl-device", daemon=True)
+
+    def start(self) -> None:
+        """Start the device thread: jobs submitted before wait for it."""
         self._worker.start()
 
     def submit(self, prepared: PreparedRequest, preview_every: int | None = None, owner: str | None = None) -> Job:
@@ -234,7 +274,7 @@ class JobQueue:
             if self.journal:
                 self.journal.write(job)
             self._lock.notify_all()
-        self._changed(job)
+        tell(self.on_change, job)
         return job
 
     def get(self, job_id: str, owner: str | None = None) -> Job:
@@ -247,6 +287,16 @@ class JobQueue:
             if job is None and job_id in self._expired:
                 raise JobExpired(f"job {job_id} has expired and was deleted", "job_id")
             raise UnknownJob(f"no job {job_id}", "job_id")
+
+    def refresh(self, job: Job) -> Job:
+        """The job as it stands now: the object itself, which the device thread keeps current."""
+        return job
+
+    async def wait(self, job: Job, timeout_s: float) -> Job:
+        """The job once it is final, or as it stands after `timeout_s`."""
+        # asyncio.wait never cancels what it waits on: job.done stays the device thread's.
+        await asyncio.wait({asyncio.wrap_future(job.done)}, timeout=None if math.isinf(timeout_s) else timeout_s)
+        return job
 
     def recent(self, limit: int = 50, before: float | None = None, owner: str | None = None) -> list[Job]:
         """The newest jobs first (of `owner`, when given), at most `limit`, created before `before`."""
@@ -272,6 +322,11 @@ class JobQueue:
     def running(self) -> list[Job]:
         """The jobs on the device now (several when batched), oldest first."""
         return list(self._running)
+
+    @property
+    def running_here(self) -> list[Job]:
+        """The jobs on this process's device: all that run (the shared queue tells them apart)."""
+        return self.running
 
     @property
     def alive(self) -> bool:
@@ -323,7 +378,8 @@ class JobQueue:
             for job in self._running:
                 self.cancel(job, "cancelled: the server is shutting down")
             self._lock.notify_all()
-        self._worker.join(timeout=30)
+        if self._worker.ident is not None:
+            self._worker.join(timeout=30)
 
     def _work(self) -> None:
         while True:
@@ -341,8 +397,8 @@ class JobQueue:
                         self.journal.write(job)
             try:
                 for job in batch:
-                    self._changed(job)
-                self._run(batch)
+                    tell(self.on_change, job)
+                run_batch(self.engine, batch, self._observer, self._finish)
             except BaseException:  # the thread outlives any job: log it and take the next one
                 logger.exception("the device thread caught an error around a job; it goes on")
 
@@ -362,22 +418,6 @@ class JobQueue:
                     if images == self.max_batch:
                         break
         return batch
-
-    def _run(self, batch: list[Job]) -> None:
-        try:
-            outcomes = self.engine.generate_batch([(job.prepared, self._observer(job)) for job in batch])
-        except Exception as exc:  # a bug: the jobs fail, the queue goes on
-            logger.exception("a batch failed unexpectedly")
-            outcomes = [BackendError(f"internal error: {type(exc).__name__}")] * len(batch)
-        for job, outcome in zip(batch, outcomes):
-            if isinstance(outcome, GenerationResult):
-                self._finish(job, JobStatus.SUCCEEDED, result=outcome)
-            elif isinstance(outcome, Cancelled):
-                self._finish(job, JobStatus.CANCELLED, error=outcome)
-            else:
-                self._finish(job, JobStatus.FAILED, error=outcome)
-        if any(job.status == JobStatus.CANCELLED for job in batch):
-            self.engine.models.release_cached_memory()
 
     def _observer(self, job: Job) -> Callable:
         """The job's step observer; a cancelled job is finished at once, even while the rest
@@ -418,14 +458,7 @@ class JobQueue:
             job.done.set_result(None)
         except InvalidStateError:  # its waiter cancelled the future: nobody is left to tell
             pass
-        self._changed(job)
-
-    def _changed(self, job: Job) -> None:
-        if self.on_change is not None:
-            try:
-                self.on_change(job)
-            except Exception:  # an observer's failure is not the job's
-                logger.exception("a job observer failed")
+        tell(self.on_change, job)
 
     def _expire(self) -> None:
         """Forget finished jobs past their time, beyond the count, or beyond the bytes: the
