@@ -9,12 +9,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from backends.api.settings import declared_environment
+from backends.api.settings import Settings, declared_environment
+from backends.sdxl_backend.shared_jobs import PREFIX as SHARED_QUEUE_PREFIX
 import httpx
 
 from tests.served import ROOT
@@ -104,8 +106,10 @@ def test_the_validation_catches_mistakes():
 
 
 def test_kubernetes_deployment_is_what_the_service_needs():
-    documents = {doc["kind"]: doc for path in MANIFESTS for doc in yaml.safe_load_all(path.read_text())}
-    pod = documents["Deployment"]["spec"]["template"]["spec"]
+    documents = {(doc["kind"], doc["metadata"]["name"]): doc
+                 for path in MANIFESTS for doc in yaml.safe_load_all(path.read_text())}
+    deployment = documents["Deployment", "sdxl"]
+    pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
@@ -114,12 +118,33 @@ def test_kubernetes_deployment_is_what_the_service_needs():
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # room to load SDXL
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
-    keys = next(e for e in container["env"] if e["name"] == "SDXL_API_KEYS")
-    assert keys["valueFrom"]["secretKeyRef"]["name"] == documents["Secret"]["metadata"]["name"]
-    assert documents["Service"]["spec"]["selector"] == documents["Deployment"]["spec"]["selector"]["matchLabels"]
-    assert documents["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == "sdxl"
-    pdb = documents["PodDisruptionBudget"]["spec"]
-    assert pdb["selector"] == documents["Deployment"]["spec"]["selector"] and pdb["minAvailable"] >= 1
+    env = {variable["name"]: variable for variable in container["env"]}
+    assert env["SDXL_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == documents["Secret", "sdxl-api-keys"]["metadata"]["name"]
+    service = documents["Service", "sdxl"]["spec"]
+    assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    # Replicas share the queue in Redis: no session affinity, and the Redis the URL names is there.
+    assert deployment["spec"]["replicas"] >= 2 and "sessionAffinity" not in service
+    redis_url = urlparse(env["SDXL_REDIS_URL"]["value"])
+    redis_service = documents["Service", redis_url.hostname]["spec"]
+    assert redis_service["ports"][0]["port"] == redis_url.port
+    assert redis_service["selector"] == documents["StatefulSet", redis_url.hostname]["spec"]["selector"]["matchLabels"]
+    # A stopping pod first answers the synchronous requests it holds.
+    assert pod["terminationGracePeriodSeconds"] >= Settings().timeout_seconds
+    pdb = documents["PodDisruptionBudget", "sdxl"]["spec"]
+    assert pdb["selector"] == deployment["spec"]["selector"] and pdb["maxUnavailable"] == 1
+
+
+def test_kubernetes_autoscaler_reads_the_shared_queue():
+    scaled = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "keda" / "scaledobject.yaml").read_text())
+    deployment = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "deployment.yaml").read_text())
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == f"{SHARED_QUEUE_PREFIX}queue"
+    redis_url = urlparse(next(e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+                              if e["name"] == "SDXL_REDIS_URL"))
+    assert trigger["metadata"]["address"].startswith(f"{redis_url.hostname}.")
+    assert trigger["metadata"]["address"].endswith(f":{redis_url.port}")
+    assert trigger["metadata"]["databaseIndex"] == redis_url.path.strip("/")
 
 
 def test_bentocloud_config_is_what_bentoml_deploy_accepts():
