@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
@@ -226,22 +227,35 @@ def test_a_killed_replicas_job_is_finished_by_another_and_queued_jobs_outlive_ev
     assert wait(later, waiting)["status"] == "succeeded"
 
 
-def test_a_job_left_running_by_a_dead_replica_is_requeued_and_fails_after_the_last_attempt(tiny_model, redis_server):
-    """Without serving: a queue on the tiny engine finds what a replica that took two jobs and
-    died leaves in Redis (the jobs running under a name whose heartbeat is gone)."""
-    from pathlib import Path
-
+def queue_on(store, tiny_model, served_as: str = "tiny-sdxl"):
+    """A shared queue on the tiny engine (not served), as a replica serving tiny-sdxl under `served_as` has."""
     from backends.sdxl_backend.device import select_placement
     from backends.sdxl_backend.engine import Engine
     from backends.sdxl_backend.model_manager import ModelManager, ModelSource
-    from backends.sdxl_backend.protocol import GenerationRequest
-    from backends.sdxl_backend.shared_jobs import MAX_ATTEMPTS, SharedJobQueue
+    from backends.sdxl_backend.shared_jobs import SharedJobQueue
     from models.catalog import defaults_for
 
+    source = ModelSource(served_as, Path(tiny_model.path), defaults_for("tiny-sdxl"))
+    engine = Engine(ModelManager([source], select_placement()), served_as)
+    return engine, SharedJobQueue(engine, store)
+
+
+def wait_final(queue, *jobs) -> list:
+    deadline = time.monotonic() + 600
+    while not all(queue.get(job.id).status.final for job in jobs):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return [queue.get(job.id) for job in jobs]
+
+
+def test_a_job_left_running_by_a_dead_replica_is_requeued_and_fails_after_the_last_attempt(tiny_model, redis_server):
+    """What a replica that took two jobs and died leaves in Redis (the jobs running under a name
+    whose heartbeat is gone), found by a live replica's queue."""
+    from backends.sdxl_backend.protocol import GenerationRequest
+    from backends.sdxl_backend.shared_jobs import MAX_ATTEMPTS
+
     store = redis.Redis.from_url(fleet_env(redis_server, 2)["SDXL_REDIS_URL"])
-    engine = Engine(ModelManager([ModelSource("tiny-sdxl", Path(tiny_model.path), defaults_for("tiny-sdxl"))],
-                                 select_placement()), "tiny-sdxl")
-    queue = SharedJobQueue(engine, store)
+    engine, queue = queue_on(store, tiny_model)
     again, given_up = (queue.submit(engine.prepare(GenerationRequest(**SMALL))) for _ in range(2))
     for orphan, attempts in ((again, 1), (given_up, MAX_ATTEMPTS)):
         store.lrem("sdxl:jobs:queue", 1, orphan.id)
@@ -249,13 +263,27 @@ def test_a_job_left_running_by_a_dead_replica_is_requeued_and_fails_after_the_la
         store.hset("sdxl:jobs:running", orphan.id, "dead")
     queue.start()
     try:
-        deadline = time.monotonic() + 600
-        while not all(queue.get(orphan.id).status.final for orphan in (again, given_up)):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        assert queue.get(again.id).status == "succeeded" and queue.get(again.id).result.images
-        failed = queue.get(given_up.id)
-        assert failed.status == "failed" and f"stopped ({MAX_ATTEMPTS} times)" in failed.error.message
+        again, given_up = wait_final(queue, again, given_up)
+        assert again.status == "succeeded" and again.result.images
+        assert given_up.status == "failed" and f"stopped ({MAX_ATTEMPTS} times)" in given_up.error.message
         assert store.hlen("sdxl:jobs:running") == 0
     finally:
         queue.close()
+
+
+def test_a_replica_that_does_not_serve_a_jobs_model_fails_the_job_saying_so(tiny_model, redis_server):
+    """Replicas should serve the same models; when one does not, the job it takes fails with the
+    model's name, never stays taken."""
+    from backends.sdxl_backend.protocol import GenerationRequest
+
+    store = redis.Redis.from_url(fleet_env(redis_server, 3)["SDXL_REDIS_URL"])
+    engine, submitter = queue_on(store, tiny_model)
+    job = submitter.submit(engine.prepare(GenerationRequest(**SMALL)))  # (this replica's device never starts)
+    _, other = queue_on(store, tiny_model, served_as="another-model")
+    other.start()
+    try:
+        (failed,) = wait_final(other, job)
+        assert failed.status == "failed" and "model 'tiny-sdxl' is not available" in failed.error.message
+        assert failed.error.param == "model" and store.hlen("sdxl:jobs:running") == 0
+    finally:
+        other.close()
