@@ -126,6 +126,7 @@ return redis.call('RPUSH', queue, ARGV[6])
 # jobs to batch with the oldest. The ids taken, oldest first.
 TAKE = PRELUDE + """
 local head = redis.call('LPOP', queue)
+while head and redis.call('EXISTS', job_key(head)) == 0 do head = redis.call('LPOP', queue) end  -- (deleted by hand)
 if not head then return {} end
 local taken = {head}
 local fields = redis.call('HMGET', job_key(head), 'n', 'batch_key')
