@@ -214,8 +214,6 @@ async def generate(body: ImageGenerationRequest, request: Request, runtime: Anno
                    x_vram_mode: VramModeHeader = None) -> JSONResponse:
     """The OpenAI Images API (and, through the route above, moondream-station's): the union
     of both request shapes in, the union of both answers out."""
-    if body.response_format == "url":
-        await anyio.to_thread.run_sync(runtime.kept_images.check)
     result = await runtime.run(body.to_generation_request(x_vram_mode), request)
     urls = None
     if body.response_format == "url":

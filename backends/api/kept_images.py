@@ -59,9 +59,6 @@ class KeptImages:
             self._expire()
             return self._images.get(image_id)
 
-    def check(self) -> None:
-        """Nothing to check: this process is where the images are."""
-
     def expired(self, image_id: str) -> bool:
         """Whether `image_id` was kept once and is gone now (timed out or pushed out)."""
         with self._lock:
@@ -148,12 +145,6 @@ class SharedKeptImages:
         if not found:
             return None
         return KeptImage(found[b"data"], found[b"media_type"].decode(), 0.0)
-
-    def check(self) -> None:
-        """Raises `StoreUnavailable` unless Redis answers: checked before a generation whose
-        images it will keep, so that an outage costs no device work."""
-        with redis_failures_as_unavailable():
-            self.client.ping()
 
     def expired(self, image_id: str) -> bool:
         with redis_failures_as_unavailable():

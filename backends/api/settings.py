@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     public_url: str | None = None  # base of image links when behind a proxy; default: the request's own
     image_url_ttl_seconds: float = Field(3600, gt=0)
     image_url_max_bytes: int = Field(256 * 2**20, ge=0)
-    # Scale-out: the Redis every replica shares (kept images today); unset: each keeps its own
+    # Scale-out: the Redis every replica shares (the job queue, the kept images); unset: each keeps its own
     redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://", repr=False)
     # Jobs
     max_queue: int = Field(64, ge=1)  # jobs waiting for the device; more get 429
