@@ -241,11 +241,15 @@ def queue_on(store, tiny_model, served_as: str = "tiny-sdxl"):
 
 
 def wait_final(queue, *jobs) -> list:
+    """The jobs once all are final (a 10-minute guard against a hang, as `wait` has)."""
     deadline = time.monotonic() + 600
-    while not all(queue.get(job.id).status.final for job in jobs):
-        assert time.monotonic() < deadline
+    while True:
+        states = [queue.get(job.id) for job in jobs]
+        if all(state.status.final for state in states):
+            return states
+        if time.monotonic() > deadline:
+            raise TimeoutError([state.status for state in states])
         time.sleep(0.1)
-    return [queue.get(job.id) for job in jobs]
 
 
 def test_a_job_left_running_by_a_dead_replica_is_requeued_and_fails_after_the_last_attempt(tiny_model, redis_server):

@@ -627,12 +627,13 @@ class SharedJobQueue:
         for job_id in ids:
             pipe.hmget(f"{PREFIX}job:{job_id}", SNAPSHOT_FIELDS)
         records = [dict(zip(SNAPSHOT_FIELDS, values)) for values in pipe.execute()]
-        for job_id, record in zip(ids, records):
-            if record["status"] and int(record["images"] or 0):
-                pipe.hmget(f"{PREFIX}job:{job_id}", [f"image:{index}" for index in range(int(record["images"]))])
+        counts = [int(record["images"] or 0) if record["status"] else 0 for record in records]
+        for job_id, count in zip(ids, counts):
+            if count:
+                pipe.hmget(f"{PREFIX}job:{job_id}", [f"image:{index}" for index in range(count)])
         images = iter(pipe.execute())
-        return [self._snapshot(job_id, record, next(images) if record["status"] and int(record["images"] or 0) else [])
-                if record["status"] else None for job_id, record in zip(ids, records)]
+        return [self._snapshot(job_id, record, next(images) if count else []) if record["status"] else None
+                for job_id, record, count in zip(ids, records, counts)]
 
     @staticmethod
     def _snapshot(job_id: str, record: dict[str, bytes | None], images: list[bytes]) -> Job:
