@@ -104,6 +104,25 @@ def test_img2img_travels_with_its_input_image(replicas):
     assert direct["images"][0]["b64_json"] == done["result"]["images"][0]["b64_json"]
 
 
+def test_real_clients_on_their_defaults_through_the_shared_queue(replicas):
+    """Every generation goes through Redis now: the openai package, webuiapi and BentoML's own
+    client work unchanged, and a link the openai client got from one replica opens on the other."""
+    import bentoml
+    import openai
+    import webuiapi
+
+    a, b = replicas
+    result = openai.OpenAI(base_url=f"{a.url}/v1", api_key="unused", max_retries=0).images.generate(
+        model="tiny-sdxl", prompt="a lighthouse", size="64x64", response_format="url")
+    fetched = httpx.get(f"{b.url}{urlparse(result.data[0].url).path}", timeout=300)
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+    made = webuiapi.WebUIApi(baseurl=f"{b.url}/sdapi/v1", steps=4).txt2img(prompt="a misty forest", seed=11)
+    assert made.image.size == (512, 512) and made.info["all_seeds"] == [11]
+    with bentoml.SyncHTTPClient(a.url, timeout=300) as client:
+        answer = client.txt2img(prompt="a red fox", width=64, height=64, steps=4, seed=7)
+    assert answer["images"][0]["seed"] == 7
+
+
 def test_a_cancel_sent_to_one_replica_stops_the_job_running_on_the_other(replicas):
     submitted = submit(replicas[0], BLOCKER)
     runner, other = runner_and_other(replicas, submitted["id"])
