@@ -22,6 +22,7 @@ from backends.api.app import create_app
 from backends.api.edge import Edge, TimelyTimeout, quiet_validation_logs
 from backends.api.runtime import Runtime, ServedAdapter, ServedModel
 from backends.api.settings import declared_environment, load_settings
+from backends.sdxl_backend.loras import model_unet_signature
 from backends.sdxl_backend.protocol import GenerationRequest, ImageToImageRequest, TextToImageRequest
 from models.catalog import defaults_for, load_catalog
 from models.store import stored_models
@@ -75,10 +76,14 @@ def replacement_vae() -> bentoml.Model | None:
 
 
 def served_adapters(kind: str) -> dict[str, bentoml.Model]:
-    """Every LoRA (or ControlNet) in the store; in a bento, every one it packed. Requests pick
-    among them."""
+    """The LoRAs (or ControlNets) in the store that fit a served model, so that a bento packs
+    no adapter it could never use; in a bento, every one it packed. Requests pick among them."""
     packed = packed_models(kind)
-    return stored_models(kind) if packed is None else packed
+    if packed is not None:
+        return packed
+    architectures = {model_unet_signature(Path(model.path)) for model in SERVED.values()}
+    return {adapter_id: adapter for adapter_id, adapter in stored_models(kind).items()
+            if adapter.info.labels["fits"] in architectures}
 
 
 def default_model(served: list[str]) -> str:

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from backends.api.settings import Settings, declared_environment
+from backends.sdxl_backend.loras import LORA_FILE
 from backends.sdxl_backend.shared_jobs import PREFIX as SHARED_QUEUE_PREFIX
 import httpx
 
@@ -26,8 +27,17 @@ MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def bento(tiny_model, tiny_lora, tiny_controlnet):
-    """A bento built from this checkout, serving tiny-sdxl (and the stored LoRA and ControlNet):
-    its manifest and its directory."""
+    """A bento built from this checkout serving tiny-sdxl, with a LoRA made for SDXL base in the
+    store beside tiny-sdxl's: its manifest, its directory, and the stored adapters that fit
+    tiny-sdxl when it was built (other tests may have added some), by kind."""
+    from models.store import import_from_path, stored_model, stored_models
+
+    unfit = stored_model("sdxl-style-lora") or import_from_path(
+        "sdxl-style-lora", Path(tiny_lora.path) / LORA_FILE)  # no --fits: SDXL base's architecture
+    assert unfit.info.labels["fits"] != tiny_lora.info.labels["fits"]
+    fitting = {kind: {adapter_id: adapter for adapter_id, adapter in stored_models(kind).items()
+                      if adapter.info.labels["fits"] == tiny_lora.info.labels["fits"]}
+               for kind in ("lora", "controlnet")}
     env = {**os.environ, "SDXL_MODELS": "tiny-sdxl"}
     built = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -36,15 +46,16 @@ def bento(tiny_model, tiny_lora, tiny_controlnet):
     shown = subprocess.run([sys.executable, "-m", "bentoml", "get", tag, "-o", "json"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
     name, version = tag.split(":")
-    return json.loads(shown.stdout), Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version
+    return json.loads(shown.stdout), Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version, fitting
 
 
-def test_bento_packs_the_served_models_loras_and_controlnets_and_declares_the_environment(
+def test_bento_packs_the_served_models_and_the_adapters_that_fit_them_and_declares_the_environment(
         bento, tiny_model, tiny_lora, tiny_controlnet):
-    manifest, _ = bento
+    manifest, _, fitting = bento
     service = manifest["services"][0]
+    assert {tiny_lora.tag, tiny_controlnet.tag} <= {adapter.tag for kind in fitting.values() for adapter in kind.values()}
     assert sorted(model["tag"] for model in service["models"]) == sorted(
-        [str(tiny_model.tag), str(tiny_lora.tag), str(tiny_controlnet.tag)])
+        [str(tiny_model.tag)] + [str(adapter.tag) for kind in fitting.values() for adapter in kind.values()])
     assert service["config"]["resources"] == {"gpu": 1}
     assert service["config"]["traffic"]["timeout"] >= 300
     assert {env["name"]: env["value"] for env in manifest["envs"]} == declared_environment()
@@ -52,12 +63,12 @@ def test_bento_packs_the_served_models_loras_and_controlnets_and_declares_the_en
 
 
 def test_a_bento_serves_only_the_models_it_packed(bento, tiny_model, serve):
-    """An extra model in the store is not served by a built bento; its packed LoRA and
-    ControlNet are."""
+    """An extra model in the store is not served by a built bento; its packed LoRAs and
+    ControlNets are."""
     from models.store import import_from_path, stored_model
 
     stored_model("tiny-extra") or import_from_path("tiny-extra", Path(tiny_model.path))
-    _, directory = bento
+    _, directory, fitting = bento
     server = serve("bento", {"SDXL_MODELS": ""}, target=f"{directory.parent.name}:{directory.name}")
     served = [m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=300).json()["models"]]
     loras = httpx.get(f"{server.url}/v1/loras", timeout=300).json()["data"]
@@ -66,12 +77,14 @@ def test_a_bento_serves_only_the_models_it_packed(bento, tiny_model, serve):
     server.stop()
     assert playground.status_code == 200 and "SDXL playground" in playground.text  # packed with the code
     assert served == ["tiny-sdxl"]
-    assert [(lora["id"], lora["fits"]) for lora in loras] == [("tiny-sdxl-lora", ["tiny-sdxl"])]
-    assert [(c["id"], c["fits"]) for c in controlnets] == [("tiny-sdxl-controlnet", ["tiny-sdxl"])]
+    assert sorted((lora["id"], tuple(lora["fits"])) for lora in loras) == [
+        (lora_id, ("tiny-sdxl",)) for lora_id in sorted(fitting["lora"])]
+    assert sorted((c["id"], tuple(c["fits"])) for c in controlnets) == [
+        (controlnet_id, ("tiny-sdxl",)) for controlnet_id in sorted(fitting["controlnet"])]
 
 
 def test_bento_image_is_lean_and_pinned(bento):
-    _, directory = bento
+    _, directory, _ = bento
     dockerfile = (directory / "env" / "docker" / "Dockerfile").read_text()
     assert "FROM python:3.11-slim" in dockerfile
     assert "apt-get" not in dockerfile and "build-essential" not in dockerfile  # no toolchain in the image
