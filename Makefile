@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BACKEND ?= docker
 IMAGE ?= sdxl:latest
 
-.PHONY: install test-programs serve test test-quick test-busy bench image smoke clean
+.PHONY: install test-programs serve test test-quick test-busy bench gpu-wheels image smoke clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,14 @@ test-busy: install
 
 bench: install
 	$(PY) bench/serving_overhead.py
+
+# What bench/gpu_lease.sh carries to a lent GPU machine (Python 3.12 there, no registry): the
+# pinned diffusers and torchao, as wheels in .whl/.
+gpu-wheels:
+	@echo "==> downloading diffusers and torchao (as requirements.txt pins them) for Python 3.12 into .whl/"
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	  -d .whl $$(grep -E "^(diffusers|torchao)==" requirements.txt)
 
 # The OCI image: bento (service, code, the models SDXL_MODELS names, else all stored) + containerize.
 # `make image BACKEND=buildah` where there is no Docker daemon.

@@ -236,11 +236,26 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
                           "--fast-paths", settings], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["modes"]) == {"high", "balanced", "low"}
-    assert report["baseline"]["p50_s"] > 0 and report["load_s"] > 0
+    assert set(report["modes"]) == {"high", "balanced", "low"} and report["skipped"] == []
+    assert report["baseline"]["batch1_p50_s"] > 0 and report["baseline"]["batch4_images_per_s"] > 0
+    assert report["load_s"] > 0
     assert len(report["throughput"]) == 6
     assert set(report["controlnets"]) == {"1", "2"} and report["controlnets"]["1"]["p50_s"] > 0
-    assert "| service, mode high |" in run.stdout
     assert list(report["fast_paths"]) == settings.split(",")
     assert all("error" not in figures and figures["batch1_p50_s"] > 0 for figures in report["fast_paths"].values())
-    assert "| fuse-qkv |" in run.stdout
+    tables = out.with_suffix(".md").read_text()
+    assert "| service, memory mode high |" in tables and "| fuse-qkv |" in tables and tables.strip() in run.stdout
+
+
+def test_gpu_benchmark_keeps_to_its_time_budget_and_says_what_it_left_out(tmp_path):
+    """A lease is short: past the budget, the parts not yet started are listed, not run."""
+    out = tmp_path / "gpu.json"
+    run = subprocess.run([sys.executable, "bench/gpu_sdxl.py", "--tiny", "--runs", "1", "--steps", "2", "--out", str(out),
+                          "--budget-s", "0.01", "--fast-paths", "plain,fuse-qkv"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["baseline"]["batch1_p50_s"] > 0  # always measured: every estimate is made from it
+    assert report["modes"] == report["fast_paths"] == report["throughput"] == report["controlnets"] == {}
+    assert report["skipped"][:4] == ["mode high", "mode balanced", "setting plain", "setting fuse-qkv"]
+    assert "Left out to stay within the time budget: mode high" in out.with_suffix(".md").read_text()
