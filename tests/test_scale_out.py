@@ -310,3 +310,44 @@ def test_a_replica_that_does_not_serve_a_jobs_model_fails_the_job_saying_so(tiny
         assert failed.error.param == "model" and store.hlen("sdxl:jobs:running") == 0
     finally:
         other.close()
+
+
+def test_a_waiter_follows_a_job_through_published_changes_not_by_reading_it_in_a_loop(
+        tiny_model, redis_server, monkeypatch):
+    """Each change of a job (taken, each step, finished) is published; a request waiting on it
+    reads it when a notice comes. With the fallback read set to ten minutes, every wait below
+    ends through a notice (one that ended without a change would be the 5-minute guard)."""
+    import asyncio
+
+    from backends.sdxl_backend import shared_jobs
+    from backends.sdxl_backend.protocol import GenerationRequest
+
+    monkeypatch.setattr(shared_jobs, "FALLBACK_S", 600)
+    store = redis.Redis.from_url(fleet_env(redis_server, 4)["SDXL_REDIS_URL"])
+    listener = store.pubsub()
+    listener.subscribe(shared_jobs.CHANGES)
+    assert listener.get_message(timeout=30)["type"] == "subscribe"
+    engine, queue = queue_on(store, tiny_model)
+    queue.start()
+    try:
+        job = queue.submit(engine.prepare(GenerationRequest(**{**SMALL, "steps": 12})))
+
+        async def follow():
+            current, versions = job, []
+            while not current.status.final:
+                before = current.version
+                current = await queue.changed(current, before, 300)
+                assert current.version > before, f"a wait ended without a change, at {current.status} {current.step}"
+                versions.append(current.version)
+            return current, versions
+
+        final, versions = asyncio.run(follow())
+        assert final.status == "succeeded" and final.result.images and versions == sorted(versions)
+        notices = []
+        while (notice := listener.get_message(timeout=1)) is not None:
+            notices.append(notice["data"].decode())
+        ours = [notice for notice in notices if notice.startswith(job.id)]
+        assert ours == [job.id] * (1 + 12) + [f"{job.id} final"]  # taken, each step, finished
+    finally:
+        queue.close()
+        listener.close()

@@ -4,7 +4,6 @@ JSON, and its life as Server-Sent Events."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from typing import Annotated, Any
@@ -182,11 +181,11 @@ async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> Stre
             runtime.event_streams -= 1
 
     async def events():
-        seen, preview_step, quiet_s, current = -1, 0, 0.0, job
+        seen, preview_step, current = -1, 0, job
         while True:
             version, final = current.version, current.status.final
             if version != seen:
-                seen, quiet_s = version, 0.0
+                seen = version
                 for event in progress_events(current, await runtime.on_queue(runtime.jobs.position, current),
                                              preview_step):
                     yield event
@@ -194,15 +193,12 @@ async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> Stre
             if final:
                 yield final_event(current, base)
                 return
-            if quiet_s >= KEEPALIVE_S:
-                quiet_s = 0.0
-                yield ": waiting\n\n"
-            await asyncio.sleep(0.05)
-            quiet_s += 0.05
             try:
-                current = await runtime.on_queue(runtime.jobs.refresh, current)
+                current = await runtime.jobs.changed(current, seen, KEEPALIVE_S)
             except BackendError:  # Redis went away (or the job expired): the stream ends, the client polls
                 return
+            if current.version == seen and not current.status.final:
+                yield ": waiting\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -298,6 +298,14 @@ class JobQueue:
         await asyncio.wait({asyncio.wrap_future(job.done)}, timeout=None if math.isinf(timeout_s) else timeout_s)
         return job
 
+    async def changed(self, job: Job, version: int, timeout_s: float) -> Job:
+        """The job once its version is past `version` (or it is final), or as it stands after
+        `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while job.version == version and not job.status.final and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # (the device thread changes the job in memory: looking costs nothing)
+        return job
+
     def recent(self, limit: int = 50, before: float | None = None, owner: str | None = None) -> list[Job]:
         """The newest jobs first (of `owner`, when given), at most `limit`, created before `before`."""
         with self._lock:

@@ -22,6 +22,12 @@ may only touch keys they declare):
   running job back at the next step. Queued jobs belong to the fleet and outlive every replica.
 - Cancel and interrupt are flags in the job's hash; the running replica reads them between two
   denoising steps, so a cancel sent to any replica stops the job at its next step.
+- Every change of a job (taken, a step, a flag, finished, re-queued) is published on the channel
+  `sdxl:jobs:changed` as the job's id (`<id> final` when it ends). Each replica holds one
+  subscription (`ChangeFeed`) and wakes the requests waiting on that job, which then read it: an
+  event stream follows each step, a synchronous request reads its job once more when it ends,
+  wherever it runs, and none reads in a loop. A notice lost while Redis reconnects costs a waiter
+  at most `FALLBACK_S`: it reads its job that often anyway.
 - Finished jobs are indexed by finishing time and evicted by age (`ttl_s`), count (`max_jobs`)
   and the bytes their images hold (`max_bytes`), the bounds of `JobQueue`; an evicted id leaves a
   tombstone for a day (expired, 410, rather than unknown, 404).
@@ -35,6 +41,8 @@ length is what KEDA's Redis scaler reads to add replicas.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -44,7 +52,7 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import anyio
 from PIL import Image
@@ -66,7 +74,8 @@ PREFIX = "sdxl:jobs:"
 HEARTBEAT_S = 2.0  # each replica says it is alive this often...
 HEARTBEAT_TTL_S = 10  # ...and is taken for dead, its running jobs re-queued, this long after it stops
 MAX_ATTEMPTS = 3  # runs of a job cut short by its replica dying, before it fails
-POLL_S = 0.05  # how often a waiter reads a job it waits for
+CHANGES = PREFIX + "changed"  # the channel each job change is published on, as the job's id
+FALLBACK_S = 1.0  # a waiter reads its job at least this often, in case a change notice was lost
 TOMBSTONE_TTL_S = 86400
 INPUTS = ["init_image", "mask", *(f"control:{index}" for index in range(MAX_CONTROLNETS))]
 
@@ -79,6 +88,7 @@ local queue, running, finished, index, total = prefix .. 'queue', prefix .. 'run
 local now, ttl, max_jobs, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local INPUTS = {%s}
 local function job_key(id) return prefix .. 'job:' .. id end
+local function changed(id, final) redis.call('PUBLISH', prefix .. 'changed', final and (id .. ' final') or id) end
 local function finalize(id, status, held)
   local job = job_key(id)
   redis.call('HDEL', job, unpack(INPUTS))
@@ -87,6 +97,7 @@ local function finalize(id, status, held)
   redis.call('HDEL', running, id)
   redis.call('ZADD', finished, now, id)
   redis.call('INCRBY', total, held)
+  changed(id, true)
 end
 local function fail(id, status, error_type, message)
   redis.call('HSET', job_key(id), 'error_type', error_type, 'error_message', message, 'error_param', '')
@@ -148,6 +159,7 @@ for _, id in ipairs(taken) do
   redis.call('HINCRBY', job_key(id), 'attempts', 1)
   redis.call('HINCRBY', job_key(id), 'version', 1)
   redis.call('HSET', running, id, ARGV[5])
+  changed(id)
 end
 return taken
 """
@@ -161,6 +173,7 @@ local function requeue(id)
   redis.call('HDEL', job_key(id), 'preview')
   redis.call('HINCRBY', job_key(id), 'version', 1)
   redis.call('LPUSH', queue, id)
+  changed(id)
 end
 """
 
@@ -220,6 +233,7 @@ elseif status == 'running' then
   if (redis.call('HGET', job, flag) or '') == '' then
     redis.call('HSET', job, flag, ARGV[1])
     redis.call('HINCRBY', job, 'version', 1)
+    changed(ARGV[5])
   end
 end
 return status
@@ -324,6 +338,7 @@ class SharedJobQueue:
         self._reachable = True  # last time the device thread or the heartbeat tried
         self._worker = threading.Thread(target=self._work, name="sdxl-device", daemon=True)
         self._heart = threading.Thread(target=self._beat, name="sdxl-heartbeat", daemon=True)
+        self._changes = ChangeFeed(client)
 
     # -- what the API calls (any thread but the event loop's: these wait on Redis) --
 
@@ -357,12 +372,28 @@ class SharedJobQueue:
         return self.get(job.id)
 
     async def wait(self, job: Job, timeout_s: float) -> Job:
-        """The job once it is final, or as it stands after `timeout_s` (read from Redis every
-        POLL_S: it may run on another replica)."""
+        """The job once it is final, or as it stands after `timeout_s`."""
+        return await self._follow(job, timeout_s, lambda current: current.status.final, finals_only=True)
+
+    async def changed(self, job: Job, version: int, timeout_s: float) -> Job:
+        """The job once its version is past `version` (or it is final), or as it stands after
+        `timeout_s`."""
+        return await self._follow(job, timeout_s, lambda current: current.version != version or current.status.final)
+
+    async def _follow(self, job: Job, timeout_s: float, done: Callable[[Job], bool], finals_only: bool = False) -> Job:
+        """Reads the job (it may run on another replica) whenever a change to it is published (its
+        end only, with `finals_only`), until `done` says so or `timeout_s` has passed."""
         deadline = time.monotonic() + timeout_s
-        while not job.status.final and time.monotonic() < deadline:
-            await anyio.sleep(POLL_S)
-            job = await anyio.to_thread.run_sync(self.refresh, job)
+        with self._changes.watch(job.id, finals_only) as noticed:
+            job = await anyio.to_thread.run_sync(self.refresh, job)  # (after the watch began: nothing missed)
+            while not done(job) and (left := deadline - time.monotonic()) > 0:
+                try:
+                    await asyncio.wait_for(noticed.wait(), min(left, FALLBACK_S))
+                except TimeoutError:
+                    if left <= FALLBACK_S:  # the time is up, and nothing changed since the last read
+                        return job
+                noticed.clear()
+                job = await anyio.to_thread.run_sync(self.refresh, job)
         return job
 
     def recent(self, limit: int = 50, before: float | None = None, owner: str | None = None) -> list[Job]:
@@ -430,6 +461,7 @@ class SharedJobQueue:
             self._heartbeat()  # before the first take: a job this replica takes is never an orphan
         except Exception as exc:  # Redis away: the device thread waits for it
             self._redis_failure(exc)
+        self._changes.start()
         self._heart.start()
         self._worker.start()
 
@@ -442,6 +474,7 @@ class SharedJobQueue:
         self._stopped.set()  # (it beat on until now: the job being handed back stayed this replica's)
         if self._heart.ident is not None:
             self._heart.join(timeout=30)
+        self._changes.close()
         if not self._worker.is_alive():  # nothing of ours is left running: others need not wait for the lapse
             try:
                 self.client.delete(f"{PREFIX}replica:{self.replica}")
@@ -527,6 +560,7 @@ class SharedJobQueue:
                 pipe = self.client.pipeline(transaction=False)
                 pipe.hset(key, mapping=progress)
                 pipe.hincrby(key, "version", 1)
+                pipe.publish(CHANGES, job.id)
                 pipe.execute()
             except Exception as exc:
                 self._redis_failure(exc)
@@ -673,3 +707,74 @@ class SharedJobQueue:
                            type(exc).__name__)
         self._reachable = False
         return True
+
+
+class ChangeFeed:
+    """This replica's one subscription to the fleet's job changes (CHANGES): it wakes the
+    requests waiting on a job, on their event loops, when a notice names it."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+        self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event, bool]]] = {}
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._subscription: redis.client.PubSub | None = None
+        self._thread = threading.Thread(target=self._listen, name="sdxl-job-changes", daemon=True)
+
+    @contextlib.contextmanager
+    def watch(self, job_id: str, finals_only: bool = False) -> Iterator[asyncio.Event]:
+        """An event set whenever a change to the job (its end only, with `finals_only`) is
+        published, while the block runs (on an event loop)."""
+        waiter = (asyncio.get_running_loop(), asyncio.Event(), finals_only)
+        with self._lock:
+            self._waiters.setdefault(job_id, set()).add(waiter)
+        try:
+            yield waiter[1]
+        finally:
+            with self._lock:
+                self._waiters[job_id].discard(waiter)
+                if not self._waiters[job_id]:
+                    del self._waiters[job_id]
+
+    def start(self) -> None:
+        """Subscribes (changes published from now on are noticed), then listens on a thread of its own."""
+        try:
+            self._subscription = self._subscribe()
+        except Exception:  # Redis away: the thread subscribes once it is back
+            self._subscription = None
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closing.set()
+        if self._thread.ident is not None:
+            self._thread.join(timeout=10)
+
+    def _subscribe(self) -> redis.client.PubSub:
+        subscription = self.client.pubsub()
+        subscription.subscribe(CHANGES)
+        subscription.get_message(timeout=3)  # Redis's confirmation: from here on, every change is noticed
+        return subscription
+
+    def _listen(self) -> None:
+        while not self._closing.is_set():
+            try:
+                self._subscription = self._subscription or self._subscribe()
+                while not self._closing.is_set():
+                    notice = self._subscription.get_message(timeout=1.0)
+                    if notice is not None and notice["type"] == "message":
+                        job_id, _, final = notice["data"].decode().partition(" ")
+                        self._wake(job_id, final == "final")
+            except Exception:  # Redis away (the queue says so): waiters read their jobs every FALLBACK_S meanwhile
+                self._closing.wait(1)
+            finally:
+                if self._subscription is not None:
+                    self._subscription.close()
+                self._subscription = None
+
+    def _wake(self, job_id: str, final: bool) -> None:
+        with self._lock:
+            waiters = [(loop, event) for loop, event, finals_only in self._waiters.get(job_id, ())
+                       if final or not finals_only]
+        for loop, event in waiters:
+            with contextlib.suppress(RuntimeError):  # (its loop closed: nobody waits any more)
+                loop.call_soon_threadsafe(event.set)
