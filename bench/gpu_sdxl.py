@@ -61,6 +61,7 @@ from backends.sdxl_backend.device import Placement, select_placement  # noqa: E4
 from backends.sdxl_backend.fast_paths import FastPaths  # noqa: E402
 from backends.sdxl_backend.pipelines import (  # noqa: E402
     MEMORY_MODES,
+    Pipelines,
     apply_memory_mode,
     load_pipelines,
     with_controlnets,
@@ -257,11 +258,18 @@ def main() -> None:
             report["fast_paths"][name] = fast_path_figures(store, placement, name, call, args.runs, report["baseline"])
             save(report, args.out)
 
-    pipelines = load_pipelines(store, placement, "high")
+    loaded: list[Pipelines] = []
+
+    def service() -> Pipelines:
+        """The service's pipelines in mode high, loaded again once a part that needs them starts."""
+        if not loaded:
+            loaded.append(load_pipelines(store, placement, "high"))
+        return loaded[0]
+
     if "low" in modes and budget.allows("mode low", 20 * p50):
-        mode_figures(report, pipelines, "low", placement, 1, call, warm_up=False)
+        mode_figures(report, service(), "low", placement, 1, call, warm_up=False)
+        apply_memory_mode(service(), "high", placement)
         save(report, args.out)
-    apply_memory_mode(pipelines, "high", placement)
 
     for label, extra in ((f"{size}px_{args.steps}steps_cfg", {}),
                          (f"{fast_size}px_{args.fast_steps}steps_nocfg",
@@ -271,7 +279,7 @@ def main() -> None:
         if not budget.allows(f"images/s {label}", 2 * (1 + 2 + 4) * p50 * scale):
             continue
         for batch in (1, 2, 4):
-            seconds = timed(pipelines.txt2img, device, 1, **{**call, **extra, "num_images_per_prompt": batch})
+            seconds = timed(service().txt2img, device, 1, **{**call, **extra, "num_images_per_prompt": batch})
             report["throughput"][f"{label}_batch{batch}"] = round(batch / statistics.median(seconds), 3)
         save(report, args.out)
 
@@ -283,10 +291,10 @@ def main() -> None:
         if not budget.allows(f"{count} ControlNet(s)", (args.runs + 1) * p50 * (1 + count / 2)):
             continue
         controlnet = controlnet or (
-            build_tiny_controlnet() if args.tiny else ControlNetModel.from_unet(pipelines.txt2img.unet)).to(
+            build_tiny_controlnet() if args.tiny else ControlNetModel.from_unet(service().txt2img.unet)).to(
             device, placement.dtype)
         reset_peak(device)
-        guided = with_controlnets(pipelines, "txt2img", [controlnet] * count)
+        guided = with_controlnets(service(), "txt2img", [controlnet] * count)
         seconds = timed(guided, device, args.runs, **call, image=[edges] * count if count > 1 else edges)
         report["controlnets"][str(count)] = {"p50_s": round(statistics.median(seconds), 3),
                                              "peak_bytes": peak_bytes(device),
