@@ -751,8 +751,12 @@ class ChangeFeed:
 
     def _subscribe(self) -> redis.client.PubSub:
         subscription = self.client.pubsub()
-        subscription.subscribe(CHANGES)
-        subscription.get_message(timeout=3)  # Redis's confirmation: from here on, every change is noticed
+        try:
+            subscription.subscribe(CHANGES)
+            subscription.get_message(timeout=3)  # Redis's confirmation: from here on, every change is noticed
+        except Exception:
+            subscription.close()
+            raise
         return subscription
 
     def _listen(self) -> None:
