@@ -31,7 +31,8 @@ def fleet_env(redis_server, database: int, **more: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def replicas(serve, redis_server):
-    env = fleet_env(redis_server, 0, SDXL_IMAGE_URL_TTL_SECONDS="8", SDXL_MAX_QUEUE="3")
+    env = fleet_env(redis_server, 0, SDXL_IMAGE_URL_TTL_SECONDS="8", SDXL_MAX_QUEUE="3",
+                    SDXL_MODEL_ALIASES="sdxl-realism=tiny-sdxl")  # (the id the gallery sends)
     return serve("replica-a", env), serve("replica-b", env)
 
 
@@ -105,13 +106,19 @@ def test_img2img_travels_with_its_input_image(replicas):
 
 
 def test_real_clients_on_their_defaults_through_the_shared_queue(replicas):
-    """Every generation goes through Redis now: the openai package, webuiapi and BentoML's own
-    client work unchanged, and a link the openai client got from one replica opens on the other."""
+    """Every generation goes through Redis now: the gallery's exact request, the openai package,
+    webuiapi and BentoML's own client work unchanged, and a link the openai client got from one
+    replica opens on the other."""
     import bentoml
     import openai
     import webuiapi
 
+    from tests.test_client_dialects import gallery_image, post_raw
+
     a, b = replicas
+    gallery = post_raw(b, "/v1/generate", b'{"prompt":"x","model":"sdxl-realism","width":64,"height":64}')
+    assert gallery.status_code == 200, gallery.text
+    assert gallery_image(gallery.json()).size == (64, 64) and gallery.json()["images"][0] == gallery.json()["image"]
     result = openai.OpenAI(base_url=f"{a.url}/v1", api_key="unused", max_retries=0).images.generate(
         model="tiny-sdxl", prompt="a lighthouse", size="64x64", response_format="url")
     fetched = httpx.get(f"{b.url}{urlparse(result.data[0].url).path}", timeout=300)
