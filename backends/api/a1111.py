@@ -23,7 +23,6 @@ import json
 import re
 from typing import Annotated, Any
 
-import anyio
 import psutil
 from PIL import Image
 
@@ -542,7 +541,7 @@ async def refresh_checkpoints() -> None:
 @router.post("/unload-checkpoint", responses=errors.responses(401))
 async def unload_checkpoint(runtime: RuntimeDep) -> dict[str, Any]:
     """Frees every loaded model, as /v1/system/unload does; the next request loads its model."""
-    await anyio.to_thread.run_sync(runtime.engine.models.unload)
+    await runtime.unload()
     return {}
 
 

@@ -14,13 +14,16 @@ EXPOSED = [
 ]
 
 
-def result_headers(result: GenerationResult, device: str, memory: tuple[int, int] | None) -> dict[str, str]:
-    """Times in seconds; the device memory as `vram_headers` gives it (X-Device says which
-    device served)."""
+def result_headers(result: GenerationResult, device: str, memory: tuple[int, int] | None,
+                   inference_ms: bool = False) -> dict[str, str]:
+    """Times in seconds, except X-Inference-Time with `inference_ms` (moondream-station's
+    route: the gallery reads that header as milliseconds); the device memory as `vram_headers`
+    gives it (X-Device says which device served)."""
+    inference = f"{result.timings.inference_s * 1000:.1f}" if inference_ms else f"{result.timings.inference_s:.3f}"
     headers = {
         "X-Model": result.model,
         "X-Seed": ",".join(str(seed) for seed in result.seeds),
-        "X-Inference-Time": f"{result.timings.inference_s:.3f}",
+        "X-Inference-Time": inference,
         "X-Model-Load-Time": f"{result.timings.load_s:.3f}",
         "X-Device": device,
         "X-VRAM-Mode": result.vram_mode,  # the mode that served, after any out-of-memory retry

@@ -200,9 +200,10 @@ VramModeHeader = Annotated[str | None, Header(description="high, balanced or low
              responses=errors.responses(400, 401, 404, 413, 422, 429, 500, 503, 504))
 async def moondream_generate(body: MoondreamRequest, request: Request, runtime: Annotated[Runtime, Depends(runtime_of)],
                              x_vram_mode: VramModeHeader = None) -> JSONResponse:
-    """moondream-station's generation route. `image` makes it img2img."""
+    """moondream-station's generation route. `image` makes it img2img. X-Inference-Time is in
+    milliseconds here, as the gallery reads it."""
     try:
-        return await generate(body, request, runtime, x_vram_mode)
+        return await generation_answer(body, request, runtime, x_vram_mode, inference_ms=True)
     except OutOfMemory as exc:
         return JSONResponse(errors.error_body(f"CUDA out of memory: {exc.message}", "out_of_memory",
                                               code="out_of_memory"), 500)
@@ -214,6 +215,12 @@ async def generate(body: ImageGenerationRequest, request: Request, runtime: Anno
                    x_vram_mode: VramModeHeader = None) -> JSONResponse:
     """The OpenAI Images API (and, through the route above, moondream-station's): the union
     of both request shapes in, the union of both answers out."""
+    return await generation_answer(body, request, runtime, x_vram_mode)
+
+
+async def generation_answer(body: ImageGenerationRequest, request: Request, runtime: Runtime,
+                            x_vram_mode: str | None, inference_ms: bool = False) -> JSONResponse:
+    """Both routes' work: the generation, then the answer in both shapes."""
     result = await runtime.run(body.to_generation_request(x_vram_mode), request)
     urls = None
     if body.response_format == "url":
@@ -222,7 +229,8 @@ async def generate(body: ImageGenerationRequest, request: Request, runtime: Anno
         ids = [await anyio.to_thread.run_sync(kept.put, image.data, image.media_type, extension)
                for image in result.images]
         urls = [f"{base}/v1/images/files/{image_id}" for image_id in ids]
-    return JSONResponse(render(body, result, int(time.time()), urls), headers=runtime.result_headers(result))
+    return JSONResponse(render(body, result, int(time.time()), urls),
+                        headers=runtime.result_headers(result, inference_ms))
 
 
 class ImageEditForm(ImageGenerationRequest):

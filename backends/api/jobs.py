@@ -122,8 +122,7 @@ NOT_FOUND = errors.responses(401, 404, 410)
              responses=errors.responses(400, 401, 404, 413, 422, 429, 503))
 async def submit(body: JobRequest, request: Request, runtime: RuntimeDep) -> JSONResponse:
     """The native body (an `image` makes it img2img), checked, queued and answered at once."""
-    prepared = await runtime.prepare(body.generation_request())
-    job = await runtime.submit(prepared, request, body.preview_every)
+    job = await runtime.submit(body.generation_request(), request, body.preview_every)
     shown = await answer(runtime, job, runtime.base_url(request))
     return JSONResponse(shown, status_code=202, headers={"Location": shown["links"]["self"]})
 

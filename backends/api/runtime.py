@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -31,13 +31,11 @@ from backends.api import headers
 from backends.api.kept_images import KeptImages, SharedKeptImages
 from backends.api.metrics import Metrics
 from backends.api.settings import Settings
+from backends.sdxl_backend.device_thread import TORCH_WORK, DeviceThread
 from backends.sdxl_backend.errors import DeviceUnavailable, StoreUnavailable, TimedOut
 from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, ModelDefaults
 from backends.sdxl_backend.shared_jobs import SharedJobQueue
-
-if TYPE_CHECKING:
-    from backends.sdxl_backend.engine import PreparedRequest
 
 logger = logging.getLogger("sdxl_backend")
 T = TypeVar("T")
@@ -85,19 +83,22 @@ class Runtime:
             "required" if settings.api_keys else "off",
         )
         sources = [ModelSource(m.id, m.path, m.defaults) for m in served]
+        # The one thread that does this device's torch work: loads, warm-up, jobs, unloads.
+        self.device = DeviceThread(settings.torch_threads)
         self.loras = {lora.id: lora for lora in loras}
         self.controlnets = {controlnet.id: controlnet for controlnet in controlnets}
         models = ModelManager(sources, placement, settings.model_aliases, settings.memory_policy, settings.fast_paths,
                               vae, [LoraSource(lora.id, lora.path, lora.fits) for lora in loras],
                               settings.max_loaded_loras, [ControlNetSource(c.id, c.path, c.fits) for c in controlnets],
-                              settings.max_loaded_controlnets)
+                              settings.max_loaded_controlnets, on_device=self.device.run)
+        self.device.run_at_exit(models.close)
         oom_seam = OutOfMemorySeam.parse(settings.test_fault_oom)
         if oom_seam:
             logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_OOM=%s makes generations fail", settings.test_fault_oom)
         self.engine = Engine(models, default_model, settings.limits, oom_seam)
         self.metrics = Metrics()
         bounds = dict(max_queue=settings.max_queue, ttl_s=settings.job_ttl_seconds, max_jobs=settings.max_jobs,
-                      max_bytes=settings.job_max_bytes, on_change=self._job_changed, max_batch=settings.max_batch)
+                      max_bytes=settings.job_max_bytes, on_change=self._job_changed, max_batch=settings.max_batch, device=self.device)
         self.jobs_dir: Path | None = None
         if settings.redis_url is None:
             self.kept_images = KeptImages(settings.image_url_ttl_seconds, settings.image_url_max_bytes)
@@ -129,17 +130,22 @@ class Runtime:
         return client
 
     def start(self, warm_up: bool) -> None:
-        """Warm up (load the default model and run it once, so that no request pays for either),
-        then start the device thread. The warm-up runs here, before that thread takes any job:
-        on this replica, not on whichever one a shared queue would give it to."""
-        if warm_up:
-            started = time.perf_counter()
-            (outcome,) = self.engine.generate_batch([(self.engine.prepare(GenerationRequest(prompt="warm-up", steps=2)),
-                                                      None)])
-            if isinstance(outcome, Exception):
-                raise outcome
-            logger.info("warm-up of %s done in %.2f s", self.default_model, time.perf_counter() - started)
+        """Start the device thread, and with `warm_up` wait while it loads the default model and
+        runs it once (so that no request pays for either). The warm-up runs before that thread
+        takes any job: on this replica, not on whichever one a shared queue would give it to."""
+        warmed = self.device.call(self._warm_up) if warm_up else None
         self.jobs.start()
+        if warmed is not None:
+            warmed.result()
+
+    def _warm_up(self) -> None:
+        TORCH_WORK.note("warm-up")
+        started = time.perf_counter()
+        (outcome,) = self.engine.generate_batch([(self.engine.prepare(GenerationRequest(prompt="warm-up", steps=2)),
+                                                  None)])
+        if isinstance(outcome, Exception):
+            raise outcome
+        logger.info("warm-up of %s done in %.2f s", self.default_model, time.perf_counter() - started)
 
     @property
     def default_model(self) -> str:
@@ -150,20 +156,34 @@ class Runtime:
         return self.jobs.alive
 
     def close(self) -> None:
-        """A clean stop (not a crash): the jobs end here, and so does the default journal."""
+        """A clean stop (not a crash): the jobs end here (the device thread frees the models on
+        its way out), and so does the default journal."""
         self.jobs.close()
         self.kept_images.close()
-        self.engine.models.close()
         if self.jobs_dir is not None and self.settings.jobs_dir is None:
             shutil.rmtree(self.jobs_dir, ignore_errors=True)
 
-    async def prepare(self, request: GenerationRequest) -> PreparedRequest:
-        """Validate, decode and fill in, off the event loop (an input image may be large)."""
+    async def submit(self, request: GenerationRequest, http: Request, preview_every: int | None = None) -> Job:
+        """Validate, decode and fill in (`Engine.prepare`: a bad request fails here, never queued),
+        then queue: in one trip off the event loop (an input image may be large, Redis slow)."""
         if request.vram_mode is not None and not self.settings.allow_client_vram_mode:
             logger.info("client asked for memory mode %s; SDXL_ALLOW_CLIENT_VRAM_MODE=0, so the server's applies",
                         request.vram_mode)
             request = request.model_copy(update={"vram_mode": None})
-        return await anyio.to_thread.run_sync(self.engine.prepare, request)
+        owner = self.owner(http)
+
+        def prepare_and_submit() -> Job:
+            prepared = self.engine.prepare(request)
+            if not self.jobs.alive:
+                raise DeviceUnavailable("the device thread has stopped; the service must be restarted")
+            return self.jobs.submit(prepared, preview_every, owner)
+
+        return await anyio.to_thread.run_sync(prepare_and_submit)
+
+    async def unload(self) -> list[str]:
+        """Free every loaded model no request is using, on the device thread (after the batch it
+        runs, if any)."""
+        return await asyncio.wrap_future(self.device.call(self.engine.models.unload))
 
     def owner(self, http: Request) -> str | None:
         """Who a request acts for: with API keys set, a digest of its key (jobs belong to it);
@@ -178,14 +198,15 @@ class Runtime:
         be slow or away (3 s at most, then `StoreUnavailable`)."""
         return await anyio.to_thread.run_sync(call, *args)
 
-    async def submit(self, prepared: PreparedRequest, http: Request, preview_every: int | None = None) -> Job:
-        if not self.jobs.alive:
-            raise DeviceUnavailable("the device thread has stopped; the service must be restarted")
-        return await self.on_queue(self.jobs.submit, prepared, preview_every, self.owner(http))
-
     def _job_changed(self, job: Job) -> None:
         if job.status.final:
             self.metrics.observe_finished(job)
+
+    def device_thread_status(self) -> dict[str, Any]:
+        """The device thread's torch thread count, and which threads did each kind of torch work
+        in this process (the device thread alone, when all is well)."""
+        return {"name": self.device.name, "torch_threads": self.device.torch_threads,
+                "torch_work": TORCH_WORK.threads()}
 
     def observe_queue(self) -> None:
         """The queue gauges, as they stand (for a scrape): fleet-wide with a shared queue."""
@@ -195,7 +216,7 @@ class Runtime:
         """A synchronous generation: a job whose client waits for it. Whatever ends the wait
         (the client leaving, the timeout, the handler being cancelled) cancels the job, so the
         device moves on at its next step."""
-        job = await self.submit(await self.prepare(request), http)
+        job = await self.submit(request, http)
         deadline = time.monotonic() + self.settings.timeout_seconds
         try:
             while not (job := await self.jobs.wait(job, 0.25)).status.final:
@@ -219,9 +240,9 @@ class Runtime:
         await self.on_queue(self.jobs.forget_result, job)  # delivered: the images are the client's now
         return result
 
-    def result_headers(self, result: GenerationResult) -> dict[str, str]:
+    def result_headers(self, result: GenerationResult, inference_ms: bool = False) -> dict[str, str]:
         models = self.engine.models
-        return headers.result_headers(result, models.placement.device.type, models.device_memory())
+        return headers.result_headers(result, models.placement.device.type, models.device_memory(), inference_ms)
 
     def base_url(self, request: Request) -> str:
         return self.settings.public_url or str(request.base_url).rstrip("/")

@@ -93,6 +93,7 @@ class Settings(BaseSettings):
     jobs_dir: Path | None = None
     # Device and memory
     device: str = "auto"
+    torch_threads: int | None = Field(None, ge=1)  # the device thread's CPU threads; default: the usable cores
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     memory_budget: Annotated[int | None, BeforeValidator(lambda v: parse_bytes(v) if isinstance(v, str) else v)] = None
     vram_mode: VramMode = "high"

@@ -110,13 +110,14 @@ async def system_status(runtime: RuntimeDep) -> dict[str, Any]:
     on this device and the queue (with a shared queue: every replica's)."""
     return {**runtime.engine.models.status(), "vae": runtime.settings.vae,
             "queue_length": await runtime.on_queue(lambda: runtime.jobs.queue_length),
-            "jobs_on_device": len(runtime.jobs.running_here), "device_thread_alive": runtime.alive}
+            "jobs_on_device": len(runtime.jobs.running_here), "device_thread_alive": runtime.alive,
+            "device_thread": runtime.device_thread_status()}
 
 
 @router.post("/v1/system/unload", responses=errors.responses(401))
 async def unload(runtime: RuntimeDep) -> dict[str, Any]:
     """Free every loaded pipeline; the next request loads its model again."""
-    unloaded = await anyio.to_thread.run_sync(runtime.engine.models.unload)
+    unloaded = await runtime.unload()
     return {"status": "success", "message": f"unloaded {len(unloaded)} model(s)", "unloaded": unloaded}
 
 

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .controlnets import control_map
+from .device_thread import TORCH_WORK
 from .errors import BackendError, Cancelled, InvalidRequest, OutOfMemory
 from .images import MEDIA_TYPES, decode_image, encode_image
 from .limits import Limits
@@ -118,10 +119,8 @@ class BatchProgress:
 
 
 class Engine:
-    """Turns requests into images. Call it from one thread only, always the same (the job
-    queue's device thread): torch's CPU thread pools belong to the calling thread, and
-    generations spread over several threads were measured 2-3x slower on the CPU (their pools
-    fight for the cores); on CUDA one thread keeps the device's work in one ordered stream.
+    """Turns requests into images. `prepare` runs on any thread; `generate` and
+    `generate_batch` on the device thread only (device_thread.py says why).
     """
 
     def __init__(
@@ -245,6 +244,7 @@ class Engine:
         """Requests of one `batch_key` in one pipeline call; each gets its result, or its error
         (a request whose observer raised `Cancelled` is dropped at that step, the others go on).
         Out of memory: each request is run alone instead, with the usual recovery."""
+        TORCH_WORK.note("generate")
         if len(batch) == 1:
             prepared, on_step = batch[0]
             try:

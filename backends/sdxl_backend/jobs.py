@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Callable
 
 from PIL import Image
 
+from .device_thread import TORCH_WORK, DeviceThread
 from .errors import BackendError, Cancelled, JobExpired, QueueFull, UnknownJob
 from .protocol import GenerationRequest, GenerationResult
 
@@ -58,6 +59,7 @@ SDXL_LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 
 def latent_preview(latents: torch.Tensor) -> bytes:
     """A small PNG of the first image's latents."""
+    TORCH_WORK.note("preview")
     first = latents[0].float().cpu().permute(1, 2, 0)
     rgb = first @ first.new_tensor(SDXL_LATENT_RGB) + first.new_tensor(SDXL_LATENT_RGB_BIAS)
     pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().numpy()
@@ -236,8 +238,9 @@ class JobQueue:
 
     def __init__(self, engine: Engine, max_queue: int = 64, ttl_s: float = 3600, max_jobs: int = 1000,
                  max_bytes: int = 512 * 2**20, on_change: Callable[[Job], None] | None = None,
-                 journal: JobJournal | None = None, max_batch: int = 1):
+                 journal: JobJournal | None = None, max_batch: int = 1, device: DeviceThread | None = None):
         self.engine = engine
+        self.device = device or DeviceThread()  # runs `_work`, and whatever else needs the device
         self.max_batch = max_batch  # images in one pipeline call, from several jobs; 1: each job alone
         self.journal = journal
         self.on_change = on_change  # told of every submit, start and finish (metrics), on the thread that did it
@@ -258,11 +261,10 @@ class JobQueue:
             self._jobs[job.id] = self._finished[job.id] = job
         if self._finished:
             logger.warning("%d job(s) of a previous worker found; those unfinished are marked failed", len(self._finished))
-        self._worker = threading.Thread(target=self._work, name="sdxl-device", daemon=True)
 
     def start(self) -> None:
         """Start the device thread: jobs submitted before wait for it."""
-        self._worker.start()
+        self.device.start(self._work, self._wake)
 
     def submit(self, prepared: PreparedRequest, preview_every: int | None = None, owner: str | None = None) -> Job:
         with self._lock:
@@ -339,7 +341,7 @@ class JobQueue:
     @property
     def alive(self) -> bool:
         """Whether the device thread is there to run the next job."""
-        return self._worker.is_alive()
+        return self.device.is_alive()
 
     def retry_after_s(self) -> int:
         """Seconds until the queue has room again: the recent jobs' mean duration times the
@@ -386,16 +388,23 @@ class JobQueue:
             for job in self._running:
                 self.cancel(job, "cancelled: the server is shutting down")
             self._lock.notify_all()
-        if self._worker.ident is not None:
-            self._worker.join(timeout=30)
+        if self.device.ident is not None:
+            self.device.join(timeout=30)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
 
     def _work(self) -> None:
         while True:
+            self.device.run_calls()
             with self._lock:
-                while not self._queue and not self._closing:
+                while not self._queue and not self._closing and not self.device.pending:
                     self._lock.wait()
                 if self._closing:
                     return
+                if not self._queue:  # (woken for a call)
+                    continue
                 batch = self._take_batch()
                 self._running = list(batch)  # (emptied as its jobs finish)
                 for job in batch:

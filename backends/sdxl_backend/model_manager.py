@@ -4,8 +4,8 @@ Loaded models are kept in least-recently-used order under a memory budget: loadi
 does not fit evicts the least recently used models that no request is using. ControlNets are
 loaded beside them (shared by every model they fit), counted in the budget, and kept up to
 `max_loaded_controlnets`. Each model runs in a memory mode (pipelines.py) chosen per request.
-Generations are serialised by the engine's device thread; the lock here guards the loaded set
-against the other threads that read or change it (status, unload, the idle timer).
+Every load and unload runs on the device thread (device_thread.py), generations too; the lock
+here guards the loaded set against the other threads that read it (status, listings).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import torch
 
 from .controlnets import ControlNetSource
 from .device import Placement, device_memory
-from .errors import InvalidRequest, OutOfMemory, UnknownModel
+from .device_thread import TORCH_WORK
+from .errors import DeviceUnavailable, InvalidRequest, OutOfMemory, UnknownModel
 from .fast_paths import FastPaths
 from .loras import LORA_FILE, LoraSource, model_unet_signature
 from .pipelines import (
@@ -107,6 +108,9 @@ class ModelManager:
         max_loaded_loras: int = 8,  # adapters kept loaded per model; the least recently used go first
         controlnets: list[ControlNetSource] = (),
         max_loaded_controlnets: int = 2,  # ControlNets kept loaded; the least recently used go first
+        # Runs an action on the device thread and returns its result (`DeviceThread.run`): the
+        # idle timer's unload goes there. Default: in the calling thread (no device thread).
+        on_device: Callable[[Callable[[], T]], T] = lambda action: action(),
     ):
         self.sources = {source.id: source for source in sources}
         self.placement = placement
@@ -117,6 +121,7 @@ class ModelManager:
         self.max_loaded_loras = max_loaded_loras
         self.controlnets = {controlnet.id: controlnet for controlnet in controlnets}
         self.max_loaded_controlnets = max_loaded_controlnets
+        self.on_device = on_device
         total = device_total(placement)
         self.budget = self.policy.budget or total - max(GiB, total // 10)
         # Ids that clients are hard-wired to, served by another model: {"sdxl-realism": "juggernaut-xl"}.
@@ -210,6 +215,7 @@ class ModelManager:
         for wanted in requested:
             lora = self.loras[wanted.id]
             if lora.id not in loaded.loras:
+                TORCH_WORK.note("load")
                 self.out_of_memory_as_error(
                     lambda: owner.load_lora_weights(str(lora.path), weight_name=LORA_FILE, adapter_name=lora.adapter_name),
                     f"out of memory loading LoRA {lora.id}",
@@ -281,6 +287,7 @@ class ModelManager:
         """Load a ControlNet under the budget, registered as in use."""
         size = component_bytes(source.path, self.placement.dtype)
         self._make_room(size, source.id)
+        TORCH_WORK.note("load")
         started = time.perf_counter()
         module = self.out_of_memory_as_error(lambda: load_controlnet(source.path, self.placement),
                                              f"out of memory loading ControlNet {source.id}")
@@ -315,6 +322,7 @@ class ModelManager:
         """Make room under the budget, load, and register the model as in use."""
         size = weights_bytes(source.path, self.placement.dtype)
         self._make_room(size, source.id)
+        TORCH_WORK.note("load")
         started, before = time.perf_counter(), self._memory_in_use()
         pipelines = self.out_of_memory_as_error(
             lambda: load_pipelines(source.path, self.placement, mode, self.fast_paths, self.vae),
@@ -343,11 +351,13 @@ class ModelManager:
         return sorted(freed)
 
     def _free(self, model_id: str) -> None:
+        TORCH_WORK.note("unload")
         del self._loaded[model_id]
         self.release_cached_memory()
         logger.info("unloaded model %s", model_id)
 
     def _free_controlnet(self, controlnet_id: str) -> None:
+        TORCH_WORK.note("unload")
         del self._controlnets[controlnet_id]
         self.release_cached_memory()
         logger.info("unloaded ControlNet %s", controlnet_id)
@@ -380,11 +390,18 @@ class ModelManager:
     def _unload_when_idle(self) -> None:
         idle_s = self.policy.idle_unload_s
         while not self._closing.wait(min(5.0, idle_s / 2)):
-            with self._lock:
-                idle_for = time.monotonic() - self._last_activity
-                if (self._loaded or self._controlnets) and idle_for >= idle_s:
-                    logger.info("idle for %.0f s: freeing loaded models", idle_for)
-                    self.unload()
+            if self._loaded or self._controlnets:
+                try:
+                    self.on_device(self._unload_if_idle)
+                except DeviceUnavailable:  # the device thread has stopped: nothing runs any more
+                    return
+
+    def _unload_if_idle(self) -> None:
+        with self._lock:
+            idle_for = time.monotonic() - self._last_activity
+            if (self._loaded or self._controlnets) and idle_for >= self.policy.idle_unload_s:
+                logger.info("idle for %.0f s: freeing loaded models", idle_for)
+                self.unload()
 
     def device_memory(self) -> tuple[int, int] | None:
         """(used, total) bytes of the device, all processes included; None on the CPU."""

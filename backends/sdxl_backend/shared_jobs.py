@@ -12,7 +12,9 @@ may only touch keys they declare):
 - `sdxl:jobs:queue`, a list of waiting job ids, oldest first; `sdxl:jobs:job:<id>`, a hash per
   job (its prepared request with the input images as PNG, its state, then its result);
   `sdxl:jobs:running`, running job id -> the replica running it; `sdxl:jobs:replica:<name>`,
-  each replica's heartbeat, which expires when it stops beating.
+  each replica's heartbeat, which expires when it stops beating. A device thread with nothing
+  to do waits on `sdxl:jobs:wake` (pushed by every submit) and `sdxl:jobs:wake:<name>` (work
+  handed to that replica's device thread, such as an unload), a second at most.
 - Every change is one Lua script, so no two replicas ever take the same job or half-change one.
   TAKE pops the oldest job and the queued jobs that can share its pipeline call (the same
   `Engine.batch_key`, computed when it was submitted) while their images fit `max_batch`.
@@ -58,6 +60,7 @@ import anyio
 from PIL import Image
 
 from . import errors
+from .device_thread import DeviceThread
 from .errors import BackendError, Cancelled, JobExpired, QueueFull, UnknownJob, redis_failures_as_unavailable
 from .jobs import Job, JobStatus, run_batch, tell
 from .protocol import MAX_CONTROLNETS, GeneratedImage, GenerationRequest, GenerationResult
@@ -320,14 +323,16 @@ class SharedJobQueue:
 
     def __init__(self, engine: Engine, client: redis.Redis, max_queue: int = 64, ttl_s: float = 3600,
                  max_jobs: int = 1000, max_bytes: int = 512 * 2**20, on_change: Callable[[Job], None] | None = None,
-                 max_batch: int = 1):
+                 max_batch: int = 1, device: DeviceThread | None = None):
         self.engine = engine
+        self.device = device or DeviceThread()  # runs `_work`, and whatever else needs the device
         self.client = client
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.on_change = on_change
         self.bounds = [ttl_s, max_jobs, max_bytes]
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._wake_key = f"{PREFIX}wake:{self.replica}"  # this replica's device only
         self._scripts = {name: client.register_script(source) for name, source in (
             ("submit", SUBMIT), ("take", TAKE), ("reclaim", RECLAIM), ("hand_back", HAND_BACK),
             ("cancel", CANCEL), ("finish", FINISH), ("forget_result", FORGET_RESULT))}
@@ -336,7 +341,6 @@ class SharedJobQueue:
         self._closing = threading.Event()  # no more jobs taken; the running ones are handed back
         self._stopped = threading.Event()  # the device thread is done: the heartbeat stops too
         self._reachable = True  # last time the device thread or the heartbeat tried
-        self._worker = threading.Thread(target=self._work, name="sdxl-device", daemon=True)
         self._heart = threading.Thread(target=self._beat, name="sdxl-heartbeat", daemon=True)
         self._changes = ChangeFeed(client)
 
@@ -436,7 +440,7 @@ class SharedJobQueue:
     @property
     def alive(self) -> bool:
         """Whether this replica's device thread (and the heartbeat that keeps its jobs its own) runs."""
-        return self._worker.is_alive() and self._heart.is_alive()
+        return self.device.is_alive() and self._heart.is_alive()
 
     def retry_after_s(self) -> int:
         mean = sum(self._recent_durations) / len(self._recent_durations) if self._recent_durations else 5.0
@@ -463,33 +467,42 @@ class SharedJobQueue:
             self._redis_failure(exc)
         self._changes.start()
         self._heart.start()
-        self._worker.start()
+        self.device.start(self._work, self._wake)
 
     def close(self) -> None:
         """Stop taking jobs and hand the running ones back at their next step (another replica
         resumes them); queued jobs stay queued for the fleet."""
         self._closing.set()
-        if self._worker.ident is not None:
-            self._worker.join(timeout=30)
+        if self.device.ident is not None:
+            self.device.join(timeout=30)
         self._stopped.set()  # (it beat on until now: the job being handed back stayed this replica's)
         if self._heart.ident is not None:
             self._heart.join(timeout=30)
         self._changes.close()
-        if not self._worker.is_alive():  # nothing of ours is left running: others need not wait for the lapse
+        if not self.device.is_alive():  # nothing of ours is left running: others need not wait for the lapse
             try:
-                self.client.delete(f"{PREFIX}replica:{self.replica}")
+                self.client.delete(f"{PREFIX}replica:{self.replica}", self._wake_key)
             except Exception:  # Redis away: the heartbeat lapses by itself
                 pass
 
     # -- the device thread --
 
+    def _wake(self) -> None:
+        """Ends the device thread's wait for jobs (see `_work`), so that it runs a call now."""
+        try:
+            self.client.pipeline(transaction=False).rpush(self._wake_key, "1").expire(self._wake_key, 60).execute()
+        except Exception:  # Redis away: the device thread is not waiting on it either
+            pass
+
     def _work(self) -> None:
         while not self._closing.is_set():
             try:
+                self.device.run_calls()
                 ids = self._script("take", self.replica, self.max_batch, self.max_queue)
                 self._redis_is(True)
                 if not ids:
-                    self.client.blpop([f"{PREFIX}wake"], timeout=1)  # a submit, or a second, whichever first
+                    # A submit anywhere, work handed to this device, or a second, whichever first.
+                    self.client.blpop([f"{PREFIX}wake", self._wake_key], timeout=1)
                     continue
                 batch = self._start([i.decode() for i in ids])
                 if batch:
