@@ -29,7 +29,7 @@ from .model_manager import ModelManager, ModelSource
 from .modes import lower_mode
 from .pipelines import with_controlnets
 from .protocol import MAX_SEED, GeneratedImage, GenerationRequest, GenerationResult, ModelDefaults, Timings
-from .schedulers import SCHEDULERS, make_scheduler, step_arguments
+from .schedulers import SCHEDULERS, step_arguments
 
 logger = logging.getLogger("sdxl_backend")
 # What a ControlNet pipeline call takes beyond the plain one (the control maps aside).
@@ -352,9 +352,7 @@ class Engine:
                 arguments.update(image=first.init_image, mask_image=first.mask, strength=request.strength,
                                  width=request.width, height=request.height,
                                  padding_mask_crop=request.masked_area_padding if request.masked_area_only else None)
-            pipeline.scheduler = make_scheduler(
-                request.scheduler, pipelines.scheduler_config, source.defaults.timestep_spacing
-            )
+            pipeline.scheduler = pipelines.new_scheduler(request.scheduler, source.defaults.timestep_spacing)
             if first.refiner is not None:  # the base stops at switch_at and hands over its latents
                 arguments.update(denoising_end=request.refiner.switch_at, output_type="latent")
             started, refiner_load_s = time.perf_counter(), 0.0
@@ -375,9 +373,7 @@ class Engine:
                 second = with_controlnets(pipelines, "img2img", controlnets) if controlnets else pipelines.img2img
                 if controlnets:  # the control maps were made at this size: the first pass had them scaled down
                     arguments = {**arguments, **control_arguments(first, "control_image")}
-                second.scheduler = make_scheduler(
-                    request.scheduler, pipelines.scheduler_config, source.defaults.timestep_spacing
-                )
+                second.scheduler = pipelines.new_scheduler(request.scheduler, source.defaults.timestep_spacing)
                 arguments = {**arguments, **step_arguments(request.scheduler, hires.steps),
                              "image": upscaled, "strength": hires.strength, "output_type": "pil",
                              "generator": generators(),
@@ -399,8 +395,7 @@ class Engine:
         width, height = prepared.output_size
         with self.models.use(refiner.id, mode, width * height) as (pipelines, load_s):
             pipeline = pipelines.img2img
-            pipeline.scheduler = make_scheduler(request.scheduler, pipelines.scheduler_config,
-                                                refiner.defaults.timestep_spacing)
+            pipeline.scheduler = pipelines.new_scheduler(request.scheduler, refiner.defaults.timestep_spacing)
             arguments = {**arguments, "image": latents, "denoising_start": request.refiner.switch_at,
                          "output_type": "pil",
                          "callback_on_step_end": self._step_callback(attempt, progress, steps_run, 0)}

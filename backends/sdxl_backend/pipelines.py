@@ -15,8 +15,9 @@ Offload needs an accelerator: on the CPU the modes differ in VAE slicing/tiling 
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,11 +32,13 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from safetensors import safe_open
 
 from .device import Placement
 from .fast_paths import FastPaths, apply_fast_paths
 from .modes import MEMORY_MODES
+from .schedulers import make_scheduler
 
 
 @dataclass
@@ -49,6 +52,15 @@ class Pipelines:
     # previous request's scheduler, whose variant options would carry over.
     scheduler_config: dict
     mode: str = "high"  # one of MEMORY_MODES once placed
+    _schedulers: dict = field(default_factory=dict, repr=False)  # pristine ones, by (name, timestep spacing)
+
+    def new_scheduler(self, name: str, timestep_spacing: str | None) -> SchedulerMixin:
+        """A fresh scheduler of the named kind on the model's noise schedule: a copy of one made
+        once (made from the config each time, it cost a millisecond and more a request)."""
+        key = (name, timestep_spacing)
+        if key not in self._schedulers:
+            self._schedulers[key] = make_scheduler(name, self.scheduler_config, timestep_spacing)
+        return copy.deepcopy(self._schedulers[key])
 
     @property
     def owner(self) -> DiffusionPipeline:
