@@ -206,3 +206,17 @@ def test_webuiapi_progress_and_interrupt_keep_the_image_as_it_stood(api, server)
     job = next(j for j in httpx.get(f"{server.url}/v1/jobs", timeout=300).json()["jobs"] if j["total_steps"] == 30)
     assert job["status"] == "succeeded" and 3 <= job["step"] < 30
     assert api.txt2img(prompt="the next one", width=64, height=64).image.size == (64, 64)  # the device goes on
+
+
+def test_webuiapi_emphasis_and_long_prompts_are_read_as_a1111_reads_them(api):
+    long = ", ".join(["masterpiece", "(a red fox:1.3)", "[blurry]", "((sharp focus))"] * 12)  # past 75 tokens
+    emphasised = api.txt2img(prompt=long, negative_prompt="(lowres:1.2)", width=64, height=64, seed=4)
+    reading = emphasised.info["prompt_reading"]
+    assert reading["prompt"]["chunks"] >= 3 and reading["negative_prompt"] == {"tokens": len("lowres"), "chunks": 1}
+    same_text_plain = api.txt2img(prompt=long.replace("(", "").replace(")", "").replace(":1.3", "")
+                                  .replace("[", "").replace("]", ""), negative_prompt="lowres", width=64, height=64,
+                                  seed=4)
+    assert emphasised.image.tobytes() != same_text_plain.image.tobytes()
+    assert emphasised.info["prompt"] == long  # the prompt as written
+    with pytest.raises(RuntimeError, match="400"):  # prompt editing: refused by name, never read as text
+        api.txt2img(prompt="a [fox:cat:0.5]", width=64, height=64)

@@ -94,12 +94,12 @@ def test_a_batch_is_one_call_and_each_request_keeps_its_seeds_and_pixels(engine,
 
 
 @pytest.mark.parametrize("other", [{"steps": 5}, {"width": 72}, {"guidance_scale": 2.0}, {"scheduler": "ddim"},
-                                   {"negative_prompt": "blur"}, {"image": png_bytes()},
-                                   {"hires_fix": {"scale": 1.5}}])
+                                   {"image": png_bytes()}, {"hires_fix": {"scale": 1.5}},
+                                   {"prompt": "b " * 80}, {"negative_prompt": "b BREAK c"}])  # (more chunks)
 def test_requests_that_differ_in_the_call_do_not_batch(engine, other):
     base = engine.prepare(GenerationRequest(prompt="a", steps=4, width=64, height=64))
     assert engine.batch_key(base) != engine.batch_key(engine.prepare(GenerationRequest(
-        prompt="b", **{"steps": 4, "width": 64, "height": 64, **other})))
+        **{"prompt": "b", "steps": 4, "width": 64, "height": 64, **other})))
 
 
 def test_img2img_requests_batch_with_their_own_input_images(engine, monkeypatch):

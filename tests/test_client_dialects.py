@@ -380,3 +380,20 @@ def test_kept_images_cap_pushes_out_the_oldest_and_time_expires_them():
     now[0] = 10.5
     assert kept.get(third) is None and kept.expired(third) and kept.total_bytes == 0
     assert not kept.expired("never")
+
+
+def test_gallery_recreate_prompt_of_300_words_reaches_the_model(server):
+    """The gallery's "recreate this image" prompt: a vision model's description, paragraphs
+    joined; every word of it is read (in chunks), and a word at its end changes the image."""
+    description = " ".join(["A quiet harbour at dawn, with fishing boats resting on still water and gulls overhead."]
+                           * 20)
+    assert len(description.split()) >= 300
+    answers = [post_raw(server, "/v1/generate", json.dumps(
+        {"model": "sdxl-realism", "prompt": f"{description} {last}", "width": 64, "height": 64, "steps": 4,
+         "scheduler": "euler", "seed": 8}).encode()) for last in ("red", "blue")]
+    assert [answer.status_code for answer in answers] == [200, 200], answers[0].text
+    stats = answers[0].json()["stats"]
+    reading = stats["prompt_reading"]["prompt"]  # (tiny-sdxl: a token a character, spaces aside)
+    assert reading["chunks"] * 75 >= reading["tokens"] > 1000 and reading["chunks"] >= 20
+    images = [gallery_image(answer.json()).tobytes() for answer in answers]
+    assert images[0] != images[1]

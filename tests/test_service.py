@@ -29,6 +29,8 @@ def test_txt2img_json(server):
     assert decode(body["images"][0]["b64_json"]).size == (128, 96)
     assert body["parameters"]["steps"] == 4 and body["parameters"]["scheduler"] == "euler"
     assert set(body["timings"]) == {"load_s", "lora_load_s", "inference_s", "encode_s"}
+    assert body["prompt_reading"] == {"prompt": {"tokens": len("alighthouse"), "chunks": 1},  # (a token a letter)
+                                      "negative_prompt": {"tokens": 0, "chunks": 1}}
     assert response.headers["x-seed"] == "11,12"
     assert float(response.headers["x-inference-time"]) > 0
     assert response.headers["x-model-load-time"] == "0.000"  # warmed up at start

@@ -343,6 +343,8 @@ def render(body: A1111Request, result: GenerationResult) -> dict[str, Any]:
         "cfg_scale": request.guidance_scale, "sampler_name": SCHEDULERS[request.scheduler].label,
         "sd_model_name": result.model, "batch_size": body.batch_size, "n_iter": body.n_iter,
         "denoising_strength": request.strength if result.img2img else None,
+        # (A1111's own info has no such field: what the text encoders read, tokens and chunks of 75)
+        "prompt_reading": {name: reading.model_dump() for name, reading in result.prompt_reading.items()},
     }
     return A1111Answer(
         images=[base64.b64encode(image.data).decode() for image in result.images],

@@ -176,6 +176,7 @@ def render(
         "out_of_memory_in": result.out_of_memory_in,
         **({"strength": request.strength} if result.img2img else {}),
         **result.timings.model_dump(),
+        "prompt_reading": {name: reading.model_dump() for name, reading in result.prompt_reading.items()},
         **{f: getattr(body, f) for f in RECORDED_ONLY if getattr(body, f)},
         **({"ignored": ignored} if (ignored := body.ignored()) else {}),
     }

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from backends.api import errors
 from backends.api.runtime import Runtime
 from backends.sdxl_backend.errors import BackendError, InvalidRequest
-from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, Timings
+from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, PromptReading, Timings
 
 # What the native routes answer besides 200, as the OpenAPI document declares them.
 ERROR_STATUSES = (400, 401, 404, 413, 415, 422, 429, 503, 504, 507)
@@ -44,6 +44,8 @@ class GenerationAnswer(BaseModel):
     out_of_memory_in: list[str] = Field(description="Memory modes that ran out of memory first (recovered).")
     batch_images: int = Field(description="Images in the pipeline call that made these: more than the request's "
                                           "own when it ran batched with other requests (SDXL_MAX_BATCH).")
+    prompt_reading: dict[str, PromptReading] = Field(description="What the text encoders read of `prompt` and "
+                                                                 "`negative_prompt`: tokens, and chunks of 75.")
 
 
 def wants_raw_image(accept: str | None) -> bool:
@@ -62,6 +64,7 @@ def result_answer(result: GenerationResult, created: int) -> GenerationAnswer:
         vram_mode=result.vram_mode,
         out_of_memory_in=result.out_of_memory_in,
         batch_images=result.batch_images,
+        prompt_reading=result.prompt_reading,
     )
 
 

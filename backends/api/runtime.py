@@ -95,7 +95,7 @@ class Runtime:
         oom_seam = OutOfMemorySeam.parse(settings.test_fault_oom)
         if oom_seam:
             logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_OOM=%s makes generations fail", settings.test_fault_oom)
-        self.engine = Engine(models, default_model, settings.limits, oom_seam)
+        self.engine = Engine(models, default_model, settings.limits, oom_seam, settings.prompt_syntax)
         self.metrics = Metrics()
         bounds = dict(max_queue=settings.max_queue, ttl_s=settings.job_ttl_seconds, max_jobs=settings.max_jobs,
                       max_bytes=settings.job_max_bytes, on_change=self._job_changed, max_batch=settings.max_batch, device=self.device)

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from backends.sdxl_backend.fast_paths import Attention, FastPaths, Quantization
 from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.modes import MemoryPolicy
+from backends.sdxl_backend.prompts import PromptSyntax
 from backends.sdxl_backend.protocol import VramMode
 
 PREFIX = "SDXL_"
@@ -117,6 +118,7 @@ class Settings(BaseSettings):
     max_guidance_scale: float = Field(Limits().max_guidance_scale, ge=0)
     max_images: int = Field(Limits().max_images, ge=1)
     max_prompt_chars: int = Field(Limits().max_prompt_chars, ge=1)
+    prompt_syntax: PromptSyntax = "a1111"  # "plain": brackets and BREAK are text (prompts.py)
     max_input_image_bytes: int = Field(Limits().max_input_image_bytes, ge=1)
     max_input_image_pixels: int = Field(Limits().max_input_image_pixels, ge=1)
     # Tests only: "N[@STEP]" makes the first N tries of each request run out of memory

@@ -2,9 +2,11 @@
 
 - `Engine.prepare()`, in the request's handler, before anything is queued: pick the model,
   decode the input image, fill in the model's defaults, validate everything against the
-  limits, choose the seed. A bad request fails here, at once, and never waits in the queue.
-- `Engine.generate()`, on the device thread: one pipeline call (with out-of-memory recovery),
-  then encoding; `Engine.generate_batch()` runs compatible requests (`batch_key`) in one call.
+  limits, read the prompts into chunks (prompts.py), choose the seed. A bad request fails
+  here, at once, and never waits in the queue.
+- `Engine.generate()`, on the device thread: the prompts encoded (prompt_encoder.py), one
+  pipeline call (with out-of-memory recovery), then encoding; `Engine.generate_batch()` runs
+  compatible requests (`batch_key`) in one call.
 """
 
 from __future__ import annotations
@@ -28,7 +30,17 @@ from .masks import fill_masked, prepare_mask
 from .model_manager import ModelManager, ModelSource
 from .modes import lower_mode
 from .pipelines import with_controlnets
-from .protocol import MAX_SEED, GeneratedImage, GenerationRequest, GenerationResult, ModelDefaults, Timings
+from .prompt_encoder import conditioning
+from .prompts import PromptReader, PromptSyntax, ReadPrompts, model_tokenizers
+from .protocol import (
+    MAX_SEED,
+    GeneratedImage,
+    GenerationRequest,
+    GenerationResult,
+    ModelDefaults,
+    PromptReading,
+    Timings,
+)
 from .schedulers import SCHEDULERS, step_arguments
 
 logger = logging.getLogger("sdxl_backend")
@@ -69,6 +81,8 @@ class PreparedRequest:
     mask: Image.Image | None = field(default=None, repr=False)  # prepared: sized, inverted, blurred
     refiner: ModelSource | None = None  # the model that takes over at `request.refiner.switch_at`
     controls: list[Image.Image] = field(default_factory=list, repr=False)  # per ControlNet, at the output size
+    prompts: ReadPrompts | None = field(default=None, repr=False)  # as the model reads them
+    refiner_prompts: ReadPrompts | None = field(default=None, repr=False)  # as the refiner reads them
 
     @property
     def seeds(self) -> list[int]:
@@ -129,11 +143,23 @@ class Engine:
         default_model: str,
         limits: Limits | None = None,
         oom_seam: OutOfMemorySeam | None = None,
+        prompt_syntax: PromptSyntax = "a1111",
     ):
         self.models = models
         self.default_model = models.source(default_model).id
         self.limits = limits or Limits()
         self.oom_seam = oom_seam
+        self.prompt_syntax = prompt_syntax
+        self._prompt_readers: dict[str, PromptReader] = {}
+
+    def read_prompts(self, request: GenerationRequest, source: ModelSource) -> ReadPrompts:
+        """The request's prompts as `source`'s tokenizers cut them (raises `InvalidRequest` for
+        syntax the server does not run)."""
+        reader = self._prompt_readers.get(source.id)
+        if reader is None:
+            reader = self._prompt_readers.setdefault(
+                source.id, PromptReader(lambda: model_tokenizers(source.path), self.prompt_syntax))
+        return reader.read_pair(request.prompt, request.negative_prompt)
 
     def set_default_model(self, model_id: str) -> str:
         """The model a request without `model` gets from now on (an alias names its model)."""
@@ -169,7 +195,8 @@ class Engine:
                 init_image = fill_masked(init_image, mask)
         controlnets = [unit.model_copy(update={"image": b""}) for unit in request.controlnets]
         return PreparedRequest(request.model_copy(update={"image": None, "mask": None, "controlnets": controlnets}),
-                               source, init_image, mask, refiner, controls)
+                               source, init_image, mask, refiner, controls, self.read_prompts(request, source),
+                               self.read_prompts(request, refiner) if refiner else None)
 
     def _refiner(self, request: GenerationRequest, source: ModelSource) -> ModelSource | None:
         if request.refiner is None:
@@ -197,10 +224,10 @@ class Engine:
                 or prepared.controls):
             return None
         img2img = prepared.init_image is not None
-        # An empty negative prompt means zero embeddings, a written one is encoded: no mixing.
+        # The prompts' chunk count: a prompt padded with empty chunks would read otherwise.
         return (prepared.source.id, request.width, request.height, request.steps, request.scheduler,
                 request.guidance_scale, request.eta, request.strength if img2img else None, img2img,
-                bool(request.negative_prompt), self.mode_of(request),
+                prepared.prompts.chunk_count, self.mode_of(request),
                 tuple((lora.id, lora.weight) for lora in request.loras))
 
     def generate(self, prepared: PreparedRequest, on_step: StepObserver | None = None) -> GenerationResult:
@@ -294,7 +321,9 @@ class Engine:
         return GenerationResult(
             model=prepared.source.id, images=images, request=request, timings=timings, batch_images=batch_images,
             vram_mode=mode, out_of_memory_in=out_of_memory_in, img2img=init_image is not None,
-            inpainting=inpainting,
+            inpainting=inpainting, prompt_reading={
+                name: PromptReading(tokens=read.tokens, chunks=read.own_chunks)
+                for name, read in (("prompt", prepared.prompts.prompt), ("negative_prompt", prepared.prompts.negative))},
         )
 
     def _denoise(
@@ -322,10 +351,6 @@ class Engine:
 
         progress = BatchProgress(batch)
         arguments = dict(
-            prompt=per_image(lambda prepared: prepared.request.prompt),
-            # None, not "": SDXL then uses zero embeddings, as the model was trained.
-            negative_prompt=per_image(lambda prepared: prepared.request.negative_prompt)
-            if request.negative_prompt else None,
             **step_arguments(request.scheduler, request.steps),
             guidance_scale=request.guidance_scale,
             generator=generators(),
@@ -340,6 +365,8 @@ class Engine:
               self.models.use_controlnets(controlnet_ids) as (controlnets, controlnet_load_s)):
             lora_load_s = self.models.apply_loras(source.id, pipelines, request.loras)
             pipeline = with_controlnets(pipelines, task, controlnets) if controlnets else getattr(pipelines, task)
+            # (after the LoRAs: those that touch the text encoders change the conditioning)
+            arguments.update(conditioning(pipeline, per_image(lambda prepared: prepared.prompts)))
             if controlnets:
                 arguments.update(control_arguments(first, "image" if task == "txt2img" else "control_image"))
             if task == "txt2img":
@@ -397,7 +424,7 @@ class Engine:
             pipeline = pipelines.img2img
             pipeline.scheduler = pipelines.new_scheduler(request.scheduler, refiner.defaults.timestep_spacing)
             arguments = {**arguments, "image": latents, "denoising_start": request.refiner.switch_at,
-                         "output_type": "pil",
+                         "output_type": "pil", **conditioning(pipeline, [prepared.refiner_prompts] * request.n),
                          "callback_on_step_end": self._step_callback(attempt, progress, steps_run, 0)}
             for base_only in ("width", "height", "denoising_end", "strength", *CONTROL_ARGUMENTS):
                 arguments.pop(base_only, None)

@@ -170,6 +170,14 @@ class Timings(BaseModel):
     lora_load_s: float = 0.0  # LoRAs loaded into the model for this request (0 when all were loaded already)
 
 
+class PromptReading(BaseModel):
+    """What the text encoders read of a prompt: its tokens (start, end and padding aside) and
+    its chunks of 75 (a BREAK or a long prompt makes more)."""
+
+    tokens: int
+    chunks: int
+
+
 class GenerationResult(BaseModel):
     model: str
     images: list[GeneratedImage]
@@ -181,6 +189,7 @@ class GenerationResult(BaseModel):
     vram_mode: str  # the memory mode that produced the images
     batch_images: int = 1  # images in the pipeline call that made these: more than n when batched with others
     out_of_memory_in: list[str] = []  # modes that ran out of memory first (recovered)
+    prompt_reading: dict[str, PromptReading] = {}  # "prompt" and "negative_prompt"
 
     @property
     def seeds(self) -> list[int]:

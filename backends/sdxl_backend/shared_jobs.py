@@ -310,8 +310,9 @@ def decode_prepared(fields: dict[bytes, bytes], engine: Engine) -> PreparedReque
     request = request_from_json(fields[b"request"])
     refiner = engine.models.source(request.refiner.model) if request.refiner else None
     controls = [image(f"control:{index}") for index in range(len(request.controlnets))]
-    return PreparedRequest(request, engine.models.source(request.model), image("init_image"), image("mask"),
-                           refiner, controls)
+    source = engine.models.source(request.model)
+    return PreparedRequest(request, source, image("init_image"), image("mask"), refiner, controls,
+                           engine.read_prompts(request, source), engine.read_prompts(request, refiner) if refiner else None)
 
 
 def _number(value: bytes | None) -> float | None:

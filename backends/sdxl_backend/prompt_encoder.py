@@ -1,0 +1,68 @@
+"""The prompt encoder: read prompts (prompts.py) become SDXL's conditioning, on the device thread.
+
+Every task hands the pipelines embeddings made here, never a prompt string:
+
+1. each chunk of each prompt goes through each text encoder of the model (CLIP-L and
+   OpenCLIP-G; a refiner has the second only), all chunks of a call in one batch;
+2. the penultimate hidden states are kept (what SDXL was trained on), weighted by A1111's
+   rule: each token's state times its weight, then the chunk rescaled to its unweighted mean
+   (a chunk whose weights are all 1.0 is left exactly as encoded);
+3. a prompt's chunks are joined along the sequence (77 tokens each), the encoders' states
+   side by side (768 + 1280 = 2048 per token);
+4. the pooled embedding is OpenCLIP-G's, of the first chunk;
+5. an empty negative prompt is zeros when the model asks for it (`force_zeros_for_empty_prompt`,
+   as SDXL base was trained), like diffusers does.
+
+Each prompt is encoded on its own (no statistic is shared across a batch), so an image's
+conditioning does not depend on what shares its call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .device_thread import TORCH_WORK
+from .prompts import ReadPrompt, ReadPrompts
+
+
+def text_encoders(pipeline) -> list[torch.nn.Module]:
+    return [encoder for encoder in (pipeline.text_encoder, pipeline.text_encoder_2) if encoder is not None]
+
+
+@torch.no_grad()
+def encode(pipeline, prompts: list[ReadPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states [prompts, 77 x chunks, width], pooled [prompts, 1280]) of prompts of one
+    chunk count, encoded by `pipeline`'s text encoders."""
+    TORCH_WORK.note("encode prompts")
+    device = pipeline._execution_device
+    per_encoder, pooled = [], None
+    for index, encoder in enumerate(text_encoders(pipeline)):
+        chunks = [chunk for prompt in prompts for chunk in prompt.chunks[index]]
+        ids = torch.tensor([chunk.ids for chunk in chunks], device=device)
+        output = encoder(ids, output_hidden_states=True)
+        states = output.hidden_states[-2]
+        for row, chunk in enumerate(chunks):
+            if chunk.weighted:  # A1111's emphasis: weigh each token, then keep the chunk's mean
+                before = states[row].mean()
+                states[row] *= torch.tensor(chunk.weights, device=device, dtype=states.dtype)[:, None]
+                states[row] *= before / states[row].mean()
+        count = len(chunks) // len(prompts)
+        per_encoder.append(states.reshape(len(prompts), count * states.shape[1], states.shape[2]))
+        if output[0].ndim == 2:  # the encoder with a projection: the pooled embedding, of each first chunk
+            pooled = output[0][::count]
+    return torch.cat(per_encoder, dim=-1), pooled
+
+
+def conditioning(pipeline, reads: list[ReadPrompts]) -> dict[str, torch.Tensor]:
+    """The pipeline call's four conditioning arguments for its rows, one `ReadPrompts` each."""
+    embeds, pooled = encode(pipeline, [read.prompt for read in reads])
+    zeros = [not read.negative.text for read in reads] if pipeline.config.get("force_zeros_for_empty_prompt") else []
+    if zeros and all(zeros):
+        negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    else:
+        negative_embeds, negative_pooled = encode(pipeline, [read.negative for read in reads])
+        for row, zero in enumerate(zeros):
+            if zero:
+                negative_embeds[row], negative_pooled[row] = 0, 0
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}

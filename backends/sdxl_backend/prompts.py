@@ -1,0 +1,244 @@
+"""What SDXL reads of a prompt: its A1111 emphasis parsed, then its tokens cut into chunks.
+
+No torch here: this runs in the request's handler (`Engine.prepare`), so a prompt's token and
+chunk counts are known before it is queued (a batch only takes requests of one chunk count)
+and a prompt that uses syntax the server does not run is refused at once. The device thread's
+`prompt_encoder.py` turns the chunks into embeddings.
+
+The rules are AUTOMATIC1111's (ComfyUI reads the same brackets the same way):
+
+- `(text)` weighs 1.1, `((text))` 1.21, `[text]` 1/1.1, `(text:1.3)` 1.3; `\\(` `\\)` `\\[`
+  `\\]` are literal brackets; a bracket left open weighs to the end of the prompt, a stray
+  closing one is text, `(a:b)` is `a:b` at 1.1 (a weight must be a number);
+- `BREAK` (a word of its own, in capitals) ends the chunk;
+- chunks of 75 tokens, each encoded as start + 75 + end (padded); a chunk that fills up while
+  its last comma is among its last 20 tokens is cut after that comma;
+- prompt editing `[from:to:when]` and alternation `[a|b]` (A1111 changes the conditioning
+  between steps) are refused by name rather than read as text.
+
+With `SDXL_PROMPT_SYNTAX=plain` nothing is parsed (brackets are text); the chunks stay.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+from .errors import InvalidRequest
+
+PromptSyntax = Literal["a1111", "plain"]
+CHUNK_TOKENS = 75  # tokens of a chunk between its start and end tokens
+COMMA_BACKTRACK = 20  # a full chunk is cut after a comma this close to its end
+BREAK = -1.0  # the weight that marks a BREAK among the parsed pieces
+UP, DOWN = 1.1, 1 / 1.1
+
+# One lexical piece each: an escape, a bracket, a closing weight (":1.3)"), text, a colon.
+PIECE = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def parse_attention(text: str) -> list[tuple[str, float]]:
+    """The prompt as (text, weight) pieces, neighbours of equal weight merged; a BREAK is the
+    piece ("BREAK", -1)."""
+    pieces: list[list] = []  # [text, weight], weights multiplied as brackets close
+    open_round: list[int] = []  # where each open bracket's text starts
+    open_square: list[int] = []
+
+    def weigh_from(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    for match in PIECE.finditer(text):
+        piece, weight = match.group(0), match.group(1)
+        if piece.startswith("\\") and len(piece) == 2:
+            pieces.append([piece[1], 1.0])
+        elif piece == "(":
+            open_round.append(len(pieces))
+        elif piece == "[":
+            open_square.append(len(pieces))
+        elif weight is not None and open_round:
+            weigh_from(open_round.pop(), float(weight))
+        elif piece == ")" and open_round:
+            weigh_from(open_round.pop(), UP)
+        elif piece == "]" and open_square:
+            weigh_from(open_square.pop(), DOWN)
+        else:
+            for index, part in enumerate(BREAK_WORD.split(piece)):
+                if index:
+                    pieces.append(["BREAK", BREAK])
+                pieces.append([part, 1.0])
+    for start in open_round:
+        weigh_from(start, UP)
+    for start in open_square:
+        weigh_from(start, DOWN)
+
+    merged: list[tuple[str, float]] = []
+    for piece_text, weight in pieces:
+        if merged and merged[-1][1] == weight and weight != BREAK:
+            merged[-1] = (merged[-1][0] + piece_text, weight)
+        elif piece_text or weight == BREAK:
+            merged.append((piece_text, weight))
+    return merged or [("", 1.0)]
+
+
+def check_syntax(text: str, field: str) -> None:
+    """Refuses what A1111 would schedule over the steps (a square-bracket group whose own text,
+    nested groups aside, ends in `:number` or holds a `|`), which this server does not run."""
+    groups: list[tuple[str, list[str]]] = []  # the open brackets, each with its own text so far
+    characters = iter(text)
+    for character in characters:
+        if character == "\\":
+            next(characters, None)
+            character = "x"  # an escaped character is text
+        if character in "([":
+            groups.append((character, []))
+            continue
+        if groups and (character, groups[-1][0]) in ((")", "("), ("]", "[")):
+            kind, own = groups.pop()
+            if kind == "[" and ("|" in own or re.search(r":\s*[+-]?[.\d]+\s*$", "".join(own))):
+                raise InvalidRequest(f"{field}: prompt editing ([from:to:when]) and alternation ([a|b]) are not "
+                                     f"supported; escape the brackets (\\[ \\]) to mean them as text", field)
+            character = "x"  # (the group, as its parent sees it)
+        if groups:
+            groups[-1][1].append(character)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One encoder input: start + 75 tokens + end, padded; each token's weight."""
+
+    ids: tuple[int, ...]
+    weights: tuple[float, ...]
+
+    @property
+    def weighted(self) -> bool:
+        return any(weight != 1.0 for weight in self.weights)
+
+
+@dataclass(frozen=True)
+class ReadPrompt:
+    """A prompt as the text encoders will read it: its chunks for each tokenizer, and the
+    number of tokens it has (start, end and padding not counted)."""
+
+    text: str
+    chunks: tuple[tuple[Chunk, ...], ...]  # per tokenizer: (CLIP-L, OpenCLIP-G), or the refiner's one
+    tokens: int
+    own_chunks: int  # the prompt's own, before any padding to its partner's count
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunks[0])
+
+
+@dataclass(frozen=True)
+class ReadPrompts:
+    """A request's prompt and negative prompt as one model reads them, of equal chunk counts."""
+
+    prompt: ReadPrompt
+    negative: ReadPrompt
+
+    @property
+    def chunk_count(self) -> int:
+        return self.prompt.chunk_count
+
+
+class PromptReader:
+    """A model's tokenizers and the rules above: `read` turns a prompt into chunks."""
+
+    def __init__(self, tokenizers: Callable[[], list], syntax: PromptSyntax = "a1111"):
+        self._load = tokenizers  # called once, on first use
+        self._tokenizers: list | None = None
+        self.syntax = syntax
+        self._lock = threading.Lock()  # (a tokenizer's cache is shared by the request threads)
+
+    def tokenizers(self) -> list:
+        with self._lock:
+            if self._tokenizers is None:
+                self._tokenizers = self._load()
+            return self._tokenizers
+
+    def read(self, text: str, field: str = "prompt") -> ReadPrompt:
+        if self.syntax == "a1111":
+            check_syntax(text, field)
+            pieces = parse_attention(text)
+        else:
+            pieces = [(text, 1.0)]
+        tokenizers = self.tokenizers()
+        with self._lock:
+            tokenized = [self._tokenize(tokenizer, pieces) for tokenizer in tokenizers]
+        chunks = tuple(chunk_tokens(tokens, tokenizer) for tokens, tokenizer in zip(tokenized, tokenizers))
+        return ReadPrompt(text, chunks, sum(1 for token, _ in tokenized[0] if token is not None), len(chunks[0]))
+
+    @staticmethod
+    def _tokenize(tokenizer, pieces: list[tuple[str, float]]) -> list[tuple[int | None, float]]:
+        """(token id, weight) for each token; (None, BREAK) where a BREAK is."""
+        tokens: list[tuple[int | None, float]] = []
+        for text, weight in pieces:
+            if weight == BREAK:
+                tokens.append((None, BREAK))
+            elif text:
+                tokens += [(token, weight) for token in tokenizer(text, add_special_tokens=False).input_ids]
+        return tokens
+
+    def read_pair(self, prompt: str, negative: str) -> ReadPrompts:
+        """Both prompts of a request, the shorter padded with empty chunks to the longer."""
+        read, negative_read = self.read(prompt, "prompt"), self.read(negative, "negative_prompt")
+        count = max(read.chunk_count, negative_read.chunk_count)
+        return ReadPrompts(self.pad(read, count), self.pad(negative_read, count))
+
+    def pad(self, prompt: ReadPrompt, chunk_count: int) -> ReadPrompt:
+        """The prompt with empty chunks after its own, up to `chunk_count` (a negative prompt is
+        padded to its prompt's length, and the other way round)."""
+        if prompt.chunk_count >= chunk_count:
+            return prompt
+        chunks = tuple(own + (chunk_tokens([], tokenizer)[0],) * (chunk_count - len(own))
+                       for own, tokenizer in zip(prompt.chunks, self.tokenizers()))
+        return ReadPrompt(prompt.text, chunks, prompt.tokens, prompt.own_chunks)
+
+
+def chunk_tokens(tokens: list[tuple[int | None, float]], tokenizer) -> tuple[Chunk, ...]:
+    """Chunks of at most 75 tokens: a BREAK ends one, a full one is cut after a late comma;
+    at least one chunk, even for no tokens."""
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    chunks: list[Chunk] = []
+    current: list[tuple[int, float]] = []
+    last_comma = -1
+
+    def close(kept: list[tuple[int, float]]) -> None:
+        padding = CHUNK_TOKENS - len(kept)
+        ids = (tokenizer.bos_token_id, *(t for t, _ in kept), tokenizer.eos_token_id,
+               *(tokenizer.pad_token_id,) * padding)
+        chunks.append(Chunk(ids, (1.0, *(w for _, w in kept), 1.0, *(1.0,) * padding)))
+
+    for token, weight in tokens:
+        if token is None:  # BREAK
+            close(current)
+            current, last_comma = [], -1
+            continue
+        if len(current) == CHUNK_TOKENS:
+            if token != comma and last_comma >= 0 and len(current) - last_comma <= COMMA_BACKTRACK:
+                close(current[:last_comma + 1])  # (the comma stays with the words before it)
+                current = current[last_comma + 1:]
+            else:
+                close(current)
+                current = []
+            last_comma = -1
+        elif token == comma:
+            last_comma = len(current)
+        current.append((token, weight))
+    if current or not chunks:
+        close(current)
+    return tuple(chunks)
+
+
+def model_tokenizers(model_path: Path) -> list:
+    """A stored model's tokenizers (CLIP-L's and OpenCLIP-G's; a refiner has the second only),
+    loaded without torch."""
+    from transformers import CLIPTokenizer
+
+    folders = [model_path / name for name in ("tokenizer", "tokenizer_2")]
+    # (no length limit: prompts are cut into chunks here, never truncated by the tokenizer)
+    return [CLIPTokenizer.from_pretrained(folder, model_max_length=2**31) for folder in folders if folder.is_dir()]

@@ -1,0 +1,101 @@
+"""What SDXL reads of a prompt, through the real tiny pipeline: long prompts, A1111 emphasis,
+BREAK, escapes, the plain syntax, batches. (tiny-sdxl's tokenizer is byte-level: one token a
+character.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from backends.sdxl_backend.device import select_placement
+from backends.sdxl_backend.engine import Engine
+from backends.sdxl_backend.errors import InvalidRequest
+from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+from backends.sdxl_backend.prompt_encoder import conditioning
+from backends.sdxl_backend.protocol import GenerationRequest
+from models.catalog import defaults_for
+from tests.conftest import pixels
+from tests.test_backend import counting_calls, max_difference
+
+
+def make_engine(tiny_model, syntax: str = "a1111") -> Engine:
+    source = ModelSource("tiny-sdxl", Path(tiny_model.path), defaults_for("tiny-sdxl"))
+    return Engine(ModelManager([source], select_placement()), "tiny-sdxl", prompt_syntax=syntax)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return make_engine(tiny_model)
+
+
+def image(engine: Engine, prompt: str, **fields) -> bytes:
+    request = GenerationRequest(**{"prompt": prompt, "seed": 3, "steps": 4, "guidance_scale": 5.0, **fields})
+    return engine.generate(engine.prepare(request)).images[0].data
+
+
+def test_a_plain_short_prompt_is_encoded_as_diffusers_encodes_it(engine):
+    prepared = engine.prepare(GenerationRequest(prompt="a red fox in the snow", negative_prompt="blurry"))
+    with engine.models.use("tiny-sdxl", "high", 0) as (pipelines, _):
+        ours = conditioning(pipelines.txt2img, [prepared.prompts])
+        theirs = pipelines.txt2img.encode_prompt("a red fox in the snow", device=torch.device("cpu"),
+                                                 negative_prompt="blurry")
+    for name, expected in zip(("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                               "negative_pooled_prompt_embeds"), theirs):
+        assert torch.equal(ours[name], expected), name
+
+
+def test_a_word_after_the_77th_token_changes_the_pixels(engine):
+    filler = "x" * 100
+    red, blue = image(engine, f"{filler} red"), image(engine, f"{filler} blue")
+    assert pixels(red) != pixels(blue)
+    answer = engine.generate(engine.prepare(GenerationRequest(prompt=f"{filler} red", steps=2)))
+    assert answer.prompt_reading["prompt"].model_dump() == {"tokens": 103, "chunks": 2}  # (a space is no token)
+
+
+def test_weights_of_one_are_the_plain_text_and_other_weights_are_not(engine):
+    plain = pixels(image(engine, "a fox"))
+    assert pixels(image(engine, "(a fox:1.0)")) == plain
+    for emphasised in ("(a fox:1.3)", "[a fox]", "a fox BREAK a hat", "(a fox)"):
+        assert pixels(image(engine, emphasised)) != plain, emphasised
+    assert max_difference(image(engine, "((fox))"), image(engine, "(fox:1.21)")) <= 1
+
+
+def test_escaped_brackets_are_text(engine, tiny_model):
+    plain_syntax = make_engine(tiny_model, "plain")
+    escaped = pixels(image(engine, "\\(a fox\\)"))
+    assert escaped == pixels(image(plain_syntax, "(a fox)"))  # the brackets read as brackets
+    assert escaped != pixels(image(engine, "(a fox)")) and escaped != pixels(image(engine, "a fox"))
+
+
+def test_the_negative_prompt_is_read_the_same_way(engine):
+    plain = pixels(image(engine, "a fox", negative_prompt="blurry"))
+    assert pixels(image(engine, "a fox", negative_prompt="(blurry:1.0)")) == plain
+    assert pixels(image(engine, "a fox", negative_prompt="(blurry:1.4)")) != plain
+    assert pixels(image(engine, "a fox", negative_prompt="y" * 100 + " blurry")) != plain  # long too
+
+
+def test_prompt_editing_is_refused_by_name_before_the_queue(engine):
+    with pytest.raises(InvalidRequest) as refused:
+        engine.prepare(GenerationRequest(prompt="a [fox:cat:0.5]"))
+    assert refused.value.param == "prompt"
+
+
+def test_requests_with_and_without_a_negative_prompt_share_a_call_and_get_their_own_pixels(engine, monkeypatch):
+    requests = [GenerationRequest(prompt="a fox", seed=5, steps=4),
+                GenerationRequest(prompt="a fox", negative_prompt="(blurry:1.2)", seed=5, steps=4)]
+    alone = [engine.generate(engine.prepare(request)) for request in requests]
+    prepared = [engine.prepare(request) for request in requests]
+    assert engine.batch_key(prepared[0]) == engine.batch_key(prepared[1])
+    calls = counting_calls(engine, monkeypatch)
+    together = engine.generate_batch([(p, None) for p in prepared])
+    assert calls == [2]
+    for one, batched in zip(alone, together):
+        assert max_difference(one.images[0].data, batched.images[0].data) <= 3
+
+
+def test_a_one_chunk_and_a_three_chunk_prompt_run_apart_each_as_alone(engine):
+    short, long = (engine.prepare(GenerationRequest(prompt=text, seed=5, steps=4)) for text in ("a fox", "z" * 200))
+    assert (short.prompts.chunk_count, long.prompts.chunk_count) == (1, 3)
+    assert engine.batch_key(short) != engine.batch_key(long)  # (padding the short one would change what it reads)

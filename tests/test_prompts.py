@@ -1,0 +1,89 @@
+"""Reading a prompt: A1111's emphasis syntax and its chunking rules, without a model.
+
+The parser cases are the results of A1111's own `parse_prompt_attention` (its documented
+examples), carried over as facts."""
+
+from __future__ import annotations
+
+import pytest
+
+from backends.sdxl_backend.errors import InvalidRequest
+from backends.sdxl_backend.prompts import CHUNK_TOKENS, PromptReader, check_syntax, chunk_tokens, parse_attention
+from models.tiny import make_tokenizer
+
+A1111_PARSES = [
+    ("(a fox:1.0)", [("a fox", 1.0)]),
+    ("((fox))", [("fox", 1.2100000000000002)]),
+    ("[fox]", [("fox", 0.9090909090909091)]),
+    ("(a fox:1.3)", [("a fox", 1.3)]),
+    ("a fox, (a hat:1.0), a tree", [("a fox, a hat, a tree", 1.0)]),
+    ("a fox BREAK a hat", [("a fox", 1.0), ("BREAK", -1), ("a hat", 1.0)]),
+    ("\\(a fox\\)", [("(a fox)", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    (")x", [(")x", 1.0)]),
+    ("(a:b)", [("a:b", 1.1)]),
+    ("normal text", [("normal text", 1.0)]),
+    ("", [("", 1.0)]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+      (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+]
+
+
+@pytest.mark.parametrize(("prompt", "pieces"), A1111_PARSES)
+def test_parse_matches_a1111(prompt, pieces):
+    parsed = parse_attention(prompt)
+    assert [text for text, _ in parsed] == [text for text, _ in pieces]
+    assert [weight for _, weight in parsed] == pytest.approx([weight for _, weight in pieces])
+
+
+@pytest.mark.parametrize("prompt", ["a [fox:cat:0.5] runs", "[fox:10]", "[fox::0.3]", "a [fox|cat]"])
+def test_prompt_editing_and_alternation_are_refused_by_name(prompt):
+    with pytest.raises(InvalidRequest) as refused:
+        check_syntax(prompt, "negative_prompt")
+    assert refused.value.param == "negative_prompt" and "prompt editing" in refused.value.message
+
+
+@pytest.mark.parametrize("prompt", ["[fox]", "(fox:1.2)", "a \\[fox:cat:0.5\\]", "a: b | c", "[a (b:1.2)]",
+                                    "[fox:cat]", "(a|b)"])
+def test_brackets_without_a_schedule_pass(prompt):
+    check_syntax(prompt, "prompt")
+
+
+def tokens(count: int, comma_at: int | None = None) -> list[tuple[int, float]]:
+    tokenizer = make_tokenizer()
+    word, comma = tokenizer.convert_tokens_to_ids("a"), tokenizer.convert_tokens_to_ids(",</w>")
+    return [(comma if index == comma_at else word, 1.0) for index in range(count)]
+
+
+def content(chunk) -> int:
+    """Tokens between the start token and the end token."""
+    return chunk.ids.index(make_tokenizer().eos_token_id) - 1
+
+
+def test_chunks_of_75_tokens_each_with_start_end_and_padding():
+    tokenizer = make_tokenizer()
+    assert [content(chunk) for chunk in chunk_tokens(tokens(160), tokenizer)] == [75, 75, 10]
+    for chunk in chunk_tokens(tokens(160), tokenizer):
+        assert len(chunk.ids) == len(chunk.weights) == CHUNK_TOKENS + 2 and chunk.ids[0] == tokenizer.bos_token_id
+    (empty,) = chunk_tokens([], tokenizer)
+    assert empty.ids[:2] == (tokenizer.bos_token_id, tokenizer.eos_token_id) and not empty.weighted
+
+
+def test_a_full_chunk_is_cut_after_a_comma_among_its_last_20_tokens():
+    tokenizer = make_tokenizer()
+    assert [content(c) for c in chunk_tokens(tokens(80, comma_at=60), tokenizer)] == [61, 19]  # cut after the comma
+    assert [content(c) for c in chunk_tokens(tokens(80, comma_at=50), tokenizer)] == [75, 5]  # too far back
+
+
+def test_break_ends_a_chunk_and_weights_follow_their_tokens():
+    reader = PromptReader(lambda: [make_tokenizer()])
+    read = reader.read("ab BREAK (cd:1.5)")
+    assert read.chunk_count == 2 and read.tokens == 4
+    first, second = read.chunks[0]
+    assert content(first) == 2 and not first.weighted
+    assert second.weights[1:3] == (1.5, 1.5) and second.weights[3] == 1.0
+    assert reader.pad(read, 3).chunk_count == 3 and reader.pad(read, 1) is read
+    reader.syntax = "plain"
+    assert reader.read("(cd:1.5)").tokens == len("(cd:1.5)") and not reader.read("(cd:1.5)").chunks[0][0].weighted
