@@ -13,7 +13,7 @@ from backends.sdxl_backend.device import select_placement
 from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.model_manager import ModelManager, ModelSource
-from backends.sdxl_backend.prompt_encoder import conditioning
+from backends.sdxl_backend.prompt_encoder import EncodedPrompts, conditioning
 from backends.sdxl_backend.protocol import GenerationRequest
 from models.catalog import defaults_for
 from tests.conftest import pixels
@@ -38,7 +38,7 @@ def image(engine: Engine, prompt: str, **fields) -> bytes:
 def test_a_plain_short_prompt_is_encoded_as_diffusers_encodes_it(engine):
     prepared = engine.prepare(GenerationRequest(prompt="a red fox in the snow", negative_prompt="blurry"))
     with engine.models.use("tiny-sdxl", "high", 0) as (pipelines, _):
-        ours = conditioning(pipelines.txt2img, [prepared.prompts])
+        ours = conditioning(pipelines.txt2img, [prepared.prompts], EncodedPrompts())
         theirs = pipelines.txt2img.encode_prompt("a red fox in the snow", device=torch.device("cpu"),
                                                  negative_prompt="blurry")
     for name, expected in zip(("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
@@ -99,3 +99,25 @@ def test_a_one_chunk_and_a_three_chunk_prompt_run_apart_each_as_alone(engine):
     short, long = (engine.prepare(GenerationRequest(prompt=text, seed=5, steps=4)) for text in ("a fox", "z" * 200))
     assert (short.prompts.chunk_count, long.prompts.chunk_count) == (1, 3)
     assert engine.batch_key(short) != engine.batch_key(long)  # (padding the short one would change what it reads)
+
+
+def test_a_prompt_read_again_skips_the_text_encoders_and_gives_the_same_pixels(tiny_model):
+    engine = make_engine(tiny_model)
+    first = image(engine, "a lighthouse (at dusk:1.2)", negative_prompt="fog")
+    with engine.models.use("tiny-sdxl", "high", 0) as (pipelines, _):
+        calls = []
+        hooks = [encoder.register_forward_hook(lambda *_: calls.append(1))
+                 for encoder in (pipelines.txt2img.text_encoder, pipelines.txt2img.text_encoder_2)]
+    again = image(engine, "a lighthouse (at dusk:1.2)", negative_prompt="fog")
+    assert calls == [] and pixels(again) == pixels(first)
+    image(engine, "a lighthouse (at dusk:1.3)", negative_prompt="fog")  # another weight: encoded (the prompt only)
+    assert len(calls) == 2
+    for hook in hooks:
+        hook.remove()
+    cache = EncodedPrompts(size=2)
+    prompts = [engine.prepare(GenerationRequest(prompt=text)).prompts.prompt for text in ("a", "b", "c")]
+    with engine.models.use("tiny-sdxl", "high", 0) as (pipelines, _):
+        cache.encode(pipelines.txt2img, prompts, loras=())
+        assert len(cache) == 2  # the least recently used went
+        states, _ = cache.encode(pipelines.txt2img, prompts[:1] * 2, loras=(("some-lora", 0.8),))
+    assert states.shape[0] == 2 and len(cache) == 2

@@ -228,7 +228,7 @@ class Engine:
         return (prepared.source.id, request.width, request.height, request.steps, request.scheduler,
                 request.guidance_scale, request.eta, request.strength if img2img else None, img2img,
                 prepared.prompts.chunk_count, self.mode_of(request),
-                tuple((lora.id, lora.weight) for lora in request.loras))
+                lora_weights(request))
 
     def generate(self, prepared: PreparedRequest, on_step: StepObserver | None = None) -> GenerationResult:
         """One request: its pipeline call, with out-of-memory recovery, then encoding."""
@@ -366,7 +366,8 @@ class Engine:
             lora_load_s = self.models.apply_loras(source.id, pipelines, request.loras)
             pipeline = with_controlnets(pipelines, task, controlnets) if controlnets else getattr(pipelines, task)
             # (after the LoRAs: those that touch the text encoders change the conditioning)
-            arguments.update(conditioning(pipeline, per_image(lambda prepared: prepared.prompts)))
+            arguments.update(conditioning(pipeline, per_image(lambda prepared: prepared.prompts),
+                                          pipelines.encoded_prompts, lora_weights(request)))
             if controlnets:
                 arguments.update(control_arguments(first, "image" if task == "txt2img" else "control_image"))
             if task == "txt2img":
@@ -424,7 +425,8 @@ class Engine:
             pipeline = pipelines.img2img
             pipeline.scheduler = pipelines.new_scheduler(request.scheduler, refiner.defaults.timestep_spacing)
             arguments = {**arguments, "image": latents, "denoising_start": request.refiner.switch_at,
-                         "output_type": "pil", **conditioning(pipeline, [prepared.refiner_prompts] * request.n),
+                         "output_type": "pil",
+                         **conditioning(pipeline, [prepared.refiner_prompts] * request.n, pipelines.encoded_prompts),
                          "callback_on_step_end": self._step_callback(attempt, progress, steps_run, 0)}
             for base_only in ("width", "height", "denoising_end", "strength", *CONTROL_ARGUMENTS):
                 arguments.pop(base_only, None)
@@ -445,6 +447,10 @@ class Engine:
             return tensors
 
         return on_step_end
+
+
+def lora_weights(request: GenerationRequest) -> tuple[tuple[str, float], ...]:
+    return tuple((lora.id, lora.weight) for lora in request.loras)
 
 
 def output_size(request: GenerationRequest) -> tuple[int, int]:

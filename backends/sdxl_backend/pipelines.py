@@ -38,6 +38,7 @@ from safetensors import safe_open
 from .device import Placement
 from .fast_paths import FastPaths, apply_fast_paths
 from .modes import MEMORY_MODES
+from .prompt_encoder import EncodedPrompts
 from .schedulers import make_scheduler
 
 
@@ -53,6 +54,7 @@ class Pipelines:
     scheduler_config: dict
     mode: str = "high"  # one of MEMORY_MODES once placed
     _schedulers: dict = field(default_factory=dict, repr=False)  # pristine ones, by (name, timestep spacing)
+    encoded_prompts: EncodedPrompts = field(default_factory=EncodedPrompts, repr=False)
 
     def new_scheduler(self, name: str, timestep_spacing: str | None) -> SchedulerMixin:
         """A fresh scheduler of the named kind on the model's noise schedule: a copy of one made

@@ -14,10 +14,14 @@ Every task hands the pipelines embeddings made here, never a prompt string:
    as SDXL base was trained), like diffusers does.
 
 Each prompt is encoded on its own (no statistic is shared across a batch), so an image's
-conditioning does not depend on what shares its call.
+conditioning does not depend on what shares its call. A model keeps the encodings of the
+prompts it read last (`EncodedPrompts`): a gallery re-running a prompt skips the encoders, and a
+batch encodes each distinct prompt once.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -53,14 +57,45 @@ def encode(pipeline, prompts: list[ReadPrompt]) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(per_encoder, dim=-1), pooled
 
 
-def conditioning(pipeline, reads: list[ReadPrompts]) -> dict[str, torch.Tensor]:
-    """The pipeline call's four conditioning arguments for its rows, one `ReadPrompts` each."""
-    embeds, pooled = encode(pipeline, [read.prompt for read in reads])
+class EncodedPrompts:
+    """A loaded model's encodings of the prompts it read last, the least recently used going
+    first past `size`. Keyed by the LoRAs active (theirs may change the text encoders) and the
+    prompt's chunks (its tokens and weights: the prompt as read)."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def encode(self, pipeline, prompts: list[ReadPrompt], loras: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `encode`, each distinct prompt encoded once, and only when not held already."""
+        keyed = {(loras, prompt.chunks): prompt for prompt in prompts}
+        missing = [key for key in keyed if key not in self._entries]
+        if missing:
+            states, pooled = encode(pipeline, [keyed[key] for key in missing])
+            for row, key in enumerate(missing):
+                self._entries[key] = (states[row].clone(), pooled[row].clone())
+        keys = [(loras, prompt.chunks) for prompt in prompts]
+        for key in keys:
+            self._entries.move_to_end(key)
+        rows = [self._entries[key] for key in keys]
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return torch.stack([states for states, _ in rows]), torch.stack([pooled for _, pooled in rows])
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def conditioning(pipeline, reads: list[ReadPrompts], encoded: EncodedPrompts,
+                 loras: tuple = ()) -> dict[str, torch.Tensor]:
+    """The pipeline call's four conditioning arguments for its rows, one `ReadPrompts` each;
+    `loras`: the (id, weight) of the LoRAs active."""
+    embeds, pooled = encoded.encode(pipeline, [read.prompt for read in reads], loras)
     zeros = [not read.negative.text for read in reads] if pipeline.config.get("force_zeros_for_empty_prompt") else []
     if zeros and all(zeros):
         negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
     else:
-        negative_embeds, negative_pooled = encode(pipeline, [read.negative for read in reads])
+        negative_embeds, negative_pooled = encoded.encode(pipeline, [read.negative for read in reads], loras)
         for row, zero in enumerate(zeros):
             if zero:
                 negative_embeds[row], negative_pooled[row] = 0, 0
