@@ -22,6 +22,7 @@ from backends.api.app import create_app
 from backends.api.edge import Edge, TimelyTimeout, quiet_validation_logs
 from backends.api.runtime import Runtime, ServedAdapter, ServedModel
 from backends.api.settings import declared_environment, load_settings
+from backends.sdxl_backend.embeddings import fits_model, model_text_signature
 from backends.sdxl_backend.loras import model_unet_signature
 from backends.sdxl_backend.protocol import GenerationRequest, ImageToImageRequest, TextToImageRequest
 from models.catalog import defaults_for, load_catalog
@@ -76,11 +77,15 @@ def replacement_vae() -> bentoml.Model | None:
 
 
 def served_adapters(kind: str) -> dict[str, bentoml.Model]:
-    """The LoRAs (or ControlNets) in the store that fit a served model, so that a bento packs
-    no adapter it could never use; in a bento, every one it packed. Requests pick among them."""
+    """The LoRAs (ControlNets, embeddings) in the store that fit a served model, so that a bento
+    packs none it could never use; in a bento, every one it packed. Requests pick among them."""
     packed = packed_models(kind)
     if packed is not None:
         return packed
+    if kind == "embedding":  # (made for text encoders of given widths)
+        widths = {model_text_signature(Path(model.path)) for model in SERVED.values()}
+        return {embedding_id: embedding for embedding_id, embedding in stored_models(kind).items()
+                if any(fits_model(embedding.info.labels["fits"], model) for model in widths)}
     architectures = {model_unet_signature(Path(model.path)) for model in SERVED.values()}
     return {adapter_id: adapter for adapter_id, adapter in stored_models(kind).items()
             if adapter.info.labels["fits"] in architectures}
@@ -103,7 +108,7 @@ def model_attribute(model_id: str, kind: str = "model") -> str:
 SERVED = served_models()
 DEFAULT_MODEL = default_model(list(SERVED))
 VAE = replacement_vae()
-ADAPTERS = {kind: served_adapters(kind) for kind in ("lora", "controlnet")}
+ADAPTERS = {kind: served_adapters(kind) for kind in ("lora", "controlnet", "embedding")}
 dialects = create_app()
 
 
@@ -118,14 +123,14 @@ class SDXL:
             for model_id, model in SERVED.items()
         ]
         vae = Path(self.model_vae.path) if VAE is not None else None
-        loras, controlnets = (
+        loras, controlnets, embeddings = (
             [ServedAdapter(adapter_id, Path(getattr(self, model_attribute(adapter_id, kind)).path),
                            adapter.info.labels["fits"],
                            catalog[adapter_id].description if adapter_id in catalog else adapter.info.labels["source"])
              for adapter_id, adapter in adapters.items()]
             for kind, adapters in ADAPTERS.items()
         )
-        self.runtime = Runtime(SETTINGS, served, DEFAULT_MODEL, vae, loras, controlnets)
+        self.runtime = Runtime(SETTINGS, served, DEFAULT_MODEL, vae, loras, controlnets, embeddings)
         dialects.state.runtime = self.runtime
         self.runtime.start(warm_up=SETTINGS.warmup)
 

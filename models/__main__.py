@@ -27,7 +27,8 @@ from .store import (
 )
 
 DEFAULT_IMPORT = "sdxl-base"
-KIND_LABELS = {"vae": "[VAE, for SDXL_VAE] ", "lora": "[LoRA] ", "controlnet": "[ControlNet] "}  # in the listing
+KIND_LABELS = {"vae": "[VAE, for SDXL_VAE] ", "lora": "[LoRA] ", "controlnet": "[ControlNet] ",
+               "embedding": "[embedding] "}  # in the listing
 
 
 def _import(model_id: str, source: Path | None, config: str | None, revision: str | None, force: bool,

@@ -21,9 +21,10 @@ class CatalogEntry(BaseModel):
     description: str
     # "pipeline": a servable SDXL model; "vae": a component that replaces every served model's
     # VAE when SDXL_VAE names it; "lora": an adapter a request names in `loras`; "controlnet":
-    # a control model a request names in `controlnets`.
-    kind: Literal["pipeline", "vae", "lora", "controlnet"] = "pipeline"
-    weights: str | None = None  # a LoRA's file in its repo
+    # a control model a request names in `controlnets`; "embedding": a textual-inversion
+    # embedding a prompt names.
+    kind: Literal["pipeline", "vae", "lora", "controlnet", "embedding"] = "pipeline"
+    weights: str | None = None  # a LoRA's or an embedding's file in its repo
     repo: str | None = None  # None: built locally (tiny-sdxl)
     unet: tuple[str, str] | None = None  # (repo, file) replacing the repo's UNet weights
     licence: str | None = None

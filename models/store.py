@@ -1,9 +1,11 @@
 """SDXL models in the BentoML model store: import (hub, local path, tiny), list, remove.
 
 Each model is one BentoML model named by its friendly id, holding a diffusers directory (a
-pipeline), one component's directory (a VAE or a ControlNet: `config.json` and its weights), or
-a LoRA's weights (`pytorch_lora_weights.safetensors`). LoRAs and ControlNets carry a `fits`
-label: the UNet architecture they were made for (backends/sdxl_backend/loras.py). Labels record
+pipeline), one component's directory (a VAE or a ControlNet: `config.json` and its weights),
+a LoRA's weights (`pytorch_lora_weights.safetensors`) or an embedding's vectors
+(`embedding.safetensors`). LoRAs and ControlNets carry a `fits` label: the UNet architecture
+they were made for (backends/sdxl_backend/loras.py); embeddings, the text encoders' widths
+(backends/sdxl_backend/embeddings.py). Labels record
 what it is and where it came from: `sdxl_id`, `sdxl_kind`, `source`, `revision`.
 """
 
@@ -18,6 +20,7 @@ from typing import Callable
 
 import bentoml
 
+from backends.sdxl_backend.embeddings import EMBEDDING_FILE, SDXL_TEXT, file_signature
 from backends.sdxl_backend.loras import LORA_FILE, SDXL_UNET, model_unet_signature, unet_signature
 
 from .catalog import CatalogEntry
@@ -107,11 +110,21 @@ def _copy_tree(src: Path, dst: Path) -> None:
             _place(file, dst / file.relative_to(src))
 
 
-TINY = ("tiny-sdxl", "tiny-sdxl-refiner", "tiny-sdxl-vae", "tiny-sdxl-lora", "tiny-sdxl-controlnet")  # built locally
+TINY = ("tiny-sdxl", "tiny-sdxl-refiner", "tiny-sdxl-vae", "tiny-sdxl-lora", "tiny-sdxl-controlnet",
+        "tiny-sdxl-embedding")  # built locally
 
 
 def import_tiny(model_id: str = "tiny-sdxl") -> bentoml.Model:
-    from .tiny import SEED, build_tiny_controlnet, build_tiny_refiner, build_tiny_sdxl, build_tiny_vae, save_tiny_lora
+    from .tiny import (
+        SEED,
+        TEXT_HIDDEN,
+        build_tiny_controlnet,
+        build_tiny_refiner,
+        build_tiny_sdxl,
+        build_tiny_vae,
+        save_tiny_embedding,
+        save_tiny_lora,
+    )
 
     source = "generated:models/tiny.py"
     if model_id == "tiny-sdxl":
@@ -126,6 +139,9 @@ def import_tiny(model_id: str = "tiny-sdxl") -> bentoml.Model:
         controlnet = build_tiny_controlnet()
         return _store(model_id, source, "1", lambda path: controlnet.save_pretrained(path, safe_serialization=True),
                       {"fits": unet_signature(controlnet.config)}, kind="controlnet")
+    if model_id == "tiny-sdxl-embedding":
+        return _store(model_id, source, "1", save_tiny_embedding, {"fits": f"{TEXT_HIDDEN}+{TEXT_HIDDEN}"},
+                      kind="embedding")
     fits = unet_signature(build_tiny_sdxl().unet.config)
     return _store(model_id, source, "1", save_tiny_lora, {"fits": fits}, kind="lora")
 
@@ -139,8 +155,9 @@ def model_unet_signature_of(model_id: str) -> str | None:
 def import_from_path(model_id: str, path: Path, config: str | None = None, fits: str | None = None) -> bentoml.Model:
     """A diffusers directory: a pipeline, or a ControlNet's (`config.json` naming a
     `ControlNetModel`); a single-file `.safetensors` SDXL checkpoint (converted to the diffusers
-    layout; `config` names the diffusers repo or directory whose configs it follows); or a LoRA
-    `.safetensors` (diffusers/PEFT or kohya/A1111 keys). LoRAs and ControlNets fit SDXL base's
+    layout; `config` names the diffusers repo or directory whose configs it follows); a LoRA
+    `.safetensors` (diffusers/PEFT or kohya/A1111 keys); or an SDXL textual-inversion embedding
+    (`clip_l` and `clip_g`, fitting the models whose text encoders have their widths). LoRAs and ControlNets fit SDXL base's
     architecture unless `fits` names a stored model whose UNet they were made for."""
     path = path.expanduser().resolve()
     if path.is_dir():
@@ -152,6 +169,9 @@ def import_from_path(model_id: str, path: Path, config: str | None = None, fits:
                                f"config.json)")
         return _store(model_id, f"local:{path}", "-", lambda dst: _copy_tree(path, dst))
     if path.is_file() and path.suffix == ".safetensors":
+        if (widths := file_signature(path)) is not None:
+            return _store(model_id, f"local:{path}", "-", lambda dst: _place(path, dst / EMBEDDING_FILE),
+                          {"fits": widths}, kind="embedding")
         if is_lora(path):
             return _store(model_id, f"local:{path}", "-", lambda dst: _place(path, dst / LORA_FILE),
                           {"fits": _fits(fits)}, kind="lora")
@@ -234,7 +254,7 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
             model_index = json.loads(Path(hf_hub_download(entry.repo, "model_index.json", revision=sha,
                                                           local_files_only=constants.HF_HUB_OFFLINE)).read_text())
             wanted = select_files(repo_files, model_index)
-        elif entry.kind == "lora":
+        elif entry.kind in ("lora", "embedding"):
             wanted = [entry.weights]
         else:
             wanted = select_component_files(repo_files)
@@ -249,8 +269,9 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
         raise ImportFailed(_hub_error(entry.repo, exc)) from exc
 
     def fill(path: Path) -> None:
+        placed_as = {"lora": LORA_FILE, "embedding": EMBEDDING_FILE}
         for name in wanted:
-            _place(snapshot / name, path / (LORA_FILE if entry.kind == "lora" else name))
+            _place(snapshot / name, path / placed_as.get(entry.kind, name))
         if unet_file is not None:
             _place(unet_file, path / "unet" / "diffusion_pytorch_model.fp16.safetensors")
 
@@ -259,6 +280,8 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
     labels = {"unet_revision": unet_file.parent.name} if unet_file is not None else {}
     if entry.kind in ("lora", "controlnet"):
         labels["fits"] = SDXL_UNET
+    if entry.kind == "embedding":
+        labels["fits"] = SDXL_TEXT
     return _store(entry.id, source, sha, fill, labels, kind=entry.kind)
 
 

@@ -174,6 +174,18 @@ def save_tiny_lora(path: Path, seed: int = SEED + 2) -> None:
                                                 safe_serialization=True)
 
 
+def save_tiny_embedding(path: Path, seed: int = SEED + 5) -> None:
+    """A textual-inversion embedding for tiny-sdxl: two random vectors for each text encoder,
+    in SDXL's file layout (`clip_l`, `clip_g`)."""
+    from safetensors.torch import save_file
+
+    from backends.sdxl_backend.embeddings import EMBEDDING_FILE
+
+    generator = torch.Generator().manual_seed(seed)
+    save_file({key: torch.randn(2, TEXT_HIDDEN, generator=generator) for key in ("clip_l", "clip_g")},
+              str(path / EMBEDDING_FILE))
+
+
 def build_tiny_controlnet(seed: int = SEED + 4) -> ControlNetModel:
     """A ControlNet made from tiny-sdxl's UNet, as diffusers makes one for training
     (`ControlNetModel.from_unet`: the encoder's weights copied), with random zero convolutions

@@ -26,7 +26,7 @@ MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
-def bento(tiny_model, tiny_lora, tiny_controlnet):
+def bento(tiny_model, tiny_lora, tiny_controlnet, tiny_embedding):
     """A bento built from this checkout serving tiny-sdxl, with a LoRA made for SDXL base in the
     store beside tiny-sdxl's: its manifest, its directory, and the stored adapters that fit
     tiny-sdxl when it was built (other tests may have added some), by kind."""
@@ -38,6 +38,8 @@ def bento(tiny_model, tiny_lora, tiny_controlnet):
     fitting = {kind: {adapter_id: adapter for adapter_id, adapter in stored_models(kind).items()
                       if adapter.info.labels["fits"] == tiny_lora.info.labels["fits"]}
                for kind in ("lora", "controlnet")}
+    fitting["embedding"] = {embedding_id: embedding for embedding_id, embedding in stored_models("embedding").items()
+                            if embedding.info.labels["fits"] == tiny_embedding.info.labels["fits"]}
     env = {**os.environ, "SDXL_MODELS": "tiny-sdxl"}
     built = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -50,10 +52,11 @@ def bento(tiny_model, tiny_lora, tiny_controlnet):
 
 
 def test_bento_packs_the_served_models_and_the_adapters_that_fit_them_and_declares_the_environment(
-        bento, tiny_model, tiny_lora, tiny_controlnet):
+        bento, tiny_model, tiny_lora, tiny_controlnet, tiny_embedding):
     manifest, _, fitting = bento
     service = manifest["services"][0]
-    assert {tiny_lora.tag, tiny_controlnet.tag} <= {adapter.tag for kind in fitting.values() for adapter in kind.values()}
+    assert {tiny_lora.tag, tiny_controlnet.tag, tiny_embedding.tag} <= {
+        adapter.tag for kind in fitting.values() for adapter in kind.values()}
     assert sorted(model["tag"] for model in service["models"]) == sorted(
         [str(tiny_model.tag)] + [str(adapter.tag) for kind in fitting.values() for adapter in kind.values()])
     assert service["config"]["resources"] == {"gpu": 1}
@@ -73,6 +76,7 @@ def test_a_bento_serves_only_the_models_it_packed(bento, tiny_model, serve):
     served = [m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=300).json()["models"]]
     loras = httpx.get(f"{server.url}/v1/loras", timeout=300).json()["data"]
     controlnets = httpx.get(f"{server.url}/v1/controlnets", timeout=300).json()["data"]
+    embeddings = httpx.get(f"{server.url}/v1/embeddings", timeout=300).json()["data"]
     playground = httpx.get(f"{server.url}/ui", timeout=300)
     server.stop()
     assert playground.status_code == 200 and "SDXL playground" in playground.text  # packed with the code
@@ -81,6 +85,8 @@ def test_a_bento_serves_only_the_models_it_packed(bento, tiny_model, serve):
         (lora_id, ("tiny-sdxl",)) for lora_id in sorted(fitting["lora"])]
     assert sorted((c["id"], tuple(c["fits"])) for c in controlnets) == [
         (controlnet_id, ("tiny-sdxl",)) for controlnet_id in sorted(fitting["controlnet"])]
+    assert sorted((e["id"], tuple(e["fits"])) for e in embeddings) == [
+        (embedding_id, ("tiny-sdxl",)) for embedding_id in sorted(fitting["embedding"])]
 
 
 def test_bento_image_is_lean_and_pinned(bento):

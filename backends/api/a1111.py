@@ -11,8 +11,9 @@ taken out of the text the encoders see. ControlNet units come as the sd-webui-co
 extension takes them, in `alwayson_scripts.controlnet.args`, and its `/controlnet/...` listings
 are served. `/interrupt` and `/skip` end the caller's running generation at its next step
 and its request answers with the image as it stood, as A1111's do. The listings of things this
-server does not have (upscalers, VAEs, embeddings...) are truthfully empty; `/loras` lists
-the served LoRAs, `/scripts` ControlNet when one is served.
+server does not have (upscalers, VAEs...) are truthfully empty; `/loras` lists the served
+LoRAs, `/embeddings` the served textual-inversion embeddings, `/scripts` ControlNet when one is
+served.
 """
 
 from __future__ import annotations
@@ -558,11 +559,21 @@ async def latent_upscale_modes() -> list[dict[str, Any]]:
     return [{"name": "Latent"}]
 
 
+@router.get("/embeddings", responses=errors.responses(401))
+async def embeddings(runtime: RuntimeDep) -> dict[str, Any]:
+    """The served embeddings, as A1111 lists its loaded ones: a prompt names one by its id
+    (`shape`: the width of its OpenCLIP-G vectors)."""
+    sources = runtime.engine.embeddings.embeddings
+    return {"loaded": {embedding_id: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                      "shape": int(source.fits.split("+")[1]), "vectors": source.vectors}
+                       for embedding_id, source in sources.items()}, "skipped": {}}
+
+
 # What this server does not have, listed as A1111 lists an empty collection.
 EMPTY_LISTINGS: dict[str, Any] = {
     "/sd-vae": [], "/hypernetworks": [],
     "/face-restorers": [], "/realesrgan-models": [], "/prompt-styles": [], "/script-info": [],
-    "/embeddings": {"loaded": {}, "skipped": {}}, "/cmd-flags": {},
+    "/cmd-flags": {},
     "/extensions": [],
 }
 

@@ -52,33 +52,38 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class ServedAdapter:
-    """A LoRA or a ControlNet: made for one UNet architecture, named by requests."""
+    """A LoRA, a ControlNet or an embedding: made for one architecture, named by requests."""
 
     id: str
     path: Path
-    fits: str  # the UNet architecture it was made for (backends/sdxl_backend/loras.py)
+    # the UNet architecture it was made for (loras.py); an embedding's text encoder widths (embeddings.py)
+    fits: str
     description: str
 
 
 class Runtime:
     def __init__(self, settings: Settings, served: list[ServedModel], default_model: str, vae: Path | None = None,
-                 loras: list[ServedAdapter] = (), controlnets: list[ServedAdapter] = ()):
+                 loras: list[ServedAdapter] = (), controlnets: list[ServedAdapter] = (),
+                 embeddings: list[ServedAdapter] = ()):
         self.settings = settings
         self.served = {model.id: model for model in served}
         # torch and diffusers load here, in the worker. BentoML's main process imports the service
         # module too, only to read its definition: a light module saves seconds on every start.
         from backends.sdxl_backend.controlnets import ControlNetSource
         from backends.sdxl_backend.device import select_placement
+        from backends.sdxl_backend.embeddings import EmbeddingSet, EmbeddingSource
         from backends.sdxl_backend.engine import Engine, OutOfMemorySeam
         from backends.sdxl_backend.loras import LoraSource
         from backends.sdxl_backend.model_manager import ModelManager, ModelSource
 
         placement = select_placement(settings.device, settings.dtype)
         logger.info(
-            "device: %s; models: %s (default %s)%s; LoRAs: %s; ControlNets: %s; VAE %s; %s; API keys %s",
+            "device: %s; models: %s (default %s)%s; LoRAs: %s; ControlNets: %s; embeddings: %s; VAE %s; %s; "
+            "API keys %s",
             placement.describe(), ", ".join(self.served), default_model,
             "".join(f"; alias {a} -> {t}" for a, t in settings.model_aliases.items()),
             ", ".join(lora.id for lora in loras) or "none", ", ".join(c.id for c in controlnets) or "none",
+            ", ".join(e.id for e in embeddings) or "none",
             settings.vae or "each model's own", settings.fast_paths.describe(),
             "required" if settings.api_keys else "off",
         )
@@ -87,6 +92,7 @@ class Runtime:
         self.device = DeviceThread(settings.torch_threads)
         self.loras = {lora.id: lora for lora in loras}
         self.controlnets = {controlnet.id: controlnet for controlnet in controlnets}
+        self.embeddings = {embedding.id: embedding for embedding in embeddings}
         models = ModelManager(sources, placement, settings.model_aliases, settings.memory_policy, settings.fast_paths,
                               vae, [LoraSource(lora.id, lora.path, lora.fits) for lora in loras],
                               settings.max_loaded_loras, [ControlNetSource(c.id, c.path, c.fits) for c in controlnets],
@@ -95,7 +101,8 @@ class Runtime:
         oom_seam = OutOfMemorySeam.parse(settings.test_fault_oom)
         if oom_seam:
             logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_OOM=%s makes generations fail", settings.test_fault_oom)
-        self.engine = Engine(models, default_model, settings.limits, oom_seam, settings.prompt_syntax)
+        self.engine = Engine(models, default_model, settings.limits, oom_seam, settings.prompt_syntax,
+                             EmbeddingSet([EmbeddingSource(e.id, e.path, e.fits) for e in embeddings]))
         self.metrics = Metrics()
         bounds = dict(max_queue=settings.max_queue, ttl_s=settings.job_ttl_seconds, max_jobs=settings.max_jobs,
                       max_bytes=settings.job_max_bytes, on_change=self._job_changed, max_batch=settings.max_batch, device=self.device)

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from backends.api import errors, headers, metrics
 from backends.api.runtime import Runtime, ServedAdapter, runtime_of
 from backends.sdxl_backend.controlnets import PREPROCESSORS
+from backends.sdxl_backend.embeddings import fits_model
 from backends.sdxl_backend.errors import StoreUnavailable, UnknownModel
 from backends.sdxl_backend.schedulers import MOONDREAM_NAMES, SCHEDULERS
 
@@ -92,6 +93,19 @@ async def list_controlnets(runtime: RuntimeDep) -> dict[str, Any]:
         {"id": controlnet.id, "object": "controlnet", "description": controlnet.description,
          "fits": fitting_models(runtime, controlnet), "loaded": controlnet.id in loaded}
         for controlnet in runtime.controlnets.values()]}
+
+
+@router.get("/v1/embeddings", responses=errors.responses(401))
+async def list_embeddings(runtime: RuntimeDep) -> dict[str, Any]:
+    """Textual-inversion embeddings a prompt can name (by id, or `embedding:id`), each with the
+    served models it fits and its number of vectors."""
+    sources = runtime.engine.embeddings.embeddings
+    return {"object": "list", "data": [
+        {"id": embedding.id, "object": "embedding", "description": embedding.description,
+         "fits": [m for m, source in runtime.engine.models.sources.items()
+                  if fits_model(embedding.fits, source.text_signature)],
+         "vectors": sources[embedding.id].vectors}
+        for embedding in runtime.embeddings.values()]}
 
 
 @router.get("/v1/schedulers", responses=errors.responses(401))

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from .controlnets import control_map
+from .embeddings import EmbeddingSet
 from .device_thread import TORCH_WORK
 from .errors import BackendError, Cancelled, InvalidRequest, OutOfMemory
 from .images import MEDIA_TYPES, decode_image, encode_image
@@ -144,22 +145,29 @@ class Engine:
         limits: Limits | None = None,
         oom_seam: OutOfMemorySeam | None = None,
         prompt_syntax: PromptSyntax = "a1111",
+        embeddings: EmbeddingSet | None = None,  # the served textual-inversion embeddings
     ):
         self.models = models
         self.default_model = models.source(default_model).id
         self.limits = limits or Limits()
         self.oom_seam = oom_seam
         self.prompt_syntax = prompt_syntax
+        self.embeddings = embeddings or EmbeddingSet()
         self._prompt_readers: dict[str, PromptReader] = {}
+
+    def prompt_reader(self, source: ModelSource) -> PromptReader:
+        """`source`'s tokenizers, the syntax setting and the embeddings that fit the model."""
+        reader = self._prompt_readers.get(source.id)
+        if reader is None:
+            reader = self._prompt_readers.setdefault(source.id, PromptReader(
+                lambda: model_tokenizers(source.path), self.prompt_syntax,
+                self.embeddings.for_model(source.text_signature)))
+        return reader
 
     def read_prompts(self, request: GenerationRequest, source: ModelSource) -> ReadPrompts:
         """The request's prompts as `source`'s tokenizers cut them (raises `InvalidRequest` for
         syntax the server does not run)."""
-        reader = self._prompt_readers.get(source.id)
-        if reader is None:
-            reader = self._prompt_readers.setdefault(
-                source.id, PromptReader(lambda: model_tokenizers(source.path), self.prompt_syntax))
-        return reader.read_pair(request.prompt, request.negative_prompt)
+        return self.prompt_reader(source).read_pair(request.prompt, request.negative_prompt)
 
     def set_default_model(self, model_id: str) -> str:
         """The model a request without `model` gets from now on (an alias names its model)."""
@@ -367,7 +375,8 @@ class Engine:
             pipeline = with_controlnets(pipelines, task, controlnets) if controlnets else getattr(pipelines, task)
             # (after the LoRAs: those that touch the text encoders change the conditioning)
             arguments.update(conditioning(pipeline, per_image(lambda prepared: prepared.prompts),
-                                          pipelines.encoded_prompts, lora_weights(request)))
+                                          pipelines.encoded_prompts, lora_weights(request),
+                                          self.prompt_reader(source).embeddings))
             if controlnets:
                 arguments.update(control_arguments(first, "image" if task == "txt2img" else "control_image"))
             if task == "txt2img":
@@ -426,7 +435,8 @@ class Engine:
             pipeline.scheduler = pipelines.new_scheduler(request.scheduler, refiner.defaults.timestep_spacing)
             arguments = {**arguments, "image": latents, "denoising_start": request.refiner.switch_at,
                          "output_type": "pil",
-                         **conditioning(pipeline, [prepared.refiner_prompts] * request.n, pipelines.encoded_prompts),
+                         **conditioning(pipeline, [prepared.refiner_prompts] * request.n, pipelines.encoded_prompts,
+                                        embeddings=self.prompt_reader(refiner).embeddings),
                          "callback_on_step_end": self._step_callback(attempt, progress, steps_run, 0)}
             for base_only in ("width", "height", "denoising_end", "strength", *CONTROL_ARGUMENTS):
                 arguments.pop(base_only, None)

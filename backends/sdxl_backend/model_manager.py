@@ -28,6 +28,7 @@ import torch
 from .controlnets import ControlNetSource
 from .device import Placement, device_memory
 from .device_thread import TORCH_WORK
+from .embeddings import model_text_signature
 from .errors import DeviceUnavailable, InvalidRequest, OutOfMemory, UnknownModel
 from .fast_paths import FastPaths
 from .loras import LORA_FILE, LoraSource, model_unet_signature
@@ -66,6 +67,11 @@ class ModelSource:
     def unet_signature(self) -> str:
         """Its UNet's architecture, which a LoRA must have been trained on (loras.py)."""
         return model_unet_signature(self.path)
+
+    @cached_property
+    def text_signature(self) -> str:
+        """Its text encoders' widths, which an embedding must have (embeddings.py)."""
+        return model_text_signature(self.path)
 
 
 @dataclass

@@ -9,7 +9,9 @@ Every task hands the pipelines embeddings made here, never a prompt string:
    (a chunk whose weights are all 1.0 is left exactly as encoded);
 3. a prompt's chunks are joined along the sequence (77 tokens each), the encoders' states
    side by side (768 + 1280 = 2048 per token);
-4. the pooled embedding is OpenCLIP-G's, of the first chunk;
+4. the pooled embedding is OpenCLIP-G's, of the first chunk (its projected state at the first
+   end token, located here: an embedding's ids, past the vocabulary, would mislead a model
+   config that looks for the end token as the highest id);
 5. an empty negative prompt is zeros when the model asks for it (`force_zeros_for_empty_prompt`,
    as SDXL base was trained), like diffusers does.
 
@@ -26,11 +28,33 @@ from collections import OrderedDict
 import torch
 
 from .device_thread import TORCH_WORK
+from .embeddings import EmbeddingSet
 from .prompts import ReadPrompt, ReadPrompts
 
 
-def text_encoders(pipeline) -> list[torch.nn.Module]:
-    return [encoder for encoder in (pipeline.text_encoder, pipeline.text_encoder_2) if encoder is not None]
+def text_encoders(pipeline) -> list[tuple[torch.nn.Module, object, str]]:
+    """(encoder, its tokenizer, its part of an embedding file) for each text encoder."""
+    return [(encoder, tokenizer, key) for encoder, tokenizer, key in (
+        (pipeline.text_encoder, pipeline.tokenizer, "clip_l"), (pipeline.text_encoder_2, pipeline.tokenizer_2, "clip_g"))
+        if encoder is not None]
+
+
+def give_embeddings(pipeline, embeddings: EmbeddingSet) -> None:
+    """Each text encoder's token table grown past the vocabulary by the served embeddings'
+    vectors, at the rows the prompt reader writes for them."""
+    from safetensors.torch import load_file
+
+    TORCH_WORK.note("load")
+    for encoder, tokenizer, key in text_encoders(pipeline):
+        vocabulary = len(tokenizer)
+        if encoder.get_input_embeddings().num_embeddings < vocabulary + embeddings.total:
+            encoder.resize_token_embeddings(vocabulary + embeddings.total, mean_resizing=False)
+        table = encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            for embedding in embeddings.embeddings.values():
+                start = vocabulary + embeddings.offsets[embedding.id]
+                vectors = load_file(embedding.file)[key]
+                table[start:start + len(vectors)] = vectors.to(device=table.device, dtype=table.dtype)
 
 
 @torch.no_grad()
@@ -40,7 +64,7 @@ def encode(pipeline, prompts: list[ReadPrompt]) -> tuple[torch.Tensor, torch.Ten
     TORCH_WORK.note("encode prompts")
     device = pipeline._execution_device
     per_encoder, pooled = [], None
-    for index, encoder in enumerate(text_encoders(pipeline)):
+    for index, (encoder, tokenizer, _) in enumerate(text_encoders(pipeline)):
         chunks = [chunk for prompt in prompts for chunk in prompt.chunks[index]]
         ids = torch.tensor([chunk.ids for chunk in chunks], device=device)
         output = encoder(ids, output_hidden_states=True)
@@ -52,8 +76,10 @@ def encode(pipeline, prompts: list[ReadPrompt]) -> tuple[torch.Tensor, torch.Ten
                 states[row] *= before / states[row].mean()
         count = len(chunks) // len(prompts)
         per_encoder.append(states.reshape(len(prompts), count * states.shape[1], states.shape[2]))
-        if output[0].ndim == 2:  # the encoder with a projection: the pooled embedding, of each first chunk
-            pooled = output[0][::count]
+        if hasattr(encoder, "text_projection"):  # the pooled embedding, of each first chunk
+            first = ids[::count]
+            ends = (first == tokenizer.eos_token_id).int().argmax(dim=-1)
+            pooled = encoder.text_projection(output.last_hidden_state[::count][torch.arange(len(first)), ends])
     return torch.cat(per_encoder, dim=-1), pooled
 
 
@@ -65,6 +91,7 @@ class EncodedPrompts:
     def __init__(self, size: int = 64):
         self.size = size
         self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.has_embeddings = False  # whether the model's text encoders hold the served embeddings
 
     def encode(self, pipeline, prompts: list[ReadPrompt], loras: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """As `encode`, each distinct prompt encoded once, and only when not held already."""
@@ -86,10 +113,13 @@ class EncodedPrompts:
         return len(self._entries)
 
 
-def conditioning(pipeline, reads: list[ReadPrompts], encoded: EncodedPrompts,
-                 loras: tuple = ()) -> dict[str, torch.Tensor]:
+def conditioning(pipeline, reads: list[ReadPrompts], encoded: EncodedPrompts, loras: tuple = (),
+                 embeddings: EmbeddingSet | None = None) -> dict[str, torch.Tensor]:
     """The pipeline call's four conditioning arguments for its rows, one `ReadPrompts` each;
-    `loras`: the (id, weight) of the LoRAs active."""
+    `loras`: the (id, weight) of the LoRAs active; `embeddings`: those the model serves."""
+    if embeddings is not None and embeddings.embeddings and not encoded.has_embeddings:
+        give_embeddings(pipeline, embeddings)
+        encoded.has_embeddings = True
     embeds, pooled = encoded.encode(pipeline, [read.prompt for read in reads], loras)
     zeros = [not read.negative.text for read in reads] if pipeline.config.get("force_zeros_for_empty_prompt") else []
     if zeros and all(zeros):

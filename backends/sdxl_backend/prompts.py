@@ -14,7 +14,9 @@ The rules are AUTOMATIC1111's (ComfyUI reads the same brackets the same way):
 - chunks of 75 tokens, each encoded as start + 75 + end (padded); a chunk that fills up while
   its last comma is among its last 20 tokens is cut after that comma;
 - prompt editing `[from:to:when]` and alternation `[a|b]` (A1111 changes the conditioning
-  between steps) are refused by name rather than read as text.
+  between steps) are refused by name rather than read as text;
+- a served textual-inversion embedding named in a prompt (its id, or `embedding:id`) stands
+  for its vectors, which a chunk never splits (embeddings.py).
 
 With `SDXL_PROMPT_SYNTAX=plain` nothing is parsed (brackets are text); the chunks stay.
 """
@@ -27,9 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
+from .embeddings import EmbeddingSet
 from .errors import InvalidRequest
 
 PromptSyntax = Literal["a1111", "plain"]
+Token = int | tuple[int, ...] | None  # an id, an embedding's ids, or a BREAK
 CHUNK_TOKENS = 75  # tokens of a chunk between its start and end tokens
 COMMA_BACKTRACK = 20  # a full chunk is cut after a comma this close to its end
 BREAK = -1.0  # the weight that marks a BREAK among the parsed pieces
@@ -148,10 +152,12 @@ class ReadPrompts:
 class PromptReader:
     """A model's tokenizers and the rules above: `read` turns a prompt into chunks."""
 
-    def __init__(self, tokenizers: Callable[[], list], syntax: PromptSyntax = "a1111"):
+    def __init__(self, tokenizers: Callable[[], list], syntax: PromptSyntax = "a1111",
+                 embeddings: EmbeddingSet | None = None):
         self._load = tokenizers  # called once, on first use
         self._tokenizers: list | None = None
         self.syntax = syntax
+        self.embeddings = embeddings  # those the model's prompts may name
         self._lock = threading.Lock()  # (a tokenizer's cache is shared by the request threads)
 
     def tokenizers(self) -> list:
@@ -170,17 +176,23 @@ class PromptReader:
         with self._lock:
             tokenized = [self._tokenize(tokenizer, pieces) for tokenizer in tokenizers]
         chunks = tuple(chunk_tokens(tokens, tokenizer) for tokens, tokenizer in zip(tokenized, tokenizers))
-        return ReadPrompt(text, chunks, sum(1 for token, _ in tokenized[0] if token is not None), len(chunks[0]))
+        tokens = sum(len(token) if isinstance(token, tuple) else 1 for token, _ in tokenized[0] if token is not None)
+        return ReadPrompt(text, chunks, tokens, len(chunks[0]))
 
-    @staticmethod
-    def _tokenize(tokenizer, pieces: list[tuple[str, float]]) -> list[tuple[int | None, float]]:
-        """(token id, weight) for each token; (None, BREAK) where a BREAK is."""
-        tokens: list[tuple[int | None, float]] = []
+    def _tokenize(self, tokenizer, pieces: list[tuple[str, float]]) -> list[tuple[Token, float]]:
+        """(token, weight) for each token: an id, or an embedding's ids (kept together); (None,
+        BREAK) where a BREAK is."""
+        pattern = self.embeddings.pattern if self.embeddings else None
+        tokens: list[tuple[Token, float]] = []
         for text, weight in pieces:
             if weight == BREAK:
                 tokens.append((None, BREAK))
-            elif text:
-                tokens += [(token, weight) for token in tokenizer(text, add_special_tokens=False).input_ids]
+                continue
+            for index, part in enumerate(pattern.split(text) if pattern else [text]):
+                if index % 2:  # (what the pattern caught: an embedding's id)
+                    tokens.append((self.embeddings.token_ids(part, len(tokenizer)), weight))
+                elif part:
+                    tokens += [(token, weight) for token in tokenizer(part, add_special_tokens=False).input_ids]
         return tokens
 
     def read_pair(self, prompt: str, negative: str) -> ReadPrompts:
@@ -199,9 +211,9 @@ class PromptReader:
         return ReadPrompt(prompt.text, chunks, prompt.tokens, prompt.own_chunks)
 
 
-def chunk_tokens(tokens: list[tuple[int | None, float]], tokenizer) -> tuple[Chunk, ...]:
-    """Chunks of at most 75 tokens: a BREAK ends one, a full one is cut after a late comma;
-    at least one chunk, even for no tokens."""
+def chunk_tokens(tokens: list[tuple[Token, float]], tokenizer) -> tuple[Chunk, ...]:
+    """Chunks of at most 75 tokens: a BREAK ends one, a full one is cut after a late comma, an
+    embedding that does not fit moves whole to the next; at least one chunk, even for none."""
     comma = tokenizer.convert_tokens_to_ids(",</w>")
     chunks: list[Chunk] = []
     current: list[tuple[int, float]] = []
@@ -217,6 +229,12 @@ def chunk_tokens(tokens: list[tuple[int | None, float]], tokenizer) -> tuple[Chu
         if token is None:  # BREAK
             close(current)
             current, last_comma = [], -1
+            continue
+        if isinstance(token, tuple):  # an embedding's vectors
+            if len(current) + len(token) > CHUNK_TOKENS:
+                close(current)
+                current, last_comma = [], -1
+            current += [(vector, weight) for vector in token[:CHUNK_TOKENS]]
             continue
         if len(current) == CHUNK_TOKENS:
             if token != comma and last_comma >= 0 and len(current) - last_comma <= COMMA_BACKTRACK:
