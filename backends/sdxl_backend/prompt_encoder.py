@@ -39,22 +39,40 @@ def text_encoders(pipeline) -> list[tuple[torch.nn.Module, object, str]]:
         if encoder is not None]
 
 
+class TokensAndEmbeddings(torch.nn.Module):
+    """A text encoder's token table, and past its vocabulary the served embeddings' vectors.
+    The table stays the module it was (memory modes' offload hooks act on it as before); the
+    vectors are a small buffer of their own."""
+
+    def __init__(self, table: torch.nn.Embedding, vocabulary: int, vectors: torch.Tensor):
+        super().__init__()
+        self.table, self.vocabulary = table, vocabulary
+        self.register_buffer("vectors", vectors, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        states = self.table(ids.clamp(max=self.vocabulary - 1))
+        extra = ids >= self.vocabulary
+        if extra.any():
+            vectors = self.vectors.to(device=states.device, dtype=states.dtype)
+            states = torch.where(extra[..., None], vectors[(ids - self.vocabulary).clamp(min=0)], states)
+        return states
+
+
 def give_embeddings(pipeline, embeddings: EmbeddingSet) -> None:
-    """Each text encoder's token table grown past the vocabulary by the served embeddings'
-    vectors, at the rows the prompt reader writes for them."""
+    """Each text encoder reads the served embeddings' vectors at the ids the prompt reader
+    writes for them (past its tokenizer's vocabulary)."""
     from safetensors.torch import load_file
 
     TORCH_WORK.note("load")
     for encoder, tokenizer, key in text_encoders(pipeline):
-        vocabulary = len(tokenizer)
-        if encoder.get_input_embeddings().num_embeddings < vocabulary + embeddings.total:
-            encoder.resize_token_embeddings(vocabulary + embeddings.total, mean_resizing=False)
-        table = encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            for embedding in embeddings.embeddings.values():
-                start = vocabulary + embeddings.offsets[embedding.id]
-                vectors = load_file(embedding.file)[key]
-                table[start:start + len(vectors)] = vectors.to(device=table.device, dtype=table.dtype)
+        table = encoder.get_input_embeddings()
+        if isinstance(table, TokensAndEmbeddings):  # (given before: the vectors are replaced)
+            table = table.table
+        vectors = torch.zeros(embeddings.total, table.embedding_dim)
+        for embedding in embeddings.embeddings.values():
+            own = load_file(embedding.file)[key]
+            vectors[embeddings.offsets[embedding.id]:embeddings.offsets[embedding.id] + len(own)] = own
+        encoder.set_input_embeddings(TokensAndEmbeddings(table, len(tokenizer), vectors))
 
 
 @torch.no_grad()
