@@ -59,4 +59,4 @@ def test_every_kind_of_torch_work_ran_on_the_device_thread_with_the_set_thread_c
     device = httpx.get(f"{server.url}/v1/system/status", timeout=300).json()["device_thread"]
     assert device["torch_threads"] == 1  # SDXL_TORCH_THREADS, as torch reports it on that thread
     assert device["torch_work"] == {kind: [device["name"]]
-                                    for kind in ("generate", "load", "preview", "unload", "warm-up")}
+                                    for kind in ("encode prompts", "generate", "load", "preview", "unload", "warm-up")}
