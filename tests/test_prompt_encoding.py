@@ -121,3 +121,22 @@ def test_a_prompt_read_again_skips_the_text_encoders_and_gives_the_same_pixels(t
         assert len(cache) == 2  # the least recently used went
         states, _ = cache.encode(pipelines.txt2img, prompts[:1] * 2, loras=(("some-lora", 0.8),))
     assert states.shape[0] == 2 and len(cache) == 2
+
+
+def test_out_of_memory_while_encoding_is_recovered_like_any_other(tiny_model):
+    """(A CUDA out-of-memory error cannot happen on the CPU: the text encoder's first call here
+    raises the one torch raises, the stand-in for the GPU.)"""
+    engine = make_engine(tiny_model)
+    image(engine, "warm")
+    with engine.models.use("tiny-sdxl", "high", 0) as (pipelines, _):
+        raised = []
+
+        def out_of_memory_once(*_):
+            if not raised:
+                raised.append(1)
+                raise torch.OutOfMemoryError("CUDA out of memory (stand-in for a GPU)")
+
+        hook = pipelines.txt2img.text_encoder.register_forward_pre_hook(out_of_memory_once)
+    result = engine.generate(engine.prepare(GenerationRequest(prompt="a fox never encoded before", steps=2)))
+    hook.remove()
+    assert raised and result.out_of_memory_in == ["high"] and result.vram_mode == "balanced"

@@ -374,9 +374,9 @@ class Engine:
             lora_load_s = self.models.apply_loras(source.id, pipelines, request.loras)
             pipeline = with_controlnets(pipelines, task, controlnets) if controlnets else getattr(pipelines, task)
             # (after the LoRAs: those that touch the text encoders change the conditioning)
-            arguments.update(conditioning(pipeline, per_image(lambda prepared: prepared.prompts),
-                                          pipelines.encoded_prompts, lora_weights(request),
-                                          self.prompt_reader(source).embeddings))
+            arguments.update(self.models.out_of_memory_as_error(lambda: conditioning(
+                pipeline, per_image(lambda prepared: prepared.prompts), pipelines.encoded_prompts,
+                lora_weights(request), self.prompt_reader(source).embeddings), "out of memory"))
             if controlnets:
                 arguments.update(control_arguments(first, "image" if task == "txt2img" else "control_image"))
             if task == "txt2img":
@@ -433,10 +433,11 @@ class Engine:
         with self.models.use(refiner.id, mode, width * height) as (pipelines, load_s):
             pipeline = pipelines.img2img
             pipeline.scheduler = pipelines.new_scheduler(request.scheduler, refiner.defaults.timestep_spacing)
+            refined = self.models.out_of_memory_as_error(lambda: conditioning(
+                pipeline, [prepared.refiner_prompts] * request.n, pipelines.encoded_prompts,
+                embeddings=self.prompt_reader(refiner).embeddings), "out of memory")
             arguments = {**arguments, "image": latents, "denoising_start": request.refiner.switch_at,
-                         "output_type": "pil",
-                         **conditioning(pipeline, [prepared.refiner_prompts] * request.n, pipelines.encoded_prompts,
-                                        embeddings=self.prompt_reader(refiner).embeddings),
+                         "output_type": "pil", **refined,
                          "callback_on_step_end": self._step_callback(attempt, progress, steps_run, 0)}
             for base_only in ("width", "height", "denoising_end", "strength", *CONTROL_ARGUMENTS):
                 arguments.pop(base_only, None)
