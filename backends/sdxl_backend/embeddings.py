@@ -8,8 +8,8 @@ text encoders have those widths (its `fits` label, "768+1280" for SDXL).
 
 The served embeddings get token ids past each tokenizer's vocabulary, in a fixed order
 (`EmbeddingSet`): the prompt reader writes those ids into the chunks, and the device thread
-gives each text encoder the vectors at those rows (`extend_text_encoders`), once per loaded
-model.
+has each text encoder read the vectors for those ids (`prompt_encoder.give_embeddings`), once
+per loaded model.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from .controlnets import control_map
-from .embeddings import EmbeddingSet
 from .device_thread import TORCH_WORK
+from .embeddings import EmbeddingSet
 from .errors import BackendError, Cancelled, InvalidRequest, OutOfMemory
 from .images import MEDIA_TYPES, decode_image, encode_image
 from .limits import Limits

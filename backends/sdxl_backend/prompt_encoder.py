@@ -64,14 +64,15 @@ def give_embeddings(pipeline, embeddings: EmbeddingSet) -> None:
     from safetensors.torch import load_file
 
     TORCH_WORK.note("load")
+    files = {embedding_id: load_file(embedding.file) for embedding_id, embedding in embeddings.embeddings.items()}
     for encoder, tokenizer, key in text_encoders(pipeline):
         table = encoder.get_input_embeddings()
         if isinstance(table, TokensAndEmbeddings):  # (given before: the vectors are replaced)
             table = table.table
         vectors = torch.zeros(embeddings.total, table.embedding_dim)
-        for embedding in embeddings.embeddings.values():
-            own = load_file(embedding.file)[key]
-            vectors[embeddings.offsets[embedding.id]:embeddings.offsets[embedding.id] + len(own)] = own
+        for embedding_id, tensors in files.items():
+            start = embeddings.offsets[embedding_id]
+            vectors[start:start + len(tensors[key])] = tensors[key]
         encoder.set_input_embeddings(TokensAndEmbeddings(table, len(tokenizer), vectors))
 
 
