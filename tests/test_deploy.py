@@ -11,15 +11,14 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
 
 from backends.api.settings import Settings, declared_environment
+from backends.sdxl_backend.jobs.shared.keys import PREFIX as SHARED_QUEUE_PREFIX
 from backends.sdxl_backend.loras import LORA_FILE
-from backends.sdxl_backend.shared_jobs import PREFIX as SHARED_QUEUE_PREFIX
-import httpx
-
 from tests.served import ROOT
 
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
@@ -106,6 +105,7 @@ def test_bento_image_is_lean_and_pinned(bento):
     assert shipped == sorted(
         ["service.py", "bentofile.yaml", "requirements.txt", "models/catalog.toml", "backends/api/playground.html"]
         + [str(p.relative_to(ROOT)) for p in (ROOT / "backends").rglob("*.py")]
+        + [str(p.relative_to(ROOT)) for p in (ROOT / "backends").rglob("*.lua")]
         + [str(p.relative_to(ROOT)) for p in (ROOT / "models").glob("*.py")]
     )
 

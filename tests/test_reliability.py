@@ -13,7 +13,7 @@ import pytest
 
 from backends.sdxl_backend.device import select_placement
 from backends.sdxl_backend.engine import Engine
-from backends.sdxl_backend.jobs import JobQueue, JobStatus
+from backends.sdxl_backend.jobs import JobStatus, MemoryJobQueue
 from backends.sdxl_backend.model_manager import ModelManager, ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
 from models.catalog import defaults_for
@@ -39,7 +39,7 @@ def test_the_device_thread_outlives_a_cancelled_waiter_and_a_crashing_observer(e
         if job.status == JobStatus.RUNNING:
             raise RuntimeError("an observer bug")
 
-    jobs = JobQueue(engine, on_change=observer)
+    jobs = MemoryJobQueue(engine, on_change=observer)
     jobs.start()
     try:
         first = jobs.submit(engine.prepare(GenerationRequest(prompt="x", steps=2)))
@@ -57,7 +57,7 @@ def test_the_device_thread_outlives_a_cancelled_waiter_and_a_crashing_observer(e
 def test_a_delivered_result_and_a_kept_error_hold_nothing_of_the_generation(engine):
     """What a finished job keeps: a delivered result's images are freed (no future holds them),
     and a cancelled job's error has no traceback (whose frames would hold its tensors)."""
-    jobs = JobQueue(engine)
+    jobs = MemoryJobQueue(engine)
     jobs.start()
     try:
         delivered = jobs.submit(engine.prepare(GenerationRequest(prompt="delivered-7f3a", steps=2)))

@@ -257,8 +257,8 @@ def queue_on(store, tiny_model, served_as: str = "tiny-sdxl"):
     """A shared queue on the tiny engine (not served), as a replica serving tiny-sdxl under `served_as` has."""
     from backends.sdxl_backend.device import select_placement
     from backends.sdxl_backend.engine import Engine
+    from backends.sdxl_backend.jobs.shared import SharedJobQueue
     from backends.sdxl_backend.model_manager import ModelManager, ModelSource
-    from backends.sdxl_backend.shared_jobs import SharedJobQueue
     from models.catalog import defaults_for
 
     source = ModelSource(served_as, Path(tiny_model.path), defaults_for("tiny-sdxl"))
@@ -281,8 +281,8 @@ def wait_final(queue, *jobs) -> list:
 def test_a_job_left_running_by_a_dead_replica_is_requeued_and_fails_after_the_last_attempt(tiny_model, redis_server):
     """What a replica that took two jobs and died leaves in Redis (the jobs running under a name
     whose heartbeat is gone), found by a live replica's queue."""
+    from backends.sdxl_backend.jobs.shared.queue import MAX_ATTEMPTS
     from backends.sdxl_backend.protocol import GenerationRequest
-    from backends.sdxl_backend.shared_jobs import MAX_ATTEMPTS
 
     store = redis.Redis.from_url(fleet_env(redis_server, 2)["SDXL_REDIS_URL"])
     engine, queue = queue_on(store, tiny_model)
@@ -326,13 +326,13 @@ def test_a_waiter_follows_a_job_through_published_changes_not_by_reading_it_in_a
     ends through a notice (one that ended without a change would be the 5-minute guard)."""
     import asyncio
 
-    from backends.sdxl_backend import shared_jobs
+    from backends.sdxl_backend.jobs.shared import feed, keys
     from backends.sdxl_backend.protocol import GenerationRequest
 
-    monkeypatch.setattr(shared_jobs, "FALLBACK_S", 600)
+    monkeypatch.setattr(feed, "FALLBACK_S", 600)
     store = redis.Redis.from_url(fleet_env(redis_server, 4)["SDXL_REDIS_URL"])
     listener = store.pubsub()
-    listener.subscribe(shared_jobs.CHANGES)
+    listener.subscribe(keys.CHANGES)
     assert listener.get_message(timeout=30)["type"] == "subscribe"
     engine, queue = queue_on(store, tiny_model)
     queue.start()

@@ -2,40 +2,44 @@
 the native BentoML methods through the service): settings, engine, job queue, kept images.
 
 `Runtime.run()` is how a synchronous request is served: prepared (validated) in the handler,
-queued as a job, waited for, and cancelled when its client leaves or its time runs out.
+then handed to the job queue, which runs it as a job and awaits its end once; a client that
+hangs up, or the handler being cancelled, cancels the job (hangups.py).
 
-The job queue is this process's (`JobQueue`), or, with `SDXL_REDIS_URL`, the one every replica
-shares (`SharedJobQueue`), which waits on Redis: the routes call either through `on_queue`, off
-the event loop.
+The job queue (`JobQueue`) is this process's (`MemoryJobQueue`), or, with `SDXL_REDIS_URL`, the
+one every replica shares (`SharedJobQueue`), which waits on Redis: the routes call either
+through `on_queue`, off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
-import math
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from starlette.requests import Request
 
 from backends.api import headers
+from backends.api.hangups import cancelled_on_hangup
 from backends.api.kept_images import KeptImages, SharedKeptImages
 from backends.api.metrics import Metrics
 from backends.api.settings import Settings
 from backends.sdxl_backend.device_thread import TORCH_WORK, DeviceThread
-from backends.sdxl_backend.errors import DeviceUnavailable, StoreUnavailable, TimedOut
-from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue
+from backends.sdxl_backend.errors import DeviceUnavailable, TimedOut
+from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue, MemoryJobQueue
+from backends.sdxl_backend.jobs.shared import SharedJobQueue
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, ModelDefaults
-from backends.sdxl_backend.shared_jobs import SharedJobQueue
+
+if TYPE_CHECKING:
+    from backends.sdxl_backend.engine import PreparedRequest
 
 logger = logging.getLogger("sdxl_backend")
 T = TypeVar("T")
@@ -90,6 +94,7 @@ class Runtime:
         sources = [ModelSource(m.id, m.path, m.defaults) for m in served]
         # The one thread that does this device's torch work: loads, warm-up, jobs, unloads.
         self.device = DeviceThread(settings.torch_threads)
+        self.device_type = placement.device.type  # "cuda", "mps" or "cpu"
         self.loras = {lora.id: lora for lora in loras}
         self.controlnets = {controlnet.id: controlnet for controlnet in controlnets}
         self.embeddings = {embedding.id: embedding for embedding in embeddings}
@@ -107,12 +112,13 @@ class Runtime:
         bounds = dict(max_queue=settings.max_queue, ttl_s=settings.job_ttl_seconds, max_jobs=settings.max_jobs,
                       max_bytes=settings.job_max_bytes, on_change=self._job_changed, max_batch=settings.max_batch, device=self.device)
         self.jobs_dir: Path | None = None
+        self.jobs: JobQueue
         if settings.redis_url is None:
             self.kept_images = KeptImages(settings.image_url_ttl_seconds, settings.image_url_max_bytes)
             # BentoML restarts a worker that dies under the same server process, the worker's parent:
             # the default journal is that process's, so a new worker finds its predecessor's jobs.
             self.jobs_dir = settings.jobs_dir or Path(tempfile.gettempdir()) / f"sdxl-jobs-{os.getppid()}"
-            self.jobs = JobQueue(self.engine, journal=JobJournal(self.jobs_dir), **bounds)
+            self.jobs = MemoryJobQueue(self.engine, journal=JobJournal(self.jobs_dir), **bounds)
         else:
             client = self._redis(settings.redis_url)
             self.kept_images = SharedKeptImages(client, settings.image_url_ttl_seconds, settings.image_url_max_bytes)
@@ -171,21 +177,37 @@ class Runtime:
             shutil.rmtree(self.jobs_dir, ignore_errors=True)
 
     async def submit(self, request: GenerationRequest, http: Request, preview_every: int | None = None) -> Job:
-        """Validate, decode and fill in (`Engine.prepare`: a bad request fails here, never queued),
-        then queue: in one trip off the event loop (an input image may be large, Redis slow)."""
+        """A job whose client comes back for it: prepared and queued in one trip off the event
+        loop (an input image may be large, Redis slow)."""
+        owner = self.owner(http)
+
+        def prepare_and_submit() -> Job:
+            prepared = self._prepare(request)
+            if not self.jobs.alive:
+                raise DeviceUnavailable("the device thread has stopped; the service must be restarted")
+            return self.jobs.submit(prepared, owner, preview_every)
+
+        return await anyio.to_thread.run_sync(prepare_and_submit)
+
+    async def run(self, request: GenerationRequest, http: Request) -> GenerationResult:
+        """A synchronous generation: a job whose client waits for it. The client leaving, the
+        handler being cancelled, or SDXL_TIMEOUT_SECONDS passing cancels the job, so the device
+        moves on at its next step."""
+        prepared = await anyio.to_thread.run_sync(self._prepare, request)
+        try:
+            return await cancelled_on_hangup(http, self.jobs.run(prepared, self.owner(http),
+                                                                  self.settings.timeout_seconds))
+        except TimedOut as exc:
+            raise TimedOut(f"{exc.message} (SDXL_TIMEOUT_SECONDS)") from None
+
+    def _prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Validated, decoded and filled in (`Engine.prepare`: a bad request fails here, never
+        queued)."""
         if request.vram_mode is not None and not self.settings.allow_client_vram_mode:
             logger.info("client asked for memory mode %s; SDXL_ALLOW_CLIENT_VRAM_MODE=0, so the server's applies",
                         request.vram_mode)
             request = request.model_copy(update={"vram_mode": None})
-        owner = self.owner(http)
-
-        def prepare_and_submit() -> Job:
-            prepared = self.engine.prepare(request)
-            if not self.jobs.alive:
-                raise DeviceUnavailable("the device thread has stopped; the service must be restarted")
-            return self.jobs.submit(prepared, preview_every, owner)
-
-        return await anyio.to_thread.run_sync(prepare_and_submit)
+        return self.engine.prepare(request)
 
     async def unload(self) -> list[str]:
         """Free every loaded model no request is using, on the device thread (after the batch it
@@ -219,37 +241,8 @@ class Runtime:
         """The queue gauges, as they stand (for a scrape): fleet-wide with a shared queue."""
         self.metrics.observe_queue(self.jobs.queue_length, len(self.jobs.running))
 
-    async def run(self, request: GenerationRequest, http: Request) -> GenerationResult:
-        """A synchronous generation: a job whose client waits for it. Whatever ends the wait
-        (the client leaving, the timeout, the handler being cancelled) cancels the job, so the
-        device moves on at its next step."""
-        job = await self.submit(request, http)
-        deadline = time.monotonic() + self.settings.timeout_seconds
-        try:
-            while not (job := await self.jobs.wait(job, 0.25)).status.final:
-                if await http.is_disconnected():
-                    await self.on_queue(self.jobs.cancel, job, "cancelled: client disconnected")
-                    job = await self.jobs.wait(job, math.inf)
-                elif time.monotonic() > deadline:
-                    await self.on_queue(self.jobs.cancel, job, "cancelled: past SDXL_TIMEOUT_SECONDS")
-                    job = await self.jobs.wait(job, math.inf)
-                    if job.result is None:
-                        raise TimedOut(f"the request took longer than {self.settings.timeout_seconds} s "
-                                       f"(SDXL_TIMEOUT_SECONDS) and was cancelled")
-        except asyncio.CancelledError:
-            # (On the event loop: a cancelled handler can await nothing more. Redis away: the job runs on.)
-            with contextlib.suppress(StoreUnavailable):
-                self.jobs.cancel(job, "cancelled: its request was abandoned")
-            raise
-        if job.error is not None:
-            raise job.error.copy()
-        result = job.result
-        await self.on_queue(self.jobs.forget_result, job)  # delivered: the images are the client's now
-        return result
-
     def result_headers(self, result: GenerationResult, inference_ms: bool = False) -> dict[str, str]:
-        models = self.engine.models
-        return headers.result_headers(result, models.placement.device.type, models.device_memory(), inference_ms)
+        return headers.result_headers(result, self.device_type, self.engine.models.device_memory(), inference_ms)
 
     def base_url(self, request: Request) -> str:
         return self.settings.public_url or str(request.base_url).rstrip("/")

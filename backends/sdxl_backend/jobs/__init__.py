@@ -1,0 +1,20 @@
+"""Jobs: every generation the service runs, queued, observable and cancellable.
+
+- job.py: `Job`, what the device does to it at each step, and its end (`Job.settle`);
+- contract.py: `JobQueue`, what the API layer may ask of a queue; two stores keep it:
+  memory.py (`MemoryJobQueue`, one process, with journal.py) and shared/ (`SharedJobQueue`,
+  replicas sharing one Redis);
+- worker.py: `DeviceWorker`, the one loop that runs either store's jobs on the device thread;
+- waiting.py: how a request waits on a job (woken by its changes, never reading it in a loop).
+
+Why not BentoML's task API (`@bentoml.task`): it runs a task to its end and reports only
+pending/success/failure, so it can give neither step progress, nor a queue position, nor stop a
+running generation between two denoising steps; the queue here is what those need.
+"""
+
+from .contract import JobQueue
+from .job import Job, JobStatus
+from .journal import JobJournal
+from .memory import MemoryJobQueue
+
+__all__ = ["Job", "JobJournal", "JobQueue", "JobStatus", "MemoryJobQueue"]

@@ -1,0 +1,267 @@
+"""`MemoryJobQueue`: the job queue of one process, in memory (with a journal of small files so
+that a restarted worker still answers for the ids it handed out). Replicas that share a Redis
+share `SharedJobQueue` instead.
+
+The device worker takes the oldest job, and with it the queued jobs that can share its pipeline
+call (`Engine.batch_key`), up to `max_batch` images, so a waiting job is passed by at most one
+batch. Jobs are the objects the device thread keeps current: readers see them change. Finished
+jobs drop their input and are kept for a while (their images counted against a byte budget),
+then forgotten; an id forgotten that way is remembered as expired.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import InvalidStateError
+from typing import TYPE_CHECKING, Any
+
+from ..device_thread import DeviceThread
+from ..errors import BackendError, Cancelled, JobExpired, QueueFull, UnknownJob
+from ..protocol import GenerationResult
+from .job import Job, JobStatus, tell
+from .journal import JobJournal
+from .waiting import Watchers, follow, result_of
+from .worker import DeviceWorker
+
+if TYPE_CHECKING:
+    from ..engine import Engine, PreparedRequest
+
+logger = logging.getLogger("sdxl_backend")
+
+
+async def _as_is(job: Job) -> Job:
+    return job  # (the device thread keeps it current)
+
+
+async def _inline(call: Callable[..., Any], *args: Any) -> Any:
+    return call(*args)  # (memory: nothing to wait for)
+
+
+class MemoryJobQueue:
+    """The bounded queue in front of this process's device (`JobQueue`)."""
+
+    def __init__(self, engine: Engine, max_queue: int = 64, ttl_s: float = 3600, max_jobs: int = 1000,
+                 max_bytes: int = 512 * 2**20, on_change: Callable[[Job], None] | None = None,
+                 journal: JobJournal | None = None, max_batch: int = 1, device: DeviceThread | None = None):
+        self.engine = engine
+        self.device = device or DeviceThread()
+        self.worker = DeviceWorker(engine, self, self.device, max_batch, on_change)
+        self.journal = journal
+        self.on_change = on_change  # told of every submit, start and finish (metrics), on the thread that did it
+        self.max_queue = max_queue
+        self.ttl_s = ttl_s
+        self.max_jobs = max_jobs
+        self.max_bytes = max_bytes
+        self._jobs: dict[str, Job] = {}  # every job held
+        self._queue: deque[Job] = deque()
+        self._finished: OrderedDict[str, Job] = OrderedDict()  # in the order they finished
+        self._finished_bytes = 0
+        self._expired: OrderedDict[str, None] = OrderedDict()
+        self._closing = False
+        self._lock = threading.Condition()
+        self._watchers = Watchers()
+        for job in journal.recover() if journal else []:
+            self._jobs[job.id] = self._finished[job.id] = job
+        if self._finished:
+            logger.warning("%d job(s) of a previous worker found; those unfinished are marked failed", len(self._finished))
+
+    # -- what the API calls --
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def submit(self, prepared: PreparedRequest, owner: str | None = None, preview_every: int | None = None,
+               waited_on: bool = False) -> Job:
+        with self._lock:
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting); retry later", self.worker.retry_after_s())
+            job = Job(secrets.token_hex(16), prepared, preview_every, owner, waited_on=waited_on)
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self._journal(job)
+            self._lock.notify_all()
+        tell(self.on_change, job)
+        return job
+
+    async def run(self, prepared: PreparedRequest, owner: str | None, timeout_s: float) -> GenerationResult:
+        return await result_of(self, lambda: _inline(self.submit, prepared, owner, None, True), timeout_s, _inline)
+
+    def get(self, job_id: str, owner: str | None = None) -> Job:
+        with self._lock:
+            self._expire()
+            job = self._jobs.get(job_id)
+            if job is not None and (owner is None or job.owner == owner):
+                return job
+            if job is None and job_id in self._expired:
+                raise JobExpired(f"job {job_id} has expired and was deleted", "job_id")
+            raise UnknownJob(f"no job {job_id}", "job_id")
+
+    def refresh(self, job: Job) -> Job:
+        return job  # the object itself, which the device thread keeps current
+
+    async def wait(self, job: Job, timeout_s: float) -> Job:
+        return await follow(self._watchers, job, _as_is, timeout_s, lambda job: job.status.final, finals_only=True)
+
+    async def changed(self, job: Job, version: int, timeout_s: float) -> Job:
+        return await follow(self._watchers, job, _as_is, timeout_s,
+                            lambda job: job.version != version or job.status.final)
+
+    def recent(self, limit: int = 50, before: float | None = None, owner: str | None = None) -> list[Job]:
+        with self._lock:
+            self._expire()
+            jobs = sorted(self._jobs.values(), key=lambda job: job.created, reverse=True)
+        return [job for job in jobs if (before is None or job.created < before)
+                and (owner is None or job.owner == owner)][:limit]
+
+    def position(self, job: Job) -> int:
+        with self._lock:
+            try:
+                return self._queue.index(job) + 1
+            except ValueError:
+                return 0
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> list[Job]:
+        return self.worker.running
+
+    @property
+    def running_here(self) -> list[Job]:
+        return self.worker.running
+
+    @property
+    def alive(self) -> bool:
+        return self.worker.alive
+
+    def cancel(self, job: Job, reason: str = "cancel requested") -> None:
+        with self._lock:
+            if job.status.final or job.cancel_requested_at is not None:
+                return
+            job.cancel_requested_at = time.time()
+            logger.info("job %s while %s", reason, job.status)
+            if job.status == JobStatus.QUEUED:
+                self._queue.remove(job)
+                self.finish(job, JobStatus.CANCELLED, None, Cancelled(f"job {job.id} cancelled before it started"))
+            else:
+                self._changed(job)
+        if job.status.final:
+            tell(self.on_change, job)
+
+    def stop_early(self, job: Job, reason: str) -> None:
+        with self._lock:
+            if job.status == JobStatus.QUEUED:
+                self.cancel(job, reason)
+            elif job.status == JobStatus.RUNNING and job.stop_requested_at is None:
+                job.stop_requested_at = time.time()
+                logger.info("job %s at step %d of %d", reason, job.step, job.total_steps)
+                self._changed(job)
+
+    def forget_result(self, job: Job) -> None:
+        with self._lock:
+            if job.result is not None and job.id in self._finished:
+                self._finished_bytes -= job.held_bytes
+                job.result, job.preview = None, None
+                self._finished_bytes += job.held_bytes
+
+    def close(self) -> None:
+        """Cancel what waits, let the running jobs stop at their next step, end the device thread."""
+        with self._lock:
+            self._closing = True
+            for job in [*self._queue, *self.worker.running]:
+                self.cancel(job, "cancelled: the server is shutting down")
+            self._lock.notify_all()
+        if self.device.ident is not None:
+            self.device.join(timeout=30)
+
+    # -- what the device worker calls (`JobSource`) --
+
+    def wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def take(self, max_batch: int) -> list[Job] | None:
+        with self._lock:
+            while not self._queue and not self._closing and not self.device.pending:
+                self._lock.wait()
+            if self._closing:
+                return None
+            if not self._queue:  # (woken for a call)
+                return []
+            batch = self._take_batch(max_batch)
+            for job in batch:
+                job.status, job.started = JobStatus.RUNNING, time.time()
+                self._changed(job)
+                self._journal(job)
+        return batch
+
+    def before_step(self, job: Job) -> None:
+        pass  # (the job's flags are on the job itself)
+
+    def after_step(self, job: Job) -> None:
+        self._watchers.wake(job.id, False)
+
+    def finish(self, job: Job, status: JobStatus, result: GenerationResult | None,
+               error: BackendError | None) -> None:
+        with self._lock:
+            job.settle(status, result, error)
+            self._finished[job.id] = job
+            self._finished_bytes += job.held_bytes
+            self._journal(job)
+            self._expire()
+        self._watchers.wake(job.id, True)
+        try:
+            job.done.set_result(None)
+        except InvalidStateError:  # its waiter cancelled the future: nobody is left to tell
+            pass
+
+    # -- helpers --
+
+    def _changed(self, job: Job) -> None:
+        job.version += 1
+        self._watchers.wake(job.id, False)
+
+    def _journal(self, job: Job) -> None:
+        if self.journal and not job.waited_on:
+            self.journal.write(job)
+
+    def _take_batch(self, max_batch: int) -> list[Job]:
+        """The oldest job, and the queued jobs that can share its call, in arrival order, while
+        their images fit in `max_batch`. Called with the lock held."""
+        head = self._queue.popleft()
+        batch, images = [head], head.prepared.request.n
+        key = self.engine.batch_key(head.prepared) if images < max_batch else None
+        if key is not None:
+            for job in list(self._queue):
+                n = job.prepared.request.n
+                if images + n <= max_batch and self.engine.batch_key(job.prepared) == key:
+                    self._queue.remove(job)
+                    batch.append(job)
+                    images += n
+                    if images == max_batch:
+                        break
+        return batch
+
+    def _expire(self) -> None:
+        """Forget finished jobs past their time, beyond the count, or beyond the bytes: the
+        oldest first, looking at no more jobs than it forgets. Called with the lock held."""
+        now = time.time()
+        while self._finished:
+            job = next(iter(self._finished.values()))
+            if (now - job.finished <= self.ttl_s and len(self._finished) <= self.max_jobs
+                    and self._finished_bytes <= self.max_bytes):
+                break
+            del self._finished[job.id], self._jobs[job.id]
+            self._finished_bytes -= job.held_bytes
+            self._expired[job.id] = None
+            if self.journal:
+                self.journal.forget(job.id)
+        while len(self._expired) > 100_000:
+            self._expired.popitem(last=False)

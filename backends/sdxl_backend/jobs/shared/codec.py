@@ -1,0 +1,140 @@
+"""How jobs sit in Redis: a job's hash fields to and from `Job`s and `PreparedRequest`s. The
+input images travel as PNG (lossless: the replica that runs a job sees the same pixels), a
+result's images as their encoded bytes, one field each."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from ... import errors
+from ...errors import BackendError
+from ...protocol import GeneratedImage, GenerationRequest, GenerationResult
+from ..job import Job, JobStatus
+
+if TYPE_CHECKING:
+    from ...engine import Engine, PreparedRequest
+
+# What a snapshot reads; the input images and the result's images stay behind.
+SNAPSHOT_FIELDS = ["status", "owner", "created", "started", "finished", "step", "total_steps", "version",
+                   "preview_every", "preview", "preview_step", "first_step_at", "cancel_requested_at",
+                   "stop_requested_at", "error_type", "error_message", "error_param", "request", "result", "images"]
+ERROR_TYPES = {name: value for name, value in vars(errors).items()
+               if isinstance(value, type) and issubclass(value, BackendError)}
+Fields = dict[str, bytes | str | float | int]
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def number(value: bytes | None) -> float | None:
+    return float(value) if value else None
+
+
+def request_from_json(data: str | bytes) -> GenerationRequest:
+    """A request dumped as JSON, back: the control images are left out of dumps (their maps
+    travel beside it), so each unit gets an empty one."""
+    fields = json.loads(data)
+    for unit in fields.get("controlnets", []):
+        unit["image"] = ""
+    return GenerationRequest.model_validate(fields)
+
+
+def submitted(job: Job, prepared: PreparedRequest, batch_key: object) -> Fields:
+    """A new job's fields: the request as it will run, its images, its state."""
+    fields: Fields = {"request": prepared.request.model_dump_json()}
+    if prepared.init_image is not None:
+        fields["init_image"] = png(prepared.init_image)
+    if prepared.mask is not None:
+        fields["mask"] = png(prepared.mask)
+    for index, control in enumerate(prepared.controls):
+        fields[f"control:{index}"] = png(control)
+    return {**fields, "status": "queued", "owner": job.owner or "", "created": job.created, "step": 0,
+            "total_steps": job.total_steps, "version": 0, "preview_every": job.preview_every or "",
+            "n": prepared.request.n, "batch_key": json.dumps(batch_key) if batch_key is not None else "",
+            "attempts": 0}
+
+
+def prepared_from(fields: dict[bytes, bytes], engine: Engine) -> PreparedRequest:
+    """The prepared request again, on the replica that runs it (which must serve its models)."""
+    from ...engine import PreparedRequest
+
+    def image(name: str) -> Image.Image | None:
+        data = fields.get(name.encode())
+        return Image.open(io.BytesIO(data)).copy() if data else None
+
+    request = request_from_json(fields[b"request"])
+    refiner = engine.models.source(request.refiner.model) if request.refiner else None
+    controls = [image(f"control:{index}") for index in range(len(request.controlnets))]
+    source = engine.models.source(request.model)
+    return PreparedRequest(request, source, image("init_image"), image("mask"), refiner, controls,
+                           engine.read_prompts(request, source), engine.read_prompts(request, refiner) if refiner else None)
+
+
+def taken(job_id: str, fields: dict[bytes, bytes], engine: Engine) -> Job:
+    """A job a replica took, to run: its request prepared again (`BackendError` when it cannot run here)."""
+    owner = fields.get(b"owner", b"").decode() or None
+    created = float(fields[b"created"])
+    try:
+        prepared = prepared_from(fields, engine)
+    except Exception as exc:  # (a replica of another version, say): the job fails, never stays taken
+        job = Job(job_id, None, owner=owner, status=JobStatus.RUNNING, created=created)
+        job.error = exc if isinstance(exc, BackendError) else BackendError(
+            f"this replica cannot run the job ({type(exc).__name__}): are the replicas of one version?")
+        return job
+    return Job(job_id, prepared, int(fields.get(b"preview_every") or 0) or None, owner,
+               status=JobStatus.RUNNING, created=created)
+
+
+def progress(job: Job) -> Fields:
+    fields: Fields = {"step": job.step, "total_steps": job.total_steps, "first_step_at": job.first_step_at or ""}
+    if job.preview is not None:
+        fields.update(preview=job.preview, preview_step=job.preview_step)
+    return fields
+
+
+def finished(job: Job) -> Fields:
+    """A final job's fields: its status, its result (the images one field each) or its error."""
+    fields: Fields = {"status": job.status.value, "step": job.step, "total_steps": job.total_steps}
+    if job.result is not None:
+        fields["result"] = job.result.model_dump_json(exclude={"images": {"__all__": {"data"}}})
+        fields["images"] = len(job.result.images)
+        fields.update({f"image:{index}": image.data for index, image in enumerate(job.result.images)})
+    if job.error is not None:
+        fields.update(error_type=type(job.error).__name__, error_message=job.error.message,
+                      error_param=job.error.param or "")
+    if job.preview is not None:
+        fields.update(preview=job.preview, preview_step=job.preview_step)
+    return fields
+
+
+def snapshot(job_id: str, record: dict[str, bytes | None], images: list[bytes]) -> Job:
+    """A job as a reader sees it (SNAPSHOT_FIELDS, and a finished result's images)."""
+    def text(name: str) -> str:
+        return (record[name] or b"").decode()
+
+    job = Job(job_id, None, int(record["preview_every"] or 0) or None, text("owner") or None,
+              status=JobStatus(text("status")), created=float(record["created"] or 0),
+              started=number(record["started"]), finished=number(record["finished"]),
+              step=int(record["step"] or 0), total_steps=int(record["total_steps"] or 0),
+              preview=record["preview"] or None, preview_step=int(record["preview_step"] or 0),
+              cancel_requested_at=number(record["cancel_requested_at"]),
+              stop_requested_at=number(record["stop_requested_at"]), version=int(record["version"] or 0),
+              first_step_at=number(record["first_step_at"]))
+    job.request = request_from_json(record["request"]) if record["request"] else None
+    if record["result"] and images:
+        result = json.loads(record["result"])
+        result["request"] = request_from_json(json.dumps(result["request"]))
+        result["images"] = [GeneratedImage(data=data, **meta) for data, meta in zip(images, result["images"])]
+        job.result = GenerationResult.model_validate(result)
+    if record["error_type"]:
+        error_type = ERROR_TYPES.get(text("error_type"), BackendError)
+        job.error = error_type.__new__(error_type)
+        BackendError.__init__(job.error, text("error_message"), text("error_param") or None)
+    return job

@@ -1,0 +1,346 @@
+"""`SharedJobQueue`: the job queue of replicas that share one Redis (the package's docstring
+tells how it sits there). The API's side reads and changes jobs in Redis from any replica; the
+device worker's side (`JobSource`) takes jobs for this replica's device, writes their progress
+and ends them; a heartbeat thread keeps this replica's running jobs its own and re-queues those
+of replicas that stopped beating."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+
+from ...device_thread import DeviceThread
+from ...errors import BackendError, JobExpired, QueueFull, UnknownJob, redis_failures_as_unavailable
+from ...protocol import GenerationResult
+from ..job import Job, JobStatus, tell
+from ..waiting import follow, result_of
+from ..worker import DeviceWorker, HandedBack
+from . import codec, feed, keys, scripts
+
+if TYPE_CHECKING:
+    import redis
+
+    from ...engine import Engine, PreparedRequest
+
+logger = logging.getLogger("sdxl_backend")
+T = TypeVar("T")
+
+HEARTBEAT_S = 2.0  # each replica says it is alive this often...
+HEARTBEAT_TTL_S = 10  # ...and is taken for dead, its running jobs re-queued, this long after it stops
+MAX_ATTEMPTS = 3  # runs of a job cut short by its replica dying, before it fails
+
+
+async def _off_loop(call: Callable[..., T], *args: Any) -> T:
+    return await anyio.to_thread.run_sync(call, *args)
+
+
+class SharedJobQueue:
+    """`JobQueue` for a fleet: the jobs in Redis."""
+
+    def __init__(self, engine: Engine, client: redis.Redis, max_queue: int = 64, ttl_s: float = 3600,
+                 max_jobs: int = 1000, max_bytes: int = 512 * 2**20, on_change: Callable[[Job], None] | None = None,
+                 max_batch: int = 1, device: DeviceThread | None = None):
+        self.engine = engine
+        self.device = device or DeviceThread()
+        self.worker = DeviceWorker(engine, self, self.device, max_batch, on_change)
+        self.client = client
+        self.max_queue = max_queue
+        self.on_change = on_change
+        self.bounds = [ttl_s, max_jobs, max_bytes]
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._scripts = scripts.register(client)
+        self._closing = threading.Event()  # no more jobs taken; the running ones are handed back
+        self._stopped = threading.Event()  # the device thread is done: the heartbeat stops too
+        self._reachable = True  # last time the device thread or the heartbeat tried
+        self._heart = threading.Thread(target=self._beat, name="sdxl-heartbeat", daemon=True)
+        self._changes = feed.ChangeFeed(client)
+
+    # -- what the API calls (any thread but the event loop's: these wait on Redis) --
+
+    def start(self) -> None:
+        try:
+            self._heartbeat()  # before the first take: a job this replica takes is never an orphan
+        except Exception as exc:  # Redis away: the device thread waits for it
+            self._redis_failure(exc)
+        self._changes.start()
+        self._heart.start()
+        self.worker.start()
+
+    def submit(self, prepared: PreparedRequest, owner: str | None = None, preview_every: int | None = None) -> Job:
+        job = Job(secrets.token_hex(16), prepared, preview_every, owner)
+        fields = codec.submitted(job, prepared, self.engine.batch_key(prepared))
+        with redis_failures_as_unavailable():
+            position = self._script("submit", self.max_queue, job.id, *(v for pair in fields.items() for v in pair))
+        if not position:
+            raise QueueFull(f"the queue is full ({self.max_queue} waiting across the replicas); retry later",
+                            self.worker.retry_after_s())
+        job.prepared = None  # in Redis now; this copy is the caller's snapshot
+        tell(self.on_change, job)
+        return job
+
+    async def run(self, prepared: PreparedRequest, owner: str | None, timeout_s: float) -> GenerationResult:
+        return await result_of(self, lambda: _off_loop(self.submit, prepared, owner), timeout_s, _off_loop)
+
+    def get(self, job_id: str, owner: str | None = None) -> Job:
+        with redis_failures_as_unavailable():
+            job = self._load([job_id])[0]
+            if job is not None and (owner is None or job.owner == owner):
+                return job
+            if job is None and self.client.exists(keys.gone(job_id)):
+                raise JobExpired(f"job {job_id} has expired and was deleted", "job_id")
+        raise UnknownJob(f"no job {job_id}", "job_id")
+
+    def refresh(self, job: Job) -> Job:
+        return self.get(job.id)
+
+    async def wait(self, job: Job, timeout_s: float) -> Job:
+        return await follow(self._changes.watchers, job, self._read, timeout_s, lambda job: job.status.final,
+                            finals_only=True, fallback_s=feed.FALLBACK_S)
+
+    async def changed(self, job: Job, version: int, timeout_s: float) -> Job:
+        return await follow(self._changes.watchers, job, self._read, timeout_s,
+                            lambda job: job.version != version or job.status.final, fallback_s=feed.FALLBACK_S)
+
+    def recent(self, limit: int = 50, before: float | None = None, owner: str | None = None) -> list[Job]:
+        with redis_failures_as_unavailable():
+            ids = [i.decode() for i in self.client.zrevrangebyscore(
+                keys.INDEX, f"({before}" if before is not None else "+inf", "-inf")]
+            if owner is not None:
+                pipe = self.client.pipeline(transaction=False)
+                for job_id in ids:
+                    pipe.hget(keys.job(job_id), "owner")
+                ids = [job_id for job_id, own in zip(ids, pipe.execute()) if own == owner.encode()]
+            return [job for job in self._load(ids[:limit]) if job is not None]
+
+    def position(self, job: Job) -> int:
+        """Across the replicas."""
+        if job.status != JobStatus.QUEUED:
+            return 0
+        with redis_failures_as_unavailable():
+            index = self.client.lpos(keys.QUEUE, job.id)
+        return 0 if index is None else index + 1
+
+    @property
+    def queue_length(self) -> int:
+        with redis_failures_as_unavailable():
+            return self.client.llen(keys.QUEUE)
+
+    @property
+    def running(self) -> list[Job]:
+        with redis_failures_as_unavailable():
+            ids = [i.decode() for i in self.client.hkeys(keys.RUNNING)]
+            return sorted((job for job in self._load(ids) if job is not None), key=lambda job: job.created)
+
+    @property
+    def running_here(self) -> list[Job]:
+        return self.worker.running
+
+    @property
+    def alive(self) -> bool:
+        """Whether this replica's device thread (and the heartbeat that keeps its jobs its own) runs."""
+        return self.worker.alive and self._heart.is_alive()
+
+    def cancel(self, job: Job, reason: str = "cancel requested") -> None:
+        """On whichever replica runs it."""
+        self._cancel(job, "cancel", reason)
+
+    def stop_early(self, job: Job, reason: str) -> None:
+        self._cancel(job, "stop", reason)
+
+    def forget_result(self, job: Job) -> None:
+        with redis_failures_as_unavailable():
+            self._script("forget_result", job.id)
+
+    def close(self) -> None:
+        """Stop taking jobs and hand the running ones back at their next step (another replica
+        resumes them); queued jobs stay queued for the fleet."""
+        self._closing.set()
+        if self.device.ident is not None:
+            self.device.join(timeout=30)
+        self._stopped.set()  # (it beat on until now: the job being handed back stayed this replica's)
+        if self._heart.ident is not None:
+            self._heart.join(timeout=30)
+        self._changes.close()
+        if not self.device.is_alive():  # nothing of ours is left running: others need not wait for the lapse
+            try:
+                self.client.delete(keys.replica(self.replica), keys.wake_for(self.replica))
+            except Exception:  # Redis away: the heartbeat lapses by itself
+                pass
+
+    # -- what the device worker calls (`JobSource`), on the device thread --
+
+    def wake(self) -> None:
+        """Ends the device thread's wait for jobs (see `take`), so that it runs a call now."""
+        wake_key = keys.wake_for(self.replica)
+        try:
+            self.client.pipeline(transaction=False).rpush(wake_key, "1").expire(wake_key, 60).execute()
+        except Exception:  # Redis away: the device thread is not waiting on it either
+            pass
+
+    def take(self, max_batch: int) -> list[Job] | None:
+        if self._closing.is_set():
+            return None
+        try:
+            ids = self._script("take", self.replica, max_batch, self.max_queue)
+            self._redis_is(True)
+            if not ids:
+                # A submit anywhere, work handed to this device, or a second, whichever first.
+                self.client.blpop([keys.WAKE, keys.wake_for(self.replica)], timeout=1)
+                return []
+            return self._started([i.decode() for i in ids])
+        except Exception as exc:
+            if not self._redis_failure(exc):
+                logger.exception("the device thread caught an error taking jobs; it goes on")
+            self._closing.wait(1)
+            return []
+
+    def before_step(self, job: Job) -> None:
+        """Reads the job's cancel and interrupt flags (set from any replica); hands the job back
+        when this replica is stopping, or lets it go when another replica has taken it over."""
+        if self._closing.is_set():
+            self._hand_back(job)
+            raise HandedBack(f"job {job.id} handed back: its replica is stopping")
+        try:
+            cancel_at, stop_at, replica = self.client.hmget(keys.job(job.id), "cancel_requested_at",
+                                                            "stop_requested_at", "replica")
+        except Exception as exc:  # Redis away: the job goes on, its flags unread
+            self._redis_failure(exc)
+            return
+        job.cancel_requested_at, job.stop_requested_at = codec.number(cancel_at), codec.number(stop_at)
+        if replica != self.replica.encode():  # re-queued while this replica could not beat (Redis away)
+            raise HandedBack(f"job {job.id} was taken over by another replica")
+
+    def after_step(self, job: Job) -> None:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(keys.job(job.id), mapping=codec.progress(job))
+            pipe.hincrby(keys.job(job.id), "version", 1)
+            pipe.publish(keys.CHANGES, job.id)
+            pipe.execute()
+        except Exception as exc:
+            self._redis_failure(exc)
+
+    def finish(self, job: Job, status: JobStatus, result: GenerationResult | None,
+               error: BackendError | None) -> None:
+        job.settle(status, result, error)
+        fields = codec.finished(job)
+        arguments = [job.id, self.replica, job.held_bytes, *(v for pair in fields.items() for v in pair)]
+        if self._until_reachable(lambda: self._script("finish", *arguments)) == 0:
+            logger.warning("a job finished here after another replica took it over; this result is dropped")
+
+    def _started(self, ids: list[str]) -> list[Job]:
+        """The jobs taken, decoded; one that cannot run here (a model this replica does not
+        serve) fails at once."""
+        def read() -> list[dict[bytes, bytes]]:
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(keys.job(job_id))
+            return pipe.execute()
+
+        batch = []
+        for job_id, fields in zip(ids, self._until_reachable(read) or []):
+            if not fields:  # (Redis lost it: nothing to run)
+                continue
+            job = codec.taken(job_id, fields, self.engine)
+            job.started = time.time()
+            if job.prepared is None:
+                self.worker.finish(job, JobStatus.FAILED, error=job.error)
+            else:
+                batch.append(job)
+        return batch
+
+    def _hand_back(self, job: Job) -> None:
+        try:
+            if self._script("hand_back", job.id, self.replica):
+                logger.info("a running job was handed back to the queue: this replica is stopping")
+        except Exception as exc:  # Redis away: the job is re-queued when this replica's heartbeat lapses
+            self._redis_failure(exc)
+
+    # -- the heartbeat thread --
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_S):
+            try:
+                self._heartbeat()
+                requeued, failed = self._script("reclaim", MAX_ATTEMPTS)
+                if requeued or failed:
+                    logger.warning("%d job(s) of a replica that stopped were re-queued, %d failed after %d attempts",
+                                   requeued, failed, MAX_ATTEMPTS)
+                self._redis_is(True)
+            except Exception as exc:
+                if not self._redis_failure(exc):
+                    logger.exception("the heartbeat caught an error; it goes on")
+
+    def _heartbeat(self) -> None:
+        self.client.set(keys.replica(self.replica), time.time(), ex=HEARTBEAT_TTL_S)
+
+    # -- helpers --
+
+    async def _read(self, job: Job) -> Job:
+        return await _off_loop(self.refresh, job)
+
+    def _script(self, name: str, *arguments: Any) -> Any:
+        bounds = [time.time(), *self.bounds]
+        return self._scripts[name](keys=[keys.PREFIX], args=[*bounds, *arguments])
+
+    def _until_reachable(self, call: Callable[[], T]) -> T | None:
+        """`call()`, tried again every second while Redis is out of reach: a job taken must reach
+        Redis again (the device could take no other anyway). None when this replica stops first
+        (its heartbeat then lapses, and another replica takes its jobs over)."""
+        while True:
+            try:
+                outcome = call()
+                self._redis_is(True)
+                return outcome
+            except Exception as exc:
+                if not self._redis_failure(exc):
+                    raise
+                if self._closing.wait(1):
+                    return None
+
+    def _cancel(self, job: Job, kind: str, reason: str) -> None:
+        with redis_failures_as_unavailable():
+            before = self._script("cancel", job.id, kind, f"job {job.id} cancelled before it started")
+        if before is not None:
+            logger.info("job %s while %s", reason, before.decode())
+            if before == b"queued":
+                tell(self.on_change, self.refresh(job))
+
+    def _load(self, ids: list[str]) -> list[Job | None]:
+        """Snapshots of the jobs (None for one that is not there), a finished result's images included."""
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(keys.job(job_id), codec.SNAPSHOT_FIELDS)
+        records = [dict(zip(codec.SNAPSHOT_FIELDS, values)) for values in pipe.execute()]
+        counts = [int(record["images"] or 0) if record["status"] else 0 for record in records]
+        for job_id, count in zip(ids, counts):
+            if count:
+                pipe.hmget(keys.job(job_id), [f"image:{index}" for index in range(count)])
+        images = iter(pipe.execute())
+        return [codec.snapshot(job_id, record, next(images) if count else []) if record["status"] else None
+                for job_id, record, count in zip(ids, records, counts)]
+
+    def _redis_is(self, reachable: bool) -> None:
+        if reachable and not self._reachable:
+            logger.info("Redis (SDXL_REDIS_URL) answers again: the shared queue goes on")
+        self._reachable = reachable
+
+    def _redis_failure(self, exc: Exception) -> bool:
+        """True (and said once per outage) when `exc` is Redis out of reach."""
+        import redis
+
+        if not isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+            return False
+        if self._reachable:
+            logger.warning("Redis (SDXL_REDIS_URL) cannot be reached (%s): the shared queue waits for it",
+                           type(exc).__name__)
+        self._reachable = False
+        return True

@@ -1,0 +1,32 @@
+"""The shared queue's Lua scripts (scripts/*.lua): every change to the queue is one script, so
+no two replicas ever take the same job or half-change one. Each is the prelude (the key names,
+`finalize`, `fail`, `evict`) followed by the helpers it needs and its own body."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from string import Template
+from typing import TYPE_CHECKING
+
+from ...protocol import MAX_CONTROLNETS
+
+if TYPE_CHECKING:
+    import redis
+    from redis.commands.core import Script
+
+FOLDER = Path(__file__).with_name("scripts")
+TOMBSTONE_TTL_S = 86400  # an evicted job's id answers "expired" (410) this long, then "unknown" (404)
+# The fields of a job's hash that hold its input images, dropped when it ends.
+INPUTS = ["init_image", "mask", *(f"control:{index}" for index in range(MAX_CONTROLNETS))]
+SCRIPTS = {"submit": [], "take": [], "reclaim": ["requeue"], "hand_back": ["requeue"], "cancel": [],
+           "finish": [], "forget_result": []}
+
+
+def source(name: str) -> str:
+    prelude = Template((FOLDER / "prelude.lua").read_text()).substitute(
+        inputs=", ".join(f"'{field}'" for field in INPUTS), tombstone_ttl_s=TOMBSTONE_TTL_S)
+    return "\n".join([prelude, *((FOLDER / f"{part}.lua").read_text() for part in [*SCRIPTS[name], name])])
+
+
+def register(client: redis.Redis) -> dict[str, Script]:
+    return {name: client.register_script(source(name)) for name in SCRIPTS}

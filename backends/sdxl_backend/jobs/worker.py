@@ -1,0 +1,163 @@
+"""The device worker: the one loop that runs a queue's jobs on the device thread, whichever
+store holds them (`JobSource`: this process's memory, or the fleet's Redis).
+
+1. take a batch (the oldest job, and the queued jobs that can share its pipeline call, up to
+   `max_batch` images), waiting for one while also running the calls handed to the device;
+2. run it (`Engine.generate_batch`); at each step the source hears of the job first (a shared
+   queue reads its flags there, and may find the job is no longer this device's), then the job
+   counts the step, takes a preview and honours its cancel and stop flags;
+3. finish each job by its outcome (a job cancelled at a step was finished there), keep the
+   duration (for Retry-After), and tell the observer (metrics).
+
+Nothing that happens to a job or to whoever waits for it ends the loop; should it end anyway,
+`alive` says so and the service reports itself dead to its probes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from ..device_thread import DeviceThread
+from ..errors import BackendError, Cancelled
+from ..protocol import GenerationResult
+from .job import Job, JobStatus, tell
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..engine import Engine
+
+logger = logging.getLogger("sdxl_backend")
+
+
+class HandedBack(Cancelled):
+    """The job left this device without ending: its queue holds it again (a stopping replica,
+    or one whose job was taken over). Not a cancellation of the job."""
+
+
+class JobSource(Protocol):
+    """What the device worker needs of a store of jobs."""
+
+    def take(self, max_batch: int) -> list[Job] | None:
+        """The next batch, marked running; [] when none came in a while (or the device has a
+        call to run); None once the queue is closing."""
+
+    def before_step(self, job: Job) -> None:
+        """Before a step is counted: may raise `HandedBack` (the job is no longer this device's)."""
+
+    def after_step(self, job: Job) -> None:
+        """After a step is counted: the job's progress, kept where waiters read it."""
+
+    def finish(self, job: Job, status: JobStatus, result: GenerationResult | None, error: BackendError | None) -> None:
+        """Settles the job (`Job.settle`) and keeps its end where waiters read it."""
+
+    def wake(self) -> None:
+        """Ends a wait inside `take` (the device has a call to run)."""
+
+
+class DeviceWorker:
+    def __init__(self, engine: Engine, source: JobSource, device: DeviceThread, max_batch: int = 1,
+                 on_change: Callable[[Job], None] | None = None):
+        self.engine = engine
+        self.source = source
+        self.device = device
+        self.max_batch = max_batch  # images in one pipeline call, from several jobs; 1: each job alone
+        self.on_change = on_change  # told of every start and finish, on the device thread
+        self._running: list[Job] = []  # on the device now: one job, or a batch
+        self._lock = threading.Lock()
+        self._recent_durations: deque[float] = deque(maxlen=20)
+
+    def start(self) -> None:
+        self.device.start(self._work, self.source.wake)
+
+    @property
+    def running(self) -> list[Job]:
+        """The jobs on this device now (several when batched), oldest first."""
+        with self._lock:
+            return list(self._running)
+
+    @property
+    def alive(self) -> bool:
+        return self.device.is_alive()
+
+    def retry_after_s(self) -> int:
+        """Seconds until a full queue has room again: the time one job takes, from the recent ones."""
+        durations = list(self._recent_durations)
+        return max(1, round(sum(durations) / len(durations) if durations else 5.0))
+
+    def finish(self, job: Job, status: JobStatus, result: GenerationResult | None = None,
+               error: BackendError | None = None) -> None:
+        if job.status.final:  # a cancelled job of a batch, finished at its step already
+            return
+        self.let_go(job)  # (first: a waiter woken by the end finds the device free of it)
+        self.source.finish(job, status, result, error)
+        if job.started is not None:
+            self._recent_durations.append(job.finished - job.started)
+        if job.cancel_requested_at is not None and status == JobStatus.CANCELLED:
+            logger.info("job cancelled: it left the device %.3f s after the request",
+                        job.finished - job.cancel_requested_at)
+        tell(self.on_change, job)
+
+    def let_go(self, job: Job) -> None:
+        with self._lock:
+            if job in self._running:
+                self._running.remove(job)
+
+    def _work(self) -> None:
+        while True:
+            self.device.run_calls()
+            batch = self.source.take(self.max_batch)
+            if batch is None:
+                return
+            if not batch:
+                continue
+            with self._lock:
+                self._running = list(batch)  # (emptied as its jobs finish)
+            try:
+                for job in batch:
+                    tell(self.on_change, job)
+                self._run(batch)
+            except BaseException:  # the thread outlives any job: log it and take the next one
+                logger.exception("the device thread caught an error around a job; it goes on")
+
+    def _run(self, batch: list[Job]) -> None:
+        """One pipeline call for the batch, then each job finished by its outcome (except one
+        the step observer has let go already)."""
+        try:
+            outcomes = self.engine.generate_batch([(job.prepared, self._observer(job)) for job in batch])
+        except Exception as exc:  # a bug: the jobs fail, the queue goes on
+            logger.exception("a batch failed unexpectedly")
+            outcomes = [BackendError(f"internal error: {type(exc).__name__}")] * len(batch)
+        for job, outcome in zip(batch, outcomes):
+            if job.status != JobStatus.RUNNING:
+                continue
+            if isinstance(outcome, GenerationResult):
+                self.finish(job, JobStatus.SUCCEEDED, result=outcome)
+            elif isinstance(outcome, Cancelled):
+                self.finish(job, JobStatus.CANCELLED, error=outcome)
+            else:
+                self.finish(job, JobStatus.FAILED, error=outcome)
+        if any(job.status in (JobStatus.CANCELLED, JobStatus.QUEUED) for job in batch):  # a call cut short
+            self.engine.models.release_cached_memory()
+
+    def _observer(self, job: Job) -> Callable[[int, int, torch.Tensor | None], bool]:
+        """The job's step observer; a cancelled job is finished at once, even while the rest of
+        its batch runs on; one handed back leaves this device unfinished."""
+        def on_step(step: int, total: int, latents: torch.Tensor | None) -> bool:
+            try:
+                self.source.before_step(job)
+                stop = job.on_step(step, total, latents)
+            except HandedBack:
+                self.let_go(job)
+                job.status = JobStatus.QUEUED
+                raise
+            except Cancelled as exc:
+                self.finish(job, JobStatus.CANCELLED, error=exc.copy())  # (`exc` gathers frames on its way up)
+                raise
+            self.source.after_step(job)
+            return stop
+        return on_step

@@ -1,0 +1,264 @@
+"""The job queue contract (backends/sdxl_backend/jobs/contract.py), one suite run against both
+stores: this process's memory, and Redis (a real `redis-server`, a database of its own). The
+engine is the real tiny one; the device worker is the real one. Where a test needs a job held
+running, `parked` is the test seam: the worker stops after a given step until released."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from backends.sdxl_backend.device import select_placement
+from backends.sdxl_backend.engine import Engine
+from backends.sdxl_backend.errors import Cancelled, JobExpired, QueueFull, TimedOut, UnknownJob
+from backends.sdxl_backend.jobs import JobStatus, MemoryJobQueue
+from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+from backends.sdxl_backend.protocol import GenerationRequest
+from models.catalog import defaults_for
+
+REDIS_DATABASE = 11
+QUICK = {"prompt": "a quick one", "width": 64, "height": 64, "steps": 3}
+HELD = {**QUICK, "steps": 6}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    source = ModelSource("tiny-sdxl", Path(tiny_model.path), defaults_for("tiny-sdxl"))
+    return Engine(ModelManager([source], select_placement()), "tiny-sdxl")
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_queue(request, engine):
+    """Makes the store under test (closed after the test), with the given bounds."""
+    made = []
+
+    def make(**bounds):
+        if request.param == "memory":
+            queue = MemoryJobQueue(engine, **bounds)
+        else:
+            import redis
+
+            from backends.sdxl_backend.jobs.shared import SharedJobQueue
+
+            store = redis.Redis.from_url(f"{request.getfixturevalue('redis_server').url[:-2]}/{REDIS_DATABASE}")
+            store.flushdb()
+            queue = SharedJobQueue(engine, store, **bounds)
+        made.append(queue)
+        return queue
+
+    yield make
+    for queue in made:
+        queue.close()
+
+
+def prepared(engine, **fields):
+    return engine.prepare(GenerationRequest(**{**QUICK, **fields}))
+
+
+def final(queue, job):
+    """The job once final (the memory store's jobs are live objects, the shared store's snapshots)."""
+    return asyncio.run(queue.wait(job, 600))
+
+
+@contextlib.contextmanager
+def parked(queue, at_step: int):
+    """Test seam: the device worker stops after step `at_step` of a job until the block ends
+    (or `release` is set). Yields (reached, release)."""
+    reached, release = threading.Event(), threading.Event()
+    original = queue.after_step
+
+    def after_step(job):
+        original(job)
+        if job.step == at_step:
+            reached.set()
+            release.wait(600)
+
+    queue.after_step = after_step
+    try:
+        yield reached, release
+    finally:
+        release.set()
+
+
+def test_submit_get_and_owners(make_queue, engine):
+    queue = make_queue()
+    mine = queue.submit(prepared(engine), "alice")
+    theirs = queue.submit(prepared(engine), "bob")
+    assert queue.get(mine.id, "alice").status == JobStatus.QUEUED
+    assert queue.get(mine.id).owner == "alice"  # no owner given: every job is visible
+    with pytest.raises(UnknownJob):
+        queue.get(mine.id, "bob")  # another owner's job is as unknown as a missing one
+    with pytest.raises(UnknownJob):
+        queue.get("0" * 32)
+    assert [job.id for job in queue.recent(owner="alice")] == [mine.id]
+    assert [job.id for job in queue.recent()] == [theirs.id, mine.id]  # newest first
+    assert [job.id for job in queue.recent(limit=1)] == [theirs.id]
+
+
+def test_positions_move_up_as_queued_jobs_are_cancelled(make_queue, engine):
+    queue = make_queue()  # (not started: everything stays queued)
+    jobs = [queue.submit(prepared(engine)) for _ in range(3)]
+    assert [queue.position(job) for job in jobs] == [1, 2, 3] and queue.queue_length == 3
+    queue.cancel(jobs[1])
+    cancelled = queue.refresh(jobs[1])
+    assert cancelled.status == JobStatus.CANCELLED and isinstance(cancelled.error, Cancelled)
+    assert queue.position(cancelled) == 0 and queue.position(queue.refresh(jobs[2])) == 2
+    queue.stop_early(jobs[0], "interrupted")  # a queued job asked to stop early is cancelled
+    assert queue.refresh(jobs[0]).status == JobStatus.CANCELLED and queue.queue_length == 1
+
+
+def test_a_full_queue_refuses_with_a_retry_after(make_queue, engine):
+    queue = make_queue(max_queue=2)
+    queue.submit(prepared(engine))
+    queue.submit(prepared(engine))
+    with pytest.raises(QueueFull) as refused:
+        queue.submit(prepared(engine))
+    assert refused.value.retry_after_s == 5  # nothing has run yet: the default guess, in either store
+
+
+def test_a_job_runs_and_a_delivered_result_is_forgotten(make_queue, engine):
+    queue = make_queue()
+    queue.start()
+    job = queue.submit(prepared(engine, seed=7), "alice")
+    done = final(queue, job)
+    assert done.status == JobStatus.SUCCEEDED and done.step == done.total_steps == 3
+    assert done.result.images[0].seed == 7 and done.finished >= done.started
+    queue.forget_result(done)
+    assert queue.get(job.id).result is None and queue.get(job.id).status == JobStatus.SUCCEEDED
+    assert queue.alive and not queue.running_here
+
+
+def test_run_answers_a_waiting_client_and_keeps_only_the_record(make_queue, engine):
+    queue = make_queue()
+    queue.start()
+    result = asyncio.run(queue.run(prepared(engine, seed=9), "alice", 600))
+    assert result.images[0].seed == 9
+    (record,) = queue.recent(owner="alice")
+    assert record.status == JobStatus.SUCCEEDED and record.result is None
+
+
+def test_run_past_its_time_cancels_the_job(make_queue, engine):
+    queue = make_queue()
+    queue.start()
+    with parked(queue, 1) as (reached, release):
+        def release_once_cancelled():
+            reached.wait(600)
+            while queue.running and queue.running[0].cancel_requested_at is None:
+                time.sleep(0.01)
+            release.set()
+
+        threading.Thread(target=release_once_cancelled, daemon=True).start()
+        with pytest.raises(TimedOut):
+            asyncio.run(queue.run(prepared(engine, **HELD), None, 0.2))
+    (job,) = queue.recent()
+    assert job.status == JobStatus.CANCELLED and job.step < job.total_steps
+
+
+def test_run_cancelled_by_its_caller_cancels_the_job(make_queue, engine):
+    queue = make_queue()
+    queue.start()
+
+    async def abandon():
+        task = asyncio.ensure_future(queue.run(prepared(engine, **HELD), None, 600))
+        await asyncio.to_thread(reached.wait, 600)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with parked(queue, 1) as (reached, _):
+        asyncio.run(abandon())
+    (job,) = queue.recent()
+    assert final(queue, job).status == JobStatus.CANCELLED
+
+
+@pytest.mark.parametrize("ask", ["cancel", "stop_early"])
+def test_a_running_job_is_cancelled_or_stopped_early_at_its_next_step(make_queue, engine, ask):
+    queue = make_queue()
+    queue.start()
+    with parked(queue, 2) as (reached, release):
+        job = queue.submit(prepared(engine, **HELD))
+        reached.wait(600)
+        assert queue.refresh(job).status == JobStatus.RUNNING and queue.position(queue.refresh(job)) == 0
+        if ask == "cancel":
+            queue.cancel(job)
+        else:
+            queue.stop_early(job, "interrupted")
+        release.set()
+        done = final(queue, job)
+    if ask == "cancel":
+        assert done.status == JobStatus.CANCELLED and done.result is None and done.cancel_requested_at
+    else:
+        assert done.status == JobStatus.SUCCEEDED and done.result.images and done.stopped_early
+    # Asked after step 2: a cancel ends it before step 3 counts; a stop counts step 3 and decodes.
+    assert done.step == (2 if ask == "cancel" else 3) < done.total_steps
+    assert queue.alive  # the device goes on
+    assert final(queue, queue.submit(prepared(engine))).status == JobStatus.SUCCEEDED
+
+
+def test_a_watcher_is_woken_by_each_change(make_queue, engine):
+    queue = make_queue()
+    job = queue.submit(prepared(engine))
+
+    async def follow():
+        current, seen = job, []
+        while not current.status.final:
+            before = current.version
+            current = await queue.changed(current, before, 600)
+            assert current.version > before or current.status.final
+            seen.append((current.status, current.step))
+        return seen
+
+    async def start_later():
+        waiting = asyncio.ensure_future(follow())
+        await asyncio.sleep(0)  # (the watcher is in place before anything runs)
+        queue.start()
+        return await waiting
+
+    seen = asyncio.run(start_later())
+    assert seen[-1] == (JobStatus.SUCCEEDED, 3) and seen == sorted(seen, key=lambda change: change[1])
+    quiet = queue.get(job.id)
+    assert asyncio.run(queue.changed(quiet, quiet.version, 0.05)).version == quiet.version  # no change: the timeout
+
+
+def test_compatible_jobs_run_in_one_batch_in_arrival_order(make_queue, engine):
+    told = []
+    queue = make_queue(max_batch=4, on_change=lambda job: told.append((job.id, job.status)))
+    first, second = queue.submit(prepared(engine, seed=1)), queue.submit(prepared(engine, seed=2))
+    other = queue.submit(prepared(engine, width=128))  # another size: another pipeline call
+    third = queue.submit(prepared(engine, seed=3))
+    queue.start()
+    for job in (first, second, other, third):
+        final(queue, job)
+    starts = [job_id for job_id, status in told if status == JobStatus.RUNNING]
+    assert starts == [first.id, second.id, third.id, other.id]
+    first_end = next(index for index, (_, status) in enumerate(told) if status == JobStatus.SUCCEEDED)
+    assert {job_id for job_id, status in told[:first_end] if status == JobStatus.RUNNING} == {
+        first.id, second.id, third.id}  # all three started before any ended: one call
+    assert [final(queue, job).result.images[0].seed for job in (first, second, third)] == [1, 2, 3]
+
+
+def test_finished_jobs_are_evicted_by_count_and_leave_a_tombstone(make_queue, engine):
+    queue = make_queue(max_jobs=1)
+    queue.start()
+    older = final(queue, queue.submit(prepared(engine)))
+    newer = final(queue, queue.submit(prepared(engine)))
+    with pytest.raises(JobExpired):
+        queue.get(older.id)  # gone, and said to be (410), not unknown (404)
+    assert queue.get(newer.id).status == JobStatus.SUCCEEDED
+    assert [job.id for job in queue.recent()] == [newer.id]
+
+
+def test_close_stops_the_device_worker(make_queue, engine):
+    queue = make_queue()
+    queue.start()
+    final(queue, queue.submit(prepared(engine)))
+    assert queue.alive
+    queue.close()
+    assert not queue.alive
+    assert math.isfinite(queue.worker.retry_after_s())
