@@ -292,7 +292,7 @@ def test_validation_errors_name_the_field(engine, fields, param):
 
 def test_pixel_budget_is_checked_on_the_product():
     limits = Limits(max_pixels=128 * 128)
-    from backends.sdxl_backend.engine import validate
+    from backends.sdxl_backend.validation import validate
 
     request = GenerationRequest(prompt="x", width=256, height=128, steps=1, guidance_scale=1, scheduler="euler", seed=1)
     with pytest.raises(InvalidRequest, match="over the limit"):

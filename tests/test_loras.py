@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backends.api.a1111 import take_loras
+from backends.api.a1111.mapping import take_loras
 from backends.sdxl_backend.device import select_placement
 from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.errors import InvalidRequest

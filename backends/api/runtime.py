@@ -74,9 +74,10 @@ class Runtime:
         # torch and diffusers load here, in the worker. BentoML's main process imports the service
         # module too, only to read its definition: a light module saves seconds on every start.
         from backends.sdxl_backend.controlnets import ControlNetSource
+        from backends.sdxl_backend.denoise import OutOfMemorySeam
         from backends.sdxl_backend.device import select_placement
         from backends.sdxl_backend.embeddings import EmbeddingSet, EmbeddingSource
-        from backends.sdxl_backend.engine import Engine, OutOfMemorySeam
+        from backends.sdxl_backend.engine import Engine
         from backends.sdxl_backend.loras import LoraSource
         from backends.sdxl_backend.model_manager import ModelManager, ModelSource
 

@@ -1,0 +1,262 @@
+"""The device's part of a generation: one pipeline call for a batch of compatible requests, and
+the second pass a request may ask for (the refiner, or a hires fix). Runs on the device thread.
+
+`Denoiser.__call__` goes in numbered steps; the arguments of the call are built per task
+(`txt2img_arguments`, `img2img_arguments`, `inpaint_arguments`) on top of those every call has.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from PIL import Image
+
+from .errors import BackendError, Cancelled
+from .model_manager import ModelManager, ModelSource
+from .pipelines import with_controlnets
+from .prompt_encoder import conditioning
+from .prompts import PromptReader
+from .protocol import GenerationRequest, Timings
+from .schedulers import step_arguments
+
+if TYPE_CHECKING:
+    from .engine import PreparedRequest
+
+# What a ControlNet pipeline call takes beyond the plain one (the control maps aside).
+CONTROL_ARGUMENTS = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "guess_mode")
+# Called after each denoising step with (step, total steps, latents). It may raise to abandon
+# the generation, or return True to end the denoising there and keep the image as it stands.
+StepObserver = Callable[[int, int, "torch.Tensor | None"], "bool | None"]
+Batch = list[tuple["PreparedRequest", "StepObserver | None"]]
+
+
+@dataclass(frozen=True)
+class OutOfMemorySeam:
+    """Test seam: the first `attempts` pipeline calls of every request raise CUDA's
+    out-of-memory error at denoising step `step`, so CPU tests can drive the recovery path.
+    Set by SDXL_TEST_FAULT_OOM ("ATTEMPTS" or "ATTEMPTS@STEP"); never set in production."""
+
+    attempts: int
+    step: int = 1
+
+    @classmethod
+    def parse(cls, text: str | None) -> OutOfMemorySeam | None:
+        if not text:
+            return None
+        attempts, _, step = text.partition("@")
+        return cls(int(attempts), int(step or 1))
+
+
+class BatchProgress:
+    """Hands each step of a pipeline call to the observers of the requests in it, each with its
+    own rows of the latents. A request whose observer raises `Cancelled` is dropped from then
+    on; when none is left, the call is abandoned."""
+
+    def __init__(self, batch: Batch):
+        self.batch = batch
+        self.dropped: dict[int, Cancelled] = {}
+        ends = list(itertools.accumulate(prepared.request.n for prepared, _ in batch))
+        self.rows = [slice(end - prepared.request.n, end) for (prepared, _), end in zip(batch, ends)]
+
+    def step(self, step: int, total: int, latents: torch.Tensor | None) -> bool:
+        """True: every request still in the call asks to end the denoising here."""
+        stops = []
+        for index, ((_, on_step), rows) in enumerate(zip(self.batch, self.rows)):
+            if on_step is None or index in self.dropped:
+                continue
+            try:
+                stops.append(bool(on_step(step, total, None if latents is None else latents[rows])))
+            except Cancelled as exc:
+                if len(self.dropped) + 1 == len(self.batch):
+                    raise
+                self.dropped[index] = exc
+        return bool(stops) and all(stops)
+
+    def split(self, pictures: list) -> list[list[Image.Image] | BackendError]:
+        """The call's images, each request's own (a dropped one gets its `Cancelled`)."""
+        return [self.dropped.get(index) or list(pictures[rows]) for index, rows in enumerate(self.rows)]
+
+
+def lora_weights(request: GenerationRequest) -> tuple[tuple[str, float], ...]:
+    return tuple((lora.id, lora.weight) for lora in request.loras)
+
+
+def control_arguments(prepared: PreparedRequest, maps_argument: str) -> dict[str, Any]:
+    """The ControlNet arguments of a pipeline call; the maps go in `maps_argument` ("image" in
+    text-to-image, where `image` is not taken, else "control_image"). diffusers takes plain
+    values for one ControlNet and lists for several."""
+    units = prepared.request.controlnets
+
+    def each(values: list) -> list | object:
+        return values if len(units) > 1 else values[0]
+
+    return {maps_argument: each(prepared.controls),
+            "controlnet_conditioning_scale": each([unit.scale for unit in units]),
+            "control_guidance_start": each([unit.start for unit in units]),
+            "control_guidance_end": each([unit.end for unit in units]),
+            "guess_mode": units[0].guess_mode}
+
+
+def per_image(members: list[PreparedRequest], values: Callable[[PreparedRequest], Any]) -> list:
+    """One value per image of the call: each request's, repeated for its `n` images."""
+    return [values(prepared) for prepared in members for _ in range(prepared.request.n)]
+
+
+def generators(members: list[PreparedRequest]) -> list[torch.Generator]:
+    """One generator per image. CPU generators: the same seed gives the same noise whatever the device."""
+    return [torch.Generator("cpu").manual_seed(seed) for prepared in members for seed in prepared.seeds]
+
+
+def txt2img_arguments(members: list[PreparedRequest]) -> dict[str, Any]:
+    request = members[0].request
+    arguments: dict[str, Any] = {"width": request.width, "height": request.height}
+    if request.hires_fix is not None:  # the second pass takes the first's latents, or its images
+        arguments.update(output_type="latent" if request.hires_fix.upscaler == "latent" else "pil")
+    return arguments
+
+
+def img2img_arguments(members: list[PreparedRequest]) -> dict[str, Any]:
+    return {"image": per_image(members, lambda prepared: prepared.init_image), "strength": members[0].request.strength}
+
+
+def inpaint_arguments(members: list[PreparedRequest]) -> dict[str, Any]:
+    (first,) = members  # (alone: the crop path takes one image and one mask)
+    request = first.request
+    return {"image": first.init_image, "mask_image": first.mask, "strength": request.strength,
+            "width": request.width, "height": request.height,
+            "padding_mask_crop": request.masked_area_padding if request.masked_area_only else None}
+
+
+TASK_ARGUMENTS = {"txt2img": txt2img_arguments, "img2img": img2img_arguments, "inpaint": inpaint_arguments}
+
+
+class Denoiser:
+    def __init__(self, models: ModelManager, prompt_reader: Callable[[ModelSource], PromptReader],
+                 oom_seam: OutOfMemorySeam | None = None):
+        self.models = models
+        self.prompt_reader = prompt_reader
+        self.oom_seam = oom_seam
+
+    def __call__(self, batch: Batch, mode: str, attempt: int) -> tuple[list[list[Image.Image] | BackendError], Timings]:
+        """One pipeline call for the batch (two with a hires fix or a refiner, which run alone);
+        returns each request's images (or the `Cancelled` that dropped it) and the call's timings
+        (load, LoRA load, inference). A device out-of-memory error comes out as `OutOfMemory`,
+        with the call's memory freed. Every image has its own prompt row and CPU generator, so a
+        request's pixels do not depend on what it shares the call with."""
+        members = [prepared for prepared, _ in batch]
+        first = members[0]
+        request, source = first.request, first.source
+        task = "txt2img" if first.init_image is None else "img2img" if first.mask is None else "inpaint"
+        hires = request.hires_fix if task == "txt2img" else None
+        progress = BatchProgress(batch)
+        width, height = first.output_size
+        # 1. Hold the models: the base, and its ControlNets.
+        with (self.models.use(source.id, mode, width * height) as (pipelines, load_s),
+              self.models.use_controlnets([unit.id for unit in request.controlnets]) as (controlnets, control_load_s)):
+            # 2. Apply the LoRAs (before encoding: those that touch the text encoders change the conditioning).
+            lora_load_s = self.models.apply_loras(source.id, pipelines, request.loras)
+            pipeline = with_controlnets(pipelines, task, controlnets) if controlnets else getattr(pipelines, task)
+            pipeline.scheduler = pipelines.new_scheduler(request.scheduler, source.defaults.timestep_spacing)
+            # 3. The call's arguments: those of every call, the prompts' conditioning, the task's own.
+            arguments = {
+                **step_arguments(request.scheduler, request.steps),
+                "guidance_scale": request.guidance_scale,
+                "generator": generators(members),
+                "callback_on_step_end": self._step_callback(attempt, progress, 0, self._second_pass_steps(first)),
+                **({"eta": request.eta} if request.eta is not None else {}),
+                **self.models.out_of_memory_as_error(lambda: conditioning(
+                    pipeline, per_image(members, lambda prepared: prepared.prompts), pipelines.encoded_prompts,
+                    lora_weights(request), self.prompt_reader(source).embeddings), "out of memory"),
+                **(control_arguments(first, "image" if task == "txt2img" else "control_image") if controlnets else {}),
+                **TASK_ARGUMENTS[task](members),
+            }
+            if first.refiner is not None:  # the base stops at switch_at and hands over its latents
+                arguments.update(denoising_end=request.refiner.switch_at, output_type="latent")
+            # 4. The first pass.
+            started, refiner_load_s = time.perf_counter(), 0.0
+            pictures = self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
+            # 5. The second pass, if any: the refiner's, or the hires fix's.
+            if first.refiner is not None:
+                pictures, refiner_load_s = self._refine(first, pictures, {**arguments, "generator": generators(members)},
+                                                        mode, attempt, progress, pipeline.num_timesteps)
+            elif hires is not None:
+                second = with_controlnets(pipelines, "img2img", controlnets) if controlnets else pipelines.img2img
+                second.scheduler = pipelines.new_scheduler(request.scheduler, source.defaults.timestep_spacing)
+                pictures = self._hires_pass(first, second, pictures, arguments, attempt, progress,
+                                            pipeline.num_timesteps)
+            # 6. Inpainting: the repainted area pasted onto the input (the crop path pastes back by itself).
+            if first.mask is not None and not request.masked_area_only:
+                pictures = [pipeline.image_processor.apply_overlay(first.mask, first.init_image, picture)
+                            for picture in pictures]
+            # 7. Each request's own images. (A refiner loaded on the way counts as load time, not inference.)
+            timings = Timings(load_s=load_s + control_load_s + refiner_load_s, lora_load_s=lora_load_s,
+                              inference_s=time.perf_counter() - started - refiner_load_s, encode_s=0.0)
+            return progress.split(pictures), timings
+
+    @staticmethod
+    def _second_pass_steps(prepared: PreparedRequest) -> int:
+        """The steps planned after the first pass: the hires fix's, or the refiner's share."""
+        request = prepared.request
+        if prepared.refiner is not None:
+            return prepared.total_steps - round(prepared.total_steps * request.refiner.switch_at)
+        hires = request.hires_fix if prepared.init_image is None else None
+        return int(hires.steps * hires.strength) if hires else 0
+
+    def _hires_pass(self, prepared: PreparedRequest, pipeline: Any, pictures: Any, arguments: dict[str, Any],
+                    attempt: int, progress: BatchProgress, steps_run: int) -> list[Image.Image]:
+        """The hires fix's second pass: the first pass's latents (or images) upscaled, repainted
+        as img2img. (An interrupt in the first pass also ends this one after its first step.)"""
+        request, hires = prepared.request, prepared.request.hires_fix
+        width, height = prepared.output_size
+        if hires.upscaler == "latent":
+            upscaled = torch.nn.functional.interpolate(pictures, size=(height // 8, width // 8), mode="bilinear")
+        else:
+            upscaled = [picture.resize((width, height), Image.Resampling.LANCZOS) for picture in pictures]
+        arguments = {**arguments, **step_arguments(request.scheduler, hires.steps),
+                     **(control_arguments(prepared, "control_image") if request.controlnets else {}),
+                     "image": upscaled, "strength": hires.strength, "output_type": "pil",
+                     "generator": generators([prepared]),
+                     "callback_on_step_end": self._step_callback(attempt, progress, steps_run, 0)}
+        for first_pass_only in ("width", "height"):
+            arguments.pop(first_pass_only)
+        return self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
+
+    def _refine(self, prepared: PreparedRequest, latents: torch.Tensor, arguments: dict[str, Any], mode: str,
+                attempt: int, progress: BatchProgress, steps_run: int) -> tuple[list[Image.Image], float]:
+        """The refiner's part: the base's latents denoised from `switch_at` on (diffusers'
+        ensemble of experts: no decoding in between), with `arguments` as the base ran (fresh
+        generators in them); returns the images and the refiner's load seconds."""
+        request, refiner = prepared.request, prepared.refiner
+        width, height = prepared.output_size
+        with self.models.use(refiner.id, mode, width * height) as (pipelines, load_s):
+            pipeline = pipelines.img2img
+            pipeline.scheduler = pipelines.new_scheduler(request.scheduler, refiner.defaults.timestep_spacing)
+            refined = self.models.out_of_memory_as_error(lambda: conditioning(
+                pipeline, [prepared.refiner_prompts] * request.n, pipelines.encoded_prompts,
+                embeddings=self.prompt_reader(refiner).embeddings), "out of memory")
+            arguments = {**arguments, "image": latents, "denoising_start": request.refiner.switch_at,
+                         "output_type": "pil", **refined,
+                         "callback_on_step_end": self._step_callback(attempt, progress, steps_run, 0)}
+            for base_only in ("width", "height", "denoising_end", "strength", *CONTROL_ARGUMENTS):
+                arguments.pop(base_only, None)
+            pictures = self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
+        return pictures, load_s
+
+    def _step_callback(self, attempt: int, progress: BatchProgress, offset: int, after: int) -> Callable:
+        """Reports the steps of one pipeline call, counted on from `offset` steps run before it,
+        with `after` more planned (a hires fix's two passes read as one run)."""
+        seam = self.oom_seam
+
+        def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            if seam is not None and attempt < seam.attempts and step + 1 >= seam.step:
+                raise torch.OutOfMemoryError("CUDA out of memory (SDXL_TEST_FAULT_OOM test seam)")
+            total = offset + pipeline.num_timesteps + after
+            if progress.step(offset + step + 1, total, tensors.get("latents")):
+                pipeline._interrupt = True  # diffusers' documented way: skip the remaining steps, then decode
+            return tensors
+
+        return on_step_end

@@ -1,0 +1,62 @@
+"""AUTOMATIC1111's infotext: the generation parameters as text, which image tools read from a
+PNG's `parameters` chunk ("prompt\nNegative prompt: ...\nSteps: 20, Sampler: Euler a, ...").
+The engine writes it into every PNG it makes; the A1111 dialect's /png-info parses it back."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .protocol import GenerationRequest
+from .schedulers import SCHEDULERS
+
+
+def write(request: GenerationRequest, seed: int, img2img: bool, inpainting: bool) -> str:
+    """The generation parameters in AUTOMATIC1111's format, which image tools parse."""
+    lines = [request.prompt]
+    if request.negative_prompt:
+        lines.append(f"Negative prompt: {request.negative_prompt}")
+    settings = [
+        f"Steps: {request.steps}",
+        f"Sampler: {SCHEDULERS[request.scheduler].label}",
+        f"CFG scale: {request.guidance_scale}",
+        f"Seed: {seed}",
+        f"Size: {request.width}x{request.height}",
+        f"Model: {request.model}",
+    ]
+    if img2img:
+        settings.append(f"Denoising strength: {request.strength}")
+    if request.hires_fix and not img2img:
+        hires = request.hires_fix
+        settings.append(f"Hires resize: {hires.width}x{hires.height}, Hires steps: {hires.steps}, "
+                        f"Hires upscaler: {hires.upscaler.title()}, Denoising strength: {hires.strength}")
+    if request.refiner:
+        settings.append(f"Refiner: {request.refiner.model}, Refiner switch at: {request.refiner.switch_at}")
+    for index, unit in enumerate(request.controlnets):  # as A1111's ControlNet extension writes them
+        settings.append(f'ControlNet {index}: "Module: {unit.preprocess}, Model: {unit.id}, Weight: {unit.scale}, '
+                        f'Guidance Start: {unit.start}, Guidance End: {unit.end}"')
+    if inpainting:
+        settings.append(f"Mask blur: {request.mask_blur}")
+        if request.masked_area_only:
+            settings.append(f"Inpaint area: Only masked, Masked area padding: {request.masked_area_padding}")
+    lines.append(", ".join(settings))
+    return "\n".join(lines)
+
+
+def parse(text: str) -> dict[str, Any]:
+    """A1111's infotext ("prompt\nNegative prompt: ...\nSteps: 20, Sampler: Euler, ...")."""
+    if not text:
+        return {}
+    *prompt_lines, settings = text.split("\n")
+    if not re.match(r"^[\w ]+: ", settings):  # no settings line: all of it is prompt
+        prompt_lines, settings = [*prompt_lines, settings], ""
+    negative = [line for line in prompt_lines if line.startswith("Negative prompt: ")]
+    parsed: dict[str, Any] = {
+        "Prompt": "\n".join(line for line in prompt_lines if not line.startswith("Negative prompt: ")),
+        "Negative prompt": negative[0].removeprefix("Negative prompt: ") if negative else "",
+    }
+    for key, value in re.findall(r"\s*([\w ]+): ([^,]+)(?:,|$)", settings):
+        parsed[key.strip()] = value.strip()
+    if "Size" in parsed and "x" in parsed["Size"]:
+        parsed["Size-1"], parsed["Size-2"] = parsed["Size"].split("x", 1)
+    return parsed

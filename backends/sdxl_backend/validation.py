@@ -1,0 +1,120 @@
+"""A request filled in and checked against the limits, before anything is queued
+(`Engine.prepare`): a bad one fails here, at once, with the field it names."""
+
+from __future__ import annotations
+
+import secrets
+
+from PIL import Image
+
+from .errors import InvalidRequest
+from .limits import Limits
+from .protocol import MAX_SEED, GenerationRequest, ModelDefaults
+from .schedulers import SCHEDULERS
+
+
+def output_size(request: GenerationRequest) -> tuple[int, int]:
+    """The size of the images a resolved request makes: its own, or its hires fix's."""
+    hires = request.hires_fix
+    return (hires.width, hires.height) if hires else (request.width, request.height)
+
+
+def resolve(
+    request: GenerationRequest, model_id: str, defaults: ModelDefaults, init_image: Image.Image | None
+) -> GenerationRequest:
+    """The request with every open field filled: the model's defaults, or for img2img the
+    input image's size (rounded down to a multiple of 8), and a random seed."""
+    width, height = defaults.width, defaults.height
+    if init_image is not None:
+        width, height = init_image.width // 8 * 8, init_image.height // 8 * 8
+    filled = {
+        "model": model_id,
+        "width": width if request.width is None else request.width,
+        "height": height if request.height is None else request.height,
+        "steps": defaults.steps if request.steps is None else request.steps,
+        "guidance_scale": defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
+        "scheduler": request.scheduler or defaults.scheduler,
+        "seed": secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
+    }
+    if request.hires_fix is not None:
+        hires = request.hires_fix
+        filled["hires_fix"] = hires.model_copy(update={
+            "width": hires.width or int(filled["width"] * hires.scale) // 8 * 8,
+            "height": hires.height or int(filled["height"] * hires.scale) // 8 * 8,
+            "steps": hires.steps or filled["steps"],
+        })
+    return request.model_copy(update=filled)
+
+
+def check_size(width: int, height: int, limits: Limits, prefix: str = "") -> None:
+    for name, value in ((f"{prefix}width", width), (f"{prefix}height", height)):
+        if value % 8:
+            raise InvalidRequest(f"{name}: {value} is not a multiple of 8", name)
+        if not limits.min_side <= value <= limits.max_side:
+            raise InvalidRequest(f"{name}: {value} is outside {limits.min_side}..{limits.max_side}", name)
+    if width * height > limits.max_pixels:
+        raise InvalidRequest(
+            f"{prefix}width x {prefix}height: {width}x{height} is over the limit of {limits.max_pixels} pixels",
+            f"{prefix}width",
+        )
+
+
+def validate(request: GenerationRequest, limits: Limits) -> None:
+    """Every check that does not need the model, with the field named in the message."""
+    if not request.prompt and request.image is None:
+        raise InvalidRequest("prompt: required (only a variation of an input image may go without one)", "prompt")
+    check_size(request.width, request.height, limits)
+    if request.steps > limits.max_steps:
+        raise InvalidRequest(f"steps: {request.steps} is over the limit of {limits.max_steps}", "steps")
+    if request.guidance_scale > limits.max_guidance_scale:
+        raise InvalidRequest(
+            f"guidance_scale: {request.guidance_scale} is over the limit of {limits.max_guidance_scale}",
+            "guidance_scale",
+        )
+    if request.n > limits.max_images:
+        raise InvalidRequest(f"n: {request.n} is over the limit of {limits.max_images} images", "n")
+    for name in ("prompt", "negative_prompt"):
+        length = len(getattr(request, name))
+        if length > limits.max_prompt_chars:
+            raise InvalidRequest(
+                f"{name}: {length} characters is over the limit of {limits.max_prompt_chars}", name
+            )
+    if request.scheduler not in SCHEDULERS:
+        raise InvalidRequest(
+            f"scheduler: unknown scheduler '{request.scheduler}'; known: {', '.join(SCHEDULERS)}", "scheduler"
+        )
+    if request.eta is not None and request.scheduler != "ddim":
+        raise InvalidRequest(f"eta: only the ddim scheduler takes eta, not {request.scheduler}", "eta")
+    if request.image is not None and int(request.steps * request.strength) < 1:  # before the image is dropped
+        raise InvalidRequest(
+            f"strength: {request.strength} x {request.steps} steps leaves no step to run; raise either",
+            "strength",
+        )
+    for index, unit in enumerate(request.controlnets):
+        if unit.end <= unit.start:
+            raise InvalidRequest(f"controlnets[{index}].end: {unit.end} is not after start ({unit.start})",
+                                 f"controlnets[{index}].end")
+        if unit.guess_mode != request.controlnets[0].guess_mode:
+            raise InvalidRequest("controlnets: guess_mode applies to the whole generation; give every unit the same",
+                                 f"controlnets[{index}].guess_mode")
+        if unit.preprocess == "canny" and unit.low_threshold > unit.high_threshold:
+            raise InvalidRequest(f"controlnets[{index}].low_threshold: {unit.low_threshold} is above high_threshold "
+                                 f"({unit.high_threshold})", f"controlnets[{index}].low_threshold")
+    if request.controlnets and request.refiner is not None and request.image is not None:
+        raise InvalidRequest("controlnets: with a refiner, text-to-image only (diffusers' ControlNet image-to-image "
+                             "cannot hand over to a refiner)", "controlnets")
+    hires = request.hires_fix
+    if hires is not None:
+        if request.image is not None:
+            raise InvalidRequest("hires_fix: txt2img only (an img2img request sets its size from its image)",
+                                 "hires_fix")
+        check_size(hires.width, hires.height, limits, "hires_fix.")
+        if hires.width < request.width or hires.height < request.height:
+            raise InvalidRequest(f"hires_fix: {hires.width}x{hires.height} is smaller than the first pass's "
+                                 f"{request.width}x{request.height}", "hires_fix")
+        if hires.steps > limits.max_steps:
+            raise InvalidRequest(f"hires_fix.steps: {hires.steps} is over the limit of {limits.max_steps}",
+                                 "hires_fix.steps")
+        if int(hires.steps * hires.strength) < 1:
+            raise InvalidRequest(f"hires_fix.strength: {hires.strength} x {hires.steps} steps leaves no step to run",
+                                 "hires_fix.strength")
