@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BACKEND ?= docker
 IMAGE ?= sdxl:latest
 
-.PHONY: install test-programs serve test test-quick test-busy bench gpu-wheels image smoke clean
+.PHONY: install test-programs serve lint test test-quick test-busy bench gpu-wheels image smoke clean
 
 install: $(VENV)/.installed
 
@@ -41,7 +41,13 @@ serve: install
 	$(PY) -m models ensure-default
 	$(VENV)/bin/bentoml serve service:SDXL --host $(HOST) --port $(PORT)
 
-test: install test-programs
+# ruff: the lint rules and the formatting (pyproject.toml [tool.ruff]); `ruff format` fixes the latter.
+CODE := backends models service.py tests bench
+lint: install
+	$(VENV)/bin/ruff check $(CODE)
+	$(VENV)/bin/ruff format --check $(CODE)
+
+test: install test-programs lint
 	$(PY) -m pytest
 
 # The in-process part alone (no `bentoml serve` processes): a minute or two.

@@ -42,8 +42,11 @@ def packed_models(kind: str) -> dict[str, bentoml.Model] | None:
     tags = [m["tag"] for m in manifest.get("models", [])]
     tags += [m["tag"] for service in manifest.get("services", []) for m in service.get("models", [])]
     packed = [bentoml.models.get(tag) for tag in tags]
-    return {model.info.labels["sdxl_id"]: model for model in packed
-            if "sdxl_id" in model.info.labels and model.info.labels.get("sdxl_kind", "pipeline") == kind}
+    return {
+        model.info.labels["sdxl_id"]: model
+        for model in packed
+        if "sdxl_id" in model.info.labels and model.info.labels.get("sdxl_kind", "pipeline") == kind
+    }
 
 
 def served_models() -> dict[str, bentoml.Model]:
@@ -60,7 +63,9 @@ def served_models() -> dict[str, bentoml.Model]:
             f"import with `python -m models import ID` (stored: {', '.join(stored) or 'none'})"
         )
     if not stored:
-        raise RuntimeError("the model store holds no SDXL model: run `python -m models import tiny-sdxl` (or sdxl-base)")
+        raise RuntimeError(
+            "the model store holds no SDXL model: run `python -m models import tiny-sdxl` (or sdxl-base)"
+        )
     return {m: stored[m] for m in SETTINGS.models} if SETTINGS.models else stored
 
 
@@ -71,8 +76,10 @@ def replacement_vae() -> bentoml.Model | None:
     stored = packed_models("vae")
     stored = stored_models("vae") if stored is None else stored
     if SETTINGS.vae not in stored:
-        raise RuntimeError(f"SDXL_VAE={SETTINGS.vae} is not a VAE in the model store; import it with "
-                           f"`python -m models import {SETTINGS.vae}` (stored VAEs: {', '.join(stored) or 'none'})")
+        raise RuntimeError(
+            f"SDXL_VAE={SETTINGS.vae} is not a VAE in the model store; import it with "
+            f"`python -m models import {SETTINGS.vae}` (stored VAEs: {', '.join(stored) or 'none'})"
+        )
     return stored[SETTINGS.vae]
 
 
@@ -84,18 +91,26 @@ def served_adapters(kind: str) -> dict[str, bentoml.Model]:
         return packed
     if kind == "embedding":  # (made for text encoders of given widths)
         widths = {model_text_signature(Path(model.path)) for model in SERVED.values()}
-        return {embedding_id: embedding for embedding_id, embedding in stored_models(kind).items()
-                if any(fits_model(embedding.info.labels["fits"], model) for model in widths)}
+        return {
+            embedding_id: embedding
+            for embedding_id, embedding in stored_models(kind).items()
+            if any(fits_model(embedding.info.labels["fits"], model) for model in widths)
+        }
     architectures = {model_unet_signature(Path(model.path)) for model in SERVED.values()}
-    return {adapter_id: adapter for adapter_id, adapter in stored_models(kind).items()
-            if adapter.info.labels["fits"] in architectures}
+    return {
+        adapter_id: adapter
+        for adapter_id, adapter in stored_models(kind).items()
+        if adapter.info.labels["fits"] in architectures
+    }
 
 
 def default_model(served: list[str]) -> str:
     """`SDXL_DEFAULT_MODEL`, else the first served model in catalog order."""
     if SETTINGS.default_model:
         if SETTINGS.default_model not in served:
-            raise RuntimeError(f"SDXL_DEFAULT_MODEL={SETTINGS.default_model} is not served (served: {', '.join(served)})")
+            raise RuntimeError(
+                f"SDXL_DEFAULT_MODEL={SETTINGS.default_model} is not served (served: {', '.join(served)})"
+            )
         return SETTINGS.default_model
     order = list(load_catalog())
     return min(served, key=lambda m: order.index(m) if m in order else len(order))
@@ -118,16 +133,26 @@ class SDXL:
         quiet_validation_logs()
         catalog = load_catalog()
         served = [
-            ServedModel(model_id, Path(getattr(self, model_attribute(model_id)).path), model.tag.version,
-                        catalog[model_id].description if model_id in catalog else "", defaults_for(model_id))
+            ServedModel(
+                model_id,
+                Path(getattr(self, model_attribute(model_id)).path),
+                model.tag.version,
+                catalog[model_id].description if model_id in catalog else "",
+                defaults_for(model_id),
+            )
             for model_id, model in SERVED.items()
         ]
         vae = Path(self.model_vae.path) if VAE is not None else None
         loras, controlnets, embeddings = (
-            [ServedAdapter(adapter_id, Path(getattr(self, model_attribute(adapter_id, kind)).path),
-                           adapter.info.labels["fits"],
-                           catalog[adapter_id].description if adapter_id in catalog else adapter.info.labels["source"])
-             for adapter_id, adapter in adapters.items()]
+            [
+                ServedAdapter(
+                    adapter_id,
+                    Path(getattr(self, model_attribute(adapter_id, kind)).path),
+                    adapter.info.labels["fits"],
+                    catalog[adapter_id].description if adapter_id in catalog else adapter.info.labels["source"],
+                )
+                for adapter_id, adapter in adapters.items()
+            ]
             for kind, adapters in ADAPTERS.items()
         )
         self.runtime = Runtime(SETTINGS, served, DEFAULT_MODEL, vae, loras, controlnets, embeddings)
@@ -171,8 +196,9 @@ SDXL = bentoml.service(
     name="sdxl",
     # The image `bentoml containerize` builds: no distro packages (no compiler or git left in
     # it: every dependency is a wheel), the pinned requirements, CUDA-enabled torch from PyPI.
-    image=bentoml.images.Image(base_image="python:3.11-slim", distro="none", python_version="3.11")
-    .requirements_file("requirements.txt"),
+    image=bentoml.images.Image(base_image="python:3.11-slim", distro="none", python_version="3.11").requirements_file(
+        "requirements.txt"
+    ),
     envs=[{"name": name, "value": value} for name, value in declared_environment().items()],
     resources={"gpu": 1},
     workers=1,
@@ -195,6 +221,11 @@ SDXL = bentoml.service(
     },
 )(bentoml.asgi_app(dialects)(SDXL))
 traffic.TimeoutMiddleware = TimelyTimeout  # BentoML imports it from there when it builds the app
-SDXL.add_asgi_middleware(Edge, keys=SETTINGS.api_keys, open_metrics=SETTINGS.open_metrics,
-                         max_body_bytes=SETTINGS.max_body_bytes, cors_origins=SETTINGS.cors_origins,
-                         state=dialects.state)
+SDXL.add_asgi_middleware(
+    Edge,
+    keys=SETTINGS.api_keys,
+    open_metrics=SETTINGS.open_metrics,
+    max_body_bytes=SETTINGS.max_body_bytes,
+    cors_origins=SETTINGS.cors_origins,
+    state=dialects.state,
+)

@@ -46,8 +46,10 @@ def main() -> None:
     model = import_tiny()
     folder = Path(tempfile.mkdtemp(prefix="lora-b-"))
     save_tiny_lora(folder, seed=99)
-    loras = [import_tiny("tiny-sdxl-lora"),
-             import_from_path("tiny-lora-b", folder / "pytorch_lora_weights.safetensors", fits="tiny-sdxl")]
+    loras = [
+        import_tiny("tiny-sdxl-lora"),
+        import_from_path("tiny-lora-b", folder / "pytorch_lora_weights.safetensors", fits="tiny-sdxl"),
+    ]
     sources = [LoraSource(m.info.labels["sdxl_id"], Path(m.path), m.info.labels["fits"]) for m in loras]
     controlnet = import_tiny("tiny-sdxl-controlnet")
     controlnets = [ControlNetSource("tiny-sdxl-controlnet", Path(controlnet.path), controlnet.info.labels["fits"])]
@@ -65,8 +67,15 @@ def main() -> None:
         return built
 
     def run(on: Engine, *named: str, units: tuple[dict, ...] = ()) -> float:
-        request = GenerationRequest(prompt="a lighthouse", seed=1, width=args.size, height=args.size,
-                                    steps=args.steps, loras=[LoraWeight(id=i) for i in named], controlnets=units)
+        request = GenerationRequest(
+            prompt="a lighthouse",
+            seed=1,
+            width=args.size,
+            height=args.size,
+            steps=args.steps,
+            loras=[LoraWeight(id=i) for i in named],
+            controlnets=units,
+        )
         started = time.perf_counter()
         on.generate(on.prepare(request))
         return time.perf_counter() - started
@@ -88,14 +97,28 @@ def main() -> None:
 
     print(f"tiny-sdxl {args.size}x{args.size}, {args.steps} steps, guidance, CPU; p50 of {args.runs}:")
     print("| request | p50 ms | vs plain |\n| --- | --- | --- |")
-    for baseline, rows in [(plain, [("no LoRA", plain), ("first use of a LoRA (loads it)", first),
-                                    ("the same LoRA again", again), ("alternating two loaded LoRAs", switching),
-                                    ("no LoRA, with two loaded", back_to_none)]),
-                           (plain_fresh, [("no ControlNet (no LoRA ever loaded)", plain_fresh),
-                                          ("first use of a ControlNet (loads it)", controlnet_first),
-                                          ("one loaded ControlNet", controlnet_again),
-                                          ("one ControlNet, canny preprocessing", canny),
-                                          ("two ControlNets", two)])]:
+    for baseline, rows in [
+        (
+            plain,
+            [
+                ("no LoRA", plain),
+                ("first use of a LoRA (loads it)", first),
+                ("the same LoRA again", again),
+                ("alternating two loaded LoRAs", switching),
+                ("no LoRA, with two loaded", back_to_none),
+            ],
+        ),
+        (
+            plain_fresh,
+            [
+                ("no ControlNet (no LoRA ever loaded)", plain_fresh),
+                ("first use of a ControlNet (loads it)", controlnet_first),
+                ("one loaded ControlNet", controlnet_again),
+                ("one ControlNet, canny preprocessing", canny),
+                ("two ControlNets", two),
+            ],
+        ),
+    ]:
         base = statistics.median(baseline)
         for name, seconds in rows:
             p50 = statistics.median(seconds)

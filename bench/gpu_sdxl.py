@@ -47,7 +47,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
     ControlNetModel,
@@ -55,6 +54,7 @@ from diffusers import (  # noqa: E402
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from PIL import Image  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from backends.sdxl_backend.device import Placement, select_placement  # noqa: E402
@@ -83,33 +83,83 @@ FAST_PATHS = {
 # float16 with SDXL's own VAE (upcast to float32 to decode), and with one that needs no upcast
 VAE_CHOICES = ("fp16-own-vae", "fp16-no-upcast-vae")
 # The order a run takes them in: the likeliest gains first, so that a short budget keeps them.
-FAST_PATHS_IN_ORDER = ("plain", "compile", "fp8", "fuse-qkv", "channels-last", "fp16-no-upcast-vae",
-                       "fp16-own-vae", "all+fp8", "int8", "eager-attention", "fuse-qkv+channels-last+compile")
+FAST_PATHS_IN_ORDER = (
+    "plain",
+    "compile",
+    "fp8",
+    "fuse-qkv",
+    "channels-last",
+    "fp16-no-upcast-vae",
+    "fp16-own-vae",
+    "all+fp8",
+    "int8",
+    "eager-attention",
+    "fuse-qkv+channels-last+compile",
+)
 assert set(FAST_PATHS_IN_ORDER) == {*FAST_PATHS, *VAE_CHOICES}
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
 SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
     block_out_channels=(320, 640, 1280),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
 )
 # vae/config.json
 SDXL_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025, force_upcast=True,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.13025,
+    force_upcast=True,
 )
 # text_encoder/config.json (CLIP ViT-L/14) and text_encoder_2/config.json (OpenCLIP ViT-bigG/14)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-              num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
-CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-              num_attention_heads=20, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
-SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                      steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+CLIP_L = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
+CLIP_G = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    projection_dim=1280,
+    hidden_act="gelu",
+)
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
+)
 
 
 def build_full_sdxl(device: torch.device, dtype: torch.dtype) -> StableDiffusionXLPipeline:
@@ -123,8 +173,13 @@ def build_full_sdxl(device: torch.device, dtype: torch.dtype) -> StableDiffusion
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)).to(dtype)
     tokenizer = make_tokenizer()
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
     )
 
 
@@ -144,8 +199,9 @@ def peak_bytes(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def timed(pipeline, device: torch.device, runs: int, first: list | None = None, warm_up: bool = True,
-          **call) -> list[float]:
+def timed(
+    pipeline, device: torch.device, runs: int, first: list | None = None, warm_up: bool = True, **call
+) -> list[float]:
     """Seconds per call, after one warm-up call (its seconds appended to `first`)."""
     pipeline.set_progress_bar_config(disable=True)
     if warm_up:
@@ -190,8 +246,11 @@ def main() -> None:
     parser.add_argument("--fast-steps", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3, help="timed runs per figure (batch 4 and low mode: 1)")
     parser.add_argument("--modes", default=",".join(MEMORY_MODES))
-    parser.add_argument("--fast-paths", default=",".join(FAST_PATHS_IN_ORDER),
-                        help=f"comma-separated, of: {', '.join(FAST_PATHS_IN_ORDER)}; empty: none")
+    parser.add_argument(
+        "--fast-paths",
+        default=",".join(FAST_PATHS_IN_ORDER),
+        help=f"comma-separated, of: {', '.join(FAST_PATHS_IN_ORDER)}; empty: none",
+    )
     parser.add_argument("--budget-s", type=float, default=0, help="seconds the whole run may take; 0: no bound")
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_sdxl.json"))
     args = parser.parse_args()
@@ -205,13 +264,26 @@ def main() -> None:
         "device": placement.describe(),
         "torch": torch.__version__,
         "tiny": args.tiny,
-        "size": size, "steps": args.steps, "guidance": args.guidance, "runs": args.runs,
-        "fast_size": fast_size, "fast_steps": args.fast_steps,
-        "modes": {}, "fast_paths": {}, "throughput": {}, "controlnets": {}, "skipped": [],
+        "size": size,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "runs": args.runs,
+        "fast_size": fast_size,
+        "fast_steps": args.fast_steps,
+        "modes": {},
+        "fast_paths": {},
+        "throughput": {},
+        "controlnets": {},
+        "skipped": [],
     }
     budget = Budget(args.budget_s, report)
-    call = dict(prompt="a lighthouse at dusk", width=size, height=size, num_inference_steps=args.steps,
-                guidance_scale=args.guidance)
+    call = dict(
+        prompt="a lighthouse at dusk",
+        width=size,
+        height=size,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+    )
 
     store = Path(tempfile.mkdtemp(prefix="sdxl-bench-store-"))
     started = time.perf_counter()
@@ -224,15 +296,19 @@ def main() -> None:
     # The baseline: plain diffusers in the dtype the service would use.
     started = time.perf_counter()
     baseline = StableDiffusionXLPipeline.from_pretrained(
-        store, variant=None if args.tiny else "fp16", torch_dtype=placement.dtype, local_files_only=True).to(device)
+        store, variant=None if args.tiny else "fp16", torch_dtype=placement.dtype, local_files_only=True
+    ).to(device)
     synchronize(device)
     load_s = time.perf_counter() - started
     reset_peak(device)
     one = timed(baseline, device, args.runs, **call)
     four = timed(baseline, device, 1, warm_up=False, **call, num_images_per_prompt=4)
-    report["baseline"] = {"load_s": round(load_s, 2), "batch1_p50_s": round(statistics.median(one), 3),
-                          "batch4_images_per_s": round(4 / statistics.median(four), 3),
-                          "peak_bytes": peak_bytes(device)}
+    report["baseline"] = {
+        "load_s": round(load_s, 2),
+        "batch1_p50_s": round(statistics.median(one), 3),
+        "batch4_images_per_s": round(4 / statistics.median(four), 3),
+        "peak_bytes": peak_bytes(device),
+    }
     del baseline
     reset_peak(device)
     save(report, args.out)
@@ -271,10 +347,13 @@ def main() -> None:
         apply_memory_mode(service(), "high", placement)
         save(report, args.out)
 
-    for label, extra in ((f"{size}px_{args.steps}steps_cfg", {}),
-                         (f"{fast_size}px_{args.fast_steps}steps_nocfg",
-                          dict(width=fast_size, height=fast_size, num_inference_steps=args.fast_steps,
-                               guidance_scale=0.0))):
+    for label, extra in (
+        (f"{size}px_{args.steps}steps_cfg", {}),
+        (
+            f"{fast_size}px_{args.fast_steps}steps_nocfg",
+            dict(width=fast_size, height=fast_size, num_inference_steps=args.fast_steps, guidance_scale=0.0),
+        ),
+    ):
         scale = 1 if not extra else (fast_size / size) ** 2 * args.fast_steps / args.steps
         if not budget.allows(f"images/s {label}", 2 * (1 + 2 + 4) * p50 * scale):
             continue
@@ -291,14 +370,16 @@ def main() -> None:
         if not budget.allows(f"{count} ControlNet(s)", (args.runs + 1) * p50 * (1 + count / 2)):
             continue
         controlnet = controlnet or (
-            build_tiny_controlnet() if args.tiny else ControlNetModel.from_unet(service().txt2img.unet)).to(
-            device, placement.dtype)
+            build_tiny_controlnet() if args.tiny else ControlNetModel.from_unet(service().txt2img.unet)
+        ).to(device, placement.dtype)
         reset_peak(device)
         guided = with_controlnets(service(), "txt2img", [controlnet] * count)
         seconds = timed(guided, device, args.runs, **call, image=[edges] * count if count > 1 else edges)
-        report["controlnets"][str(count)] = {"p50_s": round(statistics.median(seconds), 3),
-                                             "peak_bytes": peak_bytes(device),
-                                             "vs_mode_high": round(statistics.median(seconds) / unguided, 2)}
+        report["controlnets"][str(count)] = {
+            "p50_s": round(statistics.median(seconds), 3),
+            "peak_bytes": peak_bytes(device),
+            "vs_mode_high": round(statistics.median(seconds) / unguided, 2),
+        }
         del guided
         save(report, args.out)
 
@@ -307,13 +388,17 @@ def main() -> None:
     print(f"\nwritten to {args.out} and {args.out.with_suffix('.md')}")
 
 
-def mode_figures(report: dict, pipelines, mode: str, placement: Placement, runs: int, call: dict,
-                 warm_up: bool = True) -> None:
+def mode_figures(
+    report: dict, pipelines, mode: str, placement: Placement, runs: int, call: dict, warm_up: bool = True
+) -> None:
     apply_memory_mode(pipelines, mode, placement)
     reset_peak(placement.device)
     seconds = timed(pipelines.txt2img, placement.device, runs, warm_up=warm_up, **call)
-    report["modes"][mode] = {"p50_s": round(statistics.median(seconds), 3), "peak_bytes": peak_bytes(placement.device),
-                             "vs_diffusers": round(report["baseline"]["batch1_p50_s"] / statistics.median(seconds), 2)}
+    report["modes"][mode] = {
+        "p50_s": round(statistics.median(seconds), 3),
+        "peak_bytes": peak_bytes(placement.device),
+        "vs_diffusers": round(report["baseline"]["batch1_p50_s"] / statistics.median(seconds), 2),
+    }
 
 
 def fast_path_figures(store: Path, placement: Placement, name: str, call: dict, runs: int, baseline: dict) -> dict:
@@ -343,9 +428,13 @@ def fast_path_figures(store: Path, placement: Placement, name: str, call: dict, 
     except Exception as exc:  # a setting this card or build cannot run: say so, go on
         print(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    figures = {"load_s": round(load_s, 2), "first_call_s": round(first[0], 2),
-               "batch1_p50_s": round(statistics.median(one), 3),
-               "batch4_images_per_s": round(4 / statistics.median(four), 3), "peak_bytes": peak_bytes(device)}
+    figures = {
+        "load_s": round(load_s, 2),
+        "first_call_s": round(first[0], 2),
+        "batch1_p50_s": round(statistics.median(one), 3),
+        "batch4_images_per_s": round(4 / statistics.median(four), 3),
+        "peak_bytes": peak_bytes(device),
+    }
     figures["batch1_vs_diffusers"] = round(baseline["batch1_p50_s"] / figures["batch1_p50_s"], 2)
     figures["batch4_vs_diffusers"] = round(figures["batch4_images_per_s"] / baseline["batch4_images_per_s"], 2)
     del pipelines
@@ -361,41 +450,68 @@ def save(report: dict, out: Path) -> None:
 
 def tables(report: dict) -> str:
     """The report as the Markdown tables docs/benchmarks.md takes."""
+
     def gib(value: int | None) -> str:
         return f"{value / 2**30:.2f}" if value is not None else "n/a (cpu)"
 
     base = report["baseline"]
-    lines = [f"device: {report['device']}, torch {report['torch']}{' (tiny-sdxl)' if report['tiny'] else ''}; "
-             f"{report['size']}x{report['size']}, {report['steps']} steps, guidance {report['guidance']}, "
-             f"p50 of {report['runs']} after a warm-up (batch 4: one call, warmed up only where it compiles)",
-             f"build and save {report['build_and_save_s']} s; load from the store directory: plain diffusers "
-             f"{base['load_s']} s, service {report.get('load_s', '-')} s",
-             "", "| setup | batch 1 p50 s | vs diffusers | peak GiB |", "| --- | --- | --- | --- |",
-             f"| plain diffusers (batch 4: {base['batch4_images_per_s']} images/s) | {base['batch1_p50_s']} | 1.00x | "
-             f"{gib(base['peak_bytes'])} |"]
-    lines += [f"| service, memory mode {mode}{' (one call, no warm-up)' if mode == 'low' else ''} | {f['p50_s']} | "
-              f"{f['vs_diffusers']}x | {gib(f['peak_bytes'])} |" for mode, f in report["modes"].items()]
+    lines = [
+        f"device: {report['device']}, torch {report['torch']}{' (tiny-sdxl)' if report['tiny'] else ''}; "
+        f"{report['size']}x{report['size']}, {report['steps']} steps, guidance {report['guidance']}, "
+        f"p50 of {report['runs']} after a warm-up (batch 4: one call, warmed up only where it compiles)",
+        f"build and save {report['build_and_save_s']} s; load from the store directory: plain diffusers "
+        f"{base['load_s']} s, service {report.get('load_s', '-')} s",
+        "",
+        "| setup | batch 1 p50 s | vs diffusers | peak GiB |",
+        "| --- | --- | --- | --- |",
+        f"| plain diffusers (batch 4: {base['batch4_images_per_s']} images/s) | {base['batch1_p50_s']} | 1.00x | "
+        f"{gib(base['peak_bytes'])} |",
+    ]
+    lines += [
+        f"| service, memory mode {mode}{' (one call, no warm-up)' if mode == 'low' else ''} | {f['p50_s']} | "
+        f"{f['vs_diffusers']}x | {gib(f['peak_bytes'])} |"
+        for mode, f in report["modes"].items()
+    ]
     if report["fast_paths"]:
-        lines += ["", "Speed settings (service loader, memory mode high; against plain diffusers):", "",
-                  "| setting | load s | first call s | batch 1 p50 s | vs diffusers | batch 4 images/s | vs diffusers "
-                  "| peak GiB |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "Speed settings (service loader, memory mode high; against plain diffusers):",
+            "",
+            "| setting | load s | first call s | batch 1 p50 s | vs diffusers | batch 4 images/s | vs diffusers "
+            "| peak GiB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for name, f in report["fast_paths"].items():
-            lines.append(f"| {name} | failed: {f['error'][:100]} | | | | | | |" if "error" in f else
-                         f"| {name} | {f['load_s']} | {f['first_call_s']} | {f['batch1_p50_s']} | "
-                         f"{f['batch1_vs_diffusers']}x | {f['batch4_images_per_s']} | {f['batch4_vs_diffusers']}x | "
-                         f"{gib(f['peak_bytes'])} |")
+            lines.append(
+                f"| {name} | failed: {f['error'][:100]} | | | | | | |"
+                if "error" in f
+                else f"| {name} | {f['load_s']} | {f['first_call_s']} | {f['batch1_p50_s']} | "
+                f"{f['batch1_vs_diffusers']}x | {f['batch4_images_per_s']} | {f['batch4_vs_diffusers']}x | "
+                f"{gib(f['peak_bytes'])} |"
+            )
     if report["throughput"]:
-        lines += ["", "Images/s (service, memory mode high, one call each):", "",
-                  "| workload | batch | images/s |", "| --- | --- | --- |"]
+        lines += [
+            "",
+            "Images/s (service, memory mode high, one call each):",
+            "",
+            "| workload | batch | images/s |",
+            "| --- | --- | --- |",
+        ]
         for key, value in report["throughput"].items():
             workload, _, batch = key.rpartition("_batch")
             lines.append(f"| {workload} | {batch} | {value} |")
     if report["controlnets"]:
-        lines += ["", "ControlNets (service, memory mode high):", "",
-                  "| ControlNets | p50 s | peak GiB | vs none |", "| --- | --- | --- | --- |"]
-        lines += [f"| {count} | {f['p50_s']} | {gib(f['peak_bytes'])} | {f['vs_mode_high']}x |"
-                  for count, f in report["controlnets"].items()]
+        lines += [
+            "",
+            "ControlNets (service, memory mode high):",
+            "",
+            "| ControlNets | p50 s | peak GiB | vs none |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {count} | {f['p50_s']} | {gib(f['peak_bytes'])} | {f['vs_mode_high']}x |"
+            for count, f in report["controlnets"].items()
+        ]
     if report["skipped"]:
         lines += ["", f"Left out to stay within the time budget: {', '.join(report['skipped'])}."]
     return "\n".join(lines)

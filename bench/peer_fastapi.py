@@ -16,8 +16,14 @@ pipe = StableDiffusionXLPipeline.from_pretrained(os.environ["SDXL_PEER_MODEL"])
 
 @app.post("/generate")
 def generate(body: dict) -> dict:
-    image = pipe(body["prompt"], width=body["width"], height=body["height"], num_inference_steps=body["steps"],
-                 guidance_scale=body["guidance_scale"], generator=torch.Generator().manual_seed(body["seed"])).images[0]
+    image = pipe(
+        body["prompt"],
+        width=body["width"],
+        height=body["height"],
+        num_inference_steps=body["steps"],
+        guidance_scale=body["guidance_scale"],
+        generator=torch.Generator().manual_seed(body["seed"]),
+    ).images[0]
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return {"b64_json": base64.b64encode(buffer.getvalue()).decode()}

@@ -31,8 +31,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
-
 from gpu_sdxl import build_full_sdxl  # noqa: E402
+
 from tests.served import Server  # noqa: E402
 
 GiB = 2**30
@@ -61,8 +61,12 @@ def main() -> None:
         figures["build and save (float16)"] = f"{time.perf_counter() - started:.0f} s"
 
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "models", "import", "sdxl-random", "--from", str(directory)],
-                       cwd=ROOT, check=True, env={**os.environ})
+        subprocess.run(
+            [sys.executable, "-m", "models", "import", "sdxl-random", "--from", str(directory)],
+            cwd=ROOT,
+            check=True,
+            env={**os.environ},
+        )
         figures["python -m models import --from"] = f"{time.perf_counter() - started:.0f} s"
         stored = sum(f.stat().st_size for f in (HOME / "bentoml" / "models").rglob("*") if f.is_file())
         figures["in the store"] = f"{stored / GiB:.2f} GiB"
@@ -71,14 +75,23 @@ def main() -> None:
         try:
             figures["bentoml serve to ready (no warm-up)"] = f"{server.wait_ready(timeout=1800):.0f} s"
             figures["worker RSS, ready"] = f"{worker_rss(server) / GiB:.2f} GiB"
-            answer = httpx.post(f"{server.url}/v1/txt2img", timeout=3600, json={
-                "prompt": "a lighthouse at dusk", "width": args.size, "height": args.size, "steps": args.steps,
-                "seed": 1})
+            answer = httpx.post(
+                f"{server.url}/v1/txt2img",
+                timeout=3600,
+                json={
+                    "prompt": "a lighthouse at dusk",
+                    "width": args.size,
+                    "height": args.size,
+                    "steps": args.steps,
+                    "seed": 1,
+                },
+            )
             answer.raise_for_status()
             timings = answer.json()["timings"]
             figures["first request: model load"] = f"{timings['load_s']:.1f} s"
-            figures[f"first request: {args.size}x{args.size}, {args.steps} steps, guidance"] = \
+            figures[f"first request: {args.size}x{args.size}, {args.steps} steps, guidance"] = (
                 f"{timings['inference_s']:.1f} s"
+            )
             figures["worker RSS, after"] = f"{worker_rss(server) / GiB:.2f} GiB"
             status = httpx.get(f"{server.url}/v1/system/status", timeout=300).json()
             memory = status["memory"]

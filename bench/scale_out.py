@@ -50,9 +50,11 @@ def serve(name: str, env: dict[str, str], folder: Path) -> Server:
 
 def throughput(replicas: list[Server], body: dict, runs: int) -> float:
     """Images per second of `runs` requests from CLIENTS clients, spread over the replicas."""
+
     def one(index: int) -> None:
-        answer = httpx.post(f"{replicas[index % len(replicas)].url}/v1/txt2img", json={**body, "seed": index},
-                            timeout=600)
+        answer = httpx.post(
+            f"{replicas[index % len(replicas)].url}/v1/txt2img", json={**body, "seed": index}, timeout=600
+        )
         answer.raise_for_status()
 
     with ThreadPoolExecutor(CLIENTS) as pool:
@@ -103,23 +105,31 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="sdxl-scale-out-"))
     (folder / "redis").mkdir()
     redis_server = RedisServer(folder / "redis").start()
-    env = {"SDXL_MODELS": "tiny-sdxl", "SDXL_MAX_BATCH": "1", "SDXL_MAX_QUEUE": "256",
-           "OMP_NUM_THREADS": str(args.threads)}
+    env = {
+        "SDXL_MODELS": "tiny-sdxl",
+        "SDXL_MAX_BATCH": "1",
+        "SDXL_MAX_QUEUE": "256",
+        "OMP_NUM_THREADS": str(args.threads),
+    }
     replicas: list[Server] = []
     try:
         for database, count in ((0, 1), (1, 2)):
             fleet_env = {**env, "SDXL_REDIS_URL": f"{redis_server.url[:-2]}/{database}"}
             replicas = [serve(f"fleet{database}-{index}", fleet_env, folder) for index in range(count)]
             rate = throughput(replicas, body, args.runs)
-            print(f"{count} replica(s): {rate:.2f} images/s ({args.runs} requests, {CLIENTS} clients, "
-                  f"{args.size}x{args.size}, {args.steps} steps)")
+            print(
+                f"{count} replica(s): {rate:.2f} images/s ({args.runs} requests, {CLIENTS} clients, "
+                f"{args.size}x{args.size}, {args.steps} steps)"
+            )
             if count == 1:
                 single = rate
             else:
                 print(f"2 replicas vs 1: {rate / single:.2f}x")
                 to_running, to_result = resume_after_kill(replicas)
-                print(f"kill -9 of the replica running a job: running again on the other after {to_running:.1f} s, "
-                      f"its result after {to_result:.1f} s")
+                print(
+                    f"kill -9 of the replica running a job: running again on the other after {to_running:.1f} s, "
+                    f"its result after {to_result:.1f} s"
+                )
             for replica in replicas:
                 replica.stop()
     finally:

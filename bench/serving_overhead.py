@@ -46,8 +46,7 @@ from models.catalog import defaults_for  # noqa: E402
 from models.store import import_tiny  # noqa: E402
 from tests.served import Server, free_port  # noqa: E402
 
-BARE_IMPORTS = ("import torch; from diffusers import StableDiffusionXLPipeline; "
-                "from transformers import CLIPTextModel")
+BARE_IMPORTS = "import torch; from diffusers import StableDiffusionXLPipeline; from transformers import CLIPTextModel"
 
 
 def tree_rss(pid: int) -> int:
@@ -100,8 +99,13 @@ class InProcess:
 
     def __init__(self, part: str, body: dict):
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--part", part, "--body", json.dumps(body)], cwd=ROOT, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            [sys.executable, __file__, "--part", part, "--body", json.dumps(body)],
+            cwd=ROOT,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         self._answer("ready")
 
     def _answer(self, prefix: str) -> str:
@@ -134,6 +138,7 @@ def bare_imports_s() -> float:
 
 def throughput(client: httpx.Client, route: str, body: dict, runs: int, clients: int) -> tuple[float, int]:
     """Images/s and errors of `runs` requests from `clients` concurrent clients."""
+
     def request(index: int) -> bool:
         try:
             return client.post(route, json={**body, "seed": index}).status_code == 200
@@ -153,11 +158,15 @@ class Peer:
         port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "bench.peer_fastapi:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env={**os.environ, "SDXL_PEER_MODEL": tiny_model().path}, stdout=log.open("w"),
-            stderr=subprocess.STDOUT)
+            cwd=ROOT,
+            env={**os.environ, "SDXL_PEER_MODEL": tiny_model().path},
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
         self.body = {**body, "guidance_scale": defaults_for("tiny-sdxl").guidance_scale}
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300,
-                                   limits=httpx.Limits(max_connections=connections))
+        self.client = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", timeout=300, limits=httpx.Limits(max_connections=connections)
+        )
         deadline = time.monotonic() + 180
         while True:
             try:
@@ -185,8 +194,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--clients", type=lambda text: [int(c) for c in text.split(",")], default=[1, 4, 8])
-    parser.add_argument("--max-batch", type=lambda text: [int(b) for b in text.split(",")], default=[1, 4, 8],
-                        help="SDXL_MAX_BATCH values, one served process each")
+    parser.add_argument(
+        "--max-batch",
+        type=lambda text: [int(b) for b in text.split(",")],
+        default=[1, 4, 8],
+        help="SDXL_MAX_BATCH values, one served process each",
+    )
     parser.add_argument("--part", choices=["service", "bare-engine"], help=argparse.SUPPRESS)
     parser.add_argument("--body", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,11 +216,14 @@ def main() -> None:
     rates: dict[tuple[int, int], float] = {}
     cold_starts = []
     for max_batch in args.max_batch:
-        server = Server({"SDXL_MODELS": "tiny-sdxl", "SDXL_MAX_BATCH": str(max_batch)}, logs / f"server-{max_batch}.log")
+        server = Server(
+            {"SDXL_MODELS": "tiny-sdxl", "SDXL_MAX_BATCH": str(max_batch)}, logs / f"server-{max_batch}.log"
+        )
         try:
             cold_starts.append(server.wait_ready())
-            with httpx.Client(base_url=server.url, timeout=300,
-                              limits=httpx.Limits(max_connections=max(args.clients))) as client:
+            with httpx.Client(
+                base_url=server.url, timeout=300, limits=httpx.Limits(max_connections=max(args.clients))
+            ) as client:
                 client.post("/v1/txt2img", json=body).raise_for_status()
                 if max_batch == args.max_batch[0]:
                     service, bare = InProcess("service", body), InProcess("bare-engine", body)
@@ -224,20 +240,23 @@ def main() -> None:
                     bare.close()
                     peer_rate, peer_errors = throughput(peer.client, "/generate", peer.body, args.runs, many)
                     peer.close()
-                    served_p50, service_p50, bare_p50, peer_p50 = map(statistics.median,
-                                                                       (served, in_service, in_bare, by_peer))
-                    figures.update({
-                        "served_p50_s": round(served_p50, 4),
-                        "in_process_p50_s": round(service_p50, 4),
-                        "bare_engine_p50_s": round(bare_p50, 4),
-                        "serving_overhead_ratio": round(served_p50 / service_p50, 3),
-                        "serving_overhead_ms": round((served_p50 - service_p50) * 1000, 1),
-                        "service_thread_vs_bare_engine_ratio": round(service_p50 / bare_p50, 3),
-                        "peer_p50_s": round(peer_p50, 4),
-                        "one_client_speed_vs_peer": round(peer_p50 / served_p50, 3),  # (above 1: faster)
-                        f"peer_images_per_s_{many}_clients": round(peer_rate, 2),
-                        f"peer_errors_{many}_clients": peer_errors,
-                    })
+                    served_p50, service_p50, bare_p50, peer_p50 = map(
+                        statistics.median, (served, in_service, in_bare, by_peer)
+                    )
+                    figures.update(
+                        {
+                            "served_p50_s": round(served_p50, 4),
+                            "in_process_p50_s": round(service_p50, 4),
+                            "bare_engine_p50_s": round(bare_p50, 4),
+                            "serving_overhead_ratio": round(served_p50 / service_p50, 3),
+                            "serving_overhead_ms": round((served_p50 - service_p50) * 1000, 1),
+                            "service_thread_vs_bare_engine_ratio": round(service_p50 / bare_p50, 3),
+                            "peer_p50_s": round(peer_p50, 4),
+                            "one_client_speed_vs_peer": round(peer_p50 / served_p50, 3),  # (above 1: faster)
+                            f"peer_images_per_s_{many}_clients": round(peer_rate, 2),
+                            f"peer_errors_{many}_clients": peer_errors,
+                        }
+                    )
                 for clients in args.clients:
                     rate, errors = throughput(client, "/v1/txt2img", body, args.runs, clients)
                     rates[max_batch, clients] = rate
@@ -246,13 +265,17 @@ def main() -> None:
             figures[f"server_rss_mib_max_batch_{max_batch}"] = round(tree_rss(server.process.pid) / 2**20)
         finally:
             server.stop()
-    figures.update({
-        "bare_imports_s": round(min(imports), 2),
-        "cold_start_s": round(min(cold_starts), 2),
-        "cold_start_over_bare_imports_s": round(min(cold_starts) - min(imports), 2),
-    })
+    figures.update(
+        {
+            "bare_imports_s": round(min(imports), 2),
+            "cold_start_s": round(min(cold_starts), 2),
+            "cold_start_over_bare_imports_s": round(min(cold_starts) - min(imports), 2),
+        }
+    )
     for max_batch in args.max_batch:
-        figures[f"clients_{many}_vs_{few}_max_batch_{max_batch}"] = round(rates[max_batch, many] / rates[max_batch, few], 3)
+        figures[f"clients_{many}_vs_{few}_max_batch_{max_batch}"] = round(
+            rates[max_batch, many] / rates[max_batch, few], 3
+        )
 
     width = max(map(len, figures))
     for name, value in figures.items():

@@ -36,7 +36,6 @@ from PIL import Image  # noqa: E402
 from models.store import import_tiny  # noqa: E402
 from tests.served import Server  # noqa: E402
 
-
 KINDS = ["txt2img", "img2img", "url", "a1111", "job", "cancel", "refused", "unknown-link"]
 
 
@@ -64,8 +63,12 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--kinds", type=lambda text: text.split(","), default=KINDS,
-                        help=f"a comma-separated subset of {','.join(KINDS)}, to find which one grows")
+    parser.add_argument(
+        "--kinds",
+        type=lambda text: text.split(","),
+        default=KINDS,
+        help=f"a comma-separated subset of {','.join(KINDS)}, to find which one grows",
+    )
     args = parser.parse_args()
 
     import_tiny()
@@ -96,8 +99,11 @@ def main() -> int:
             r = client.post("/sdapi/v1/txt2img", json={"prompt": "soak", **small})
             note(kind, r.status_code == 200, r.text)
         elif kind in ("job", "cancel"):
-            body = {"prompt": "soak", **small} if kind == "job" else {"prompt": "soak", "width": 512, "height": 512,
-                                                                      "steps": 30}
+            body = (
+                {"prompt": "soak", **small}
+                if kind == "job"
+                else {"prompt": "soak", "width": 512, "height": 512, "steps": 30}
+            )
             job = client.post("/v1/jobs", json={**body, "preview_every": 2}).json()
             if kind == "cancel":
                 time.sleep(0.2)
@@ -139,11 +145,15 @@ def main() -> int:
 
     after_warmup = [s for s in samples if s[0] >= min(60.0, args.minutes * 60 / 5)]
     second_half = [s for s in samples if s[0] >= args.minutes * 30]
-    print(f"soak: {args.minutes:g} min, {args.clients} clients, {sum(counts.values())} requests "
-          f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})")
-    print(f"worker RSS: {samples[0][1] / 2**20:.0f} -> {samples[-1][1] / 2**20:.0f} MiB; "
-          f"slope after warm-up {slope_mib_per_min(after_warmup):+.2f} MiB/min, "
-          f"second half {slope_mib_per_min(second_half):+.2f} MiB/min")
+    print(
+        f"soak: {args.minutes:g} min, {args.clients} clients, {sum(counts.values())} requests "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
+    )
+    print(
+        f"worker RSS: {samples[0][1] / 2**20:.0f} -> {samples[-1][1] / 2**20:.0f} MiB; "
+        f"slope after warm-up {slope_mib_per_min(after_warmup):+.2f} MiB/min, "
+        f"second half {slope_mib_per_min(second_half):+.2f} MiB/min"
+    )
     print(f"unexpected answers: {len(failures)}")
     for failure in failures[:10]:
         print("  " + failure)

@@ -1,9 +1,9 @@
 """`python -m models`: the SDXL models in the BentoML model store.
 
-    python -m models list
-    python -m models import ID [--from PATH [--config REPO_OR_DIR | --fits MODEL]] [--revision REV] [--force]
-    python -m models remove ID
-    python -m models ensure-default    # what `make serve` runs: a store with at least one model
+python -m models list
+python -m models import ID [--from PATH [--config REPO_OR_DIR | --fits MODEL]] [--revision REV] [--force]
+python -m models remove ID
+python -m models ensure-default    # what `make serve` runs: a store with at least one model
 """
 
 from __future__ import annotations
@@ -27,12 +27,17 @@ from .store import (
 )
 
 DEFAULT_IMPORT = "sdxl-base"
-KIND_LABELS = {"vae": "[VAE, for SDXL_VAE] ", "lora": "[LoRA] ", "controlnet": "[ControlNet] ",
-               "embedding": "[embedding] "}  # in the listing
+KIND_LABELS = {
+    "vae": "[VAE, for SDXL_VAE] ",
+    "lora": "[LoRA] ",
+    "controlnet": "[ControlNet] ",
+    "embedding": "[embedding] ",
+}  # in the listing
 
 
-def _import(model_id: str, source: Path | None, config: str | None, revision: str | None, force: bool,
-            fits: str | None = None) -> None:
+def _import(
+    model_id: str, source: Path | None, config: str | None, revision: str | None, force: bool, fits: str | None = None
+) -> None:
     existing = stored_model(model_id)
     if existing is not None and not force:
         print(f"{model_id} is already in the store as {existing.tag} (use --force for a new version)")
@@ -61,12 +66,14 @@ def _list() -> None:
         description = catalog[model_id].description if model_id in catalog else model.info.labels["source"]
         kind = catalog[model_id].kind if model_id in catalog else model.info.labels.get("sdxl_kind")
         description = KIND_LABELS.get(kind, "") + description
-        rows.append((
-            model_id,
-            str(model.tag) if model else "-",
-            f"{model_size(model) / 2**20:.1f} MiB" if model else "-",
-            description,
-        ))
+        rows.append(
+            (
+                model_id,
+                str(model.tag) if model else "-",
+                f"{model_size(model) / 2**20:.1f} MiB" if model else "-",
+                description,
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
@@ -97,11 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("list", help="catalog entries and what the store holds")
     imp = commands.add_parser("import", help="import a catalog model (hub) or a local one (--from)")
     imp.add_argument("id")
-    imp.add_argument("--from", dest="source", type=Path,
-                     help="a diffusers directory (a pipeline or a ControlNet) or a .safetensors file")
+    imp.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        help="a diffusers directory (a pipeline or a ControlNet) or a .safetensors file",
+    )
     imp.add_argument("--config", help="for a single .safetensors file: the diffusers repo or directory of its configs")
     imp.add_argument("--revision", help="hub branch, tag or commit (default: main)")
-    imp.add_argument("--fits", help="for a LoRA or ControlNet: the stored model whose UNet it was made for (default: SDXL base's)")
+    imp.add_argument(
+        "--fits", help="for a LoRA or ControlNet: the stored model whose UNet it was made for (default: SDXL base's)"
+    )
     imp.add_argument("--force", action="store_true", help="import again even when already stored")
     rm = commands.add_parser("remove", help="delete every stored version of a model")
     rm.add_argument("id")

@@ -15,8 +15,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import bentoml
 
@@ -73,15 +73,23 @@ def remove(model_id: str) -> list[str]:
     return tags
 
 
-def _store(model_id: str, source: str, revision: str, fill: Callable[[Path], None],
-           labels: dict[str, str] | None = None, kind: str = "pipeline") -> bentoml.Model:
+def _store(
+    model_id: str,
+    source: str,
+    revision: str,
+    fill: Callable[[Path], None],
+    labels: dict[str, str] | None = None,
+    kind: str = "pipeline",
+) -> bentoml.Model:
     """Create a BentoML model and let `fill` write the diffusers directory into it; labels say
     where it came from and what it holds (variant, dtype of the stored weights). A failure
     leaves nothing behind in the store."""
     if not ID_PATTERN.match(model_id):
         raise ImportFailed(f"'{model_id}' is not a valid model id: use lowercase letters, digits, '.', '_', '-'")
-    with bentoml.models.create(model_id, labels={"sdxl_id": model_id, "sdxl_kind": kind, "source": source,
-                                                 "revision": revision, **(labels or {})}) as model:
+    with bentoml.models.create(
+        model_id,
+        labels={"sdxl_id": model_id, "sdxl_kind": kind, "source": source, "revision": revision, **(labels or {})},
+    ) as model:
         path = Path(model.path)
         fill(path)
         fp16 = any(path.glob("*.fp16.safetensors")) or any(path.glob("*/*.fp16.safetensors"))
@@ -110,8 +118,14 @@ def _copy_tree(src: Path, dst: Path) -> None:
             _place(file, dst / file.relative_to(src))
 
 
-TINY = ("tiny-sdxl", "tiny-sdxl-refiner", "tiny-sdxl-vae", "tiny-sdxl-lora", "tiny-sdxl-controlnet",
-        "tiny-sdxl-embedding")  # built locally
+TINY = (
+    "tiny-sdxl",
+    "tiny-sdxl-refiner",
+    "tiny-sdxl-vae",
+    "tiny-sdxl-lora",
+    "tiny-sdxl-controlnet",
+    "tiny-sdxl-embedding",
+)  # built locally
 
 
 def import_tiny(model_id: str = "tiny-sdxl") -> bentoml.Model:
@@ -128,20 +142,35 @@ def import_tiny(model_id: str = "tiny-sdxl") -> bentoml.Model:
 
     source = "generated:models/tiny.py"
     if model_id == "tiny-sdxl":
-        return _store(model_id, source, "1", lambda path: build_tiny_sdxl().save_pretrained(path, safe_serialization=True))
+        return _store(
+            model_id, source, "1", lambda path: build_tiny_sdxl().save_pretrained(path, safe_serialization=True)
+        )
     if model_id == "tiny-sdxl-refiner":
-        return _store(model_id, source, "1",
-                      lambda path: build_tiny_refiner().save_pretrained(path, safe_serialization=True))
+        return _store(
+            model_id, source, "1", lambda path: build_tiny_refiner().save_pretrained(path, safe_serialization=True)
+        )
     if model_id == "tiny-sdxl-vae":
-        return _store(model_id, source, "1",
-                      lambda path: build_tiny_vae(seed=SEED + 1).save_pretrained(path, safe_serialization=True), kind="vae")
+        return _store(
+            model_id,
+            source,
+            "1",
+            lambda path: build_tiny_vae(seed=SEED + 1).save_pretrained(path, safe_serialization=True),
+            kind="vae",
+        )
     if model_id == "tiny-sdxl-controlnet":  # (a ControlNet's config holds the widths of the UNet it was made from)
         controlnet = build_tiny_controlnet()
-        return _store(model_id, source, "1", lambda path: controlnet.save_pretrained(path, safe_serialization=True),
-                      {"fits": unet_signature(controlnet.config)}, kind="controlnet")
+        return _store(
+            model_id,
+            source,
+            "1",
+            lambda path: controlnet.save_pretrained(path, safe_serialization=True),
+            {"fits": unet_signature(controlnet.config)},
+            kind="controlnet",
+        )
     if model_id == "tiny-sdxl-embedding":
-        return _store(model_id, source, "1", save_tiny_embedding, {"fits": f"{TEXT_HIDDEN}+{TEXT_HIDDEN}"},
-                      kind="embedding")
+        return _store(
+            model_id, source, "1", save_tiny_embedding, {"fits": f"{TEXT_HIDDEN}+{TEXT_HIDDEN}"}, kind="embedding"
+        )
     fits = unet_signature(build_tiny_sdxl().unet.config)
     return _store(model_id, source, "1", save_tiny_lora, {"fits": fits}, kind="lora")
 
@@ -157,24 +186,44 @@ def import_from_path(model_id: str, path: Path, config: str | None = None, fits:
     `ControlNetModel`); a single-file `.safetensors` SDXL checkpoint (converted to the diffusers
     layout; `config` names the diffusers repo or directory whose configs it follows); a LoRA
     `.safetensors` (diffusers/PEFT or kohya/A1111 keys); or an SDXL textual-inversion embedding
-    (`clip_l` and `clip_g`, fitting the models whose text encoders have their widths). LoRAs and ControlNets fit SDXL base's
-    architecture unless `fits` names a stored model whose UNet they were made for."""
+    (`clip_l` and `clip_g`, fitting the models whose text encoders have their widths). LoRAs and
+    ControlNets fit SDXL base's architecture unless `fits` names a stored model whose UNet they
+    were made for."""
     path = path.expanduser().resolve()
     if path.is_dir():
         if _class_name(path / "config.json") == "ControlNetModel":
-            return _store(model_id, f"local:{path}", "-", lambda dst: _copy_tree(path, dst), {"fits": _fits(fits)},
-                          kind="controlnet")
+            return _store(
+                model_id,
+                f"local:{path}",
+                "-",
+                lambda dst: _copy_tree(path, dst),
+                {"fits": _fits(fits)},
+                kind="controlnet",
+            )
         if not (path / "model_index.json").is_file():
-            raise ImportFailed(f"{path} is not a diffusers directory (no model_index.json, nor a ControlNet's "
-                               f"config.json)")
+            raise ImportFailed(
+                f"{path} is not a diffusers directory (no model_index.json, nor a ControlNet's config.json)"
+            )
         return _store(model_id, f"local:{path}", "-", lambda dst: _copy_tree(path, dst))
     if path.is_file() and path.suffix == ".safetensors":
         if (widths := file_signature(path)) is not None:
-            return _store(model_id, f"local:{path}", "-", lambda dst: _place(path, dst / EMBEDDING_FILE),
-                          {"fits": widths}, kind="embedding")
+            return _store(
+                model_id,
+                f"local:{path}",
+                "-",
+                lambda dst: _place(path, dst / EMBEDDING_FILE),
+                {"fits": widths},
+                kind="embedding",
+            )
         if is_lora(path):
-            return _store(model_id, f"local:{path}", "-", lambda dst: _place(path, dst / LORA_FILE),
-                          {"fits": _fits(fits)}, kind="lora")
+            return _store(
+                model_id,
+                f"local:{path}",
+                "-",
+                lambda dst: _place(path, dst / LORA_FILE),
+                {"fits": _fits(fits)},
+                kind="lora",
+            )
         return _store(model_id, f"local:{path}", "-", lambda dst: _convert_single_file(path, dst, config))
     raise ImportFailed(f"{path} is neither a diffusers directory nor a .safetensors file")
 
@@ -228,8 +277,11 @@ def select_files(repo_files: list[str], model_index: dict) -> list[str]:
 def select_component_files(repo_files: list[str]) -> list[str]:
     """A component repository (a VAE, a ControlNet): its config and its diffusers weights at the top, fp16
     when the repo has them; never the single-file checkpoints beside them."""
-    weights = [f for f in repo_files if "/" not in f and f.startswith("diffusion_pytorch_model") and
-               f.endswith(WEIGHT_SUFFIXES)]
+    weights = [
+        f
+        for f in repo_files
+        if "/" not in f and f.startswith("diffusion_pytorch_model") and f.endswith(WEIGHT_SUFFIXES)
+    ]
     fp16 = [f for f in weights if ".fp16." in f]
     return ["config.json", *(fp16 or weights)]
 
@@ -237,9 +289,7 @@ def select_component_files(repo_files: list[str]) -> list[str]:
 def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml.Model:
     """Download only what the pipeline needs into the HF cache (resumable, with progress
     bars), then place it in the new model."""
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-
-    from huggingface_hub import constants
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 
     if entry.repo is None:
         raise ImportFailed(f"{entry.id} is not downloaded: it is built locally")
@@ -251,8 +301,13 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
             info = HfApi().model_info(entry.repo, revision=revision)
             sha, repo_files = info.sha, [s.rfilename for s in info.siblings]
         if entry.kind == "pipeline":
-            model_index = json.loads(Path(hf_hub_download(entry.repo, "model_index.json", revision=sha,
-                                                          local_files_only=constants.HF_HUB_OFFLINE)).read_text())
+            model_index = json.loads(
+                Path(
+                    hf_hub_download(
+                        entry.repo, "model_index.json", revision=sha, local_files_only=constants.HF_HUB_OFFLINE
+                    )
+                ).read_text()
+            )
             wanted = select_files(repo_files, model_index)
         elif entry.kind in ("lora", "embedding"):
             wanted = [entry.weights]
@@ -260,8 +315,11 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
             wanted = select_component_files(repo_files)
         if entry.unet:
             wanted = [f for f in wanted if not (f.startswith("unet/") and ".safetensors" in f)]
-        snapshot = Path(snapshot_download(entry.repo, revision=sha, allow_patterns=wanted,
-                                          local_files_only=constants.HF_HUB_OFFLINE))
+        snapshot = Path(
+            snapshot_download(
+                entry.repo, revision=sha, allow_patterns=wanted, local_files_only=constants.HF_HUB_OFFLINE
+            )
+        )
         unet_file = Path(hf_hub_download(entry.unet[0], entry.unet[1])) if entry.unet else None
     except ImportFailed:
         raise

@@ -32,7 +32,9 @@ SEED = 0
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP's byte-to-character table (from the GPT-2 BPE), so any text tokenizes."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for byte in range(256):
@@ -168,10 +170,12 @@ def save_tiny_lora(path: Path, seed: int = SEED + 2) -> None:
 
     unet = build_tiny_sdxl().unet
     torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                init_lora_weights=False))
-    StableDiffusionXLPipeline.save_lora_weights(path, unet_lora_layers=get_peft_model_state_dict(unet),
-                                                safe_serialization=True)
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    )
+    StableDiffusionXLPipeline.save_lora_weights(
+        path, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True
+    )
 
 
 def save_tiny_embedding(path: Path, seed: int = SEED + 5) -> None:
@@ -182,8 +186,10 @@ def save_tiny_embedding(path: Path, seed: int = SEED + 5) -> None:
     from backends.sdxl_backend.embeddings import EMBEDDING_FILE
 
     generator = torch.Generator().manual_seed(seed)
-    save_file({key: torch.randn(2, TEXT_HIDDEN, generator=generator) for key in ("clip_l", "clip_g")},
-              str(path / EMBEDDING_FILE))
+    save_file(
+        {key: torch.randn(2, TEXT_HIDDEN, generator=generator) for key in ("clip_l", "clip_g")},
+        str(path / EMBEDDING_FILE),
+    )
 
 
 def build_tiny_controlnet(seed: int = SEED + 4) -> ControlNetModel:

@@ -26,15 +26,21 @@ from tests.served import RedisServer, Server  # noqa: E402
 
 
 def pytest_addoption(parser):
-    parser.addoption("--busy", type=int, default=0, metavar="N",
-                     help="keep N CPU busy loops running for the whole session (the busy-machine check)")
+    parser.addoption(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep N CPU busy loops running for the whole session (the busy-machine check)",
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
 def busy_machine(request):
     """`--busy N`: the suite shares the machine with N busy loops, as on a loaded CI runner."""
-    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-             for _ in range(request.config.getoption("--busy"))]
+    loops = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(request.config.getoption("--busy"))
+    ]
     yield len(loops)
     for loop in loops:
         loop.kill()
@@ -118,8 +124,10 @@ def server(serve):
 @pytest.fixture(scope="session")
 def jobs_server(serve):
     """A short queue (2 waiting), a 3 s request timeout, finished jobs kept 10 s."""
-    return serve("jobs", {"SDXL_MODELS": "tiny-sdxl", "SDXL_MAX_QUEUE": "2", "SDXL_TIMEOUT_SECONDS": "3",
-                          "SDXL_JOB_TTL_SECONDS": "10"})
+    return serve(
+        "jobs",
+        {"SDXL_MODELS": "tiny-sdxl", "SDXL_MAX_QUEUE": "2", "SDXL_TIMEOUT_SECONDS": "3", "SDXL_JOB_TTL_SECONDS": "10"},
+    )
 
 
 # The keys `guarded` accepts; the first is the one the tests mostly present.
@@ -132,15 +140,18 @@ def guarded(serve, tmp_path_factory):
     image links that expire in 3 s, a 200 kB body limit, room for one event stream."""
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text("\n".join(GUARD_KEYS) + "\n")
-    return serve("guarded", {
-        "SDXL_MODELS": "tiny-sdxl",
-        "SDXL_API_KEYS": str(keys),
-        "SDXL_CORS_ORIGINS": "http://gallery.local",
-        "SDXL_IMAGE_URL_TTL_SECONDS": "3",
-        "SDXL_MAX_BODY_BYTES": "200000",
-        "SDXL_MAX_EVENT_STREAMS": "1",
-        "SDXL_WARMUP": "false",
-    })
+    return serve(
+        "guarded",
+        {
+            "SDXL_MODELS": "tiny-sdxl",
+            "SDXL_API_KEYS": str(keys),
+            "SDXL_CORS_ORIGINS": "http://gallery.local",
+            "SDXL_IMAGE_URL_TTL_SECONDS": "3",
+            "SDXL_MAX_BODY_BYTES": "200000",
+            "SDXL_MAX_EVENT_STREAMS": "1",
+            "SDXL_WARMUP": "false",
+        },
+    )
 
 
 def pytest_collection_modifyitems(items):

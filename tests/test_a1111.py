@@ -18,15 +18,50 @@ from tests.conftest import pixels, png_bytes
 
 # What A1111 clients send: every field, most of them at A1111's defaults.
 A1111_DEFAULTS = {
-    "prompt": "a misty forest", "negative_prompt": "", "styles": [], "seed": -1, "subseed": -1,
-    "subseed_strength": 0, "seed_resize_from_h": -1, "seed_resize_from_w": -1, "sampler_name": "Euler a",
-    "scheduler": "Automatic", "batch_size": 1, "n_iter": 1, "steps": 4, "cfg_scale": 7, "width": 64, "height": 64,
-    "restore_faces": False, "tiling": False, "do_not_save_samples": False, "do_not_save_grid": False, "eta": None,
-    "denoising_strength": 0, "s_min_uncond": 0, "s_churn": 0, "s_tmax": None, "s_tmin": 0, "s_noise": 1,
-    "override_settings": {}, "override_settings_restore_afterwards": True, "refiner_checkpoint": None,
-    "disable_extra_networks": False, "comments": {}, "enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent",
-    "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0, "sampler_index": "Euler", "script_name": None,
-    "script_args": [], "send_images": True, "save_images": False, "alwayson_scripts": {},
+    "prompt": "a misty forest",
+    "negative_prompt": "",
+    "styles": [],
+    "seed": -1,
+    "subseed": -1,
+    "subseed_strength": 0,
+    "seed_resize_from_h": -1,
+    "seed_resize_from_w": -1,
+    "sampler_name": "Euler a",
+    "scheduler": "Automatic",
+    "batch_size": 1,
+    "n_iter": 1,
+    "steps": 4,
+    "cfg_scale": 7,
+    "width": 64,
+    "height": 64,
+    "restore_faces": False,
+    "tiling": False,
+    "do_not_save_samples": False,
+    "do_not_save_grid": False,
+    "eta": None,
+    "denoising_strength": 0,
+    "s_min_uncond": 0,
+    "s_churn": 0,
+    "s_tmax": None,
+    "s_tmin": 0,
+    "s_noise": 1,
+    "override_settings": {},
+    "override_settings_restore_afterwards": True,
+    "refiner_checkpoint": None,
+    "disable_extra_networks": False,
+    "comments": {},
+    "enable_hr": False,
+    "hr_scale": 2,
+    "hr_upscaler": "Latent",
+    "hr_second_pass_steps": 0,
+    "hr_resize_x": 0,
+    "hr_resize_y": 0,
+    "sampler_index": "Euler",
+    "script_name": None,
+    "script_args": [],
+    "send_images": True,
+    "save_images": False,
+    "alwayson_scripts": {},
 }
 
 
@@ -35,8 +70,11 @@ def sdapi(server, route: str, body: dict, timeout: float = 300) -> httpx.Respons
 
 
 def test_txt2img_with_a_full_a1111_body(server):
-    response = sdapi(server, "txt2img", {**A1111_DEFAULTS, "seed": 5, "batch_size": 2,
-                                         "sampler_name": "DPM++ 2M", "scheduler": "Karras"})
+    response = sdapi(
+        server,
+        "txt2img",
+        {**A1111_DEFAULTS, "seed": 5, "batch_size": 2, "sampler_name": "DPM++ 2M", "scheduler": "Karras"},
+    )
     assert response.status_code == 200, response.text[:500]
     answer = response.json()
     images = [Image.open(io.BytesIO(base64.b64decode(b64))) for b64 in answer["images"]]
@@ -44,14 +82,24 @@ def test_txt2img_with_a_full_a1111_body(server):
     info = json.loads(answer["info"])
     assert info["all_seeds"] == [5, 6] and info["sampler_name"] == "DPM++ 2M Karras" and info["steps"] == 4
     assert answer["parameters"]["prompt"] == "a misty forest"
-    again = sdapi(server, "txt2img", {**A1111_DEFAULTS, "seed": 5, "batch_size": 2,
-                                      "sampler_name": "DPM++ 2M", "scheduler": "Karras"}).json()
+    again = sdapi(
+        server,
+        "txt2img",
+        {**A1111_DEFAULTS, "seed": 5, "batch_size": 2, "sampler_name": "DPM++ 2M", "scheduler": "Karras"},
+    ).json()
     assert pixels(base64.b64decode(again["images"][0])) == pixels(base64.b64decode(answer["images"][0]))
 
 
 def test_random_seed_model_override_and_sampler_aliases(server):
-    answer = sdapi(server, "txt2img", {**A1111_DEFAULTS, "sampler_name": "k_euler",
-                                       "override_settings": {"sd_model_checkpoint": "sdxl-realism [abc123]"}}).json()
+    answer = sdapi(
+        server,
+        "txt2img",
+        {
+            **A1111_DEFAULTS,
+            "sampler_name": "k_euler",
+            "override_settings": {"sd_model_checkpoint": "sdxl-realism [abc123]"},
+        },
+    ).json()
     info = json.loads(answer["info"])
     assert 0 <= info["seed"] <= 2**32 - 1 and info["sd_model_name"] == "tiny-sdxl" and info["sampler_name"] == "Euler"
 
@@ -67,22 +115,25 @@ def test_img2img(server):
     assert json.loads(light.json()["info"])["denoising_strength"] == 0.3
 
 
-@pytest.mark.parametrize(("route", "change", "param"), [
-    ("txt2img", {"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
-    ("txt2img", {"enable_hr": True, "hr_sampler_name": "DDIM"}, "hr_sampler_name"),
-    ("txt2img", {"restore_faces": True}, "restore_faces"),
-    ("txt2img", {"alwayson_scripts": {"ADetailer": {"args": [True]}}}, "alwayson_scripts.adetailer"),
-    ("txt2img", {"scheduler": "Exponential"}, "scheduler"),
-    ("txt2img", {"eta": 0.5}, "eta"),  # Euler a runs at eta 1.0 only
-    ("txt2img", {"sampler_name": "", "sampler_index": "Warp Drive"}, "sampler_index"),
-    ("txt2img", {"sampler_name": "Warp Drive"}, "sampler_name"),
-    ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings"),
-    ("txt2img", {"init_images": [base64.b64encode(png_bytes()).decode()]}, "init_images"),
-    ("txt2img", {"width": 100}, "width"),
-    ("img2img", {}, "init_images"),
-    ("img2img", {"init_images": [base64.b64encode(png_bytes()).decode()]}, "denoising_strength"),
-    ("img2img", {"init_images": ["%%%"]}, "init_images.0"),
-])
+@pytest.mark.parametrize(
+    ("route", "change", "param"),
+    [
+        ("txt2img", {"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+        ("txt2img", {"enable_hr": True, "hr_sampler_name": "DDIM"}, "hr_sampler_name"),
+        ("txt2img", {"restore_faces": True}, "restore_faces"),
+        ("txt2img", {"alwayson_scripts": {"ADetailer": {"args": [True]}}}, "alwayson_scripts.adetailer"),
+        ("txt2img", {"scheduler": "Exponential"}, "scheduler"),
+        ("txt2img", {"eta": 0.5}, "eta"),  # Euler a runs at eta 1.0 only
+        ("txt2img", {"sampler_name": "", "sampler_index": "Warp Drive"}, "sampler_index"),
+        ("txt2img", {"sampler_name": "Warp Drive"}, "sampler_name"),
+        ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings"),
+        ("txt2img", {"init_images": [base64.b64encode(png_bytes()).decode()]}, "init_images"),
+        ("txt2img", {"width": 100}, "width"),
+        ("img2img", {}, "init_images"),
+        ("img2img", {"init_images": [base64.b64encode(png_bytes()).decode()]}, "denoising_strength"),
+        ("img2img", {"init_images": ["%%%"]}, "init_images.0"),
+    ],
+)
 def test_options_that_are_on_are_refused_by_name(server, route, change, param):
     response = sdapi(server, route, {**A1111_DEFAULTS, **change})
     assert response.status_code == 400, response.text[:500]
@@ -98,6 +149,7 @@ def test_models_samplers_options(server):
 
 
 # --- webuiapi, the most used A1111 client, on its defaults --------------------------------------
+
 
 @pytest.fixture
 def api(server):
@@ -118,8 +170,10 @@ def test_webuiapi_txt2img_and_img2img_on_its_defaults(api):
 def test_webuiapi_batches_n_iter_and_eta_where_a1111_takes_it(api):
     batches = api.txt2img(prompt="x", width=64, height=64, seed=3, batch_size=2, n_iter=2)
     assert len(batches.images) == 4 and batches.info["all_seeds"] == [3, 4, 5, 6]
-    ddim = {eta: api.txt2img(prompt="x", width=64, height=64, seed=3, sampler_name="DDIM", eta=eta).image.tobytes()
-            for eta in (0.0, 1.0)}
+    ddim = {
+        eta: api.txt2img(prompt="x", width=64, height=64, seed=3, sampler_name="DDIM", eta=eta).image.tobytes()
+        for eta in (0.0, 1.0)
+    }
     assert ddim[0.0] != ddim[1.0]  # DDIM's eta is honoured
     with pytest.raises(RuntimeError, match="400"):
         api.txt2img(prompt="x", width=64, height=64, eta=0.3)  # Euler a: eta 1.0 only, said so
@@ -136,13 +190,20 @@ def test_webuiapi_png_info_reads_back_the_parameters(api):
 
 def test_webuiapi_listings_options_and_skip(api):
     assert api.get_scripts() == {"txt2img": [], "img2img": []}  # its constructor probes this
-    for listing in ("get_loras", "get_sd_vae", "get_hypernetworks", "get_face_restorers", "get_realesrgan_models",
-                    "get_prompt_styles"):
+    for listing in (
+        "get_loras",
+        "get_sd_vae",
+        "get_hypernetworks",
+        "get_face_restorers",
+        "get_realesrgan_models",
+        "get_prompt_styles",
+    ):
         assert getattr(api, listing)() == [], listing
     assert [u["name"] for u in api.get_upscalers()] == ["Lanczos"]  # what the hires fix has
     assert [m["name"] for m in api.get_latent_upscale_modes()] == ["Latent"]
-    served = {e["id"] for e in httpx.get(f"{api.baseurl.removesuffix('/sdapi/v1')}/v1/embeddings", timeout=300)
-              .json()["data"]}
+    served = {
+        e["id"] for e in httpx.get(f"{api.baseurl.removesuffix('/sdapi/v1')}/v1/embeddings", timeout=300).json()["data"]
+    }
     assert set(api.get_embeddings()["loaded"]) == served and api.get_cmd_flags() == {}  # (see test_embeddings)
     assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
     assert api.get_memory()["ram"]["total"] > 0
@@ -165,8 +226,16 @@ def test_webuiapi_inpainting_on_its_defaults(api):
     mask = Image.new("L", (128, 128), 0)
     ImageDraw.Draw(mask).rectangle((40, 40, 87, 87), fill=255)
     for extra in ({}, {"inpaint_full_res": False, "inpainting_fill": 1}):
-        result = api.img2img(images=[image], mask_image=mask, prompt="a stone", width=128, height=128, seed=1,
-                             denoising_strength=0.9, **extra)
+        result = api.img2img(
+            images=[image],
+            mask_image=mask,
+            prompt="a stone",
+            width=128,
+            height=128,
+            seed=1,
+            denoising_strength=0.9,
+            **extra,
+        )
         out = result.image.convert("RGB")
         assert out.size == (128, 128)
         for corner in ((2, 2), (125, 2), (2, 125), (125, 125)):
@@ -178,12 +247,21 @@ def test_webuiapi_inpainting_on_its_defaults(api):
 
 @pytest.mark.parametrize("upscaler", [webuiapi.HiResUpscaler.Latent, webuiapi.HiResUpscaler.Lanczos])
 def test_webuiapi_hires_fix(api, upscaler):
-    result = api.txt2img(prompt="a castle", width=64, height=64, seed=2, enable_hr=True, hr_scale=2,
-                         hr_upscaler=upscaler, denoising_strength=0.5)
+    result = api.txt2img(
+        prompt="a castle",
+        width=64,
+        height=64,
+        seed=2,
+        enable_hr=True,
+        hr_scale=2,
+        hr_upscaler=upscaler,
+        denoising_strength=0.5,
+    )
     assert result.image.size == (128, 128)
     assert f"Hires resize: 128x128, Hires steps: 4, Hires upscaler: {upscaler.value}" in result.image.info["parameters"]
-    sized = api.txt2img(prompt="a castle", width=64, height=64, enable_hr=True, hr_resize_x=96, hr_resize_y=128,
-                        hr_second_pass_steps=2)
+    sized = api.txt2img(
+        prompt="a castle", width=64, height=64, enable_hr=True, hr_resize_x=96, hr_resize_y=128, hr_second_pass_steps=2
+    )
     assert sized.image.size == (96, 128)
 
 
@@ -191,8 +269,9 @@ def test_webuiapi_progress_and_interrupt_keep_the_image_as_it_stood(api, server)
     idle = api.get_progress()
     assert idle["progress"] == 0.0 and idle["state"]["job_count"] == 0
     answers = []
-    worker = threading.Thread(target=lambda: answers.append(
-        api.txt2img(prompt="a slow one", width=1024, height=1024, steps=30)))
+    worker = threading.Thread(
+        target=lambda: answers.append(api.txt2img(prompt="a slow one", width=1024, height=1024, steps=30))
+    )
     worker.start()
     deadline, seen = time.monotonic() + 300, None
     while time.monotonic() < deadline:
@@ -215,9 +294,13 @@ def test_webuiapi_emphasis_and_long_prompts_are_read_as_a1111_reads_them(api):
     emphasised = api.txt2img(prompt=long, negative_prompt="(lowres:1.2)", width=64, height=64, seed=4)
     reading = emphasised.info["prompt_reading"]
     assert reading["prompt"]["chunks"] >= 3 and reading["negative_prompt"] == {"tokens": len("lowres"), "chunks": 1}
-    same_text_plain = api.txt2img(prompt=long.replace("(", "").replace(")", "").replace(":1.3", "")
-                                  .replace("[", "").replace("]", ""), negative_prompt="lowres", width=64, height=64,
-                                  seed=4)
+    same_text_plain = api.txt2img(
+        prompt=long.replace("(", "").replace(")", "").replace(":1.3", "").replace("[", "").replace("]", ""),
+        negative_prompt="lowres",
+        width=64,
+        height=64,
+        seed=4,
+    )
     assert emphasised.image.tobytes() != same_text_plain.image.tobytes()
     assert emphasised.info["prompt"] == long  # the prompt as written
     with pytest.raises(RuntimeError, match="400"):  # prompt editing: refused by name, never read as text

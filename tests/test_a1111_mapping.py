@@ -18,8 +18,18 @@ def mapped(img2img: bool = False, **fields) -> GenerationRequest:
 
 
 def test_the_common_fields_map_to_the_native_request():
-    request = mapped(sampler_name="DPM++ 2M", scheduler="Karras", seed=-1, batch_size=2, n_iter=3, cfg_scale=6.5,
-                     steps=12, width=512, height=768, override_settings={"sd_model_checkpoint": "tiny-sdxl [abc123]"})
+    request = mapped(
+        sampler_name="DPM++ 2M",
+        scheduler="Karras",
+        seed=-1,
+        batch_size=2,
+        n_iter=3,
+        cfg_scale=6.5,
+        steps=12,
+        width=512,
+        height=768,
+        override_settings={"sd_model_checkpoint": "tiny-sdxl [abc123]"},
+    )
     assert request.scheduler == "dpmpp_2m_karras" and request.seed is None and request.n == 6
     assert (request.guidance_scale, request.steps, request.width, request.height) == (6.5, 12, 512, 768)
     assert request.model == "tiny-sdxl"  # the name in an A1111 title, "name [hash]"
@@ -37,16 +47,19 @@ def test_lora_tags_leave_the_prompt_and_become_loras():
     assert refused.value.param == "prompt"
 
 
-@pytest.mark.parametrize(("fields", "param"), [
-    ({"restore_faces": True}, "restore_faces"),
-    ({"subseed": 42}, "subseed"),
-    ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings"),
-    ({"sampler_name": "Unheard Of"}, "sampler_name"),
-    ({"scheduler": "Exponential"}, "scheduler"),
-    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
-    ({"alwayson_scripts": {"ADetailer": {"args": [{}]}}}, "alwayson_scripts.adetailer"),
-    ({"sampler_name": "Euler a", "eta": 0.5}, "eta"),
-])
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"restore_faces": True}, "restore_faces"),
+        ({"subseed": 42}, "subseed"),
+        ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings"),
+        ({"sampler_name": "Unheard Of"}, "sampler_name"),
+        ({"scheduler": "Exponential"}, "scheduler"),
+        ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+        ({"alwayson_scripts": {"ADetailer": {"args": [{}]}}}, "alwayson_scripts.adetailer"),
+        ({"sampler_name": "Euler a", "eta": 0.5}, "eta"),
+    ],
+)
 def test_a_field_turned_on_that_this_server_does_not_do_is_refused_by_name(fields, param):
     with pytest.raises(InvalidRequest) as refused:
         mapped(**fields)
@@ -54,18 +67,27 @@ def test_a_field_turned_on_that_this_server_does_not_do_is_refused_by_name(field
 
 
 def test_fields_at_their_a1111_defaults_pass():
-    request = mapped(subseed=-1, restore_faces=False, s_noise=1.0, resize_mode=0, styles=[], script_name="",
-                     alwayson_scripts={"controlnet": {"args": []}})
+    request = mapped(
+        subseed=-1,
+        restore_faces=False,
+        s_noise=1.0,
+        resize_mode=0,
+        styles=[],
+        script_name="",
+        alwayson_scripts={"controlnet": {"args": []}},
+    )
     assert request.prompt == "a fox" and request.controlnets == []
 
 
 def test_hires_fix_and_img2img_inpainting():
-    hires = mapped(enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos", denoising_strength=0.4,
-                   hr_second_pass_steps=5).hires_fix
+    hires = mapped(
+        enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos", denoising_strength=0.4, hr_second_pass_steps=5
+    ).hires_fix
     assert (hires.scale, hires.upscaler, hires.strength, hires.steps) == (1.5, "lanczos", 0.4, 5)
     assert mapped(True, init_images=[TINY_PNG], enable_hr=True).hires_fix is None  # A1111's img2img ignores it
-    inpaint = mapped(True, init_images=[TINY_PNG], mask=TINY_PNG, inpainting_fill=1, inpainting_mask_invert=1,
-                     denoising_strength=0.5)
+    inpaint = mapped(
+        True, init_images=[TINY_PNG], mask=TINY_PNG, inpainting_fill=1, inpainting_mask_invert=1, denoising_strength=0.5
+    )
     assert inpaint.masked_content == "original" and inpaint.mask_invert and inpaint.strength == 0.5
     with pytest.raises(InvalidRequest) as refused:
         mapped(mask=TINY_PNG)
@@ -76,11 +98,22 @@ def test_hires_fix_and_img2img_inpainting():
 
 
 def test_a_controlnet_unit_maps_as_the_extension_means_it():
-    unit = {"module": "canny", "model": "tiny-controlnet [0a1b]", "weight": 0.8, "resize_mode": "Just Resize",
-            "control_mode": "ControlNet is more important", "threshold_a": -1, "threshold_b": 180}
+    unit = {
+        "module": "canny",
+        "model": "tiny-controlnet [0a1b]",
+        "weight": 0.8,
+        "resize_mode": "Just Resize",
+        "control_mode": "ControlNet is more important",
+        "threshold_a": -1,
+        "threshold_b": 180,
+    }
     (control,) = mapped(True, init_images=[TINY_PNG], alwayson_scripts={"ControlNet": {"args": [unit]}}).controlnets
-    assert (control.id, control.scale, control.resize_mode, control.guess_mode) == ("tiny-controlnet", 0.8,
-                                                                                     "stretch", True)
+    assert (control.id, control.scale, control.resize_mode, control.guess_mode) == (
+        "tiny-controlnet",
+        0.8,
+        "stretch",
+        True,
+    )
     assert (control.low_threshold, control.high_threshold) == (100, 180)  # -1: the extension's default
     assert control.image  # img2img without a unit image: the input image
     with pytest.raises(InvalidRequest) as refused:
@@ -94,8 +127,16 @@ def test_progress_when_nothing_runs():
 
 
 def test_the_parameters_text_is_read_back_as_it_was_written():
-    request = GenerationRequest(prompt="a fox, in snow", negative_prompt="blurry", steps=12, width=512, height=768,
-                                guidance_scale=6.5, scheduler="euler_a", model="tiny-sdxl")
+    request = GenerationRequest(
+        prompt="a fox, in snow",
+        negative_prompt="blurry",
+        steps=12,
+        width=512,
+        height=768,
+        guidance_scale=6.5,
+        scheduler="euler_a",
+        model="tiny-sdxl",
+    )
     text = infotext.write(request, 1234, img2img=False, inpainting=False)
     parsed = infotext.parse(text)
     assert parsed["Prompt"] == "a fox, in snow" and parsed["Negative prompt"] == "blurry"

@@ -10,7 +10,14 @@ from PIL import Image, ImageDraw
 
 from backends.sdxl_backend.device import select_placement
 from backends.sdxl_backend.engine import Engine
-from backends.sdxl_backend.errors import BackendError, Cancelled, InvalidImage, InvalidRequest, PayloadTooLarge, UnknownModel
+from backends.sdxl_backend.errors import (
+    BackendError,
+    Cancelled,
+    InvalidImage,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnknownModel,
+)
 from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.model_manager import ModelManager, ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
@@ -75,9 +82,11 @@ def counting_calls(engine: Engine, monkeypatch) -> list[int]:
 
 
 def test_a_batch_is_one_call_and_each_request_keeps_its_seeds_and_pixels(engine, monkeypatch):
-    requests = [GenerationRequest(prompt="a red fox", seed=7, steps=4),
-                GenerationRequest(prompt="a blue bird", seed=8, n=2, steps=4, output_format="jpeg"),
-                GenerationRequest(prompt="a green tree", seed=9, steps=4)]
+    requests = [
+        GenerationRequest(prompt="a red fox", seed=7, steps=4),
+        GenerationRequest(prompt="a blue bird", seed=8, n=2, steps=4, output_format="jpeg"),
+        GenerationRequest(prompt="a green tree", seed=9, steps=4),
+    ]
     alone = [engine.generate(engine.prepare(request)) for request in requests]
     prepared = [engine.prepare(request) for request in requests]
     assert len({engine.batch_key(p) for p in prepared}) == 1
@@ -93,18 +102,31 @@ def test_a_batch_is_one_call_and_each_request_keeps_its_seeds_and_pixels(engine,
             assert max_difference(a.data, b.data) <= 3
 
 
-@pytest.mark.parametrize("other", [{"steps": 5}, {"width": 72}, {"guidance_scale": 2.0}, {"scheduler": "ddim"},
-                                   {"image": png_bytes()}, {"hires_fix": {"scale": 1.5}},
-                                   {"prompt": "b " * 80}, {"negative_prompt": "b BREAK c"}])  # (more chunks)
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"steps": 5},
+        {"width": 72},
+        {"guidance_scale": 2.0},
+        {"scheduler": "ddim"},
+        {"image": png_bytes()},
+        {"hires_fix": {"scale": 1.5}},
+        {"prompt": "b " * 80},
+        {"negative_prompt": "b BREAK c"},
+    ],
+)  # (more chunks)
 def test_requests_that_differ_in_the_call_do_not_batch(engine, other):
     base = engine.prepare(GenerationRequest(prompt="a", steps=4, width=64, height=64))
-    assert engine.batch_key(base) != engine.batch_key(engine.prepare(GenerationRequest(
-        **{"prompt": "b", "steps": 4, "width": 64, "height": 64, **other})))
+    assert engine.batch_key(base) != engine.batch_key(
+        engine.prepare(GenerationRequest(**{"prompt": "b", "steps": 4, "width": 64, "height": 64, **other}))
+    )
 
 
 def test_img2img_requests_batch_with_their_own_input_images(engine, monkeypatch):
-    requests = [GenerationRequest(prompt="x", image=png_bytes(64, 64, colour), strength=0.5, steps=4, seed=3)
-                for colour in ((200, 30, 30), (30, 30, 200))]
+    requests = [
+        GenerationRequest(prompt="x", image=png_bytes(64, 64, colour), strength=0.5, steps=4, seed=3)
+        for colour in ((200, 30, 30), (30, 30, 200))
+    ]
     alone = [engine.generate(engine.prepare(request)) for request in requests]
     prepared = [engine.prepare(request) for request in requests]
     calls = counting_calls(engine, monkeypatch)
@@ -125,6 +147,7 @@ def test_a_request_cancelled_inside_a_batch_is_dropped_and_the_others_finish(eng
             steps[index].append(step)
             if index == 1 and step == 2:
                 raise Cancelled("cancelled in the test")
+
         return on_step
 
     outcomes = engine.generate_batch([(p, observer(i)) for i, p in enumerate(prepared)])
@@ -180,12 +203,17 @@ def test_inpainting_repaints_inside_the_mask_and_keeps_the_rest(engine):
     source = png_bytes(128, 128, (40, 120, 200))
     box = (32, 32, 95, 95)
     for fields in ({}, {"masked_content": "fill"}, {"masked_area_only": True, "masked_area_padding": 8}):
-        result = run(engine, seed=3, steps=8, strength=0.9, image=source, mask=square_mask(128, box), mask_blur=0,
-                     **fields)
+        result = run(
+            engine, seed=3, steps=8, strength=0.9, image=source, mask=square_mask(128, box), mask_blur=0, **fields
+        )
         assert result.inpainting and result.images[0].width == 128
         out, before = rgb(result.images[0].data), rgb(source)
-        outside = [(x, y) for x in range(0, 128, 7) for y in range(0, 128, 7)
-                   if not (box[0] - 2 <= x <= box[2] + 2 and box[1] - 2 <= y <= box[3] + 2)]
+        outside = [
+            (x, y)
+            for x in range(0, 128, 7)
+            for y in range(0, 128, 7)
+            if not (box[0] - 2 <= x <= box[2] + 2 and box[1] - 2 <= y <= box[3] + 2)
+        ]
         assert all(out.getpixel(p) == before.getpixel(p) for p in outside), fields  # kept exactly
         inside = [(x, y) for x in range(40, 88, 6) for y in range(40, 88, 6)]
         assert sum(out.getpixel(p) != before.getpixel(p) for p in inside) > len(inside) // 2, fields
@@ -196,15 +224,27 @@ def test_inpainting_repaints_inside_the_mask_and_keeps_the_rest(engine):
 def test_masked_area_only_repaints_at_full_resolution_and_differs(engine):
     source, mask = png_bytes(128, 128, (40, 120, 200)), square_mask(128, (48, 48, 79, 79))
     whole = run(engine, seed=3, steps=8, strength=0.9, image=source, mask=mask, mask_blur=0)
-    cropped = run(engine, seed=3, steps=8, strength=0.9, image=source, mask=mask, mask_blur=0, masked_area_only=True,
-                  masked_area_padding=0)
+    cropped = run(
+        engine,
+        seed=3,
+        steps=8,
+        strength=0.9,
+        image=source,
+        mask=mask,
+        mask_blur=0,
+        masked_area_only=True,
+        masked_area_padding=0,
+    )
     assert pixels(whole.images[0].data) != pixels(cropped.images[0].data)
 
 
-@pytest.mark.parametrize(("fields", "param"), [
-    ({"mask": b"png?"}, "mask"),  # no image to paint into
-    ({"image": b"", "mask": b""}, "image"),
-])
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"mask": b"png?"}, "mask"),  # no image to paint into
+        ({"image": b"", "mask": b""}, "image"),
+    ],
+)
 def test_inpainting_refusals_name_the_field(engine, fields, param):
     with pytest.raises(BackendError) as refused:
         engine.prepare(GenerationRequest(prompt="x", **fields))
@@ -218,8 +258,16 @@ def test_an_all_black_mask_is_refused(engine):
 
 @pytest.mark.parametrize("upscaler", ["latent", "lanczos"])
 def test_hires_fix_runs_a_second_pass_at_the_larger_size(engine, upscaler):
-    prepared = engine.prepare(GenerationRequest(prompt="a red fox", seed=5, steps=4, width=64, height=64,
-                                                hires_fix={"scale": 2, "upscaler": upscaler, "strength": 0.5}))
+    prepared = engine.prepare(
+        GenerationRequest(
+            prompt="a red fox",
+            seed=5,
+            steps=4,
+            width=64,
+            height=64,
+            hires_fix={"scale": 2, "upscaler": upscaler, "strength": 0.5},
+        )
+    )
     assert prepared.total_steps == 4 + 2
     seen = []
     result = engine.generate(prepared, lambda step, total, latents: seen.append((step, total)))
@@ -231,13 +279,16 @@ def test_hires_fix_runs_a_second_pass_at_the_larger_size(engine, upscaler):
     assert pixels(plain.images[0].data) != pixels(result.images[0].data)
 
 
-@pytest.mark.parametrize(("fields", "param"), [
-    ({"hires_fix": {"scale": 4}, "width": 1024, "height": 1024}, "hires_fix.width"),  # past the size limit
-    ({"hires_fix": {"width": 32, "height": 32}, "width": 64, "height": 64}, "hires_fix.width"),
-    ({"hires_fix": {"width": 64, "height": 64}, "width": 128, "height": 128}, "hires_fix"),  # smaller
-    ({"hires_fix": {"strength": 0.1, "steps": 4}}, "hires_fix.strength"),
-    ({"hires_fix": {}, "image": png_bytes()}, "hires_fix"),
-])
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"hires_fix": {"scale": 4}, "width": 1024, "height": 1024}, "hires_fix.width"),  # past the size limit
+        ({"hires_fix": {"width": 32, "height": 32}, "width": 64, "height": 64}, "hires_fix.width"),
+        ({"hires_fix": {"width": 64, "height": 64}, "width": 128, "height": 128}, "hires_fix"),  # smaller
+        ({"hires_fix": {"strength": 0.1, "steps": 4}}, "hires_fix.strength"),
+        ({"hires_fix": {}, "image": png_bytes()}, "hires_fix"),
+    ],
+)
 def test_hires_fix_refusals_name_the_field(engine, fields, param):
     with pytest.raises(InvalidRequest) as refused:
         engine.prepare(GenerationRequest(prompt="x", **fields))

@@ -29,16 +29,34 @@ def test_sync_client_calls_both_native_endpoints(server):
         assert {"txt2img", "img2img"} <= set(client.endpoints)
         answer = client.txt2img(prompt="a lighthouse", seed=4, n=2, width=64, height=64)
         assert [image["seed"] for image in answer["images"]] == [4, 5]
-        hires = client.txt2img(prompt="a lighthouse", width=64, height=64, hires_fix={"scale": 1.5, "upscaler": "lanczos"})
+        hires = client.txt2img(
+            prompt="a lighthouse", width=64, height=64, hires_fix={"scale": 1.5, "upscaler": "lanczos"}
+        )
         assert (hires["images"][0]["width"], hires["parameters"]["hires_fix"]["width"]) == (96, 96)
-        assert answer["parameters"]["steps"] == 4 and set(answer["timings"]) == {"load_s", "lora_load_s", "inference_s", "encode_s"}
-        repainted = client.img2img(prompt="a painting", image=base64.b64encode(png_bytes(96, 64)).decode(), strength=0.5)
+        assert answer["parameters"]["steps"] == 4 and set(answer["timings"]) == {
+            "load_s",
+            "lora_load_s",
+            "inference_s",
+            "encode_s",
+        }
+        repainted = client.img2img(
+            prompt="a painting", image=base64.b64encode(png_bytes(96, 64)).decode(), strength=0.5
+        )
         first = Image.open(io.BytesIO(base64.b64decode(repainted["images"][0]["b64_json"])))
         assert first.size == (96, 64) and first.info["parameters"].endswith("Denoising strength: 0.5")
         mask = base64.b64encode(png_bytes(96, 64, (255, 255, 255))).decode()  # all white: repaint everything
-        inpainted = client.img2img(prompt="a painting", image=base64.b64encode(png_bytes(96, 64)).decode(),
-                                   mask=mask, mask_blur=0, masked_content="fill", strength=0.5)
-        assert "Mask blur: 0" in Image.open(io.BytesIO(base64.b64decode(inpainted["images"][0]["b64_json"]))).info["parameters"]
+        inpainted = client.img2img(
+            prompt="a painting",
+            image=base64.b64encode(png_bytes(96, 64)).decode(),
+            mask=mask,
+            mask_blur=0,
+            masked_content="fill",
+            strength=0.5,
+        )
+        assert (
+            "Mask blur: 0"
+            in Image.open(io.BytesIO(base64.b64decode(inpainted["images"][0]["b64_json"]))).info["parameters"]
+        )
 
 
 def test_sync_client_raises_bentoml_errors_with_the_servers_message(server):
@@ -140,8 +158,11 @@ def test_every_example_body_works_when_tried(server, spec):
 
 
 def test_unknown_routes_and_methods_answer_in_the_error_shape(server):
-    for method, path, status in [("get", "/v1/chat/completions", 404), ("get", "/nowhere", 404),
-                                 ("put", "/v1/models", 405)]:
+    for method, path, status in [
+        ("get", "/v1/chat/completions", 404),
+        ("get", "/nowhere", 404),
+        ("put", "/v1/models", 405),
+    ]:
         response = httpx.request(method, f"{server.url}{path}", timeout=300)
         assert response.status_code == status
         assert response.headers["content-type"] == "application/json"
@@ -150,15 +171,23 @@ def test_unknown_routes_and_methods_answer_in_the_error_shape(server):
 
 def test_a_body_that_is_not_utf8_is_a_400_in_the_error_shape(server):
     for route in ("/v1/txt2img", "/v1/generate", "/v1/jobs"):
-        response = httpx.post(f"{server.url}{route}", content=b"\xff\xfe{", timeout=300,
-                              headers={"Content-Type": "application/json"})
+        response = httpx.post(
+            f"{server.url}{route}", content=b"\xff\xfe{", timeout=300, headers={"Content-Type": "application/json"}
+        )
         assert response.status_code == 400, route
         assert response.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_bad_settings_stop_the_start_naming_each_variable(tiny_model, tmp_path):
-    bad = {"SDXL_MAX_QUEUE": "abc", "SDXL_WARMUP": "perhaps", "SDXL_VRAM_MODE": "turbo", "SDXL_MEMORY_BUDGET": "lots",
-           "SDXL_QUANTIZE": "fp4", "SDXL_ATTENTION": "flash", "SDXL_COMPILE": "maybe"}
+    bad = {
+        "SDXL_MAX_QUEUE": "abc",
+        "SDXL_WARMUP": "perhaps",
+        "SDXL_VRAM_MODE": "turbo",
+        "SDXL_MEMORY_BUDGET": "lots",
+        "SDXL_QUANTIZE": "fp4",
+        "SDXL_ATTENTION": "flash",
+        "SDXL_COMPILE": "maybe",
+    }
     secret = {"SDXL_REDIS_URL": "http://user:hunter2@redis:6379"}  # a bad value, never shown: it may hold a password
     server = Server({"SDXL_MODELS": "tiny-sdxl", **bad, **secret}, tmp_path / "server.log")
     try:
@@ -173,8 +202,11 @@ def test_bad_settings_stop_the_start_naming_each_variable(tiny_model, tmp_path):
 
 def test_every_setting_has_its_row_in_the_readmes_configuration_table():
     rows = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `SDXL_")]
-    assert [env_name(field) for field in Settings.model_fields
-            if not any(f"`{env_name(field)}`" in row.split(" | ")[0] for row in rows)] == []
+    assert [
+        env_name(field)
+        for field in Settings.model_fields
+        if not any(f"`{env_name(field)}`" in row.split(" | ")[0] for row in rows)
+    ] == []
 
 
 def test_settings_read_booleans_and_lists_as_people_write_them(monkeypatch):
@@ -196,7 +228,13 @@ def test_the_service_module_loads_neither_torch_nor_diffusers(tiny_model):
     """BentoML's main process imports service.py only to read the service's definition; the
     worker loads torch and diffusers when it builds the runtime. Seconds off every start."""
     probe = "import sys, service; print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))"
-    run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "SDXL_MODELS": "tiny-sdxl"})
+    run = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SDXL_MODELS": "tiny-sdxl"},
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == "[]"

@@ -24,8 +24,9 @@ PROMPT = "a misty forest at dawn"
 
 
 def post_raw(server, route: str, payload: bytes, **headers: str) -> httpx.Response:
-    return httpx.post(f"{server.url}{route}", content=payload, timeout=300,
-                      headers={"Content-Type": "application/json", **headers})
+    return httpx.post(
+        f"{server.url}{route}", content=payload, timeout=300, headers={"Content-Type": "application/json", **headers}
+    )
 
 
 def gallery_image(answer: dict) -> Image.Image:
@@ -38,21 +39,31 @@ def gallery_image(answer: dict) -> Image.Image:
 
 # --- replayed gallery requests -----------------------------------------------------------------
 
+
 def test_gallery_provider_txt2img_at_its_real_size(server):
-    payload = b'{"prompt":"a misty forest at dawn","model":"sdxl-realism","width":1024,"height":1024,"steps":30,"scheduler":"euler","strength":0.75}'
+    payload = (
+        b'{"prompt":"a misty forest at dawn","model":"sdxl-realism","width":1024,"height":1024,"steps":30,'
+        b'"scheduler":"euler","strength":0.75}'
+    )
     response = post_raw(server, "/v1/images/generations", payload)
     assert response.status_code == 200, response.text
     assert gallery_image(response.json()).size == (1024, 1024)
     stats = response.json()["stats"]
     assert (stats["model"], stats["requested_model"], stats["steps"], stats["scheduler"]) == (
-        "tiny-sdxl", "sdxl-realism", 30, "euler")
+        "tiny-sdxl",
+        "sdxl-realism",
+        30,
+        "euler",
+    )
     assert float(response.headers["X-Inference-Time"]) == pytest.approx(stats["inference_s"], abs=0.001)  # seconds
 
 
 def test_gallery_provider_img2img(server):
     image = base64.b64encode(png_bytes(832, 1216)).decode()
-    payload = ('{"prompt":"a misty forest at dawn","model":"sdxl-realism","width":832,"height":1216,'
-               f'"steps":30,"scheduler":"euler","strength":0.75,"image":"{image}"}}').encode()
+    payload = (
+        '{"prompt":"a misty forest at dawn","model":"sdxl-realism","width":832,"height":1216,'
+        f'"steps":30,"scheduler":"euler","strength":0.75,"image":"{image}"}}'
+    ).encode()
     response = post_raw(server, "/v1/images/generations", payload)
     assert response.status_code == 200, response.text
     assert gallery_image(response.json()).size == (832, 1216)
@@ -60,7 +71,10 @@ def test_gallery_provider_img2img(server):
 
 
 def test_gallery_performance_test_on_v1_generate(server):
-    payload = b'{"model":"sdxl-realism","prompt":"a misty forest at dawn","width":896,"height":512,"steps":30,"scheduler":"euler"}'
+    payload = (
+        b'{"model":"sdxl-realism","prompt":"a misty forest at dawn","width":896,"height":512,"steps":30,'
+        b'"scheduler":"euler"}'
+    )
     response = post_raw(server, "/v1/generate", payload)
     assert response.status_code == 200, response.text
     answer = response.json()
@@ -73,7 +87,10 @@ def test_gallery_performance_test_on_v1_generate(server):
 
 
 def test_gallery_performance_test_openai_style_body(server):
-    payload = b'{"model":"sdxl-realism","prompt":"a misty forest at dawn","n":1,"size":"896x512","response_format":"b64_json"}'
+    payload = (
+        b'{"model":"sdxl-realism","prompt":"a misty forest at dawn","n":1,"size":"896x512",'
+        b'"response_format":"b64_json"}'
+    )
     answer = post_raw(server, "/v1/generate", payload).json()
     assert Image.open(io.BytesIO(base64.b64decode(answer["data"][0]["b64_json"]))).size == (896, 512)
 
@@ -113,10 +130,18 @@ def test_companion_routes(server):
 
 
 # The scheduler names the gallery and moondream-station's SDXL backend send, and what they are.
-GALLERY_SCHEDULERS = [("dpm_pp_2m_karras", "dpmpp_2m_karras"), ("karras", "dpmpp_2m_karras"), ("dpm++", "dpmpp_2m"),
-                      ("euler_ancestral", "euler_a"), ("dpmpp_2m_sde_gpu", "dpmpp_2m_sde_karras"),
-                      ("beta", "dpmpp_2m_beta"), ("exp", "dpmpp_2m_exponential"), ("ays", "euler_ays"),
-                      ("sgm_uniform", "euler_sgm_uniform"), ("normal", "euler_simple")]
+GALLERY_SCHEDULERS = [
+    ("dpm_pp_2m_karras", "dpmpp_2m_karras"),
+    ("karras", "dpmpp_2m_karras"),
+    ("dpm++", "dpmpp_2m"),
+    ("euler_ancestral", "euler_a"),
+    ("dpmpp_2m_sde_gpu", "dpmpp_2m_sde_karras"),
+    ("beta", "dpmpp_2m_beta"),
+    ("exp", "dpmpp_2m_exponential"),
+    ("ays", "euler_ays"),
+    ("sgm_uniform", "euler_sgm_uniform"),
+    ("normal", "euler_simple"),
+]
 
 
 def test_gallery_scheduler_names_run_the_schedulers_they_name(server):
@@ -138,7 +163,10 @@ def test_gallery_scheduler_names_run_the_schedulers_they_name(server):
 def test_each_route_as_lenient_as_its_original(server):
     body = {"prompt": PROMPT, "width": 64, "height": 64, "steps": 2, "upscale": False, "clientId": "abc"}
     moondream = post_raw(server, "/v1/generate", json.dumps(body).encode())
-    assert moondream.status_code == 200 and moondream.json()["stats"]["ignored"] == {"upscale": False, "clientId": "abc"}
+    assert moondream.status_code == 200 and moondream.json()["stats"]["ignored"] == {
+        "upscale": False,
+        "clientId": "abc",
+    }
     openai_style = post_raw(server, "/v1/images/generations", json.dumps(body).encode())
     assert openai_style.status_code == 400 and openai_style.json()["error"]["param"] == "upscale"
 
@@ -153,6 +181,7 @@ def test_gallery_reads_models_vram_and_type(server):
 
 
 # --- the official openai package ------------------------------------------------------------
+
 
 @pytest.fixture
 def client(server):
@@ -176,8 +205,13 @@ def test_openai_url_format(client):
 
 def test_openai_extra_body_fields_and_output_format(client):
     result = client.images.generate(
-        model="tiny-sdxl", prompt=PROMPT, size="64x64", output_format="jpeg", output_compression=40,
-        response_format="b64_json", extra_body={"negative_prompt": "blur", "steps": 3, "seed": 9, "scheduler": "unipc"},
+        model="tiny-sdxl",
+        prompt=PROMPT,
+        size="64x64",
+        output_format="jpeg",
+        output_compression=40,
+        response_format="b64_json",
+        extra_body={"negative_prompt": "blur", "steps": 3, "seed": 9, "scheduler": "unipc"},
     )
     assert base64.b64decode(result.data[0].b64_json)[:2] == b"\xff\xd8"
     raw = result.model_extra["stats"]
@@ -199,15 +233,23 @@ def test_openai_edit_with_a_mask_repaints_only_its_transparent_area(client):
     ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=(0, 0, 0, 0))  # transparent: edit here
     buffer = io.BytesIO()
     mask.save(buffer, format="PNG")
-    result = client.images.edit(image=("in.png", source, "image/png"), mask=("mask.png", buffer.getvalue(), "image/png"),
-                                prompt=PROMPT, size="64x64", extra_body={"steps": 4, "seed": 1})
-    edited, original = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).convert("RGB"), Image.open(
-        io.BytesIO(source)).convert("RGB")
+    result = client.images.edit(
+        image=("in.png", source, "image/png"),
+        mask=("mask.png", buffer.getvalue(), "image/png"),
+        prompt=PROMPT,
+        size="64x64",
+        extra_body={"steps": 4, "seed": 1},
+    )
+    edited, original = (
+        Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).convert("RGB"),
+        Image.open(io.BytesIO(source)).convert("RGB"),
+    )
     for corner in ((1, 1), (62, 1), (1, 62), (62, 62)):  # far outside the (blurred) mask: unchanged
         assert edited.getpixel(corner) == original.getpixel(corner)
     assert edited.getpixel((32, 32)) != original.getpixel((32, 32))
-    raw = client.images.with_raw_response.edit(image=("in.png", source, "image/png"), prompt=PROMPT, size="64x64",
-                                               extra_body={"steps": 4}).http_response.json()
+    raw = client.images.with_raw_response.edit(
+        image=("in.png", source, "image/png"), prompt=PROMPT, size="64x64", extra_body={"steps": 4}
+    ).http_response.json()
     assert raw["stats"]["mode"] == "img2img"  # no mask: the whole image is edited
 
 
@@ -235,6 +277,7 @@ def test_openai_errors(client):
 
 # --- every field changes what it should -----------------------------------------------------
 
+
 def generated_pixels(server, **fields) -> bytes:
     body = {"prompt": PROMPT, "model": "tiny-sdxl", "width": 64, "height": 64, "steps": 4, "seed": 1, **fields}
     response = httpx.post(f"{server.url}/v1/generate", json=body, timeout=300)
@@ -242,10 +285,18 @@ def generated_pixels(server, **fields) -> bytes:
     return pixels(base64.b64decode(response.json()["images"][0]))
 
 
-@pytest.mark.parametrize("field", [
-    {"seed": 2}, {"negative_prompt": "rust"}, {"scheduler": "dpmpp_2m"}, {"guidance_scale": 1.0},
-    {"steps": 6}, {"prompt": "another prompt"}, {"size": "64x72", "width": None, "height": None},
-])
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"seed": 2},
+        {"negative_prompt": "rust"},
+        {"scheduler": "dpmpp_2m"},
+        {"guidance_scale": 1.0},
+        {"steps": 6},
+        {"prompt": "another prompt"},
+        {"size": "64x72", "width": None, "height": None},
+    ],
+)
 def test_field_changes_pixels(server, field):
     assert generated_pixels(server) == generated_pixels(server)
     assert generated_pixels(server, **field) != generated_pixels(server)
@@ -258,12 +309,16 @@ def test_strength_changes_img2img(server):
 
 def test_num_images_and_n(server):
     for count in ({"num_images": 3}, {"n": 3}, {"n": 3, "num_images": 3}):
-        answer = httpx.post(f"{server.url}/v1/generate", timeout=300, json={
-            "prompt": "x", "model": "tiny-sdxl", "width": 64, "height": 64, "seed": 4, **count}).json()
+        answer = httpx.post(
+            f"{server.url}/v1/generate",
+            timeout=300,
+            json={"prompt": "x", "model": "tiny-sdxl", "width": 64, "height": 64, "seed": 4, **count},
+        ).json()
         assert answer["stats"]["seeds"] == [4, 5, 6] and len(answer["images"]) == 3
 
 
 # --- bad input --------------------------------------------------------------------------------
+
 
 def _huge_header() -> str:
     buffer = io.BytesIO()
@@ -271,30 +326,37 @@ def _huge_header() -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-@pytest.mark.parametrize(("body", "status", "param"), [
-    (b'{"prompt": ', 400, None),
-    (b'["prompt"]', 400, None),
-    ({"model": "tiny-sdxl"}, 400, "prompt"),
-    ({"prompt": ""}, 400, "prompt"),
-    ({"prompt": "x", "width": "wide"}, 400, "width"),
-    ({"prompt": "x", "n": "two"}, 400, "n"),
-    ({"prompt": "x", "size": "big"}, 400, "size"),
-    ({"prompt": "x", "size": "1024x"}, 400, "size"),
-    ({"prompt": "x", "size": "1001x1000"}, 400, "width"),
-    ({"prompt": "x", "size": "64x64", "width": 128}, 400, "size"),
-    ({"prompt": "x", "n": 2, "num_images": 3}, 400, "n"),
-    ({"prompt": "x", "n": 11}, 400, "n"),
-    ({"prompt": "x", "steps": 1000}, 400, "steps"),
-    ({"prompt": "x", "size": "2048x2048", "width": 2048, "height": 2048, "steps": 1, "model": "tiny-sdxl"}, 200, None),
-    ({"prompt": "x", "size": "4096x4096"}, 400, "width"),
-    ({"prompt": "x", "response_format": "binary"}, 400, "response_format"),
-    ({"prompt": "x", "background": "transparent"}, 400, "background"),
-    ({"prompt": "x", "stream": True}, 400, "stream"),
-    ({"prompt": "x", "image": "not base64!"}, 400, "image"),
-    ({"prompt": "x", "image": base64.b64encode(png_bytes(256, 256)[:300]).decode()}, 422, "image"),
-    ({"prompt": "x", "image": _huge_header()}, 413, "image"),
-    ({"prompt": "x", "model": "sdxl-anime"}, 404, "model"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (b'{"prompt": ', 400, None),
+        (b'["prompt"]', 400, None),
+        ({"model": "tiny-sdxl"}, 400, "prompt"),
+        ({"prompt": ""}, 400, "prompt"),
+        ({"prompt": "x", "width": "wide"}, 400, "width"),
+        ({"prompt": "x", "n": "two"}, 400, "n"),
+        ({"prompt": "x", "size": "big"}, 400, "size"),
+        ({"prompt": "x", "size": "1024x"}, 400, "size"),
+        ({"prompt": "x", "size": "1001x1000"}, 400, "width"),
+        ({"prompt": "x", "size": "64x64", "width": 128}, 400, "size"),
+        ({"prompt": "x", "n": 2, "num_images": 3}, 400, "n"),
+        ({"prompt": "x", "n": 11}, 400, "n"),
+        ({"prompt": "x", "steps": 1000}, 400, "steps"),
+        (
+            {"prompt": "x", "size": "2048x2048", "width": 2048, "height": 2048, "steps": 1, "model": "tiny-sdxl"},
+            200,
+            None,
+        ),
+        ({"prompt": "x", "size": "4096x4096"}, 400, "width"),
+        ({"prompt": "x", "response_format": "binary"}, 400, "response_format"),
+        ({"prompt": "x", "background": "transparent"}, 400, "background"),
+        ({"prompt": "x", "stream": True}, 400, "stream"),
+        ({"prompt": "x", "image": "not base64!"}, 400, "image"),
+        ({"prompt": "x", "image": base64.b64encode(png_bytes(256, 256)[:300]).decode()}, 422, "image"),
+        ({"prompt": "x", "image": _huge_header()}, 413, "image"),
+        ({"prompt": "x", "model": "sdxl-anime"}, 404, "model"),
+    ],
+)
 def test_bad_input_gets_its_4xx(server, body, status, param):
     for route in ("/v1/generate", "/v1/images/generations"):
         if isinstance(body, bytes):
@@ -306,7 +368,12 @@ def test_bad_input_gets_its_4xx(server, body, status, param):
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"}
             assert error["param"] == param and error["message"]
-    assert httpx.post(f"{server.url}/v1/generate", json={"prompt": "ok", "width": 64, "height": 64}, timeout=300).status_code == 200
+    assert (
+        httpx.post(
+            f"{server.url}/v1/generate", json={"prompt": "ok", "width": 64, "height": 64}, timeout=300
+        ).status_code
+        == 200
+    )
 
 
 # --- keys, CORS, kept images: a server configured for them -----------------------------------
@@ -337,19 +404,33 @@ def test_openai_client_with_key(guarded):
 
 
 def test_cors_preflight_and_exposed_headers(guarded):
-    preflight = httpx.options(f"{guarded.url}/v1/images/generations", headers={
-        "Origin": "http://gallery.local", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type,authorization,x-vram-mode"}, timeout=300)
+    preflight = httpx.options(
+        f"{guarded.url}/v1/images/generations",
+        headers={
+            "Origin": "http://gallery.local",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,authorization,x-vram-mode",
+        },
+        timeout=300,
+    )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "http://gallery.local"
     assert "x-vram-mode" in preflight.headers["access-control-allow-headers"].lower()
-    stranger = httpx.options(f"{guarded.url}/v1/images/generations", headers={
-        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}, timeout=300)
+    stranger = httpx.options(
+        f"{guarded.url}/v1/images/generations",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+        timeout=300,
+    )
     assert "access-control-allow-origin" not in stranger.headers
-    answer = httpx.post(f"{guarded.url}/v1/generate", timeout=300, json={"prompt": "x", "width": 64, "height": 64},
-                        headers={"Origin": "http://gallery.local", "X-API-Key": KEY})
-    refused = httpx.post(f"{guarded.url}/v1/generate", timeout=300, json={"prompt": "x"},
-                         headers={"Origin": "http://gallery.local"})  # no key: the edge's own 401
+    answer = httpx.post(
+        f"{guarded.url}/v1/generate",
+        timeout=300,
+        json={"prompt": "x", "width": 64, "height": 64},
+        headers={"Origin": "http://gallery.local", "X-API-Key": KEY},
+    )
+    refused = httpx.post(
+        f"{guarded.url}/v1/generate", timeout=300, json={"prompt": "x"}, headers={"Origin": "http://gallery.local"}
+    )  # no key: the edge's own 401
     assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "http://gallery.local"
     exposed = answer.headers["access-control-expose-headers"]
     for header in ("X-Inference-Time", "X-Model-Load-Time", "X-VRAM-Used", "X-VRAM-Total", "X-Seed"):
@@ -357,8 +438,12 @@ def test_cors_preflight_and_exposed_headers(guarded):
 
 
 def test_kept_image_url_expires(guarded):
-    answer = httpx.post(f"{guarded.url}/v1/images/generations", timeout=300, headers={"X-API-Key": KEY},
-                        json={"prompt": "x", "size": "64x64", "response_format": "url", "output_format": "webp"}).json()
+    answer = httpx.post(
+        f"{guarded.url}/v1/images/generations",
+        timeout=300,
+        headers={"X-API-Key": KEY},
+        json={"prompt": "x", "size": "64x64", "response_format": "url", "output_format": "webp"},
+    ).json()
     url = answer["data"][0]["url"]
     assert url.startswith(f"{guarded.url}/v1/images/files/") and url.endswith(".webp")
     assert answer["images"] == [url] and answer["image"] == url
@@ -385,12 +470,28 @@ def test_kept_images_cap_pushes_out_the_oldest_and_time_expires_them():
 def test_gallery_recreate_prompt_of_300_words_reaches_the_model(server):
     """The gallery's "recreate this image" prompt: a vision model's description, paragraphs
     joined; every word of it is read (in chunks), and a word at its end changes the image."""
-    description = " ".join(["A quiet harbour at dawn, with fishing boats resting on still water and gulls overhead."]
-                           * 20)
+    description = " ".join(
+        ["A quiet harbour at dawn, with fishing boats resting on still water and gulls overhead."] * 20
+    )
     assert len(description.split()) >= 300
-    answers = [post_raw(server, "/v1/generate", json.dumps(
-        {"model": "sdxl-realism", "prompt": f"{description} {last}", "width": 64, "height": 64, "steps": 4,
-         "scheduler": "euler", "seed": 8}).encode()) for last in ("red", "blue")]
+    answers = [
+        post_raw(
+            server,
+            "/v1/generate",
+            json.dumps(
+                {
+                    "model": "sdxl-realism",
+                    "prompt": f"{description} {last}",
+                    "width": 64,
+                    "height": 64,
+                    "steps": 4,
+                    "scheduler": "euler",
+                    "seed": 8,
+                }
+            ).encode(),
+        )
+        for last in ("red", "blue")
+    ]
     assert [answer.status_code for answer in answers] == [200, 200], answers[0].text
     stats = answers[0].json()["stats"]
     reading = stats["prompt_reading"]["prompt"]  # (tiny-sdxl: a token a character, spaces aside)

@@ -38,13 +38,17 @@ SQUARE = square_png()
 @pytest.fixture(scope="module")
 def engine(tiny_model, tiny_controlnet) -> Engine:
     source = ModelSource("tiny-sdxl", Path(tiny_model.path), defaults_for("tiny-sdxl"))
-    controlnet = ControlNetSource("tiny-sdxl-controlnet", Path(tiny_controlnet.path), tiny_controlnet.info.labels["fits"])
+    controlnet = ControlNetSource(
+        "tiny-sdxl-controlnet", Path(tiny_controlnet.path), tiny_controlnet.info.labels["fits"]
+    )
     return Engine(ModelManager([source], select_placement(), controlnets=[controlnet]), "tiny-sdxl")
 
 
 def run(engine: Engine, *units: dict, **fields) -> bytes:
-    request = GenerationRequest(**{"prompt": "a lighthouse", "seed": 11, **fields},
-                                controlnets=[{"id": "tiny-sdxl-controlnet", "image": SQUARE, **unit} for unit in units])
+    request = GenerationRequest(
+        **{"prompt": "a lighthouse", "seed": 11, **fields},
+        controlnets=[{"id": "tiny-sdxl-controlnet", "image": SQUARE, **unit} for unit in units],
+    )
     return pixels(engine.generate(engine.prepare(request)).images[0].data)
 
 
@@ -74,8 +78,9 @@ def test_two_controlnets_at_once_and_with_image_to_image_and_inpainting(engine):
 
 def test_canny_gives_an_edge_map_at_the_output_size():
     photo = Image.open(io.BytesIO(square_png(100))).convert("RGB")
-    edges = np.asarray(control_map(photo, ControlNetUnit(id="c", image=b"x", preprocess="canny", resize_mode="stretch"),
-                                   (64, 48)))
+    edges = np.asarray(
+        control_map(photo, ControlNetUnit(id="c", image=b"x", preprocess="canny", resize_mode="stretch"), (64, 48))
+    )
     assert edges.shape == (48, 64, 3)
     assert set(np.unique(edges)) == {0, 255}  # edges, and nothing else
     assert edges[24, 14:18].any() and not edges[24, 20:44].any()  # the square's left side, not its inside
@@ -93,13 +98,24 @@ def test_controlnets_are_checked_before_the_queue(engine, tiny_refiner):
         ({"image": base64.b64encode(b"not an image").decode()}, {}, r"controlnets\[0\].image"),
     ]:
         with pytest.raises(BackendError, match=message):
-            engine.prepare(GenerationRequest(prompt="x", controlnets=[{"id": "tiny-sdxl-controlnet", "image": SQUARE,
-                                                                      **unit}], **fields))
+            engine.prepare(
+                GenerationRequest(
+                    prompt="x", controlnets=[{"id": "tiny-sdxl-controlnet", "image": SQUARE, **unit}], **fields
+                )
+            )
     with pytest.raises(InvalidRequest, match="guess_mode applies to the whole generation"):
-        engine.prepare(GenerationRequest(prompt="x", controlnets=[
-            {"id": "tiny-sdxl-controlnet", "image": SQUARE}, {"id": "tiny-sdxl-controlnet", "image": SQUARE,
-                                                            "guess_mode": True}]))
-    prepared = engine.prepare(GenerationRequest(prompt="x", controlnets=[{"id": "tiny-sdxl-controlnet", "image": SQUARE}]))
+        engine.prepare(
+            GenerationRequest(
+                prompt="x",
+                controlnets=[
+                    {"id": "tiny-sdxl-controlnet", "image": SQUARE},
+                    {"id": "tiny-sdxl-controlnet", "image": SQUARE, "guess_mode": True},
+                ],
+            )
+        )
+    prepared = engine.prepare(
+        GenerationRequest(prompt="x", controlnets=[{"id": "tiny-sdxl-controlnet", "image": SQUARE}])
+    )
     assert engine.batch_key(prepared) is None  # runs alone
     assert prepared.request.controlnets[0].image == b""  # the queued request holds the map, not the upload
 
@@ -113,12 +129,28 @@ def test_native_and_a1111_clients_send_controlnets(serve, tiny_controlnet):
     assert listed["preprocessors"] == ["none", "canny"]
     assert {"id": "tiny-sdxl-controlnet", "fits": ["tiny-sdxl"], "loaded": False}.items() <= listed["data"][0].items()
     square = base64.b64encode(square_png()).decode()
-    unit = {"id": "tiny-sdxl-controlnet", "image": square, "preprocess": "canny", "low_threshold": 64,
-            "high_threshold": 64, "resize_mode": "fill"}
+    unit = {
+        "id": "tiny-sdxl-controlnet",
+        "image": square,
+        "preprocess": "canny",
+        "low_threshold": 64,
+        "high_threshold": 64,
+        "resize_mode": "fill",
+    }
     # (what webuiapi sends by default: Euler a, 20 steps, CFG 7)
-    plain = {"prompt": "a lighthouse", "seed": 5, "width": 64, "height": 64, "scheduler": "euler_a", "steps": 20,
-             "guidance_scale": 7.0}
-    native = [httpx.post(f"{server.url}/v1/txt2img", json=body, timeout=300) for body in (plain, {**plain, "controlnets": [unit]})]
+    plain = {
+        "prompt": "a lighthouse",
+        "seed": 5,
+        "width": 64,
+        "height": 64,
+        "scheduler": "euler_a",
+        "steps": 20,
+        "guidance_scale": 7.0,
+    }
+    native = [
+        httpx.post(f"{server.url}/v1/txt2img", json=body, timeout=300)
+        for body in (plain, {**plain, "controlnets": [unit]})
+    ]
     assert [answer.status_code for answer in native] == [200, 200], native[1].text
     guided = pixels(base64.b64decode(native[1].json()["images"][0]["b64_json"]))
     assert guided != pixels(base64.b64decode(native[0].json()["images"][0]["b64_json"]))
@@ -130,28 +162,56 @@ def test_native_and_a1111_clients_send_controlnets(serve, tiny_controlnet):
     # The client's defaults: Resize and Fill, thresholds 64 and 64, Balanced, hr_option Both.
     # (`alwayson_scripts={}` each time: webuiapi adds the units to that argument's default dict,
     # which every later call in this process would send again)
-    answer = a1111.txt2img(prompt="a lighthouse", seed=5, width=64, height=64, alwayson_scripts={}, controlnet_units=[
-        webuiapi.ControlNetUnit(image=picture, module="canny", model="tiny-sdxl-controlnet")])
+    answer = a1111.txt2img(
+        prompt="a lighthouse",
+        seed=5,
+        width=64,
+        height=64,
+        alwayson_scripts={},
+        controlnet_units=[webuiapi.ControlNetUnit(image=picture, module="canny", model="tiny-sdxl-controlnet")],
+    )
     assert answer.image.convert("RGB").tobytes() == guided
     assert 'ControlNet 0: "Module: canny, Model: tiny-sdxl-controlnet' in answer.image.info["parameters"]
-    img2img = {"images": [picture], "prompt": "a lighthouse", "seed": 5, "denoising_strength": 0.8, "width": 64,
-               "height": 64}
+    img2img = {
+        "images": [picture],
+        "prompt": "a lighthouse",
+        "seed": 5,
+        "denoising_strength": 0.8,
+        "width": 64,
+        "height": 64,
+    }
     plain_img2img = a1111.img2img(**img2img)
-    guided_img2img = a1111.img2img(**img2img, alwayson_scripts={}, controlnet_units=[  # without a unit image: the input image guides
-        webuiapi.ControlNetUnit(module="canny", model="tiny-sdxl-controlnet [0123abcd]")])
+    guided_img2img = a1111.img2img(
+        **img2img,
+        alwayson_scripts={},
+        controlnet_units=[  # without a unit image: the input image guides
+            webuiapi.ControlNetUnit(module="canny", model="tiny-sdxl-controlnet [0123abcd]")
+        ],
+    )
     assert "ControlNet 0" not in plain_img2img.image.info["parameters"]
     assert guided_img2img.image.tobytes() != plain_img2img.image.tobytes()
 
-    for unit, param in [({"module": "depth_midas"}, "module"), ({"control_mode": 1}, "control_mode"),
-                        ({"model": "None"}, "model"), ({"image": ""}, "image"), ({"hr_option": "Low res only"},
-                                                                                "hr_option")]:
-        body = {"prompt": "x", "alwayson_scripts": {"controlnet": {"args": [
-            {"image": square, "module": "canny", "model": "tiny-sdxl-controlnet", **unit}]}}}
+    for unit, param in [
+        ({"module": "depth_midas"}, "module"),
+        ({"control_mode": 1}, "control_mode"),
+        ({"model": "None"}, "model"),
+        ({"image": ""}, "image"),
+        ({"hr_option": "Low res only"}, "hr_option"),
+    ]:
+        body = {
+            "prompt": "x",
+            "alwayson_scripts": {
+                "controlnet": {"args": [{"image": square, "module": "canny", "model": "tiny-sdxl-controlnet", **unit}]}
+            },
+        }
         refused = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=300)
         assert refused.status_code == 400, refused.text
         assert refused.json()["error"]["param"] == f"alwayson_scripts.controlnet.args[0].{param}"
-    other_script = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=300,
-                              json={"prompt": "x", "alwayson_scripts": {"ADetailer": {"args": [True]}}})
+    other_script = httpx.post(
+        f"{server.url}/sdapi/v1/txt2img",
+        timeout=300,
+        json={"prompt": "x", "alwayson_scripts": {"ADetailer": {"args": [True]}}},
+    )
     assert other_script.status_code == 400 and other_script.json()["error"]["param"] == "alwayson_scripts.adetailer"
     status = httpx.get(f"{server.url}/v1/system/status", timeout=300).json()
     assert [c["id"] for c in status["controlnets"]] == ["tiny-sdxl-controlnet"]

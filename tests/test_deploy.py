@@ -32,32 +32,57 @@ def bento(tiny_model, tiny_lora, tiny_controlnet, tiny_embedding):
     from models.store import import_from_path, stored_model, stored_models
 
     unfit = stored_model("sdxl-style-lora") or import_from_path(
-        "sdxl-style-lora", Path(tiny_lora.path) / LORA_FILE)  # no --fits: SDXL base's architecture
+        "sdxl-style-lora", Path(tiny_lora.path) / LORA_FILE
+    )  # no --fits: SDXL base's architecture
     assert unfit.info.labels["fits"] != tiny_lora.info.labels["fits"]
-    fitting = {kind: {adapter_id: adapter for adapter_id, adapter in stored_models(kind).items()
-                      if adapter.info.labels["fits"] == tiny_lora.info.labels["fits"]}
-               for kind in ("lora", "controlnet")}
-    fitting["embedding"] = {embedding_id: embedding for embedding_id, embedding in stored_models("embedding").items()
-                            if embedding.info.labels["fits"] == tiny_embedding.info.labels["fits"]}
+    fitting = {
+        kind: {
+            adapter_id: adapter
+            for adapter_id, adapter in stored_models(kind).items()
+            if adapter.info.labels["fits"] == tiny_lora.info.labels["fits"]
+        }
+        for kind in ("lora", "controlnet")
+    }
+    fitting["embedding"] = {
+        embedding_id: embedding
+        for embedding_id, embedding in stored_models("embedding").items()
+        if embedding.info.labels["fits"] == tiny_embedding.info.labels["fits"]
+    }
     env = {**os.environ, "SDXL_MODELS": "tiny-sdxl"}
-    built = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    built = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert built.returncode == 0, built.stderr
     tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-    shown = subprocess.run([sys.executable, "-m", "bentoml", "get", tag, "-o", "json"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    shown = subprocess.run(
+        [sys.executable, "-m", "bentoml", "get", tag, "-o", "json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     name, version = tag.split(":")
     return json.loads(shown.stdout), Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version, fitting
 
 
 def test_bento_packs_the_served_models_and_the_adapters_that_fit_them_and_declares_the_environment(
-        bento, tiny_model, tiny_lora, tiny_controlnet, tiny_embedding):
+    bento, tiny_model, tiny_lora, tiny_controlnet, tiny_embedding
+):
     manifest, _, fitting = bento
     service = manifest["services"][0]
     assert {tiny_lora.tag, tiny_controlnet.tag, tiny_embedding.tag} <= {
-        adapter.tag for kind in fitting.values() for adapter in kind.values()}
+        adapter.tag for kind in fitting.values() for adapter in kind.values()
+    }
     assert sorted(model["tag"] for model in service["models"]) == sorted(
-        [str(tiny_model.tag)] + [str(adapter.tag) for kind in fitting.values() for adapter in kind.values()])
+        [str(tiny_model.tag)] + [str(adapter.tag) for kind in fitting.values() for adapter in kind.values()]
+    )
     assert service["config"]["resources"] == {"gpu": 1}
     assert service["config"]["traffic"]["timeout"] >= 300
     assert {env["name"]: env["value"] for env in manifest["envs"]} == declared_environment()
@@ -81,11 +106,14 @@ def test_a_bento_serves_only_the_models_it_packed(bento, tiny_model, serve):
     assert playground.status_code == 200 and "SDXL playground" in playground.text  # packed with the code
     assert served == ["tiny-sdxl"]
     assert sorted((lora["id"], tuple(lora["fits"])) for lora in loras) == [
-        (lora_id, ("tiny-sdxl",)) for lora_id in sorted(fitting["lora"])]
+        (lora_id, ("tiny-sdxl",)) for lora_id in sorted(fitting["lora"])
+    ]
     assert sorted((c["id"], tuple(c["fits"])) for c in controlnets) == [
-        (controlnet_id, ("tiny-sdxl",)) for controlnet_id in sorted(fitting["controlnet"])]
+        (controlnet_id, ("tiny-sdxl",)) for controlnet_id in sorted(fitting["controlnet"])
+    ]
     assert sorted((e["id"], tuple(e["fits"])) for e in embeddings) == [
-        (embedding_id, ("tiny-sdxl",)) for embedding_id in sorted(fitting["embedding"])]
+        (embedding_id, ("tiny-sdxl",)) for embedding_id in sorted(fitting["embedding"])
+    ]
 
 
 def test_bento_image_is_lean_and_pinned(bento):
@@ -125,8 +153,11 @@ def test_the_validation_catches_mistakes():
 
 
 def test_kubernetes_deployment_is_what_the_service_needs():
-    documents = {(doc["kind"], doc["metadata"]["name"]): doc
-                 for path in MANIFESTS for doc in yaml.safe_load_all(path.read_text())}
+    documents = {
+        (doc["kind"], doc["metadata"]["name"]): doc
+        for path in MANIFESTS
+        for doc in yaml.safe_load_all(path.read_text())
+    }
     deployment = documents["Deployment", "sdxl"]
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -138,7 +169,10 @@ def test_kubernetes_deployment_is_what_the_service_needs():
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # room to load SDXL
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
     env = {variable["name"]: variable for variable in container["env"]}
-    assert env["SDXL_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == documents["Secret", "sdxl-api-keys"]["metadata"]["name"]
+    assert (
+        env["SDXL_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"]
+        == documents["Secret", "sdxl-api-keys"]["metadata"]["name"]
+    )
     service = documents["Service", "sdxl"]["spec"]
     assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]
     # Replicas share the queue in Redis: no session affinity, and the Redis the URL names is there.
@@ -159,8 +193,13 @@ def test_kubernetes_autoscaler_reads_the_shared_queue():
     assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == f"{SHARED_QUEUE_PREFIX}queue"
-    redis_url = urlparse(next(e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-                              if e["name"] == "SDXL_REDIS_URL"))
+    redis_url = urlparse(
+        next(
+            e["value"]
+            for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+            if e["name"] == "SDXL_REDIS_URL"
+        )
+    )
     assert trigger["metadata"]["address"].startswith(f"{redis_url.hostname}.")
     assert trigger["metadata"]["address"].endswith(f":{redis_url.port}")
     assert trigger["metadata"]["databaseIndex"] == redis_url.path.strip("/")

@@ -40,13 +40,15 @@ def test_work_handed_over_runs_on_the_device_thread_before_its_loop_and_at_its_e
 
 
 @pytest.mark.served
-def test_every_kind_of_torch_work_ran_on_the_device_thread_with_the_set_thread_count(serve, tiny_lora,
-                                                                                     tiny_controlnet):
+def test_every_kind_of_torch_work_ran_on_the_device_thread_with_the_set_thread_count(serve, tiny_lora, tiny_controlnet):
     server = serve("device-thread", {"SDXL_MODELS": "tiny-sdxl", "SDXL_TORCH_THREADS": "1"})
     control = base64.b64encode(png_bytes(64, 64)).decode()
     small = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "seed": 1}
-    requests = [small, {**small, "loras": [{"id": "tiny-sdxl-lora", "weight": 0.8}]},
-                {**small, "controlnets": [{"id": "tiny-sdxl-controlnet", "image": control}]}]
+    requests = [
+        small,
+        {**small, "loras": [{"id": "tiny-sdxl-lora", "weight": 0.8}]},
+        {**small, "controlnets": [{"id": "tiny-sdxl-controlnet", "image": control}]},
+    ]
     for body in requests:
         response = httpx.post(f"{server.url}/v1/txt2img", json=body, timeout=300)
         assert response.status_code == 200, response.text
@@ -58,5 +60,6 @@ def test_every_kind_of_torch_work_ran_on_the_device_thread_with_the_set_thread_c
 
     device = httpx.get(f"{server.url}/v1/system/status", timeout=300).json()["device_thread"]
     assert device["torch_threads"] == 1  # SDXL_TORCH_THREADS, as torch reports it on that thread
-    assert device["torch_work"] == {kind: [device["name"]]
-                                    for kind in ("encode prompts", "generate", "load", "preview", "unload", "warm-up")}
+    assert device["torch_work"] == {
+        kind: [device["name"]] for kind in ("encode prompts", "generate", "load", "preview", "unload", "warm-up")
+    }

@@ -118,12 +118,25 @@ def test_a_server_with_the_speed_settings_and_a_replacement_vae_serves_and_says_
     from models.store import import_tiny, stored_model
 
     stored_model("tiny-sdxl-vae", "vae") or import_tiny("tiny-sdxl-vae")
-    server = serve("fast", {"SDXL_MODELS": "tiny-sdxl", "SDXL_VAE": "tiny-sdxl-vae", "SDXL_FUSE_QKV": "1",
-                            "SDXL_CHANNELS_LAST": "1", "SDXL_QUANTIZE": "int8"})
+    server = serve(
+        "fast",
+        {
+            "SDXL_MODELS": "tiny-sdxl",
+            "SDXL_VAE": "tiny-sdxl-vae",
+            "SDXL_FUSE_QKV": "1",
+            "SDXL_CHANNELS_LAST": "1",
+            "SDXL_QUANTIZE": "int8",
+        },
+    )
     status = httpx.get(f"{server.url}/v1/system/status", timeout=300).json()
     assert status["vae"] == "tiny-sdxl-vae"
-    assert status["fast_paths"] == {"attention": "sdpa", "fuse_qkv": True, "channels_last": True,
-                                    "quantize": "int8", "compile": False}
+    assert status["fast_paths"] == {
+        "attention": "sdpa",
+        "fuse_qkv": True,
+        "channels_last": True,
+        "quantize": "int8",
+        "compile": False,
+    }
     models = httpx.get(f"{server.url}/v1/models", timeout=300).json()
     assert "tiny-sdxl-vae" not in str(models)  # a component, never a model to ask for
     answer = httpx.post(f"{server.url}/v1/txt2img", json={"prompt": "a lighthouse", "seed": 7}, timeout=300)

@@ -147,6 +147,7 @@ def test_run_past_its_time_cancels_the_job(make_queue, engine):
     queue = make_queue()
     queue.start()
     with parked(queue, 1) as (reached, release):
+
         def release_once_cancelled():
             reached.wait(600)
             while queue.running and queue.running[0].cancel_requested_at is None:
@@ -239,7 +240,10 @@ def test_compatible_jobs_run_in_one_batch_in_arrival_order(make_queue, engine):
     assert starts == [first.id, second.id, third.id, other.id]
     first_end = next(index for index, (_, status) in enumerate(told) if status == JobStatus.SUCCEEDED)
     assert {job_id for job_id, status in told[:first_end] if status == JobStatus.RUNNING} == {
-        first.id, second.id, third.id}  # all three started before any ended: one call
+        first.id,
+        second.id,
+        third.id,
+    }  # all three started before any ended: one call
     assert [final(queue, job).result.images[0].seed for job in (first, second, third)] == [1, 2, 3]
 
 

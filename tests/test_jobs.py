@@ -15,7 +15,6 @@ import httpx
 import pytest
 from PIL import Image
 
-
 LONG = {"prompt": "a slow one", "width": 1024, "height": 1024, "steps": 30, "seed": 1}
 SHORT = {"prompt": "a quick one", "width": 64, "height": 64, "steps": 2, "seed": 1}
 
@@ -31,8 +30,13 @@ def get(server, job_id: str, headers=None) -> dict:
     return httpx.get(f"{server.url}/v1/jobs/{job_id}", headers=headers, timeout=300).json()
 
 
-def wait(server, job_id: str, until=lambda job: job["status"] in ("succeeded", "failed", "cancelled"),
-         timeout: float = 600, headers=None) -> tuple[dict, list[dict]]:
+def wait(
+    server,
+    job_id: str,
+    until=lambda job: job["status"] in ("succeeded", "failed", "cancelled"),
+    timeout: float = 600,
+    headers=None,
+) -> tuple[dict, list[dict]]:
     """Poll until `until`; returns the last state and every state seen."""
     seen, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -67,8 +71,12 @@ def test_img2img_job_and_bad_body(jobs_server):
     job = submit(jobs_server, {**SHORT, "steps": 4, "image": base64.b64encode(png.getvalue()).decode()})
     done, _ = wait(jobs_server, job["id"])
     assert done["status"] == "succeeded" and done["total_steps"] == 3  # 4 steps x strength 0.75
-    for bad, param in [({"width": 63}, "width"), ({"steps": 100000}, "steps"), ({"steps": "many"}, "steps"),
-                       ({"model": "nope"}, "model")]:
+    for bad, param in [
+        ({"width": 63}, "width"),
+        ({"steps": 100000}, "steps"),
+        ({"steps": "many"}, "steps"),
+        ({"model": "nope"}, "model"),
+    ]:
         refused = httpx.post(f"{jobs_server.url}/v1/jobs", json={**SHORT, **bad}, timeout=300)
         assert refused.status_code in (400, 404) and refused.json()["error"]["param"] == param
 
@@ -141,7 +149,9 @@ def test_events_of_a_cancelled_job_end_with_cancelled(jobs_server):
     wait(jobs_server, job["id"], until=lambda j: j["step"] >= 2)
     httpx.delete(f"{jobs_server.url}/v1/jobs/{job['id']}", timeout=300)
     assert read_events(jobs_server, job["id"])[-1][0] == "cancelled"
-    assert httpx.get(f"{jobs_server.url}/v1/jobs/{job['id']}/preview", timeout=300).status_code == 400  # none was asked for
+    assert (
+        httpx.get(f"{jobs_server.url}/v1/jobs/{job['id']}/preview", timeout=300).status_code == 400
+    )  # none was asked for
 
 
 def test_a_synchronous_request_whose_client_leaves_is_cancelled(jobs_server):
@@ -149,8 +159,9 @@ def test_a_synchronous_request_whose_client_leaves_is_cancelled(jobs_server):
         httpx.post(f"{jobs_server.url}/v1/txt2img", json=LONG, timeout=1.0)
     # A job, not a synchronous request: this server's 3 s request timeout must not decide it.
     assert wait(jobs_server, submit(jobs_server, SHORT)["id"])[0]["status"] == "succeeded"
-    abandoned = [j for j in httpx.get(f"{jobs_server.url}/v1/jobs", timeout=300).json()["jobs"]
-                 if j["total_steps"] == 30]
+    abandoned = [
+        j for j in httpx.get(f"{jobs_server.url}/v1/jobs", timeout=300).json()["jobs"] if j["total_steps"] == 30
+    ]
     assert abandoned[0]["status"] == "cancelled" and abandoned[0]["step"] < 30  # not run to its end
     assert "client disconnected" in jobs_server.log()
 
@@ -250,6 +261,8 @@ def test_compatible_queued_jobs_run_as_one_batch_and_a_cancelled_one_leaves_it(s
     # Each job's pixels are those it gets alone (the CPU's batched rounding aside: at most 1 level).
     alone = httpx.post(f"{server.url}/v1/txt2img", json={**batch, "prompt": "one", "seed": 11}, timeout=300).json()
     assert alone["batch_images"] == 1
-    a, b = (Image.open(io.BytesIO(base64.b64decode(answer["images"][0]["b64_json"]))).convert("RGB").tobytes()
-            for answer in (alone, done_first["result"]))
+    a, b = (
+        Image.open(io.BytesIO(base64.b64decode(answer["images"][0]["b64_json"]))).convert("RGB").tobytes()
+        for answer in (alone, done_first["result"])
+    )
     assert max(abs(x - y) for x, y in zip(a, b)) <= 3

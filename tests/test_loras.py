@@ -33,13 +33,16 @@ def loras(tiny_lora, tmp_path_factory) -> list[LoraSource]:
     file = folder / "pytorch_lora_weights.safetensors"
     other = stored_model("tiny-lora-b") or import_from_path("tiny-lora-b", file, fits="tiny-sdxl")
     unfit = stored_model("sdxl-style-lora") or import_from_path("sdxl-style-lora", file)
-    return [LoraSource(m.info.labels["sdxl_id"], Path(m.path), m.info.labels["fits"]) for m in (tiny_lora, other, unfit)]
+    return [
+        LoraSource(m.info.labels["sdxl_id"], Path(m.path), m.info.labels["fits"]) for m in (tiny_lora, other, unfit)
+    ]
 
 
 def engine_with(tiny_model, loras: list[LoraSource], max_loaded_loras: int = 8) -> Engine:
     source = ModelSource("tiny-sdxl", Path(tiny_model.path), defaults_for("tiny-sdxl"))
-    return Engine(ModelManager([source], select_placement(), loras=loras, max_loaded_loras=max_loaded_loras),
-                  "tiny-sdxl")
+    return Engine(
+        ModelManager([source], select_placement(), loras=loras, max_loaded_loras=max_loaded_loras), "tiny-sdxl"
+    )
 
 
 def run(engine: Engine, *loras: tuple[str, float]):
@@ -87,8 +90,9 @@ def test_requests_with_other_loras_do_not_share_a_call(tiny_model, loras):
     engine = engine_with(tiny_model, loras)
 
     def key(*named):
-        return engine.batch_key(engine.prepare(GenerationRequest(
-            prompt="x", loras=[LoraWeight(id=i, weight=w) for i, w in named])))
+        return engine.batch_key(
+            engine.prepare(GenerationRequest(prompt="x", loras=[LoraWeight(id=i, weight=w) for i, w in named]))
+        )
 
     assert key(("tiny-sdxl-lora", 1.0)) == key(("tiny-sdxl-lora", 1.0))
     assert len({key(), key(("tiny-sdxl-lora", 1.0)), key(("tiny-sdxl-lora", 0.5)), key(("tiny-lora-b", 1.0))}) == 4
@@ -96,10 +100,14 @@ def test_requests_with_other_loras_do_not_share_a_call(tiny_model, loras):
 
 def test_a1111_lora_tags_are_read_and_taken_out_of_the_prompt():
     assert take_loras("a fox <lora:tiny-sdxl-lora:0.8>, forest") == (
-        "a fox, forest", [LoraWeight(id="tiny-sdxl-lora", weight=0.8)])
+        "a fox, forest",
+        [LoraWeight(id="tiny-sdxl-lora", weight=0.8)],
+    )
     assert take_loras("<LORA: tiny-sdxl-lora >a fox") == ("a fox", [LoraWeight(id="tiny-sdxl-lora", weight=1.0)])
     assert take_loras("x <lora:a:0.5:0.3> y <lyco:b>") == (
-        "x y", [LoraWeight(id="a", weight=0.5), LoraWeight(id="b", weight=1.0)])
+        "x y",
+        [LoraWeight(id="a", weight=0.5), LoraWeight(id="b", weight=1.0)],
+    )
     assert take_loras("no tags: <b>bold</b>") == ("no tags: <b>bold</b>", [])
     with pytest.raises(InvalidRequest, match="<lora:a:strong>"):
         take_loras("a <lora:a:strong>")
@@ -115,18 +123,22 @@ def test_every_dialect_takes_loras_and_lists_them(serve, tiny_lora):
     server = serve("loras", {"SDXL_MODELS": "tiny-sdxl"})
     listed = httpx.get(f"{server.url}/v1/loras", timeout=300).json()["data"]
     assert {"id": "tiny-sdxl-lora", "fits": ["tiny-sdxl"]}.items() <= next(
-        lora for lora in listed if lora["id"] == "tiny-sdxl-lora").items()
+        lora for lora in listed if lora["id"] == "tiny-sdxl-lora"
+    ).items()
     plain = {"prompt": "a lighthouse", "seed": 5, "width": 64, "height": 64}
     with_lora = {**plain, "loras": [{"id": "tiny-sdxl-lora", "weight": 0.8}]}
 
-    native = [b64_pixels(httpx.post(f"{server.url}/v1/txt2img", json=body, timeout=300).json()["images"][0]["b64_json"])
-              for body in (plain, with_lora)]
+    native = [
+        b64_pixels(httpx.post(f"{server.url}/v1/txt2img", json=body, timeout=300).json()["images"][0]["b64_json"])
+        for body in (plain, with_lora)
+    ]
     assert native[0] != native[1]
     moondream = httpx.post(f"{server.url}/v1/generate", json=with_lora, timeout=300).json()
     assert b64_pixels(moondream["images"][0]) == native[1]
     openai = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=300, max_retries=0)
-    answer = openai.images.generate(prompt="a lighthouse", size="64x64",
-                                    extra_body={"seed": 5, "loras": with_lora["loras"]})
+    answer = openai.images.generate(
+        prompt="a lighthouse", size="64x64", extra_body={"seed": 5, "loras": with_lora["loras"]}
+    )
     assert b64_pixels(answer.data[0].b64_json) == native[1]
 
     a1111 = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)

@@ -18,8 +18,8 @@ import pytest
 import torch
 import webuiapi
 
-from backends.sdxl_backend.device import select_placement
 from backends.api.settings import SettingsError, load_settings, parse_bytes
+from backends.sdxl_backend.device import select_placement
 from backends.sdxl_backend.model_manager import ModelManager, ModelSource
 from backends.sdxl_backend.modes import MemoryPolicy
 from backends.sdxl_backend.pipelines import weights_bytes
@@ -110,6 +110,7 @@ def test_sizes_and_policy_from_environment(monkeypatch):
 
 # --- through a served process -------------------------------------------------------------
 
+
 def generate(server: Server, model: str, **extra) -> httpx.Response:
     body = {"prompt": "x", "model": model, "width": 64, "height": 64, "steps": 2, **extra.pop("body", {})}
     return httpx.post(f"{server.url}/v1/generate", json=body, timeout=300, **extra)
@@ -122,8 +123,9 @@ def status(server: Server) -> dict:
 @pytest.fixture(scope="module")
 def trio_server(trio, serve):
     _, budget = trio
-    return serve("trio", {
-        "SDXL_MODELS": ",".join(TRIO), "SDXL_MEMORY_BUDGET": str(budget), "SDXL_IDLE_UNLOAD_SECONDS": "20"})
+    return serve(
+        "trio", {"SDXL_MODELS": ",".join(TRIO), "SDXL_MEMORY_BUDGET": str(budget), "SDXL_IDLE_UNLOAD_SECONDS": "20"}
+    )
 
 
 def test_served_lru_concurrent_requests_and_status(trio_server):
@@ -160,8 +162,11 @@ def test_idle_unload_fires(trio_server):
 def test_low_mode_frees_the_model_and_status_shows_modes(trio_server):
     generate(trio_server, "tiny-b", body={}, headers={"X-VRAM-Mode": "balanced"})
     assert {m["id"]: m["mode"] for m in status(trio_server)["loaded"]}["tiny-b"] == "balanced"
-    low = httpx.post(f"{trio_server.url}/v1/txt2img", timeout=300,
-                     json={"prompt": "x", "model": "tiny-c", "steps": 2, "vram_mode": "low"})
+    low = httpx.post(
+        f"{trio_server.url}/v1/txt2img",
+        timeout=300,
+        json={"prompt": "x", "model": "tiny-c", "steps": 2, "vram_mode": "low"},
+    )
     assert low.status_code == 200 and low.json()["vram_mode"] == "low"
     assert "tiny-c" not in {m["id"] for m in status(trio_server)["loaded"]}
 
@@ -190,8 +195,9 @@ def test_out_of_memory_is_recovered_in_the_next_lower_mode(serve):
         assert answer.headers["X-VRAM-Mode"] == "balanced"
         native = httpx.post(f"{server.url}/v1/txt2img", json={"prompt": "x", "steps": 2}, timeout=300).json()
         assert (native["vram_mode"], native["out_of_memory_in"]) == ("balanced", ["high"])
-        from_low = httpx.post(f"{server.url}/v1/txt2img", json={"prompt": "x", "steps": 2, "vram_mode": "low"},
-                              timeout=300)  # nothing lower to try
+        from_low = httpx.post(
+            f"{server.url}/v1/txt2img", json={"prompt": "x", "steps": 2, "vram_mode": "low"}, timeout=300
+        )  # nothing lower to try
         assert from_low.status_code == 507
         assert "tried memory modes low" in from_low.json()["error"]["message"]
         # moondream-station's answer on its route: a 500 saying "CUDA out of memory", on which
@@ -203,8 +209,7 @@ def test_out_of_memory_is_recovered_in_the_next_lower_mode(serve):
 
 
 def test_out_of_memory_twice_is_507_and_memory_returns_to_its_level(serve):
-    server = serve("oom2", {"SDXL_MODELS": "tiny-sdxl", "SDXL_TEST_FAULT_OOM": "2@3",
-                                              "SDXL_WARMUP": "0"})
+    server = serve("oom2", {"SDXL_MODELS": "tiny-sdxl", "SDXL_TEST_FAULT_OOM": "2@3", "SDXL_WARMUP": "0"})
     body = {"prompt": "x", "width": 1024, "height": 1024, "steps": 4, "n": 2}
 
     def generate(server, model, body):  # the native route, whose out-of-memory answer is 507
@@ -232,8 +237,25 @@ def test_out_of_memory_twice_is_507_and_memory_returns_to_its_level(serve):
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     settings = "plain,eager-attention,fuse-qkv,channels-last,int8,fp16-no-upcast-vae"  # (compile: minutes on a CPU)
-    run = subprocess.run([sys.executable, "bench/gpu_sdxl.py", "--tiny", "--runs", "1", "--steps", "4", "--out", str(out),
-                          "--fast-paths", settings], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "bench/gpu_sdxl.py",
+            "--tiny",
+            "--runs",
+            "1",
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+            "--fast-paths",
+            settings,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["modes"]) == {"high", "balanced", "low"} and report["skipped"] == []
@@ -250,9 +272,27 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
 def test_gpu_benchmark_keeps_to_its_time_budget_and_says_what_it_left_out(tmp_path):
     """A lease is short: past the budget, the parts not yet started are listed, not run."""
     out = tmp_path / "gpu.json"
-    run = subprocess.run([sys.executable, "bench/gpu_sdxl.py", "--tiny", "--runs", "1", "--steps", "2", "--out", str(out),
-                          "--budget-s", "0.01", "--fast-paths", "plain,fuse-qkv"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "bench/gpu_sdxl.py",
+            "--tiny",
+            "--runs",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--budget-s",
+            "0.01",
+            "--fast-paths",
+            "plain,fuse-qkv",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["baseline"]["batch1_p50_s"] > 0  # always measured: every estimate is made from it

@@ -21,7 +21,11 @@ def cli(tmp_path):
     def run(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "models", *args],
-            cwd=ROOT, env={**env, **extra_env}, capture_output=True, text=True, timeout=300,
+            cwd=ROOT,
+            env={**env, **extra_env},
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
 
     return run
@@ -106,8 +110,13 @@ def test_hub_import_with_hf_hub_offline_uses_the_cache(tmp_path, monkeypatch, ti
         "m = import_from_hub(CatalogEntry(id='cached-sdxl', description='d', repo='example/tiny-sdxl')); "
         "print(m.info.labels['revision'], m.info.labels['variant'])"
     )
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "HF_HUB_CACHE": str(tmp_path / "hub"),
-           "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+    }
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-2:] == [sha, "none"]
@@ -116,8 +125,9 @@ def test_hub_import_with_hf_hub_offline_uses_the_cache(tmp_path, monkeypatch, ti
 def test_import_from_a_path_that_is_not_a_model(cli, tmp_path):
     result = cli("import", "junk", "--from", str(tmp_path))
     assert result.returncode == 1
-    assert result.stderr.strip() == (f"error: {tmp_path} is not a diffusers directory (no model_index.json, nor a "
-                                     f"ControlNet's config.json)")
+    assert result.stderr.strip() == (
+        f"error: {tmp_path} is not a diffusers directory (no model_index.json, nor a ControlNet's config.json)"
+    )
 
 
 def test_hub_out_of_reach_is_one_clear_line(cli):
@@ -144,19 +154,48 @@ def test_ensure_default_falls_back_to_tiny_when_the_hub_is_out_of_reach(cli):
 
 
 SDXL_BASE_FILES = [
-    ".gitattributes", "01.png", "LICENSE.md", "README.md", "comparison.png", "model_index.json",
-    "pipeline.png", "sd_xl_base_1.0.safetensors", "sd_xl_base_1.0_0.9vae.safetensors", "sd_xl_offset_example-lora_1.0.safetensors",
+    ".gitattributes",
+    "01.png",
+    "LICENSE.md",
+    "README.md",
+    "comparison.png",
+    "model_index.json",
+    "pipeline.png",
+    "sd_xl_base_1.0.safetensors",
+    "sd_xl_base_1.0_0.9vae.safetensors",
+    "sd_xl_offset_example-lora_1.0.safetensors",
     "scheduler/scheduler_config.json",
-    "text_encoder/config.json", "text_encoder/flax_model.msgpack", "text_encoder/model.fp16.safetensors",
-    "text_encoder/model.onnx", "text_encoder/model.safetensors", "text_encoder/openvino_model.bin",
-    "text_encoder_2/config.json", "text_encoder_2/model.fp16.safetensors", "text_encoder_2/model.safetensors",
-    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
-    "tokenizer_2/merges.txt", "tokenizer_2/special_tokens_map.json", "tokenizer_2/tokenizer_config.json", "tokenizer_2/vocab.json",
-    "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.safetensors",
-    "unet/diffusion_flax_model.msgpack", "unet/model.onnx", "unet/model.onnx_data", "unet/openvino_model.bin",
-    "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors",
-    "vae_1_0/config.json", "vae_1_0/diffusion_pytorch_model.fp16.safetensors",
-    "vae_decoder/config.json", "vae_decoder/model.onnx",
+    "text_encoder/config.json",
+    "text_encoder/flax_model.msgpack",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder/model.onnx",
+    "text_encoder/model.safetensors",
+    "text_encoder/openvino_model.bin",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.fp16.safetensors",
+    "text_encoder_2/model.safetensors",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer_2/merges.txt",
+    "tokenizer_2/special_tokens_map.json",
+    "tokenizer_2/tokenizer_config.json",
+    "tokenizer_2/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_flax_model.msgpack",
+    "unet/model.onnx",
+    "unet/model.onnx_data",
+    "unet/openvino_model.bin",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "vae_1_0/config.json",
+    "vae_1_0/diffusion_pytorch_model.fp16.safetensors",
+    "vae_decoder/config.json",
+    "vae_decoder/model.onnx",
 ]
 SDXL_BASE_INDEX = json.loads("""{
   "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0.dev0", "force_zeros_for_empty_prompt": true,
@@ -168,28 +207,55 @@ SDXL_BASE_INDEX = json.loads("""{
 
 def test_hub_file_selection_keeps_only_fp16_safetensors_and_configs():
     chosen = select_files(SDXL_BASE_FILES, SDXL_BASE_INDEX)
-    assert sorted(chosen) == sorted([
-        "model_index.json", "scheduler/scheduler_config.json",
-        "text_encoder/config.json", "text_encoder/model.fp16.safetensors",
-        "text_encoder_2/config.json", "text_encoder_2/model.fp16.safetensors",
-        "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
-        "tokenizer_2/merges.txt", "tokenizer_2/special_tokens_map.json", "tokenizer_2/tokenizer_config.json", "tokenizer_2/vocab.json",
-        "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",
-        "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",
-    ])
+    assert sorted(chosen) == sorted(
+        [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "text_encoder/model.fp16.safetensors",
+            "text_encoder_2/config.json",
+            "text_encoder_2/model.fp16.safetensors",
+            "tokenizer/merges.txt",
+            "tokenizer/special_tokens_map.json",
+            "tokenizer/tokenizer_config.json",
+            "tokenizer/vocab.json",
+            "tokenizer_2/merges.txt",
+            "tokenizer_2/special_tokens_map.json",
+            "tokenizer_2/tokenizer_config.json",
+            "tokenizer_2/vocab.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.fp16.safetensors",
+        ]
+    )
 
 
 def test_hub_file_selection_without_fp16_takes_plain_safetensors_and_shards():
-    files = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
-             "unet/diffusion_pytorch_model-00002-of-00002.safetensors", "unet/diffusion_pytorch_model.safetensors.index.json",
-             "unet/diffusion_pytorch_model.bin"]
+    files = [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+        "unet/diffusion_pytorch_model.safetensors.index.json",
+        "unet/diffusion_pytorch_model.bin",
+    ]
     chosen = select_files(files, {"unet": ["diffusers", "UNet2DConditionModel"], "image_encoder": [None, None]})
     assert sorted(chosen) == sorted(files[:5])
 
 
 def test_hub_file_selection_for_a_vae_takes_its_config_and_diffusers_weights():
-    files = ["README.md", "config.json", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors",
-             "sdxl.vae.safetensors", "sdxl_vae.safetensors", "images/compare.png"]
+    files = [
+        "README.md",
+        "config.json",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.safetensors",
+        "sdxl.vae.safetensors",
+        "sdxl_vae.safetensors",
+        "images/compare.png",
+    ]
     assert select_component_files(files) == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert select_component_files([*files, "diffusion_pytorch_model.fp16.safetensors"]) == [
-        "config.json", "diffusion_pytorch_model.fp16.safetensors"]
+        "config.json",
+        "diffusion_pytorch_model.fp16.safetensors",
+    ]

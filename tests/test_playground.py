@@ -44,8 +44,10 @@ def open_page(browser):
         page.console_errors, page.hosts = [], set()
         page.on("console", lambda message: message.type == "error" and page.console_errors.append(message.text))
         page.on("pageerror", lambda error: page.console_errors.append(str(error)))
-        page.on("request", lambda request: page.hosts.add(urlparse(request.url).hostname)
-                if request.url.startswith("http") else None)
+        page.on(
+            "request",
+            lambda request: page.hosts.add(urlparse(request.url).hostname) if request.url.startswith("http") else None,
+        )
         page.goto(f"{url}/ui")
         page.wait_for_function("document.querySelector('#model').options.length > 0")
         return page
@@ -62,15 +64,19 @@ def record_statuses(page) -> None:
         new MutationObserver(() => statuses.push(document.querySelector('#status').textContent))
             .observe(document.querySelector('#status'), {childList: true, characterData: true, subtree: true});
         window.previewed = false;
-        new MutationObserver(() => { previewed = true; }).observe(document.querySelector('#preview'), {attributes: true});
+        new MutationObserver(() => { previewed = true; })
+            .observe(document.querySelector('#preview'), {attributes: true});
     }""")
 
 
 def generate(page, cards_before: int) -> None:
     """Click Generate and wait for a new result (a refusal or failure shown instead fails at once)."""
     page.click("#generate")
-    page.wait_for_function(f"document.querySelectorAll('.card').length > {cards_before} "
-                           f"|| document.querySelector('#error').textContent !== ''", timeout=300_000)
+    page.wait_for_function(
+        f"document.querySelectorAll('.card').length > {cards_before} "
+        f"|| document.querySelector('#error').textContent !== ''",
+        timeout=300_000,
+    )
     assert page.inner_text("#error") == ""
 
 
@@ -163,8 +169,12 @@ def test_with_api_keys_the_page_asks_for_one_and_then_works(guarded, browser, tm
 
     # This server allows one event stream: another client's job holds it, and runs first.
     auth = {"Authorization": f"Bearer {GUARD_KEYS[0]}"}
-    long_job = httpx.post(f"{guarded.url}/v1/jobs", headers=auth, timeout=300,
-                          json={"prompt": "x", "width": 512, "height": 512, "steps": 150}).json()
+    long_job = httpx.post(
+        f"{guarded.url}/v1/jobs",
+        headers=auth,
+        timeout=300,
+        json={"prompt": "x", "width": 512, "height": 512, "steps": 150},
+    ).json()
     watched = threading.Event()
 
     def watch_long_job():
@@ -177,8 +187,14 @@ def test_with_api_keys_the_page_asks_for_one_and_then_works(guarded, browser, tm
     watcher.start()
     assert watched.wait(300)
     polls = []
-    page.on("request", lambda request: polls.append(request.url) if "/v1/jobs/" in request.url
-            and not request.url.endswith(("/events", "/cancel")) else None)
+    page.on(
+        "request",
+        lambda request: (
+            polls.append(request.url)
+            if "/v1/jobs/" in request.url and not request.url.endswith(("/events", "/cancel"))
+            else None
+        ),
+    )
     page.click("#generate")  # its events are refused (429): the page polls the job instead
     page.wait_for_function("document.querySelector('#status').textContent === 'Queued, position 1…'", timeout=300_000)
     httpx.post(f"{guarded.url}/v1/jobs/{long_job['id']}/cancel", headers=auth, timeout=300)
@@ -203,8 +219,9 @@ def test_the_page_fits_a_phone_and_a_wide_screen(server, open_page, width, tmp_p
 
 
 @pytest.mark.served
-def test_a_painted_mask_a_lora_and_a_controlnet_go_into_the_request(serve, tiny_lora, tiny_controlnet, open_page,
-                                                                     tmp_path):
+def test_a_painted_mask_a_lora_and_a_controlnet_go_into_the_request(
+    serve, tiny_lora, tiny_controlnet, open_page, tmp_path
+):
     server = serve("playground", {"SDXL_MODELS": "tiny-sdxl"})
     page = open_page(server.url, 1280)
     picture = tmp_path / "input.png"
@@ -221,8 +238,9 @@ def test_a_painted_mask_a_lora_and_a_controlnet_go_into_the_request(serve, tiny_
     page.click("#lora-panel summary")
     # Only the LoRAs that fit the model are offered (other tests leave one for SDXL base in the store).
     offered = page.locator("#loras > div:not([hidden])")
-    assert offered.count() >= 1 and all(fits == "tiny-sdxl" for fits in
-                                        offered.evaluate_all("rows => rows.map(row => row.dataset.fits)"))
+    assert offered.count() >= 1 and all(
+        fits == "tiny-sdxl" for fits in offered.evaluate_all("rows => rows.map(row => row.dataset.fits)")
+    )
     page.locator('#loras > div[data-id="tiny-sdxl-lora"] [data-lora]').check()
     page.click("#controlnet-panel summary")
     page.select_option("#controlnet", "tiny-sdxl-controlnet")

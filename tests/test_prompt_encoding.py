@@ -39,10 +39,12 @@ def test_a_plain_short_prompt_is_encoded_as_diffusers_encodes_it(engine):
     prepared = engine.prepare(GenerationRequest(prompt="a red fox in the snow", negative_prompt="blurry"))
     with engine.models.use("tiny-sdxl", "high", 0) as (pipelines, _):
         ours = conditioning(pipelines.txt2img, [prepared.prompts], EncodedPrompts())
-        theirs = pipelines.txt2img.encode_prompt("a red fox in the snow", device=torch.device("cpu"),
-                                                 negative_prompt="blurry")
-    for name, expected in zip(("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                               "negative_pooled_prompt_embeds"), theirs):
+        theirs = pipelines.txt2img.encode_prompt(
+            "a red fox in the snow", device=torch.device("cpu"), negative_prompt="blurry"
+        )
+    for name, expected in zip(
+        ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"), theirs
+    ):
         assert torch.equal(ours[name], expected), name
 
 
@@ -83,8 +85,10 @@ def test_prompt_editing_is_refused_by_name_before_the_queue(engine):
 
 
 def test_requests_with_and_without_a_negative_prompt_share_a_call_and_get_their_own_pixels(engine, monkeypatch):
-    requests = [GenerationRequest(prompt="a fox", seed=5, steps=4),
-                GenerationRequest(prompt="a fox", negative_prompt="(blurry:1.2)", seed=5, steps=4)]
+    requests = [
+        GenerationRequest(prompt="a fox", seed=5, steps=4),
+        GenerationRequest(prompt="a fox", negative_prompt="(blurry:1.2)", seed=5, steps=4),
+    ]
     alone = [engine.generate(engine.prepare(request)) for request in requests]
     prepared = [engine.prepare(request) for request in requests]
     assert engine.batch_key(prepared[0]) == engine.batch_key(prepared[1])
@@ -106,8 +110,10 @@ def test_a_prompt_read_again_skips_the_text_encoders_and_gives_the_same_pixels(t
     first = image(engine, "a lighthouse (at dusk:1.2)", negative_prompt="fog")
     with engine.models.use("tiny-sdxl", "high", 0) as (pipelines, _):
         calls = []
-        hooks = [encoder.register_forward_hook(lambda *_: calls.append(1))
-                 for encoder in (pipelines.txt2img.text_encoder, pipelines.txt2img.text_encoder_2)]
+        hooks = [
+            encoder.register_forward_hook(lambda *_: calls.append(1))
+            for encoder in (pipelines.txt2img.text_encoder, pipelines.txt2img.text_encoder_2)
+        ]
     again = image(engine, "a lighthouse (at dusk:1.2)", negative_prompt="fog")
     assert calls == [] and pixels(again) == pixels(first)
     image(engine, "a lighthouse (at dusk:1.3)", negative_prompt="fog")  # another weight: encoded (the prompt only)

@@ -25,9 +25,20 @@ A1111_PARSES = [
     ("(a:b)", [("a:b", 1.1)]),
     ("normal text", [("normal text", 1.0)]),
     ("", [("", 1.0)]),
-    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
-     [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
-      (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+    (
+        "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+        [
+            ("a ", 1.0),
+            ("house", 1.5730000000000004),
+            (" ", 1.1),
+            ("on", 1.0),
+            (" a ", 1.1),
+            ("hill", 0.55),
+            (", sun, ", 1.1),
+            ("sky", 1.4641000000000006),
+            (".", 1.1),
+        ],
+    ),
 ]
 
 
@@ -45,8 +56,9 @@ def test_prompt_editing_and_alternation_are_refused_by_name(prompt):
     assert refused.value.param == "negative_prompt" and "prompt editing" in refused.value.message
 
 
-@pytest.mark.parametrize("prompt", ["[fox]", "(fox:1.2)", "a \\[fox:cat:0.5\\]", "a: b | c", "[a (b:1.2)]",
-                                    "[fox:cat]", "(a|b)"])
+@pytest.mark.parametrize(
+    "prompt", ["[fox]", "(fox:1.2)", "a \\[fox:cat:0.5\\]", "a: b | c", "[a (b:1.2)]", "[fox:cat]", "(a|b)"]
+)
 def test_brackets_without_a_schedule_pass(prompt):
     check_syntax(prompt, "prompt")
 

@@ -20,17 +20,26 @@ from tests.conftest import pixels, png_bytes
 
 @pytest.fixture(scope="module")
 def engine(tiny_model, tiny_refiner):
-    sources = [ModelSource(m.info.labels["sdxl_id"], Path(m.path), defaults_for(m.info.labels["sdxl_id"]))
-               for m in (tiny_model, tiny_refiner)]
+    sources = [
+        ModelSource(m.info.labels["sdxl_id"], Path(m.path), defaults_for(m.info.labels["sdxl_id"]))
+        for m in (tiny_model, tiny_refiner)
+    ]
     return Engine(ModelManager(sources, select_placement()), "tiny-sdxl")
 
 
-REFINED = {"prompt": "a lighthouse", "seed": 3, "steps": 8, "refiner": {"model": "tiny-sdxl-refiner", "switch_at": 0.75}}
+REFINED = {
+    "prompt": "a lighthouse",
+    "seed": 3,
+    "steps": 8,
+    "refiner": {"model": "tiny-sdxl-refiner", "switch_at": 0.75},
+}
 
 
 def test_the_refiner_takes_the_last_steps_of_text_to_image(engine):
     steps: list[tuple[int, int]] = []
-    refined = engine.generate(engine.prepare(GenerationRequest(**REFINED)), lambda step, total, _: steps.append((step, total)))
+    refined = engine.generate(
+        engine.prepare(GenerationRequest(**REFINED)), lambda step, total, _: steps.append((step, total))
+    )
     alone = engine.generate(engine.prepare(GenerationRequest(**{**REFINED, "refiner": None})))
     assert pixels(refined.images[0].data) != pixels(alone.images[0].data)
     assert engine.models.loads == {"tiny-sdxl": 1, "tiny-sdxl-refiner": 1}
@@ -52,8 +61,10 @@ def test_a_refiner_request_is_checked_before_the_queue(engine):
     for fields, message in [
         ({"refiner": {"model": "tiny-sdxl"}}, "refiner.model: 'tiny-sdxl' is not a refiner"),
         ({"refiner": {"model": "tiny-sdxl-refiner"}, "hires_fix": {"scale": 2}}, "refiner: not with hires_fix"),
-        ({"model": "tiny-sdxl-refiner", "image": png_bytes(64, 64), "refiner": {"model": "tiny-sdxl-refiner"}},
-         "refiner: model 'tiny-sdxl-refiner' is a refiner itself"),
+        (
+            {"model": "tiny-sdxl-refiner", "image": png_bytes(64, 64), "refiner": {"model": "tiny-sdxl-refiner"}},
+            "refiner: model 'tiny-sdxl-refiner' is a refiner itself",
+        ),
     ]:
         with pytest.raises(InvalidRequest, match=message):
             engine.prepare(GenerationRequest(prompt="x", **fields))
@@ -65,12 +76,26 @@ def test_native_and_a1111_clients_hand_off_to_the_refiner(serve, tiny_refiner):
     server = serve("refiner", {"SDXL_MODELS": "tiny-sdxl,tiny-sdxl-refiner"})
     native = httpx.post(f"{server.url}/v1/txt2img", json={**REFINED, "width": 64, "height": 64}, timeout=300)
     assert native.status_code == 200, native.text
-    a1111 = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=300, json={
-        "prompt": "a lighthouse", "seed": 3, "steps": 8, "width": 64, "height": 64,
-        "refiner_checkpoint": "tiny-sdxl-refiner", "refiner_switch_at": 0.75})
+    a1111 = httpx.post(
+        f"{server.url}/sdapi/v1/txt2img",
+        timeout=300,
+        json={
+            "prompt": "a lighthouse",
+            "seed": 3,
+            "steps": 8,
+            "width": 64,
+            "height": 64,
+            "refiner_checkpoint": "tiny-sdxl-refiner",
+            "refiner_switch_at": 0.75,
+        },
+    )
     assert a1111.status_code == 200, a1111.text
-    assert (pixels(base64.b64decode(a1111.json()["images"][0]))
-            == pixels(base64.b64decode(native.json()["images"][0]["b64_json"])))
-    refused = httpx.post(f"{server.url}/v1/txt2img", timeout=300,
-                         json={"prompt": "x", "refiner": {"model": "tiny-sdxl", "switch_at": 0.8}})
+    assert pixels(base64.b64decode(a1111.json()["images"][0])) == pixels(
+        base64.b64decode(native.json()["images"][0]["b64_json"])
+    )
+    refused = httpx.post(
+        f"{server.url}/v1/txt2img",
+        timeout=300,
+        json={"prompt": "x", "refiner": {"model": "tiny-sdxl", "switch_at": 0.8}},
+    )
     assert refused.status_code == 400 and "is not a refiner" in refused.json()["error"]["message"]

@@ -25,6 +25,7 @@ K1, K2 = GUARD_KEYS[2:]
 
 # --- the device thread, in-process ------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def engine(tiny_model):
     source = ModelSource("tiny-sdxl", Path(tiny_model.path), defaults_for("tiny-sdxl"))
@@ -65,8 +66,12 @@ def test_a_delivered_result_and_a_kept_error_hold_nothing_of_the_generation(engi
         assert delivered.status == JobStatus.SUCCEEDED and delivered.result.images
         jobs.forget_result(delivered)
         gc.collect()
-        assert not [o for o in gc.get_objects() if isinstance(o, GenerationResult) and o.request.prompt == "delivered-7f3a"]
-        cancelled = jobs.submit(engine.prepare(GenerationRequest(prompt="x", **{k: LONG[k] for k in ("width", "height", "steps")})))
+        assert not [
+            o for o in gc.get_objects() if isinstance(o, GenerationResult) and o.request.prompt == "delivered-7f3a"
+        ]
+        cancelled = jobs.submit(
+            engine.prepare(GenerationRequest(prompt="x", **{k: LONG[k] for k in ("width", "height", "steps")}))
+        )
         while cancelled.step < 1:
             time.sleep(0.01)
         jobs.cancel(cancelled)
@@ -74,7 +79,11 @@ def test_a_delivered_result_and_a_kept_error_hold_nothing_of_the_generation(engi
         assert cancelled.status == JobStatus.CANCELLED
         assert cancelled.error.__traceback__ is None and cancelled.error.__context__ is None
         again = cancelled.error.copy()
-        assert type(again) is type(cancelled.error) and again.message == cancelled.error.message and again is not cancelled.error
+        assert (
+            type(again) is type(cancelled.error)
+            and again.message == cancelled.error.message
+            and again is not cancelled.error
+        )
     finally:
         jobs.close()
 
@@ -117,6 +126,7 @@ def test_the_request_timeout_disarms_its_timer_and_answers_504_in_the_error_shap
 
 # --- through served processes ------------------------------------------------------------------
 
+
 def as_key(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -127,25 +137,37 @@ def test_jobs_belong_to_the_key_that_made_them(guarded):
         other = httpx.get(f"{guarded.url}/v1/jobs/{job['id']}{route}", headers=as_key(K2), timeout=300)
         assert other.status_code == 404, route  # not 403: the id is not confirmed
     assert httpx.delete(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K2), timeout=300).status_code == 404
-    assert job["id"] not in [j["id"] for j in httpx.get(f"{guarded.url}/v1/jobs", headers=as_key(K2), timeout=300).json()["jobs"]]
+    assert job["id"] not in [
+        j["id"] for j in httpx.get(f"{guarded.url}/v1/jobs", headers=as_key(K2), timeout=300).json()["jobs"]
+    ]
     mine = httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300)
     assert mine.status_code == 200 and mine.json()["id"] == job["id"]
 
 
 def test_interrupt_stops_only_the_callers_generation(guarded):
     job = httpx.post(f"{guarded.url}/v1/jobs", json=LONG, headers=as_key(K1), timeout=300).json()
-    while (state := httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())["step"] < 2:
+    while (state := httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())[
+        "step"
+    ] < 2:
         assert state["status"] in ("queued", "running"), state  # it reaches step 2 or the test fails here
         time.sleep(0.1)
     httpx.post(f"{guarded.url}/sdapi/v1/interrupt", headers=as_key(K2), timeout=300)
-    assert httpx.get(f"{guarded.url}/sdapi/v1/progress", headers=as_key(K2), timeout=300).json()["state"]["job_count"] == 0
+    assert (
+        httpx.get(f"{guarded.url}/sdapi/v1/progress", headers=as_key(K2), timeout=300).json()["state"]["job_count"] == 0
+    )
     step = httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json()["step"]
-    while (state := httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())["step"] < step + 2:
+    while (state := httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())[
+        "step"
+    ] < step + 2:
         assert state["status"] == "running"  # K2's interrupt did not touch it
         time.sleep(0.1)
-    assert httpx.get(f"{guarded.url}/sdapi/v1/progress", headers=as_key(K1), timeout=300).json()["state"]["job_count"] == 1
+    assert (
+        httpx.get(f"{guarded.url}/sdapi/v1/progress", headers=as_key(K1), timeout=300).json()["state"]["job_count"] == 1
+    )
     httpx.post(f"{guarded.url}/sdapi/v1/interrupt", headers=as_key(K1), timeout=300)
-    while (state := httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())["status"] == "running":
+    while (state := httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())[
+        "status"
+    ] == "running":
         time.sleep(0.1)
     assert state["status"] == "succeeded" and state["step"] < 30  # ended early, with the image as it stood
 
@@ -166,18 +188,29 @@ def test_metrics_and_docs_need_the_key_and_name_routes_not_ids(guarded):
 
 def test_a_body_over_the_limit_is_413_before_parsing(guarded):
     big = b'{"prompt": "' + b"x" * 300_000 + b'"}'
-    declared = httpx.post(f"{guarded.url}/v1/txt2img", content=big, headers={**as_key(K1), "Content-Type": "application/json"},
-                          timeout=300)
+    declared = httpx.post(
+        f"{guarded.url}/v1/txt2img",
+        content=big,
+        headers={**as_key(K1), "Content-Type": "application/json"},
+        timeout=300,
+    )
     assert declared.status_code == 413 and "SDXL_MAX_BODY_BYTES" in declared.json()["error"]["message"]
-    chunked = httpx.post(f"{guarded.url}/v1/generate", content=iter([big[:100_000], big[100_000:]]),
-                         headers={**as_key(K1), "Content-Type": "application/json"}, timeout=300)
+    chunked = httpx.post(
+        f"{guarded.url}/v1/generate",
+        content=iter([big[:100_000], big[100_000:]]),
+        headers={**as_key(K1), "Content-Type": "application/json"},
+        timeout=300,
+    )
     assert chunked.status_code == 413
     assert httpx.post(f"{guarded.url}/v1/txt2img", json=SHORT, headers=as_key(K1), timeout=300).status_code == 200
 
 
 def worker_of(server) -> psutil.Process:
-    return next(p for p in psutil.Process(server.process.pid).children(recursive=True)
-                if "_bentoml_impl.worker.service" in " ".join(p.cmdline()))
+    return next(
+        p
+        for p in psutil.Process(server.process.pid).children(recursive=True)
+        if "_bentoml_impl.worker.service" in " ".join(p.cmdline())
+    )
 
 
 def test_a_worker_killed_mid_job_leaves_jobs_that_say_so(jobs_server):
@@ -199,8 +232,12 @@ def test_a_worker_killed_mid_job_leaves_jobs_that_say_so(jobs_server):
 def test_deeply_nested_json_is_a_400_not_a_crash(guarded):
     deep = b'{"prompt": "x", "width": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
     for route in ("/v1/txt2img", "/v1/generate", "/sdapi/v1/txt2img"):
-        response = httpx.post(f"{guarded.url}{route}", content=deep, timeout=300,
-                              headers={**as_key(K1), "Content-Type": "application/json"})
+        response = httpx.post(
+            f"{guarded.url}{route}",
+            content=deep,
+            timeout=300,
+            headers={**as_key(K1), "Content-Type": "application/json"},
+        )
         assert response.status_code == 400, (route, response.text[:200])
     assert httpx.post(f"{guarded.url}/v1/txt2img", json=SHORT, headers=as_key(K1), timeout=300).status_code == 200
 

@@ -25,14 +25,19 @@ FINAL = ("succeeded", "failed", "cancelled")
 
 
 def fleet_env(redis_server, database: int, **more: str) -> dict[str, str]:
-    return {"SDXL_MODELS": "tiny-sdxl", "SDXL_REDIS_URL": f"{redis_server.url[:-2]}/{database}",
-            "SDXL_WARMUP": "false", **more}
+    return {
+        "SDXL_MODELS": "tiny-sdxl",
+        "SDXL_REDIS_URL": f"{redis_server.url[:-2]}/{database}",
+        "SDXL_WARMUP": "false",
+        **more,
+    }
 
 
 @pytest.fixture(scope="module")
 def replicas(serve, redis_server):
-    env = fleet_env(redis_server, 0, SDXL_IMAGE_URL_TTL_SECONDS="8", SDXL_MAX_QUEUE="3",
-                    SDXL_MODEL_ALIASES="sdxl-realism=tiny-sdxl")  # (the id the gallery sends)
+    env = fleet_env(
+        redis_server, 0, SDXL_IMAGE_URL_TTL_SECONDS="8", SDXL_MAX_QUEUE="3", SDXL_MODEL_ALIASES="sdxl-realism=tiny-sdxl"
+    )  # (the id the gallery sends)
     return serve("replica-a", env), serve("replica-b", env)
 
 
@@ -91,7 +96,9 @@ def test_a_job_submitted_on_one_replica_is_followed_streamed_and_fetched_on_the_
     # The request travelled through Redis and back (its images as PNG): the pixels are those of
     # the same request answered synchronously.
     direct = httpx.post(f"{a.url}/v1/txt2img", json=SMALL, timeout=300).json()
-    assert base64.b64decode(direct["images"][0]["b64_json"]) == base64.b64decode(done["result"]["images"][0]["b64_json"])
+    assert base64.b64decode(direct["images"][0]["b64_json"]) == base64.b64decode(
+        done["result"]["images"][0]["b64_json"]
+    )
 
 
 def test_img2img_travels_with_its_input_image(replicas):
@@ -120,7 +127,8 @@ def test_real_clients_on_their_defaults_through_the_shared_queue(replicas):
     assert gallery.status_code == 200, gallery.text
     assert gallery_image(gallery.json()).size == (64, 64) and gallery.json()["images"][0] == gallery.json()["image"]
     result = openai.OpenAI(base_url=f"{a.url}/v1", api_key="unused", max_retries=0).images.generate(
-        model="tiny-sdxl", prompt="a lighthouse", size="64x64", response_format="url")
+        model="tiny-sdxl", prompt="a lighthouse", size="64x64", response_format="url"
+    )
     fetched = httpx.get(f"{b.url}{urlparse(result.data[0].url).path}", timeout=300)
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
     made = webuiapi.WebUIApi(baseurl=f"{b.url}/sdapi/v1", steps=4).txt2img(prompt="a misty forest", seed=11)
@@ -211,11 +219,13 @@ def test_redis_out_of_reach_is_a_quick_503_and_the_replicas_recover(replicas, re
     a, b = replicas
     redis_server.stop()
     try:
-        for refused in (httpx.post(f"{a.url}/v1/images/generations", json=URL_REQUEST, timeout=300),
-                        httpx.post(f"{b.url}/v1/txt2img", json=SMALL, timeout=300),
-                        httpx.post(f"{a.url}/v1/jobs", json=SMALL, timeout=300),
-                        httpx.get(f"{b.url}/v1/jobs", timeout=300),
-                        httpx.get(f"{b.url}/v1/images/files/any.png", timeout=300)):
+        for refused in (
+            httpx.post(f"{a.url}/v1/images/generations", json=URL_REQUEST, timeout=300),
+            httpx.post(f"{b.url}/v1/txt2img", json=SMALL, timeout=300),
+            httpx.post(f"{a.url}/v1/jobs", json=SMALL, timeout=300),
+            httpx.get(f"{b.url}/v1/jobs", timeout=300),
+            httpx.get(f"{b.url}/v1/images/files/any.png", timeout=300),
+        ):
             assert refused.status_code == 503, refused.text
             assert "the shared store (Redis, SDXL_REDIS_URL) cannot be reached" in refused.json()["error"]["message"]
         assert httpx.get(f"{b.url}/health", timeout=300).status_code == 200  # the rest still serves
@@ -320,7 +330,8 @@ def test_a_replica_that_does_not_serve_a_jobs_model_fails_the_job_saying_so(tiny
 
 
 def test_a_waiter_follows_a_job_through_published_changes_not_by_reading_it_in_a_loop(
-        tiny_model, redis_server, monkeypatch):
+    tiny_model, redis_server, monkeypatch
+):
     """Each change of a job (taken, each step, finished) is published; a request waiting on it
     reads it when a notice comes. With the fallback read set to ten minutes, every wait below
     ends through a notice (one that ended without a change would be the 5-minute guard)."""

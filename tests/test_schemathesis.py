@@ -16,17 +16,42 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
 
 
 def test_every_operation_keeps_the_documents_promises(serve, tmp_path):
-    server = serve("fuzzed", {"SDXL_MODELS": "tiny-sdxl", "SDXL_MAX_SIDE": "128", "SDXL_MAX_STEPS": "3",
-                              "SDXL_MAX_IMAGES": "2"})
+    server = serve(
+        "fuzzed", {"SDXL_MODELS": "tiny-sdxl", "SDXL_MAX_SIDE": "128", "SDXL_MAX_STEPS": "3", "SDXL_MAX_IMAGES": "2"}
+    )
     document = tmp_path / "docs.json"
     document.write_bytes(httpx.get(f"{server.url}/docs.json", timeout=300).content)
     run = subprocess.run(
-        [sys.executable, "-m", "schemathesis.cli", "run", str(document), "--url", server.url, "--checks", CHECKS,
-         "--phases", "examples,coverage,fuzzing", "--max-examples", "20", "--request-timeout", "300",
-         "--workers", "1", "--continue-on-failure", "--seed", "1", "--no-color",
-         # No examples replayed from earlier runs, no cache left in the checkout: every run as CI's.
-         "--generation-database", "none"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=1200,
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            str(document),
+            "--url",
+            server.url,
+            "--checks",
+            CHECKS,
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--max-examples",
+            "20",
+            "--request-timeout",
+            "300",
+            "--workers",
+            "1",
+            "--continue-on-failure",
+            "--seed",
+            "1",
+            "--no-color",
+            # No examples replayed from earlier runs, no cache left in the checkout: every run as CI's.
+            "--generation-database",
+            "none",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     (tmp_path / "schemathesis.txt").write_text(run.stdout + run.stderr)
     assert run.returncode == 0, run.stdout[-6000:]

@@ -29,16 +29,22 @@ def test_txt2img_json(server):
     assert decode(body["images"][0]["b64_json"]).size == (128, 96)
     assert body["parameters"]["steps"] == 4 and body["parameters"]["scheduler"] == "euler"
     assert set(body["timings"]) == {"load_s", "lora_load_s", "inference_s", "encode_s"}
-    assert body["prompt_reading"] == {"prompt": {"tokens": len("alighthouse"), "chunks": 1},  # (a token a letter)
-                                      "negative_prompt": {"tokens": 0, "chunks": 1}}
+    assert body["prompt_reading"] == {
+        "prompt": {"tokens": len("alighthouse"), "chunks": 1},  # (a token a letter)
+        "negative_prompt": {"tokens": 0, "chunks": 1},
+    }
     assert response.headers["x-seed"] == "11,12"
     assert float(response.headers["x-inference-time"]) > 0
     assert response.headers["x-model-load-time"] == "0.000"  # warmed up at start
 
 
 def test_txt2img_raw_image_for_curl(server):
-    response = post(server, "/v1/txt2img", {"prompt": "a lighthouse", "seed": 11, "output_format": "webp"},
-                    headers={"Accept": "image/webp"})
+    response = post(
+        server,
+        "/v1/txt2img",
+        {"prompt": "a lighthouse", "seed": 11, "output_format": "webp"},
+        headers={"Accept": "image/webp"},
+    )
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/webp"
     assert Image.open(io.BytesIO(response.content)).format == "WEBP"
@@ -54,8 +60,12 @@ def test_same_seed_same_pixels_over_http(server):
 
 
 def test_real_client_size_1024_with_30_steps(server):
-    response = post(server, "/v1/txt2img", {"prompt": "x", "width": 1024, "height": 1024, "steps": 30, "seed": 1},
-                    headers={"Accept": "image/png"})
+    response = post(
+        server,
+        "/v1/txt2img",
+        {"prompt": "x", "width": 1024, "height": 1024, "steps": 30, "seed": 1},
+        headers={"Accept": "image/png"},
+    )
     assert response.status_code == 200
     assert Image.open(io.BytesIO(response.content)).size == (1024, 1024)
 
@@ -63,8 +73,11 @@ def test_real_client_size_1024_with_30_steps(server):
 def test_img2img_with_base64_and_data_url(server):
     encoded = base64.b64encode(png_bytes(96, 64)).decode()
     light = post(server, "/v1/img2img", {"prompt": "p", "image": encoded, "strength": 0.3, "steps": 10, "seed": 2})
-    heavy = post(server, "/v1/img2img", {"prompt": "p", "image": "data:image/png;base64," + encoded,
-                                         "strength": 0.9, "steps": 10, "seed": 2})
+    heavy = post(
+        server,
+        "/v1/img2img",
+        {"prompt": "p", "image": "data:image/png;base64," + encoded, "strength": 0.9, "steps": 10, "seed": 2},
+    )
     assert light.status_code == heavy.status_code == 200, light.text
     light_image = decode(light.json()["images"][0]["b64_json"])
     assert light_image.size == (96, 64)
@@ -124,7 +137,9 @@ def _huge_png_header() -> str:
 )
 def test_bad_input_gets_4xx_naming_the_field(server, route, body, status, param):
     if isinstance(body, bytes):
-        response = httpx.post(f"{server.url}{route}", content=body, headers={"Content-Type": "application/json"}, timeout=300)
+        response = httpx.post(
+            f"{server.url}{route}", content=body, headers={"Content-Type": "application/json"}, timeout=300
+        )
     else:
         response = post(server, route, body)
     assert response.status_code == status, response.text
@@ -144,21 +159,29 @@ def test_raw_answer_takes_one_image(server):
 
 
 def test_server_keeps_serving_after_errors(server):
-    for body, status in (({"prompt": "x", "width": 7}, 400), ({"prompt": "x", "model": "nope"}, 404),
-                         ({"prompt": 3}, 400), ({"prompt": "x", "width": 0}, 400), ({"prompt": "x", "height": 0}, 400)):
+    for body, status in (
+        ({"prompt": "x", "width": 7}, 400),
+        ({"prompt": "x", "model": "nope"}, 404),
+        ({"prompt": 3}, 400),
+        ({"prompt": "x", "width": 0}, 400),
+        ({"prompt": "x", "height": 0}, 400),
+    ):
         assert post(server, "/v1/txt2img", body).status_code == status, body
     assert post(server, "/v1/txt2img", {"prompt": "still here"}).status_code == 200
 
 
-@pytest.mark.parametrize(("route", "body"), [
-    ("/v1/txt2img", {"prompt": "x", "width": 0}),
-    ("/v1/img2img", {"prompt": "x", "height": 0, "image": base64.b64encode(png_bytes()).decode()}),
-    ("/v1/generate", {"prompt": "x", "size": "0x0"}),
-    ("/v1/images/generations", {"prompt": "x", "width": 0, "height": 0}),
-    ("/v1/jobs", {"prompt": "x", "width": 0}),
-    ("/sdapi/v1/txt2img", {"prompt": "x", "width": 0}),
-    ("/sdapi/v1/img2img", {"prompt": "x", "height": 0, "init_images": [base64.b64encode(png_bytes()).decode()]}),
-])
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/txt2img", {"prompt": "x", "width": 0}),
+        ("/v1/img2img", {"prompt": "x", "height": 0, "image": base64.b64encode(png_bytes()).decode()}),
+        ("/v1/generate", {"prompt": "x", "size": "0x0"}),
+        ("/v1/images/generations", {"prompt": "x", "width": 0, "height": 0}),
+        ("/v1/jobs", {"prompt": "x", "width": 0}),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "width": 0}),
+        ("/sdapi/v1/img2img", {"prompt": "x", "height": 0, "init_images": [base64.b64encode(png_bytes()).decode()]}),
+    ],
+)
 def test_a_zero_size_is_refused_on_every_generation_route(server, route, body):
     response = post(server, route, body)
     assert response.status_code == 400, response.text

@@ -27,23 +27,31 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    message = {404: f"no route {request.method} {request.url.path}: this server generates images (see /docs.json)",
-               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-    return JSONResponse(errors.status_error(exc.status_code, message), status_code=exc.status_code,
-                        headers=exc.headers)
+    message = {
+        404: f"no route {request.method} {request.url.path}: this server generates images (see /docs.json)",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }.get(exc.status_code, str(exc.detail))
+    return JSONResponse(errors.status_error(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     logger.exception("unexpected error while answering a request")
-    return JSONResponse(errors.status_error(500, f"internal error ({type(exc).__name__}); see the server log"),
-                        status_code=500)
+    return JSONResponse(
+        errors.status_error(500, f"internal error ({type(exc).__name__}); see the server log"), status_code=500
+    )
 
 
 def create_app() -> FastAPI:
     # BentoML's own OpenAPI UI (at /) documents these routes; FastAPI's second copy is off.
     app = FastAPI(title="SDXL", docs_url=None, redoc_url=None, openapi_url=None)
-    for router in (image_generations.router, jobs.router, a1111.router, a1111.controlnet_router, system.router,
-                   playground.router):
+    for router in (
+        image_generations.router,
+        jobs.router,
+        a1111.router,
+        a1111.controlnet_router,
+        system.router,
+        playground.router,
+    ):
         app.include_router(router)
     app.add_exception_handler(BackendError, _backend_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

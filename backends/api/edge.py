@@ -25,11 +25,11 @@ import hmac
 import json
 import logging
 import time
-from typing import Any, Callable
-
-from pydantic import ValidationError
+from collections.abc import Callable
+from typing import Any
 
 from bentoml._internal.server.http.traffic import TimeoutMiddleware
+from pydantic import ValidationError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -53,8 +53,15 @@ def key_is_valid(presented: str | None, keys: list[str]) -> bool:
 
 
 class Edge:
-    def __init__(self, app: ASGIApp, keys: list[str], open_metrics: bool, max_body_bytes: int,
-                 cors_origins: list[str], state: Any):
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: list[str],
+        open_metrics: bool,
+        max_body_bytes: int,
+        cors_origins: list[str],
+        state: Any,
+    ):
         self.app = app
         self.keys = keys
         self.cors_origins = cors_origins
@@ -89,15 +96,18 @@ class Edge:
         receive = await self._bounded(scope, receive)
         if receive is None:
             scope[REFUSED] = True
-            body = errors.status_error(413, f"the request body is over the limit of {self.max_body_bytes} bytes "
-                                            f"(SDXL_MAX_BODY_BYTES)")
+            body = errors.status_error(
+                413, f"the request body is over the limit of {self.max_body_bytes} bytes (SDXL_MAX_BODY_BYTES)"
+            )
             await _send_json(send, 413, body, [(b"connection", b"close"), *self._cors(scope)])
             return
         if path in JSON_ONLY and scope["method"] == "POST":
             media_type = Headers(scope=scope).get("content-type", "application/json").split(";")[0].strip().lower()
             if media_type != "application/json":
                 scope[REFUSED] = True
-                body = errors.status_error(415, f"the body must be JSON (Content-Type: application/json), not {media_type}")
+                body = errors.status_error(
+                    415, f"the body must be JSON (Content-Type: application/json), not {media_type}"
+                )
                 await _send_json(send, 415, body, self._cors(scope))
                 return
         if path == "/docs.json":
@@ -109,12 +119,18 @@ class Edge:
         origin = Headers(scope=scope).get("origin")
         if origin is None or not ("*" in self.cors_origins or origin in self.cors_origins):
             return []
-        return [(b"access-control-allow-origin", b"*" if "*" in self.cors_origins else origin.encode()),
-                (b"vary", b"Origin")]
+        return [
+            (b"access-control-allow-origin", b"*" if "*" in self.cors_origins else origin.encode()),
+            (b"vary", b"Origin"),
+        ]
 
     def _open(self, scope: Scope, path: str) -> bool:
-        return (scope["method"] == "OPTIONS" or path in self.open_paths or path.startswith(OPEN_PREFIXES)
-                or key_is_valid(presented_key(Headers(scope=scope)), self.keys))
+        return (
+            scope["method"] == "OPTIONS"
+            or path in self.open_paths
+            or path.startswith(OPEN_PREFIXES)
+            or key_is_valid(presented_key(Headers(scope=scope)), self.keys)
+        )
 
     async def _bounded(self, scope: Scope, receive: Receive) -> Receive | None:
         """`receive` for a body within the limit, None for one over it. A declared length is
@@ -176,7 +192,7 @@ class TimelyTimeout(TimeoutMiddleware):
         answer = asyncio.ensure_future(self.app(scope, receive, starting_send))
         try:
             await started
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if answer.cancel():
                 body = errors.status_error(504, f"no answer within {self.timeout:g} s (the server's request timeout)")
                 await _send_json(send, 504, body, [])
@@ -189,8 +205,10 @@ class TimelyTimeout(TimeoutMiddleware):
 def _bentoml_error(status: int, body: Any) -> tuple[int, Any]:
     """BentoML's and Starlette's error bodies in the one shape; ours pass through unchanged."""
     if isinstance(body, str):  # plain text: Starlette's "Not Found" for a path no route has
-        message = {404: "no such route: this server generates images (routes: /docs.json)",
-                   405: "method not allowed on this route"}.get(status, body.strip() or "error")
+        message = {
+            404: "no such route: this server generates images (routes: /docs.json)",
+            405: "method not allowed on this route",
+        }.get(status, body.strip() or "error")
         return status, errors.status_error(status, message)
     if isinstance(body, list) and len(body) == 1:  # BentoML sends some errors as a one-item list
         body = body[0]
@@ -212,8 +230,13 @@ def _rewriting(send: Send, rewrite: Callable[[int, Any], tuple[int, Any]], only_
         if message["type"] == "http.response.start":
             content_type = Headers(raw=message["headers"]).get("content-type", "")
             error = message["status"] >= 400
-            if (content_type.startswith("application/json") and (error or not only_errors)
-                    or only_errors and error and content_type.startswith("text/plain")):
+            if (
+                content_type.startswith("application/json")
+                and (error or not only_errors)
+                or only_errors
+                and error
+                and content_type.startswith("text/plain")
+            ):
                 start = message
                 return
         elif message["type"] == "http.response.body" and start is not None:
@@ -228,8 +251,17 @@ def _rewriting(send: Send, rewrite: Callable[[int, Any], tuple[int, Any]], only_
             status, rewritten = rewrite(status, parsed)
             body = json.dumps(rewritten).encode()
             headers = [(k, v) for k, v in start["headers"] if k.lower() not in (b"content-length", b"content-type")]
-            await send({**start, "status": status, "headers": [
-                *headers, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send(
+                {
+                    **start,
+                    "status": status,
+                    "headers": [
+                        *headers,
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
         await send(message)
@@ -239,8 +271,17 @@ def _rewriting(send: Send, rewrite: Callable[[int, Any], tuple[int, Any]], only_
 
 async def _send_json(send: Send, status: int, body: dict, extra_headers: list[tuple[bytes, bytes]]) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra_headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *extra_headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 

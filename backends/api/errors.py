@@ -8,7 +8,8 @@ answers (rewritten at the edge), unexpected exceptions.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -102,9 +103,16 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> tuple[int, dict[str, A
 
 def status_error(status: int, message: str) -> dict[str, Any]:
     """An error that has no backend class (unknown route, bad method, body too large...)."""
-    type_ = {401: "authentication_error", 404: "not_found", 405: "method_not_allowed",
-             413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited", 503: "unavailable",
-             504: "timeout"}.get(status, "invalid_request_error" if status < 500 else "internal_error")
+    type_ = {
+        401: "authentication_error",
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "payload_too_large",
+        415: "unsupported_media_type",
+        429: "rate_limited",
+        503: "unavailable",
+        504: "timeout",
+    }.get(status, "invalid_request_error" if status < 500 else "internal_error")
     return error_body(message, type_, None, type_)
 
 

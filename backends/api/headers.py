@@ -9,13 +9,20 @@ from backends.sdxl_backend.protocol import GenerationResult
 
 # Headers a browser client may read across origins (CORS Access-Control-Expose-Headers).
 EXPOSED = [
-    "X-Model", "X-Seed", "X-Inference-Time", "X-Model-Load-Time", "X-VRAM-Used", "X-VRAM-Total", "X-VRAM-Mode",
+    "X-Model",
+    "X-Seed",
+    "X-Inference-Time",
+    "X-Model-Load-Time",
+    "X-VRAM-Used",
+    "X-VRAM-Total",
+    "X-VRAM-Mode",
     "X-Device",
 ]
 
 
-def result_headers(result: GenerationResult, device: str, memory: tuple[int, int] | None,
-                   inference_ms: bool = False) -> dict[str, str]:
+def result_headers(
+    result: GenerationResult, device: str, memory: tuple[int, int] | None, inference_ms: bool = False
+) -> dict[str, str]:
     """Times in seconds, except X-Inference-Time with `inference_ms` (moondream-station's
     route: the gallery reads that header as milliseconds); the device memory as `vram_headers`
     gives it (X-Device says which device served)."""

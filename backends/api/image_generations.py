@@ -33,6 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from backends.api import errors
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.errors import InvalidRequest, OutOfMemory
+from backends.sdxl_backend.images import decode_image
+from backends.sdxl_backend.limits import Limits
+from backends.sdxl_backend.masks import mask_from_alpha
 from backends.sdxl_backend.modes import MEMORY_MODES
 from backends.sdxl_backend.protocol import (
     MAX_CONTROLNETS,
@@ -46,9 +49,6 @@ from backends.sdxl_backend.protocol import (
     OutputFormat,
     Refiner,
 )
-from backends.sdxl_backend.images import decode_image
-from backends.sdxl_backend.limits import Limits
-from backends.sdxl_backend.masks import mask_from_alpha
 from backends.sdxl_backend.schedulers import resolve_moondream_name
 
 SIZE_PATTERN = re.compile(r"^(\d+)x(\d+)$")
@@ -56,8 +56,12 @@ RECORDED_ONLY = ("quality", "style", "user", "safety_identifier", "moderation")
 
 
 class ImageGenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"example":
-        {"prompt": "a misty forest at dawn", "width": 512, "height": 512, "steps": 20, "seed": 3}})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {"prompt": "a misty forest at dawn", "width": 512, "height": 512, "steps": 20, "seed": 3}
+        },
+    )
 
     prompt: str = Field(min_length=1)
     model: str | None = None
@@ -130,7 +134,6 @@ class ImageGenerationRequest(BaseModel):
             controlnets=self.controlnets,
         )
 
-
     def _scheduler(self) -> str | None:
         if self.scheduler is None:
             return None
@@ -197,41 +200,63 @@ router = APIRouter(tags=["moondream-station and OpenAI Images"])
 VramModeHeader = Annotated[str | None, Header(description="high, balanced or low")]
 
 
-@router.post("/v1/generate", response_model=ImageGenerationAnswer,
-             responses=errors.responses(400, 401, 404, 413, 422, 429, 500, 503, 504))
-async def moondream_generate(body: MoondreamRequest, request: Request, runtime: Annotated[Runtime, Depends(runtime_of)],
-                             x_vram_mode: VramModeHeader = None) -> JSONResponse:
+@router.post(
+    "/v1/generate",
+    response_model=ImageGenerationAnswer,
+    responses=errors.responses(400, 401, 404, 413, 422, 429, 500, 503, 504),
+)
+async def moondream_generate(
+    body: MoondreamRequest,
+    request: Request,
+    runtime: Annotated[Runtime, Depends(runtime_of)],
+    x_vram_mode: VramModeHeader = None,
+) -> JSONResponse:
     """moondream-station's generation route. `image` makes it img2img. X-Inference-Time is in
     milliseconds here, as the gallery reads it."""
     try:
         return await generation_answer(body, request, runtime, x_vram_mode, inference_ms=True)
     except OutOfMemory as exc:
-        return JSONResponse(errors.error_body(f"CUDA out of memory: {exc.message}", "out_of_memory",
-                                              code="out_of_memory"), 500)
+        return JSONResponse(
+            errors.error_body(f"CUDA out of memory: {exc.message}", "out_of_memory", code="out_of_memory"), 500
+        )
 
 
-@router.post("/v1/images/generations", response_model=ImageGenerationAnswer,
-             responses=errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507))
-async def generate(body: ImageGenerationRequest, request: Request, runtime: Annotated[Runtime, Depends(runtime_of)],
-                   x_vram_mode: VramModeHeader = None) -> JSONResponse:
+@router.post(
+    "/v1/images/generations",
+    response_model=ImageGenerationAnswer,
+    responses=errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507),
+)
+async def generate(
+    body: ImageGenerationRequest,
+    request: Request,
+    runtime: Annotated[Runtime, Depends(runtime_of)],
+    x_vram_mode: VramModeHeader = None,
+) -> JSONResponse:
     """The OpenAI Images API (and, through the route above, moondream-station's): the union
     of both request shapes in, the union of both answers out."""
     return await generation_answer(body, request, runtime, x_vram_mode)
 
 
-async def generation_answer(body: ImageGenerationRequest, request: Request, runtime: Runtime,
-                            x_vram_mode: str | None, inference_ms: bool = False) -> JSONResponse:
+async def generation_answer(
+    body: ImageGenerationRequest,
+    request: Request,
+    runtime: Runtime,
+    x_vram_mode: str | None,
+    inference_ms: bool = False,
+) -> JSONResponse:
     """Both routes' work: the generation, then the answer in both shapes."""
     result = await runtime.run(body.to_generation_request(x_vram_mode), request)
     urls = None
     if body.response_format == "url":
         base, kept, extension = runtime.base_url(request), runtime.kept_images, result.request.output_format
         # (off the event loop: the kept images may be in Redis)
-        ids = [await anyio.to_thread.run_sync(kept.put, image.data, image.media_type, extension)
-               for image in result.images]
+        ids = [
+            await anyio.to_thread.run_sync(kept.put, image.data, image.media_type, extension) for image in result.images
+        ]
         urls = [f"{base}/v1/images/files/{image_id}" for image_id in ids]
-    return JSONResponse(render(body, result, int(time.time()), urls),
-                        headers=runtime.result_headers(result, inference_ms))
+    return JSONResponse(
+        render(body, result, int(time.time()), urls), headers=runtime.result_headers(result, inference_ms)
+    )
 
 
 class ImageEditForm(ImageGenerationRequest):
@@ -241,13 +266,36 @@ class ImageEditForm(ImageGenerationRequest):
     input_fidelity: str | None = None  # OpenAI's; no SDXL meaning
 
 
-MULTIPART_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["image"],
-    "properties": {"image": {"type": "string", "format": "binary", "description": "the image (repeated: the first is used)"},
-                   "mask": {"type": "string", "format": "binary",
-                            "description": "edits: a PNG whose fully transparent pixels mark the area to repaint"},
-                   "prompt": {"type": "string"}, "n": {"type": "integer"}, "size": {"type": "string"},
-                   "response_format": {"type": "string"}, "model": {"type": "string"}}}}}}}
+MULTIPART_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "the image (repeated: the first is used)",
+                        },
+                        "mask": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "edits: a PNG whose fully transparent pixels mark the area to repaint",
+                        },
+                        "prompt": {"type": "string"},
+                        "n": {"type": "integer"},
+                        "size": {"type": "string"},
+                        "response_format": {"type": "string"},
+                        "model": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 async def read_edit_form(request: Request, runtime: Runtime, with_prompt: bool) -> ImageEditForm:
@@ -257,12 +305,16 @@ async def read_edit_form(request: Request, runtime: Runtime, with_prompt: bool) 
         form = await request.form(max_files=16, max_fields=64)
     except Exception:
         raise InvalidRequest("body: expected a multipart/form-data upload", "image") from None
-    uploads = [await item.read() for key in ("image", "image[]") for item in form.getlist(key)
-               if not isinstance(item, str)]
+    uploads = [
+        await item.read() for key in ("image", "image[]") for item in form.getlist(key) if not isinstance(item, str)
+    ]
     if not uploads:
         raise InvalidRequest("image: required (a file upload)", "image")
-    fields: dict[str, Any] = {key: value for key, value in form.multi_items()
-                              if isinstance(value, str) and key not in ("image", "image[]", "mask")}
+    fields: dict[str, Any] = {
+        key: value
+        for key, value in form.multi_items()
+        if isinstance(value, str) and key not in ("image", "image[]", "mask")
+    }
     if not with_prompt and "prompt" in fields:
         raise InvalidRequest("prompt: variations take no prompt", "prompt")
     mask = form.get("mask")
@@ -282,8 +334,12 @@ def alpha_mask_png(data: bytes, limits: Limits) -> bytes:
     return buffer.getvalue()
 
 
-@router.post("/v1/images/edits", response_model=ImageGenerationAnswer, openapi_extra=MULTIPART_BODY,
-             responses=errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507))
+@router.post(
+    "/v1/images/edits",
+    response_model=ImageGenerationAnswer,
+    openapi_extra=MULTIPART_BODY,
+    responses=errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507),
+)
 async def edit_image(request: Request, runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONResponse:
     """OpenAI's image edit: img2img from `image` and `prompt`; with `mask`, inpainting of its
     transparent area (strength 1.0: the area is drawn anew, as OpenAI's edits are)."""
@@ -295,8 +351,12 @@ async def edit_image(request: Request, runtime: Annotated[Runtime, Depends(runti
     return await generate(form, request, runtime)
 
 
-@router.post("/v1/images/variations", response_model=ImageGenerationAnswer, openapi_extra=MULTIPART_BODY,
-             responses=errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507))
+@router.post(
+    "/v1/images/variations",
+    response_model=ImageGenerationAnswer,
+    openapi_extra=MULTIPART_BODY,
+    responses=errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507),
+)
 async def image_variations(request: Request, runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONResponse:
     """OpenAI's variations: img2img of `image` with no prompt, at strength 0.6 unless given."""
     form = await read_edit_form(request, runtime, with_prompt=False)
@@ -305,10 +365,20 @@ async def image_variations(request: Request, runtime: Annotated[Runtime, Depends
     return await generate(form, request, runtime)
 
 
-@router.get("/v1/images/files/{image_id}", response_class=Response, responses={
-    200: {"content": {media: {"schema": {"type": "string", "format": "binary"}} for media in
-                      ("image/png", "image/jpeg", "image/webp")}, "description": "The image"},
-    **errors.responses(404, 410, 503)})
+@router.get(
+    "/v1/images/files/{image_id}",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {
+                media: {"schema": {"type": "string", "format": "binary"}}
+                for media in ("image/png", "image/jpeg", "image/webp")
+            },
+            "description": "The image",
+        },
+        **errors.responses(404, 410, 503),
+    },
+)
 async def kept_image(image_id: str, runtime: Annotated[Runtime, Depends(runtime_of)]) -> Response:
     """An image answered with response_format "url", while it is kept."""
     image = await anyio.to_thread.run_sync(runtime.kept_images.get, image_id)

@@ -27,8 +27,11 @@ class TooManyStreams(QueueFull):
 
 
 class JobRequest(GenerationRequest):
-    model_config = ConfigDict(json_schema_extra={"example":
-        {"prompt": "a lighthouse at dusk", "steps": 12, "width": 512, "height": 512, "preview_every": 4}})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"prompt": "a lighthouse at dusk", "steps": 12, "width": 512, "height": 512, "preview_every": 4}
+        }
+    )
 
     # Send a small preview of the image being formed every K steps (SSE `preview` events and
     # GET /v1/jobs/{id}/preview); decoded from the latents by a linear map, not the VAE.
@@ -78,13 +81,17 @@ def job_body(job: Job, position: int, base_url: str) -> dict[str, Any]:
         created=job.created,
         elapsed_s=job.elapsed_s,
         eta_s=job.eta_s,
-        links=JobLinks(self=f"{base_url}/v1/jobs/{job.id}", events=f"{base_url}/v1/jobs/{job.id}/events",
-                       preview=f"{base_url}/v1/jobs/{job.id}/preview"),
+        links=JobLinks(
+            self=f"{base_url}/v1/jobs/{job.id}",
+            events=f"{base_url}/v1/jobs/{job.id}/events",
+            preview=f"{base_url}/v1/jobs/{job.id}/preview",
+        ),
         cancel_requested_at=job.cancel_requested_at,
         # How long the device took to be free once the cancellation was asked for.
         cancel_to_free_s=round(max(0.0, job.finished - job.cancel_requested_at), 3) if cancelled_and_free else None,
         result=native.result_answer(job.result, int(job.finished))
-        if job.result and job.status == JobStatus.SUCCEEDED else None,
+        if job.result and job.status == JobStatus.SUCCEEDED
+        else None,
         error=errors.backend_error(job.error)[1]["error"] if job.error and job.status != JobStatus.SUCCEEDED else None,
     ).model_dump(mode="json")
 
@@ -99,13 +106,31 @@ def sse(event: str, data: dict[str, Any]) -> str:
 
 def progress_events(job: Job, position: int, sent_preview_step: int) -> list[str]:
     """The events that tell a watcher where `job` is now."""
-    events = [sse("progress", {
-        "status": job.status.value, "queue_position": position, "step": job.step, "total_steps": job.total_steps,
-        "percent": job.percent, "elapsed_s": job.elapsed_s, "eta_s": job.eta_s,
-    })]
+    events = [
+        sse(
+            "progress",
+            {
+                "status": job.status.value,
+                "queue_position": position,
+                "step": job.step,
+                "total_steps": job.total_steps,
+                "percent": job.percent,
+                "elapsed_s": job.elapsed_s,
+                "eta_s": job.eta_s,
+            },
+        )
+    ]
     if job.preview is not None and job.preview_step != sent_preview_step:
-        events.append(sse("preview", {"step": job.preview_step, "media_type": "image/png",
-                                      "b64_json": base64.b64encode(job.preview).decode()}))
+        events.append(
+            sse(
+                "preview",
+                {
+                    "step": job.preview_step,
+                    "media_type": "image/png",
+                    "b64_json": base64.b64encode(job.preview).decode(),
+                },
+            )
+        )
     return events
 
 
@@ -118,8 +143,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 NOT_FOUND = errors.responses(401, 404, 410)
 
 
-@router.post("", status_code=202, response_model=JobAnswer,
-             responses=errors.responses(400, 401, 404, 413, 422, 429, 503))
+@router.post(
+    "", status_code=202, response_model=JobAnswer, responses=errors.responses(400, 401, 404, 413, 422, 429, 503)
+)
 async def submit(body: JobRequest, request: Request, runtime: RuntimeDep) -> JSONResponse:
     """The native body (an `image` makes it img2img), checked, queued and answered at once."""
     job = await runtime.submit(body.generation_request(), request, body.preview_every)
@@ -132,15 +158,19 @@ async def list_jobs(
     request: Request,
     runtime: RuntimeDep,
     limit: Annotated[int, Query(ge=1, le=100, description="Jobs per page.")] = 20,
-    before: Annotated[float | None, Query(description="Only jobs created before this time (the previous page's next_before).")] = None,
+    before: Annotated[
+        float | None, Query(description="Only jobs created before this time (the previous page's next_before).")
+    ] = None,
 ) -> dict:
     """Recent jobs, newest first, a page at a time."""
     base = runtime.base_url(request)
     page = await runtime.on_queue(runtime.jobs.recent, limit + 1, before, runtime.owner(request))
     more = len(page) > limit
     page = page[:limit]
-    return {"jobs": [await answer(runtime, job, base) for job in page],
-            "next_before": page[-1].created if more else None}
+    return {
+        "jobs": [await answer(runtime, job, base) for job in page],
+        "next_before": page[-1].created if more else None,
+    }
 
 
 @router.get("/{job_id}", response_model=JobAnswer, responses=NOT_FOUND)
@@ -159,17 +189,27 @@ async def cancel_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict
     return await answer(runtime, await runtime.on_queue(runtime.jobs.refresh, job), runtime.base_url(request))
 
 
-@router.get("/{job_id}/events", response_class=StreamingResponse, responses={
-    200: {"content": {"text/event-stream": {}},
-          "description": "`progress` (and `preview`) events, then `result`, `error` or `cancelled`"},
-    **errors.responses(401, 404, 410, 429)})
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "`progress` (and `preview`) events, then `result`, `error` or `cancelled`",
+        },
+        **errors.responses(401, 404, 410, 429),
+    },
+)
 async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> StreamingResponse:
     """Server-Sent Events: `progress` (and `preview`) while it runs, then `result`,
     `error` or `cancelled`, then the stream ends."""
     job, base = await runtime.on_queue(runtime.jobs.get, job_id, runtime.owner(request)), runtime.base_url(request)
     if runtime.event_streams >= runtime.settings.max_event_streams:
-        raise TooManyStreams(f"{runtime.event_streams} event streams are open (SDXL_MAX_EVENT_STREAMS); poll "
-                             f"GET /v1/jobs/{{id}} or retry later", 1)
+        raise TooManyStreams(
+            f"{runtime.event_streams} event streams are open (SDXL_MAX_EVENT_STREAMS); poll "
+            f"GET /v1/jobs/{{id}} or retry later",
+            1,
+        )
     runtime.event_streams += 1
 
     async def stream():
@@ -185,8 +225,9 @@ async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> Stre
             version, final = current.version, current.status.final
             if version != seen:
                 seen = version
-                for event in progress_events(current, await runtime.on_queue(runtime.jobs.position, current),
-                                             preview_step):
+                for event in progress_events(
+                    current, await runtime.on_queue(runtime.jobs.position, current), preview_step
+                ):
                     yield event
                 preview_step = current.preview_step
             if final:
@@ -202,10 +243,17 @@ async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> Stre
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/{job_id}/preview", response_class=Response, responses={
-    200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-          "description": "The latest latent preview"},
-    **errors.responses(400, 401, 404, 410)})
+@router.get(
+    "/{job_id}/preview",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The latest latent preview",
+        },
+        **errors.responses(400, 401, 404, 410),
+    },
+)
 async def job_preview(job_id: str, request: Request, runtime: RuntimeDep) -> Response:
     job = await runtime.on_queue(runtime.jobs.get, job_id, runtime.owner(request))
     if job.preview is None:

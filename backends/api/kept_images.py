@@ -39,8 +39,9 @@ class KeptImages:
         self._lock = threading.Lock()
         # Expired images are deleted even when no request comes.
         self._closing = threading.Event()
-        self._sweeper = threading.Thread(target=self._sweep, args=(min(60.0, ttl_s),), name="kept-images-sweeper",
-                                         daemon=True)
+        self._sweeper = threading.Thread(
+            target=self._sweep, args=(min(60.0, ttl_s),), name="kept-images-sweeper", daemon=True
+        )
         self._sweeper.start()
 
     def put(self, data: bytes, media_type: str, extension: str) -> str:
@@ -126,7 +127,7 @@ class SharedKeptImages:
 
     PREFIX = "sdxl:kept:"
 
-    def __init__(self, client: "redis.Redis", ttl_s: float, max_bytes: int):
+    def __init__(self, client: redis.Redis, ttl_s: float, max_bytes: int):
         self.client = client
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from backends.sdxl_backend.jobs import Job, JobStatus
@@ -20,15 +28,19 @@ from backends.sdxl_backend.jobs import Job, JobStatus
 class Metrics:
     def __init__(self) -> None:
         self.requests = Counter("sdxl_http_requests_total", "HTTP requests answered", ["route", "method", "status"])
-        self.request_seconds = Histogram("sdxl_http_request_seconds", "Time to answer an HTTP request",
-                                         ["route", "method"],
-                                         buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+        self.request_seconds = Histogram(
+            "sdxl_http_request_seconds",
+            "Time to answer an HTTP request",
+            ["route", "method"],
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+        )
         # With a shared queue (SDXL_REDIS_URL), the fleet's counts: the same on every replica.
         self.queued = Gauge("sdxl_queued_jobs", "Jobs waiting for a device", multiprocess_mode="livesum")
         self.running = Gauge("sdxl_running_jobs", "Jobs running on a device", multiprocess_mode="livesum")
         self.generations = Counter("sdxl_generations_total", "Finished jobs", ["model", "outcome"])
-        self.recoveries = Counter("sdxl_out_of_memory_recoveries_total", "Out-of-memory errors recovered in a lower mode",
-                                  ["model"])
+        self.recoveries = Counter(
+            "sdxl_out_of_memory_recoveries_total", "Out-of-memory errors recovered in a lower mode", ["model"]
+        )
         self.load_seconds = Counter("sdxl_model_load_seconds_total", "Seconds spent loading models", ["model"])
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:

@@ -42,10 +42,13 @@ class GenerationAnswer(BaseModel):
     timings: Timings
     vram_mode: str = Field(description="The memory mode that served, after any out-of-memory retry.")
     out_of_memory_in: list[str] = Field(description="Memory modes that ran out of memory first (recovered).")
-    batch_images: int = Field(description="Images in the pipeline call that made these: more than the request's "
-                                          "own when it ran batched with other requests (SDXL_MAX_BATCH).")
-    prompt_reading: dict[str, PromptReading] = Field(description="What the text encoders read of `prompt` and "
-                                                                 "`negative_prompt`: tokens, and chunks of 75.")
+    batch_images: int = Field(
+        description="Images in the pipeline call that made these: more than the request's "
+        "own when it ran batched with other requests (SDXL_MAX_BATCH)."
+    )
+    prompt_reading: dict[str, PromptReading] = Field(
+        description="What the text encoders read of `prompt` and `negative_prompt`: tokens, and chunks of 75."
+    )
 
 
 def wants_raw_image(accept: str | None) -> bool:
@@ -56,9 +59,16 @@ def result_answer(result: GenerationResult, created: int) -> GenerationAnswer:
     return GenerationAnswer(
         created=created,
         model=result.model,
-        images=[NativeImage(b64_json=base64.b64encode(image.data).decode(), seed=image.seed,
-                            media_type=image.media_type, width=image.width, height=image.height)
-                for image in result.images],
+        images=[
+            NativeImage(
+                b64_json=base64.b64encode(image.data).decode(),
+                seed=image.seed,
+                media_type=image.media_type,
+                width=image.width,
+                height=image.height,
+            )
+            for image in result.images
+        ],
         parameters=result.request.model_dump(),
         timings=result.timings,
         vram_mode=result.vram_mode,

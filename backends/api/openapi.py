@@ -18,20 +18,26 @@ ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
 
 
 def _error_responses(statuses: tuple[int, ...]) -> dict[str, Any]:
-    return {str(status): {"description": errors.DESCRIPTIONS[status],
-                          "content": {"application/json": {"schema": ERROR_REF}}} for status in statuses}
+    return {
+        str(status): {
+            "description": errors.DESCRIPTIONS[status],
+            "content": {"application/json": {"schema": ERROR_REF}},
+        }
+        for status in statuses
+    }
 
 
 def truthful(spec: dict[str, Any]) -> dict[str, Any]:
     spec["openapi"] = "3.1.0"
     info = spec.setdefault("info", {})
-    info["description"] = ("**[Open the playground](/ui)**: generate, watch and compare in the browser.\n\n"
-                           + info.get("description", ""))
+    info["description"] = "**[Open the playground](/ui)**: generate, watch and compare in the browser.\n\n" + info.get(
+        "description", ""
+    )
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas["ErrorBody"] = errors.ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
     schemas.update(schemas["ErrorBody"].pop("$defs"))
     for path, item in spec["paths"].items():
-        for method, operation in item.items():
+        for operation in item.values():
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue
             responses = operation["responses"]
@@ -39,8 +45,9 @@ def truthful(spec: dict[str, Any]) -> dict[str, Any]:
                 responses = {"200": responses["200"], **_error_responses(native.ERROR_STATUSES)}
                 binary = {"schema": {"type": "string", "format": "binary"}}
                 responses["200"]["content"].update({media: binary for media in native.IMAGE_TYPES})
-                responses["200"]["description"] = ("JSON with the images (base64), seeds and timings; "
-                                                   "with Accept: image/* and n=1, the image itself")
+                responses["200"]["description"] = (
+                    "JSON with the images (base64), seeds and timings; with Accept: image/* and n=1, the image itself"
+                )
             elif path in ("/livez", "/readyz", "/healthz"):
                 responses["503"] = {"description": "The service is not alive or not ready"}
             else:

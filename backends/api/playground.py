@@ -13,8 +13,10 @@ from fastapi.responses import HTMLResponse
 PAGE = Path(__file__).with_name("playground.html")
 # Scripts and styles are inline (one file, no build step); images are data: URLs; every
 # request goes to this origin.
-POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
-          "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 router = APIRouter(tags=["playground"])
 

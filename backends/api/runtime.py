@@ -66,9 +66,16 @@ class ServedAdapter:
 
 
 class Runtime:
-    def __init__(self, settings: Settings, served: list[ServedModel], default_model: str, vae: Path | None = None,
-                 loras: list[ServedAdapter] = (), controlnets: list[ServedAdapter] = (),
-                 embeddings: list[ServedAdapter] = ()):
+    def __init__(
+        self,
+        settings: Settings,
+        served: list[ServedModel],
+        default_model: str,
+        vae: Path | None = None,
+        loras: list[ServedAdapter] = (),
+        controlnets: list[ServedAdapter] = (),
+        embeddings: list[ServedAdapter] = (),
+    ):
         self.settings = settings
         self.served = {model.id: model for model in served}
         # torch and diffusers load here, in the worker. BentoML's main process imports the service
@@ -85,11 +92,15 @@ class Runtime:
         logger.info(
             "device: %s; models: %s (default %s)%s; LoRAs: %s; ControlNets: %s; embeddings: %s; VAE %s; %s; "
             "API keys %s",
-            placement.describe(), ", ".join(self.served), default_model,
+            placement.describe(),
+            ", ".join(self.served),
+            default_model,
             "".join(f"; alias {a} -> {t}" for a, t in settings.model_aliases.items()),
-            ", ".join(lora.id for lora in loras) or "none", ", ".join(c.id for c in controlnets) or "none",
+            ", ".join(lora.id for lora in loras) or "none",
+            ", ".join(c.id for c in controlnets) or "none",
             ", ".join(e.id for e in embeddings) or "none",
-            settings.vae or "each model's own", settings.fast_paths.describe(),
+            settings.vae or "each model's own",
+            settings.fast_paths.describe(),
             "required" if settings.api_keys else "off",
         )
         sources = [ModelSource(m.id, m.path, m.defaults) for m in served]
@@ -99,19 +110,41 @@ class Runtime:
         self.loras = {lora.id: lora for lora in loras}
         self.controlnets = {controlnet.id: controlnet for controlnet in controlnets}
         self.embeddings = {embedding.id: embedding for embedding in embeddings}
-        models = ModelManager(sources, placement, settings.model_aliases, settings.memory_policy, settings.fast_paths,
-                              vae, [LoraSource(lora.id, lora.path, lora.fits) for lora in loras],
-                              settings.max_loaded_loras, [ControlNetSource(c.id, c.path, c.fits) for c in controlnets],
-                              settings.max_loaded_controlnets, on_device=self.device.run)
+        models = ModelManager(
+            sources,
+            placement,
+            settings.model_aliases,
+            settings.memory_policy,
+            settings.fast_paths,
+            vae,
+            [LoraSource(lora.id, lora.path, lora.fits) for lora in loras],
+            settings.max_loaded_loras,
+            [ControlNetSource(c.id, c.path, c.fits) for c in controlnets],
+            settings.max_loaded_controlnets,
+            on_device=self.device.run,
+        )
         self.device.run_at_exit(models.close)
         oom_seam = OutOfMemorySeam.parse(settings.test_fault_oom)
         if oom_seam:
             logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_OOM=%s makes generations fail", settings.test_fault_oom)
-        self.engine = Engine(models, default_model, settings.limits, oom_seam, settings.prompt_syntax,
-                             EmbeddingSet([EmbeddingSource(e.id, e.path, e.fits) for e in embeddings]))
+        self.engine = Engine(
+            models,
+            default_model,
+            settings.limits,
+            oom_seam,
+            settings.prompt_syntax,
+            EmbeddingSet([EmbeddingSource(e.id, e.path, e.fits) for e in embeddings]),
+        )
         self.metrics = Metrics()
-        bounds = dict(max_queue=settings.max_queue, ttl_s=settings.job_ttl_seconds, max_jobs=settings.max_jobs,
-                      max_bytes=settings.job_max_bytes, on_change=self._job_changed, max_batch=settings.max_batch, device=self.device)
+        bounds = dict(
+            max_queue=settings.max_queue,
+            ttl_s=settings.job_ttl_seconds,
+            max_jobs=settings.max_jobs,
+            max_bytes=settings.job_max_bytes,
+            on_change=self._job_changed,
+            max_batch=settings.max_batch,
+            device=self.device,
+        )
         self.jobs_dir: Path | None = None
         self.jobs: JobQueue
         if settings.redis_url is None:
@@ -139,8 +172,10 @@ class Runtime:
             client.ping()
             logger.info("the job queue and kept images are shared through Redis (SDXL_REDIS_URL)")
         except redis.RedisError as exc:
-            logger.warning("Redis (SDXL_REDIS_URL) cannot be reached yet (%s); jobs and image links answer 503 "
-                           "until it can", type(exc).__name__)
+            logger.warning(
+                "Redis (SDXL_REDIS_URL) cannot be reached yet (%s); jobs and image links answer 503 until it can",
+                type(exc).__name__,
+            )
         return client
 
     def start(self, warm_up: bool) -> None:
@@ -155,8 +190,9 @@ class Runtime:
     def _warm_up(self) -> None:
         TORCH_WORK.note("warm-up")
         started = time.perf_counter()
-        (outcome,) = self.engine.generate_batch([(self.engine.prepare(GenerationRequest(prompt="warm-up", steps=2)),
-                                                  None)])
+        (outcome,) = self.engine.generate_batch(
+            [(self.engine.prepare(GenerationRequest(prompt="warm-up", steps=2)), None)]
+        )
         if isinstance(outcome, Exception):
             raise outcome
         logger.info("warm-up of %s done in %.2f s", self.default_model, time.perf_counter() - started)
@@ -196,8 +232,9 @@ class Runtime:
         moves on at its next step."""
         prepared = await anyio.to_thread.run_sync(self._prepare, request)
         try:
-            return await cancelled_on_hangup(http, self.jobs.run(prepared, self.owner(http),
-                                                                  self.settings.timeout_seconds))
+            return await cancelled_on_hangup(
+                http, self.jobs.run(prepared, self.owner(http), self.settings.timeout_seconds)
+            )
         except TimedOut as exc:
             raise TimedOut(f"{exc.message} (SDXL_TIMEOUT_SECONDS)") from None
 
@@ -205,8 +242,10 @@ class Runtime:
         """Validated, decoded and filled in (`Engine.prepare`: a bad request fails here, never
         queued)."""
         if request.vram_mode is not None and not self.settings.allow_client_vram_mode:
-            logger.info("client asked for memory mode %s; SDXL_ALLOW_CLIENT_VRAM_MODE=0, so the server's applies",
-                        request.vram_mode)
+            logger.info(
+                "client asked for memory mode %s; SDXL_ALLOW_CLIENT_VRAM_MODE=0, so the server's applies",
+                request.vram_mode,
+            )
             request = request.model_copy(update={"vram_mode": None})
         return self.engine.prepare(request)
 
@@ -235,8 +274,11 @@ class Runtime:
     def device_thread_status(self) -> dict[str, Any]:
         """The device thread's torch thread count, and which threads did each kind of torch work
         in this process (the device thread alone, when all is well)."""
-        return {"name": self.device.name, "torch_threads": self.device.torch_threads,
-                "torch_work": TORCH_WORK.threads()}
+        return {
+            "name": self.device.name,
+            "torch_threads": self.device.torch_threads,
+            "torch_work": TORCH_WORK.threads(),
+        }
 
     def observe_queue(self) -> None:
         """The queue gauges, as they stand (for a scrape): fleet-wide with a shared queue."""

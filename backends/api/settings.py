@@ -144,13 +144,22 @@ class Settings(BaseSettings):
 
     @property
     def fast_paths(self) -> FastPaths:
-        return FastPaths(attention=self.attention, fuse_qkv=self.fuse_qkv, channels_last=self.channels_last,
-                         quantize=self.quantize, compile=self.compile)
+        return FastPaths(
+            attention=self.attention,
+            fuse_qkv=self.fuse_qkv,
+            channels_last=self.channels_last,
+            quantize=self.quantize,
+            compile=self.compile,
+        )
 
     @property
     def memory_policy(self) -> MemoryPolicy:
-        return MemoryPolicy(budget=self.memory_budget, default_mode=self.vram_mode,
-                            tiling_pixels=self.vae_tiling_pixels, idle_unload_s=self.idle_unload_seconds or None)
+        return MemoryPolicy(
+            budget=self.memory_budget,
+            default_mode=self.vram_mode,
+            tiling_pixels=self.vae_tiling_pixels,
+            idle_unload_s=self.idle_unload_seconds or None,
+        )
 
 
 SECRET_SETTINGS = ("api_keys", "redis_url")  # never shown back, even when wrong: they may hold passwords

@@ -26,8 +26,7 @@ RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
 
 @router.get("/health")
 async def health(runtime: RuntimeDep) -> dict[str, Any]:
-    return {"status": "ok" if runtime.alive else "dead", "server": "sdxl-bento",
-            "default_model": runtime.default_model}
+    return {"status": "ok" if runtime.alive else "dead", "server": "sdxl-bento", "default_model": runtime.default_model}
 
 
 def model_entries(runtime: Runtime) -> list[dict[str, Any]]:
@@ -56,8 +55,10 @@ def model_entries(runtime: Runtime) -> list[dict[str, Any]]:
 @router.get("/v1/models", responses=errors.responses(401))
 async def list_models(runtime: RuntimeDep) -> JSONResponse:
     entries = model_entries(runtime)
-    return JSONResponse({"object": "list", "data": entries, "models": entries},
-                        headers=headers.vram_headers(runtime.engine.models.device_memory()))
+    return JSONResponse(
+        {"object": "list", "data": entries, "models": entries},
+        headers=headers.vram_headers(runtime.engine.models.device_memory()),
+    )
 
 
 @router.get("/v1/models/{model_id}", responses=errors.responses(401, 404))
@@ -78,10 +79,19 @@ async def list_loras(runtime: RuntimeDep) -> dict[str, Any]:
     """LoRAs a request can name in `loras` (A1111: `<lora:id:weight>` in the prompt), each with
     the served models it fits and those it is loaded into now."""
     loaded = {entry["id"]: entry["loras"] for entry in runtime.engine.models.status()["loaded"]}
-    return {"object": "list", "data": [
-        {"id": lora.id, "object": "lora", "description": lora.description, "fits": fitting_models(runtime, lora),
-         "loaded_in": [m for m, loras in loaded.items() if lora.id in loras]}
-        for lora in runtime.loras.values()]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": lora.id,
+                "object": "lora",
+                "description": lora.description,
+                "fits": fitting_models(runtime, lora),
+                "loaded_in": [m for m, loras in loaded.items() if lora.id in loras],
+            }
+            for lora in runtime.loras.values()
+        ],
+    }
 
 
 @router.get("/v1/controlnets", responses=errors.responses(401))
@@ -89,10 +99,20 @@ async def list_controlnets(runtime: RuntimeDep) -> dict[str, Any]:
     """ControlNets a request can name in `controlnets` (A1111: a unit's `model`), each with the
     served models it fits, whether it is loaded now, and the preprocessors a unit may ask for."""
     loaded = {entry["id"] for entry in runtime.engine.models.status()["controlnets"]}
-    return {"object": "list", "preprocessors": list(PREPROCESSORS), "data": [
-        {"id": controlnet.id, "object": "controlnet", "description": controlnet.description,
-         "fits": fitting_models(runtime, controlnet), "loaded": controlnet.id in loaded}
-        for controlnet in runtime.controlnets.values()]}
+    return {
+        "object": "list",
+        "preprocessors": list(PREPROCESSORS),
+        "data": [
+            {
+                "id": controlnet.id,
+                "object": "controlnet",
+                "description": controlnet.description,
+                "fits": fitting_models(runtime, controlnet),
+                "loaded": controlnet.id in loaded,
+            }
+            for controlnet in runtime.controlnets.values()
+        ],
+    }
 
 
 @router.get("/v1/embeddings", responses=errors.responses(401))
@@ -100,12 +120,23 @@ async def list_embeddings(runtime: RuntimeDep) -> dict[str, Any]:
     """Textual-inversion embeddings a prompt can name (by id, or `embedding:id`), each with the
     served models it fits and its number of vectors."""
     sources = runtime.engine.embeddings.embeddings
-    return {"object": "list", "data": [
-        {"id": embedding.id, "object": "embedding", "description": embedding.description,
-         "fits": [m for m, source in runtime.engine.models.sources.items()
-                  if fits_model(embedding.fits, source.text_signature)],
-         "vectors": sources[embedding.id].vectors}
-        for embedding in runtime.embeddings.values()]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": embedding.id,
+                "object": "embedding",
+                "description": embedding.description,
+                "fits": [
+                    m
+                    for m, source in runtime.engine.models.sources.items()
+                    if fits_model(embedding.fits, source.text_signature)
+                ],
+                "vectors": sources[embedding.id].vectors,
+            }
+            for embedding in runtime.embeddings.values()
+        ],
+    }
 
 
 @router.get("/v1/schedulers", responses=errors.responses(401))
@@ -114,18 +145,26 @@ async def list_schedulers() -> dict[str, Any]:
     """Names, as moondream-station lists them (strings: clients take one and send it back),
     their labels, and the other names /v1/generate takes for them."""
     names = list(SCHEDULERS)
-    return {"schedulers": names, "samplers": names, "labels": {name: spec.label for name, spec in SCHEDULERS.items()},
-            "aliases": MOONDREAM_NAMES}
+    return {
+        "schedulers": names,
+        "samplers": names,
+        "labels": {name: spec.label for name, spec in SCHEDULERS.items()},
+        "aliases": MOONDREAM_NAMES,
+    }
 
 
 @router.get("/v1/system/status", responses=errors.responses(401))
 async def system_status(runtime: RuntimeDep) -> dict[str, Any]:
     """Device, memory (bytes), speed settings, loaded models (most recently used first), the jobs
     on this device and the queue (with a shared queue: every replica's)."""
-    return {**runtime.engine.models.status(), "vae": runtime.settings.vae,
-            "queue_length": await runtime.on_queue(lambda: runtime.jobs.queue_length),
-            "jobs_on_device": len(runtime.jobs.running_here), "device_thread_alive": runtime.alive,
-            "device_thread": runtime.device_thread_status()}
+    return {
+        **runtime.engine.models.status(),
+        "vae": runtime.settings.vae,
+        "queue_length": await runtime.on_queue(lambda: runtime.jobs.queue_length),
+        "jobs_on_device": len(runtime.jobs.running_here),
+        "device_thread_alive": runtime.alive,
+        "device_thread": runtime.device_thread_status(),
+    }
 
 
 @router.post("/v1/system/unload", responses=errors.responses(401))
@@ -135,9 +174,14 @@ async def unload(runtime: RuntimeDep) -> dict[str, Any]:
     return {"status": "success", "message": f"unloaded {len(unloaded)} model(s)", "unloaded": unloaded}
 
 
-@router.get("/metrics", response_class=Response, responses={
-    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus metrics"},
-    **errors.responses(401)})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus metrics"},
+        **errors.responses(401),
+    },
+)
 async def prometheus_metrics(runtime: RuntimeDep) -> Response:
     """Requests by route template, queued and running jobs, generations by model and outcome,
     out-of-memory recoveries, model load seconds (and the Python process's own figures). With a

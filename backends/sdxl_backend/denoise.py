@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -94,11 +95,13 @@ def control_arguments(prepared: PreparedRequest, maps_argument: str) -> dict[str
     def each(values: list) -> list | object:
         return values if len(units) > 1 else values[0]
 
-    return {maps_argument: each(prepared.controls),
-            "controlnet_conditioning_scale": each([unit.scale for unit in units]),
-            "control_guidance_start": each([unit.start for unit in units]),
-            "control_guidance_end": each([unit.end for unit in units]),
-            "guess_mode": units[0].guess_mode}
+    return {
+        maps_argument: each(prepared.controls),
+        "controlnet_conditioning_scale": each([unit.scale for unit in units]),
+        "control_guidance_start": each([unit.start for unit in units]),
+        "control_guidance_end": each([unit.end for unit in units]),
+        "guess_mode": units[0].guess_mode,
+    }
 
 
 def per_image(members: list[PreparedRequest], values: Callable[[PreparedRequest], Any]) -> list:
@@ -126,17 +129,26 @@ def img2img_arguments(members: list[PreparedRequest]) -> dict[str, Any]:
 def inpaint_arguments(members: list[PreparedRequest]) -> dict[str, Any]:
     (first,) = members  # (alone: the crop path takes one image and one mask)
     request = first.request
-    return {"image": first.init_image, "mask_image": first.mask, "strength": request.strength,
-            "width": request.width, "height": request.height,
-            "padding_mask_crop": request.masked_area_padding if request.masked_area_only else None}
+    return {
+        "image": first.init_image,
+        "mask_image": first.mask,
+        "strength": request.strength,
+        "width": request.width,
+        "height": request.height,
+        "padding_mask_crop": request.masked_area_padding if request.masked_area_only else None,
+    }
 
 
 TASK_ARGUMENTS = {"txt2img": txt2img_arguments, "img2img": img2img_arguments, "inpaint": inpaint_arguments}
 
 
 class Denoiser:
-    def __init__(self, models: ModelManager, prompt_reader: Callable[[ModelSource], PromptReader],
-                 oom_seam: OutOfMemorySeam | None = None):
+    def __init__(
+        self,
+        models: ModelManager,
+        prompt_reader: Callable[[ModelSource], PromptReader],
+        oom_seam: OutOfMemorySeam | None = None,
+    ):
         self.models = models
         self.prompt_reader = prompt_reader
         self.oom_seam = oom_seam
@@ -155,8 +167,10 @@ class Denoiser:
         progress = BatchProgress(batch)
         width, height = first.output_size
         # 1. Hold the models: the base, and its ControlNets.
-        with (self.models.use(source.id, mode, width * height) as (pipelines, load_s),
-              self.models.use_controlnets([unit.id for unit in request.controlnets]) as (controlnets, control_load_s)):
+        with (
+            self.models.use(source.id, mode, width * height) as (pipelines, load_s),
+            self.models.use_controlnets([unit.id for unit in request.controlnets]) as (controlnets, control_load_s),
+        ):
             # 2. Apply the LoRAs (before encoding: those that touch the text encoders change the conditioning).
             lora_load_s = self.models.apply_loras(source.id, pipelines, request.loras)
             pipeline = with_controlnets(pipelines, task, controlnets) if controlnets else getattr(pipelines, task)
@@ -168,9 +182,16 @@ class Denoiser:
                 "generator": generators(members),
                 "callback_on_step_end": self._step_callback(attempt, progress, 0, self._second_pass_steps(first)),
                 **({"eta": request.eta} if request.eta is not None else {}),
-                **self.models.out_of_memory_as_error(lambda: conditioning(
-                    pipeline, per_image(members, lambda prepared: prepared.prompts), pipelines.encoded_prompts,
-                    lora_weights(request), self.prompt_reader(source).embeddings), "out of memory"),
+                **self.models.out_of_memory_as_error(
+                    lambda: conditioning(
+                        pipeline,
+                        per_image(members, lambda prepared: prepared.prompts),
+                        pipelines.encoded_prompts,
+                        lora_weights(request),
+                        self.prompt_reader(source).embeddings,
+                    ),
+                    "out of memory",
+                ),
                 **(control_arguments(first, "image" if task == "txt2img" else "control_image") if controlnets else {}),
                 **TASK_ARGUMENTS[task](members),
             }
@@ -181,20 +202,34 @@ class Denoiser:
             pictures = self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
             # 5. The second pass, if any: the refiner's, or the hires fix's.
             if first.refiner is not None:
-                pictures, refiner_load_s = self._refine(first, pictures, {**arguments, "generator": generators(members)},
-                                                        mode, attempt, progress, pipeline.num_timesteps)
+                pictures, refiner_load_s = self._refine(
+                    first,
+                    pictures,
+                    {**arguments, "generator": generators(members)},
+                    mode,
+                    attempt,
+                    progress,
+                    pipeline.num_timesteps,
+                )
             elif hires is not None:
                 second = with_controlnets(pipelines, "img2img", controlnets) if controlnets else pipelines.img2img
                 second.scheduler = pipelines.new_scheduler(request.scheduler, source.defaults.timestep_spacing)
-                pictures = self._hires_pass(first, second, pictures, arguments, attempt, progress,
-                                            pipeline.num_timesteps)
+                pictures = self._hires_pass(
+                    first, second, pictures, arguments, attempt, progress, pipeline.num_timesteps
+                )
             # 6. Inpainting: the repainted area pasted onto the input (the crop path pastes back by itself).
             if first.mask is not None and not request.masked_area_only:
-                pictures = [pipeline.image_processor.apply_overlay(first.mask, first.init_image, picture)
-                            for picture in pictures]
+                pictures = [
+                    pipeline.image_processor.apply_overlay(first.mask, first.init_image, picture)
+                    for picture in pictures
+                ]
             # 7. Each request's own images. (A refiner loaded on the way counts as load time, not inference.)
-            timings = Timings(load_s=load_s + control_load_s + refiner_load_s, lora_load_s=lora_load_s,
-                              inference_s=time.perf_counter() - started - refiner_load_s, encode_s=0.0)
+            timings = Timings(
+                load_s=load_s + control_load_s + refiner_load_s,
+                lora_load_s=lora_load_s,
+                inference_s=time.perf_counter() - started - refiner_load_s,
+                encode_s=0.0,
+            )
             return progress.split(pictures), timings
 
     @staticmethod
@@ -206,8 +241,16 @@ class Denoiser:
         hires = request.hires_fix if prepared.init_image is None else None
         return int(hires.steps * hires.strength) if hires else 0
 
-    def _hires_pass(self, prepared: PreparedRequest, pipeline: Any, pictures: Any, arguments: dict[str, Any],
-                    attempt: int, progress: BatchProgress, steps_run: int) -> list[Image.Image]:
+    def _hires_pass(
+        self,
+        prepared: PreparedRequest,
+        pipeline: Any,
+        pictures: Any,
+        arguments: dict[str, Any],
+        attempt: int,
+        progress: BatchProgress,
+        steps_run: int,
+    ) -> list[Image.Image]:
         """The hires fix's second pass: the first pass's latents (or images) upscaled, repainted
         as img2img. (An interrupt in the first pass also ends this one after its first step.)"""
         request, hires = prepared.request, prepared.request.hires_fix
@@ -216,17 +259,30 @@ class Denoiser:
             upscaled = torch.nn.functional.interpolate(pictures, size=(height // 8, width // 8), mode="bilinear")
         else:
             upscaled = [picture.resize((width, height), Image.Resampling.LANCZOS) for picture in pictures]
-        arguments = {**arguments, **step_arguments(request.scheduler, hires.steps),
-                     **(control_arguments(prepared, "control_image") if request.controlnets else {}),
-                     "image": upscaled, "strength": hires.strength, "output_type": "pil",
-                     "generator": generators([prepared]),
-                     "callback_on_step_end": self._step_callback(attempt, progress, steps_run, 0)}
+        arguments = {
+            **arguments,
+            **step_arguments(request.scheduler, hires.steps),
+            **(control_arguments(prepared, "control_image") if request.controlnets else {}),
+            "image": upscaled,
+            "strength": hires.strength,
+            "output_type": "pil",
+            "generator": generators([prepared]),
+            "callback_on_step_end": self._step_callback(attempt, progress, steps_run, 0),
+        }
         for first_pass_only in ("width", "height"):
             arguments.pop(first_pass_only)
         return self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
 
-    def _refine(self, prepared: PreparedRequest, latents: torch.Tensor, arguments: dict[str, Any], mode: str,
-                attempt: int, progress: BatchProgress, steps_run: int) -> tuple[list[Image.Image], float]:
+    def _refine(
+        self,
+        prepared: PreparedRequest,
+        latents: torch.Tensor,
+        arguments: dict[str, Any],
+        mode: str,
+        attempt: int,
+        progress: BatchProgress,
+        steps_run: int,
+    ) -> tuple[list[Image.Image], float]:
         """The refiner's part: the base's latents denoised from `switch_at` on (diffusers'
         ensemble of experts: no decoding in between), with `arguments` as the base ran (fresh
         generators in them); returns the images and the refiner's load seconds."""
@@ -235,12 +291,23 @@ class Denoiser:
         with self.models.use(refiner.id, mode, width * height) as (pipelines, load_s):
             pipeline = pipelines.img2img
             pipeline.scheduler = pipelines.new_scheduler(request.scheduler, refiner.defaults.timestep_spacing)
-            refined = self.models.out_of_memory_as_error(lambda: conditioning(
-                pipeline, [prepared.refiner_prompts] * request.n, pipelines.encoded_prompts,
-                embeddings=self.prompt_reader(refiner).embeddings), "out of memory")
-            arguments = {**arguments, "image": latents, "denoising_start": request.refiner.switch_at,
-                         "output_type": "pil", **refined,
-                         "callback_on_step_end": self._step_callback(attempt, progress, steps_run, 0)}
+            refined = self.models.out_of_memory_as_error(
+                lambda: conditioning(
+                    pipeline,
+                    [prepared.refiner_prompts] * request.n,
+                    pipelines.encoded_prompts,
+                    embeddings=self.prompt_reader(refiner).embeddings,
+                ),
+                "out of memory",
+            )
+            arguments = {
+                **arguments,
+                "image": latents,
+                "denoising_start": request.refiner.switch_at,
+                "output_type": "pil",
+                **refined,
+                "callback_on_step_end": self._step_callback(attempt, progress, steps_run, 0),
+            }
             for base_only in ("width", "height", "denoising_end", "strength", *CONTROL_ARGUMENTS):
                 arguments.pop(base_only, None)
             pictures = self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")

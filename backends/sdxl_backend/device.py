@@ -20,7 +20,7 @@ class Placement:
 
 
 def select_placement(device: str = "auto", dtype: str = "auto") -> Placement:
-    """"auto": CUDA when present, else CPU.
+    """ "auto": CUDA when present, else CPU.
 
     On CUDA the default is bfloat16 where the card supports it (the SDXL VAE is stable in it),
     else float16 (the pipeline then upcasts the VAE for decoding, as SDXL's VAE config asks).

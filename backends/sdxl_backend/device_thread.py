@@ -22,8 +22,9 @@ import logging
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from .errors import DeviceUnavailable
 
@@ -127,8 +128,11 @@ class DeviceThread:
 
         torch.set_num_threads(self.torch_threads_wanted)  # this thread's pool: set here, where it runs
         self.torch_threads = torch.get_num_threads()
-        logger.info("device thread: torch uses %d CPU thread(s) (SDXL_TORCH_THREADS), OpenMP wait policy %s",
-                    self.torch_threads, os.environ.get("OMP_WAIT_POLICY", "libgomp's default"))
+        logger.info(
+            "device thread: torch uses %d CPU thread(s) (SDXL_TORCH_THREADS), OpenMP wait policy %s",
+            self.torch_threads,
+            os.environ.get("OMP_WAIT_POLICY", "libgomp's default"),
+        )
         try:
             self.run_calls()  # (the warm-up, handed over before the start: before any job)
             self._loop()

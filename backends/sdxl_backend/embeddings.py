@@ -87,8 +87,11 @@ class EmbeddingSet:
             self.offsets[embedding.id], self.total = self.total, self.total + embedding.vectors
         self.embeddings = {e.id: e for e in ordered if model_signature is None or fits_model(e.fits, model_signature)}
         names = sorted(self.embeddings, key=len, reverse=True)  # (the longest name first)
-        self.pattern = re.compile(r"(?<![\w.:-])(?:embedding:)?(" + "|".join(map(re.escape, names)) + r")(?![\w-])"
-                                  ) if names else None
+        self.pattern = (
+            re.compile(r"(?<![\w.:-])(?:embedding:)?(" + "|".join(map(re.escape, names)) + r")(?![\w-])")
+            if names
+            else None
+        )
 
     def for_model(self, model_signature: str) -> EmbeddingSet:
         return EmbeddingSet(list(self.all), model_signature)

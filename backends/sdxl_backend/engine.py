@@ -33,6 +33,8 @@ from .protocol import GeneratedImage, GenerationRequest, GenerationResult, Promp
 from .validation import output_size, resolve, validate
 
 logger = logging.getLogger("sdxl_backend")
+
+
 @dataclass
 class PreparedRequest:
     """A request that passed every check: every field filled in, the input image decoded at
@@ -91,9 +93,14 @@ class Engine:
         """`source`'s tokenizers, the syntax setting and the embeddings that fit the model."""
         reader = self._prompt_readers.get(source.id)
         if reader is None:
-            reader = self._prompt_readers.setdefault(source.id, PromptReader(
-                lambda: model_tokenizers(source.path), self.prompt_syntax,
-                self.embeddings.for_model(source.text_signature)))
+            reader = self._prompt_readers.setdefault(
+                source.id,
+                PromptReader(
+                    lambda: model_tokenizers(source.path),
+                    self.prompt_syntax,
+                    self.embeddings.for_model(source.text_signature),
+                ),
+            )
         return reader
 
     def read_prompts(self, request: GenerationRequest, source: ModelSource) -> ReadPrompts:
@@ -118,8 +125,12 @@ class Engine:
         self.models.check_loras(source, [lora.id for lora in request.loras])
         self.models.check_controlnets(source, [unit.id for unit in request.controlnets])
         refiner = self._refiner(request, source)
-        controls = [control_map(decode_image(unit.image, self.limits, f"controlnets[{index}].image"), unit,
-                                output_size(request)) for index, unit in enumerate(request.controlnets)]
+        controls = [
+            control_map(
+                decode_image(unit.image, self.limits, f"controlnets[{index}].image"), unit, output_size(request)
+            )
+            for index, unit in enumerate(request.controlnets)
+        ]
         if init_image is not None and init_image.size != (request.width, request.height):
             init_image = init_image.resize((request.width, request.height), Image.Resampling.LANCZOS)
         mask = None
@@ -127,24 +138,33 @@ class Engine:
             if init_image is None:
                 raise InvalidRequest("mask: inpainting needs the image to paint into (`image`)", "mask")
             size = (request.width, request.height)
-            mask = prepare_mask(decode_image(request.mask, self.limits, "mask", mode="L"), size, request.mask_blur,
-                                request.mask_invert)
+            mask = prepare_mask(
+                decode_image(request.mask, self.limits, "mask", mode="L"), size, request.mask_blur, request.mask_invert
+            )
             if mask.getextrema()[1] == 0:
                 raise InvalidRequest("mask: it is all black, so nothing would be repainted (white repaints)", "mask")
             if request.masked_content == "fill":
                 init_image = fill_masked(init_image, mask)
         controlnets = [unit.model_copy(update={"image": b""}) for unit in request.controlnets]
-        return PreparedRequest(request.model_copy(update={"image": None, "mask": None, "controlnets": controlnets}),
-                               source, init_image, mask, refiner, controls, self.read_prompts(request, source),
-                               self.read_prompts(request, refiner) if refiner else None)
+        return PreparedRequest(
+            request.model_copy(update={"image": None, "mask": None, "controlnets": controlnets}),
+            source,
+            init_image,
+            mask,
+            refiner,
+            controls,
+            self.read_prompts(request, source),
+            self.read_prompts(request, refiner) if refiner else None,
+        )
 
     def _refiner(self, request: GenerationRequest, source: ModelSource) -> ModelSource | None:
         if request.refiner is None:
             return None
         refiner = self.models.source(request.refiner.model)
         if not refiner.img2img_only:
-            raise InvalidRequest(f"refiner.model: '{refiner.id}' is not a refiner (an image-to-image-only model)",
-                                 "refiner.model")
+            raise InvalidRequest(
+                f"refiner.model: '{refiner.id}' is not a refiner (an image-to-image-only model)", "refiner.model"
+            )
         if source.img2img_only:
             raise InvalidRequest(f"refiner: model '{source.id}' is a refiner itself", "refiner")
         for other in ("hires_fix", "mask"):
@@ -160,15 +180,29 @@ class Engine:
         """Requests with equal keys can share one pipeline call (their prompts, negative prompts,
         seeds, input images, counts and encodings may differ); None: this one runs alone."""
         request = prepared.request
-        if (prepared.mask is not None or request.hires_fix is not None or prepared.refiner is not None
-                or prepared.controls):
+        if (
+            prepared.mask is not None
+            or request.hires_fix is not None
+            or prepared.refiner is not None
+            or prepared.controls
+        ):
             return None
         img2img = prepared.init_image is not None
         # The prompts' chunk count: a prompt padded with empty chunks would read otherwise.
-        return (prepared.source.id, request.width, request.height, request.steps, request.scheduler,
-                request.guidance_scale, request.eta, request.strength if img2img else None, img2img,
-                prepared.prompts.chunk_count, self.mode_of(request),
-                lora_weights(request))
+        return (
+            prepared.source.id,
+            request.width,
+            request.height,
+            request.steps,
+            request.scheduler,
+            request.guidance_scale,
+            request.eta,
+            request.strength if img2img else None,
+            img2img,
+            prepared.prompts.chunk_count,
+            self.mode_of(request),
+            lora_weights(request),
+        )
 
     def generate(self, prepared: PreparedRequest, on_step: StepObserver | None = None) -> GenerationResult:
         """One request: its pipeline call, with out-of-memory recovery, then encoding."""
@@ -202,12 +236,13 @@ class Engine:
     @staticmethod
     def _models_of(prepared: PreparedRequest) -> list[str]:
         """Every model a request loads: its own, its refiner's, its ControlNets'."""
-        return [prepared.source.id, *([prepared.refiner.id] if prepared.refiner else []),
-                *(unit.id for unit in prepared.request.controlnets)]
+        return [
+            prepared.source.id,
+            *([prepared.refiner.id] if prepared.refiner else []),
+            *(unit.id for unit in prepared.request.controlnets),
+        ]
 
-    def generate_batch(
-        self, batch: Batch
-    ) -> list[GenerationResult | BackendError]:
+    def generate_batch(self, batch: Batch) -> list[GenerationResult | BackendError]:
         """Requests of one `batch_key` in one pipeline call; each gets its result, or its error
         (a request whose observer raised `Cancelled` is dropped at that step, the others go on).
         Out of memory: each request is run alone instead, with the usual recovery."""
@@ -225,26 +260,44 @@ class Engine:
         except Cancelled as last:  # every request of the call was cancelled, the last one now
             return [last] * len(batch)
         except OutOfMemory:
-            logger.warning("out of memory generating a batch of %d requests with %s in mode %s; each runs alone",
-                           len(batch), first.source.id, mode)
+            logger.warning(
+                "out of memory generating a batch of %d requests with %s in mode %s; each runs alone",
+                len(batch),
+                first.source.id,
+                mode,
+            )
             return [outcome for member in batch for outcome in self.generate_batch([member])]
         finally:
             if mode == "low":
                 self.models.unload([first.source.id])
         images = sum(prepared.request.n for prepared, _ in batch)
-        return [pictures if isinstance(pictures, BackendError)
-                else self._result(prepared, pictures, mode, [], timings, images)
-                for (prepared, _), pictures in zip(batch, outcomes)]
+        return [
+            pictures
+            if isinstance(pictures, BackendError)
+            else self._result(prepared, pictures, mode, [], timings, images)
+            for (prepared, _), pictures in zip(batch, outcomes)
+        ]
 
-    def _result(self, prepared: PreparedRequest, pictures: list[Image.Image], mode: str, out_of_memory_in: list[str],
-                timings: Timings, batch_images: int) -> GenerationResult:
+    def _result(
+        self,
+        prepared: PreparedRequest,
+        pictures: list[Image.Image],
+        mode: str,
+        out_of_memory_in: list[str],
+        timings: Timings,
+        batch_images: int,
+    ) -> GenerationResult:
         request, init_image = prepared.request, prepared.init_image
         inpainting = prepared.mask is not None
         started = time.perf_counter()
         images = [
             GeneratedImage(
-                data=encode_image(picture, request.output_format, request.quality,
-                                  infotext.write(request, seed, init_image is not None, inpainting)),
+                data=encode_image(
+                    picture,
+                    request.output_format,
+                    request.quality,
+                    infotext.write(request, seed, init_image is not None, inpainting),
+                ),
                 media_type=MEDIA_TYPES[request.output_format],
                 seed=seed,
                 width=picture.width,
@@ -255,13 +308,28 @@ class Engine:
         timings = timings.model_copy(update={"encode_s": time.perf_counter() - started})
         logger.info(
             "generated %d image(s) %dx%d with %s in mode %s, %d steps, %s, in a call of %d image(s): %.2f s",
-            request.n, request.width, request.height, prepared.source.id, mode, request.steps,
-            request.scheduler, batch_images, timings.inference_s,
+            request.n,
+            request.width,
+            request.height,
+            prepared.source.id,
+            mode,
+            request.steps,
+            request.scheduler,
+            batch_images,
+            timings.inference_s,
         )
         return GenerationResult(
-            model=prepared.source.id, images=images, request=request, timings=timings, batch_images=batch_images,
-            vram_mode=mode, out_of_memory_in=out_of_memory_in, img2img=init_image is not None,
-            inpainting=inpainting, prompt_reading={
+            model=prepared.source.id,
+            images=images,
+            request=request,
+            timings=timings,
+            batch_images=batch_images,
+            vram_mode=mode,
+            out_of_memory_in=out_of_memory_in,
+            img2img=init_image is not None,
+            inpainting=inpainting,
+            prompt_reading={
                 name: PromptReading(tokens=read.tokens, chunks=read.own_chunks)
-                for name, read in (("prompt", prepared.prompts.prompt), ("negative_prompt", prepared.prompts.negative))},
+                for name, read in (("prompt", prepared.prompts.prompt), ("negative_prompt", prepared.prompts.negative))
+            },
         )

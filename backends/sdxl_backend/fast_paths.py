@@ -91,8 +91,11 @@ def quantize_unet(unet: torch.nn.Module, quantization: Quantization) -> None:
     elif fp8_arithmetic(unet.device):
         config = Float8DynamicActivationFloat8WeightConfig()
     else:
-        logger.info("fp8: no fp8 arithmetic on %s, so the weights are stored in fp8 and computed in %s",
-                    unet.device, str(unet.dtype).removeprefix("torch."))
+        logger.info(
+            "fp8: no fp8 arithmetic on %s, so the weights are stored in fp8 and computed in %s",
+            unet.device,
+            str(unet.dtype).removeprefix("torch."),
+        )
         config = Float8WeightOnlyConfig()
     quantize_(unet, config)
 

@@ -28,13 +28,17 @@ def write(request: GenerationRequest, seed: int, img2img: bool, inpainting: bool
         settings.append(f"Denoising strength: {request.strength}")
     if request.hires_fix and not img2img:
         hires = request.hires_fix
-        settings.append(f"Hires resize: {hires.width}x{hires.height}, Hires steps: {hires.steps}, "
-                        f"Hires upscaler: {hires.upscaler.title()}, Denoising strength: {hires.strength}")
+        settings.append(
+            f"Hires resize: {hires.width}x{hires.height}, Hires steps: {hires.steps}, "
+            f"Hires upscaler: {hires.upscaler.title()}, Denoising strength: {hires.strength}"
+        )
     if request.refiner:
         settings.append(f"Refiner: {request.refiner.model}, Refiner switch at: {request.refiner.switch_at}")
     for index, unit in enumerate(request.controlnets):  # as A1111's ControlNet extension writes them
-        settings.append(f'ControlNet {index}: "Module: {unit.preprocess}, Model: {unit.id}, Weight: {unit.scale}, '
-                        f'Guidance Start: {unit.start}, Guidance End: {unit.end}"')
+        settings.append(
+            f'ControlNet {index}: "Module: {unit.preprocess}, Model: {unit.id}, Weight: {unit.scale}, '
+            f'Guidance Start: {unit.start}, Guidance End: {unit.end}"'
+        )
     if inpainting:
         settings.append(f"Mask blur: {request.mask_blur}")
         if request.masked_area_only:

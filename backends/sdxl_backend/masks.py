@@ -36,16 +36,16 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     kept_colour = pixels * keep[..., None]
     filled = np.zeros_like(pixels)
+
+    def blur(plane: np.ndarray, small: tuple[int, int]) -> np.ndarray:
+        shrunk = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32)).resize(small, Image.Resampling.BOX)
+        return np.asarray(shrunk.resize((width, height), Image.Resampling.BILINEAR))
+
     for factor in (64, 16, 4, 1):
         small = (max(1, width // factor), max(1, height // factor))
-
-        def blur(plane: np.ndarray) -> np.ndarray:
-            shrunk = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32)).resize(small, Image.Resampling.BOX)
-            return np.asarray(shrunk.resize((width, height), Image.Resampling.BILINEAR))
-
-        coverage = blur(keep)
+        coverage = blur(keep, small)
         reached = coverage > 1e-3
-        colour = np.stack([blur(kept_colour[..., channel]) for channel in range(3)], axis=-1)
+        colour = np.stack([blur(kept_colour[..., channel], small) for channel in range(3)], axis=-1)
         filled[reached] = colour[reached] / coverage[reached, None]
     weight = 1.0 - keep[..., None]
     blended = pixels * (1.0 - weight) + filled * weight

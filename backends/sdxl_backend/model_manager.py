@@ -10,17 +10,19 @@ here guards the loaded set against the other threads that read it (status, listi
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import psutil
 import torch
@@ -32,6 +34,7 @@ from .embeddings import model_text_signature
 from .errors import DeviceUnavailable, InvalidRequest, OutOfMemory, UnknownModel
 from .fast_paths import FastPaths
 from .loras import LORA_FILE, LoraSource, model_unet_signature
+from .modes import MemoryPolicy
 from .pipelines import (
     Pipelines,
     apply_memory_mode,
@@ -41,7 +44,6 @@ from .pipelines import (
     set_vae_tiling,
     weights_bytes,
 )
-from .modes import MemoryPolicy
 from .protocol import LoraWeight, ModelDefaults
 
 logger = logging.getLogger("sdxl_backend")
@@ -82,7 +84,9 @@ class LoadedModel:
     load_s: float
     last_used: float = field(default_factory=time.time)
     in_use: int = 0
-    loras: OrderedDict[str, int] = field(default_factory=OrderedDict)  # loaded adapters' bytes, least recently used first
+    loras: OrderedDict[str, int] = field(
+        default_factory=OrderedDict
+    )  # loaded adapters' bytes, least recently used first
 
 
 @dataclass
@@ -140,8 +144,12 @@ class ModelManager:
         self._controlnets: OrderedDict[str, LoadedControlNet] = OrderedDict()  # least recently used first
         self._lock = threading.RLock()
         self._last_activity = time.monotonic()
-        logger.info("memory budget %.2f GiB of %.2f GiB; default mode %s", self.budget / GiB, total / GiB,
-                    self.policy.default_mode)
+        logger.info(
+            "memory budget %.2f GiB of %.2f GiB; default mode %s",
+            self.budget / GiB,
+            total / GiB,
+            self.policy.default_mode,
+        )
         self._closing = threading.Event()
         if self.policy.idle_unload_s:
             threading.Thread(target=self._unload_when_idle, name="sdxl-idle-unload", daemon=True).start()
@@ -198,17 +206,24 @@ class ModelManager:
         """A request's LoRAs are served, named once each, and fit the model; raises
         `InvalidRequest` naming the one at fault."""
         if lora_ids and self.fast_paths.fuse_qkv:
-            raise InvalidRequest("loras: this server fuses the attention projections (SDXL_FUSE_QKV=1), which "
-                                 "LoRAs would not reach", "loras")
+            raise InvalidRequest(
+                "loras: this server fuses the attention projections (SDXL_FUSE_QKV=1), which LoRAs would not reach",
+                "loras",
+            )
         for lora_id in lora_ids:
             if lora_id not in self.loras:
-                raise InvalidRequest(f"loras: unknown LoRA '{lora_id}' (served: {', '.join(self.loras) or 'none'}; "
-                                     f"GET /v1/loras)", "loras")
+                raise InvalidRequest(
+                    f"loras: unknown LoRA '{lora_id}' (served: {', '.join(self.loras) or 'none'}; GET /v1/loras)",
+                    "loras",
+                )
             if lora_ids.count(lora_id) > 1:
                 raise InvalidRequest(f"loras: '{lora_id}' is named twice", "loras")
             if self.loras[lora_id].fits != source.unet_signature:
-                raise InvalidRequest(f"loras: '{lora_id}' does not fit model '{source.id}' (it was trained on another "
-                                     f"UNet architecture)", "loras")
+                raise InvalidRequest(
+                    f"loras: '{lora_id}' does not fit model '{source.id}' (it was trained on another "
+                    f"UNet architecture)",
+                    "loras",
+                )
 
     def apply_loras(self, model_id: str, pipelines: Pipelines, requested: list[LoraWeight]) -> float:
         """Make exactly `requested` active on the model (loading those it lacks, none when empty);
@@ -223,7 +238,9 @@ class ModelManager:
             if lora.id not in loaded.loras:
                 TORCH_WORK.note("load")
                 self.out_of_memory_as_error(
-                    lambda: owner.load_lora_weights(str(lora.path), weight_name=LORA_FILE, adapter_name=lora.adapter_name),
+                    functools.partial(
+                        owner.load_lora_weights, str(lora.path), weight_name=LORA_FILE, adapter_name=lora.adapter_name
+                    ),
                     f"out of memory loading LoRA {lora.id}",
                 )
                 with self._lock:
@@ -253,11 +270,17 @@ class ModelManager:
         for index, controlnet_id in enumerate(controlnet_ids):
             field_name = f"controlnets[{index}].id"
             if controlnet_id not in self.controlnets:
-                raise InvalidRequest(f"{field_name}: unknown ControlNet '{controlnet_id}' (served: "
-                                     f"{', '.join(self.controlnets) or 'none'}; GET /v1/controlnets)", field_name)
+                raise InvalidRequest(
+                    f"{field_name}: unknown ControlNet '{controlnet_id}' (served: "
+                    f"{', '.join(self.controlnets) or 'none'}; GET /v1/controlnets)",
+                    field_name,
+                )
             if self.controlnets[controlnet_id].fits != source.unet_signature:
-                raise InvalidRequest(f"{field_name}: '{controlnet_id}' does not fit model '{source.id}' (it was made "
-                                     f"for another UNet architecture)", field_name)
+                raise InvalidRequest(
+                    f"{field_name}: '{controlnet_id}' does not fit model '{source.id}' (it was made "
+                    f"for another UNet architecture)",
+                    field_name,
+                )
 
     @contextmanager
     def use_controlnets(self, controlnet_ids: list[str]) -> Iterator[tuple[list[torch.nn.Module], float]]:
@@ -295,12 +318,18 @@ class ModelManager:
         self._make_room(size, source.id)
         TORCH_WORK.note("load")
         started = time.perf_counter()
-        module = self.out_of_memory_as_error(lambda: load_controlnet(source.path, self.placement),
-                                             f"out of memory loading ControlNet {source.id}")
+        module = self.out_of_memory_as_error(
+            lambda: load_controlnet(source.path, self.placement), f"out of memory loading ControlNet {source.id}"
+        )
         loaded = LoadedControlNet(source, module, size, time.perf_counter() - started, in_use=1)
         self.loads[source.id] += 1
-        logger.info("loaded ControlNet %s on %s in %.2f s (%.0f MiB)", source.id, self.placement.describe(),
-                    loaded.load_s, size / 2**20)
+        logger.info(
+            "loaded ControlNet %s on %s in %.2f s (%.0f MiB)",
+            source.id,
+            self.placement.describe(),
+            loaded.load_s,
+            size / 2**20,
+        )
         with self._lock:
             self._controlnets[source.id] = loaded
         return loaded
@@ -316,13 +345,20 @@ class ModelManager:
             for victim in [m for m in self._loaded.values() if not m.in_use]:  # least recently used first
                 if used + size <= self.budget:
                     break
-                logger.info("evicting %s (%.2f GiB) to make room for %s (%.2f GiB) under the %.2f GiB budget",
-                            victim.source.id, victim.bytes / GiB, for_id, size / GiB, self.budget / GiB)
+                logger.info(
+                    "evicting %s (%.2f GiB) to make room for %s (%.2f GiB) under the %.2f GiB budget",
+                    victim.source.id,
+                    victim.bytes / GiB,
+                    for_id,
+                    size / GiB,
+                    self.budget / GiB,
+                )
                 self._free(victim.source.id)
                 used -= victim.bytes
         if used + size > self.budget:
-            logger.warning("%s (%.2f GiB) does not fit the budget beside the models in use; loading it anyway",
-                           for_id, size / GiB)
+            logger.warning(
+                "%s (%.2f GiB) does not fit the budget beside the models in use; loading it anyway", for_id, size / GiB
+            )
 
     def _load(self, source: ModelSource, mode: str) -> LoadedModel:
         """Make room under the budget, load, and register the model as in use."""
@@ -336,9 +372,15 @@ class ModelManager:
         )
         load_s = time.perf_counter() - started
         self.loads[source.id] += 1
-        logger.info("loaded model %s on %s in mode %s in %.2f s (%.0f MiB measured, %.0f MiB of weights)",
-                    source.id, self.placement.describe(), mode, load_s,
-                    (self._memory_in_use() - before) / 2**20, size / 2**20)
+        logger.info(
+            "loaded model %s on %s in mode %s in %.2f s (%.0f MiB measured, %.0f MiB of weights)",
+            source.id,
+            self.placement.describe(),
+            mode,
+            load_s,
+            (self._memory_in_use() - before) / 2**20,
+            size / 2**20,
+        )
         loaded = LoadedModel(source, pipelines, size, load_s, in_use=1)
         with self._lock:
             self._loaded[source.id] = loaded
@@ -347,8 +389,11 @@ class ModelManager:
     def unload(self, model_ids: list[str] | None = None) -> list[str]:
         """Free the given loaded models and ControlNets (default: all) that no request is using."""
         with self._lock:
-            freed = [m for m, loaded in [*self._loaded.items(), *self._controlnets.items()]
-                     if (model_ids is None or m in model_ids) and not loaded.in_use]
+            freed = [
+                m
+                for m, loaded in [*self._loaded.items(), *self._controlnets.items()]
+                if (model_ids is None or m in model_ids) and not loaded.in_use
+            ]
             for model_id in freed:
                 if model_id in self._controlnets:
                     self._free_controlnet(model_id)
@@ -420,19 +465,33 @@ class ModelManager:
             memory = (host.total - host.available, host.total)
         with self._lock:
             loaded = [
-                {"id": m.source.id, "bytes": m.bytes, "mode": m.pipelines.mode, "in_use": m.in_use > 0,
-                 "last_used": m.last_used, "load_s": round(m.load_s, 3), "loras": list(m.loras)}
+                {
+                    "id": m.source.id,
+                    "bytes": m.bytes,
+                    "mode": m.pipelines.mode,
+                    "in_use": m.in_use > 0,
+                    "last_used": m.last_used,
+                    "load_s": round(m.load_s, 3),
+                    "loras": list(m.loras),
+                }
                 for m in reversed(self._loaded.values())  # most recently used first
             ]
-            controlnets = [{"id": c.source.id, "bytes": c.bytes, "in_use": c.in_use > 0, "load_s": round(c.load_s, 3)}
-                           for c in reversed(self._controlnets.values())]
+            controlnets = [
+                {"id": c.source.id, "bytes": c.bytes, "in_use": c.in_use > 0, "load_s": round(c.load_s, 3)}
+                for c in reversed(self._controlnets.values())
+            ]
         return {
             "device": str(self.placement.device),
             "device_name": self.placement.describe(),
             "dtype": str(self.placement.dtype).removeprefix("torch."),
-            "memory": {"total": memory[1], "used": memory[0], "free": memory[1] - memory[0],
-                       "budget": self.budget, "models": sum(m["bytes"] for m in [*loaded, *controlnets]),
-                       "process_rss": psutil.Process().memory_info().rss},
+            "memory": {
+                "total": memory[1],
+                "used": memory[0],
+                "free": memory[1] - memory[0],
+                "budget": self.budget,
+                "models": sum(m["bytes"] for m in [*loaded, *controlnets]),
+                "process_rss": psutil.Process().memory_info().rss,
+            },
             "default_mode": self.policy.default_mode,
             "fast_paths": asdict(self.fast_paths),
             "loaded": loaded,

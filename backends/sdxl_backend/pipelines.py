@@ -76,8 +76,9 @@ def weights_variant(path: Path) -> str | None:
     return "fp16" if any(path.glob("*.fp16.safetensors")) or any(path.glob("*/*.fp16.safetensors")) else None
 
 
-def load_pipelines(path: Path, placement: Placement, mode: str = "high", fast: FastPaths = FastPaths(),
-                   vae: Path | None = None) -> Pipelines:
+def load_pipelines(
+    path: Path, placement: Placement, mode: str = "high", fast: FastPaths = FastPaths(), vae: Path | None = None
+) -> Pipelines:
     """Read a diffusers directory for `mode`, with the VAE stored at `vae` in place of its own
     when given (all SDXL models share one latent space), and the speed settings `fast`.
 
@@ -89,9 +90,20 @@ def load_pipelines(path: Path, placement: Placement, mode: str = "high", fast: F
     on_device = mode == "high" or placement.device.type == "cpu"
     target = placement.device if on_device else torch.device("cpu")
     direct = target.type == "cpu" or target.index in (None, 0)
-    replaced = {} if vae is None else {"vae": AutoencoderKL.from_pretrained(
-        vae, dtype=placement.dtype, variant=weights_variant(vae), use_safetensors=True, local_files_only=True,
-        device_map=target.type if direct else None)}
+    replaced = (
+        {}
+        if vae is None
+        else {
+            "vae": AutoencoderKL.from_pretrained(
+                vae,
+                dtype=placement.dtype,
+                variant=weights_variant(vae),
+                use_safetensors=True,
+                local_files_only=True,
+                device_map=target.type if direct else None,
+            )
+        }
+    )
     base = DiffusionPipeline.from_pretrained(
         path,
         dtype=placement.dtype,
@@ -114,8 +126,10 @@ def load_pipelines(path: Path, placement: Placement, mode: str = "high", fast: F
         img2img, txt2img = base, None
     else:
         raise ValueError(f"{path} holds a {type(base).__name__}, not an SDXL pipeline")
-    inpaint = StableDiffusionXLInpaintPipeline(**img2img.components, **{
-        key: img2img.config[key] for key in ("requires_aesthetics_score", "force_zeros_for_empty_prompt")})
+    inpaint = StableDiffusionXLInpaintPipeline(
+        **img2img.components,
+        **{key: img2img.config[key] for key in ("requires_aesthetics_score", "force_zeros_for_empty_prompt")},
+    )
     for pipeline in (img2img, inpaint):
         pipeline.set_progress_bar_config(disable=True)
     pipelines = Pipelines(txt2img, img2img, inpaint, dict(base.scheduler.config))
@@ -124,19 +138,25 @@ def load_pipelines(path: Path, placement: Placement, mode: str = "high", fast: F
     return pipelines
 
 
-CONTROLNET_PIPELINES = {"txt2img": StableDiffusionXLControlNetPipeline,
-                        "img2img": StableDiffusionXLControlNetImg2ImgPipeline,
-                        "inpaint": StableDiffusionXLControlNetInpaintPipeline}
+CONTROLNET_PIPELINES = {
+    "txt2img": StableDiffusionXLControlNetPipeline,
+    "img2img": StableDiffusionXLControlNetImg2ImgPipeline,
+    "inpaint": StableDiffusionXLControlNetInpaintPipeline,
+}
 
 
 def with_controlnets(pipelines: Pipelines, task: str, controlnets: list[ControlNetModel]) -> DiffusionPipeline:
     """The `task` pipeline ("txt2img", "img2img", "inpaint") over the same components, guided by
     `controlnets` (several: diffusers combines them). Made per call: it holds no weights of its own."""
     base = getattr(pipelines, task)
-    config = {key: base.config[key] for key in ("requires_aesthetics_score", "force_zeros_for_empty_prompt")
-              if key in base.config}
-    pipeline = CONTROLNET_PIPELINES[task](**base.components, **config,
-                                          controlnet=controlnets if len(controlnets) > 1 else controlnets[0])
+    config = {
+        key: base.config[key]
+        for key in ("requires_aesthetics_score", "force_zeros_for_empty_prompt")
+        if key in base.config
+    }
+    pipeline = CONTROLNET_PIPELINES[task](
+        **base.components, **config, controlnet=controlnets if len(controlnets) > 1 else controlnets[0]
+    )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -144,8 +164,9 @@ def with_controlnets(pipelines: Pipelines, task: str, controlnets: list[ControlN
 def load_controlnet(path: Path, placement: Placement) -> ControlNetModel:
     """A stored ControlNet, on the device in the placement's dtype. It stays there in every
     memory mode: it runs beside the UNet at every step."""
-    controlnet = ControlNetModel.from_pretrained(path, dtype=placement.dtype, variant=weights_variant(path),
-                                                 use_safetensors=True, local_files_only=True)
+    controlnet = ControlNetModel.from_pretrained(
+        path, dtype=placement.dtype, variant=weights_variant(path), use_safetensors=True, local_files_only=True
+    )
     return controlnet.to(placement.device)
 
 

@@ -34,9 +34,14 @@ from .prompts import ReadPrompt, ReadPrompts
 
 def text_encoders(pipeline) -> list[tuple[torch.nn.Module, object, str]]:
     """(encoder, its tokenizer, its part of an embedding file) for each text encoder."""
-    return [(encoder, tokenizer, key) for encoder, tokenizer, key in (
-        (pipeline.text_encoder, pipeline.tokenizer, "clip_l"), (pipeline.text_encoder_2, pipeline.tokenizer_2, "clip_g"))
-        if encoder is not None]
+    return [
+        (encoder, tokenizer, key)
+        for encoder, tokenizer, key in (
+            (pipeline.text_encoder, pipeline.tokenizer, "clip_l"),
+            (pipeline.text_encoder_2, pipeline.tokenizer_2, "clip_g"),
+        )
+        if encoder is not None
+    ]
 
 
 class TokensAndEmbeddings(torch.nn.Module):
@@ -72,7 +77,7 @@ def give_embeddings(pipeline, embeddings: EmbeddingSet) -> None:
         vectors = torch.zeros(embeddings.total, table.embedding_dim)
         for embedding_id, tensors in files.items():
             start = embeddings.offsets[embedding_id]
-            vectors[start:start + len(tensors[key])] = tensors[key]
+            vectors[start : start + len(tensors[key])] = tensors[key]
         encoder.set_input_embeddings(TokensAndEmbeddings(table, len(tokenizer), vectors))
 
 
@@ -132,8 +137,13 @@ class EncodedPrompts:
         return len(self._entries)
 
 
-def conditioning(pipeline, reads: list[ReadPrompts], encoded: EncodedPrompts, loras: tuple = (),
-                 embeddings: EmbeddingSet | None = None) -> dict[str, torch.Tensor]:
+def conditioning(
+    pipeline,
+    reads: list[ReadPrompts],
+    encoded: EncodedPrompts,
+    loras: tuple = (),
+    embeddings: EmbeddingSet | None = None,
+) -> dict[str, torch.Tensor]:
     """The pipeline call's four conditioning arguments for its rows, one `ReadPrompts` each;
     `loras`: the (id, weight) of the LoRAs active; `embeddings`: those the model serves."""
     if embeddings is not None and embeddings.embeddings and not encoded.has_embeddings:
@@ -148,5 +158,9 @@ def conditioning(pipeline, reads: list[ReadPrompts], encoded: EncodedPrompts, lo
         for row, zero in enumerate(zeros):
             if zero:
                 negative_embeds[row], negative_pooled[row] = 0, 0
-    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
-            "negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
+    return {
+        "prompt_embeds": embeds,
+        "pooled_prompt_embeds": pooled,
+        "negative_prompt_embeds": negative_embeds,
+        "negative_pooled_prompt_embeds": negative_pooled,
+    }

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from .embeddings import EmbeddingSet
 from .errors import InvalidRequest
@@ -103,8 +104,11 @@ def check_syntax(text: str, field: str) -> None:
         if groups and (character, groups[-1][0]) in ((")", "("), ("]", "[")):
             kind, own = groups.pop()
             if kind == "[" and ("|" in own or re.search(r":\s*[+-]?[.\d]+\s*$", "".join(own))):
-                raise InvalidRequest(f"{field}: prompt editing ([from:to:when]) and alternation ([a|b]) are not "
-                                     f"supported; escape the brackets (\\[ \\]) to mean them as text", field)
+                raise InvalidRequest(
+                    f"{field}: prompt editing ([from:to:when]) and alternation ([a|b]) are not "
+                    f"supported; escape the brackets (\\[ \\]) to mean them as text",
+                    field,
+                )
             character = "x"  # (the group, as its parent sees it)
         if groups:
             groups[-1][1].append(character)
@@ -152,8 +156,9 @@ class ReadPrompts:
 class PromptReader:
     """A model's tokenizers and the rules above: `read` turns a prompt into chunks."""
 
-    def __init__(self, tokenizers: Callable[[], list], syntax: PromptSyntax = "a1111",
-                 embeddings: EmbeddingSet | None = None):
+    def __init__(
+        self, tokenizers: Callable[[], list], syntax: PromptSyntax = "a1111", embeddings: EmbeddingSet | None = None
+    ):
         self._load = tokenizers  # called once, on first use
         self._tokenizers: list | None = None
         self.syntax = syntax
@@ -206,8 +211,10 @@ class PromptReader:
         padded to its prompt's length, and the other way round)."""
         if prompt.chunk_count >= chunk_count:
             return prompt
-        chunks = tuple(own + (chunk_tokens([], tokenizer)[0],) * (chunk_count - len(own))
-                       for own, tokenizer in zip(prompt.chunks, self.tokenizers()))
+        chunks = tuple(
+            own + (chunk_tokens([], tokenizer)[0],) * (chunk_count - len(own))
+            for own, tokenizer in zip(prompt.chunks, self.tokenizers())
+        )
         return ReadPrompt(prompt.text, chunks, prompt.tokens, prompt.own_chunks)
 
 
@@ -221,8 +228,12 @@ def chunk_tokens(tokens: list[tuple[Token, float]], tokenizer) -> tuple[Chunk, .
 
     def close(kept: list[tuple[int, float]]) -> None:
         padding = CHUNK_TOKENS - len(kept)
-        ids = (tokenizer.bos_token_id, *(t for t, _ in kept), tokenizer.eos_token_id,
-               *(tokenizer.pad_token_id,) * padding)
+        ids = (
+            tokenizer.bos_token_id,
+            *(t for t, _ in kept),
+            tokenizer.eos_token_id,
+            *(tokenizer.pad_token_id,) * padding,
+        )
         chunks.append(Chunk(ids, (1.0, *(w for _, w in kept), 1.0, *(1.0,) * padding)))
 
     for token, weight in tokens:
@@ -238,8 +249,8 @@ def chunk_tokens(tokens: list[tuple[Token, float]], tokenizer) -> tuple[Chunk, .
             continue
         if len(current) == CHUNK_TOKENS:
             if token != comma and last_comma >= 0 and len(current) - last_comma <= COMMA_BACKTRACK:
-                close(current[:last_comma + 1])  # (the comma stays with the words before it)
-                current = current[last_comma + 1:]
+                close(current[: last_comma + 1])  # (the comma stays with the words before it)
+                current = current[last_comma + 1 :]
             else:
                 close(current)
                 current = []

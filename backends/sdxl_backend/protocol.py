@@ -16,8 +16,10 @@ VramMode = Literal[MEMORY_MODES]  # type: ignore[valid-type]
 MaskedContent = Literal["original", "fill"]
 MAX_SEED = 2**32 - 1
 # A 64x64 red PNG: the example input image of the API documents (one that works when tried).
-TINY_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAAYElEQVR4nO3PQQ0AIBDAMMC/sJOFCB4Nyapg27P+dnTAqwa0BrQGtAa0"
-            "BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0C/RXAUhw4L3GAAAAAElFTkSuQmCC")
+TINY_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAAYElEQVR4nO3PQQ0AIBDAMMC/sJOFCB4Nyapg27P+dnTAqwa0BrQGtAa0"
+    "BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0C/RXAUhw4L3GAAAAAElFTkSuQmCC"
+)
 
 
 def _base64_to_bytes(value: Any) -> Any:
@@ -63,16 +65,22 @@ class HiresFix(BaseModel):
     scale: float = Field(2.0, ge=1, le=4, description="Upscale factor, when width and height are not given.")
     width: int | None = Field(None, description="Final width, a multiple of 8; default: width x scale.")
     height: int | None = Field(None, description="Final height, a multiple of 8; default: height x scale.")
-    upscaler: Literal["latent", "lanczos"] = Field("latent", description="Upscale the latents, or the decoded image (Lanczos).")
+    upscaler: Literal["latent", "lanczos"] = Field(
+        "latent", description="Upscale the latents, or the decoded image (Lanczos)."
+    )
     strength: float = Field(0.55, gt=0, le=1, description="How much the second pass repaints.")
-    steps: int | None = Field(None, ge=1, description="Second-pass steps (x strength are run); default: the request's steps.")
+    steps: int | None = Field(
+        None, ge=1, description="Second-pass steps (x strength are run); default: the request's steps."
+    )
 
 
 class Refiner(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("sdxl-refiner", description="A served refiner (an image-to-image-only model, GET /v1/models).")
-    switch_at: float = Field(0.8, gt=0, lt=1, description="The part of the denoising the base model does; the refiner does the rest.")
+    switch_at: float = Field(
+        0.8, gt=0, lt=1, description="The part of the denoising the base model does; the refiner does the rest."
+    )
 
 
 MAX_LORAS = 8  # per request
@@ -91,58 +99,113 @@ MAX_CONTROLNETS = 4  # per request
 class ControlNetUnit(BaseModel):
     """One ControlNet and the image it reads. Several may guide one generation."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"id": "controlnet-canny-sdxl",
-                                                                             "image": TINY_PNG, "preprocess": "canny"}})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"example": {"id": "controlnet-canny-sdxl", "image": TINY_PNG, "preprocess": "canny"}},
+    )
 
     id: str = Field(description="A served ControlNet (GET /v1/controlnets).")
-    image: ImageBytes = Field(exclude=True, repr=False, description="The control image, base64: a control map (preprocess none), or a picture to preprocess.")
+    image: ImageBytes = Field(
+        exclude=True,
+        repr=False,
+        description="The control image, base64: a control map (preprocess none), or a picture to preprocess.",
+    )
     scale: float = Field(1.0, ge=0, le=2, description="How strongly it guides (0: not at all).")
     start: float = Field(0.0, ge=0, le=1, description="The part of the denoising where its guidance starts.")
     end: float = Field(1.0, ge=0, le=1, description="... and where it ends (above start).")
-    preprocess: Literal["none", "canny"] = Field("none", description="none: the image is the control map; canny: its Canny edges are.")
+    preprocess: Literal["none", "canny"] = Field(
+        "none", description="none: the image is the control map; canny: its Canny edges are."
+    )
     low_threshold: int = Field(100, ge=0, le=255, description="canny: edges weaker than this are dropped.")
-    high_threshold: int = Field(200, ge=0, le=255, description="canny: edges stronger than this are kept (weaker ones when joined to them).")
-    resize_mode: Literal["crop", "stretch", "fill"] = Field("crop", description="How the image meets the output size: cover and crop, stretch, or fit and pad with black.")
-    guess_mode: bool = Field(False, description="Guide from the image alone, the prompt weighing less (A1111's 'ControlNet is more important'); all units of a request agree.")
+    high_threshold: int = Field(
+        200, ge=0, le=255, description="canny: edges stronger than this are kept (weaker ones when joined to them)."
+    )
+    resize_mode: Literal["crop", "stretch", "fill"] = Field(
+        "crop", description="How the image meets the output size: cover and crop, stretch, or fit and pad with black."
+    )
+    guess_mode: bool = Field(
+        False,
+        description="Guide from the image alone, the prompt weighing less (A1111's 'ControlNet is more "
+        "important'); all units of a request agree.",
+    )
 
 
 class TextToImageRequest(BaseModel):
     """The fields of every generation. A field left out takes the model's default."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"prompt": "a lighthouse at dusk", "seed": 7}})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"example": {"prompt": "a lighthouse at dusk", "seed": 7}}
+    )
 
     prompt: str = Field(min_length=1, description="What to draw.")
     negative_prompt: str = Field("", description="What to steer away from.")
     model: str | None = Field(None, description="A served model id or alias (GET /v1/models); default: the server's.")
-    width: int | None = Field(None, description="Pixels, a multiple of 8 within the server's limits; default: the model's (img2img: the input's).")
-    height: int | None = Field(None, description="Pixels, a multiple of 8 within the server's limits; default: the model's (img2img: the input's).")
+    width: int | None = Field(
+        None,
+        description="Pixels, a multiple of 8 within the server's limits; default: the model's (img2img: the input's).",
+    )
+    height: int | None = Field(
+        None,
+        description="Pixels, a multiple of 8 within the server's limits; default: the model's (img2img: the input's).",
+    )
     steps: int | None = Field(None, ge=1, description="Denoising steps; default: the model's.")
-    guidance_scale: float | None = Field(None, ge=0, description="Classifier-free guidance (0 turns it off); default: the model's.")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i of the request uses seed + i; default: random.")
+    guidance_scale: float | None = Field(
+        None, ge=0, description="Classifier-free guidance (0 turns it off); default: the model's."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Image i of the request uses seed + i; default: random."
+    )
     n: int = Field(1, ge=1, description="Images in one batch.")
     scheduler: str | None = Field(None, description="A scheduler name (GET /v1/schedulers); default: the model's.")
-    eta: float | None = Field(None, ge=0, le=1, description="DDIM's eta (0: deterministic, 1: full noise); only the ddim scheduler takes it.")
+    eta: float | None = Field(
+        None, ge=0, le=1, description="DDIM's eta (0: deterministic, 1: full noise); only the ddim scheduler takes it."
+    )
     output_format: OutputFormat = Field("png", description="Encoding of the images.")
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
     vram_mode: VramMode | None = Field(None, description="Memory mode of this request; default: the server's.")
     hires_fix: HiresFix | None = Field(None, description="txt2img: a second, img2img pass at a larger size.")
-    loras: list[LoraWeight] = Field([], max_length=MAX_LORAS, description="LoRAs to apply, each with its weight; they must fit the model.")
-    refiner: Refiner | None = Field(None, description="Hand the last part of the denoising to a refiner (not with hires_fix or a mask).")
-    controlnets: list[ControlNetUnit] = Field([], max_length=MAX_CONTROLNETS, description="ControlNets guiding the generation, each with its control image; they must fit the model.")
+    loras: list[LoraWeight] = Field(
+        [], max_length=MAX_LORAS, description="LoRAs to apply, each with its weight; they must fit the model."
+    )
+    refiner: Refiner | None = Field(
+        None, description="Hand the last part of the denoising to a refiner (not with hires_fix or a mask)."
+    )
+    controlnets: list[ControlNetUnit] = Field(
+        [],
+        max_length=MAX_CONTROLNETS,
+        description="ControlNets guiding the generation, each with its control image; they must fit the model.",
+    )
 
 
 class ImageToImageRequest(TextToImageRequest):
-    model_config = ConfigDict(json_schema_extra={"example": {"prompt": "an oil painting", "strength": 0.6,
-                                                             "image": TINY_PNG}})
+    model_config = ConfigDict(
+        json_schema_extra={"example": {"prompt": "an oil painting", "strength": 0.6, "image": TINY_PNG}}
+    )
 
     image: ImageBytes = Field(exclude=True, repr=False, description="The input image (PNG, JPEG, WebP...), base64.")
-    strength: float = Field(0.75, gt=0, le=1, description="How much of the input to repaint; steps x strength must be at least 1.")
-    mask: ImageBytes | None = Field(None, exclude=True, repr=False, description="Inpainting: where to repaint, white repaints and black keeps (resized to the output), base64.")
+    strength: float = Field(
+        0.75, gt=0, le=1, description="How much of the input to repaint; steps x strength must be at least 1."
+    )
+    mask: ImageBytes | None = Field(
+        None,
+        exclude=True,
+        repr=False,
+        description="Inpainting: where to repaint, white repaints and black keeps (resized to the output), base64.",
+    )
     mask_blur: int = Field(4, ge=0, le=64, description="Inpainting: blur radius of the mask's edge, pixels.")
     mask_invert: bool = Field(False, description="Inpainting: black repaints and white keeps instead.")
-    masked_content: MaskedContent = Field("original", description="Inpainting: what the masked area starts from: the input there, or the colours around it ('fill').")
-    masked_area_only: bool = Field(False, description="Inpainting: repaint the mask's box (plus padding) at the full output resolution, then paste it back.")
-    masked_area_padding: int = Field(32, ge=0, le=1024, description="Inpainting with masked_area_only: pixels around the mask's box.")
+    masked_content: MaskedContent = Field(
+        "original",
+        description="Inpainting: what the masked area starts from: the input there, or the colours around it ('fill').",
+    )
+    masked_area_only: bool = Field(
+        False,
+        description="Inpainting: repaint the mask's box (plus padding) at the full output resolution, then paste "
+        "it back.",
+    )
+    masked_area_padding: int = Field(
+        32, ge=0, le=1024, description="Inpainting with masked_area_only: pixels around the mask's box."
+    )
 
 
 class GenerationRequest(ImageToImageRequest):

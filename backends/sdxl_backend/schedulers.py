@@ -39,8 +39,9 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
         {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
     ),
     "dpmpp_sde_karras": SchedulerSpec("DPMSolverSDEScheduler", "DPM++ SDE Karras", {"use_karras_sigmas": True}),
-    "dpmpp_2m_exponential": SchedulerSpec("DPMSolverMultistepScheduler", "DPM++ 2M Exponential",
-                                          {"use_exponential_sigmas": True}),
+    "dpmpp_2m_exponential": SchedulerSpec(
+        "DPMSolverMultistepScheduler", "DPM++ 2M Exponential", {"use_exponential_sigmas": True}
+    ),
     "dpmpp_2m_beta": SchedulerSpec("DPMSolverMultistepScheduler", "DPM++ 2M Beta", {"use_beta_sigmas": True}),
     "dpmpp_3m_sde_karras": SchedulerSpec(
         "DPMSolverMultistepScheduler",
@@ -60,16 +61,28 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
 # the scheduler here that is what the name says. Names that are not here (its "restart",
 # "dpm_solver", ...) are answered by the model's default scheduler, and the answer says so.
 MOONDREAM_NAMES: dict[str, str] = {
-    "dpm_pp_2m_karras": "dpmpp_2m_karras", "karras": "dpmpp_2m_karras",
-    "dpm_pp_2m_sde_karras": "dpmpp_2m_sde_karras", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde_karras",
-    "beta": "dpmpp_2m_beta", "beta_schedule": "dpmpp_2m_beta",
-    "exponential": "dpmpp_2m_exponential", "exp": "dpmpp_2m_exponential",
-    "align_your_steps": "euler_ays", "ays": "euler_ays",
-    "sgm_uniform": "euler_sgm_uniform", "uniform": "euler_sgm_uniform",
-    "simple": "euler_simple", "normal": "euler_simple", "linear": "euler_simple",
-    "dpm_pp_2m": "dpmpp_2m", "dpm++": "dpmpp_2m",
-    "euler_ancestral": "euler_a", "euler_discrete": "euler", "kdpm2": "dpm2",
-    "dpmpp_3m_sde_gpu": "dpmpp_3m_sde_karras", "dpmpp_sde_gpu": "dpmpp_sde_karras",
+    "dpm_pp_2m_karras": "dpmpp_2m_karras",
+    "karras": "dpmpp_2m_karras",
+    "dpm_pp_2m_sde_karras": "dpmpp_2m_sde_karras",
+    "dpmpp_2m_sde_gpu": "dpmpp_2m_sde_karras",
+    "beta": "dpmpp_2m_beta",
+    "beta_schedule": "dpmpp_2m_beta",
+    "exponential": "dpmpp_2m_exponential",
+    "exp": "dpmpp_2m_exponential",
+    "align_your_steps": "euler_ays",
+    "ays": "euler_ays",
+    "sgm_uniform": "euler_sgm_uniform",
+    "uniform": "euler_sgm_uniform",
+    "simple": "euler_simple",
+    "normal": "euler_simple",
+    "linear": "euler_simple",
+    "dpm_pp_2m": "dpmpp_2m",
+    "dpm++": "dpmpp_2m",
+    "euler_ancestral": "euler_a",
+    "euler_discrete": "euler",
+    "kdpm2": "dpm2",
+    "dpmpp_3m_sde_gpu": "dpmpp_3m_sde_karras",
+    "dpmpp_sde_gpu": "dpmpp_sde_karras",
 }
 
 # Align Your Steps' noise levels for SDXL at 10 steps (as diffusers publishes them, final 0 left

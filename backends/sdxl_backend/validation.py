@@ -38,11 +38,13 @@ def resolve(
     }
     if request.hires_fix is not None:
         hires = request.hires_fix
-        filled["hires_fix"] = hires.model_copy(update={
-            "width": hires.width or int(filled["width"] * hires.scale) // 8 * 8,
-            "height": hires.height or int(filled["height"] * hires.scale) // 8 * 8,
-            "steps": hires.steps or filled["steps"],
-        })
+        filled["hires_fix"] = hires.model_copy(
+            update={
+                "width": hires.width or int(filled["width"] * hires.scale) // 8 * 8,
+                "height": hires.height or int(filled["height"] * hires.scale) // 8 * 8,
+                "steps": hires.steps or filled["steps"],
+            }
+        )
     return request.model_copy(update=filled)
 
 
@@ -76,9 +78,7 @@ def validate(request: GenerationRequest, limits: Limits) -> None:
     for name in ("prompt", "negative_prompt"):
         length = len(getattr(request, name))
         if length > limits.max_prompt_chars:
-            raise InvalidRequest(
-                f"{name}: {length} characters is over the limit of {limits.max_prompt_chars}", name
-            )
+            raise InvalidRequest(f"{name}: {length} characters is over the limit of {limits.max_prompt_chars}", name)
     if request.scheduler not in SCHEDULERS:
         raise InvalidRequest(
             f"scheduler: unknown scheduler '{request.scheduler}'; known: {', '.join(SCHEDULERS)}", "scheduler"
@@ -92,29 +92,45 @@ def validate(request: GenerationRequest, limits: Limits) -> None:
         )
     for index, unit in enumerate(request.controlnets):
         if unit.end <= unit.start:
-            raise InvalidRequest(f"controlnets[{index}].end: {unit.end} is not after start ({unit.start})",
-                                 f"controlnets[{index}].end")
+            raise InvalidRequest(
+                f"controlnets[{index}].end: {unit.end} is not after start ({unit.start})", f"controlnets[{index}].end"
+            )
         if unit.guess_mode != request.controlnets[0].guess_mode:
-            raise InvalidRequest("controlnets: guess_mode applies to the whole generation; give every unit the same",
-                                 f"controlnets[{index}].guess_mode")
+            raise InvalidRequest(
+                "controlnets: guess_mode applies to the whole generation; give every unit the same",
+                f"controlnets[{index}].guess_mode",
+            )
         if unit.preprocess == "canny" and unit.low_threshold > unit.high_threshold:
-            raise InvalidRequest(f"controlnets[{index}].low_threshold: {unit.low_threshold} is above high_threshold "
-                                 f"({unit.high_threshold})", f"controlnets[{index}].low_threshold")
+            raise InvalidRequest(
+                f"controlnets[{index}].low_threshold: {unit.low_threshold} is above high_threshold "
+                f"({unit.high_threshold})",
+                f"controlnets[{index}].low_threshold",
+            )
     if request.controlnets and request.refiner is not None and request.image is not None:
-        raise InvalidRequest("controlnets: with a refiner, text-to-image only (diffusers' ControlNet image-to-image "
-                             "cannot hand over to a refiner)", "controlnets")
+        raise InvalidRequest(
+            "controlnets: with a refiner, text-to-image only (diffusers' ControlNet image-to-image "
+            "cannot hand over to a refiner)",
+            "controlnets",
+        )
     hires = request.hires_fix
     if hires is not None:
         if request.image is not None:
-            raise InvalidRequest("hires_fix: txt2img only (an img2img request sets its size from its image)",
-                                 "hires_fix")
+            raise InvalidRequest(
+                "hires_fix: txt2img only (an img2img request sets its size from its image)", "hires_fix"
+            )
         check_size(hires.width, hires.height, limits, "hires_fix.")
         if hires.width < request.width or hires.height < request.height:
-            raise InvalidRequest(f"hires_fix: {hires.width}x{hires.height} is smaller than the first pass's "
-                                 f"{request.width}x{request.height}", "hires_fix")
+            raise InvalidRequest(
+                f"hires_fix: {hires.width}x{hires.height} is smaller than the first pass's "
+                f"{request.width}x{request.height}",
+                "hires_fix",
+            )
         if hires.steps > limits.max_steps:
-            raise InvalidRequest(f"hires_fix.steps: {hires.steps} is over the limit of {limits.max_steps}",
-                                 "hires_fix.steps")
+            raise InvalidRequest(
+                f"hires_fix.steps: {hires.steps} is over the limit of {limits.max_steps}", "hires_fix.steps"
+            )
         if int(hires.steps * hires.strength) < 1:
-            raise InvalidRequest(f"hires_fix.strength: {hires.strength} x {hires.steps} steps leaves no step to run",
-                                 "hires_fix.strength")
+            raise InvalidRequest(
+                f"hires_fix.strength: {hires.strength} x {hires.steps} steps leaves no step to run",
+                "hires_fix.strength",
+            )

@@ -19,15 +19,26 @@ RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
 
 @router.get("/sd-models", responses=errors.responses(401))
 async def models(runtime: RuntimeDep) -> list[dict[str, Any]]:
-    return [{"title": model.id, "model_name": model.id, "hash": model.version[:10], "sha256": None,
-             "filename": model.id, "config": None} for model in runtime.served.values()]
+    return [
+        {
+            "title": model.id,
+            "model_name": model.id,
+            "hash": model.version[:10],
+            "sha256": None,
+            "filename": model.id,
+            "config": None,
+        }
+        for model in runtime.served.values()
+    ]
 
 
 @router.get("/loras", responses=errors.responses(401))
 async def loras(runtime: RuntimeDep) -> list[dict[str, Any]]:
     """A1111's LoRA listing: `name` is what goes in `<lora:name:weight>`."""
-    return [{"name": lora.id, "alias": lora.id, "path": f"{lora.id}.safetensors", "metadata": {}}
-            for lora in runtime.loras.values()]
+    return [
+        {"name": lora.id, "alias": lora.id, "path": f"{lora.id}.safetensors", "metadata": {}}
+        for lora in runtime.loras.values()
+    ]
 
 
 @router.get("/scripts", responses=errors.responses(401))
@@ -45,8 +56,10 @@ async def list_samplers() -> list[dict[str, Any]]:
 @router.get("/schedulers", responses=errors.responses(401))
 async def schedulers() -> list[dict[str, Any]]:
     """The noise schedules a sampler can be combined with."""
-    return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False},
-            {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False}]
+    return [
+        {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False},
+        {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False},
+    ]
 
 
 @router.get("/upscalers", responses=errors.responses(401))
@@ -65,15 +78,29 @@ async def embeddings(runtime: RuntimeDep) -> dict[str, Any]:
     """The served embeddings, as A1111 lists its loaded ones: a prompt names one by its id
     (`shape`: the width of its OpenCLIP-G vectors)."""
     sources = runtime.engine.embeddings.embeddings
-    return {"loaded": {embedding_id: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                                      "shape": int(source.fits.split("+")[1]), "vectors": source.vectors}
-                       for embedding_id, source in sources.items()}, "skipped": {}}
+    return {
+        "loaded": {
+            embedding_id: {
+                "step": None,
+                "sd_checkpoint": None,
+                "sd_checkpoint_name": None,
+                "shape": int(source.fits.split("+")[1]),
+                "vectors": source.vectors,
+            }
+            for embedding_id, source in sources.items()
+        },
+        "skipped": {},
+    }
 
 
 # What this server does not have, listed as A1111 lists an empty collection.
 EMPTY_LISTINGS: dict[str, Any] = {
-    "/sd-vae": [], "/hypernetworks": [],
-    "/face-restorers": [], "/realesrgan-models": [], "/prompt-styles": [], "/script-info": [],
+    "/sd-vae": [],
+    "/hypernetworks": [],
+    "/face-restorers": [],
+    "/realesrgan-models": [],
+    "/prompt-styles": [],
+    "/script-info": [],
     "/cmd-flags": {},
     "/extensions": [],
 }
@@ -82,12 +109,18 @@ EMPTY_LISTINGS: dict[str, Any] = {
 def empty_listing(path: str):
     async def listing() -> Any:
         return EMPTY_LISTINGS[path]
+
     return listing
 
 
 for _path in EMPTY_LISTINGS:
-    router.add_api_route(_path, empty_listing(_path), methods=["GET"], responses=errors.responses(401),
-                         name=_path.strip("/").replace("-", "_"))
+    router.add_api_route(
+        _path,
+        empty_listing(_path),
+        methods=["GET"],
+        responses=errors.responses(401),
+        name=_path.strip("/").replace("-", "_"),
+    )
 
 
 # The sd-webui-controlnet extension's own routes, which its clients read before sending units.

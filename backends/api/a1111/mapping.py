@@ -21,16 +21,28 @@ from backends.sdxl_backend.schedulers import SCHEDULERS
 # A1111's sampler names (and its older "k_" aliases) for our schedulers. Newer A1111 versions
 # send the noise schedule apart ("scheduler": "Karras"), older ones inside the name.
 SAMPLER_NAMES = {spec.label.lower(): name for name, spec in SCHEDULERS.items()}
-SAMPLER_NAMES |= {"k_euler": "euler", "k_euler_a": "euler_a", "k_heun": "heun", "k_lms": "lms",
-                  "k_dpmpp_2m": "dpmpp_2m", "k_dpmpp_2m_ka": "dpmpp_2m_karras"}
+SAMPLER_NAMES |= {
+    "k_euler": "euler",
+    "k_euler_a": "euler_a",
+    "k_heun": "heun",
+    "k_lms": "lms",
+    "k_dpmpp_2m": "dpmpp_2m",
+    "k_dpmpp_2m_ka": "dpmpp_2m_karras",
+}
 KARRAS = {"euler": "euler_karras", "dpmpp_2m": "dpmpp_2m_karras"}
 ANCESTRAL = {"euler_a"}
 
 # A1111 fields this server does not implement, at the values A1111 sends when they are off.
 OFF = {
-    "subseed": -1, "seed_resize_from_h": -1, "seed_resize_from_w": -1, "s_noise": 1.0,
-    "override_settings_restore_afterwards": True, "send_images": True, "resize_mode": 0,
-    "initial_noise_multiplier": 1.0, "image_cfg_scale": 1.5,
+    "subseed": -1,
+    "seed_resize_from_h": -1,
+    "seed_resize_from_w": -1,
+    "s_noise": 1.0,
+    "override_settings_restore_afterwards": True,
+    "send_images": True,
+    "resize_mode": 0,
+    "initial_noise_multiplier": 1.0,
+    "image_cfg_scale": 1.5,
 }
 # A1111's extra-network tag for LoRAs: <lora:name> or <lora:name:weight> (its older <lyco:...> too).
 LORA_TAG = re.compile(r"<\s*(?:lora|lyco)\s*:\s*([^:<>]+?)\s*(?::\s*([^:<>]*?)\s*)?(?::[^<>]*)?>", re.IGNORECASE)
@@ -51,6 +63,7 @@ def take_loras(prompt: str) -> tuple[str, list[LoraWeight]]:
     text = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", LORA_TAG.sub(" ", prompt))).strip(" ,")
     return text, loras
 
+
 def refuse_what_is_on(extra: dict[str, Any] | None, prefix: str = "", off: dict[str, Any] | None = None) -> None:
     """Fields this server does not implement pass when off (empty, 0, False, or the value in
     `off`, A1111's default); one turned on is a 400 naming it."""
@@ -67,9 +80,16 @@ def title_name(title: str) -> str:
 
 # The sd-webui-controlnet extension's names (and numbers) for what this server does.
 CONTROL_MODES = {"balanced": False, "0": False, "controlnet is more important": True, "2": True}  # -> guess_mode
-RESIZE_MODES = {"just resize": "stretch", "0": "stretch", "crop and resize": "crop", "1": "crop",
-                "resize and fill": "fill", "2": "fill",
-                "inner fit (scale to fit)": "crop", "outer fit (shrink to fit)": "fill"}  # (its older names)
+RESIZE_MODES = {
+    "just resize": "stretch",
+    "0": "stretch",
+    "crop and resize": "crop",
+    "1": "crop",
+    "resize and fill": "fill",
+    "2": "fill",
+    "inner fit (scale to fit)": "crop",
+    "outer fit (shrink to fit)": "fill",
+}  # (its older names)
 CANNY_DEFAULTS = (100, 200)  # the extension's thresholds when a unit leaves them at -1
 
 
@@ -77,34 +97,55 @@ def unit_to_native(unit: A1111ControlNetUnit, field: str, init_image: bytes | No
     refuse_what_is_on(unit.model_extra, f"{field}.")
     module = unit.module.strip().lower()
     if module not in PREPROCESSORS:
-        raise InvalidRequest(f"{field}.module: '{unit.module}' is not available here; use "
-                             f"{' or '.join(PREPROCESSORS)}", f"{field}.module")
+        raise InvalidRequest(
+            f"{field}.module: '{unit.module}' is not available here; use {' or '.join(PREPROCESSORS)}",
+            f"{field}.module",
+        )
     model = title_name(unit.model.strip())
     if model.lower() in ("", "none"):
         raise InvalidRequest(f"{field}.model: name a ControlNet (GET /controlnet/model_list)", f"{field}.model")
     guess_mode = CONTROL_MODES.get(str(unit.control_mode).strip().lower())
     if guess_mode is None:
-        raise InvalidRequest(f"{field}.control_mode: '{unit.control_mode}' is not available here; use Balanced or "
-                             "ControlNet is more important", f"{field}.control_mode")
+        raise InvalidRequest(
+            f"{field}.control_mode: '{unit.control_mode}' is not available here; use Balanced or "
+            "ControlNet is more important",
+            f"{field}.control_mode",
+        )
     resize_mode = RESIZE_MODES.get(str(unit.resize_mode).strip().lower())
     if resize_mode is None:
-        raise InvalidRequest(f"{field}.resize_mode: '{unit.resize_mode}' is not one of Just Resize, Crop and "
-                             "Resize, Resize and Fill", f"{field}.resize_mode")
+        raise InvalidRequest(
+            f"{field}.resize_mode: '{unit.resize_mode}' is not one of Just Resize, Crop and Resize, Resize and Fill",
+            f"{field}.resize_mode",
+        )
     if unit.hr_option.strip().lower() != "both":
-        raise InvalidRequest(f"{field}.hr_option: '{unit.hr_option}' is not available here; with a hires fix the "
-                             "units guide both passes (Both)", f"{field}.hr_option")
+        raise InvalidRequest(
+            f"{field}.hr_option: '{unit.hr_option}' is not available here; with a hires fix the "
+            "units guide both passes (Both)",
+            f"{field}.hr_option",
+        )
     if unit.mask:
-        raise InvalidRequest(f"{field}.mask: a unit's own mask is not supported; inpaint with the request's mask",
-                             f"{field}.mask")
+        raise InvalidRequest(
+            f"{field}.mask: a unit's own mask is not supported; inpaint with the request's mask", f"{field}.mask"
+        )
     image = unit.image or unit.input_image or init_image
     if not image:
-        raise InvalidRequest(f"{field}.image: required (txt2img has no input image to fall back on)",
-                             f"{field}.image")
-    low, high = (round(value) if value >= 0 else default
-                 for value, default in zip((unit.threshold_a, unit.threshold_b), CANNY_DEFAULTS))
-    return {"id": model, "image": image, "scale": unit.weight, "start": unit.guidance_start,
-            "end": unit.guidance_end, "preprocess": module, "low_threshold": low, "high_threshold": high,
-            "resize_mode": resize_mode, "guess_mode": guess_mode}
+        raise InvalidRequest(f"{field}.image: required (txt2img has no input image to fall back on)", f"{field}.image")
+    low, high = (
+        round(value) if value >= 0 else default
+        for value, default in zip((unit.threshold_a, unit.threshold_b), CANNY_DEFAULTS)
+    )
+    return {
+        "id": model,
+        "image": image,
+        "scale": unit.weight,
+        "start": unit.guidance_start,
+        "end": unit.guidance_end,
+        "preprocess": module,
+        "low_threshold": low,
+        "high_threshold": high,
+        "resize_mode": resize_mode,
+        "guess_mode": guess_mode,
+    }
 
 
 # A1111's upscalers for the hires fix that this server has, and what they are here.
@@ -118,12 +159,13 @@ def generation_request(body: A1111Request, img2img: bool) -> GenerationRequest:
     if not img2img and body.init_images:
         raise InvalidRequest("init_images: txt2img takes no image; use /sdapi/v1/img2img", "init_images")
     if img2img and body.denoising_strength == 0:
-        raise InvalidRequest("denoising_strength: 0 would return the input unchanged; use (0, 1]",
-                             "denoising_strength")
+        raise InvalidRequest("denoising_strength: 0 would return the input unchanged; use (0, 1]", "denoising_strength")
     model = body.override_settings.get("sd_model_checkpoint")
     if model is not None and not isinstance(model, str):
-        raise InvalidRequest("override_settings.sd_model_checkpoint: must be a model name (a string)",
-                             "override_settings.sd_model_checkpoint")
+        raise InvalidRequest(
+            "override_settings.sd_model_checkpoint: must be a model name (a string)",
+            "override_settings.sd_model_checkpoint",
+        )
     scheduler = _scheduler(body)
     prompt, loras = take_loras(body.prompt)
     return GenerationRequest(
@@ -144,22 +186,26 @@ def generation_request(body: A1111Request, img2img: bool) -> GenerationRequest:
         hires_fix=_hires_fix(body, img2img),
         loras=[] if body.disable_extra_networks else loras,
         refiner={"model": title_name(body.refiner_checkpoint), "switch_at": body.refiner_switch_at or 0.8}
-        if body.refiner_checkpoint else None,
+        if body.refiner_checkpoint
+        else None,
         controlnets=_controlnets(body, img2img),
     )
+
 
 def _controlnets(body: A1111Request, img2img: bool) -> list[dict[str, Any]]:
     """The enabled ControlNet units of `alwayson_scripts`, as native `controlnets`."""
     scripts = {name.strip().lower(): script for name, script in body.alwayson_scripts.items()}
     for name, script in scripts.items():
         if name != "controlnet" and script not in (None, {}, {"args": []}):
-            raise InvalidRequest(f"alwayson_scripts.{name}: not supported by this server (only ControlNet)",
-                                 f"alwayson_scripts.{name}")
+            raise InvalidRequest(
+                f"alwayson_scripts.{name}: not supported by this server (only ControlNet)", f"alwayson_scripts.{name}"
+            )
     script = scripts.get("controlnet") or {}
     args = script.get("args", []) if isinstance(script, dict) else None
     if not isinstance(args, list):
-        raise InvalidRequest('alwayson_scripts.controlnet: must be {"args": [unit, ...]}',
-                             "alwayson_scripts.controlnet")
+        raise InvalidRequest(
+            'alwayson_scripts.controlnet: must be {"args": [unit, ...]}', "alwayson_scripts.controlnet"
+        )
     units = []
     for index, raw in enumerate(args):
         field = f"alwayson_scripts.controlnet.args[{index}]"
@@ -172,20 +218,30 @@ def _controlnets(body: A1111Request, img2img: bool) -> list[dict[str, Any]]:
         if unit.enabled:
             units.append(unit_to_native(unit, field, body.init_images[0] if img2img and body.init_images else None))
     if len(units) > MAX_CONTROLNETS:
-        raise InvalidRequest(f"alwayson_scripts.controlnet.args: {len(units)} enabled units; at most "
-                             f"{MAX_CONTROLNETS}", "alwayson_scripts.controlnet.args")
+        raise InvalidRequest(
+            f"alwayson_scripts.controlnet.args: {len(units)} enabled units; at most {MAX_CONTROLNETS}",
+            "alwayson_scripts.controlnet.args",
+        )
     return units
+
 
 def _hires_fix(body: A1111Request, img2img: bool) -> dict[str, Any] | None:
     if not body.enable_hr or img2img:  # A1111's img2img has no hires fix and ignores the flag
         return None
     upscaler = HIRES_UPSCALERS.get((body.hr_upscaler or "latent").strip().lower())
     if upscaler is None:
-        raise InvalidRequest(f"hr_upscaler: '{body.hr_upscaler}' is not available here; use Latent or Lanczos",
-                             "hr_upscaler")
+        raise InvalidRequest(
+            f"hr_upscaler: '{body.hr_upscaler}' is not available here; use Latent or Lanczos", "hr_upscaler"
+        )
     size = {"width": body.hr_resize_x, "height": body.hr_resize_y} if body.hr_resize_x and body.hr_resize_y else {}
-    return {"scale": body.hr_scale, **size, "upscaler": upscaler,
-            "strength": body.denoising_strength or 0.7, "steps": body.hr_second_pass_steps or None}
+    return {
+        "scale": body.hr_scale,
+        **size,
+        "upscaler": upscaler,
+        "strength": body.denoising_strength or 0.7,
+        "steps": body.hr_second_pass_steps or None,
+    }
+
 
 def _inpainting(body: A1111Request, img2img: bool) -> dict[str, Any]:
     if body.mask is None:
@@ -193,18 +249,28 @@ def _inpainting(body: A1111Request, img2img: bool) -> dict[str, Any]:
     if not img2img:
         raise InvalidRequest("mask: txt2img takes no mask; use /sdapi/v1/img2img", "mask")
     if body.inpainting_fill not in (0, 1):
-        raise InvalidRequest(f"inpainting_fill: {body.inpainting_fill} (latent noise/nothing) is not available; "
-                             "use 0 (fill) or 1 (original)", "inpainting_fill")
-    return {"mask": body.mask, "mask_blur": body.mask_blur, "mask_invert": bool(body.inpainting_mask_invert),
-            "masked_content": "fill" if body.inpainting_fill == 0 else "original",
-            "masked_area_only": body.inpaint_full_res, "masked_area_padding": body.inpaint_full_res_padding}
+        raise InvalidRequest(
+            f"inpainting_fill: {body.inpainting_fill} (latent noise/nothing) is not available; "
+            "use 0 (fill) or 1 (original)",
+            "inpainting_fill",
+        )
+    return {
+        "mask": body.mask,
+        "mask_blur": body.mask_blur,
+        "mask_invert": bool(body.inpainting_mask_invert),
+        "masked_content": "fill" if body.inpainting_fill == 0 else "original",
+        "masked_area_only": body.inpaint_full_res,
+        "masked_area_padding": body.inpaint_full_res_padding,
+    }
+
 
 def _scheduler(body: A1111Request) -> str | None:
     sampler, field = (body.sampler_name, "sampler_name") if body.sampler_name else (body.sampler_index, "sampler_index")
     schedule = (body.scheduler or "automatic").strip().lower()
     if schedule not in ("automatic", "karras"):
-        raise InvalidRequest(f"scheduler: '{body.scheduler}' is not available here; use Automatic or Karras",
-                             "scheduler")
+        raise InvalidRequest(
+            f"scheduler: '{body.scheduler}' is not available here; use Automatic or Karras", "scheduler"
+        )
     if not sampler:
         return None
     name = sampler.strip().lower()
@@ -212,9 +278,11 @@ def _scheduler(body: A1111Request) -> str | None:
     base = SAMPLER_NAMES.get(name) or SAMPLER_NAMES.get(name.removesuffix(" karras"))
     if base is None:
         raise InvalidRequest(
-            f"{field}: unknown sampler '{sampler}'; "
-            f"known: {', '.join(spec.label for spec in SCHEDULERS.values())}", field)
+            f"{field}: unknown sampler '{sampler}'; known: {', '.join(spec.label for spec in SCHEDULERS.values())}",
+            field,
+        )
     return KARRAS.get(base, base) if karras else base
+
 
 def _eta(body: A1111Request, scheduler: str | None) -> float | None:
     """DDIM takes eta; the ancestral samplers here add full noise (A1111's eta 1.0); the
@@ -227,22 +295,32 @@ def _eta(body: A1111Request, scheduler: str | None) -> float | None:
         raise InvalidRequest(f"eta: the ancestral samplers here run at eta 1.0 only (sent {body.eta})", "eta")
     return None
 
+
 def _refuse_what_is_on(body: A1111Request) -> None:
     refuse_what_is_on(body.model_extra, off=OFF)
     unknown = set(body.override_settings) - {"sd_model_checkpoint"}
     if unknown:
-        raise InvalidRequest(f"override_settings: only sd_model_checkpoint is supported, not "
-                             f"{', '.join(sorted(unknown))}", "override_settings")
+        raise InvalidRequest(
+            f"override_settings: only sd_model_checkpoint is supported, not {', '.join(sorted(unknown))}",
+            "override_settings",
+        )
 
 
 def render(body: A1111Request, result: GenerationResult) -> dict[str, Any]:
     request = result.request
     info = {
-        "prompt": request.prompt, "negative_prompt": request.negative_prompt,
-        "seed": result.seeds[0], "all_seeds": result.seeds,
-        "width": request.width, "height": request.height, "steps": request.steps,
-        "cfg_scale": request.guidance_scale, "sampler_name": SCHEDULERS[request.scheduler].label,
-        "sd_model_name": result.model, "batch_size": body.batch_size, "n_iter": body.n_iter,
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "seed": result.seeds[0],
+        "all_seeds": result.seeds,
+        "width": request.width,
+        "height": request.height,
+        "steps": request.steps,
+        "cfg_scale": request.guidance_scale,
+        "sampler_name": SCHEDULERS[request.scheduler].label,
+        "sd_model_name": result.model,
+        "batch_size": body.batch_size,
+        "n_iter": body.n_iter,
         "denoising_strength": request.strength if result.img2img else None,
         # (A1111's own info has no such field: what the text encoders read, tokens and chunks of 75)
         "prompt_reading": {name: reading.model_dump() for name, reading in result.prompt_reading.items()},
@@ -266,9 +344,13 @@ def progress(job: Job | None, preview: bool) -> dict[str, Any]:
         "progress": fraction,
         "eta_relative": (job.eta_s or 0.0) if running else 0.0,
         "state": {
-            "skipped": False, "interrupted": job is not None and job.stop_requested_at is not None,
-            "job": "running" if running else "", "job_count": 1 if running else 0, "job_timestamp": "0",
-            "job_no": 0, "sampling_step": job.step if running else 0,
+            "skipped": False,
+            "interrupted": job is not None and job.stop_requested_at is not None,
+            "job": "running" if running else "",
+            "job_count": 1 if running else 0,
+            "job_timestamp": "0",
+            "job_no": 0,
+            "sampling_step": job.step if running else 0,
             "sampling_steps": job.total_steps if running else 0,
         },
         "current_image": base64.b64encode(job.preview).decode() if running and preview and job.preview else None,

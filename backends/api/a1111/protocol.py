@@ -38,8 +38,19 @@ class A1111ControlNetUnit(BaseModel):
 
 
 class A1111Request(BaseModel):
-    model_config = ConfigDict(extra="allow", json_schema_extra={"example":
-        {"prompt": "a red fox", "sampler_name": "Euler a", "steps": 20, "width": 512, "height": 512, "seed": 1}})
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "example": {
+                "prompt": "a red fox",
+                "sampler_name": "Euler a",
+                "steps": 20,
+                "width": 512,
+                "height": 512,
+                "seed": 1,
+            }
+        },
+    )
 
     prompt: str = Field(min_length=1)
     negative_prompt: str = ""
@@ -79,8 +90,11 @@ class A1111Request(BaseModel):
 
 
 class A1111Img2ImgRequest(A1111Request):
-    model_config = ConfigDict(json_schema_extra={"example": {"prompt": "an oil painting", "init_images": [TINY_PNG],
-                                                             "denoising_strength": 0.6, "steps": 10}})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"prompt": "an oil painting", "init_images": [TINY_PNG], "denoising_strength": 0.6, "steps": 10}
+        }
+    )
 
 
 class A1111Answer(BaseModel):

@@ -46,8 +46,9 @@ async def set_options(body: A1111Options, request: Request, runtime: RuntimeDep)
     client); other options are kept and shown by GET, and change nothing else."""
     kept = {**stored_options(request), **(body.model_extra or {})}
     if len(json.dumps(kept)) > MAX_KEPT_OPTIONS_BYTES:
-        raise InvalidRequest(f"options: the options kept here are limited to {MAX_KEPT_OPTIONS_BYTES} bytes of JSON",
-                             "options")
+        raise InvalidRequest(
+            f"options: the options kept here are limited to {MAX_KEPT_OPTIONS_BYTES} bytes of JSON", "options"
+        )
     if body.sd_model_checkpoint is not None:
         runtime.engine.set_default_model(title_name(body.sd_model_checkpoint))
     stored_options(request).update(body.model_extra or {})
@@ -100,8 +101,11 @@ async def interrupt(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
 async def memory(runtime: RuntimeDep) -> dict[str, Any]:
     ram = psutil.virtual_memory()
     used_total = runtime.engine.models.device_memory()
-    cuda = ({"system": {"free": used_total[1] - used_total[0], "used": used_total[0], "total": used_total[1]}}
-            if used_total else {"error": "no CUDA device"})
+    cuda = (
+        {"system": {"free": used_total[1] - used_total[0], "used": used_total[0], "total": used_total[1]}}
+        if used_total
+        else {"error": "no CUDA device"}
+    )
     return {"ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total}, "cuda": cuda}
 
 

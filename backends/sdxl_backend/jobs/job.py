@@ -27,8 +27,12 @@ logger = logging.getLogger("sdxl_backend")
 
 # SDXL latents to RGB, a linear approximation (the factors ComfyUI uses for its previews):
 # good enough to watch an image form, at 1/8 of the size, for nearly nothing.
-SDXL_LATENT_RGB = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068),
-                   (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188))
+SDXL_LATENT_RGB = (
+    (0.3651, 0.4232, 0.4341),
+    (-0.2533, -0.0042, 0.1068),
+    (0.1076, 0.1111, -0.0362),
+    (-0.3165, -0.2492, -0.2188),
+)
 SDXL_LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 
 
@@ -117,7 +121,9 @@ class Job:
 
     @property
     def stopped_early(self) -> bool:
-        return self.stop_requested_at is not None and self.status == JobStatus.SUCCEEDED and self.step < self.total_steps
+        return (
+            self.stop_requested_at is not None and self.status == JobStatus.SUCCEEDED and self.step < self.total_steps
+        )
 
     def on_step(self, step: int, total: int, latents: torch.Tensor | None) -> bool:
         """Called by the engine after each denoising step, on the device thread; True: stop
@@ -132,8 +138,9 @@ class Job:
         self.version += 1
         return self.stop_requested_at is not None
 
-    def settle(self, status: JobStatus, result: GenerationResult | None = None,
-               error: BackendError | None = None) -> None:
+    def settle(
+        self, status: JobStatus, result: GenerationResult | None = None, error: BackendError | None = None
+    ) -> None:
         """The job's end, whichever queue holds it: its outcome kept, its input dropped."""
         if error is not None:
             # A kept error keeps its message only: its traceback's frames hold the call's
@@ -151,5 +158,3 @@ def tell(on_change: Callable[[Job], None] | None, job: Job) -> None:
             on_change(job)
         except Exception:
             logger.exception("a job observer failed")
-
-

@@ -22,9 +22,16 @@ class JobJournal:
         directory.mkdir(parents=True, exist_ok=True)
 
     def write(self, job: Job) -> None:
-        record = {"status": job.status.value, "owner": job.owner, "created": job.created, "started": job.started,
-                  "finished": job.finished, "step": job.step, "total_steps": job.total_steps,
-                  "error": job.error.message if job.error else None}
+        record = {
+            "status": job.status.value,
+            "owner": job.owner,
+            "created": job.created,
+            "started": job.started,
+            "finished": job.finished,
+            "step": job.step,
+            "total_steps": job.total_steps,
+            "error": job.error.message if job.error else None,
+        }
         temporary = self.directory / f".{job.id}.tmp"
         temporary.write_text(json.dumps(record))
         os.replace(temporary, self.directory / job.id)
@@ -43,8 +50,16 @@ class JobJournal:
             except (OSError, ValueError):
                 continue
             status = JobStatus(record["status"])
-            job = Job(file.name, None, owner=record["owner"], created=record["created"], started=record["started"],
-                      finished=record["finished"], step=record["step"], total_steps=record["total_steps"])
+            job = Job(
+                file.name,
+                None,
+                owner=record["owner"],
+                created=record["created"],
+                started=record["started"],
+                finished=record["finished"],
+                step=record["step"],
+                total_steps=record["total_steps"],
+            )
             if status.final:
                 job.status = status
                 job.error = BackendError(record["error"]) if record["error"] else None

@@ -45,9 +45,18 @@ async def _inline(call: Callable[..., Any], *args: Any) -> Any:
 class MemoryJobQueue:
     """The bounded queue in front of this process's device (`JobQueue`)."""
 
-    def __init__(self, engine: Engine, max_queue: int = 64, ttl_s: float = 3600, max_jobs: int = 1000,
-                 max_bytes: int = 512 * 2**20, on_change: Callable[[Job], None] | None = None,
-                 journal: JobJournal | None = None, max_batch: int = 1, device: DeviceThread | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        max_queue: int = 64,
+        ttl_s: float = 3600,
+        max_jobs: int = 1000,
+        max_bytes: int = 512 * 2**20,
+        on_change: Callable[[Job], None] | None = None,
+        journal: JobJournal | None = None,
+        max_batch: int = 1,
+        device: DeviceThread | None = None,
+    ):
         self.engine = engine
         self.device = device or DeviceThread()
         self.worker = DeviceWorker(engine, self, self.device, max_batch, on_change)
@@ -68,18 +77,27 @@ class MemoryJobQueue:
         for job in journal.recover() if journal else []:
             self._jobs[job.id] = self._finished[job.id] = job
         if self._finished:
-            logger.warning("%d job(s) of a previous worker found; those unfinished are marked failed", len(self._finished))
+            logger.warning(
+                "%d job(s) of a previous worker found; those unfinished are marked failed", len(self._finished)
+            )
 
     # -- what the API calls --
 
     def start(self) -> None:
         self.worker.start()
 
-    def submit(self, prepared: PreparedRequest, owner: str | None = None, preview_every: int | None = None,
-               waited_on: bool = False) -> Job:
+    def submit(
+        self,
+        prepared: PreparedRequest,
+        owner: str | None = None,
+        preview_every: int | None = None,
+        waited_on: bool = False,
+    ) -> Job:
         with self._lock:
             if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"the queue is full ({self.max_queue} waiting); retry later", self.worker.retry_after_s())
+                raise QueueFull(
+                    f"the queue is full ({self.max_queue} waiting); retry later", self.worker.retry_after_s()
+                )
             job = Job(secrets.token_hex(16), prepared, preview_every, owner, waited_on=waited_on)
             self._jobs[job.id] = job
             self._queue.append(job)
@@ -108,15 +126,17 @@ class MemoryJobQueue:
         return await follow(self._watchers, job, _as_is, timeout_s, lambda job: job.status.final, finals_only=True)
 
     async def changed(self, job: Job, version: int, timeout_s: float) -> Job:
-        return await follow(self._watchers, job, _as_is, timeout_s,
-                            lambda job: job.version != version or job.status.final)
+        return await follow(
+            self._watchers, job, _as_is, timeout_s, lambda job: job.version != version or job.status.final
+        )
 
     def recent(self, limit: int = 50, before: float | None = None, owner: str | None = None) -> list[Job]:
         with self._lock:
             self._expire()
             jobs = sorted(self._jobs.values(), key=lambda job: job.created, reverse=True)
-        return [job for job in jobs if (before is None or job.created < before)
-                and (owner is None or job.owner == owner)][:limit]
+        return [
+            job for job in jobs if (before is None or job.created < before) and (owner is None or job.owner == owner)
+        ][:limit]
 
     def position(self, job: Job) -> int:
         with self._lock:
@@ -208,8 +228,7 @@ class MemoryJobQueue:
     def after_step(self, job: Job) -> None:
         self._watchers.wake(job.id, False)
 
-    def finish(self, job: Job, status: JobStatus, result: GenerationResult | None,
-               error: BackendError | None) -> None:
+    def finish(self, job: Job, status: JobStatus, result: GenerationResult | None, error: BackendError | None) -> None:
         with self._lock:
             job.settle(status, result, error)
             self._finished[job.id] = job
@@ -255,8 +274,11 @@ class MemoryJobQueue:
         now = time.time()
         while self._finished:
             job = next(iter(self._finished.values()))
-            if (now - job.finished <= self.ttl_s and len(self._finished) <= self.max_jobs
-                    and self._finished_bytes <= self.max_bytes):
+            if (
+                now - job.finished <= self.ttl_s
+                and len(self._finished) <= self.max_jobs
+                and self._finished_bytes <= self.max_bytes
+            ):
                 break
             del self._finished[job.id], self._jobs[job.id]
             self._finished_bytes -= job.held_bytes

@@ -45,15 +45,23 @@ class Watchers:
         if job_id not in self._waiters:  # (the usual case, looked at without the lock)
             return
         with self._lock:
-            waiters = [(loop, event) for loop, event, finals_only in self._waiters.get(job_id, ())
-                       if final or not finals_only]
+            waiters = [
+                (loop, event) for loop, event, finals_only in self._waiters.get(job_id, ()) if final or not finals_only
+            ]
         for loop, event in waiters:
             with contextlib.suppress(RuntimeError):  # (its loop closed: nobody waits any more)
                 loop.call_soon_threadsafe(event.set)
 
 
-async def follow(watchers: Watchers, job: Job, read: Callable[[Job], Awaitable[Job]], timeout_s: float,
-                 done: Callable[[Job], bool], finals_only: bool = False, fallback_s: float = 3600) -> Job:
+async def follow(
+    watchers: Watchers,
+    job: Job,
+    read: Callable[[Job], Awaitable[Job]],
+    timeout_s: float,
+    done: Callable[[Job], bool],
+    finals_only: bool = False,
+    fallback_s: float = 3600,
+) -> Job:
     """Reads the job whenever a change to it is noticed (its end only, with `finals_only`), until
     `done` says so or `timeout_s` has passed; at least every `fallback_s` (for a notice that may
     have been lost on its way)."""
@@ -71,8 +79,9 @@ async def follow(watchers: Watchers, job: Job, read: Callable[[Job], Awaitable[J
     return job
 
 
-async def result_of(queue: JobQueue, submit: Callable[[], Awaitable[Job]], timeout_s: float,
-                    off_loop: Callable[..., Awaitable[Any]]) -> GenerationResult:
+async def result_of(
+    queue: JobQueue, submit: Callable[[], Awaitable[Job]], timeout_s: float, off_loop: Callable[..., Awaitable[Any]]
+) -> GenerationResult:
     """The result of a job whose client waits for it (`JobQueue.run`): submitted (refused when
     the device worker is gone), then awaited once; past `timeout_s`, or when the awaiting task is
     cancelled, the job is cancelled, so the device moves on at its next step. `off_loop` runs a

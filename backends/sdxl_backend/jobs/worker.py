@@ -60,8 +60,14 @@ class JobSource(Protocol):
 
 
 class DeviceWorker:
-    def __init__(self, engine: Engine, source: JobSource, device: DeviceThread, max_batch: int = 1,
-                 on_change: Callable[[Job], None] | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        source: JobSource,
+        device: DeviceThread,
+        max_batch: int = 1,
+        on_change: Callable[[Job], None] | None = None,
+    ):
         self.engine = engine
         self.source = source
         self.device = device
@@ -89,8 +95,9 @@ class DeviceWorker:
         durations = list(self._recent_durations)
         return max(1, round(sum(durations) / len(durations) if durations else 5.0))
 
-    def finish(self, job: Job, status: JobStatus, result: GenerationResult | None = None,
-               error: BackendError | None = None) -> None:
+    def finish(
+        self, job: Job, status: JobStatus, result: GenerationResult | None = None, error: BackendError | None = None
+    ) -> None:
         if job.status.final:  # a cancelled job of a batch, finished at its step already
             return
         self.let_go(job)  # (first: a waiter woken by the end finds the device free of it)
@@ -98,8 +105,9 @@ class DeviceWorker:
         if job.started is not None:
             self._recent_durations.append(job.finished - job.started)
         if job.cancel_requested_at is not None and status == JobStatus.CANCELLED:
-            logger.info("job cancelled: it left the device %.3f s after the request",
-                        job.finished - job.cancel_requested_at)
+            logger.info(
+                "job cancelled: it left the device %.3f s after the request", job.finished - job.cancel_requested_at
+            )
         tell(self.on_change, job)
 
     def let_go(self, job: Job) -> None:
@@ -147,6 +155,7 @@ class DeviceWorker:
     def _observer(self, job: Job) -> Callable[[int, int, torch.Tensor | None], bool]:
         """The job's step observer; a cancelled job is finished at once, even while the rest of
         its batch runs on; one handed back leaves this device unfinished."""
+
         def on_step(step: int, total: int, latents: torch.Tensor | None) -> bool:
             try:
                 self.source.before_step(job)
@@ -160,4 +169,5 @@ class DeviceWorker:
                 raise
             self.source.after_step(job)
             return stop
+
         return on_step

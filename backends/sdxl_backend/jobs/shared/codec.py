@@ -19,11 +19,31 @@ if TYPE_CHECKING:
     from ...engine import Engine, PreparedRequest
 
 # What a snapshot reads; the input images and the result's images stay behind.
-SNAPSHOT_FIELDS = ["status", "owner", "created", "started", "finished", "step", "total_steps", "version",
-                   "preview_every", "preview", "preview_step", "first_step_at", "cancel_requested_at",
-                   "stop_requested_at", "error_type", "error_message", "error_param", "request", "result", "images"]
-ERROR_TYPES = {name: value for name, value in vars(errors).items()
-               if isinstance(value, type) and issubclass(value, BackendError)}
+SNAPSHOT_FIELDS = [
+    "status",
+    "owner",
+    "created",
+    "started",
+    "finished",
+    "step",
+    "total_steps",
+    "version",
+    "preview_every",
+    "preview",
+    "preview_step",
+    "first_step_at",
+    "cancel_requested_at",
+    "stop_requested_at",
+    "error_type",
+    "error_message",
+    "error_param",
+    "request",
+    "result",
+    "images",
+]
+ERROR_TYPES = {
+    name: value for name, value in vars(errors).items() if isinstance(value, type) and issubclass(value, BackendError)
+}
 Fields = dict[str, bytes | str | float | int]
 
 
@@ -55,10 +75,19 @@ def submitted(job: Job, prepared: PreparedRequest, batch_key: object) -> Fields:
         fields["mask"] = png(prepared.mask)
     for index, control in enumerate(prepared.controls):
         fields[f"control:{index}"] = png(control)
-    return {**fields, "status": "queued", "owner": job.owner or "", "created": job.created, "step": 0,
-            "total_steps": job.total_steps, "version": 0, "preview_every": job.preview_every or "",
-            "n": prepared.request.n, "batch_key": json.dumps(batch_key) if batch_key is not None else "",
-            "attempts": 0}
+    return {
+        **fields,
+        "status": "queued",
+        "owner": job.owner or "",
+        "created": job.created,
+        "step": 0,
+        "total_steps": job.total_steps,
+        "version": 0,
+        "preview_every": job.preview_every or "",
+        "n": prepared.request.n,
+        "batch_key": json.dumps(batch_key) if batch_key is not None else "",
+        "attempts": 0,
+    }
 
 
 def prepared_from(fields: dict[bytes, bytes], engine: Engine) -> PreparedRequest:
@@ -73,8 +102,16 @@ def prepared_from(fields: dict[bytes, bytes], engine: Engine) -> PreparedRequest
     refiner = engine.models.source(request.refiner.model) if request.refiner else None
     controls = [image(f"control:{index}") for index in range(len(request.controlnets))]
     source = engine.models.source(request.model)
-    return PreparedRequest(request, source, image("init_image"), image("mask"), refiner, controls,
-                           engine.read_prompts(request, source), engine.read_prompts(request, refiner) if refiner else None)
+    return PreparedRequest(
+        request,
+        source,
+        image("init_image"),
+        image("mask"),
+        refiner,
+        controls,
+        engine.read_prompts(request, source),
+        engine.read_prompts(request, refiner) if refiner else None,
+    )
 
 
 def taken(job_id: str, fields: dict[bytes, bytes], engine: Engine) -> Job:
@@ -85,11 +122,22 @@ def taken(job_id: str, fields: dict[bytes, bytes], engine: Engine) -> Job:
         prepared = prepared_from(fields, engine)
     except Exception as exc:  # (a replica of another version, say): the job fails, never stays taken
         job = Job(job_id, None, owner=owner, status=JobStatus.RUNNING, created=created)
-        job.error = exc if isinstance(exc, BackendError) else BackendError(
-            f"this replica cannot run the job ({type(exc).__name__}): are the replicas of one version?")
+        job.error = (
+            exc
+            if isinstance(exc, BackendError)
+            else BackendError(
+                f"this replica cannot run the job ({type(exc).__name__}): are the replicas of one version?"
+            )
+        )
         return job
-    return Job(job_id, prepared, int(fields.get(b"preview_every") or 0) or None, owner,
-               status=JobStatus.RUNNING, created=created)
+    return Job(
+        job_id,
+        prepared,
+        int(fields.get(b"preview_every") or 0) or None,
+        owner,
+        status=JobStatus.RUNNING,
+        created=created,
+    )
 
 
 def progress(job: Job) -> Fields:
@@ -107,8 +155,9 @@ def finished(job: Job) -> Fields:
         fields["images"] = len(job.result.images)
         fields.update({f"image:{index}": image.data for index, image in enumerate(job.result.images)})
     if job.error is not None:
-        fields.update(error_type=type(job.error).__name__, error_message=job.error.message,
-                      error_param=job.error.param or "")
+        fields.update(
+            error_type=type(job.error).__name__, error_message=job.error.message, error_param=job.error.param or ""
+        )
     if job.preview is not None:
         fields.update(preview=job.preview, preview_step=job.preview_step)
     return fields
@@ -116,17 +165,28 @@ def finished(job: Job) -> Fields:
 
 def snapshot(job_id: str, record: dict[str, bytes | None], images: list[bytes]) -> Job:
     """A job as a reader sees it (SNAPSHOT_FIELDS, and a finished result's images)."""
+
     def text(name: str) -> str:
         return (record[name] or b"").decode()
 
-    job = Job(job_id, None, int(record["preview_every"] or 0) or None, text("owner") or None,
-              status=JobStatus(text("status")), created=float(record["created"] or 0),
-              started=number(record["started"]), finished=number(record["finished"]),
-              step=int(record["step"] or 0), total_steps=int(record["total_steps"] or 0),
-              preview=record["preview"] or None, preview_step=int(record["preview_step"] or 0),
-              cancel_requested_at=number(record["cancel_requested_at"]),
-              stop_requested_at=number(record["stop_requested_at"]), version=int(record["version"] or 0),
-              first_step_at=number(record["first_step_at"]))
+    job = Job(
+        job_id,
+        None,
+        int(record["preview_every"] or 0) or None,
+        text("owner") or None,
+        status=JobStatus(text("status")),
+        created=float(record["created"] or 0),
+        started=number(record["started"]),
+        finished=number(record["finished"]),
+        step=int(record["step"] or 0),
+        total_steps=int(record["total_steps"] or 0),
+        preview=record["preview"] or None,
+        preview_step=int(record["preview_step"] or 0),
+        cancel_requested_at=number(record["cancel_requested_at"]),
+        stop_requested_at=number(record["stop_requested_at"]),
+        version=int(record["version"] or 0),
+        first_step_at=number(record["first_step_at"]),
+    )
     job.request = request_from_json(record["request"]) if record["request"] else None
     if record["result"] and images:
         result = json.loads(record["result"])

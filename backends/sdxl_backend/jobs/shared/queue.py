@@ -45,9 +45,18 @@ async def _off_loop(call: Callable[..., T], *args: Any) -> T:
 class SharedJobQueue:
     """`JobQueue` for a fleet: the jobs in Redis."""
 
-    def __init__(self, engine: Engine, client: redis.Redis, max_queue: int = 64, ttl_s: float = 3600,
-                 max_jobs: int = 1000, max_bytes: int = 512 * 2**20, on_change: Callable[[Job], None] | None = None,
-                 max_batch: int = 1, device: DeviceThread | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        client: redis.Redis,
+        max_queue: int = 64,
+        ttl_s: float = 3600,
+        max_jobs: int = 1000,
+        max_bytes: int = 512 * 2**20,
+        on_change: Callable[[Job], None] | None = None,
+        max_batch: int = 1,
+        device: DeviceThread | None = None,
+    ):
         self.engine = engine
         self.device = device or DeviceThread()
         self.worker = DeviceWorker(engine, self, self.device, max_batch, on_change)
@@ -80,8 +89,10 @@ class SharedJobQueue:
         with redis_failures_as_unavailable():
             position = self._script("submit", self.max_queue, job.id, *(v for pair in fields.items() for v in pair))
         if not position:
-            raise QueueFull(f"the queue is full ({self.max_queue} waiting across the replicas); retry later",
-                            self.worker.retry_after_s())
+            raise QueueFull(
+                f"the queue is full ({self.max_queue} waiting across the replicas); retry later",
+                self.worker.retry_after_s(),
+            )
         job.prepared = None  # in Redis now; this copy is the caller's snapshot
         tell(self.on_change, job)
         return job
@@ -102,17 +113,34 @@ class SharedJobQueue:
         return self.get(job.id)
 
     async def wait(self, job: Job, timeout_s: float) -> Job:
-        return await follow(self._changes.watchers, job, self._read, timeout_s, lambda job: job.status.final,
-                            finals_only=True, fallback_s=feed.FALLBACK_S)
+        return await follow(
+            self._changes.watchers,
+            job,
+            self._read,
+            timeout_s,
+            lambda job: job.status.final,
+            finals_only=True,
+            fallback_s=feed.FALLBACK_S,
+        )
 
     async def changed(self, job: Job, version: int, timeout_s: float) -> Job:
-        return await follow(self._changes.watchers, job, self._read, timeout_s,
-                            lambda job: job.version != version or job.status.final, fallback_s=feed.FALLBACK_S)
+        return await follow(
+            self._changes.watchers,
+            job,
+            self._read,
+            timeout_s,
+            lambda job: job.version != version or job.status.final,
+            fallback_s=feed.FALLBACK_S,
+        )
 
     def recent(self, limit: int = 50, before: float | None = None, owner: str | None = None) -> list[Job]:
         with redis_failures_as_unavailable():
-            ids = [i.decode() for i in self.client.zrevrangebyscore(
-                keys.INDEX, f"({before}" if before is not None else "+inf", "-inf")]
+            ids = [
+                i.decode()
+                for i in self.client.zrevrangebyscore(
+                    keys.INDEX, f"({before}" if before is not None else "+inf", "-inf"
+                )
+            ]
             if owner is not None:
                 pipe = self.client.pipeline(transaction=False)
                 for job_id in ids:
@@ -209,8 +237,9 @@ class SharedJobQueue:
             self._hand_back(job)
             raise HandedBack(f"job {job.id} handed back: its replica is stopping")
         try:
-            cancel_at, stop_at, replica = self.client.hmget(keys.job(job.id), "cancel_requested_at",
-                                                            "stop_requested_at", "replica")
+            cancel_at, stop_at, replica = self.client.hmget(
+                keys.job(job.id), "cancel_requested_at", "stop_requested_at", "replica"
+            )
         except Exception as exc:  # Redis away: the job goes on, its flags unread
             self._redis_failure(exc)
             return
@@ -228,8 +257,7 @@ class SharedJobQueue:
         except Exception as exc:
             self._redis_failure(exc)
 
-    def finish(self, job: Job, status: JobStatus, result: GenerationResult | None,
-               error: BackendError | None) -> None:
+    def finish(self, job: Job, status: JobStatus, result: GenerationResult | None, error: BackendError | None) -> None:
         job.settle(status, result, error)
         fields = codec.finished(job)
         arguments = [job.id, self.replica, job.held_bytes, *(v for pair in fields.items() for v in pair)]
@@ -239,6 +267,7 @@ class SharedJobQueue:
     def _started(self, ids: list[str]) -> list[Job]:
         """The jobs taken, decoded; one that cannot run here (a model this replica does not
         serve) fails at once."""
+
         def read() -> list[dict[bytes, bytes]]:
             pipe = self.client.pipeline(transaction=False)
             for job_id in ids:
@@ -272,8 +301,12 @@ class SharedJobQueue:
                 self._heartbeat()
                 requeued, failed = self._script("reclaim", MAX_ATTEMPTS)
                 if requeued or failed:
-                    logger.warning("%d job(s) of a replica that stopped were re-queued, %d failed after %d attempts",
-                                   requeued, failed, MAX_ATTEMPTS)
+                    logger.warning(
+                        "%d job(s) of a replica that stopped were re-queued, %d failed after %d attempts",
+                        requeued,
+                        failed,
+                        MAX_ATTEMPTS,
+                    )
                 self._redis_is(True)
             except Exception as exc:
                 if not self._redis_failure(exc):
@@ -325,8 +358,10 @@ class SharedJobQueue:
             if count:
                 pipe.hmget(keys.job(job_id), [f"image:{index}" for index in range(count)])
         images = iter(pipe.execute())
-        return [codec.snapshot(job_id, record, next(images) if count else []) if record["status"] else None
-                for job_id, record, count in zip(ids, records, counts)]
+        return [
+            codec.snapshot(job_id, record, next(images) if count else []) if record["status"] else None
+            for job_id, record, count in zip(ids, records, counts)
+        ]
 
     def _redis_is(self, reachable: bool) -> None:
         if reachable and not self._reachable:
@@ -340,7 +375,8 @@ class SharedJobQueue:
         if not isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
             return False
         if self._reachable:
-            logger.warning("Redis (SDXL_REDIS_URL) cannot be reached (%s): the shared queue waits for it",
-                           type(exc).__name__)
+            logger.warning(
+                "Redis (SDXL_REDIS_URL) cannot be reached (%s): the shared queue waits for it", type(exc).__name__
+            )
         self._reachable = False
         return True

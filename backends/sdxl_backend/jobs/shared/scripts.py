@@ -18,13 +18,21 @@ FOLDER = Path(__file__).with_name("scripts")
 TOMBSTONE_TTL_S = 86400  # an evicted job's id answers "expired" (410) this long, then "unknown" (404)
 # The fields of a job's hash that hold its input images, dropped when it ends.
 INPUTS = ["init_image", "mask", *(f"control:{index}" for index in range(MAX_CONTROLNETS))]
-SCRIPTS = {"submit": [], "take": [], "reclaim": ["requeue"], "hand_back": ["requeue"], "cancel": [],
-           "finish": [], "forget_result": []}
+SCRIPTS = {
+    "submit": [],
+    "take": [],
+    "reclaim": ["requeue"],
+    "hand_back": ["requeue"],
+    "cancel": [],
+    "finish": [],
+    "forget_result": [],
+}
 
 
 def source(name: str) -> str:
     prelude = Template((FOLDER / "prelude.lua").read_text()).substitute(
-        inputs=", ".join(f"'{field}'" for field in INPUTS), tombstone_ttl_s=TOMBSTONE_TTL_S)
+        inputs=", ".join(f"'{field}'" for field in INPUTS), tombstone_ttl_s=TOMBSTONE_TTL_S
+    )
     return "\n".join([prelude, *((FOLDER / f"{part}.lua").read_text() for part in [*SCRIPTS[name], name])])
 
 
