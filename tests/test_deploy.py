@@ -216,3 +216,30 @@ def test_bentocloud_config_is_what_bentoml_deploy_accepts():
     assert 0 <= service.scaling.min_replicas < service.scaling.max_replicas
     assert service.config_overrides["traffic"]["concurrency"] >= 1
     assert {env.name for env in schema.envs} <= set(declared_environment())
+
+
+def test_the_bentoml_class_service_py_replaces_is_where_it_expects():
+    """service.py puts `TimelyTimeout` in the place of BentoML's private `TimeoutMiddleware`
+    (bentoml._internal.server.http.traffic), which BentoML's app factory reads when it builds
+    the app. A BentoML upgrade that moves or reshapes it must fail here, not silently bring the
+    leaking timer back."""
+    from bentoml._internal.server import base_app
+    from bentoml._internal.server.http import traffic
+
+    from backends.api.edge import TimelyTimeout
+
+    original = traffic.TimeoutMiddleware
+
+    class Probe(base_app.BaseAppFactory):
+        name = "probe"
+
+    try:
+        traffic.TimeoutMiddleware = TimelyTimeout  # what service.py does
+        (middleware,) = Probe(timeout=5).middlewares
+        assert middleware.cls is TimelyTimeout and middleware.kwargs == {"timeout": 5}
+    finally:
+        traffic.TimeoutMiddleware = original
+    assert issubclass(TimelyTimeout, original)
+    assert callable(original._set_timer_out)  # what TimelyTimeout's timer calls
+    instance = original(app=None, timeout=5)
+    assert (instance.app, instance.timeout) == (None, 5)
