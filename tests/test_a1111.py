@@ -189,9 +189,15 @@ def test_webuiapi_png_info_reads_back_the_parameters(api):
 
 
 def test_webuiapi_listings_options_and_skip(api):
-    assert api.get_scripts() == {"txt2img": [], "img2img": []}  # its constructor probes this
+    native = api.baseurl.removesuffix("/sdapi/v1")
+
+    def served(kind: str) -> list[str]:  # what this server serves (the session's store may hold some)
+        return sorted(adapter["id"] for adapter in httpx.get(f"{native}/v1/{kind}", timeout=300).json()["data"])
+
+    scripts = ["controlnet"] if served("controlnets") else []
+    assert api.get_scripts() == {"txt2img": scripts, "img2img": scripts}  # its constructor probes this
+    assert sorted(lora["name"] for lora in api.get_loras()) == served("loras")
     for listing in (
-        "get_loras",
         "get_sd_vae",
         "get_hypernetworks",
         "get_face_restorers",
@@ -201,10 +207,7 @@ def test_webuiapi_listings_options_and_skip(api):
         assert getattr(api, listing)() == [], listing
     assert [u["name"] for u in api.get_upscalers()] == ["Lanczos"]  # what the hires fix has
     assert [m["name"] for m in api.get_latent_upscale_modes()] == ["Latent"]
-    served = {
-        e["id"] for e in httpx.get(f"{api.baseurl.removesuffix('/sdapi/v1')}/v1/embeddings", timeout=300).json()["data"]
-    }
-    assert set(api.get_embeddings()["loaded"]) == served and api.get_cmd_flags() == {}  # (see test_embeddings)
+    assert sorted(api.get_embeddings()["loaded"]) == served("embeddings") and api.get_cmd_flags() == {}
     assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
     assert api.get_memory()["ram"]["total"] > 0
     assert api.util_get_model_names() == ["tiny-sdxl"] and api.util_get_current_model() == "tiny-sdxl"
@@ -216,8 +219,10 @@ def test_webuiapi_listings_options_and_skip(api):
     assert api.get_options()["jpeg_quality"] == 80
     too_much = api.session.post(f"{api.baseurl}/options", json={"notes": "x" * 70_000}, timeout=300)
     assert too_much.status_code == 400 and too_much.json()["error"]["param"] == "options"  # kept options are bounded
-    with pytest.raises(RuntimeError):  # webuiapi raises on a non-200 answer
-        api._to_api_result(api.session.post(f"{api.baseurl}/options", json={"sd_model_checkpoint": "nope"}))
+    unknown = api.session.post(f"{api.baseurl}/options", json={"sd_model_checkpoint": "nope"}, timeout=300)
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+    with pytest.raises(RuntimeError, match="404"):  # webuiapi raises on a non-200 answer, naming its status
+        api._to_api_result(unknown)
 
 
 def test_webuiapi_inpainting_on_its_defaults(api):
