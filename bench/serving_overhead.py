@@ -63,7 +63,8 @@ def in_process(part: str, body: dict) -> None:
     from backends.api.settings import load_settings
     from backends.sdxl_backend.device import select_placement
     from backends.sdxl_backend.engine import Engine
-    from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+    from backends.sdxl_backend.model_manager import ModelManager
+    from backends.sdxl_backend.model_records import ModelSource
     from backends.sdxl_backend.protocol import GenerationRequest
 
     path, defaults = Path(tiny_model().path), defaults_for("tiny-sdxl")

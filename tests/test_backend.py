@@ -19,7 +19,8 @@ from backends.sdxl_backend.errors import (
     UnknownModel,
 )
 from backends.sdxl_backend.limits import Limits
-from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+from backends.sdxl_backend.model_manager import ModelManager
+from backends.sdxl_backend.model_records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
 from backends.sdxl_backend.schedulers import SCHEDULERS
 from models.catalog import defaults_for

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from backends.sdxl_backend.device import select_placement
 from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.fast_paths import FastPaths
-from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+from backends.sdxl_backend.model_manager import ModelManager
+from backends.sdxl_backend.model_records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
 from models.catalog import defaults_for
 

@@ -20,7 +20,8 @@ import webuiapi
 
 from backends.api.settings import SettingsError, load_settings, parse_bytes
 from backends.sdxl_backend.device import select_placement
-from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+from backends.sdxl_backend.model_manager import ModelManager
+from backends.sdxl_backend.model_records import ModelSource
 from backends.sdxl_backend.modes import MemoryPolicy
 from backends.sdxl_backend.pipelines import weights_bytes
 from tests.served import ROOT, Server

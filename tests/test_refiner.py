@@ -12,7 +12,8 @@ import pytest
 from backends.sdxl_backend.device import select_placement
 from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+from backends.sdxl_backend.model_manager import ModelManager
+from backends.sdxl_backend.model_records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
 from models.catalog import defaults_for
 from tests.conftest import pixels, png_bytes

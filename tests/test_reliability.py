@@ -14,7 +14,8 @@ import pytest
 from backends.sdxl_backend.device import select_placement
 from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.jobs import JobStatus, MemoryJobQueue
-from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+from backends.sdxl_backend.model_manager import ModelManager
+from backends.sdxl_backend.model_records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
 from models.catalog import defaults_for
 from tests.conftest import GUARD_KEYS

@@ -268,7 +268,8 @@ def queue_on(store, tiny_model, served_as: str = "tiny-sdxl"):
     from backends.sdxl_backend.device import select_placement
     from backends.sdxl_backend.engine import Engine
     from backends.sdxl_backend.jobs.shared import SharedJobQueue
-    from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+    from backends.sdxl_backend.model_manager import ModelManager
+    from backends.sdxl_backend.model_records import ModelSource
     from models.catalog import defaults_for
 
     source = ModelSource(served_as, Path(tiny_model.path), defaults_for("tiny-sdxl"))

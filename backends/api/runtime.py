@@ -86,7 +86,8 @@ class Runtime:
         from backends.sdxl_backend.embeddings import EmbeddingSet, EmbeddingSource
         from backends.sdxl_backend.engine import Engine
         from backends.sdxl_backend.loras import LoraSource
-        from backends.sdxl_backend.model_manager import ModelManager, ModelSource
+        from backends.sdxl_backend.model_manager import ModelManager
+        from backends.sdxl_backend.model_records import ModelSource
 
         placement = select_placement(settings.device, settings.dtype)
         logger.info(

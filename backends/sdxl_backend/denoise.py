@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from .errors import BackendError, Cancelled
-from .model_manager import ModelManager, ModelSource
+from .model_manager import ModelManager
+from .model_records import ModelSource
 from .pipelines import with_controlnets
 from .prompt_encoder import conditioning
 from .prompts import PromptReader

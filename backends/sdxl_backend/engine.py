@@ -26,11 +26,12 @@ from .errors import BackendError, Cancelled, InvalidRequest, OutOfMemory
 from .images import MEDIA_TYPES, decode_image, encode_image
 from .limits import Limits
 from .masks import fill_masked, prepare_mask
-from .model_manager import ModelManager, ModelSource
+from .model_manager import ModelManager
+from .model_records import ModelSource
 from .modes import lower_mode
 from .prompts import PromptReader, PromptSyntax, ReadPrompts, model_tokenizers
 from .protocol import GeneratedImage, GenerationRequest, GenerationResult, PromptReading, Timings
-from .validation import output_size, resolve, validate
+from .validation import check_controlnets, check_loras, output_size, resolve, validate
 
 logger = logging.getLogger("sdxl_backend")
 
@@ -122,8 +123,8 @@ class Engine:
         validate(request, self.limits)
         if source.img2img_only and init_image is None:
             raise InvalidRequest(f"image: model '{source.id}' only does image-to-image: send an image", "image")
-        self.models.check_loras(source, [lora.id for lora in request.loras])
-        self.models.check_controlnets(source, [unit.id for unit in request.controlnets])
+        check_loras(self.models, source, [lora.id for lora in request.loras])
+        check_controlnets(self.models, source, [unit.id for unit in request.controlnets])
         refiner = self._refiner(request, source)
         controls = [
             control_map(

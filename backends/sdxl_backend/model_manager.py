@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from dataclasses import asdict
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,10 +28,10 @@ import torch
 from .controlnets import ControlNetSource
 from .device import Placement, device_memory
 from .device_thread import TORCH_WORK
-from .embeddings import model_text_signature
-from .errors import DeviceUnavailable, InvalidRequest, OutOfMemory, UnknownModel
+from .errors import DeviceUnavailable, OutOfMemory, UnknownModel
 from .fast_paths import FastPaths
-from .loras import LORA_FILE, LoraSource, model_unet_signature
+from .loras import LORA_FILE, LoraSource
+from .model_records import LoadedControlNet, LoadedModel, ModelSource
 from .modes import MemoryPolicy
 from .pipelines import (
     Pipelines,
@@ -44,58 +42,11 @@ from .pipelines import (
     set_vae_tiling,
     weights_bytes,
 )
-from .protocol import LoraWeight, ModelDefaults
+from .protocol import LoraWeight
 
 logger = logging.getLogger("sdxl_backend")
 GiB = 2**30
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A servable model: its id, where its files are, and its defaults."""
-
-    id: str
-    path: Path
-    defaults: ModelDefaults = field(default_factory=ModelDefaults)
-
-    @cached_property
-    def img2img_only(self) -> bool:
-        """An image-to-image pipeline (the refiner), read from the store before any load."""
-        index = json.loads((self.path / "model_index.json").read_text())
-        return index.get("_class_name") == "StableDiffusionXLImg2ImgPipeline"
-
-    @cached_property
-    def unet_signature(self) -> str:
-        """Its UNet's architecture, which a LoRA must have been trained on (loras.py)."""
-        return model_unet_signature(self.path)
-
-    @cached_property
-    def text_signature(self) -> str:
-        """Its text encoders' widths, which an embedding must have (embeddings.py)."""
-        return model_text_signature(self.path)
-
-
-@dataclass
-class LoadedModel:
-    source: ModelSource
-    pipelines: Pipelines
-    bytes: int  # weights in the target dtype, what the budget counts
-    load_s: float
-    last_used: float = field(default_factory=time.time)
-    in_use: int = 0
-    loras: OrderedDict[str, int] = field(
-        default_factory=OrderedDict
-    )  # loaded adapters' bytes, least recently used first
-
-
-@dataclass
-class LoadedControlNet:
-    source: ControlNetSource
-    module: torch.nn.Module = field(repr=False)
-    bytes: int
-    load_s: float
-    in_use: int = 0
 
 
 def device_total(placement: Placement) -> int:
@@ -202,29 +153,6 @@ class ModelManager:
                 loaded.in_use -= 1
                 self._last_activity = time.monotonic()
 
-    def check_loras(self, source: ModelSource, lora_ids: list[str]) -> None:
-        """A request's LoRAs are served, named once each, and fit the model; raises
-        `InvalidRequest` naming the one at fault."""
-        if lora_ids and self.fast_paths.fuse_qkv:
-            raise InvalidRequest(
-                "loras: this server fuses the attention projections (SDXL_FUSE_QKV=1), which LoRAs would not reach",
-                "loras",
-            )
-        for lora_id in lora_ids:
-            if lora_id not in self.loras:
-                raise InvalidRequest(
-                    f"loras: unknown LoRA '{lora_id}' (served: {', '.join(self.loras) or 'none'}; GET /v1/loras)",
-                    "loras",
-                )
-            if lora_ids.count(lora_id) > 1:
-                raise InvalidRequest(f"loras: '{lora_id}' is named twice", "loras")
-            if self.loras[lora_id].fits != source.unet_signature:
-                raise InvalidRequest(
-                    f"loras: '{lora_id}' does not fit model '{source.id}' (it was trained on another "
-                    f"UNet architecture)",
-                    "loras",
-                )
-
     def apply_loras(self, model_id: str, pipelines: Pipelines, requested: list[LoraWeight]) -> float:
         """Make exactly `requested` active on the model (loading those it lacks, none when empty);
         returns the seconds spent loading. Switching never reloads the model: adapters stay
@@ -263,24 +191,6 @@ class ModelManager:
         elif loaded.loras:
             owner.disable_lora()
         return time.perf_counter() - started if loaded_now else 0.0
-
-    def check_controlnets(self, source: ModelSource, controlnet_ids: list[str]) -> None:
-        """A request's ControlNets are served and fit the model; raises `InvalidRequest` naming
-        the one at fault."""
-        for index, controlnet_id in enumerate(controlnet_ids):
-            field_name = f"controlnets[{index}].id"
-            if controlnet_id not in self.controlnets:
-                raise InvalidRequest(
-                    f"{field_name}: unknown ControlNet '{controlnet_id}' (served: "
-                    f"{', '.join(self.controlnets) or 'none'}; GET /v1/controlnets)",
-                    field_name,
-                )
-            if self.controlnets[controlnet_id].fits != source.unet_signature:
-                raise InvalidRequest(
-                    f"{field_name}: '{controlnet_id}' does not fit model '{source.id}' (it was made "
-                    f"for another UNet architecture)",
-                    field_name,
-                )
 
     @contextmanager
     def use_controlnets(self, controlnet_ids: list[str]) -> Iterator[tuple[list[torch.nn.Module], float]]:
@@ -464,22 +374,8 @@ class ModelManager:
             host = psutil.virtual_memory()
             memory = (host.total - host.available, host.total)
         with self._lock:
-            loaded = [
-                {
-                    "id": m.source.id,
-                    "bytes": m.bytes,
-                    "mode": m.pipelines.mode,
-                    "in_use": m.in_use > 0,
-                    "last_used": m.last_used,
-                    "load_s": round(m.load_s, 3),
-                    "loras": list(m.loras),
-                }
-                for m in reversed(self._loaded.values())  # most recently used first
-            ]
-            controlnets = [
-                {"id": c.source.id, "bytes": c.bytes, "in_use": c.in_use > 0, "load_s": round(c.load_s, 3)}
-                for c in reversed(self._controlnets.values())
-            ]
+            loaded = [m.describe() for m in reversed(self._loaded.values())]  # most recently used first
+            controlnets = [c.describe() for c in reversed(self._controlnets.values())]
         return {
             "device": str(self.placement.device),
             "device_name": self.placement.describe(),

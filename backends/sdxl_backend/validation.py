@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import secrets
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -11,6 +12,10 @@ from .errors import InvalidRequest
 from .limits import Limits
 from .protocol import MAX_SEED, GenerationRequest, ModelDefaults
 from .schedulers import SCHEDULERS
+
+if TYPE_CHECKING:
+    from .model_manager import ModelManager
+    from .model_records import ModelSource
 
 
 def output_size(request: GenerationRequest) -> tuple[int, int]:
@@ -133,4 +138,46 @@ def validate(request: GenerationRequest, limits: Limits) -> None:
             raise InvalidRequest(
                 f"hires_fix.strength: {hires.strength} x {hires.steps} steps leaves no step to run",
                 "hires_fix.strength",
+            )
+
+
+def check_loras(models: ModelManager, source: ModelSource, lora_ids: list[str]) -> None:
+    """A request's LoRAs are served, named once each, and fit the model; raises
+    `InvalidRequest` naming the one at fault."""
+    if lora_ids and models.fast_paths.fuse_qkv:
+        raise InvalidRequest(
+            "loras: this server fuses the attention projections (SDXL_FUSE_QKV=1), which LoRAs would not reach",
+            "loras",
+        )
+    for lora_id in lora_ids:
+        if lora_id not in models.loras:
+            raise InvalidRequest(
+                f"loras: unknown LoRA '{lora_id}' (served: {', '.join(models.loras) or 'none'}; GET /v1/loras)",
+                "loras",
+            )
+        if lora_ids.count(lora_id) > 1:
+            raise InvalidRequest(f"loras: '{lora_id}' is named twice", "loras")
+        if models.loras[lora_id].fits != source.unet_signature:
+            raise InvalidRequest(
+                f"loras: '{lora_id}' does not fit model '{source.id}' (it was trained on another UNet architecture)",
+                "loras",
+            )
+
+
+def check_controlnets(models: ModelManager, source: ModelSource, controlnet_ids: list[str]) -> None:
+    """A request's ControlNets are served and fit the model; raises `InvalidRequest` naming
+    the one at fault."""
+    for index, controlnet_id in enumerate(controlnet_ids):
+        field_name = f"controlnets[{index}].id"
+        if controlnet_id not in models.controlnets:
+            raise InvalidRequest(
+                f"{field_name}: unknown ControlNet '{controlnet_id}' (served: "
+                f"{', '.join(models.controlnets) or 'none'}; GET /v1/controlnets)",
+                field_name,
+            )
+        if models.controlnets[controlnet_id].fits != source.unet_signature:
+            raise InvalidRequest(
+                f"{field_name}: '{controlnet_id}' does not fit model '{source.id}' (it was made "
+                f"for another UNet architecture)",
+                field_name,
             )
