@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from backends.api import a1111, errors, image_generations, jobs, playground, system
+from backends.api import a1111, errors, images, jobs, playground, system
 from backends.sdxl_backend.errors import BackendError
 
 logger = logging.getLogger("sdxl_backend")
@@ -45,7 +45,7 @@ def create_app() -> FastAPI:
     # BentoML's own OpenAPI UI (at /) documents these routes; FastAPI's second copy is off.
     app = FastAPI(title="SDXL", docs_url=None, redoc_url=None, openapi_url=None)
     for router in (
-        image_generations.router,
+        *images.routers,
         jobs.router,
         a1111.router,
         a1111.controlnet_router,

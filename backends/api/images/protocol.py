@@ -1,0 +1,141 @@
+"""The request and answer of the image routes, shared by their two kinds of client: one request
+model takes the union of moondream-station's and OpenAI's fields, one answer carries the union of
+their response keys, and each client reads its own keys and ignores the rest."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from backends.sdxl_backend.errors import InvalidRequest
+from backends.sdxl_backend.modes import MEMORY_MODES
+from backends.sdxl_backend.protocol import (
+    MAX_CONTROLNETS,
+    MAX_LORAS,
+    MAX_SEED,
+    ControlNetUnit,
+    GenerationRequest,
+    ImageBytes,
+    LoraWeight,
+    OutputFormat,
+    Refiner,
+)
+from backends.sdxl_backend.schedulers import resolve_moondream_name
+
+SIZE_PATTERN = re.compile(r"^(\d+)x(\d+)$")
+RECORDED_ONLY = ("quality", "style", "user", "safety_identifier", "moderation")
+
+
+class ImageGenerationRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {"prompt": "a misty forest at dawn", "width": 512, "height": 512, "steps": 20, "seed": 3}
+        },
+    )
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    negative_prompt: str | None = None
+    # Size: moondream clients send width/height, OpenAI clients "WxH" (or "auto").
+    width: int | None = None
+    height: int | None = None
+    size: str | None = None
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0)
+    scheduler: str | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    # Count: OpenAI's `n`, moondream's `num_images`.
+    n: int | None = Field(None, ge=1)
+    num_images: int | None = Field(None, ge=1)
+    # img2img: moondream's base64 `image` and `strength`.
+    image: ImageBytes | None = None
+    strength: float = Field(0.75, gt=0, le=1)
+    mask: ImageBytes | None = None  # inpainting: white repaints, black keeps
+    loras: list[LoraWeight] = Field([], max_length=MAX_LORAS)  # [{"id": ..., "weight": ...}] (GET /v1/loras)
+    refiner: Refiner | None = None  # {"model": "sdxl-refiner", "switch_at": 0.8}
+    controlnets: list[ControlNetUnit] = Field([], max_length=MAX_CONTROLNETS)  # as the native API's
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: OutputFormat = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    background: Literal["auto", "opaque", "transparent"] | None = None
+    stream: Literal[False] | None = None  # streaming answers are not offered
+    # OpenAI fields without an SDXL meaning: accepted, recorded.
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    moderation: str | None = None
+
+    def to_generation_request(self, vram_mode: str | None) -> GenerationRequest:
+        if vram_mode is not None and vram_mode not in MEMORY_MODES:
+            raise InvalidRequest(f"X-VRAM-Mode: '{vram_mode}' is not one of {', '.join(MEMORY_MODES)}", "X-VRAM-Mode")
+        width, height = self.width, self.height
+        if self.size not in (None, "auto"):
+            match = SIZE_PATTERN.match(self.size)
+            if not match:
+                raise InvalidRequest(f"size: '{self.size}' is not of the form WIDTHxHEIGHT, e.g. 1024x1024", "size")
+            size = int(match[1]), int(match[2])
+            if (width or size[0], height or size[1]) != size:
+                raise InvalidRequest(f"size: '{self.size}' contradicts width={width}, height={height}", "size")
+            width, height = size
+        if self.n is not None and self.num_images is not None and self.n != self.num_images:
+            raise InvalidRequest(f"n: n={self.n} contradicts num_images={self.num_images}", "n")
+        if self.background == "transparent":
+            raise InvalidRequest("background: SDXL draws opaque images; 'transparent' is not available", "background")
+        return GenerationRequest(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt or "",
+            model=self.model,
+            width=width,
+            height=height,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed,
+            n=self.n or self.num_images or 1,
+            scheduler=self._scheduler(),
+            output_format=self.output_format,
+            quality=max(1, self.output_compression) if self.output_compression is not None else 90,
+            image=self.image,
+            strength=self.strength,
+            mask=self.mask,
+            vram_mode=vram_mode,
+            loras=self.loras,
+            refiner=self.refiner,
+            controlnets=self.controlnets,
+        )
+
+    def _scheduler(self) -> str | None:
+        if self.scheduler is None:
+            return None
+        return resolve_moondream_name(self.scheduler) or None  # unknown: the model's default
+
+    def ignored(self) -> dict[str, Any]:
+        """What the answer did not use: an unknown scheduler name, fields no dialect here knows."""
+        unused = dict(self.model_extra or {})
+        if self.scheduler is not None and self._scheduler() is None:
+            unused["scheduler"] = self.scheduler
+        return unused
+
+
+class MoondreamRequest(ImageGenerationRequest):
+    """moondream-station's handler reads the fields it knows and ignores the rest: so here."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ImageEditForm(ImageGenerationRequest):
+    """OpenAI's edit and variation forms: the generation fields, as multipart text fields."""
+
+    prompt: str = ""
+    input_fidelity: str | None = None  # OpenAI's; no SDXL meaning
+
+
+class ImageGenerationAnswer(BaseModel):
+    created: int
+    data: list[dict[str, Any]] = Field(description="OpenAI clients: b64_json or url, and the seed, per image.")
+    images: list[str] = Field(description="moondream clients: base64 images (or links).")
+    image: str = Field(description="The first of `images`.")
+    stats: dict[str, Any] = Field(description="Model, seeds, size, steps, timings, memory mode...")
