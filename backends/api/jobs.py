@@ -97,7 +97,7 @@ def job_body(job: Job, position: int, base_url: str) -> dict[str, Any]:
 
 
 async def answer(runtime: Runtime, job: Job, base_url: str) -> dict[str, Any]:
-    return job_body(job, await runtime.on_queue(runtime.jobs.position, job), base_url)
+    return job_body(job, await runtime.position(job), base_url)
 
 
 def sse(event: str, data: dict[str, Any]) -> str:
@@ -164,7 +164,7 @@ async def list_jobs(
 ) -> dict:
     """Recent jobs, newest first, a page at a time."""
     base = runtime.base_url(request)
-    page = await runtime.on_queue(runtime.jobs.recent, limit + 1, before, runtime.owner(request))
+    page = await runtime.recent_jobs(request, limit + 1, before)
     more = len(page) > limit
     page = page[:limit]
     return {
@@ -175,7 +175,7 @@ async def list_jobs(
 
 @router.get("/{job_id}", response_model=JobAnswer, responses=NOT_FOUND)
 async def get_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict:
-    job = await runtime.on_queue(runtime.jobs.get, job_id, runtime.owner(request))
+    job = await runtime.job(job_id, request)
     return await answer(runtime, job, runtime.base_url(request))
 
 
@@ -184,9 +184,8 @@ async def get_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict:
 async def cancel_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict:
     """A queued job never starts; a running one stops at its next step. Cancelling a
     finished job changes nothing."""
-    job = await runtime.on_queue(runtime.jobs.get, job_id, runtime.owner(request))
-    await runtime.on_queue(runtime.jobs.cancel, job)
-    return await answer(runtime, await runtime.on_queue(runtime.jobs.refresh, job), runtime.base_url(request))
+    job = await runtime.job(job_id, request)
+    return await answer(runtime, await runtime.cancel(job), runtime.base_url(request))
 
 
 @router.get(
@@ -203,7 +202,7 @@ async def cancel_job(job_id: str, request: Request, runtime: RuntimeDep) -> dict
 async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> StreamingResponse:
     """Server-Sent Events: `progress` (and `preview`) while it runs, then `result`,
     `error` or `cancelled`, then the stream ends."""
-    job, base = await runtime.on_queue(runtime.jobs.get, job_id, runtime.owner(request)), runtime.base_url(request)
+    job, base = await runtime.job(job_id, request), runtime.base_url(request)
     if runtime.event_streams >= runtime.settings.max_event_streams:
         raise TooManyStreams(
             f"{runtime.event_streams} event streams are open (SDXL_MAX_EVENT_STREAMS); poll "
@@ -225,16 +224,14 @@ async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> Stre
             version, final = current.version, current.status.final
             if version != seen:
                 seen = version
-                for event in progress_events(
-                    current, await runtime.on_queue(runtime.jobs.position, current), preview_step
-                ):
+                for event in progress_events(current, await runtime.position(current), preview_step):
                     yield event
                 preview_step = current.preview_step
             if final:
                 yield final_event(current, base)
                 return
             try:
-                current = await runtime.jobs.changed(current, seen, KEEPALIVE_S)
+                current = await runtime.changed(current, seen, KEEPALIVE_S)
             except BackendError:  # Redis went away (or the job expired): the stream ends, the client polls
                 return
             if current.version == seen and not current.status.final:
@@ -255,7 +252,7 @@ async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> Stre
     },
 )
 async def job_preview(job_id: str, request: Request, runtime: RuntimeDep) -> Response:
-    job = await runtime.on_queue(runtime.jobs.get, job_id, runtime.owner(request))
+    job = await runtime.job(job_id, request)
     if job.preview is None:
         raise InvalidRequest("preview: this job has no preview yet (submit with preview_every)", "preview_every")
     return Response(job.preview, media_type="image/png", headers={"X-Preview-Step": str(job.preview_step)})

@@ -6,8 +6,8 @@ then handed to the job queue, which runs it as a job and awaits its end once; a 
 hangs up, or the handler being cancelled, cancels the job (hangups.py).
 
 The job queue (`JobQueue`) is this process's (`MemoryJobQueue`), or, with `SDXL_REDIS_URL`, the
-one every replica shares (`SharedJobQueue`), which waits on Redis: the routes call either
-through `on_queue`, off the event loop.
+one every replica shares (`SharedJobQueue`), which waits on Redis: the routes ask about jobs
+through the runtime's methods (`job`, `position`, `cancel`...), which call it off the event loop.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.requests import Request
@@ -42,7 +41,6 @@ if TYPE_CHECKING:
     from backends.sdxl_backend.engine import PreparedRequest
 
 logger = logging.getLogger("sdxl_backend")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -263,10 +261,48 @@ class Runtime:
         key = headers.presented_key(http.headers) or ""
         return hashlib.sha256(key.encode()).hexdigest()[:32]
 
-    async def on_queue(self, call: Callable[..., T], *args: Any) -> T:
-        """A call of the job queue, off the event loop: the shared queue waits on Redis, which may
-        be slow or away (3 s at most, then `StoreUnavailable`)."""
-        return await anyio.to_thread.run_sync(call, *args)
+    # -- the jobs, as the routes ask about them: off the event loop, since a shared queue waits
+    # on Redis, which may be slow or away (3 s at most, then `StoreUnavailable`) --
+
+    async def job(self, job_id: str, http: Request) -> Job:
+        """The job, if the caller may see it (another key's job is as unknown as a missing one)."""
+        return await anyio.to_thread.run_sync(self.jobs.get, job_id, self.owner(http))
+
+    async def recent_jobs(self, http: Request, limit: int, before: float | None) -> list[Job]:
+        """The caller's newest jobs first, created before `before`."""
+        return await anyio.to_thread.run_sync(self.jobs.recent, limit, before, self.owner(http))
+
+    async def position(self, job: Job) -> int:
+        return await anyio.to_thread.run_sync(self.jobs.position, job)
+
+    async def cancel(self, job: Job) -> Job:
+        """Cancels the job; returns it as it stands then."""
+
+        def cancel_and_read() -> Job:
+            self.jobs.cancel(job)
+            return self.jobs.refresh(job)
+
+        return await anyio.to_thread.run_sync(cancel_and_read)
+
+    async def changed(self, job: Job, version: int, timeout_s: float) -> Job:
+        return await self.jobs.changed(job, version, timeout_s)
+
+    async def running_jobs(self, http: Request) -> list[Job]:
+        """The running jobs the caller may see (with API keys: those its key made)."""
+        owner = self.owner(http)
+        running = await anyio.to_thread.run_sync(lambda: self.jobs.running)
+        return [job for job in running if owner is None or job.owner == owner]
+
+    async def interrupt(self, job: Job) -> None:
+        """Ends the job's denoising at its next step, keeping the image as it stands."""
+        await anyio.to_thread.run_sync(self.jobs.stop_early, job, "interrupted (A1111 interrupt or skip)")
+
+    async def queue_status(self) -> dict[str, Any]:
+        """The queue's length (fleet-wide with a shared queue) and the jobs on this device."""
+        return {
+            "queue_length": await anyio.to_thread.run_sync(lambda: self.jobs.queue_length),
+            "jobs_on_device": len(self.jobs.running_here),
+        }
 
     def _job_changed(self, job: Job) -> None:
         if job.status.final:
@@ -281,9 +317,10 @@ class Runtime:
             "torch_work": TORCH_WORK.threads(),
         }
 
-    def observe_queue(self) -> None:
+    async def observe_queue(self) -> None:
         """The queue gauges, as they stand (for a scrape): fleet-wide with a shared queue."""
-        self.metrics.observe_queue(self.jobs.queue_length, len(self.jobs.running))
+        length, running = await anyio.to_thread.run_sync(lambda: (self.jobs.queue_length, len(self.jobs.running)))
+        self.metrics.observe_queue(length, running)
 
     def result_headers(self, result: GenerationResult, inference_ms: bool = False) -> dict[str, str]:
         return headers.result_headers(result, self.device_type, self.engine.models.device_memory(), inference_ms)

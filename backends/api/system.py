@@ -160,8 +160,7 @@ async def system_status(runtime: RuntimeDep) -> dict[str, Any]:
     return {
         **runtime.engine.models.status(),
         "vae": runtime.settings.vae,
-        "queue_length": await runtime.on_queue(lambda: runtime.jobs.queue_length),
-        "jobs_on_device": len(runtime.jobs.running_here),
+        **await runtime.queue_status(),
         "device_thread_alive": runtime.alive,
         "device_thread": runtime.device_thread_status(),
     }
@@ -187,6 +186,6 @@ async def prometheus_metrics(runtime: RuntimeDep) -> Response:
     out-of-memory recoveries, model load seconds (and the Python process's own figures). With a
     shared queue the job gauges count every replica's jobs (the same on each replica)."""
     with contextlib.suppress(StoreUnavailable):  # Redis away: the gauges keep their last values
-        await runtime.on_queue(runtime.observe_queue)
+        await runtime.observe_queue()
     body, content_type = await anyio.to_thread.run_sync(metrics.exposition)
     return Response(body, media_type=content_type)

@@ -17,7 +17,6 @@ from backends.api.a1111.protocol import A1111Answer, A1111Img2ImgRequest, A1111O
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend import infotext
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.jobs import Job
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 GENERATION_ERRORS = errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507)
@@ -74,15 +73,9 @@ async def png_info(body: PngInfoRequest) -> dict[str, Any]:
     return {"info": text, "items": chunks, "parameters": infotext.parse(text)}
 
 
-async def own_running_jobs(runtime: Runtime, request: Request) -> list[Job]:
-    """The running jobs that the caller may see (with API keys: those its key made)."""
-    owner = runtime.owner(request)
-    return [job for job in await runtime.on_queue(lambda: runtime.jobs.running) if owner is None or job.owner == owner]
-
-
 @router.get("/progress", responses=errors.responses(401))
 async def get_progress(request: Request, runtime: RuntimeDep, skip_current_image: bool = False) -> dict[str, Any]:
-    return progress(next(iter(await own_running_jobs(runtime, request)), None), preview=not skip_current_image)
+    return progress(next(iter(await runtime.running_jobs(request)), None), preview=not skip_current_image)
 
 
 @router.post("/interrupt", responses=errors.responses(401))
@@ -92,8 +85,8 @@ async def interrupt(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
     it stood, as A1111's does (with API keys, only a generation of the caller's key). Each
     request here is one batch, so skipping the current batch is the same. (A generation that
     shares its pipeline call with another client's runs on to its end.)"""
-    for job in await own_running_jobs(runtime, request):
-        await runtime.on_queue(runtime.jobs.stop_early, job, "interrupted (A1111 interrupt or skip)")
+    for job in await runtime.running_jobs(request):
+        await runtime.interrupt(job)
     return {}
 
 
