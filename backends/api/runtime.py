@@ -35,6 +35,7 @@ from backends.sdxl_backend.device_thread import TORCH_WORK, DeviceThread
 from backends.sdxl_backend.errors import DeviceUnavailable, TimedOut
 from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue, MemoryJobQueue
 from backends.sdxl_backend.jobs.shared import SharedJobQueue
+from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, ModelDefaults
 
 if TYPE_CHECKING:
@@ -303,6 +304,45 @@ class Runtime:
             "queue_length": await anyio.to_thread.run_sync(lambda: self.jobs.queue_length),
             "jobs_on_device": len(self.jobs.running_here),
         }
+
+    # -- the models and the device, as the routes show them --
+
+    def model_status(self) -> dict[str, Any]:
+        """Device, memory, loaded models and ControlNets (/v1/system/status)."""
+        return self.engine.models.status()
+
+    def device_memory(self) -> tuple[int, int] | None:
+        """(used, total) bytes of the device; None on the CPU."""
+        return self.engine.models.device_memory()
+
+    def is_loaded(self, model_id: str) -> bool:
+        return self.engine.models.is_loaded(model_id)
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Model ids clients are hard-wired to -> the served model that answers them."""
+        return self.engine.models.aliases
+
+    @property
+    def limits(self) -> Limits:
+        return self.engine.limits
+
+    def set_default_model(self, model_id: str) -> str:
+        return self.engine.set_default_model(model_id)
+
+    def models_fitting(self, adapter: ServedAdapter) -> list[str]:
+        """The served models an adapter fits: a LoRA's or ControlNet's UNet architecture, an
+        embedding's text encoder widths."""
+        from backends.sdxl_backend.embeddings import fits_model
+
+        sources = self.engine.models.sources.items()
+        if adapter.id in self.embeddings:
+            return [m for m, source in sources if fits_model(adapter.fits, source.text_signature)]
+        return [m for m, source in sources if source.unet_signature == adapter.fits]
+
+    def embedding_vectors(self) -> dict[str, int]:
+        """Each served embedding's number of vectors, read from its file."""
+        return {embedding_id: source.vectors for embedding_id, source in self.engine.embeddings.embeddings.items()}
 
     def _job_changed(self, job: Job) -> None:
         if job.status.final:

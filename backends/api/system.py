@@ -14,9 +14,8 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from backends.api import errors, headers, metrics
-from backends.api.runtime import Runtime, ServedAdapter, runtime_of
+from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.controlnets import PREPROCESSORS
-from backends.sdxl_backend.embeddings import fits_model
 from backends.sdxl_backend.errors import StoreUnavailable, UnknownModel
 from backends.sdxl_backend.schedulers import MOONDREAM_NAMES, SCHEDULERS
 
@@ -31,7 +30,6 @@ async def health(runtime: RuntimeDep) -> dict[str, Any]:
 
 def model_entries(runtime: Runtime) -> list[dict[str, Any]]:
     """The served models, then the aliases (`alias_of` names the model that serves them)."""
-    manager = runtime.engine.models
 
     def entry(model_id: str, served_by: str) -> dict[str, Any]:
         model = runtime.served[served_by]
@@ -44,12 +42,12 @@ def model_entries(runtime: Runtime) -> list[dict[str, Any]]:
             "type": "generation",
             "description": model.description,
             "version": model.version,
-            "loaded": manager.is_loaded(served_by),
+            "loaded": runtime.is_loaded(served_by),
             "default": model_id == runtime.default_model,
             **({"alias_of": served_by} if served_by != model_id else {}),
         }
 
-    return [entry(m, m) for m in runtime.served] + [entry(alias, target) for alias, target in manager.aliases.items()]
+    return [entry(m, m) for m in runtime.served] + [entry(alias, target) for alias, target in runtime.aliases.items()]
 
 
 @router.get("/v1/models", responses=errors.responses(401))
@@ -57,7 +55,7 @@ async def list_models(runtime: RuntimeDep) -> JSONResponse:
     entries = model_entries(runtime)
     return JSONResponse(
         {"object": "list", "data": entries, "models": entries},
-        headers=headers.vram_headers(runtime.engine.models.device_memory()),
+        headers=headers.vram_headers(runtime.device_memory()),
     )
 
 
@@ -69,16 +67,11 @@ async def get_model(model_id: str, runtime: RuntimeDep) -> dict[str, Any]:
     return entry
 
 
-def fitting_models(runtime: Runtime, adapter: ServedAdapter) -> list[str]:
-    """The served models a LoRA or ControlNet fits."""
-    return [m for m, source in runtime.engine.models.sources.items() if source.unet_signature == adapter.fits]
-
-
 @router.get("/v1/loras", responses=errors.responses(401))
 async def list_loras(runtime: RuntimeDep) -> dict[str, Any]:
     """LoRAs a request can name in `loras` (A1111: `<lora:id:weight>` in the prompt), each with
     the served models it fits and those it is loaded into now."""
-    loaded = {entry["id"]: entry["loras"] for entry in runtime.engine.models.status()["loaded"]}
+    loaded = {entry["id"]: entry["loras"] for entry in runtime.model_status()["loaded"]}
     return {
         "object": "list",
         "data": [
@@ -86,7 +79,7 @@ async def list_loras(runtime: RuntimeDep) -> dict[str, Any]:
                 "id": lora.id,
                 "object": "lora",
                 "description": lora.description,
-                "fits": fitting_models(runtime, lora),
+                "fits": runtime.models_fitting(lora),
                 "loaded_in": [m for m, loras in loaded.items() if lora.id in loras],
             }
             for lora in runtime.loras.values()
@@ -98,7 +91,7 @@ async def list_loras(runtime: RuntimeDep) -> dict[str, Any]:
 async def list_controlnets(runtime: RuntimeDep) -> dict[str, Any]:
     """ControlNets a request can name in `controlnets` (A1111: a unit's `model`), each with the
     served models it fits, whether it is loaded now, and the preprocessors a unit may ask for."""
-    loaded = {entry["id"] for entry in runtime.engine.models.status()["controlnets"]}
+    loaded = {entry["id"] for entry in runtime.model_status()["controlnets"]}
     return {
         "object": "list",
         "preprocessors": list(PREPROCESSORS),
@@ -107,7 +100,7 @@ async def list_controlnets(runtime: RuntimeDep) -> dict[str, Any]:
                 "id": controlnet.id,
                 "object": "controlnet",
                 "description": controlnet.description,
-                "fits": fitting_models(runtime, controlnet),
+                "fits": runtime.models_fitting(controlnet),
                 "loaded": controlnet.id in loaded,
             }
             for controlnet in runtime.controlnets.values()
@@ -119,7 +112,7 @@ async def list_controlnets(runtime: RuntimeDep) -> dict[str, Any]:
 async def list_embeddings(runtime: RuntimeDep) -> dict[str, Any]:
     """Textual-inversion embeddings a prompt can name (by id, or `embedding:id`), each with the
     served models it fits and its number of vectors."""
-    sources = runtime.engine.embeddings.embeddings
+    vectors = runtime.embedding_vectors()
     return {
         "object": "list",
         "data": [
@@ -127,12 +120,8 @@ async def list_embeddings(runtime: RuntimeDep) -> dict[str, Any]:
                 "id": embedding.id,
                 "object": "embedding",
                 "description": embedding.description,
-                "fits": [
-                    m
-                    for m, source in runtime.engine.models.sources.items()
-                    if fits_model(embedding.fits, source.text_signature)
-                ],
-                "vectors": sources[embedding.id].vectors,
+                "fits": runtime.models_fitting(embedding),
+                "vectors": vectors[embedding.id],
             }
             for embedding in runtime.embeddings.values()
         ],
@@ -158,7 +147,7 @@ async def system_status(runtime: RuntimeDep) -> dict[str, Any]:
     """Device, memory (bytes), speed settings, loaded models (most recently used first), the jobs
     on this device and the queue (with a shared queue: every replica's)."""
     return {
-        **runtime.engine.models.status(),
+        **runtime.model_status(),
         "vae": runtime.settings.vae,
         **await runtime.queue_status(),
         "device_thread_alive": runtime.alive,

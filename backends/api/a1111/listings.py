@@ -77,17 +77,17 @@ async def latent_upscale_modes() -> list[dict[str, Any]]:
 async def embeddings(runtime: RuntimeDep) -> dict[str, Any]:
     """The served embeddings, as A1111 lists its loaded ones: a prompt names one by its id
     (`shape`: the width of its OpenCLIP-G vectors)."""
-    sources = runtime.engine.embeddings.embeddings
+    vectors = runtime.embedding_vectors()
     return {
         "loaded": {
-            embedding_id: {
+            embedding.id: {
                 "step": None,
                 "sd_checkpoint": None,
                 "sd_checkpoint_name": None,
-                "shape": int(source.fits.split("+")[1]),
-                "vectors": source.vectors,
+                "shape": int(embedding.fits.split("+")[1]),
+                "vectors": vectors[embedding.id],
             }
-            for embedding_id, source in sources.items()
+            for embedding in runtime.embeddings.values()
         },
         "skipped": {},
     }

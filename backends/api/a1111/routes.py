@@ -49,7 +49,7 @@ async def set_options(body: A1111Options, request: Request, runtime: RuntimeDep)
             f"options: the options kept here are limited to {MAX_KEPT_OPTIONS_BYTES} bytes of JSON", "options"
         )
     if body.sd_model_checkpoint is not None:
-        runtime.engine.set_default_model(title_name(body.sd_model_checkpoint))
+        runtime.set_default_model(title_name(body.sd_model_checkpoint))
     stored_options(request).update(body.model_extra or {})
     return {}
 
@@ -93,7 +93,7 @@ async def interrupt(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
 @router.get("/memory", responses=errors.responses(401))
 async def memory(runtime: RuntimeDep) -> dict[str, Any]:
     ram = psutil.virtual_memory()
-    used_total = runtime.engine.models.device_memory()
+    used_total = runtime.device_memory()
     cuda = (
         {"system": {"free": used_total[1] - used_total[0], "used": used_total[0], "total": used_total[1]}}
         if used_total

@@ -96,7 +96,7 @@ async def read_edit_form(request: Request, runtime: Runtime, with_prompt: bool) 
     mask = form.get("mask")
     if mask is not None and not isinstance(mask, str):
         # OpenAI marks the area to edit with transparency; the engine takes white-repaints masks.
-        fields["mask"] = await anyio.to_thread.run_sync(alpha_mask_png, await mask.read(), runtime.engine.limits)
+        fields["mask"] = await anyio.to_thread.run_sync(alpha_mask_png, await mask.read(), runtime.limits)
     try:
         return ImageEditForm(**fields, image=uploads[0])
     except ValidationError as exc:
