@@ -32,8 +32,9 @@ from backends.api.kept_images import KeptImages, SharedKeptImages
 from backends.api.metrics import Metrics
 from backends.api.settings import Settings
 from backends.sdxl_backend.device_thread import TORCH_WORK, DeviceThread
-from backends.sdxl_backend.errors import DeviceUnavailable, TimedOut
+from backends.sdxl_backend.errors import TimedOut
 from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue, MemoryJobQueue
+from backends.sdxl_backend.jobs.contract import refuse_unless_alive
 from backends.sdxl_backend.jobs.shared import SharedJobQueue
 from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, ModelDefaults
@@ -220,8 +221,7 @@ class Runtime:
 
         def prepare_and_submit() -> Job:
             prepared = self._prepare(request)
-            if not self.jobs.alive:
-                raise DeviceUnavailable("the device thread has stopped; the service must be restarted")
+            refuse_unless_alive(self.jobs)
             return self.jobs.submit(prepared, owner, preview_every)
 
         return await anyio.to_thread.run_sync(prepare_and_submit)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from ..errors import DeviceUnavailable
 from ..protocol import GenerationResult
 from .job import Job
 
@@ -73,3 +74,9 @@ class JobQueue(Protocol):
 
     def close(self) -> None:
         """Stop the device worker; what becomes of waiting and running jobs is the store's to say."""
+
+
+def refuse_unless_alive(queue: JobQueue) -> None:
+    """A job is refused at once when no device worker is left to run it (the probes say so too)."""
+    if not queue.alive:
+        raise DeviceUnavailable("the device thread has stopped; the service must be restarted")

@@ -13,8 +13,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DeviceUnavailable, StoreUnavailable, TimedOut
+from ..errors import StoreUnavailable, TimedOut
 from ..protocol import GenerationResult
+from .contract import refuse_unless_alive
 from .job import Job
 
 if TYPE_CHECKING:
@@ -86,8 +87,7 @@ async def result_of(
     the device worker is gone), then awaited once; past `timeout_s`, or when the awaiting task is
     cancelled, the job is cancelled, so the device moves on at its next step. `off_loop` runs a
     call of the queue that may wait on its store."""
-    if not queue.alive:
-        raise DeviceUnavailable("the device thread has stopped; the service must be restarted")
+    refuse_unless_alive(queue)
     job = await submit()
     try:
         job = await queue.wait(job, timeout_s)
