@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from backends.api.settings import Settings, declared_environment
-from backends.sdxl_backend.jobs.shared.keys import PREFIX as SHARED_QUEUE_PREFIX
+from backends.sdxl_backend.jobs.redis_queue.keys import PREFIX as SHARED_QUEUE_PREFIX
 from backends.sdxl_backend.loras import LORA_FILE
 from tests.served import ROOT
 

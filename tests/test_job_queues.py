@@ -45,7 +45,7 @@ def make_queue(request, engine):
         else:
             import redis
 
-            from backends.sdxl_backend.jobs.shared import SharedJobQueue
+            from backends.sdxl_backend.jobs.redis_queue import SharedJobQueue
 
             store = redis.Redis.from_url(f"{request.getfixturevalue('redis_server').url[:-2]}/{REDIS_DATABASE}")
             store.flushdb()

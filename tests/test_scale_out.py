@@ -267,7 +267,7 @@ def queue_on(store, tiny_model, served_as: str = "tiny-sdxl"):
     """A shared queue on the tiny engine (not served), as a replica serving tiny-sdxl under `served_as` has."""
     from backends.sdxl_backend.device import select_placement
     from backends.sdxl_backend.engine import Engine
-    from backends.sdxl_backend.jobs.shared import SharedJobQueue
+    from backends.sdxl_backend.jobs.redis_queue import SharedJobQueue
     from backends.sdxl_backend.model_manager import ModelManager
     from backends.sdxl_backend.model_records import ModelSource
     from models.catalog import defaults_for
@@ -292,7 +292,7 @@ def wait_final(queue, *jobs) -> list:
 def test_a_job_left_running_by_a_dead_replica_is_requeued_and_fails_after_the_last_attempt(tiny_model, redis_server):
     """What a replica that took two jobs and died leaves in Redis (the jobs running under a name
     whose heartbeat is gone), found by a live replica's queue."""
-    from backends.sdxl_backend.jobs.shared.queue import MAX_ATTEMPTS
+    from backends.sdxl_backend.jobs.redis_queue.queue import MAX_ATTEMPTS
     from backends.sdxl_backend.protocol import GenerationRequest
 
     store = redis.Redis.from_url(fleet_env(redis_server, 2)["SDXL_REDIS_URL"])
@@ -338,7 +338,7 @@ def test_a_waiter_follows_a_job_through_published_changes_not_by_reading_it_in_a
     ends through a notice (one that ended without a change would be the 5-minute guard)."""
     import asyncio
 
-    from backends.sdxl_backend.jobs.shared import feed, keys
+    from backends.sdxl_backend.jobs.redis_queue import feed, keys
     from backends.sdxl_backend.protocol import GenerationRequest
 
     monkeypatch.setattr(feed, "FALLBACK_S", 600)

@@ -35,7 +35,7 @@ from backends.sdxl_backend.device_thread import TORCH_WORK, DeviceThread
 from backends.sdxl_backend.errors import TimedOut
 from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue, MemoryJobQueue
 from backends.sdxl_backend.jobs.contract import refuse_unless_alive
-from backends.sdxl_backend.jobs.shared import SharedJobQueue
+from backends.sdxl_backend.jobs.redis_queue import SharedJobQueue
 from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, ModelDefaults
 

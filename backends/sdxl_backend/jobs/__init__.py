@@ -2,7 +2,7 @@
 
 - job.py: `Job`, what the device does to it at each step, and its end (`Job.settle`);
 - contract.py: `JobQueue`, what the API layer may ask of a queue; two stores keep it:
-  memory.py (`MemoryJobQueue`, one process, with journal.py) and shared/ (`SharedJobQueue`,
+  memory.py (`MemoryJobQueue`, one process, with journal.py) and redis_queue/ (`SharedJobQueue`,
   replicas sharing one Redis);
 - worker.py: `DeviceWorker`, the one loop that runs either store's jobs on the device thread;
 - waiting.py: how a request waits on a job (woken by its changes, never reading it in a loop).

@@ -1,7 +1,7 @@
 """Waiting for jobs, the same way for both queues. A request waiting on a job waits on an
 `asyncio.Event` of its own loop, set (from any thread) when a change to its job is noticed: the
 memory queue notices its own changes, the shared queue hears them on Redis's channel
-(shared/feed.py). Nobody reads a job in a loop."""
+(redis_queue/feed.py). Nobody reads a job in a loop."""
 
 from __future__ import annotations
 
