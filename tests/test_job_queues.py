@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 
 from backends.sdxl_backend.device import select_placement
+from backends.sdxl_backend.device_thread import DeviceThread
 from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.errors import Cancelled, JobExpired, QueueFull, TimedOut, UnknownJob
 from backends.sdxl_backend.jobs import JobStatus, MemoryJobQueue
+from backends.sdxl_backend.jobs.turns import QueueBounds
+from backends.sdxl_backend.jobs.worker import Device
 from backends.sdxl_backend.model_manager import ModelManager
 from backends.sdxl_backend.model_records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
@@ -39,9 +42,10 @@ def make_queue(request, engine):
     """Makes the store under test (closed after the test), with the given bounds."""
     made = []
 
-    def make(**bounds):
+    def make(on_change=None, devices=None, **bounds):
+        devices = devices or [Device.alone(engine)]
         if request.param == "memory":
-            queue = MemoryJobQueue(engine, **bounds)
+            queue = MemoryJobQueue(devices, QueueBounds(**bounds), on_change)
         else:
             import redis
 
@@ -49,7 +53,7 @@ def make_queue(request, engine):
 
             store = redis.Redis.from_url(f"{request.getfixturevalue('redis_server').url[:-2]}/{REDIS_DATABASE}")
             store.flushdb()
-            queue = SharedJobQueue(engine, store, **bounds)
+            queue = SharedJobQueue(devices, store, QueueBounds(**bounds), on_change)
         made.append(queue)
         return queue
 
@@ -266,4 +270,124 @@ def test_close_stops_the_device_worker(make_queue, engine):
     assert queue.alive
     queue.close()
     assert not queue.alive
-    assert math.isfinite(queue.worker.retry_after_s())
+    assert math.isfinite(queue.retry_after_s())
+
+
+def starts_of(told):
+    return [job_id for job_id, status in told if status == JobStatus.RUNNING]
+
+
+def test_owners_take_turns_so_one_flood_does_not_starve_another(make_queue, engine):
+    told = []
+    queue = make_queue(on_change=lambda job: told.append((job.id, job.status)))
+    queue.start()
+    with parked(queue, 1) as (reached, release):
+        flood = [queue.submit(prepared(engine), "alice")]
+        reached.wait(600)  # alice's first job holds the device
+        flood += [queue.submit(prepared(engine), "alice") for _ in range(9)]
+        late = queue.submit(prepared(engine), "bob")
+        # bob's one job is next: alice had the last turn
+        assert queue.position(queue.refresh(late)) == 1
+        assert [queue.position(queue.refresh(job)) for job in flood[1:4]] == [2, 3, 4]
+        release.set()
+        for job in [*flood, late]:
+            final(queue, job)
+    assert starts_of(told)[:3] == [flood[0].id, late.id, flood[1].id]
+
+
+def test_without_turns_a_flood_goes_first_in_arrival_order(make_queue, engine):
+    queue = make_queue(order="fifo")  # (not started)
+    flood = [queue.submit(prepared(engine), "alice") for _ in range(3)]
+    late = queue.submit(prepared(engine), "bob")
+    assert [queue.position(job) for job in [*flood, late]] == [1, 2, 3, 4]
+
+
+def test_priorities_go_first_and_positions_say_the_order_jobs_start_in(make_queue, engine):
+    told = []
+    queue = make_queue(on_change=lambda job: told.append((job.id, job.status)))
+    low = queue.submit(prepared(engine, priority="low"), "alice")
+    alices = [queue.submit(prepared(engine), "alice") for _ in range(3)]
+    bobs = [queue.submit(prepared(engine), "bob") for _ in range(2)]
+    high = queue.submit(prepared(engine, priority="high"), "bob")
+    jobs = [low, *alices, *bobs, high]
+    positions = {job.id: queue.position(job) for job in jobs}
+    assert positions[high.id] == 1 and positions[low.id] == len(jobs)
+    assert [positions[job.id] for job in (alices[0], bobs[0], alices[1], bobs[1], alices[2])] == [2, 3, 4, 5, 6]
+    queue.start()
+    for job in jobs:
+        final(queue, job)
+    assert starts_of(told) == sorted(positions, key=positions.get)  # truthful: they started in that order
+
+
+def test_one_owners_bound_refuses_that_owner_only(make_queue, engine):
+    queue = make_queue(max_queued_per_owner=2, max_queue=3)
+    queue.submit(prepared(engine), "alice")
+    queue.submit(prepared(engine), "alice")
+    with pytest.raises(QueueFull, match="SDXL_MAX_QUEUED_PER_KEY") as refused:
+        queue.submit(prepared(engine), "alice")
+    assert refused.value.retry_after_s == 5
+    assert queue.submit(prepared(engine), "bob").status == JobStatus.QUEUED
+    with pytest.raises(QueueFull, match="SDXL_MAX_QUEUE\\)"):  # and the whole queue's bound still holds
+        queue.submit(prepared(engine), "carol")
+
+
+def test_compatible_jobs_of_several_owners_share_a_batch(make_queue, engine):
+    told = []
+    queue = make_queue(max_batch=4, on_change=lambda job: told.append((job.id, job.status)))
+    jobs = [queue.submit(prepared(engine, seed=seed), owner) for seed, owner in enumerate(["a", "a", "a", "b"])]
+    queue.start()
+    for job in jobs:
+        final(queue, job)
+    first_end = next(index for index, (_, status) in enumerate(told) if status == JobStatus.SUCCEEDED)
+    assert set(starts_of(told[:first_end])) == {job.id for job in jobs}  # all four in one call
+    assert [final(queue, job).result.images[0].seed for job in jobs] == [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def second_engine(tiny_model):
+    source = ModelSource("tiny-sdxl", Path(tiny_model.path), defaults_for("tiny-sdxl"))
+    return Engine(ModelManager([source], select_placement()), "tiny-sdxl")
+
+
+def two_devices(engine, second_engine):
+    return [Device("cpu#0", engine, DeviceThread(1)), Device("cpu#1", second_engine, DeviceThread(1))]
+
+
+def test_two_devices_run_jobs_side_by_side_and_say_which_ran_each(make_queue, engine, second_engine):
+    queue = make_queue(devices=two_devices(engine, second_engine))
+    queue.start()
+    with parked(queue, 1) as (reached, release):
+        jobs = [queue.submit(prepared(engine, **HELD)) for _ in range(2)]
+        while len(queue.running_here) < 2:  # both held at step 1: one on each device
+            time.sleep(0.01)
+        assert {job.device for job in queue.running_here} == {"cpu#0", "cpu#1"}
+        release.set()
+        done = [final(queue, job) for job in jobs]
+    assert {job.device for job in done} == {"cpu#0", "cpu#1"} and all(job.result for job in done)
+
+
+class DeviceLost(BaseException):
+    """Test seam: the device is gone (as a GPU off its bus): not a job's error."""
+
+
+def test_a_lost_device_fails_its_job_and_the_other_serves_on(make_queue, engine, second_engine):
+    class LostEngine:  # the second device, gone at its first job
+        def __getattr__(self, name):
+            return getattr(second_engine, name)
+
+        def generate_batch(self, batch):
+            raise DeviceLost()
+
+    devices = [Device("cpu#0", engine, DeviceThread(1)), Device("cpu#1", LostEngine(), DeviceThread(1))]
+    queue = make_queue(devices=devices)
+    busy = threading.Event()
+    devices[0].thread.call(lambda: busy.wait(600))  # the first device is busy: the lost one takes the job
+    queue.start()
+    lost = final(queue, queue.submit(prepared(engine)))
+    busy.set()
+    assert lost.status == JobStatus.FAILED and lost.device == "cpu#1"
+    assert "device cpu#1 stopped" in lost.error.message
+    devices[1].thread.join(60)
+    assert not queue.workers[1].alive and queue.alive
+    served = final(queue, queue.submit(prepared(engine)))
+    assert served.status == JobStatus.SUCCEEDED and served.device == "cpu#0" and queue.alive

@@ -14,6 +14,7 @@ import pytest
 from backends.sdxl_backend.device import select_placement
 from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.jobs import JobStatus, MemoryJobQueue
+from backends.sdxl_backend.jobs.worker import Device
 from backends.sdxl_backend.model_manager import ModelManager
 from backends.sdxl_backend.model_records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
@@ -41,7 +42,7 @@ def test_the_device_thread_outlives_a_cancelled_waiter_and_a_crashing_observer(e
         if job.status == JobStatus.RUNNING:
             raise RuntimeError("an observer bug")
 
-    jobs = MemoryJobQueue(engine, on_change=observer)
+    jobs = MemoryJobQueue([Device.alone(engine)], on_change=observer)
     jobs.start()
     try:
         first = jobs.submit(engine.prepare(GenerationRequest(prompt="x", steps=2)))
@@ -59,7 +60,7 @@ def test_the_device_thread_outlives_a_cancelled_waiter_and_a_crashing_observer(e
 def test_a_delivered_result_and_a_kept_error_hold_nothing_of_the_generation(engine):
     """What a finished job keeps: a delivered result's images are freed (no future holds them),
     and a cancelled job's error has no traceback (whose frames would hold its tensors)."""
-    jobs = MemoryJobQueue(engine)
+    jobs = MemoryJobQueue([Device.alone(engine)])
     jobs.start()
     try:
         delivered = jobs.submit(engine.prepare(GenerationRequest(prompt="delivered-7f3a", steps=2)))
@@ -184,7 +185,11 @@ def test_metrics_and_docs_need_the_key_and_name_routes_not_ids(guarded):
     assert job["id"] not in text and "not-an-image" not in text
     assert 'route="/v1/jobs/{job_id}"' in text and 'route="/v1/images/files/{image_id}"' in text
     assert 'route="refused",status="401"' in text  # the two requests without a key above
-    assert "sdxl_queued_jobs" in text and 'sdxl_generations_total{model="tiny-sdxl",outcome="succeeded"}' in text
+    generations = [line for line in text.splitlines() if line.startswith("sdxl_generations_total{")]
+    assert "sdxl_queued_jobs" in text and any(
+        all(label in line for label in ('model="tiny-sdxl"', 'outcome="succeeded"', 'device="cpu"'))
+        for line in generations
+    )
     assert job["id"] not in guarded.log() and K1 not in guarded.log()
 
 

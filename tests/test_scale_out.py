@@ -268,13 +268,14 @@ def queue_on(store, tiny_model, served_as: str = "tiny-sdxl"):
     from backends.sdxl_backend.device import select_placement
     from backends.sdxl_backend.engine import Engine
     from backends.sdxl_backend.jobs.redis_queue import SharedJobQueue
+    from backends.sdxl_backend.jobs.worker import Device
     from backends.sdxl_backend.model_manager import ModelManager
     from backends.sdxl_backend.model_records import ModelSource
     from models.catalog import defaults_for
 
     source = ModelSource(served_as, Path(tiny_model.path), defaults_for("tiny-sdxl"))
     engine = Engine(ModelManager([source], select_placement()), served_as)
-    return engine, SharedJobQueue(engine, store)
+    return engine, SharedJobQueue([Device.alone(engine)], store)
 
 
 def wait_final(queue, *jobs) -> list:

@@ -20,6 +20,7 @@ from backends.sdxl_backend.errors import (
     InvalidImage,
     InvalidRequest,
     JobExpired,
+    NotPermitted,
     OutOfMemory,
     PayloadTooLarge,
     QueueFull,
@@ -31,6 +32,7 @@ from backends.sdxl_backend.errors import (
 
 STATUS: dict[type[BackendError], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request_error"),
+    NotPermitted: (403, "permission_error"),
     UnknownModel: (404, "model_not_found"),
     UnknownJob: (404, "job_not_found"),
     JobExpired: (410, "job_expired"),
@@ -47,6 +49,7 @@ STATUS: dict[type[BackendError], tuple[int, str]] = {
 DESCRIPTIONS = {
     400: "Bad request: the message names the field and the reason",
     401: "Missing or invalid API key",
+    403: "The API key may not ask for this (a 'high' priority not listed in SDXL_PRIORITY_KEYS)",
     404: "No such model, job, image or route",
     405: "Method not allowed",
     409: "The job was cancelled",

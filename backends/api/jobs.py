@@ -16,7 +16,7 @@ from backends.api import errors, native
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.errors import BackendError, InvalidRequest, QueueFull
 from backends.sdxl_backend.jobs import Job, JobStatus
-from backends.sdxl_backend.protocol import GenerationRequest
+from backends.sdxl_backend.protocol import GenerationRequest, Priority
 
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
@@ -50,7 +50,11 @@ class JobLinks(BaseModel):
 class JobAnswer(BaseModel):
     id: str
     status: JobStatus
-    queue_position: int = Field(description="1 for the next job to run; 0 when not waiting.")
+    queue_position: int = Field(
+        description="1 for the next job to run; 0 when not waiting. API keys take turns, so it can move."
+    )
+    priority: Priority
+    device: str | None = Field(None, description="The device that runs (or ran) it, once taken ('cuda:1').")
     step: int
     total_steps: int
     percent: float
@@ -75,6 +79,8 @@ def job_body(job: Job, position: int, base_url: str) -> dict[str, Any]:
         id=job.id,
         status=job.status,
         queue_position=position,
+        priority=job.priority,
+        device=job.device,
         step=job.step,
         total_steps=job.total_steps,
         percent=job.percent,
@@ -144,7 +150,7 @@ NOT_FOUND = errors.responses(401, 404, 410)
 
 
 @router.post(
-    "", status_code=202, response_model=JobAnswer, responses=errors.responses(400, 401, 404, 413, 422, 429, 503)
+    "", status_code=202, response_model=JobAnswer, responses=errors.responses(400, 401, 403, 404, 413, 422, 429, 503)
 )
 async def submit(body: JobRequest, request: Request, runtime: RuntimeDep) -> JSONResponse:
     """The native body (an `image` makes it img2img), checked, queued and answered at once."""

@@ -1,6 +1,6 @@
 """Prometheus metrics that leak nothing and stay bounded: requests are labelled by their route
 template (`/v1/jobs/{job_id}`), never by a raw path (which would carry job and image ids, and
-grow one series per id); generation metrics by model and outcome.
+grow one series per id); generation metrics by model, outcome and device.
 
 BentoML's own HTTP metrics label by raw path, so they are off (service.py) and these replace
 them, through prometheus_client as BentoML documents for user metrics. They are created in the
@@ -37,7 +37,9 @@ class Metrics:
         # With a shared queue (SDXL_REDIS_URL), the fleet's counts: the same on every replica.
         self.queued = Gauge("sdxl_queued_jobs", "Jobs waiting for a device", multiprocess_mode="livesum")
         self.running = Gauge("sdxl_running_jobs", "Jobs running on a device", multiprocess_mode="livesum")
-        self.generations = Counter("sdxl_generations_total", "Finished jobs", ["model", "outcome"])
+        self.generations = Counter(
+            "sdxl_generations_total", "Finished jobs", ["model", "outcome", "device"]
+        )  # device: the one that ran it ("none": cancelled while queued)
         self.recoveries = Counter(
             "sdxl_out_of_memory_recoveries_total", "Out-of-memory errors recovered in a lower mode", ["model"]
         )
@@ -53,7 +55,7 @@ class Metrics:
 
     def observe_finished(self, job: Job) -> None:
         model = (job.request.model if job.request else None) or "unknown"
-        self.generations.labels(model, job.status.value).inc()
+        self.generations.labels(model, job.status.value, job.device or "none").inc()
         if job.status == JobStatus.SUCCEEDED and job.result is not None:
             if job.result.out_of_memory_in:
                 self.recoveries.labels(model).inc(len(job.result.out_of_memory_in))

@@ -22,7 +22,7 @@ from backends.sdxl_backend.errors import BackendError, InvalidRequest
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, PromptReading, Timings
 
 # What the native routes answer besides 200, as the OpenAPI document declares them.
-ERROR_STATUSES = (400, 401, 404, 413, 415, 422, 429, 503, 504, 507)
+ERROR_STATUSES = (400, 401, 403, 404, 413, 415, 422, 429, 503, 504, 507)
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 
 

@@ -12,7 +12,6 @@ through the runtime's methods (`job`, `position`, `cancel`...), which call it of
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
@@ -31,11 +30,12 @@ from backends.api.hangups import cancelled_on_hangup
 from backends.api.kept_images import KeptImages, SharedKeptImages
 from backends.api.metrics import Metrics
 from backends.api.settings import Settings
-from backends.sdxl_backend.device_thread import TORCH_WORK, DeviceThread
-from backends.sdxl_backend.errors import TimedOut
+from backends.sdxl_backend.device_thread import TORCH_WORK
+from backends.sdxl_backend.errors import NotPermitted, TimedOut
 from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue, MemoryJobQueue
 from backends.sdxl_backend.jobs.contract import refuse_unless_alive
 from backends.sdxl_backend.jobs.redis_queue import SharedJobQueue
+from backends.sdxl_backend.jobs.turns import QueueBounds
 from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, ModelDefaults
 
@@ -78,73 +78,37 @@ class Runtime:
     ):
         self.settings = settings
         self.served = {model.id: model for model in served}
+        self.loras = {lora.id: lora for lora in loras}
+        self.controlnets = {controlnet.id: controlnet for controlnet in controlnets}
+        self.embeddings = {embedding.id: embedding for embedding in embeddings}
         # torch and diffusers load here, in the worker. BentoML's main process imports the service
         # module too, only to read its definition: a light module saves seconds on every start.
-        from backends.sdxl_backend.controlnets import ControlNetSource
-        from backends.sdxl_backend.denoise import OutOfMemorySeam
-        from backends.sdxl_backend.device import select_placement
-        from backends.sdxl_backend.embeddings import EmbeddingSet, EmbeddingSource
-        from backends.sdxl_backend.engine import Engine
-        from backends.sdxl_backend.loras import LoraSource
-        from backends.sdxl_backend.model_manager import ModelManager
-        from backends.sdxl_backend.model_records import ModelSource
+        from backends.api.devices import Devices
 
-        placement = select_placement(settings.device, settings.dtype)
+        self.devices = Devices(settings, served, default_model, vae, loras, controlnets, embeddings)
+        self.engine = self.devices.engine  # prepares and checks requests
         logger.info(
-            "device: %s; models: %s (default %s)%s; LoRAs: %s; ControlNets: %s; embeddings: %s; VAE %s; %s; "
-            "API keys %s",
-            placement.describe(),
+            "models: %s (default %s)%s; LoRAs: %s; ControlNets: %s; embeddings: %s; VAE %s; %s; API keys %s",
             ", ".join(self.served),
             default_model,
             "".join(f"; alias {a} -> {t}" for a, t in settings.model_aliases.items()),
-            ", ".join(lora.id for lora in loras) or "none",
-            ", ".join(c.id for c in controlnets) or "none",
-            ", ".join(e.id for e in embeddings) or "none",
+            ", ".join(self.loras) or "none",
+            ", ".join(self.controlnets) or "none",
+            ", ".join(self.embeddings) or "none",
             settings.vae or "each model's own",
             settings.fast_paths.describe(),
             "required" if settings.api_keys else "off",
         )
-        sources = [ModelSource(m.id, m.path, m.defaults) for m in served]
-        # The one thread that does this device's torch work: loads, warm-up, jobs, unloads.
-        self.device = DeviceThread(settings.torch_threads)
-        self.device_type = placement.device.type  # "cuda", "mps" or "cpu"
-        self.loras = {lora.id: lora for lora in loras}
-        self.controlnets = {controlnet.id: controlnet for controlnet in controlnets}
-        self.embeddings = {embedding.id: embedding for embedding in embeddings}
-        models = ModelManager(
-            sources,
-            placement,
-            settings.model_aliases,
-            settings.memory_policy,
-            settings.fast_paths,
-            vae,
-            [LoraSource(lora.id, lora.path, lora.fits) for lora in loras],
-            settings.max_loaded_loras,
-            [ControlNetSource(c.id, c.path, c.fits) for c in controlnets],
-            settings.max_loaded_controlnets,
-            on_device=self.device.run,
-        )
-        self.device.run_at_exit(models.close)
-        oom_seam = OutOfMemorySeam.parse(settings.test_fault_oom)
-        if oom_seam:
-            logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_OOM=%s makes generations fail", settings.test_fault_oom)
-        self.engine = Engine(
-            models,
-            default_model,
-            settings.limits,
-            oom_seam,
-            settings.prompt_syntax,
-            EmbeddingSet([EmbeddingSource(e.id, e.path, e.fits) for e in embeddings]),
-        )
+        self.device_type = self.engine.models.placement.device.type  # "cuda", "mps" or "cpu"
         self.metrics = Metrics()
-        bounds = dict(
+        bounds = QueueBounds(
             max_queue=settings.max_queue,
+            max_queued_per_owner=settings.max_queued_per_key,
             ttl_s=settings.job_ttl_seconds,
             max_jobs=settings.max_jobs,
             max_bytes=settings.job_max_bytes,
-            on_change=self._job_changed,
             max_batch=settings.max_batch,
-            device=self.device,
+            order=settings.queue_order,
         )
         self.jobs_dir: Path | None = None
         self.jobs: JobQueue
@@ -153,11 +117,11 @@ class Runtime:
             # BentoML restarts a worker that dies under the same server process, the worker's parent:
             # the default journal is that process's, so a new worker finds its predecessor's jobs.
             self.jobs_dir = settings.jobs_dir or Path(tempfile.gettempdir()) / f"sdxl-jobs-{os.getppid()}"
-            self.jobs = MemoryJobQueue(self.engine, journal=JobJournal(self.jobs_dir), **bounds)
+            self.jobs = MemoryJobQueue(self.devices.devices, bounds, self._job_changed, JobJournal(self.jobs_dir))
         else:
             client = self._redis(settings.redis_url)
             self.kept_images = SharedKeptImages(client, settings.image_url_ttl_seconds, settings.image_url_max_bytes)
-            self.jobs = SharedJobQueue(self.engine, client, **bounds)
+            self.jobs = SharedJobQueue(self.devices.devices, client, bounds, self._job_changed)
         self.event_streams = 0  # SSE streams open now (changed on the event loop only)
         self.started = int(time.time())
 
@@ -180,23 +144,13 @@ class Runtime:
         return client
 
     def start(self, warm_up: bool) -> None:
-        """Start the device thread, and with `warm_up` wait while it loads the default model and
-        runs it once (so that no request pays for either). The warm-up runs before that thread
+        """Start the device threads, and with `warm_up` wait while each loads the default model
+        and runs it once (so that no request pays for either). A warm-up runs before its thread
         takes any job: on this replica, not on whichever one a shared queue would give it to."""
-        warmed = self.device.call(self._warm_up) if warm_up else None
+        warmed = self.devices.warm_up() if warm_up else []
         self.jobs.start()
-        if warmed is not None:
-            warmed.result()
-
-    def _warm_up(self) -> None:
-        TORCH_WORK.note("warm-up")
-        started = time.perf_counter()
-        (outcome,) = self.engine.generate_batch(
-            [(self.engine.prepare(GenerationRequest(prompt="warm-up", steps=2)), None)]
-        )
-        if isinstance(outcome, Exception):
-            raise outcome
-        logger.info("warm-up of %s done in %.2f s", self.default_model, time.perf_counter() - started)
+        for future in warmed:
+            future.result()
 
     @property
     def default_model(self) -> str:
@@ -218,6 +172,7 @@ class Runtime:
         """A job whose client comes back for it: prepared and queued in one trip off the event
         loop (an input image may be large, Redis slow)."""
         owner = self.owner(http)
+        self._check_priority(request, http)
 
         def prepare_and_submit() -> Job:
             prepared = self._prepare(request)
@@ -230,6 +185,7 @@ class Runtime:
         """A synchronous generation: a job whose client waits for it. The client leaving, the
         handler being cancelled, or SDXL_TIMEOUT_SECONDS passing cancels the job, so the device
         moves on at its next step."""
+        self._check_priority(request, http)
         prepared = await anyio.to_thread.run_sync(self._prepare, request)
         try:
             return await cancelled_on_hangup(
@@ -237,6 +193,10 @@ class Runtime:
             )
         except TimedOut as exc:
             raise TimedOut(f"{exc.message} (SDXL_TIMEOUT_SECONDS)") from None
+
+    def _check_priority(self, request: GenerationRequest, http: Request) -> None:
+        if request.priority == "high" and headers.presented_key(http.headers) not in self.settings.priority_keys:
+            raise NotPermitted("priority: 'high' is for the API keys listed in SDXL_PRIORITY_KEYS", "priority")
 
     def _prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Validated, decoded and filled in (`Engine.prepare`: a bad request fails here, never
@@ -250,9 +210,9 @@ class Runtime:
         return self.engine.prepare(request)
 
     async def unload(self) -> list[str]:
-        """Free every loaded model no request is using, on the device thread (after the batch it
-        runs, if any)."""
-        return await asyncio.wrap_future(self.device.call(self.engine.models.unload))
+        """Free every loaded model no request is using, on each device's thread (after the batch
+        it runs, if any)."""
+        return await self.devices.unload()
 
     def owner(self, http: Request) -> str | None:
         """Who a request acts for: with API keys set, a digest of its key (jobs belong to it);
@@ -308,15 +268,20 @@ class Runtime:
     # -- the models and the device, as the routes show them --
 
     def model_status(self) -> dict[str, Any]:
-        """Device, memory, loaded models and ControlNets (/v1/system/status)."""
-        return self.engine.models.status()
+        """Device, memory, loaded models and ControlNets (/v1/system/status): the first device's
+        at the top, as a one-device server has always answered, and every device's in `devices`."""
+        devices = self.devices.status()
+        return {
+            **{k: v for k, v in devices[0].items() if k not in ("name", "alive", "torch_threads")},
+            "devices": devices,
+        }
 
     def device_memory(self) -> tuple[int, int] | None:
-        """(used, total) bytes of the device; None on the CPU."""
-        return self.engine.models.device_memory()
+        """(used, total) bytes of the devices; None on the CPU."""
+        return self.devices.memory()
 
     def is_loaded(self, model_id: str) -> bool:
-        return self.engine.models.is_loaded(model_id)
+        return self.devices.is_loaded(model_id)
 
     @property
     def aliases(self) -> dict[str, str]:
@@ -328,7 +293,7 @@ class Runtime:
         return self.engine.limits
 
     def set_default_model(self, model_id: str) -> str:
-        return self.engine.set_default_model(model_id)
+        return self.devices.set_default_model(model_id)
 
     def models_fitting(self, adapter: ServedAdapter) -> list[str]:
         """The served models an adapter fits: a LoRA's or ControlNet's UNet architecture, an
@@ -349,11 +314,13 @@ class Runtime:
             self.metrics.observe_finished(job)
 
     def device_thread_status(self) -> dict[str, Any]:
-        """The device thread's torch thread count, and which threads did each kind of torch work
-        in this process (the device thread alone, when all is well)."""
+        """The device threads' torch thread counts, and which threads did each kind of torch work
+        in this process (the device threads alone, when all is well)."""
+        threads = [device.thread for device in self.devices.devices]
         return {
-            "name": self.device.name,
-            "torch_threads": self.device.torch_threads,
+            "name": threads[0].name,
+            "names": [thread.name for thread in threads],
+            "torch_threads": threads[0].torch_threads,
             "torch_work": TORCH_WORK.threads(),
         }
 
@@ -363,7 +330,7 @@ class Runtime:
         self.metrics.observe_queue(length, running)
 
     def result_headers(self, result: GenerationResult, inference_ms: bool = False) -> dict[str, str]:
-        return headers.result_headers(result, self.device_type, self.engine.models.device_memory(), inference_ms)
+        return headers.result_headers(result, self.device_type, self.devices.memory(), inference_ms)
 
     def base_url(self, request: Request) -> str:
         return self.settings.public_url or str(request.base_url).rstrip("/")

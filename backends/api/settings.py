@@ -15,6 +15,7 @@ from pydantic import BeforeValidator, Field, ValidationError, ValidationInfo, fi
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backends.sdxl_backend.fast_paths import Attention, FastPaths, Quantization
+from backends.sdxl_backend.jobs.turns import QueueOrder
 from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.modes import MemoryPolicy
 from backends.sdxl_backend.prompts import PromptSyntax
@@ -72,6 +73,7 @@ class Settings(BaseSettings):
     model_aliases: Annotated[dict[str, str], NoDecode, BeforeValidator(_aliases)] = {}
     # HTTP
     api_keys: Annotated[list[str], NoDecode, BeforeValidator(_keys)] = Field([], repr=False)
+    priority_keys: Annotated[list[str], NoDecode, BeforeValidator(_keys)] = Field([], repr=False)  # may send 'high'
     cors_origins: Names = ["*"]
     open_metrics: bool = False  # /metrics without a key (a Prometheus scraper on the pod network)
     max_body_bytes: int = Field(32 * 2**20, ge=1024)  # larger bodies get 413 before any parsing
@@ -83,6 +85,8 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://", repr=False)
     # Jobs
     max_queue: int = Field(64, ge=1)  # jobs waiting for the device; more get 429
+    max_queued_per_key: int = Field(0, ge=0)  # jobs one API key may have waiting; more get 429; 0: no bound
+    queue_order: QueueOrder = "fair"  # "fair": API keys take turns (jobs/turns.py); "fifo": arrival order
     max_batch: int = Field(4, ge=1)  # images of compatible jobs in one pipeline call; 1: each job alone
     job_ttl_seconds: float = Field(3600, gt=0)  # finished jobs (and their images) are kept this long
     max_jobs: int = Field(1000, ge=1)  # ... and at most this many
@@ -94,6 +98,7 @@ class Settings(BaseSettings):
     jobs_dir: Path | None = None
     # Device and memory
     device: str = "auto"
+    devices: Names = []  # several devices, one worker each ("cuda:0,cuda:1", "all", "cpu,cpu"); default: SDXL_DEVICE
     torch_threads: int | None = Field(None, ge=1)  # the device thread's CPU threads; default: the usable cores
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     memory_budget: Annotated[int | None, BeforeValidator(lambda v: parse_bytes(v) if isinstance(v, str) else v)] = None
@@ -123,12 +128,31 @@ class Settings(BaseSettings):
     max_input_image_pixels: int = Field(Limits().max_input_image_pixels, ge=1)
     # Tests only: "N[@STEP]" makes the first N tries of each request run out of memory
     test_fault_oom: str | None = Field(None, pattern=r"^\d+(@\d+)?$")
+    # Tests only: the device of that name ("cpu#1") is lost at its first job, as a GPU off its bus
+    test_fault_device: str | None = None
 
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: list[str]) -> list[str]:
+        if value == ["all"]:
+            return value
+        for name in value:
+            if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", name):
+                raise ValueError(f"'{name}' is not a device: use all, or a list of cpu, cuda, cuda:N, mps")
+        return value
+
+    @field_validator("priority_keys")
+    @classmethod
+    def _priority_keys_are_keys(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if value and not set(value) <= set(info.data.get("api_keys") or []):
+            raise ValueError("every priority key must be one of SDXL_API_KEYS")
         return value
 
     @field_validator("fuse_qkv")
@@ -162,7 +186,11 @@ class Settings(BaseSettings):
         )
 
 
-SECRET_SETTINGS = ("api_keys", "redis_url")  # never shown back, even when wrong: they may hold passwords
+SECRET_SETTINGS = (
+    "api_keys",
+    "priority_keys",
+    "redis_url",
+)  # never shown back, even when wrong: they may hold passwords
 
 
 class SettingsError(Exception):

@@ -26,6 +26,10 @@ class InvalidRequest(BackendError):
     """A field has a value the service cannot honour (bad type, out of range, bad combination)."""
 
 
+class NotPermitted(BackendError):
+    """The request asks for what its API key may not have (a 'high' priority, say)."""
+
+
 class PayloadTooLarge(BackendError):
     """An input is larger than the configured limit (bytes or pixels)."""
 

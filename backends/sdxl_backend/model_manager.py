@@ -39,6 +39,7 @@ from .pipelines import (
     component_bytes,
     load_controlnet,
     load_pipelines,
+    loading_alone,
     set_vae_tiling,
     weights_bytes,
 )
@@ -167,7 +168,10 @@ class ModelManager:
                 TORCH_WORK.note("load")
                 self.out_of_memory_as_error(
                     functools.partial(
-                        owner.load_lora_weights, str(lora.path), weight_name=LORA_FILE, adapter_name=lora.adapter_name
+                        loading_alone(owner.load_lora_weights),
+                        str(lora.path),
+                        weight_name=LORA_FILE,
+                        adapter_name=lora.adapter_name,
                     ),
                     f"out of memory loading LoRA {lora.id}",
                 )

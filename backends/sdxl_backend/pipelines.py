@@ -16,9 +16,13 @@ Offload needs an accelerator: on the CPU the modes differ in VAE slicing/tiling 
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import torch
 from diffusers import (
@@ -40,6 +44,23 @@ from .fast_paths import FastPaths, apply_fast_paths
 from .modes import MEMORY_MODES
 from .prompt_encoder import EncodedPrompts
 from .schedulers import make_scheduler
+
+P = ParamSpec("P")
+T = TypeVar("T")
+# One load at a time in the process, whichever device thread asks: diffusers and transformers
+# build a model's modules under accelerate's `init_empty_weights`, which patches torch.nn.Module
+# for every thread while it lasts, so a model another thread builds meanwhile gets its weights
+# on the meta device (seen with SDXL_DEVICES=cpu,cpu warming up both at once).
+LOADING = threading.RLock()
+
+
+def loading_alone(load: Callable[P, T]) -> Callable[P, T]:
+    @functools.wraps(load)
+    def alone(*args: P.args, **kwargs: P.kwargs) -> T:
+        with LOADING:
+            return load(*args, **kwargs)
+
+    return alone
 
 
 @dataclass
@@ -76,6 +97,7 @@ def weights_variant(path: Path) -> str | None:
     return "fp16" if any(path.glob("*.fp16.safetensors")) or any(path.glob("*/*.fp16.safetensors")) else None
 
 
+@loading_alone
 def load_pipelines(
     path: Path, placement: Placement, mode: str = "high", fast: FastPaths = FastPaths(), vae: Path | None = None
 ) -> Pipelines:
@@ -161,6 +183,7 @@ def with_controlnets(pipelines: Pipelines, task: str, controlnets: list[ControlN
     return pipeline
 
 
+@loading_alone
 def load_controlnet(path: Path, placement: Placement) -> ControlNetModel:
     """A stored ControlNet, on the device in the placement's dtype. It stays there in every
     memory mode: it runs beside the UNet at every step."""

@@ -13,6 +13,7 @@ from .modes import MEMORY_MODES
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 VramMode = Literal[MEMORY_MODES]  # type: ignore[valid-type]
+Priority = Literal["high", "normal", "low"]
 MaskedContent = Literal["original", "fill"]
 MAX_SEED = 2**32 - 1
 # A 64x64 red PNG: the example input image of the API documents (one that works when tried).
@@ -163,6 +164,11 @@ class TextToImageRequest(BaseModel):
     output_format: OutputFormat = Field("png", description="Encoding of the images.")
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
     vram_mode: VramMode | None = Field(None, description="Memory mode of this request; default: the server's.")
+    priority: Priority = Field(
+        "normal",
+        description="Its place among the queued jobs: 'high' goes first (for the API keys the server lists), "
+        "'low' after the rest. Within a priority, API keys take turns.",
+    )
     hires_fix: HiresFix | None = Field(None, description="txt2img: a second, img2img pass at a larger size.")
     loras: list[LoraWeight] = Field(
         [], max_length=MAX_LORAS, description="LoRAs to apply, each with its weight; they must fit the model."

@@ -189,6 +189,7 @@ def generation_request(body: A1111Request, img2img: bool) -> GenerationRequest:
         if body.refiner_checkpoint
         else None,
         controlnets=_controlnets(body, img2img),
+        priority=body.priority,
     )
 
 

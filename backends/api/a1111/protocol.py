@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.sdxl_backend.protocol import MAX_SEED, TINY_PNG, ImageBytes
+from backends.sdxl_backend.protocol import MAX_SEED, TINY_PNG, ImageBytes, Priority
 
 
 class A1111ControlNetUnit(BaseModel):
@@ -66,6 +66,7 @@ class A1111Request(BaseModel):
     width: int | None = None
     height: int | None = None
     override_settings: dict[str, Any] = {}
+    priority: Priority = "normal"  # this server's: its place in the queue, as the native API's
     # img2img
     init_images: list[ImageBytes] = []
     denoising_strength: float | None = Field(None, ge=0, le=1)  # txt2img: the hires fix's second pass

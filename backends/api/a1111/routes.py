@@ -19,7 +19,7 @@ from backends.sdxl_backend import infotext
 from backends.sdxl_backend.errors import InvalidRequest
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
-GENERATION_ERRORS = errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507)
+GENERATION_ERRORS = errors.responses(400, 401, 403, 404, 413, 422, 429, 503, 504, 507)
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
 MAX_KEPT_OPTIONS_BYTES = 64 * 1024  # options change nothing here: a client must not grow them without end
 

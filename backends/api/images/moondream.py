@@ -24,7 +24,7 @@ VramModeHeader = Annotated[str | None, Header(description="high, balanced or low
 @router.post(
     "/v1/generate",
     response_model=ImageGenerationAnswer,
-    responses=errors.responses(400, 401, 404, 413, 422, 429, 500, 503, 504),
+    responses=errors.responses(400, 401, 403, 404, 413, 422, 429, 500, 503, 504),
 )
 async def moondream_generate(
     body: MoondreamRequest,

@@ -29,7 +29,7 @@ VramModeHeader = Annotated[str | None, Header(description="high, balanced or low
 @router.post(
     "/v1/images/generations",
     response_model=ImageGenerationAnswer,
-    responses=errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507),
+    responses=errors.responses(400, 401, 403, 404, 413, 422, 429, 503, 504, 507),
 )
 async def generate(
     body: ImageGenerationRequest,
@@ -114,7 +114,7 @@ def alpha_mask_png(data: bytes, limits: Limits) -> bytes:
     "/v1/images/edits",
     response_model=ImageGenerationAnswer,
     openapi_extra=MULTIPART_BODY,
-    responses=errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507),
+    responses=errors.responses(400, 401, 403, 404, 413, 422, 429, 503, 504, 507),
 )
 async def edit_image(request: Request, runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONResponse:
     """OpenAI's image edit: img2img from `image` and `prompt`; with `mask`, inpainting of its
@@ -131,7 +131,7 @@ async def edit_image(request: Request, runtime: Annotated[Runtime, Depends(runti
     "/v1/images/variations",
     response_model=ImageGenerationAnswer,
     openapi_extra=MULTIPART_BODY,
-    responses=errors.responses(400, 401, 404, 413, 422, 429, 503, 504, 507),
+    responses=errors.responses(400, 401, 403, 404, 413, 422, 429, 503, 504, 507),
 )
 async def image_variations(request: Request, runtime: Annotated[Runtime, Depends(runtime_of)]) -> JSONResponse:
     """OpenAI's variations: img2img of `image` with no prompt, at strength 0.6 unless given."""

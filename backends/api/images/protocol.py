@@ -20,6 +20,7 @@ from backends.sdxl_backend.protocol import (
     ImageBytes,
     LoraWeight,
     OutputFormat,
+    Priority,
     Refiner,
 )
 from backends.sdxl_backend.schedulers import resolve_moondream_name
@@ -62,6 +63,7 @@ class ImageGenerationRequest(BaseModel):
     output_compression: int | None = Field(None, ge=0, le=100)
     background: Literal["auto", "opaque", "transparent"] | None = None
     stream: Literal[False] | None = None  # streaming answers are not offered
+    priority: Priority = "normal"  # as the native API's: 'high' for the keys in SDXL_PRIORITY_KEYS
     # OpenAI fields without an SDXL meaning: accepted, recorded.
     quality: str | None = None
     style: str | None = None
@@ -105,6 +107,7 @@ class ImageGenerationRequest(BaseModel):
             loras=self.loras,
             refiner=self.refiner,
             controlnets=self.controlnets,
+            priority=self.priority,
         )
 
     def _scheduler(self) -> str | None:

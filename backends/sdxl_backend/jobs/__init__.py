@@ -4,7 +4,9 @@
 - contract.py: `JobQueue`, what the API layer may ask of a queue; two stores keep it:
   memory.py (`MemoryJobQueue`, one process, with journal.py) and redis_queue/ (`SharedJobQueue`,
   replicas sharing one Redis);
-- worker.py: `DeviceWorker`, the one loop that runs either store's jobs on the device thread;
+- turns.py: whose job runs next (API keys take turns; priorities) and the queue's bounds;
+- worker.py: `DeviceWorker`, the one loop that runs either store's jobs on a device's thread
+  (one worker per device, over one queue);
 - waiting.py: how a request waits on a job (woken by its changes, never reading it in a loop).
 
 Why not BentoML's task API (`@bentoml.task`): it runs a task to its end and reports only

@@ -5,14 +5,17 @@ runs one suite of behaviours against both. The methods that wait on a store (eve
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from ..errors import DeviceUnavailable
+from ..errors import DeviceUnavailable, QueueFull
 from ..protocol import GenerationResult
 from .job import Job
 
 if TYPE_CHECKING:
     from ..engine import PreparedRequest
+    from .turns import QueueBounds
+    from .worker import DeviceWorker
 
 
 class JobQueue(Protocol):
@@ -20,7 +23,8 @@ class JobQueue(Protocol):
         """Start the device worker: jobs submitted before wait for it."""
 
     def submit(self, prepared: PreparedRequest, owner: str | None = None, preview_every: int | None = None) -> Job:
-        """Queue a job whose client will come back for it; `QueueFull` when the queue is."""
+        """Queue a job whose client will come back for it; `QueueFull` when the queue is, or
+        when its owner has as many jobs waiting as one owner may."""
 
     async def run(self, prepared: PreparedRequest, owner: str | None, timeout_s: float) -> GenerationResult:
         """A job whose client waits for it: its result (forgotten by the queue once returned),
@@ -48,7 +52,11 @@ class JobQueue(Protocol):
         stands (AUTOMATIC1111's interrupt); a queued one is cancelled."""
 
     def position(self, job: Job) -> int:
-        """1 for the next job to run, 2 after it...; 0 when not waiting."""
+        """1 for the next job to run, 2 after it... in turn order (turns.py: it can move as
+        others arrive); 0 when not waiting."""
+
+    def retry_after_s(self) -> int:
+        """Seconds until a full queue has room again."""
 
     def recent(self, limit: int = 50, before: float | None = None, owner: str | None = None) -> list[Job]:
         """The newest jobs first (of `owner`, when given), at most `limit`, created before `before`."""
@@ -66,17 +74,44 @@ class JobQueue(Protocol):
 
     @property
     def running_here(self) -> list[Job]:
-        """The jobs on this process's device."""
+        """The jobs on this process's devices."""
+
+    @property
+    def workers(self) -> list[DeviceWorker]:
+        """This process's device workers, one per device."""
 
     @property
     def alive(self) -> bool:
-        """Whether the device worker is there to run the next job."""
+        """Whether a device worker is there to run the next job."""
 
     def close(self) -> None:
-        """Stop the device worker; what becomes of waiting and running jobs is the store's to say."""
+        """Stop the device workers; what becomes of waiting and running jobs is the store's to say."""
 
 
 def refuse_unless_alive(queue: JobQueue) -> None:
     """A job is refused at once when no device worker is left to run it (the probes say so too)."""
     if not queue.alive:
         raise DeviceUnavailable("the device thread has stopped; the service must be restarted")
+
+
+def refuse_when_full(bounds: QueueBounds, waiting: int, owners_waiting: int, retry_after: int) -> None:
+    """A job is refused (429) when the queue holds `max_queue` jobs, or its owner (API key)
+    `max_queued_per_owner`: both stores decide by this rule (the shared one in submit.lua)."""
+    if waiting >= bounds.max_queue:
+        raise QueueFull(
+            f"the queue is full ({bounds.max_queue} jobs waiting: SDXL_MAX_QUEUE); retry later", retry_after
+        )
+    if bounds.max_queued_per_owner and owners_waiting >= bounds.max_queued_per_owner:
+        raise QueueFull(
+            f"this API key has {owners_waiting} jobs waiting, as many as one key may (SDXL_MAX_QUEUED_PER_KEY); "
+            "retry later",
+            retry_after,
+        )
+
+
+def retry_after_s(workers: Sequence[DeviceWorker]) -> int:
+    """Seconds until a full queue has room again: the time one job takes (from this process's
+    recent ones), shared by the devices that run."""
+    durations = [duration for worker in workers for duration in worker.recent_durations]
+    running = sum(1 for worker in workers if worker.alive) or 1
+    return max(1, round((sum(durations) / len(durations) if durations else 5.0) / running))

@@ -86,12 +86,17 @@ class Job:
     # Its client waits for it on its connection (a synchronous request): nobody can ask for it
     # after the worker restarts, so the memory queue does not journal it.
     waited_on: bool = False
+    device: str | None = None  # the device that runs (or ran) it, once taken
 
     def __post_init__(self) -> None:
         # Kept after the input is dropped; None for a job recovered from the journal.
         self.request: GenerationRequest | None = self.prepared.request if self.prepared else None
         if self.prepared is not None:
             self.total_steps = self.prepared.total_steps
+
+    @property
+    def priority(self) -> str:
+        return self.request.priority if self.request is not None else "normal"
 
     @property
     def percent(self) -> float:

@@ -2,9 +2,9 @@
 that a restarted worker still answers for the ids it handed out). Replicas that share a Redis
 share `SharedJobQueue` instead.
 
-The device worker takes the oldest job, and with it the queued jobs that can share its pipeline
-call (`Engine.batch_key`), up to `max_batch` images, so a waiting job is passed by at most one
-batch. Jobs are the objects the device thread keeps current: readers see them change. Finished
+A device worker takes the job whose turn it is (turns.py: owners take turns), and with it the
+jobs near their turn that can share its pipeline call (`Engine.batch_key`), up to `max_batch`
+images. Jobs are the objects the device thread keeps current: readers see them change. Finished
 jobs drop their input and are kept for a while (their images counted against a byte budget),
 then forgotten; an id forgotten that way is remembered as expired.
 """
@@ -15,18 +15,19 @@ import logging
 import secrets
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import InvalidStateError
 from typing import TYPE_CHECKING, Any
 
-from ..device_thread import DeviceThread
-from ..errors import BackendError, Cancelled, JobExpired, QueueFull, UnknownJob
+from ..errors import BackendError, Cancelled, JobExpired, UnknownJob
 from ..protocol import GenerationResult
+from .contract import refuse_when_full, retry_after_s
 from .job import Job, JobStatus, tell
 from .journal import JobJournal
+from .turns import QueueBounds, slot, turn_order
 from .waiting import Watchers, follow, result_of
-from .worker import DeviceWorker
+from .worker import Device, DeviceWorker
 
 if TYPE_CHECKING:
     from ..engine import Engine, PreparedRequest
@@ -47,27 +48,20 @@ class MemoryJobQueue:
 
     def __init__(
         self,
-        engine: Engine,
-        max_queue: int = 64,
-        ttl_s: float = 3600,
-        max_jobs: int = 1000,
-        max_bytes: int = 512 * 2**20,
+        devices: Sequence[Device],
+        bounds: QueueBounds = QueueBounds(),
         on_change: Callable[[Job], None] | None = None,
         journal: JobJournal | None = None,
-        max_batch: int = 1,
-        device: DeviceThread | None = None,
     ):
-        self.engine = engine
-        self.device = device or DeviceThread()
-        self.worker = DeviceWorker(engine, self, self.device, max_batch, on_change)
+        self.engine = devices[0].engine  # (any device's: they serve the same models) for batch keys
+        self.bounds = bounds
+        self.workers = [DeviceWorker(device, self, on_change) for device in devices]
         self.journal = journal
         self.on_change = on_change  # told of every submit, start and finish (metrics), on the thread that did it
-        self.max_queue = max_queue
-        self.ttl_s = ttl_s
-        self.max_jobs = max_jobs
-        self.max_bytes = max_bytes
         self._jobs: dict[str, Job] = {}  # every job held
-        self._queue: deque[Job] = deque()
+        self._queue: list[Job] = []  # waiting, in arrival order (turns.py orders them)
+        self._last_turn: dict[str, int] = {}  # slot (owner, priority) -> the turn its last job was taken at
+        self._turns = 0
         self._finished: OrderedDict[str, Job] = OrderedDict()  # in the order they finished
         self._finished_bytes = 0
         self._expired: OrderedDict[str, None] = OrderedDict()
@@ -84,7 +78,8 @@ class MemoryJobQueue:
     # -- what the API calls --
 
     def start(self) -> None:
-        self.worker.start()
+        for worker in self.workers:
+            worker.start()
 
     def submit(
         self,
@@ -94,10 +89,12 @@ class MemoryJobQueue:
         waited_on: bool = False,
     ) -> Job:
         with self._lock:
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(
-                    f"the queue is full ({self.max_queue} waiting); retry later", self.worker.retry_after_s()
-                )
+            refuse_when_full(
+                self.bounds,
+                len(self._queue),
+                sum(1 for job in self._queue if job.owner == owner),
+                self.retry_after_s(),
+            )
             job = Job(secrets.token_hex(16), prepared, preview_every, owner, waited_on=waited_on)
             self._jobs[job.id] = job
             self._queue.append(job)
@@ -141,9 +138,12 @@ class MemoryJobQueue:
     def position(self, job: Job) -> int:
         with self._lock:
             try:
-                return self._queue.index(job) + 1
+                return self._in_turn().index(job) + 1
             except ValueError:
                 return 0
+
+    def retry_after_s(self) -> int:
+        return retry_after_s(self.workers)
 
     @property
     def queue_length(self) -> int:
@@ -151,15 +151,15 @@ class MemoryJobQueue:
 
     @property
     def running(self) -> list[Job]:
-        return self.worker.running
+        return sorted((job for worker in self.workers for job in worker.running), key=lambda job: job.created)
 
     @property
     def running_here(self) -> list[Job]:
-        return self.worker.running
+        return self.running
 
     @property
     def alive(self) -> bool:
-        return self.worker.alive
+        return any(worker.alive for worker in self.workers)
 
     def cancel(self, job: Job, reason: str = "cancel requested") -> None:
         with self._lock:
@@ -195,29 +195,30 @@ class MemoryJobQueue:
         """Cancel what waits, let the running jobs stop at their next step, end the device thread."""
         with self._lock:
             self._closing = True
-            for job in [*self._queue, *self.worker.running]:
+            for job in [*self._queue, *self.running]:
                 self.cancel(job, "cancelled: the server is shutting down")
             self._lock.notify_all()
-        if self.device.ident is not None:
-            self.device.join(timeout=30)
+        for worker in self.workers:
+            if worker.device.thread.ident is not None:
+                worker.device.thread.join(timeout=30)
 
     # -- what the device worker calls (`JobSource`) --
 
-    def wake(self) -> None:
+    def wake(self, device: Device) -> None:
         with self._lock:
             self._lock.notify_all()
 
-    def take(self, max_batch: int) -> list[Job] | None:
+    def take(self, device: Device) -> list[Job] | None:
         with self._lock:
-            while not self._queue and not self._closing and not self.device.pending:
+            while not self._queue and not self._closing and not device.thread.pending:
                 self._lock.wait()
             if self._closing:
                 return None
             if not self._queue:  # (woken for a call)
                 return []
-            batch = self._take_batch(max_batch)
+            batch = self._take_batch(device.engine)
             for job in batch:
-                job.status, job.started = JobStatus.RUNNING, time.time()
+                job.status, job.started, job.device = JobStatus.RUNNING, time.time(), device.name
                 self._changed(job)
                 self._journal(job)
         return batch
@@ -251,21 +252,27 @@ class MemoryJobQueue:
         if self.journal and not job.waited_on:
             self.journal.write(job)
 
-    def _take_batch(self, max_batch: int) -> list[Job]:
-        """The oldest job, and the queued jobs that can share its call, in arrival order, while
-        their images fit in `max_batch`. Called with the lock held."""
-        head = self._queue.popleft()
-        batch, images = [head], head.prepared.request.n
-        key = self.engine.batch_key(head.prepared) if images < max_batch else None
-        if key is not None:
-            for job in list(self._queue):
-                n = job.prepared.request.n
-                if images + n <= max_batch and self.engine.batch_key(job.prepared) == key:
-                    self._queue.remove(job)
-                    batch.append(job)
-                    images += n
-                    if images == max_batch:
-                        break
+    def _in_turn(self) -> list[Job]:
+        """The waiting jobs in the order they will be taken (turns.py). Called with the lock held."""
+        return turn_order(self._queue, lambda job: slot(job.owner, job.priority), self._last_turn, self.bounds.order)
+
+    def _take_batch(self, engine: Engine) -> list[Job]:
+        """The job whose turn it is, and the jobs near their turn that can share its call, in
+        turn order, while their images fit in `max_batch`. Called with the lock held."""
+        head, *next_ones = self._in_turn()[: self.bounds.lookahead]
+        batch, images, max_batch = [head], head.prepared.request.n, self.bounds.max_batch
+        key = engine.batch_key(head.prepared) if images < max_batch else None
+        for job in next_ones if key is not None else []:
+            n = job.prepared.request.n
+            if images + n <= max_batch and engine.batch_key(job.prepared) == key:
+                batch.append(job)
+                images += n
+                if images == max_batch:
+                    break
+        for job in batch:
+            self._queue.remove(job)
+            self._turns += 1
+            self._last_turn[slot(job.owner, job.priority)] = self._turns
         return batch
 
     def _expire(self) -> None:
@@ -275,9 +282,9 @@ class MemoryJobQueue:
         while self._finished:
             job = next(iter(self._finished.values()))
             if (
-                now - job.finished <= self.ttl_s
-                and len(self._finished) <= self.max_jobs
-                and self._finished_bytes <= self.max_bytes
+                now - job.finished <= self.bounds.ttl_s
+                and len(self._finished) <= self.bounds.max_jobs
+                and self._finished_bytes <= self.bounds.max_bytes
             ):
                 break
             del self._finished[job.id], self._jobs[job.id]

@@ -1,16 +1,20 @@
 """The device worker: the one loop that runs a queue's jobs on the device thread, whichever
 store holds them (`JobSource`: this process's memory, or the fleet's Redis).
 
-1. take a batch (the oldest job, and the queued jobs that can share its pipeline call, up to
-   `max_batch` images), waiting for one while also running the calls handed to the device;
+1. take a batch (the job whose turn it is, and the queued jobs near their turn that can share
+   its pipeline call, up to the queue's `max_batch` images: turns.py), waiting for one while
+   also running the calls handed to the device;
 2. run it (`Engine.generate_batch`); at each step the source hears of the job first (a shared
    queue reads its flags there, and may find the job is no longer this device's), then the job
    counts the step, takes a preview and honours its cancel and stop flags;
 3. finish each job by its outcome (a job cancelled at a step was finished there), keep the
    duration (for Retry-After), and tell the observer (metrics).
 
-Nothing that happens to a job or to whoever waits for it ends the loop; should it end anyway,
-`alive` says so and the service reports itself dead to its probes.
+A server may run several devices over one queue (SDXL_DEVICES): one worker each, each with its
+own engine (its loaded models, its memory budget) and thread. Nothing that happens to a job or
+to whoever waits for it ends a worker's loop; should it end anyway, the jobs it held fail with
+a clear error, `alive` says so, and the queue serves on with the devices left (the service
+reports itself dead to its probes when none is).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from ..device_thread import DeviceThread
@@ -39,12 +44,27 @@ class HandedBack(Cancelled):
     or one whose job was taken over). Not a cancellation of the job."""
 
 
+@dataclass(frozen=True)
+class Device:
+    """A device a worker runs jobs on: its name (as jobs and status report it: "cuda:1", or
+    "cpu#0" and "cpu#1" for two shares of one CPU), its engine and the thread that owns it."""
+
+    name: str
+    engine: Engine
+    thread: DeviceThread
+
+    @classmethod
+    def alone(cls, engine: Engine) -> Device:
+        """A queue's only device, made by hand (tests, benches): the engine's, on a thread of its own."""
+        return cls(str(engine.models.placement.device), engine, DeviceThread())
+
+
 class JobSource(Protocol):
     """What the device worker needs of a store of jobs."""
 
-    def take(self, max_batch: int) -> list[Job] | None:
-        """The next batch, marked running; [] when none came in a while (or the device has a
-        call to run); None once the queue is closing."""
+    def take(self, device: Device) -> list[Job] | None:
+        """The next batch for `device`, marked running there; [] when none came in a while (or
+        the device has a call to run); None once the queue is closing."""
 
     def before_step(self, job: Job) -> None:
         """Before a step is counted: may raise `HandedBack` (the job is no longer this device's)."""
@@ -55,30 +75,22 @@ class JobSource(Protocol):
     def finish(self, job: Job, status: JobStatus, result: GenerationResult | None, error: BackendError | None) -> None:
         """Settles the job (`Job.settle`) and keeps its end where waiters read it."""
 
-    def wake(self) -> None:
-        """Ends a wait inside `take` (the device has a call to run)."""
+    def wake(self, device: Device) -> None:
+        """Ends `device`'s wait inside `take` (it has a call to run)."""
 
 
 class DeviceWorker:
-    def __init__(
-        self,
-        engine: Engine,
-        source: JobSource,
-        device: DeviceThread,
-        max_batch: int = 1,
-        on_change: Callable[[Job], None] | None = None,
-    ):
-        self.engine = engine
-        self.source = source
+    def __init__(self, device: Device, source: JobSource, on_change: Callable[[Job], None] | None = None):
         self.device = device
-        self.max_batch = max_batch  # images in one pipeline call, from several jobs; 1: each job alone
+        self.engine = device.engine
+        self.source = source
         self.on_change = on_change  # told of every start and finish, on the device thread
         self._running: list[Job] = []  # on the device now: one job, or a batch
         self._lock = threading.Lock()
-        self._recent_durations: deque[float] = deque(maxlen=20)
+        self.recent_durations: deque[float] = deque(maxlen=20)
 
     def start(self) -> None:
-        self.device.start(self._work, self.source.wake)
+        self.device.thread.start(self._work, lambda: self.source.wake(self.device))
 
     @property
     def running(self) -> list[Job]:
@@ -88,12 +100,7 @@ class DeviceWorker:
 
     @property
     def alive(self) -> bool:
-        return self.device.is_alive()
-
-    def retry_after_s(self) -> int:
-        """Seconds until a full queue has room again: the time one job takes, from the recent ones."""
-        durations = list(self._recent_durations)
-        return max(1, round(sum(durations) / len(durations) if durations else 5.0))
+        return self.device.thread.is_alive()
 
     def finish(
         self, job: Job, status: JobStatus, result: GenerationResult | None = None, error: BackendError | None = None
@@ -103,7 +110,7 @@ class DeviceWorker:
         self.let_go(job)  # (first: a waiter woken by the end finds the device free of it)
         self.source.finish(job, status, result, error)
         if job.started is not None:
-            self._recent_durations.append(job.finished - job.started)
+            self.recent_durations.append(job.finished - job.started)
         if job.cancel_requested_at is not None and status == JobStatus.CANCELLED:
             logger.info(
                 "job cancelled: it left the device %.3f s after the request", job.finished - job.cancel_requested_at
@@ -116,21 +123,32 @@ class DeviceWorker:
                 self._running.remove(job)
 
     def _work(self) -> None:
-        while True:
-            self.device.run_calls()
-            batch = self.source.take(self.max_batch)
-            if batch is None:
-                return
-            if not batch:
-                continue
-            with self._lock:
-                self._running = list(batch)  # (emptied as its jobs finish)
-            try:
-                for job in batch:
-                    tell(self.on_change, job)
-                self._run(batch)
-            except BaseException:  # the thread outlives any job: log it and take the next one
-                logger.exception("the device thread caught an error around a job; it goes on")
+        try:
+            while True:
+                self.device.thread.run_calls()
+                batch = self.source.take(self.device)
+                if batch is None:
+                    return
+                if not batch:
+                    continue
+                with self._lock:
+                    self._running = list(batch)  # (emptied as its jobs finish)
+                try:
+                    for job in batch:
+                        tell(self.on_change, job)
+                    self._run(batch)
+                except Exception:  # the thread outlives any job: log it and take the next one
+                    logger.exception(
+                        "the device thread of %s caught an error around a job; it goes on", self.device.name
+                    )
+        except BaseException as exc:
+            logger.exception("the device thread of %s stopped; the other devices serve on", self.device.name)
+            for job in self.running:
+                self.finish(
+                    job,
+                    JobStatus.FAILED,
+                    error=BackendError(f"failed: device {self.device.name} stopped ({type(exc).__name__})"),
+                )
 
     def _run(self, batch: list[Job]) -> None:
         """One pipeline call for the batch, then each job finished by its outcome (except one

@@ -1,25 +1,29 @@
 """The job queue of a fleet: replicas that share one Redis (`SDXL_REDIS_URL`) share one queue.
 
 Every generation, a synchronous one too, is a job in Redis: any replica answers for any job
-(status, queue position, progress, previews, events, cancel, result), and each replica's device
-thread takes the next jobs only when its device is free, so work goes to idle GPUs in arrival
-order across the fleet. It keeps the `JobQueue` contract (jobs/contract.py); the `Job`s it hands
-out are snapshots, read again with `refresh`. The package: keys.py (every key's name), scripts/
-(the Lua scripts), codec.py (jobs to and from hash fields), feed.py (the change notices),
-queue.py (`SharedJobQueue`: the API's side and the device worker's).
+(status, queue position, progress, previews, events, cancel, result), and each device thread of
+each replica takes the next jobs only when its device is free, so work goes to idle GPUs, API
+keys taking turns across the fleet (jobs/turns.py). It keeps the `JobQueue` contract
+(jobs/contract.py); the `Job`s it hands out are snapshots, read again with `refresh`. The
+package: keys.py (every key's name), scripts/ (the Lua scripts), codec.py (jobs to and from
+hash fields), feed.py (the change notices), queue.py (`SharedJobQueue`: the API's side and the
+device worker's).
 
 How it sits in Redis (one Redis, or a primary with replicas; not a Redis Cluster, whose scripts
 may only touch keys they declare):
 
-- `sdxl:jobs:queue`, a list of waiting job ids, oldest first; `sdxl:jobs:job:<id>`, a hash per
+- `sdxl:jobs:queue`, a list of waiting job ids in arrival order; `sdxl:jobs:turns`, each
+  owner's last turn at each priority, which orders them; `sdxl:jobs:job:<id>`, a hash per
   job (its prepared request with the input images as PNG, its state, then its result);
   `sdxl:jobs:running`, running job id -> the replica running it; `sdxl:jobs:replica:<name>`,
   each replica's heartbeat, which expires when it stops beating. A device thread with nothing
-  to do waits on `sdxl:jobs:wake` (pushed by every submit) and `sdxl:jobs:wake:<name>` (work
-  handed to that replica's device thread, such as an unload), a second at most.
+  to do waits on `sdxl:jobs:wake` (pushed by every submit) and `sdxl:jobs:wake:<name>/<device>`
+  (work handed to that device thread, such as an unload), a second at most.
 - Every change is one Lua script, so no two replicas ever take the same job or half-change one.
-  TAKE pops the oldest job and the queued jobs that can share its pipeline call (the same
-  `Engine.batch_key`, computed when it was submitted) while their images fit `max_batch`.
+  TAKE orders the waiting jobs by turns (turns.lua, the rule of jobs/turns.py: one script decides
+  the next job for every replica) and takes the first, with the jobs near their turn that can
+  share its pipeline call (the same `Engine.batch_key`, computed when it was submitted) while
+  their images fit `max_batch`; POSITION reads a job's place in the same order.
 - A replica whose heartbeat lapsed (killed, its node gone) leaves its running jobs to RECLAIM,
   which any replica runs every few seconds: each goes back to the head of the queue, or, after
   `MAX_ATTEMPTS` runs, fails with an error that says so. A replica that is stopped hands its

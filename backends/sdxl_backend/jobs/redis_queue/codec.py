@@ -34,6 +34,7 @@ SNAPSHOT_FIELDS = [
     "first_step_at",
     "cancel_requested_at",
     "stop_requested_at",
+    "device",
     "error_type",
     "error_message",
     "error_param",
@@ -79,6 +80,7 @@ def submitted(job: Job, prepared: PreparedRequest, batch_key: object) -> Fields:
         **fields,
         "status": "queued",
         "owner": job.owner or "",
+        "priority": job.priority,
         "created": job.created,
         "step": 0,
         "total_steps": job.total_steps,
@@ -186,6 +188,7 @@ def snapshot(job_id: str, record: dict[str, bytes | None], images: list[bytes]) 
         stop_requested_at=number(record["stop_requested_at"]),
         version=int(record["version"] or 0),
         first_step_at=number(record["first_step_at"]),
+        device=text("device") or None,
     )
     job.request = request_from_json(record["request"]) if record["request"] else None
     if record["result"] and images:

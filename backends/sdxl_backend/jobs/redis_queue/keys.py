@@ -5,7 +5,9 @@ from __future__ import annotations
 
 PREFIX = "sdxl:jobs:"
 
-QUEUE = PREFIX + "queue"  # list: the waiting job ids, oldest first
+QUEUE = PREFIX + "queue"  # list: the waiting job ids, in arrival order (turns.lua orders them)
+TURNS = PREFIX + "turns"  # hash: "<priority>:<owner>" -> the turn its last job was taken at
+TURN = PREFIX + "turn"  # counter: the turns taken
 RUNNING = PREFIX + "running"  # hash: running job id -> the replica running it
 INDEX = PREFIX + "index"  # sorted set: every job held, by creation time
 CHANGES = PREFIX + "changed"  # channel: each change of a job, as its id ("<id> final" when it ends)
@@ -28,5 +30,5 @@ def replica(name: str) -> str:
 
 
 def wake_for(name: str) -> str:
-    """List: work handed to that replica's device thread (such as an unload)."""
+    """List: work handed to one device thread of a replica (`<replica>/<device>`), such as an unload."""
     return f"{PREFIX}wake:{name}"

@@ -12,23 +12,24 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from ...device_thread import DeviceThread
-from ...errors import BackendError, JobExpired, QueueFull, UnknownJob, redis_failures_as_unavailable
+from ...errors import BackendError, JobExpired, UnknownJob, redis_failures_as_unavailable
 from ...protocol import GenerationResult
+from ..contract import refuse_when_full, retry_after_s
 from ..job import Job, JobStatus, tell
+from ..turns import QueueBounds
 from ..waiting import follow, result_of
-from ..worker import DeviceWorker, HandedBack
+from ..worker import Device, DeviceWorker, HandedBack
 from . import codec, feed, keys, scripts
 
 if TYPE_CHECKING:
     import redis
 
-    from ...engine import Engine, PreparedRequest
+    from ...engine import PreparedRequest
 
 logger = logging.getLogger("sdxl_backend")
 T = TypeVar("T")
@@ -47,28 +48,22 @@ class SharedJobQueue:
 
     def __init__(
         self,
-        engine: Engine,
+        devices: Sequence[Device],
         client: redis.Redis,
-        max_queue: int = 64,
-        ttl_s: float = 3600,
-        max_jobs: int = 1000,
-        max_bytes: int = 512 * 2**20,
+        bounds: QueueBounds = QueueBounds(),
         on_change: Callable[[Job], None] | None = None,
-        max_batch: int = 1,
-        device: DeviceThread | None = None,
     ):
-        self.engine = engine
-        self.device = device or DeviceThread()
-        self.worker = DeviceWorker(engine, self, self.device, max_batch, on_change)
+        self.engine = devices[0].engine  # (any device's: they serve the same models) for batch keys
+        self.workers = [DeviceWorker(device, self, on_change) for device in devices]
+        self._worker_of = {worker.device.name: worker for worker in self.workers}
         self.client = client
-        self.max_queue = max_queue
+        self.bounds = bounds
         self.on_change = on_change
-        self.bounds = [ttl_s, max_jobs, max_bytes]
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._scripts = scripts.register(client)
         self._closing = threading.Event()  # no more jobs taken; the running ones are handed back
-        self._stopped = threading.Event()  # the device thread is done: the heartbeat stops too
-        self._reachable = True  # last time the device thread or the heartbeat tried
+        self._stopped = threading.Event()  # the device threads are done: the heartbeat stops too
+        self._reachable = True  # last time a device thread or the heartbeat tried
         self._heart = threading.Thread(target=self._beat, name="sdxl-heartbeat", daemon=True)
         self._changes = feed.ChangeFeed(client)
 
@@ -81,18 +76,17 @@ class SharedJobQueue:
             self._redis_failure(exc)
         self._changes.start()
         self._heart.start()
-        self.worker.start()
+        for worker in self.workers:
+            worker.start()
 
     def submit(self, prepared: PreparedRequest, owner: str | None = None, preview_every: int | None = None) -> Job:
         job = Job(secrets.token_hex(16), prepared, preview_every, owner)
         fields = codec.submitted(job, prepared, self.engine.batch_key(prepared))
+        bounds = [self.bounds.max_queue, self.bounds.max_queued_per_owner, owner or "", job.id]
         with redis_failures_as_unavailable():
-            position = self._script("submit", self.max_queue, job.id, *(v for pair in fields.items() for v in pair))
-        if not position:
-            raise QueueFull(
-                f"the queue is full ({self.max_queue} waiting across the replicas); retry later",
-                self.worker.retry_after_s(),
-            )
+            placed = self._script("submit", *bounds, *(v for pair in fields.items() for v in pair))
+        if not placed[0]:
+            refuse_when_full(self.bounds, placed[1], placed[2], self.retry_after_s())
         job.prepared = None  # in Redis now; this copy is the caller's snapshot
         tell(self.on_change, job)
         return job
@@ -153,8 +147,10 @@ class SharedJobQueue:
         if job.status != JobStatus.QUEUED:
             return 0
         with redis_failures_as_unavailable():
-            index = self.client.lpos(keys.QUEUE, job.id)
-        return 0 if index is None else index + 1
+            return self._script("position", job.id, self.bounds.order)
+
+    def retry_after_s(self) -> int:
+        return retry_after_s(self.workers)
 
     @property
     def queue_length(self) -> int:
@@ -169,12 +165,12 @@ class SharedJobQueue:
 
     @property
     def running_here(self) -> list[Job]:
-        return self.worker.running
+        return [job for worker in self.workers for job in worker.running]
 
     @property
     def alive(self) -> bool:
-        """Whether this replica's device thread (and the heartbeat that keeps its jobs its own) runs."""
-        return self.worker.alive and self._heart.is_alive()
+        """Whether a device thread of this replica (and the heartbeat that keeps its jobs its own) runs."""
+        return any(worker.alive for worker in self.workers) and self._heart.is_alive()
 
     def cancel(self, job: Job, reason: str = "cancel requested") -> None:
         """On whichever replica runs it."""
@@ -191,39 +187,44 @@ class SharedJobQueue:
         """Stop taking jobs and hand the running ones back at their next step (another replica
         resumes them); queued jobs stay queued for the fleet."""
         self._closing.set()
-        if self.device.ident is not None:
-            self.device.join(timeout=30)
+        for worker in self.workers:
+            if worker.device.thread.ident is not None:
+                worker.device.thread.join(timeout=30)
         self._stopped.set()  # (it beat on until now: the job being handed back stayed this replica's)
         if self._heart.ident is not None:
             self._heart.join(timeout=30)
         self._changes.close()
-        if not self.device.is_alive():  # nothing of ours is left running: others need not wait for the lapse
+        if not self.alive:  # nothing of ours is left running: others need not wait for the lapse
             try:
-                self.client.delete(keys.replica(self.replica), keys.wake_for(self.replica))
+                self.client.delete(
+                    keys.replica(self.replica), *(self._wake_key(worker.device) for worker in self.workers)
+                )
             except Exception:  # Redis away: the heartbeat lapses by itself
                 pass
 
     # -- what the device worker calls (`JobSource`), on the device thread --
 
-    def wake(self) -> None:
+    def wake(self, device: Device) -> None:
         """Ends the device thread's wait for jobs (see `take`), so that it runs a call now."""
-        wake_key = keys.wake_for(self.replica)
+        wake_key = self._wake_key(device)
         try:
             self.client.pipeline(transaction=False).rpush(wake_key, "1").expire(wake_key, 60).execute()
         except Exception:  # Redis away: the device thread is not waiting on it either
             pass
 
-    def take(self, max_batch: int) -> list[Job] | None:
+    def take(self, device: Device) -> list[Job] | None:
         if self._closing.is_set():
             return None
         try:
-            ids = self._script("take", self.replica, max_batch, self.max_queue)
+            ids = self._script(
+                "take", self.replica, self.bounds.max_batch, self.bounds.lookahead, self.bounds.order, device.name
+            )
             self._redis_is(True)
             if not ids:
                 # A submit anywhere, work handed to this device, or a second, whichever first.
-                self.client.blpop([keys.WAKE, keys.wake_for(self.replica)], timeout=1)
+                self.client.blpop([keys.WAKE, self._wake_key(device)], timeout=1)
                 return []
-            return self._started([i.decode() for i in ids])
+            return self._started([i.decode() for i in ids], device)
         except Exception as exc:
             if not self._redis_failure(exc):
                 logger.exception("the device thread caught an error taking jobs; it goes on")
@@ -264,7 +265,7 @@ class SharedJobQueue:
         if self._until_reachable(lambda: self._script("finish", *arguments)) == 0:
             logger.warning("a job finished here after another replica took it over; this result is dropped")
 
-    def _started(self, ids: list[str]) -> list[Job]:
+    def _started(self, ids: list[str], device: Device) -> list[Job]:
         """The jobs taken, decoded; one that cannot run here (a model this replica does not
         serve) fails at once."""
 
@@ -278,10 +279,10 @@ class SharedJobQueue:
         for job_id, fields in zip(ids, self._until_reachable(read) or []):
             if not fields:  # (Redis lost it: nothing to run)
                 continue
-            job = codec.taken(job_id, fields, self.engine)
-            job.started = time.time()
+            job = codec.taken(job_id, fields, device.engine)
+            job.started, job.device = time.time(), device.name
             if job.prepared is None:
-                self.worker.finish(job, JobStatus.FAILED, error=job.error)
+                self._worker_of[device.name].finish(job, JobStatus.FAILED, error=job.error)
             else:
                 batch.append(job)
         return batch
@@ -320,8 +321,11 @@ class SharedJobQueue:
     async def _read(self, job: Job) -> Job:
         return await _off_loop(self.refresh, job)
 
+    def _wake_key(self, device: Device) -> str:
+        return keys.wake_for(f"{self.replica}/{device.name}")
+
     def _script(self, name: str, *arguments: Any) -> Any:
-        bounds = [time.time(), *self.bounds]
+        bounds = [time.time(), self.bounds.ttl_s, self.bounds.max_jobs, self.bounds.max_bytes]
         return self._scripts[name](keys=[keys.PREFIX], args=[*bounds, *arguments])
 
     def _until_reachable(self, call: Callable[[], T]) -> T | None:

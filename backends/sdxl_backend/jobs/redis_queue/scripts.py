@@ -20,7 +20,8 @@ TOMBSTONE_TTL_S = 86400  # an evicted job's id answers "expired" (410) this long
 INPUTS = ["init_image", "mask", *(f"control:{index}" for index in range(MAX_CONTROLNETS))]
 SCRIPTS = {
     "submit": [],
-    "take": [],
+    "take": ["turns"],
+    "position": ["turns"],
     "reclaim": ["requeue"],
     "hand_back": ["requeue"],
     "cancel": [],

@@ -1,0 +1,171 @@
+"""The server's devices (SDXL_DEVICES): for each, the thread that owns it, its loaded models
+with their memory budget, and its engine. One queue feeds them all (a device worker each:
+jobs/worker.py); what one device loads, the others do not share.
+
+A device's name is what jobs, status and metrics report: torch's ("cuda:1", "cpu"), with
+"#index" when one device is listed twice (`cpu,cpu`: two shares of the CPU, each held to its
+share of the cores)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from backends.sdxl_backend.device_thread import TORCH_WORK, DeviceThread, usable_cores
+from backends.sdxl_backend.jobs.worker import Device
+from backends.sdxl_backend.protocol import GenerationRequest
+
+if TYPE_CHECKING:
+    from backends.api.runtime import ServedAdapter, ServedModel
+    from backends.api.settings import Settings
+    from backends.sdxl_backend.engine import Engine
+
+logger = logging.getLogger("sdxl_backend")
+
+
+class DeviceLost(BaseException):
+    """Test seam (SDXL_TEST_FAULT_DEVICE): the device is gone, as a GPU that fell off its bus;
+    not an error of a job, so it ends the device's worker (which fails the jobs it held)."""
+
+
+def device_list(devices: list[str], device: str) -> list[str]:
+    """SDXL_DEVICES as torch devices: "all" is every CUDA device (or the one device found);
+    unset, SDXL_DEVICE alone."""
+    import torch
+
+    if devices == ["all"]:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{index}" for index in range(count)] or [device]
+    return devices or [device]
+
+
+def device_names(placements: list[str]) -> list[str]:
+    repeated = {name for name, count in Counter(placements).items() if count > 1}
+    return [f"{name}#{index}" if name in repeated else name for index, name in enumerate(placements)]
+
+
+class Devices:
+    """Every device of the server, each with its thread, models and engine."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        served: list[ServedModel],
+        default_model: str,
+        vae: Any,
+        loras: list[ServedAdapter],
+        controlnets: list[ServedAdapter],
+        embeddings: list[ServedAdapter],
+    ):
+        from backends.sdxl_backend.controlnets import ControlNetSource
+        from backends.sdxl_backend.denoise import OutOfMemorySeam
+        from backends.sdxl_backend.device import select_placement
+        from backends.sdxl_backend.embeddings import EmbeddingSet, EmbeddingSource
+        from backends.sdxl_backend.engine import Engine
+        from backends.sdxl_backend.loras import LoraSource
+        from backends.sdxl_backend.model_manager import ModelManager
+        from backends.sdxl_backend.model_records import ModelSource
+
+        placements = [select_placement(name, settings.dtype) for name in device_list(settings.devices, settings.device)]
+        names = device_names([str(placement.device) for placement in placements])
+        # Each device thread gets its share of the cores (torch's pools would fight otherwise).
+        threads = max(1, (settings.torch_threads or usable_cores()) // len(placements))
+        oom_seam = OutOfMemorySeam.parse(settings.test_fault_oom)
+        if oom_seam:
+            logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_OOM=%s makes generations fail", settings.test_fault_oom)
+        self.devices: list[Device] = []
+        for name, placement in zip(names, placements):
+            thread = DeviceThread(threads, name=f"sdxl-device-{name}" if len(names) > 1 else "sdxl-device")
+            models = ModelManager(
+                [ModelSource(m.id, m.path, m.defaults) for m in served],
+                placement,
+                settings.model_aliases,
+                settings.memory_policy,
+                settings.fast_paths,
+                vae,
+                [LoraSource(lora.id, lora.path, lora.fits) for lora in loras],
+                settings.max_loaded_loras,
+                [ControlNetSource(c.id, c.path, c.fits) for c in controlnets],
+                settings.max_loaded_controlnets,
+                on_device=thread.run,
+            )
+            thread.run_at_exit(models.close)
+            engine = Engine(
+                models,
+                default_model,
+                settings.limits,
+                oom_seam,
+                settings.prompt_syntax,
+                EmbeddingSet([EmbeddingSource(e.id, e.path, e.fits) for e in embeddings]),
+            )
+            if settings.test_fault_device == name:
+                logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_DEVICE=%s: that device fails at its first job", name)
+                engine.generate_batch = _lost_at_first_job(engine.generate_batch)  # type: ignore[method-assign]
+            self.devices.append(Device(name, engine, thread))
+        logger.info(
+            "devices: %s (%d CPU thread(s) each)",
+            ", ".join(f"{d.name} = {p.describe()}" for d, p in zip(self.devices, placements)),
+            threads,
+        )
+
+    @property
+    def engine(self) -> Engine:
+        """The engine that prepares and checks requests: any device's (they serve the same models)."""
+        return self.devices[0].engine
+
+    def warm_up(self) -> list[Any]:
+        """Each device loads the default model and runs it once, on its own thread (futures)."""
+        return [device.thread.call(lambda device=device: _warm_up(device)) for device in self.devices]
+
+    async def unload(self) -> list[str]:
+        """Every device frees its loaded models that no request is using (after its running batch)."""
+        unloaded = await asyncio.gather(
+            *(asyncio.wrap_future(device.thread.call(device.engine.models.unload)) for device in self.devices)
+        )
+        return sorted({model for models in unloaded for model in models})
+
+    def status(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": device.name,
+                "alive": device.thread.is_alive(),
+                **device.engine.models.status(),
+                "torch_threads": device.thread.torch_threads,
+            }
+            for device in self.devices
+        ]
+
+    def memory(self) -> tuple[int, int] | None:
+        """(used, total) bytes of the devices' memory together; None on the CPU."""
+        readings = [reading for device in self.devices if (reading := device.engine.models.device_memory())]
+        return (sum(r[0] for r in readings), sum(r[1] for r in readings)) if readings else None
+
+    def is_loaded(self, model_id: str) -> bool:
+        return any(device.engine.models.is_loaded(model_id) for device in self.devices)
+
+    def set_default_model(self, model_id: str) -> str:
+        for device in self.devices:
+            chosen = device.engine.set_default_model(model_id)
+        return chosen
+
+
+def _warm_up(device: Device) -> None:
+    TORCH_WORK.note("warm-up")
+    started = time.perf_counter()
+    engine = device.engine
+    (outcome,) = engine.generate_batch([(engine.prepare(GenerationRequest(prompt="warm-up", steps=2)), None)])
+    if isinstance(outcome, Exception):
+        raise outcome
+    logger.info("warm-up of %s on %s done in %.2f s", engine.default_model, device.name, time.perf_counter() - started)
+
+
+def _lost_at_first_job(generate_batch: Any) -> Any:
+    def generate_or_lose(batch: list[Any]) -> list[Any]:
+        if any(observer is not None for _, observer in batch):  # a job's (the warm-up has no observer)
+            raise DeviceLost("the device is gone (SDXL_TEST_FAULT_DEVICE)")
+        return generate_batch(batch)
+
+    return generate_or_lose

@@ -1,0 +1,69 @@
+"""Whose job runs next: the queue's bounds, and the order its waiting jobs take turns in.
+
+Fair shares ("fair", the default): higher priorities first; within a priority, owners (API
+keys) take turns: each owner's oldest waiting job forms the first round, their second-oldest
+the next, and within a round the owner served longest ago goes first. So an owner with ten
+jobs waiting and one who submits a single job now share the device one job each: the
+newcomer's job is at most one job away. "fifo": arrival order (priorities still first).
+
+A queue keeps its jobs in arrival order and each owner's last turn at each priority (a
+counter, not a clock: replicas' clocks need not agree; per priority, so that a 'high' job taken
+does not move its owner's other jobs back). A job's position is its place in this order: it
+holds while nothing arrives, and can move when something does. The shared queue decides in
+Lua the same way (scripts/turns.lua): tests/test_job_queues.py holds both stores to it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+T = TypeVar("T")
+QueueOrder = Literal["fair", "fifo"]
+PRIORITIES = {"high": 0, "normal": 1, "low": 2}  # taken in this order
+LOOKAHEAD_BATCHES = 2  # a job may join a batch when its turn is within this many batches' worth of jobs
+
+
+@dataclass(frozen=True)
+class QueueBounds:
+    """How much a queue holds, and how it orders and batches what waits."""
+
+    max_queue: int = 64  # jobs waiting, in all; more are refused (429)
+    max_queued_per_owner: int = 0  # jobs one owner may have waiting; 0: no bound but max_queue
+    ttl_s: float = 3600  # finished jobs (and their images) are kept this long...
+    max_jobs: int = 1000  # ... at most this many...
+    max_bytes: int = 512 * 2**20  # ... holding at most this many bytes
+    max_batch: int = 1  # images of compatible jobs in one pipeline call; 1: each job alone
+    order: QueueOrder = "fair"
+
+    @property
+    def lookahead(self) -> int:
+        """How many jobs in turn order a batch's head looks at for others to join it."""
+        return 1 + LOOKAHEAD_BATCHES * self.max_batch
+
+
+def slot(owner: str | None, priority: str) -> str:
+    """What takes turns: an owner's jobs of one priority ("normal:<owner>")."""
+    return f"{priority}:{owner or ''}"
+
+
+def turn_order(
+    waiting: Sequence[T],
+    slot_of: Callable[[T], str],
+    last_turn: Mapping[str, int],
+    order: QueueOrder = "fair",
+) -> list[T]:
+    """`waiting` (in arrival order) in the order the devices will take it, if nothing else arrives."""
+    rounds: Counter[str] = Counter()
+    keyed = []
+    for arrival, item in enumerate(waiting):
+        owners_slot = slot_of(item)
+        priority = PRIORITIES[owners_slot.partition(":")[0]]
+        if order == "fair":
+            keyed.append(((priority, rounds[owners_slot], last_turn.get(owners_slot, 0), arrival), item))
+            rounds[owners_slot] += 1
+        else:
+            keyed.append(((priority, 0, 0, arrival), item))
+    return [item for _, item in sorted(keyed, key=lambda pair: pair[0])]
