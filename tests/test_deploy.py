@@ -1,11 +1,13 @@
 """The deployment recipes: the bento's image and environment, the Kubernetes manifests
-(against the Kubernetes schemas, offline) and the BentoCloud deployment config."""
+(against the Kubernetes schemas, offline), the Docker Compose file (against the Compose
+specification, offline) and the BentoCloud deployment config."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +17,15 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
+from compose_spec import PyCompose
 
-from backends.api.settings import Settings, declared_environment
+from backends.api.settings import Settings, declared_environment, env_name
 from backends.sdxl_backend.jobs.redis_queue.keys import PREFIX as SHARED_QUEUE_PREFIX
 from backends.sdxl_backend.loras import LORA_FILE
 from tests.served import ROOT
 
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+COMPOSE = ROOT / "deploy" / "compose.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +154,48 @@ def test_the_validation_catches_mistakes():
     broken["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["periodSecond"] = 10
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, "1.30", strict=True)
+
+
+def compose_file() -> dict:
+    """deploy/compose.yaml as `docker compose config` reads it: its variables at their defaults
+    (`$$` a dollar), YAML anchors and merge keys resolved."""
+    text = re.sub(
+        r"\$\$|\$\{(\w+)(?::-([^}]*))?\}",
+        lambda match: "$" if match[0] == "$$" else match[2] or "",
+        COMPOSE.read_text(),
+    )
+    return yaml.safe_load(text)
+
+
+def test_compose_file_follows_the_compose_specification_and_pins_a_gpu_per_replica():
+    data = compose_file()
+    PyCompose.from_json(json.dumps(data))  # the Compose specification, offline: ValueError when broken
+    services = data["services"]
+    replicas = {name: service for name, service in services.items() if name.startswith("replica-")}
+    gpus = [
+        device_ids
+        for service in replicas.values()
+        for device in service["deploy"]["resources"]["reservations"]["devices"]
+        for device_ids in [device["device_ids"]]
+    ]
+    assert len(replicas) >= 2 and sorted(gpus) == [[str(index)] for index in range(len(replicas))]
+    for service in replicas.values():
+        assert service["image"] == "sdxl:latest" and service["environment"]["SDXL_REDIS_URL"] == "redis://redis:6379/0"
+        assert set(service["environment"]) <= {env_name(field) for field in Settings.model_fields}
+        assert "/readyz" in " ".join(service["healthcheck"]["test"])
+    assert "--appendonly" in services["redis"]["command"] and services["redis"]["volumes"]
+    assert [name for name, service in services.items() if "ports" in service] == ["front"]  # one published port
+    upstream = re.findall(r"server (\S+):3000;", data["configs"]["front"]["content"])
+    assert sorted(upstream) == sorted(replicas)
+    for service in services.values():
+        assert set(service.get("depends_on", [])) <= set(services)
+
+
+def test_the_compose_check_catches_mistakes():
+    broken = compose_file()
+    broken["services"]["redis"]["comand"] = ["redis-server"]
+    with pytest.raises(ValueError, match="comand"):
+        PyCompose.from_json(json.dumps(broken))
 
 
 def test_kubernetes_deployment_is_what_the_service_needs():
