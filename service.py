@@ -20,6 +20,7 @@ from bentoml._internal.server.http import traffic
 from backends.api import headers, native
 from backends.api.app import create_app
 from backends.api.edge import Edge, TimelyTimeout, quiet_validation_logs
+from backends.api.guards import Origins
 from backends.api.runtime import Runtime, ServedAdapter, ServedModel
 from backends.api.settings import declared_environment, load_settings
 from backends.sdxl_backend.embeddings import fits_model, model_text_signature
@@ -30,6 +31,7 @@ from models.store import stored_models
 
 logger = logging.getLogger("sdxl_backend")
 SETTINGS = load_settings()
+ORIGINS = Origins(SETTINGS.cors_origins)
 # Where `bentoml build` writes the bento's manifest, beside the directory this file is packed in.
 BENTO_MANIFEST = Path(__file__).resolve().parent.parent / "bento.yaml"
 
@@ -213,7 +215,9 @@ SDXL = bentoml.service(
     http={
         "cors": {
             "enabled": True,
-            "access_control_allow_origins": SETTINGS.cors_origins,
+            # Exact origins (or *) to BentoML's CORS middleware, those with any port as a regex.
+            "access_control_allow_origins": ["*"] if ORIGINS.any else ORIGINS.exact,
+            "access_control_allow_origin_regex": ORIGINS.regex,
             "access_control_allow_methods": ["GET", "POST", "DELETE", "OPTIONS"],
             "access_control_allow_headers": ["*"],
             "access_control_expose_headers": headers.EXPOSED,
@@ -227,5 +231,6 @@ SDXL.add_asgi_middleware(
     open_metrics=SETTINGS.open_metrics,
     max_body_bytes=SETTINGS.max_body_bytes,
     cors_origins=SETTINGS.cors_origins,
+    allowed_hosts=SETTINGS.allowed_hosts,
     state=dialects.state,
 )

@@ -224,6 +224,24 @@ def test_settings_read_booleans_and_lists_as_people_write_them(monkeypatch):
         load_settings()
 
 
+@pytest.mark.parametrize(
+    "variable, value, says",
+    [
+        ("SDXL_DEVICES", "gpu0", "SDXL_DEVICES='gpu0': 'gpu0' is not a device"),
+        ("SDXL_CORS_ORIGINS", "evil.example", "SDXL_CORS_ORIGINS='evil.example': 'evil.example' is not an origin"),
+        ("SDXL_QUEUE_ORDER", "lifo", "SDXL_QUEUE_ORDER='lifo'"),
+        ("SDXL_MAX_QUEUED_PER_KEY", "-1", "SDXL_MAX_QUEUED_PER_KEY='-1'"),
+        ("SDXL_PRIORITY_KEYS", "not-a-key", "SDXL_PRIORITY_KEYS: every priority key must be one of SDXL_API_KEYS"),
+    ],
+)
+def test_a_bad_share_device_or_origin_setting_fails_by_name(monkeypatch, variable, value, says):
+    monkeypatch.setenv("SDXL_API_KEYS", "key-one")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as failed:
+        load_settings()
+    assert says in str(failed.value) and "key-one" not in str(failed.value) and "not-a-key" not in str(failed.value)
+
+
 def test_the_service_module_loads_neither_torch_nor_diffusers(tiny_model):
     """BentoML's main process imports service.py only to read the service's definition; the
     worker loads torch and diffusers when it builds the runtime. Seconds off every start."""

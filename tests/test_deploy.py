@@ -157,14 +157,21 @@ def test_the_validation_catches_mistakes():
 
 
 def compose_file() -> dict:
-    """deploy/compose.yaml as `docker compose config` reads it: its variables at their defaults
-    (`$$` a dollar), YAML anchors and merge keys resolved."""
-    text = re.sub(
-        r"\$\$|\$\{(\w+)(?::-([^}]*))?\}",
-        lambda match: "$" if match[0] == "$$" else match[2] or "",
-        COMPOSE.read_text(),
-    )
-    return yaml.safe_load(text)
+    """deploy/compose.yaml as `docker compose config` reads it: YAML anchors and merge keys
+    resolved, then each value's variables at their defaults (`$$` a dollar)."""
+
+    def interpolated(value):
+        if isinstance(value, dict):
+            return {key: interpolated(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [interpolated(item) for item in value]
+        if isinstance(value, str):
+            return re.sub(
+                r"\$\$|\$\{(\w+)(?::-([^}]*))?\}", lambda match: "$" if match[0] == "$$" else match[2] or "", value
+            )
+        return value
+
+    return interpolated(yaml.safe_load(COMPOSE.read_text()))
 
 
 def test_compose_file_follows_the_compose_specification_and_pins_a_gpu_per_replica():

@@ -1,5 +1,8 @@
 """The HTTP edge, an ASGI middleware around the whole BentoML app (its own routes included):
 
+- a Host not allowed is a 421, and a cross-site request that would change state a 403, before
+  anything else (guards.py: DNS rebinding and web pages driving a local server); a Private
+  Network Access preflight is answered yes for the allowed origins;
 - a request body over `SDXL_MAX_BODY_BYTES` is a 413 before any of it is parsed;
 - API keys: with `SDXL_API_KEYS` set, every route needs `Authorization: Bearer <key>` or
   `X-API-Key: <key>`, except the probes, `/health`, kept-image links (unguessable, fetched by
@@ -34,6 +37,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.api import errors, openapi
+from backends.api.guards import Origins, cross_site_refusal, host_allowed
 from backends.api.headers import presented_key
 
 PROBES = ("/health", "/livez", "/readyz", "/healthz")
@@ -42,6 +46,7 @@ JSON_ONLY = ("/v1/txt2img", "/v1/img2img")  # the native BentoML methods, whose 
 OPEN_PREFIXES = ("/v1/images/files/",)
 access_log = logging.getLogger("sdxl_backend.access")
 REFUSED = "sdxl.refused_at_edge"  # a scope key: the edge answered this request itself
+PRIVATE_NETWORK_ASKED = b"access-control-request-private-network"
 
 
 def key_is_valid(presented: str | None, keys: list[str]) -> bool:
@@ -60,11 +65,13 @@ class Edge:
         open_metrics: bool,
         max_body_bytes: int,
         cors_origins: list[str],
+        allowed_hosts: list[str],
         state: Any,
     ):
         self.app = app
         self.keys = keys
-        self.cors_origins = cors_origins
+        self.origins = Origins(cors_origins)
+        self.allowed_hosts = allowed_hosts
         self.open_paths = PROBES + PAGES + (("/metrics",) if open_metrics else ())
         self.max_body_bytes = max_body_bytes
         self.state = state  # the dialect app's state, where the runtime (and its metrics) will be
@@ -87,6 +94,26 @@ class Edge:
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
+        request_headers = Headers(scope=scope)
+        host, origin = request_headers.get("host"), request_headers.get("origin")
+        if not host_allowed(host, self.allowed_hosts):
+            scope[REFUSED] = True
+            body = errors.status_error(
+                421, "this server does not answer to that Host name: add it to SDXL_ALLOWED_HOSTS (or use its address)"
+            )
+            await _send_json(send, 421, body, [])
+            return
+        refusal = cross_site_refusal(scope["method"], origin, host, self.origins)
+        if refusal is not None:
+            scope[REFUSED] = True
+            await _send_json(send, 403, errors.status_error(403, refusal), [])
+            return
+        if scope["method"] == "OPTIONS" and request_headers.get("access-control-request-private-network") == "true":
+            if origin is not None and self.origins.allows(origin):
+                # Answered here: BentoML gives Starlette's CORS middleware no switch for it, so
+                # that middleware sees a plain preflight, and its answer gets the yes.
+                scope["headers"] = [(k, v) for k, v in scope["headers"] if k != PRIVATE_NETWORK_ASKED]
+                send = _with_header(send, (b"access-control-allow-private-network", b"true"))
         if self.keys and not self._open(scope, path):
             scope[REFUSED] = True
             body = errors.status_error(401, "missing or invalid API key: send Authorization: Bearer <key> or X-API-Key")
@@ -117,10 +144,10 @@ class Edge:
 
     def _cors(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         origin = Headers(scope=scope).get("origin")
-        if origin is None or not ("*" in self.cors_origins or origin in self.cors_origins):
+        if origin is None or not self.origins.allows(origin):
             return []
         return [
-            (b"access-control-allow-origin", b"*" if "*" in self.cors_origins else origin.encode()),
+            (b"access-control-allow-origin", b"*" if self.origins.any else origin.encode()),
             (b"vary", b"Origin"),
         ]
 
@@ -267,6 +294,15 @@ def _rewriting(send: Send, rewrite: Callable[[int, Any], tuple[int, Any]], only_
         await send(message)
 
     return rewriting_send
+
+
+def _with_header(send: Send, header: tuple[bytes, bytes]) -> Send:
+    async def sending_with_header(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message["headers"], header]}
+        await send(message)
+
+    return sending_with_header
 
 
 async def _send_json(send: Send, status: int, body: dict, extra_headers: list[tuple[bytes, bytes]]) -> None:

@@ -108,10 +108,12 @@ def status_error(status: int, message: str) -> dict[str, Any]:
     """An error that has no backend class (unknown route, bad method, body too large...)."""
     type_ = {
         401: "authentication_error",
+        403: "permission_error",
         404: "not_found",
         405: "method_not_allowed",
         413: "payload_too_large",
         415: "unsupported_media_type",
+        421: "misdirected_request",
         429: "rate_limited",
         503: "unavailable",
         504: "timeout",

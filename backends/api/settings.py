@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from backends.api.guards import LOCAL_ORIGINS
 from backends.sdxl_backend.fast_paths import Attention, FastPaths, Quantization
 from backends.sdxl_backend.jobs.turns import QueueOrder
 from backends.sdxl_backend.limits import Limits
@@ -74,7 +75,8 @@ class Settings(BaseSettings):
     # HTTP
     api_keys: Annotated[list[str], NoDecode, BeforeValidator(_keys)] = Field([], repr=False)
     priority_keys: Annotated[list[str], NoDecode, BeforeValidator(_keys)] = Field([], repr=False)  # may send 'high'
-    cors_origins: Names = ["*"]
+    cors_origins: Names = LOCAL_ORIGINS  # which web pages may call (guards.py); "*": every page
+    allowed_hosts: Names = []  # Host names served besides localhost and IP literals; "*": every name
     open_metrics: bool = False  # /metrics without a key (a Prometheus scraper on the pod network)
     max_body_bytes: int = Field(32 * 2**20, ge=1024)  # larger bodies get 413 before any parsing
     timeout_seconds: int = Field(600, ge=1)
@@ -136,6 +138,14 @@ class Settings(BaseSettings):
     def _device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not re.fullmatch(r"https?://[^/*\s]+?(:(\d+|\*))?", origin):
+                raise ValueError(f"'{origin}' is not an origin: scheme://host[:port], the port may be *, or *")
         return value
 
     @field_validator("devices")
