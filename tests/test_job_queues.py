@@ -391,3 +391,19 @@ def test_a_lost_device_fails_its_job_and_the_other_serves_on(make_queue, engine,
     assert not queue.workers[1].alive and queue.alive
     served = final(queue, queue.submit(prepared(engine)))
     assert served.status == JobStatus.SUCCEEDED and served.device == "cpu#0" and queue.alive
+
+
+def test_a_jobs_webhook_travels_with_it_and_its_deliveries_are_kept(make_queue, engine):
+    told = []
+    queue = make_queue(on_change=told.append)
+    spec = {"url": "http://127.0.0.1:9/hook", "events": ["started", "completed"], "images": "url", "base_url": "x"}
+    job = queue.submit(prepared(engine), "alice", None, spec)
+    queue.start()
+    final(queue, job)
+    assert told and all(seen.webhook == spec for seen in told)  # where it runs too (the shared store: decoded there)
+    queue.record_webhook(job.id, "completed", {"status": "delivered", "attempts": 1})
+    kept = queue.get(job.id)
+    assert kept.webhook == spec and kept.webhooks == {"completed": {"status": "delivered", "attempts": 1}}
+    queue.record_webhook("0" * 32, "completed", {"status": "failed"})  # a job no longer held: nothing is made
+    with pytest.raises(UnknownJob):
+        queue.get("0" * 32)

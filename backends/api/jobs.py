@@ -12,11 +12,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.api import errors, native
+from backends.api import errors
+from backends.api.job_answer import JobAnswer, job_body
 from backends.api.runtime import Runtime, runtime_of
+from backends.api.webhooks import WebhookSpec
 from backends.sdxl_backend.errors import BackendError, InvalidRequest, QueueFull
 from backends.sdxl_backend.jobs import Job, JobStatus
-from backends.sdxl_backend.protocol import GenerationRequest, Priority
+from backends.sdxl_backend.protocol import GenerationRequest
 
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
@@ -36,70 +38,15 @@ class JobRequest(GenerationRequest):
     # Send a small preview of the image being formed every K steps (SSE `preview` events and
     # GET /v1/jobs/{id}/preview); decoded from the latents by a linear map, not the VAE.
     preview_every: int | None = Field(None, ge=1, description="A latent preview every K steps.")
+    webhook: WebhookSpec | None = Field(None, description="Call a URL when the job starts or ends (signed).")
 
     def generation_request(self) -> GenerationRequest:
         return GenerationRequest(**{name: getattr(self, name) for name in GenerationRequest.model_fields})
 
 
-class JobLinks(BaseModel):
-    self: str
-    events: str
-    preview: str
-
-
-class JobAnswer(BaseModel):
-    id: str
-    status: JobStatus
-    queue_position: int = Field(
-        description="1 for the next job to run; 0 when not waiting. API keys take turns, so it can move."
-    )
-    priority: Priority
-    device: str | None = Field(None, description="The device that runs (or ran) it, once taken ('cuda:1').")
-    step: int
-    total_steps: int
-    percent: float
-    created: float
-    elapsed_s: float | None
-    eta_s: float | None
-    links: JobLinks
-    cancel_requested_at: float | None = None
-    cancel_to_free_s: float | None = Field(None, description="From the cancel request to the device being free.")
-    result: native.GenerationAnswer | None = Field(None, description="When succeeded (null once delivered elsewhere).")
-    error: errors.ErrorDetail | None = Field(None, description="When failed or cancelled.")
-
-
 class JobList(BaseModel):
     jobs: list[JobAnswer]
     next_before: float | None = Field(None, description="Pass as `before` for the next page; null on the last.")
-
-
-def job_body(job: Job, position: int, base_url: str) -> dict[str, Any]:
-    cancelled_and_free = job.cancel_requested_at is not None and job.finished is not None
-    return JobAnswer(
-        id=job.id,
-        status=job.status,
-        queue_position=position,
-        priority=job.priority,
-        device=job.device,
-        step=job.step,
-        total_steps=job.total_steps,
-        percent=job.percent,
-        created=job.created,
-        elapsed_s=job.elapsed_s,
-        eta_s=job.eta_s,
-        links=JobLinks(
-            self=f"{base_url}/v1/jobs/{job.id}",
-            events=f"{base_url}/v1/jobs/{job.id}/events",
-            preview=f"{base_url}/v1/jobs/{job.id}/preview",
-        ),
-        cancel_requested_at=job.cancel_requested_at,
-        # How long the device took to be free once the cancellation was asked for.
-        cancel_to_free_s=round(max(0.0, job.finished - job.cancel_requested_at), 3) if cancelled_and_free else None,
-        result=native.result_answer(job.result, int(job.finished))
-        if job.result and job.status == JobStatus.SUCCEEDED
-        else None,
-        error=errors.backend_error(job.error)[1]["error"] if job.error and job.status != JobStatus.SUCCEEDED else None,
-    ).model_dump(mode="json")
 
 
 async def answer(runtime: Runtime, job: Job, base_url: str) -> dict[str, Any]:
@@ -154,7 +101,7 @@ NOT_FOUND = errors.responses(401, 404, 410)
 )
 async def submit(body: JobRequest, request: Request, runtime: RuntimeDep) -> JSONResponse:
     """The native body (an `image` makes it img2img), checked, queued and answered at once."""
-    job = await runtime.submit(body.generation_request(), request, body.preview_every)
+    job = await runtime.submit(body.generation_request(), request, body.preview_every, body.webhook)
     shown = await answer(runtime, job, runtime.base_url(request))
     return JSONResponse(shown, status_code=202, headers={"Location": shown["links"]["self"]})
 

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bentoml
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, Response
 
 from backends.api import errors
-from backends.api.runtime import Runtime
 from backends.sdxl_backend.errors import BackendError, InvalidRequest
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, PromptReading, Timings
+
+if TYPE_CHECKING:
+    from backends.api.runtime import Runtime
 
 # What the native routes answer besides 200, as the OpenAPI document declares them.
 ERROR_STATUSES = (400, 401, 403, 404, 413, 415, 422, 429, 503, 504, 507)

@@ -27,12 +27,14 @@ from starlette.requests import Request
 
 from backends.api import headers
 from backends.api.hangups import cancelled_on_hangup
+from backends.api.job_answer import job_body
 from backends.api.kept_images import KeptImages, SharedKeptImages
 from backends.api.metrics import Metrics
 from backends.api.settings import Settings
+from backends.api.webhooks import Destinations, WebhookSender, WebhookSpec, with_image_links
 from backends.sdxl_backend.device_thread import TORCH_WORK
 from backends.sdxl_backend.errors import NotPermitted, TimedOut
-from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue, MemoryJobQueue
+from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue, JobStatus, MemoryJobQueue
 from backends.sdxl_backend.jobs.contract import refuse_unless_alive
 from backends.sdxl_backend.jobs.redis_queue import SharedJobQueue
 from backends.sdxl_backend.jobs.turns import QueueBounds
@@ -122,6 +124,18 @@ class Runtime:
             client = self._redis(settings.redis_url)
             self.kept_images = SharedKeptImages(client, settings.image_url_ttl_seconds, settings.image_url_max_bytes)
             self.jobs = SharedJobQueue(self.devices.devices, client, bounds, self._job_changed)
+        self.webhook_destinations = Destinations(settings.webhook_allowed_hosts)
+        self.webhooks = (
+            WebhookSender(
+                settings.webhook_secret,
+                self.webhook_destinations,
+                settings.webhook_attempts,
+                settings.webhook_retry_seconds,
+                self.jobs.record_webhook,
+            )
+            if settings.webhook_allowed_hosts
+            else None
+        )
         self.event_streams = 0  # SSE streams open now (changed on the event loop only)
         self.started = int(time.time())
 
@@ -148,6 +162,8 @@ class Runtime:
         and runs it once (so that no request pays for either). A warm-up runs before its thread
         takes any job: on this replica, not on whichever one a shared queue would give it to."""
         warmed = self.devices.warm_up() if warm_up else []
+        if self.webhooks is not None:
+            self.webhooks.start()
         self.jobs.start()
         for future in warmed:
             future.result()
@@ -164,20 +180,32 @@ class Runtime:
         """A clean stop (not a crash): the jobs end here (the device thread frees the models on
         its way out), and so does the default journal."""
         self.jobs.close()
+        if self.webhooks is not None:
+            self.webhooks.close()
         self.kept_images.close()
         if self.jobs_dir is not None and self.settings.jobs_dir is None:
             shutil.rmtree(self.jobs_dir, ignore_errors=True)
 
-    async def submit(self, request: GenerationRequest, http: Request, preview_every: int | None = None) -> Job:
-        """A job whose client comes back for it: prepared and queued in one trip off the event
-        loop (an input image may be large, Redis slow)."""
+    async def submit(
+        self,
+        request: GenerationRequest,
+        http: Request,
+        preview_every: int | None = None,
+        webhook: WebhookSpec | None = None,
+    ) -> Job:
+        """A job whose client comes back for it: prepared (its webhook's destination checked)
+        and queued in one trip off the event loop (an input image may be large, a name slow to
+        resolve, Redis slow)."""
         owner = self.owner(http)
         self._check_priority(request, http)
+        spec = {**webhook.model_dump(), "base_url": self.base_url(http)} if webhook else None
 
         def prepare_and_submit() -> Job:
+            if webhook is not None:
+                self.webhook_destinations.check(webhook.url)
             prepared = self._prepare(request)
             refuse_unless_alive(self.jobs)
-            return self.jobs.submit(prepared, owner, preview_every)
+            return self.jobs.submit(prepared, owner, preview_every, spec)
 
         return await anyio.to_thread.run_sync(prepare_and_submit)
 
@@ -312,6 +340,19 @@ class Runtime:
     def _job_changed(self, job: Job) -> None:
         if job.status.final:
             self.metrics.observe_finished(job)
+        event = "started" if job.status == JobStatus.RUNNING else "completed" if job.status.final else None
+        if self.webhooks is not None and job.webhook and event in job.webhook["events"]:
+            self.webhooks.send(job.id, event, job.webhook["url"], lambda: self._webhook_body(job, job.webhook))
+
+    def _webhook_body(self, job: Job, spec: dict[str, Any]) -> dict[str, Any]:
+        """The job's answer, its images as links to kept images unless base64 was asked for."""
+        body = job_body(job, 0, spec["base_url"])
+        if spec["images"] == "url":
+            body = with_image_links(
+                body,
+                lambda data, media, ext: f"{spec['base_url']}/v1/images/files/{self.kept_images.put(data, media, ext)}",
+            )
+        return body
 
     def device_thread_status(self) -> dict[str, Any]:
         """The device threads' torch thread counts, and which threads did each kind of torch work

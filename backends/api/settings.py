@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     job_max_bytes: int = Field(512 * 2**20, ge=0)  # ... holding at most this many bytes
     warmup: bool = True
     max_event_streams: int = Field(256, ge=1)  # open /v1/jobs/{id}/events streams; more get 429
+    # Webhooks (webhooks.py): where they may go (names, CIDRs; empty: off), their signing secret
+    webhook_allowed_hosts: Names = []
+    webhook_secret: str | None = Field(None, repr=False, validate_default=True)
+    webhook_attempts: int = Field(5, ge=1)
+    webhook_retry_seconds: float = Field(2.0, gt=0)
     # Where job records are kept so that a restarted worker still answers for its ids; default:
     # a folder in the temporary directory of this `bentoml serve` (removed when it stops).
     jobs_dir: Path | None = None
@@ -146,6 +151,22 @@ class Settings(BaseSettings):
         for origin in value:
             if origin != "*" and not re.fullmatch(r"https?://[^/*\s]+?(:(\d+|\*))?", origin):
                 raise ValueError(f"'{origin}' is not an origin: scheme://host[:port], the port may be *, or *")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("webhook_allowed_hosts"):
+            raise ValueError("must be set with SDXL_WEBHOOK_ALLOWED_HOSTS: webhooks are signed")
+        if value is not None:
+            from standardwebhooks import Webhook
+
+            try:
+                Webhook(value)
+            except Exception:
+                raise ValueError(
+                    "must be whsec_ followed by base64 (e.g. whsec_ and 32 random bytes in base64)"
+                ) from None
         return value
 
     @field_validator("devices")
@@ -200,6 +221,7 @@ SECRET_SETTINGS = (
     "api_keys",
     "priority_keys",
     "redis_url",
+    "webhook_secret",
 )  # never shown back, even when wrong: they may hold passwords
 
 

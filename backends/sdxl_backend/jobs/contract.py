@@ -22,7 +22,13 @@ class JobQueue(Protocol):
     def start(self) -> None:
         """Start the device worker: jobs submitted before wait for it."""
 
-    def submit(self, prepared: PreparedRequest, owner: str | None = None, preview_every: int | None = None) -> Job:
+    def submit(
+        self,
+        prepared: PreparedRequest,
+        owner: str | None = None,
+        preview_every: int | None = None,
+        webhook: dict | None = None,
+    ) -> Job:
         """Queue a job whose client will come back for it; `QueueFull` when the queue is, or
         when its owner has as many jobs waiting as one owner may."""
 
@@ -63,6 +69,9 @@ class JobQueue(Protocol):
 
     def forget_result(self, job: Job) -> None:
         """Drop a delivered result's images: only the record stays."""
+
+    def record_webhook(self, job_id: str, event: str, outcome: dict) -> None:
+        """Keep on the job (if it is still held) how its webhook's `event` was delivered."""
 
     @property
     def queue_length(self) -> int:

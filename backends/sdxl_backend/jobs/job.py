@@ -47,6 +47,9 @@ def latent_preview(latents: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+WEBHOOK_EVENTS = ("started", "completed")  # what a job's webhook may be told of
+
+
 class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -87,6 +90,8 @@ class Job:
     # after the worker restarts, so the memory queue does not journal it.
     waited_on: bool = False
     device: str | None = None  # the device that runs (or ran) it, once taken
+    webhook: dict | None = None  # where to tell of its start or end (backends/api/webhooks.py), as submitted
+    webhooks: dict[str, dict] = field(default_factory=dict)  # each event's delivery, once tried
 
     def __post_init__(self) -> None:
         # Kept after the input is dropped; None for a job recovered from the journal.

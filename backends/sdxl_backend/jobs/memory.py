@@ -86,6 +86,7 @@ class MemoryJobQueue:
         prepared: PreparedRequest,
         owner: str | None = None,
         preview_every: int | None = None,
+        webhook: dict | None = None,
         waited_on: bool = False,
     ) -> Job:
         with self._lock:
@@ -95,7 +96,7 @@ class MemoryJobQueue:
                 sum(1 for job in self._queue if job.owner == owner),
                 self.retry_after_s(),
             )
-            job = Job(secrets.token_hex(16), prepared, preview_every, owner, waited_on=waited_on)
+            job = Job(secrets.token_hex(16), prepared, preview_every, owner, waited_on=waited_on, webhook=webhook)
             self._jobs[job.id] = job
             self._queue.append(job)
             self._journal(job)
@@ -104,7 +105,9 @@ class MemoryJobQueue:
         return job
 
     async def run(self, prepared: PreparedRequest, owner: str | None, timeout_s: float) -> GenerationResult:
-        return await result_of(self, lambda: _inline(self.submit, prepared, owner, None, True), timeout_s, _inline)
+        return await result_of(
+            self, lambda: _inline(self.submit, prepared, owner, None, None, True), timeout_s, _inline
+        )
 
     def get(self, job_id: str, owner: str | None = None) -> Job:
         with self._lock:
@@ -190,6 +193,13 @@ class MemoryJobQueue:
                 self._finished_bytes -= job.held_bytes
                 job.result, job.preview = None, None
                 self._finished_bytes += job.held_bytes
+
+    def record_webhook(self, job_id: str, event: str, outcome: dict) -> None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                job.webhooks[event] = outcome
+                self._changed(job)
 
     def close(self) -> None:
         """Cancel what waits, let the running jobs stop at their next step, end the device thread."""

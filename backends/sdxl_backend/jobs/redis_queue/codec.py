@@ -13,7 +13,7 @@ from PIL import Image
 from ... import errors
 from ...errors import BackendError
 from ...protocol import GeneratedImage, GenerationRequest, GenerationResult
-from ..job import Job, JobStatus
+from ..job import WEBHOOK_EVENTS, Job, JobStatus
 
 if TYPE_CHECKING:
     from ...engine import Engine, PreparedRequest
@@ -35,6 +35,8 @@ SNAPSHOT_FIELDS = [
     "cancel_requested_at",
     "stop_requested_at",
     "device",
+    "webhook",
+    *(f"webhook:{event}" for event in WEBHOOK_EVENTS),
     "error_type",
     "error_message",
     "error_param",
@@ -81,6 +83,7 @@ def submitted(job: Job, prepared: PreparedRequest, batch_key: object) -> Fields:
         "status": "queued",
         "owner": job.owner or "",
         "priority": job.priority,
+        "webhook": json.dumps(job.webhook) if job.webhook else "",
         "created": job.created,
         "step": 0,
         "total_steps": job.total_steps,
@@ -139,6 +142,7 @@ def taken(job_id: str, fields: dict[bytes, bytes], engine: Engine) -> Job:
         owner,
         status=JobStatus.RUNNING,
         created=created,
+        webhook=json.loads(fields[b"webhook"]) if fields.get(b"webhook") else None,
     )
 
 
@@ -189,6 +193,10 @@ def snapshot(job_id: str, record: dict[str, bytes | None], images: list[bytes]) 
         version=int(record["version"] or 0),
         first_step_at=number(record["first_step_at"]),
         device=text("device") or None,
+        webhook=json.loads(record["webhook"]) if record["webhook"] else None,
+        webhooks={
+            event: json.loads(record[f"webhook:{event}"]) for event in WEBHOOK_EVENTS if record[f"webhook:{event}"]
+        },
     )
     job.request = request_from_json(record["request"]) if record["request"] else None
     if record["result"] and images:

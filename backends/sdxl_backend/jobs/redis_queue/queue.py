@@ -6,6 +6,7 @@ of replicas that stopped beating."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -79,8 +80,14 @@ class SharedJobQueue:
         for worker in self.workers:
             worker.start()
 
-    def submit(self, prepared: PreparedRequest, owner: str | None = None, preview_every: int | None = None) -> Job:
-        job = Job(secrets.token_hex(16), prepared, preview_every, owner)
+    def submit(
+        self,
+        prepared: PreparedRequest,
+        owner: str | None = None,
+        preview_every: int | None = None,
+        webhook: dict | None = None,
+    ) -> Job:
+        job = Job(secrets.token_hex(16), prepared, preview_every, owner, webhook=webhook)
         fields = codec.submitted(job, prepared, self.engine.batch_key(prepared))
         bounds = [self.bounds.max_queue, self.bounds.max_queued_per_owner, owner or "", job.id]
         with redis_failures_as_unavailable():
@@ -182,6 +189,10 @@ class SharedJobQueue:
     def forget_result(self, job: Job) -> None:
         with redis_failures_as_unavailable():
             self._script("forget_result", job.id)
+
+    def record_webhook(self, job_id: str, event: str, outcome: dict) -> None:
+        with redis_failures_as_unavailable():
+            self._script("record_webhook", job_id, f"webhook:{event}", json.dumps(outcome))
 
     def close(self) -> None:
         """Stop taking jobs and hand the running ones back at their next step (another replica

@@ -27,6 +27,7 @@ SCRIPTS = {
     "cancel": [],
     "finish": [],
     "forget_result": [],
+    "record_webhook": [],
 }
 
 

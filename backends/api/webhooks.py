@@ -1,0 +1,195 @@
+"""Webhooks on jobs: `POST /v1/jobs` with `webhook: {url, events}` has the server call `url`
+when the job starts and when it ends, so an automation need not poll.
+
+- Signed the Standard Webhooks way (the `standardwebhooks` package): `webhook-id` (one per
+  event: a receiver drops a repeat), `webhook-timestamp`, `webhook-signature` (HMAC-SHA256 with
+  `SDXL_WEBHOOK_SECRET`). The body is the job's answer (`GET /v1/jobs/{id}`) and its `event`;
+  the images as links to kept images (`/v1/images/files/...`), or base64 when asked.
+- Delivered at least once: a 2xx ends it; anything else (or no answer within 10 s) is tried
+  again after 1, 2, 4... x `SDXL_WEBHOOK_RETRY_SECONDS`, `SDXL_WEBHOOK_ATTEMPTS` times in all;
+  then the job records the failure (`webhooks` in its answer). A sender thread delivers, so the
+  device never waits on a receiver. With a shared queue the replica that runs the job delivers.
+- Where a webhook may go (SSRF): only to the hosts of `SDXL_WEBHOOK_ALLOWED_HOSTS` (exact names,
+  or addresses in listed CIDRs; empty: webhooks are refused, 400 naming the setting); a name
+  that resolves to a private, loopback or link-local address is refused unless that address is
+  in a listed CIDR. Checked at submit (a refused URL is a 400, no connection made) and again at
+  each delivery, after DNS; a plain-http delivery connects to the address it checked (no second
+  lookup to rebind); redirects are not followed.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import logging
+import queue
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from pydantic import BaseModel, Field
+
+from backends.sdxl_backend.errors import InvalidRequest
+
+logger = logging.getLogger("sdxl_backend")
+WebhookEvent = Literal["started", "completed"]  # (jobs/job.py's WEBHOOK_EVENTS)
+TIMEOUT_S = 10.0
+Resolver = Callable[[str, int], list[str]]
+
+
+class WebhookSpec(BaseModel):
+    url: str = Field(description="Where to POST each event (http or https, a host SDXL_WEBHOOK_ALLOWED_HOSTS lists).")
+    events: list[WebhookEvent] = Field(["completed"], min_length=1, description="'started' and/or 'completed'.")
+    images: Literal["url", "b64_json"] = Field("url", description="The result's images as links, or base64.")
+
+
+def resolve(host: str, port: int) -> list[str]:
+    return sorted({info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)})
+
+
+class Destinations:
+    """`SDXL_WEBHOOK_ALLOWED_HOSTS`: where webhooks may go."""
+
+    def __init__(self, allowed: list[str], resolver: Resolver = resolve):
+        self.names = {entry.lower() for entry in allowed if not _is_network(entry)}
+        self.networks = [ipaddress.ip_network(entry, strict=False) for entry in allowed if _is_network(entry)]
+        self.resolver = resolver
+
+    def check(self, url: str) -> str:
+        """The address to connect to; `InvalidRequest` naming `webhook.url` when the URL may not be called."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidRequest(f"webhook.url: '{url}' is not an http(s) URL", "webhook.url")
+        if not self.names and not self.networks:
+            raise InvalidRequest(
+                "webhook: webhooks are off on this server (SDXL_WEBHOOK_ALLOWED_HOSTS lists where they may go)",
+                "webhook",
+            )
+        host = parts.hostname.lower()
+        try:
+            addresses = [ipaddress.ip_address(host)]
+        except ValueError:
+            if host not in self.names:
+                raise InvalidRequest(
+                    f"webhook.url: {host} is not in SDXL_WEBHOOK_ALLOWED_HOSTS", "webhook.url"
+                ) from None
+            try:
+                addresses = [ipaddress.ip_address(a) for a in self.resolver(host, parts.port or 443)]
+            except OSError as exc:
+                raise InvalidRequest(f"webhook.url: {host} does not resolve ({exc})", "webhook.url") from None
+        for address in addresses:
+            listed = any(address in network for network in self.networks)
+            if not listed and (host not in self.names or not address.is_global):
+                raise InvalidRequest(
+                    f"webhook.url: {host} is at {address}, which SDXL_WEBHOOK_ALLOWED_HOSTS does not allow",
+                    "webhook.url",
+                )
+        return str(addresses[0])
+
+
+def _is_network(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+        return True
+    except ValueError:
+        return False
+
+
+class WebhookSender:
+    """The thread that delivers webhook events, with retries; `record(job_id, event, outcome)`
+    keeps each event's outcome on its job."""
+
+    def __init__(
+        self,
+        secret: str | None,
+        destinations: Destinations,
+        attempts: int,
+        retry_s: float,
+        record: Callable[[str, str, dict[str, Any]], None],
+    ):
+        from standardwebhooks import Webhook
+
+        self.signer = Webhook(secret) if secret else None
+        self.destinations = destinations
+        self.attempts = attempts
+        self.retry_s = retry_s
+        self.record = record
+        self._events: queue.Queue[tuple[str, str, str, Callable[[], dict[str, Any]]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._deliver_all, name="sdxl-webhooks", daemon=True)
+        self._client = httpx.Client(timeout=TIMEOUT_S, follow_redirects=False)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def send(self, job_id: str, event: str, url: str, body: Callable[[], dict[str, Any]]) -> None:
+        """Queues one event for delivery (from any thread; never waits on the receiver). `body`
+        is made on the sender's thread (it may keep images: the device does not wait for that)."""
+        self._events.put((job_id, event, url, body))
+
+    def close(self) -> None:
+        self._events.put(None)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=TIMEOUT_S)
+        self._client.close()
+
+    def _deliver_all(self) -> None:
+        while (item := self._events.get()) is not None:
+            job_id, event, url, body = item
+            try:
+                outcome = self._deliver(url, json.dumps({"event": event, **body()}))
+            except Exception as exc:  # a bug here must not end the thread
+                logger.exception("a webhook delivery failed unexpectedly")
+                outcome = {"status": "failed", "attempts": 0, "error": type(exc).__name__}
+            try:
+                self.record(job_id, event, outcome)
+            except Exception:  # (the job's store may be away: the receiver got it or not regardless)
+                logger.warning("a webhook's outcome could not be kept on its job")
+
+    def _deliver(self, url: str, payload: str) -> dict[str, Any]:
+        message_id = f"msg_{secrets.token_hex(12)}"  # the same for every retry of this event
+        error = ""
+        for attempt in range(1, self.attempts + 1):
+            if attempt > 1:
+                time.sleep(self.retry_s * 2 ** (attempt - 2))
+            try:
+                answer = self._post(url, message_id, payload)
+                if 200 <= answer.status_code < 300:
+                    return {"status": "delivered", "attempts": attempt}
+                error = f"answered {answer.status_code}"
+            except InvalidRequest as exc:  # the destination is no longer allowed: no retry
+                return {"status": "failed", "attempts": attempt, "error": exc.message}
+            except httpx.HTTPError as exc:
+                error = type(exc).__name__
+        logger.warning("a webhook was not delivered after %d attempts (%s)", self.attempts, error)
+        return {"status": "failed", "attempts": self.attempts, "error": error}
+
+    def _post(self, url: str, message_id: str, payload: str) -> httpx.Response:
+        address = self.destinations.check(url)
+        parts = urlsplit(url)
+        headers = {"content-type": "application/json", "webhook-id": message_id}
+        now = datetime.now(tz=UTC)
+        headers["webhook-timestamp"] = str(int(now.timestamp()))
+        if self.signer is not None:
+            headers["webhook-signature"] = self.signer.sign(message_id, now, payload)
+        if parts.scheme == "http":  # to the address just checked: no second lookup to rebind
+            host = f"[{address}]" if ":" in address else address
+            headers["host"] = parts.netloc
+            url = urlunsplit(parts._replace(netloc=f"{host}:{parts.port or 80}"))
+        return self._client.post(url, content=payload.encode(), headers=headers)
+
+
+def with_image_links(body: dict[str, Any], keep: Callable[[bytes, str, str], str]) -> dict[str, Any]:
+    """The job's answer with its result's images as links (`keep` stores one and returns its URL)."""
+    result = body.get("result")
+    if result:
+        for image in result["images"]:
+            data = base64.b64decode(image.pop("b64_json"))
+            image["url"] = keep(data, image["media_type"], image["media_type"].split("/")[1])
+    return body

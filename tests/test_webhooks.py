@@ -1,0 +1,158 @@
+"""Webhooks on jobs (backends/api/webhooks.py), served: a receiver on 127.0.0.1 (allowed by the
+setting) gets signed events, verified with the `standardwebhooks` package; failures are retried,
+then recorded on the job; a host outside the allow-list is refused at submit with no connection
+made (127.0.0.2 is the outsider: tests touch loopback addresses only). Where a name resolves is
+a unit test of the address check, with a resolver standing in for DNS."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from backends.api.webhooks import Destinations
+from backends.sdxl_backend.errors import InvalidRequest
+from tests.test_jobs import submit, wait
+
+SECRET = "whsec_" + base64.b64encode(b"a test secret of thirty-two bytes").decode()
+SHORT = {"prompt": "a quick one", "width": 64, "height": 64, "steps": 2, "seed": 3}
+
+
+class Receiver:
+    """An HTTP receiver on 127.0.0.1: records every request; `/fail-N` answers 500 N times first,
+    `/down` always."""
+
+    def __init__(self):
+        self.received: list[tuple[str, dict[str, str], bytes]] = []
+        self.failures: dict[str, int] = {}
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.received.append((self.path, dict(self.headers), body))
+                failed = receiver.failures.get(self.path, 0)
+                wanted = 10**6 if self.path == "/down" else int(self.path.split("-")[1]) if "fail-" in self.path else 0
+                receiver.failures[self.path] = failed + 1
+                self.send_response(500 if failed < wanted else 204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def events(self, path: str) -> list[dict]:
+        return [json.loads(body) for got, _, body in self.received if got == path]
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    receiver = Receiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hooked(serve):
+    return serve(
+        "webhooks",
+        {
+            "SDXL_MODELS": "tiny-sdxl",
+            "SDXL_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1/32",
+            "SDXL_WEBHOOK_SECRET": SECRET,
+            "SDXL_WEBHOOK_ATTEMPTS": "3",
+            "SDXL_WEBHOOK_RETRY_SECONDS": "0.2",
+        },
+    )
+
+
+def delivered(server, job_id: str, events: set[str]) -> dict:
+    """The job once each of `events` has a delivery outcome on it."""
+    return wait(server, job_id, until=lambda job: set(job.get("webhooks") or {}) >= events)[0]
+
+
+def test_signed_events_when_the_job_starts_and_ends(hooked, receiver):
+    hook = {"url": f"{receiver.url}/hook", "events": ["started", "completed"]}
+    job = submit(hooked, {**SHORT, "webhook": hook})
+    done = delivered(hooked, job["id"], {"started", "completed"})
+    assert done["webhooks"]["started"] == {"status": "delivered", "attempts": 1}
+    assert done["webhooks"]["completed"] == {"status": "delivered", "attempts": 1}
+    requests = [(headers, body) for path, headers, body in receiver.received if path == "/hook"]
+    verified = [Webhook(SECRET).verify(body, headers) for headers, body in requests]
+    assert [event["event"] for event in verified] == ["started", "completed"]
+    assert all(event["id"] == job["id"] for event in verified)
+    assert verified[0]["status"] == "running" and verified[1]["status"] == "succeeded"
+    (image,) = verified[1]["result"]["images"]
+    assert "b64_json" not in image
+    assert httpx.get(image["url"], timeout=300).headers["content-type"] == "image/png"  # a link, fetchable
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_" + base64.b64encode(b"another secret").decode()).verify(requests[0][1], requests[0][0])
+
+
+def test_a_failing_receiver_is_tried_again_then_the_job_says_it_failed(hooked, receiver):
+    flaky = submit(hooked, {**SHORT, "webhook": {"url": f"{receiver.url}/fail-2"}})
+    assert delivered(hooked, flaky["id"], {"completed"})["webhooks"]["completed"] == {
+        "status": "delivered",
+        "attempts": 3,
+    }
+    ids = {headers["webhook-id"] for path, headers, _ in receiver.received if path == "/fail-2"}
+    assert len(ids) == 1  # one event, retried: the same id, so a receiver can drop repeats
+    down = submit(hooked, {**SHORT, "webhook": {"url": f"{receiver.url}/down"}})
+    outcome = delivered(hooked, down["id"], {"completed"})["webhooks"]["completed"]
+    assert outcome == {"status": "failed", "attempts": 3, "error": "answered 500"}
+    assert len(receiver.events("/down")) == 3
+
+
+def test_a_host_outside_the_list_is_refused_before_any_connection(hooked):
+    outsider = socket.socket()
+    outsider.bind(("127.0.0.2", 0))
+    outsider.listen()
+    outsider.settimeout(0.5)
+    try:
+        url = f"http://127.0.0.2:{outsider.getsockname()[1]}/hook"
+        answer = httpx.post(f"{hooked.url}/v1/jobs", json={**SHORT, "webhook": {"url": url}}, timeout=300)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "webhook.url"
+        assert "SDXL_WEBHOOK_ALLOWED_HOSTS" in answer.json()["error"]["message"]
+        time.sleep(0.5)
+        with pytest.raises(TimeoutError):
+            outsider.accept()  # nobody came
+    finally:
+        outsider.close()
+
+
+def test_without_allowed_hosts_webhooks_are_refused_by_name(server, receiver):
+    answer = httpx.post(
+        f"{server.url}/v1/jobs", json={**SHORT, "webhook": {"url": f"{receiver.url}/hook"}}, timeout=300
+    )
+    assert answer.status_code == 400 and "SDXL_WEBHOOK_ALLOWED_HOSTS" in answer.json()["error"]["message"]
+
+
+def test_where_a_name_resolves_decides_as_much_as_the_name():
+    """Mocked DNS (no resolver may be reached from the tests): a listed name that resolves to a
+    private, loopback or link-local address is refused unless that address's network is listed."""
+    answers = {"hooks.example": ["10.0.0.5"], "public.example": ["93.184.216.34"], "meta.example": ["169.254.169.254"]}
+    destinations = Destinations(["hooks.example", "public.example", "meta.example"], lambda host, port: answers[host])
+    assert destinations.check("https://public.example/hook") == "93.184.216.34"
+    for url in (
+        "https://hooks.example/hook",
+        "http://meta.example/latest",
+        "http://10.0.0.5/hook",
+        "ftp://public.example/",
+    ):
+        with pytest.raises(InvalidRequest):
+            destinations.check(url)
+    private_listed = Destinations(["hooks.example", "10.0.0.0/8"], lambda host, port: answers[host])
+    assert private_listed.check("https://hooks.example/hook") == "10.0.0.5"
+    with pytest.raises(InvalidRequest, match="SDXL_WEBHOOK_ALLOWED_HOSTS"):
+        Destinations([]).check("https://public.example/hook")
