@@ -15,8 +15,12 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 import redis
+from standardwebhooks import Webhook
+
+from tests.test_webhooks import Receiver
 
 URL_REQUEST = {"prompt": "a lighthouse", "size": "64x64", "response_format": "url", "seed": 3}
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"the fleet's webhook secret").decode()
 SMALL = {"prompt": "a quick one", "width": 64, "height": 64, "steps": 4, "seed": 5}
 # Long enough to be caught running and cancelled (about 20 s alone); nothing waits for its end.
 BLOCKER = {"prompt": "a slow one", "width": 1024, "height": 1024, "steps": 150, "seed": 1}
@@ -36,8 +40,14 @@ def fleet_env(redis_server, database: int, **more: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def replicas(serve, redis_server):
     env = fleet_env(
-        redis_server, 0, SDXL_IMAGE_URL_TTL_SECONDS="8", SDXL_MAX_QUEUE="3", SDXL_MODEL_ALIASES="sdxl-realism=tiny-sdxl"
-    )  # (the id the gallery sends)
+        redis_server,
+        0,
+        SDXL_IMAGE_URL_TTL_SECONDS="8",
+        SDXL_MAX_QUEUE="3",
+        SDXL_MODEL_ALIASES="sdxl-realism=tiny-sdxl",  # (the id the gallery sends)
+        SDXL_WEBHOOK_ALLOWED_HOSTS="127.0.0.1/32",
+        SDXL_WEBHOOK_SECRET=WEBHOOK_SECRET,
+    )
     return serve("replica-a", env), serve("replica-b", env)
 
 
@@ -99,6 +109,25 @@ def test_a_job_submitted_on_one_replica_is_followed_streamed_and_fetched_on_the_
     assert base64.b64decode(direct["images"][0]["b64_json"]) == base64.b64decode(
         done["result"]["images"][0]["b64_json"]
     )
+
+
+def test_a_webhook_is_delivered_once_per_event_by_the_replica_that_runs_the_job(replicas):
+    receiver = Receiver()
+    try:
+        first = submit(replicas[0], BLOCKER)
+        runner, other = runner_and_other(replicas, first["id"])
+        hooked = submit(
+            runner, {**SMALL, "webhook": {"url": f"{receiver.url}/hook", "events": ["started", "completed"]}}
+        )
+        done = wait(other, hooked["id"], lambda state: set(state.get("webhooks") or {}) == {"started", "completed"})
+        assert on_device(runner) == 1  # (still busy with the first: the other replica ran the hooked job)
+        events = [Webhook(WEBHOOK_SECRET).verify(body, headers) for _, headers, body in receiver.received]
+        assert [event["event"] for event in events] == ["started", "completed"]  # once each, from the runner
+        assert done["webhooks"]["completed"]["status"] == "delivered" and events[1]["status"] == "succeeded"
+        assert httpx.get(events[1]["result"]["images"][0]["url"], timeout=300).status_code == 200
+    finally:
+        receiver.server.shutdown()
+        cancel(replicas[0], first["id"])
 
 
 def test_img2img_travels_with_its_input_image(replicas):
