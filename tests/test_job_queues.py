@@ -66,6 +66,11 @@ def prepared(engine, **fields):
     return engine.prepare(GenerationRequest(**{**QUICK, **fields}))
 
 
+def starts_of(told):
+    """The jobs in the order they started (the observer also hears of each step, as running)."""
+    return list(dict.fromkeys(job_id for job_id, status in told if status == JobStatus.RUNNING))
+
+
 def final(queue, job):
     """The job once final (the memory store's jobs are live objects, the shared store's snapshots)."""
     return asyncio.run(queue.wait(job, 600))
@@ -241,8 +246,7 @@ def test_compatible_jobs_run_in_one_batch_in_arrival_order(make_queue, engine):
     queue.start()
     for job in (first, second, other, third):
         final(queue, job)
-    starts = [job_id for job_id, status in told if status == JobStatus.RUNNING]
-    assert starts == [first.id, second.id, third.id, other.id]
+    assert starts_of(told) == [first.id, second.id, third.id, other.id]
     first_end = next(index for index, (_, status) in enumerate(told) if status == JobStatus.SUCCEEDED)
     assert {job_id for job_id, status in told[:first_end] if status == JobStatus.RUNNING} == {
         first.id,
@@ -271,10 +275,6 @@ def test_close_stops_the_device_worker(make_queue, engine):
     queue.close()
     assert not queue.alive
     assert math.isfinite(queue.retry_after_s())
-
-
-def starts_of(told):
-    return [job_id for job_id, status in told if status == JobStatus.RUNNING]
 
 
 def test_owners_take_turns_so_one_flood_does_not_starve_another(make_queue, engine):

@@ -83,17 +83,18 @@ def delivered(server, job_id: str, events: set[str]) -> dict:
 
 
 def test_signed_events_when_the_job_starts_and_ends(hooked, receiver):
-    hook = {"url": f"{receiver.url}/hook", "events": ["started", "completed"]}
+    hook = {"url": f"{receiver.url}/hook", "events": ["started", "progress", "completed"]}
     job = submit(hooked, {**SHORT, "webhook": hook})
-    done = delivered(hooked, job["id"], {"started", "completed"})
+    done = delivered(hooked, job["id"], {"started", "progress", "completed"})
     assert done["webhooks"]["started"] == {"status": "delivered", "attempts": 1}
     assert done["webhooks"]["completed"] == {"status": "delivered", "attempts": 1}
     requests = [(headers, body) for path, headers, body in receiver.received if path == "/hook"]
     verified = [Webhook(SECRET).verify(body, headers) for headers, body in requests]
-    assert [event["event"] for event in verified] == ["started", "completed"]
+    told = [event["event"] for event in verified]
+    assert told[0] == "started" and told[-1] == "completed" and set(told[1:-1]) == {"progress"}  # in order
     assert all(event["id"] == job["id"] for event in verified)
-    assert verified[0]["status"] == "running" and verified[1]["status"] == "succeeded"
-    (image,) = verified[1]["result"]["images"]
+    assert verified[0]["status"] == "running" and verified[1]["step"] >= 1 and verified[-1]["status"] == "succeeded"
+    (image,) = verified[-1]["result"]["images"]
     assert "b64_json" not in image
     assert httpx.get(image["url"], timeout=300).headers["content-type"] == "image/png"  # a link, fetchable
     with pytest.raises(WebhookVerificationError):

@@ -27,14 +27,13 @@ from starlette.requests import Request
 
 from backends.api import headers
 from backends.api.hangups import cancelled_on_hangup
-from backends.api.job_answer import job_body
 from backends.api.kept_images import KeptImages, SharedKeptImages
 from backends.api.metrics import Metrics
 from backends.api.settings import Settings
-from backends.api.webhooks import Destinations, WebhookSender, WebhookSpec, with_image_links
+from backends.api.webhooks import Destinations, JobWebhooks, WebhookSender, WebhookSpec
 from backends.sdxl_backend.device_thread import TORCH_WORK
 from backends.sdxl_backend.errors import NotPermitted, TimedOut
-from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue, JobStatus, MemoryJobQueue
+from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue, MemoryJobQueue
 from backends.sdxl_backend.jobs.contract import refuse_unless_alive
 from backends.sdxl_backend.jobs.redis_queue import SharedJobQueue
 from backends.sdxl_backend.jobs.turns import QueueBounds
@@ -126,12 +125,15 @@ class Runtime:
             self.jobs = SharedJobQueue(self.devices.devices, client, bounds, self._job_changed)
         self.webhook_destinations = Destinations(settings.webhook_allowed_hosts)
         self.webhooks = (
-            WebhookSender(
-                settings.webhook_secret,
-                self.webhook_destinations,
-                settings.webhook_attempts,
-                settings.webhook_retry_seconds,
-                self.jobs.record_webhook,
+            JobWebhooks(
+                WebhookSender(
+                    settings.webhook_secret,
+                    self.webhook_destinations,
+                    settings.webhook_attempts,
+                    settings.webhook_retry_seconds,
+                    self.jobs.record_webhook,
+                ),
+                self.kept_images.put,
             )
             if settings.webhook_allowed_hosts
             else None
@@ -340,19 +342,8 @@ class Runtime:
     def _job_changed(self, job: Job) -> None:
         if job.status.final:
             self.metrics.observe_finished(job)
-        event = "started" if job.status == JobStatus.RUNNING else "completed" if job.status.final else None
-        if self.webhooks is not None and job.webhook and event in job.webhook["events"]:
-            self.webhooks.send(job.id, event, job.webhook["url"], lambda: self._webhook_body(job, job.webhook))
-
-    def _webhook_body(self, job: Job, spec: dict[str, Any]) -> dict[str, Any]:
-        """The job's answer, its images as links to kept images unless base64 was asked for."""
-        body = job_body(job, 0, spec["base_url"])
-        if spec["images"] == "url":
-            body = with_image_links(
-                body,
-                lambda data, media, ext: f"{spec['base_url']}/v1/images/files/{self.kept_images.put(data, media, ext)}",
-            )
-        return body
+        if self.webhooks is not None:
+            self.webhooks.changed(job)
 
     def device_thread_status(self) -> dict[str, Any]:
         """The device threads' torch thread counts, and which threads did each kind of torch work

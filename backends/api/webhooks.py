@@ -1,5 +1,6 @@
 """Webhooks on jobs: `POST /v1/jobs` with `webhook: {url, events}` has the server call `url`
-when the job starts and when it ends, so an automation need not poll.
+when the job starts, as it progresses (a step, at most once a second) and when it ends, so an
+automation need not poll.
 
 - Signed the Standard Webhooks way (the `standardwebhooks` package): `webhook-id` (one per
   event: a receiver drops a repeat), `webhook-timestamp`, `webhook-signature` (HMAC-SHA256 with
@@ -7,8 +8,11 @@ when the job starts and when it ends, so an automation need not poll.
   the images as links to kept images (`/v1/images/files/...`), or base64 when asked.
 - Delivered at least once: a 2xx ends it; anything else (or no answer within 10 s) is tried
   again after 1, 2, 4... x `SDXL_WEBHOOK_RETRY_SECONDS`, `SDXL_WEBHOOK_ATTEMPTS` times in all;
-  then the job records the failure (`webhooks` in its answer). A sender thread delivers, so the
-  device never waits on a receiver. With a shared queue the replica that runs the job delivers.
+  then the job records the failure (`webhooks` in its answer). A progress event is sent once
+  (the next one supersedes it). Sender threads deliver, so the device never waits on a
+  receiver; one job's events go through one of them, in order, and a slow receiver holds up
+  only the jobs that share its thread. With a shared queue the replica that runs the job
+  delivers.
 - Where a webhook may go (SSRF): only to the hosts of `SDXL_WEBHOOK_ALLOWED_HOSTS` (exact names,
   or addresses in listed CIDRs; empty: webhooks are refused, 400 naming the setting); a name
   that resolves to a private, loopback or link-local address is refused unless that address is
@@ -36,17 +40,23 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from pydantic import BaseModel, Field
 
+from backends.api.job_answer import job_body
 from backends.sdxl_backend.errors import InvalidRequest
+from backends.sdxl_backend.jobs import Job, JobStatus
 
 logger = logging.getLogger("sdxl_backend")
-WebhookEvent = Literal["started", "completed"]  # (jobs/job.py's WEBHOOK_EVENTS)
+WebhookEvent = Literal["started", "progress", "completed"]  # (jobs/job.py's WEBHOOK_EVENTS)
 TIMEOUT_S = 10.0
+SENDERS = 4  # threads delivering; a job's events all go through the same one
+PROGRESS_EVERY_S = 1.0  # a webhook hears of a job's steps at most this often
 Resolver = Callable[[str, int], list[str]]
 
 
 class WebhookSpec(BaseModel):
     url: str = Field(description="Where to POST each event (http or https, a host SDXL_WEBHOOK_ALLOWED_HOSTS lists).")
-    events: list[WebhookEvent] = Field(["completed"], min_length=1, description="'started' and/or 'completed'.")
+    events: list[WebhookEvent] = Field(
+        ["completed"], min_length=1, description="Any of 'started', 'progress' (at most once a second), 'completed'."
+    )
     images: Literal["url", "b64_json"] = Field("url", description="The result's images as links, or base64.")
 
 
@@ -121,29 +131,38 @@ class WebhookSender:
         self.attempts = attempts
         self.retry_s = retry_s
         self.record = record
-        self._events: queue.Queue[tuple[str, str, str, Callable[[], dict[str, Any]]] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._deliver_all, name="sdxl-webhooks", daemon=True)
+        self._queues: list[queue.Queue[tuple[str, str, str, Callable[[], dict[str, Any]]] | None]] = [
+            queue.Queue() for _ in range(SENDERS)
+        ]
+        self._threads = [
+            threading.Thread(target=self._deliver_all, args=(events,), name=f"sdxl-webhooks-{index}", daemon=True)
+            for index, events in enumerate(self._queues)
+        ]
         self._client = httpx.Client(timeout=TIMEOUT_S, follow_redirects=False)
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def send(self, job_id: str, event: str, url: str, body: Callable[[], dict[str, Any]]) -> None:
         """Queues one event for delivery (from any thread; never waits on the receiver). `body`
         is made on the sender's thread (it may keep images: the device does not wait for that)."""
-        self._events.put((job_id, event, url, body))
+        self._queues[int(job_id[:8], 16) % SENDERS].put((job_id, event, url, body))
 
     def close(self) -> None:
-        self._events.put(None)
-        if self._thread.ident is not None:
-            self._thread.join(timeout=TIMEOUT_S)
+        for events in self._queues:
+            events.put(None)
+        for thread in self._threads:
+            if thread.ident is not None:
+                thread.join(timeout=TIMEOUT_S)
         self._client.close()
 
-    def _deliver_all(self) -> None:
-        while (item := self._events.get()) is not None:
+    def _deliver_all(self, events: queue.Queue) -> None:
+        while (item := events.get()) is not None:
             job_id, event, url, body = item
             try:
-                outcome = self._deliver(url, json.dumps({"event": event, **body()}))
+                attempts = 1 if event == "progress" else self.attempts
+                outcome = self._deliver(url, json.dumps({"event": event, **body()}), attempts)
             except Exception as exc:  # a bug here must not end the thread
                 logger.exception("a webhook delivery failed unexpectedly")
                 outcome = {"status": "failed", "attempts": 0, "error": type(exc).__name__}
@@ -152,10 +171,10 @@ class WebhookSender:
             except Exception:  # (the job's store may be away: the receiver got it or not regardless)
                 logger.warning("a webhook's outcome could not be kept on its job")
 
-    def _deliver(self, url: str, payload: str) -> dict[str, Any]:
+    def _deliver(self, url: str, payload: str, attempts: int) -> dict[str, Any]:
         message_id = f"msg_{secrets.token_hex(12)}"  # the same for every retry of this event
         error = ""
-        for attempt in range(1, self.attempts + 1):
+        for attempt in range(1, attempts + 1):
             if attempt > 1:
                 time.sleep(self.retry_s * 2 ** (attempt - 2))
             try:
@@ -167,8 +186,8 @@ class WebhookSender:
                 return {"status": "failed", "attempts": attempt, "error": exc.message}
             except httpx.HTTPError as exc:
                 error = type(exc).__name__
-        logger.warning("a webhook was not delivered after %d attempts (%s)", self.attempts, error)
-        return {"status": "failed", "attempts": self.attempts, "error": error}
+        logger.warning("a webhook was not delivered after %d attempt(s) (%s)", attempts, error)
+        return {"status": "failed", "attempts": attempts, "error": error}
 
     def _post(self, url: str, message_id: str, payload: str) -> httpx.Response:
         address = self.destinations.check(url)
@@ -185,11 +204,48 @@ class WebhookSender:
         return self._client.post(url, content=payload.encode(), headers=headers)
 
 
-def with_image_links(body: dict[str, Any], keep: Callable[[bytes, str, str], str]) -> dict[str, Any]:
-    """The job's answer with its result's images as links (`keep` stores one and returns its URL)."""
-    result = body.get("result")
-    if result:
-        for image in result["images"]:
-            data = base64.b64decode(image.pop("b64_json"))
-            image["url"] = keep(data, image["media_type"], image["media_type"].split("/")[1])
-    return body
+class JobWebhooks:
+    """The runtime's observer of jobs for their webhooks: what each change is to a job's webhook
+    (started, progress at most once a second, completed), and its body, made on a sender thread."""
+
+    def __init__(self, sender: WebhookSender, keep: Callable[[bytes, str, str], str]):
+        self.sender = sender
+        self.keep = keep  # keeps an image (data, media type, extension), returns its id
+        self._progress_told: dict[str, float] = {}  # job id -> when its webhook last heard of a step
+
+    def start(self) -> None:
+        self.sender.start()
+
+    def close(self) -> None:
+        self.sender.close()
+
+    def changed(self, job: Job) -> None:
+        spec = job.webhook
+        if spec is not None and (event := self._event(job)) in spec["events"]:
+            self.sender.send(job.id, event, spec["url"], lambda: self._body(job, spec))
+
+    def _event(self, job: Job) -> str | None:
+        if job.status.final:
+            self._progress_told.pop(job.id, None)
+            return "completed"
+        if job.status != JobStatus.RUNNING:
+            return None
+        if job.step == 0:
+            return "started"
+        now = time.monotonic()
+        if now - self._progress_told.get(job.id, 0.0) < PROGRESS_EVERY_S:
+            return None
+        self._progress_told[job.id] = now
+        return "progress"
+
+    def _body(self, job: Job, spec: dict[str, Any]) -> dict[str, Any]:
+        """The job's answer, its images as links to kept images unless base64 was asked for."""
+        body = job_body(job, 0, spec["base_url"])
+        result = body.get("result")
+        if result and spec["images"] == "url":
+            for image in result["images"]:
+                image_id = self.keep(
+                    base64.b64decode(image.pop("b64_json")), image["media_type"], image["media_type"].split("/")[1]
+                )
+                image["url"] = f"{spec['base_url']}/v1/images/files/{image_id}"
+        return body

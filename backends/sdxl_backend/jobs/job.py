@@ -47,7 +47,7 @@ def latent_preview(latents: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-WEBHOOK_EVENTS = ("started", "completed")  # what a job's webhook may be told of
+WEBHOOK_EVENTS = ("started", "progress", "completed")  # what a job's webhook may be told of
 
 
 class JobStatus(StrEnum):

@@ -57,7 +57,8 @@ class MemoryJobQueue:
         self.bounds = bounds
         self.workers = [DeviceWorker(device, self, on_change) for device in devices]
         self.journal = journal
-        self.on_change = on_change  # told of every submit, start and finish (metrics), on the thread that did it
+        # Told of every submit, start, step and finish (metrics, webhooks), on the thread that did it.
+        self.on_change = on_change
         self._jobs: dict[str, Job] = {}  # every job held
         self._queue: list[Job] = []  # waiting, in arrival order (turns.py orders them)
         self._last_turn: dict[str, int] = {}  # slot (owner, priority) -> the turn its last job was taken at

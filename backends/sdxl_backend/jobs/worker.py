@@ -8,7 +8,8 @@ store holds them (`JobSource`: this process's memory, or the fleet's Redis).
    queue reads its flags there, and may find the job is no longer this device's), then the job
    counts the step, takes a preview and honours its cancel and stop flags;
 3. finish each job by its outcome (a job cancelled at a step was finished there), keep the
-   duration (for Retry-After), and tell the observer (metrics).
+   duration (for Retry-After), and tell the observer (metrics, webhooks), as at its start and
+   at each of its steps.
 
 A server may run several devices over one queue (SDXL_DEVICES): one worker each, each with its
 own engine (its loaded models, its memory budget) and thread. Nothing that happens to a job or
@@ -84,7 +85,7 @@ class DeviceWorker:
         self.device = device
         self.engine = device.engine
         self.source = source
-        self.on_change = on_change  # told of every start and finish, on the device thread
+        self.on_change = on_change  # told of every start, step and finish, on the device thread
         self._running: list[Job] = []  # on the device now: one job, or a batch
         self._lock = threading.Lock()
         self.recent_durations: deque[float] = deque(maxlen=20)
@@ -186,6 +187,7 @@ class DeviceWorker:
                 self.finish(job, JobStatus.CANCELLED, error=exc.copy())  # (`exc` gathers frames on its way up)
                 raise
             self.source.after_step(job)
+            tell(self.on_change, job)
             return stop
 
         return on_step
