@@ -73,6 +73,9 @@ def test_jobs_run_on_every_device_and_a_lost_one_does_not_stop_the_others(shared
     assert lost["device"] == "cpu#2" and "device cpu#2 stopped" in lost["error"]["message"]
     served = [job for job in first_jobs if job["status"] == "succeeded"]
     assert sorted(job["device"] for job in served) == ["cpu#0", "cpu#1"]
+    assert all(job["result"]["device"] == job["device"] for job in served)
+    answer = httpx.post(f"{shared.url}/v1/txt2img", json={**HELD, "steps": 2}, headers=key, timeout=300).json()
+    assert answer["device"] in ("cpu#0", "cpu#1")  # a synchronous answer says it too
     assert httpx.get(f"{shared.url}/readyz", timeout=300).status_code == 200
     status = httpx.get(f"{shared.url}/v1/system/status", headers=key, timeout=300).json()
     assert [(d["name"], d["alive"]) for d in status["devices"]] == [("cpu#0", True), ("cpu#1", True), ("cpu#2", False)]

@@ -51,6 +51,7 @@ class GenerationAnswer(BaseModel):
     prompt_reading: dict[str, PromptReading] = Field(
         description="What the text encoders read of `prompt` and `negative_prompt`: tokens, and chunks of 75."
     )
+    device: str = Field(description="The device that ran it ('cuda:1', 'cpu'; SDXL_DEVICES).")
 
 
 def wants_raw_image(accept: str | None) -> bool:
@@ -77,6 +78,7 @@ def result_answer(result: GenerationResult, created: int) -> GenerationAnswer:
         out_of_memory_in=result.out_of_memory_in,
         batch_images=result.batch_images,
         prompt_reading=result.prompt_reading,
+        device=result.device or "",  # (always set by the device worker that ran it)
     )
 
 

@@ -259,6 +259,7 @@ class GenerationResult(BaseModel):
     batch_images: int = 1  # images in the pipeline call that made these: more than n when batched with others
     out_of_memory_in: list[str] = []  # modes that ran out of memory first (recovered)
     prompt_reading: dict[str, PromptReading] = {}  # "prompt" and "negative_prompt"
+    device: str | None = None  # the device that ran it ("cuda:1"; set by its device worker)
 
     @property
     def seeds(self) -> list[int]:

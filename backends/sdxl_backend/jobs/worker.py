@@ -163,6 +163,7 @@ class DeviceWorker:
             if job.status != JobStatus.RUNNING:
                 continue
             if isinstance(outcome, GenerationResult):
+                outcome.device = self.device.name
                 self.finish(job, JobStatus.SUCCEEDED, result=outcome)
             elif isinstance(outcome, Cancelled):
                 self.finish(job, JobStatus.CANCELLED, error=outcome)
