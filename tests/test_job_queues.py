@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from backends.api.devices import DeviceLost
 from backends.sdxl_backend.device import select_placement
 from backends.sdxl_backend.device_thread import DeviceThread
 from backends.sdxl_backend.engine import Engine
@@ -364,10 +365,6 @@ def test_two_devices_run_jobs_side_by_side_and_say_which_ran_each(make_queue, en
         release.set()
         done = [final(queue, job) for job in jobs]
     assert {job.device for job in done} == {"cpu#0", "cpu#1"} and all(job.result for job in done)
-
-
-class DeviceLost(BaseException):
-    """Test seam: the device is gone (as a GPU off its bus): not a job's error."""
 
 
 def test_a_lost_device_fails_its_job_and_the_other_serves_on(make_queue, engine, second_engine):
