@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+import anyio
 import httpx
 import pytest
 import redis
 from standardwebhooks import Webhook
 
+from tests.test_mcp import connected
 from tests.test_webhooks import Receiver
 
 URL_REQUEST = {"prompt": "a lighthouse", "size": "64x64", "response_format": "url", "seed": 3}
@@ -128,6 +130,29 @@ def test_a_webhook_is_delivered_once_per_event_by_the_replica_that_runs_the_job(
     finally:
         receiver.server.shutdown()
         cancel(replicas[0], first["id"])
+
+
+def test_a_job_made_through_mcp_is_followed_by_get_job_on_the_other_replica(replicas):
+    a, b = replicas
+
+    async def main():
+        async with connected(a) as on_a:
+            queued = await on_a.call_tool("generate_image", {**SMALL, "wait": False})
+        job_id = queued.structured_content["job_id"]
+        async with connected(b) as on_b:
+            with anyio.fail_after(300):
+                while (state := await on_b.call_tool("get_job", {"job_id": job_id})).structured_content[
+                    "status"
+                ] != "succeeded":
+                    assert not state.is_error and state.structured_content["status"] in ("queued", "running")
+                    await anyio.sleep(0.2)
+        return state
+
+    done = anyio.run(main)
+    url = done.structured_content["images"][0]["url"]
+    assert url.startswith(b.url)
+    assert httpx.get(url, timeout=300).headers["content-type"] == "image/png"
+    assert httpx.get(url.replace(b.url, a.url), timeout=300).status_code == 200  # (kept in Redis: either serves it)
 
 
 def test_img2img_travels_with_its_input_image(replicas):

@@ -1,5 +1,6 @@
 """The fixed-path dialects as one FastAPI app, mounted into the BentoML service: one router per
-dialect, and every error (backend errors, validation, unknown routes, bugs) in the one shape."""
+dialect, the MCP server for agents, and every error (backend errors, validation, unknown
+routes, bugs) in the one shape."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from backends.api import a1111, errors, images, jobs, playground, system
+from backends.api.agents import AgentEndpoint
 from backends.sdxl_backend.errors import BackendError
 
 logger = logging.getLogger("sdxl_backend")
@@ -42,8 +44,9 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app() -> FastAPI:
+    agents = AgentEndpoint()
     # BentoML's own OpenAPI UI (at /) documents these routes; FastAPI's second copy is off.
-    app = FastAPI(title="SDXL", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="SDXL", docs_url=None, redoc_url=None, openapi_url=None, lifespan=agents.lifespan)
     for router in (
         *images.routers,
         jobs.router,
@@ -53,6 +56,7 @@ def create_app() -> FastAPI:
         playground.router,
     ):
         app.include_router(router)
+    app.router.routes.append(agents.route)
     app.add_exception_handler(BackendError, _backend_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

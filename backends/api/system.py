@@ -67,24 +67,26 @@ async def get_model(model_id: str, runtime: RuntimeDep) -> dict[str, Any]:
     return entry
 
 
+def lora_entries(runtime: Runtime) -> list[dict[str, Any]]:
+    """The served LoRAs, each with the models it fits and those it is loaded into now."""
+    loaded = {entry["id"]: entry["loras"] for entry in runtime.model_status()["loaded"]}
+    return [
+        {
+            "id": lora.id,
+            "object": "lora",
+            "description": lora.description,
+            "fits": runtime.models_fitting(lora),
+            "loaded_in": [m for m, loras in loaded.items() if lora.id in loras],
+        }
+        for lora in runtime.loras.values()
+    ]
+
+
 @router.get("/v1/loras", responses=errors.responses(401))
 async def list_loras(runtime: RuntimeDep) -> dict[str, Any]:
     """LoRAs a request can name in `loras` (A1111: `<lora:id:weight>` in the prompt), each with
     the served models it fits and those it is loaded into now."""
-    loaded = {entry["id"]: entry["loras"] for entry in runtime.model_status()["loaded"]}
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": lora.id,
-                "object": "lora",
-                "description": lora.description,
-                "fits": runtime.models_fitting(lora),
-                "loaded_in": [m for m, loras in loaded.items() if lora.id in loras],
-            }
-            for lora in runtime.loras.values()
-        ],
-    }
+    return {"object": "list", "data": lora_entries(runtime)}
 
 
 @router.get("/v1/controlnets", responses=errors.responses(401))
