@@ -8,6 +8,7 @@ a Redis database of its own, so the fleets of this module never take each other'
 from __future__ import annotations
 
 import base64
+import json
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -128,7 +129,7 @@ def test_a_webhook_is_delivered_once_per_event_by_the_replica_that_runs_the_job(
         assert done["webhooks"]["completed"]["status"] == "delivered" and events[1]["status"] == "succeeded"
         assert httpx.get(events[1]["result"]["images"][0]["url"], timeout=300).status_code == 200
     finally:
-        receiver.server.shutdown()
+        receiver.stop()
         cancel(replicas[0], first["id"])
 
 
@@ -317,6 +318,35 @@ def test_a_killed_replicas_job_is_finished_by_another_and_queued_jobs_outlive_ev
     assert wait(later, waiting)["status"] == "succeeded"
 
 
+def test_a_webhook_in_flight_when_its_replica_is_killed_is_delivered_by_another(serve, redis_server):
+    """kill -9 of the replica delivering a `completed` event (its receiver has the request and
+    has not answered): the next replica claims the held event once the dead one's heartbeat
+    lapses and delivers it again, with the same webhook-id."""
+    env = fleet_env(redis_server, 5, SDXL_WEBHOOK_ALLOWED_HOSTS="127.0.0.1/32", SDXL_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    receiver = Receiver()
+    try:
+        deliverer = serve("fleet-f", env)
+        hooked = {**SMALL, "webhook": {"url": f"{receiver.url}/hang-once", "events": ["completed"]}}
+        job_id = submit(deliverer, hooked)["id"]
+        deadline = time.monotonic() + 300
+        while not receiver.received:  # the delivery is in flight, unanswered
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        deliverer.kill()
+        successor = serve("fleet-g", env)
+        done = wait(successor, job_id, lambda state: "completed" in (state.get("webhooks") or {}))
+        assert done["webhooks"]["completed"] == {"status": "delivered", "attempts": 1}
+        assert [path for path, _, _ in receiver.received] == ["/hang-once", "/hang-once"]
+        (_, first, body), (_, again, _) = receiver.received
+        assert first["webhook-id"] == again["webhook-id"]  # one event, delivered at least once
+        event = Webhook(WEBHOOK_SECRET).verify(body, first)
+        assert event["event"] == "completed" and event["status"] == "succeeded" and event["id"] == job_id
+        store = redis.Redis.from_url(env["SDXL_REDIS_URL"])
+        assert store.hlen("sdxl:jobs:webhooks") == 0  # the hold let go once delivered
+    finally:
+        receiver.stop()
+
+
 def queue_on(store, tiny_model, served_as: str = "tiny-sdxl"):
     """A shared queue on the tiny engine (not served), as a replica serving tiny-sdxl under `served_as` has."""
     from backends.sdxl_backend.device import select_placement
@@ -365,6 +395,33 @@ def test_a_job_left_running_by_a_dead_replica_is_requeued_and_fails_after_the_la
         assert store.hlen("sdxl:jobs:running") == 0
     finally:
         queue.close()
+
+
+def test_a_webhook_event_held_by_a_replica_that_stopped_is_claimed_once_by_a_live_one(tiny_model, redis_server):
+    """The holds a dead replica left (its heartbeat gone), a live one's and a gone job's, as
+    Redis has them; a live replica's queue claims only the dead one's, once, and the gone
+    job's is let go."""
+    from backends.sdxl_backend.protocol import GenerationRequest
+
+    store = redis.Redis.from_url(fleet_env(redis_server, 6)["SDXL_REDIS_URL"])
+    store.flushdb()
+    engine, queue = queue_on(store, tiny_model)
+    spec = {"url": "http://127.0.0.1:9/hook", "events": ["started", "completed"], "images": "url", "base_url": "x"}
+    job = queue.submit(engine.prepare(GenerationRequest(**SMALL)), None, None, spec)
+    holds = {
+        f"{job.id} completed": {"replica": "dead", "message_id": "msg_dead"},
+        f"{job.id} started": {"replica": "alive", "message_id": "msg_alive"},
+        "gone-job completed": {"replica": "dead", "message_id": "msg_gone"},
+    }
+    store.hset("sdxl:jobs:webhooks", mapping={field: json.dumps(hold) for field, hold in holds.items()})
+    store.set("sdxl:jobs:replica:alive", 1, ex=60)
+    store.set(f"sdxl:jobs:replica:{queue.replica}", 1, ex=60)
+    [(claimed, event, message_id)] = queue.orphaned_webhooks()
+    assert (claimed.id, claimed.webhook, event, message_id) == (job.id, spec, "completed", "msg_dead")
+    assert queue.orphaned_webhooks() == []  # claimed once: its holder is this live replica now
+    assert json.loads(store.hget("sdxl:jobs:webhooks", f"{job.id} completed"))["replica"] == queue.replica
+    queue.record_webhook(job.id, "completed", {"status": "delivered", "attempts": 1})
+    assert store.hkeys("sdxl:jobs:webhooks") == [f"{job.id} started".encode()]  # delivered: let go; gone: dropped
 
 
 def test_a_replica_that_does_not_serve_a_jobs_model_fails_the_job_saying_so(tiny_model, redis_server):

@@ -28,11 +28,12 @@ SHORT = {"prompt": "a quick one", "width": 64, "height": 64, "steps": 2, "seed":
 
 class Receiver:
     """An HTTP receiver on 127.0.0.1: records every request; `/fail-N` answers 500 N times first,
-    `/down` always."""
+    `/down` always; `/hang-once` does not answer its first request (until `released`)."""
 
     def __init__(self):
         self.received: list[tuple[str, dict[str, str], bytes]] = []
         self.failures: dict[str, int] = {}
+        self.released = threading.Event()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,6 +41,10 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["content-length"]))
                 receiver.received.append((self.path, dict(self.headers), body))
                 failed = receiver.failures.get(self.path, 0)
+                if self.path == "/hang-once" and failed == 0:
+                    receiver.failures[self.path] = 1
+                    receiver.released.wait(120)
+                    return  # (the connection closes unanswered)
                 wanted = 10**6 if self.path == "/down" else int(self.path.split("-")[1]) if "fail-" in self.path else 0
                 receiver.failures[self.path] = failed + 1
                 self.send_response(500 if failed < wanted else 204)
@@ -52,6 +57,10 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def stop(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+
     def events(self, path: str) -> list[dict]:
         return [json.loads(body) for got, _, body in self.received if got == path]
 
@@ -60,7 +69,7 @@ class Receiver:
 def receiver():
     receiver = Receiver()
     yield receiver
-    receiver.server.shutdown()
+    receiver.stop()
 
 
 @pytest.fixture(scope="module")

@@ -134,6 +134,7 @@ class Runtime:
                     self.jobs.record_webhook,
                 ),
                 self.kept_images.put,
+                self.jobs,
             )
             if settings.webhook_allowed_hosts
             else None

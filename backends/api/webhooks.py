@@ -12,7 +12,9 @@ automation need not poll.
   (the next one supersedes it). Sender threads deliver, so the device never waits on a
   receiver; one job's events go through one of them, in order, and a slow receiver holds up
   only the jobs that share its thread. With a shared queue the replica that runs the job
-  delivers.
+  delivers, and holds each `started` and `completed` event in Redis until it is delivered or
+  given up: when that replica dies first (kill -9, a lost node), another one claims the event
+  once the dead one's heartbeat lapses and delivers it again, with the same `webhook-id`.
 - Where a webhook may go (SSRF): only to the hosts of `SDXL_WEBHOOK_ALLOWED_HOSTS` (exact names,
   or addresses in listed CIDRs; empty: webhooks are refused, 400 naming the setting); a name
   that resolves to a private, loopback or link-local address is refused unless that address is
@@ -42,13 +44,14 @@ from pydantic import BaseModel, Field
 
 from backends.api.job_answer import job_body
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.jobs import Job, JobStatus
+from backends.sdxl_backend.jobs import Job, JobQueue, JobStatus
 
 logger = logging.getLogger("sdxl_backend")
 WebhookEvent = Literal["started", "progress", "completed"]  # (jobs/job.py's WEBHOOK_EVENTS)
 TIMEOUT_S = 10.0
 SENDERS = 4  # threads delivering; a job's events all go through the same one
 PROGRESS_EVERY_S = 1.0  # a webhook hears of a job's steps at most this often
+TAKEOVER_EVERY_S = 2.0  # how often the events held by replicas that stopped are looked for
 Resolver = Callable[[str, int], list[str]]
 
 
@@ -131,7 +134,7 @@ class WebhookSender:
         self.attempts = attempts
         self.retry_s = retry_s
         self.record = record
-        self._queues: list[queue.Queue[tuple[str, str, str, Callable[[], dict[str, Any]]] | None]] = [
+        self._queues: list[queue.Queue[tuple[str, str, str, str, Callable[[], dict[str, Any]]] | None]] = [
             queue.Queue() for _ in range(SENDERS)
         ]
         self._threads = [
@@ -144,10 +147,10 @@ class WebhookSender:
         for thread in self._threads:
             thread.start()
 
-    def send(self, job_id: str, event: str, url: str, body: Callable[[], dict[str, Any]]) -> None:
+    def send(self, job_id: str, event: str, message_id: str, url: str, body: Callable[[], dict[str, Any]]) -> None:
         """Queues one event for delivery (from any thread; never waits on the receiver). `body`
         is made on the sender's thread (it may keep images: the device does not wait for that)."""
-        self._queues[int(job_id[:8], 16) % SENDERS].put((job_id, event, url, body))
+        self._queues[int(job_id[:8], 16) % SENDERS].put((job_id, event, message_id, url, body))
 
     def close(self) -> None:
         for events in self._queues:
@@ -159,10 +162,10 @@ class WebhookSender:
 
     def _deliver_all(self, events: queue.Queue) -> None:
         while (item := events.get()) is not None:
-            job_id, event, url, body = item
+            job_id, event, message_id, url, body = item
             try:
                 attempts = 1 if event == "progress" else self.attempts
-                outcome = self._deliver(url, json.dumps({"event": event, **body()}), attempts)
+                outcome = self._deliver(url, message_id, json.dumps({"event": event, **body()}), attempts)
             except Exception as exc:  # a bug here must not end the thread
                 logger.exception("a webhook delivery failed unexpectedly")
                 outcome = {"status": "failed", "attempts": 0, "error": type(exc).__name__}
@@ -171,8 +174,9 @@ class WebhookSender:
             except Exception:  # (the job's store may be away: the receiver got it or not regardless)
                 logger.warning("a webhook's outcome could not be kept on its job")
 
-    def _deliver(self, url: str, payload: str, attempts: int) -> dict[str, Any]:
-        message_id = f"msg_{secrets.token_hex(12)}"  # the same for every retry of this event
+    def _deliver(self, url: str, message_id: str, payload: str, attempts: int) -> dict[str, Any]:
+        """Posts `payload` until a 2xx, `attempts` times at most; `message_id` is the same for
+        every retry of one event (and for a delivery taken over from a replica that stopped)."""
         error = ""
         for attempt in range(1, attempts + 1):
             if attempt > 1:
@@ -206,23 +210,51 @@ class WebhookSender:
 
 class JobWebhooks:
     """The runtime's observer of jobs for their webhooks: what each change is to a job's webhook
-    (started, progress at most once a second, completed), and its body, made on a sender thread."""
+    (started, progress at most once a second, completed), and its body, made on a sender thread.
+    `started` and `completed` are held in the job queue while they are delivered; a thread takes
+    over those held by replicas that stopped."""
 
-    def __init__(self, sender: WebhookSender, keep: Callable[[bytes, str, str], str]):
+    def __init__(self, sender: WebhookSender, keep: Callable[[bytes, str, str], str], jobs: JobQueue):
         self.sender = sender
         self.keep = keep  # keeps an image (data, media type, extension), returns its id
+        self.jobs = jobs
         self._progress_told: dict[str, float] = {}  # job id -> when its webhook last heard of a step
+        self._closing = threading.Event()
+        self._takeover = threading.Thread(target=self._take_over, name="sdxl-webhooks-takeover", daemon=True)
 
     def start(self) -> None:
         self.sender.start()
+        self._takeover.start()
 
     def close(self) -> None:
+        self._closing.set()
         self.sender.close()
 
     def changed(self, job: Job) -> None:
         spec = job.webhook
-        if spec is not None and (event := self._event(job)) in spec["events"]:
-            self.sender.send(job.id, event, spec["url"], lambda: self._body(job, spec))
+        if spec is None or (event := self._event(job)) not in spec["events"]:
+            return
+        message_id = f"msg_{secrets.token_hex(12)}"
+        if event != "progress":  # (a progress event lost is superseded by the next)
+            try:
+                self.jobs.hold_webhook(job.id, event, message_id)
+            except Exception:  # the store is away: delivered all the same, only not taken over
+                logger.warning("a webhook event could not be held in the job queue; it is delivered regardless")
+        self._send(job, event, message_id)
+
+    def _send(self, job: Job, event: str, message_id: str) -> None:
+        spec = job.webhook
+        self.sender.send(job.id, event, message_id, spec["url"], lambda: self._body(job, spec))
+
+    def _take_over(self) -> None:
+        while not self._closing.wait(TAKEOVER_EVERY_S):
+            try:
+                orphans = self.jobs.orphaned_webhooks()
+            except Exception:  # the store is away: the next round tries again
+                continue
+            for job, event, message_id in orphans:
+                logger.warning("a webhook event held by a replica that stopped is delivered from here")
+                self._send(job, event, message_id)
 
     def _event(self, job: Job) -> str | None:
         if job.status.final:

@@ -70,8 +70,17 @@ class JobQueue(Protocol):
     def forget_result(self, job: Job) -> None:
         """Drop a delivered result's images: only the record stays."""
 
+    def hold_webhook(self, job_id: str, event: str, message_id: str) -> None:
+        """A webhook event about to be delivered by this process, held until its outcome is
+        recorded: if the process dies first, another replica delivers it (`orphaned_webhooks`)."""
+
     def record_webhook(self, job_id: str, event: str, outcome: dict) -> None:
-        """Keep on the job (if it is still held) how its webhook's `event` was delivered."""
+        """Keep on the job (if it is still held) how its webhook's `event` was delivered, and let
+        go of the event's hold."""
+
+    def orphaned_webhooks(self) -> list[tuple[Job, str, str]]:
+        """The held webhook events of replicas that stopped, now this one's to deliver: (job,
+        event, message id), each claimed by one replica."""
 
     @property
     def queue_length(self) -> int:

@@ -195,6 +195,12 @@ class MemoryJobQueue:
                 job.result, job.preview = None, None
                 self._finished_bytes += job.held_bytes
 
+    def hold_webhook(self, job_id: str, event: str, message_id: str) -> None:
+        """(One process: no other replica could deliver what it held.)"""
+
+    def orphaned_webhooks(self) -> list[tuple[Job, str, str]]:
+        return []
+
     def record_webhook(self, job_id: str, event: str, outcome: dict) -> None:
         with self._lock:
             job = self._jobs.get(job_id)

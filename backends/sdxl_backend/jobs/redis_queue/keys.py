@@ -12,6 +12,8 @@ RUNNING = PREFIX + "running"  # hash: running job id -> the replica running it
 INDEX = PREFIX + "index"  # sorted set: every job held, by creation time
 CHANGES = PREFIX + "changed"  # channel: each change of a job, as its id ("<id> final" when it ends)
 WAKE = PREFIX + "wake"  # list: pushed by every submit, for the idle device threads
+# hash: "<job id> <event>" -> {replica, message_id} of each webhook event being delivered
+WEBHOOKS = PREFIX + "webhooks"
 
 
 def job(job_id: str) -> str:

@@ -190,9 +190,21 @@ class SharedJobQueue:
         with redis_failures_as_unavailable():
             self._script("forget_result", job.id)
 
+    def hold_webhook(self, job_id: str, event: str, message_id: str) -> None:
+        hold = json.dumps({"replica": self.replica, "message_id": message_id})
+        with redis_failures_as_unavailable():
+            self.client.hset(keys.WEBHOOKS, f"{job_id} {event}", hold)
+
     def record_webhook(self, job_id: str, event: str, outcome: dict) -> None:
         with redis_failures_as_unavailable():
             self._script("record_webhook", job_id, f"webhook:{event}", json.dumps(outcome))
+
+    def orphaned_webhooks(self) -> list[tuple[Job, str, str]]:
+        with redis_failures_as_unavailable():
+            claimed = [part.decode() for part in self._script("claim_webhooks", self.replica)]
+        held = list(zip(claimed[::3], claimed[1::3], claimed[2::3]))
+        jobs = self._load([job_id for job_id, _, _ in held])
+        return [(job, event, message_id) for job, (_, event, message_id) in zip(jobs, held) if job is not None]
 
     def close(self) -> None:
         """Stop taking jobs and hand the running ones back at their next step (another replica

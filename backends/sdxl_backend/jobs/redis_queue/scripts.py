@@ -28,6 +28,7 @@ SCRIPTS = {
     "finish": [],
     "forget_result": [],
     "record_webhook": [],
+    "claim_webhooks": [],
 }
 
 
