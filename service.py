@@ -17,7 +17,7 @@ import bentoml
 import yaml
 from bentoml._internal.server.http import traffic
 
-from backends.api import headers, native
+from backends.api import agents, headers, native
 from backends.api.app import create_app
 from backends.api.edge import Edge, TimelyTimeout, quiet_validation_logs
 from backends.api.guards import Origins
@@ -133,6 +133,7 @@ class SDXL:
     def __init__(self) -> None:
         logger.setLevel(logging.INFO)  # backend logs go where BentoML's go
         quiet_validation_logs()
+        agents.preload()  # (while the models load)
         catalog = load_catalog()
         served = [
             ServedModel(

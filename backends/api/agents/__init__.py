@@ -7,45 +7,38 @@ the API key (`Authorization: Bearer`), the Host and Origin checks a local server
 DNS rebinding, the body limit.
 
 - tools.py: the tools as a client reads them (argument and result schemas);
-- serving.py: each tool's work on the runtime.
+- serving.py: each tool's work on the runtime;
+- server.py: the SDK's server and its session manager.
+
+The SDK takes over a second to import, so only the worker imports it (BentoML's main process
+imports service.py too, to read the service), while its models load (`preload`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import threading
 from collections.abc import AsyncIterator
 
-from mcp.server.lowlevel import Server
-from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from backends.api.agents import serving
-
 PATH = "/mcp"
-INSTRUCTIONS = (
-    "Generates and edits images with Stable Diffusion XL. generate_image answers links to PNG images "
-    "(fetchable without a key while they are kept) and a small preview of each; list_models names the "
-    "models. Long jobs: pass wait=false and follow them with get_job."
-)
+SERVER_MODULE = "backends.api.agents.server"
+
+
+def preload() -> None:
+    """Import the MCP server in the background (the lifespan finds it imported, or waits)."""
+    threading.Thread(target=importlib.import_module, args=(SERVER_MODULE,), name="mcp-import", daemon=True).start()
 
 
 class AgentEndpoint:
-    """The MCP server as an ASGI app, the route that serves it, and the lifespan that runs it
-    while the dialects' app runs (BentoML enters a mounted app's lifespan)."""
+    """The route that serves the MCP server, and the lifespan that runs the server while the
+    dialects' app runs (BentoML enters a mounted app's lifespan, in the worker)."""
 
-    def __init__(self, version: str = ""):
-        server = Server(
-            "sdxl",
-            version=version,
-            title="SDXL image generation",
-            instructions=INSTRUCTIONS,
-            get_tool_input_schema=serving.input_schema,
-            on_list_tools=serving.list_tools,
-            on_call_tool=serving.call_tool,
-        )
-        # (no transport security settings: the edge checks Host and Origin for every route)
-        self.manager = StreamableHTTPSessionManager(app=server, stateless=True)
+    def __init__(self):
+        self.manager = None
         # (an ASGI app as the endpoint: Starlette hands a plain function a Request instead)
         self.route = Route(PATH, endpoint=self, methods=["GET", "POST", "DELETE"])
 
@@ -54,5 +47,6 @@ class AgentEndpoint:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app) -> AsyncIterator[None]:
+        self.manager = importlib.import_module(SERVER_MODULE).session_manager()
         async with self.manager.run():
             yield

@@ -1,7 +1,6 @@
 """Each MCP tool's work, on the runtime the HTTP routes use and as the caller's API key (the
 `Authorization: Bearer` key the edge checked): a generation is a job, like `POST /v1/jobs`, so
-that another replica's `get_job` finds it. Bad arguments and refusals are tool errors carrying
-the HTTP API's message (the field named), never protocol errors."""
+that another replica's `get_job` finds it."""
 
 from __future__ import annotations
 
@@ -14,47 +13,21 @@ from urllib.parse import urlsplit
 import anyio
 import mcp_types as types
 from mcp.server.context import ServerRequestContext
-from mcp.shared.exceptions import MCPError
 from PIL import Image
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.requests import Request
 
-from backends.api import errors, system
-from backends.api.agents.tools import TOOLS, Listing, ToolImage, ToolJob
+from backends.api import system
+from backends.api.agents.tools import Listing, ToolImage, ToolJob
 from backends.api.kept_images import KeptImages
 from backends.api.runtime import Runtime, runtime_of
-from backends.sdxl_backend.errors import BackendError, InvalidRequest
+from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.jobs import Job, JobStatus
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
 
 FOLLOW_S = 15.0  # longest wait for a job's next change before looking at the clock again
 THUMBNAIL_PX = 160  # a preview's longer side: a PNG of at most about 75 kB, whatever the image
 KEPT_PATH = "/v1/images/files/"
-
-
-async def list_tools(_: ServerRequestContext, __: types.PaginatedRequestParams | None) -> types.ListToolsResult:
-    return types.ListToolsResult(tools=[listed for listed, _ in TOOLS.values()])
-
-
-def input_schema(name: str) -> dict[str, Any] | None:
-    return TOOLS[name][0].input_schema if name in TOOLS else None
-
-
-async def call_tool(ctx: ServerRequestContext, params: types.CallToolRequestParams) -> types.CallToolResult:
-    if params.name not in TOOLS:
-        raise MCPError(types.INVALID_PARAMS, f"no tool named {params.name!r}; tools/list names them")
-    _, takes = TOOLS[params.name]
-    try:
-        arguments = takes.model_validate(params.arguments or {})
-        return await getattr(Call(ctx), params.name)(arguments)
-    except ValidationError as exc:
-        return refusal(errors.validation_error(exc.errors())[1]["error"]["message"])
-    except BackendError as exc:
-        return refusal(exc.message)
-
-
-def refusal(message: str) -> types.CallToolResult:
-    return types.CallToolResult(content=[types.TextContent(type="text", text=message)], is_error=True)
 
 
 class Call:
