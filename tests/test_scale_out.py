@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -154,6 +155,23 @@ def test_a_job_made_through_mcp_is_followed_by_get_job_on_the_other_replica(repl
     assert url.startswith(b.url)
     assert httpx.get(url, timeout=300).headers["content-type"] == "image/png"
     assert httpx.get(url.replace(b.url, a.url), timeout=300).status_code == 200  # (kept in Redis: either serves it)
+
+
+def test_every_metric_the_grafana_dashboard_reads_is_served(replicas):
+    """deploy/grafana/sdxl.json queries only metrics the replicas export (after a generation,
+    which runs on either: their /metrics together)."""
+    httpx.post(f"{replicas[0].url}/v1/txt2img", json=SMALL, timeout=300).raise_for_status()
+    served = {
+        line.split("{")[0].split(" ")[0]
+        for replica in replicas
+        for line in httpx.get(f"{replica.url}/metrics", timeout=300).text.splitlines()
+        if line and not line.startswith("#")
+    }
+    dashboard = json.loads((Path(__file__).parent.parent / "deploy/grafana/sdxl.json").read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    queries += [variable["definition"] for variable in dashboard["templating"]["list"]]
+    queried = {name for query in queries for name in re.findall(r"\bsdxl_[a-z_]+", query)}
+    assert len(queried) >= 12 and queried <= served, queried - served
 
 
 def test_img2img_travels_with_its_input_image(replicas):

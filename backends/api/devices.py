@@ -143,6 +143,10 @@ class Devices:
         readings = [reading for device in self.devices if (reading := device.engine.models.device_memory())]
         return (sum(r[0] for r in readings), sum(r[1] for r in readings)) if readings else None
 
+    def memory_by_device(self) -> dict[str, tuple[int, int]]:
+        """Each device's (used, total) bytes; on the CPU the host's memory."""
+        return {device.name: device.engine.models.memory_in_use() for device in self.devices}
+
     def is_loaded(self, model_id: str) -> bool:
         return any(device.engine.models.is_loaded(model_id) for device in self.devices)
 

@@ -32,7 +32,7 @@ from backends.api.metrics import Metrics
 from backends.api.settings import Settings
 from backends.api.webhooks import Destinations, JobWebhooks, WebhookSender, WebhookSpec
 from backends.sdxl_backend.device_thread import TORCH_WORK
-from backends.sdxl_backend.errors import NotPermitted, TimedOut
+from backends.sdxl_backend.errors import NotPermitted, StoreUnavailable, TimedOut
 from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue, MemoryJobQueue
 from backends.sdxl_backend.jobs.contract import refuse_unless_alive
 from backends.sdxl_backend.jobs.redis_queue import SharedJobQueue
@@ -101,7 +101,7 @@ class Runtime:
             "required" if settings.api_keys else "off",
         )
         self.device_type = self.engine.models.placement.device.type  # "cuda", "mps" or "cpu"
-        self.metrics = Metrics()
+        self.metrics = Metrics(list(self.served))
         bounds = QueueBounds(
             max_queue=settings.max_queue,
             max_queued_per_owner=settings.max_queued_per_key,
@@ -357,10 +357,19 @@ class Runtime:
             "torch_work": TORCH_WORK.threads(),
         }
 
-    async def observe_queue(self) -> None:
-        """The queue gauges, as they stand (for a scrape): fleet-wide with a shared queue."""
-        length, running = await anyio.to_thread.run_sync(lambda: (self.jobs.queue_length, len(self.jobs.running)))
+    async def observe_gauges(self) -> None:
+        """The gauges, as they stand (for a scrape): each device's memory, the queue (fleet-wide
+        with a shared queue) and whether its Redis answers. Redis away: `StoreUnavailable`,
+        the queue gauges keeping their last values."""
+        self.metrics.observe_devices(self.devices.memory_by_device())
+        try:
+            length, running = await anyio.to_thread.run_sync(lambda: (self.jobs.queue_length, len(self.jobs.running)))
+        except StoreUnavailable:
+            self.metrics.observe_redis(False)
+            raise
         self.metrics.observe_queue(length, running)
+        if self.settings.redis_url is not None:
+            self.metrics.observe_redis(True)
 
     def result_headers(self, result: GenerationResult, inference_ms: bool = False) -> dict[str, str]:
         return headers.result_headers(result, self.device_type, self.devices.memory(), inference_ms)

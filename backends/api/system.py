@@ -173,10 +173,11 @@ async def unload(runtime: RuntimeDep) -> dict[str, Any]:
     },
 )
 async def prometheus_metrics(runtime: RuntimeDep) -> Response:
-    """Requests by route template, queued and running jobs, generations by model and outcome,
-    out-of-memory recoveries, model load seconds (and the Python process's own figures). With a
-    shared queue the job gauges count every replica's jobs (the same on each replica)."""
-    with contextlib.suppress(StoreUnavailable):  # Redis away: the gauges keep their last values
-        await runtime.observe_queue()
+    """Requests by route template, queued and running jobs, their wait, generations and images
+    by model, outcome and device, step seconds, device memory, out-of-memory recoveries, model
+    load seconds, Redis's reachability (and the Python process's own figures). With a shared
+    queue the job gauges count every replica's jobs (the same on each replica)."""
+    with contextlib.suppress(StoreUnavailable):  # Redis away: the queue gauges keep their last values
+        await runtime.observe_gauges()
     body, content_type = await anyio.to_thread.run_sync(metrics.exposition)
     return Response(body, media_type=content_type)

@@ -372,11 +372,16 @@ class ModelManager:
         """(used, total) bytes of the device, all processes included; None on the CPU."""
         return device_memory(self.placement)
 
-    def status(self) -> dict:
+    def memory_in_use(self) -> tuple[int, int]:
+        """(used, total) bytes of the device, or on the CPU of the host's memory."""
         memory = self.device_memory()
         if memory is None:
             host = psutil.virtual_memory()
             memory = (host.total - host.available, host.total)
+        return memory
+
+    def status(self) -> dict:
+        memory = self.memory_in_use()
         with self._lock:
             loaded = [m.describe() for m in reversed(self._loaded.values())]  # most recently used first
             controlnets = [c.describe() for c in reversed(self._controlnets.values())]
