@@ -21,6 +21,7 @@ from backends.api import agents, headers, native
 from backends.api.app import create_app
 from backends.api.edge import Edge, TimelyTimeout, quiet_validation_logs
 from backends.api.guards import Origins
+from backends.api.logs import log_json_lines
 from backends.api.runtime import Runtime, ServedAdapter, ServedModel
 from backends.api.settings import declared_environment, load_settings
 from backends.sdxl_backend.embeddings import fits_model, model_text_signature
@@ -134,6 +135,8 @@ class SDXL:
         logger.setLevel(logging.INFO)  # backend logs go where BentoML's go
         quiet_validation_logs()
         agents.preload()  # (while the models load)
+        if SETTINGS.log_format == "json":
+            log_json_lines()
         catalog = load_catalog()
         served = [
             ServedModel(

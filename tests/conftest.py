@@ -137,7 +137,8 @@ GUARD_KEYS = ("sk-test-7f3a9c1e5b", "other-key", "key-one-0123456789", "key-two-
 @pytest.fixture(scope="session")
 def guarded(serve, tmp_path_factory):
     """The edge's guards, all switched on: API keys (read from a file), CORS for one origin,
-    image links that expire in 3 s, a 200 kB body limit, room for one event stream."""
+    image links that expire in 3 s, a 200 kB body limit, room for one event stream; its log
+    in JSON lines."""
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text("\n".join(GUARD_KEYS) + "\n")
     return serve(
@@ -150,6 +151,7 @@ def guarded(serve, tmp_path_factory):
             "SDXL_MAX_BODY_BYTES": "200000",
             "SDXL_MAX_EVENT_STREAMS": "1",
             "SDXL_WARMUP": "false",
+            "SDXL_LOG_FORMAT": "json",
         },
     )
 

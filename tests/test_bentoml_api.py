@@ -230,6 +230,7 @@ def test_settings_read_booleans_and_lists_as_people_write_them(monkeypatch):
         ("SDXL_DEVICES", "gpu0", "SDXL_DEVICES='gpu0': 'gpu0' is not a device"),
         ("SDXL_CORS_ORIGINS", "evil.example", "SDXL_CORS_ORIGINS='evil.example': 'evil.example' is not an origin"),
         ("SDXL_QUEUE_ORDER", "lifo", "SDXL_QUEUE_ORDER='lifo'"),
+        ("SDXL_LOG_FORMAT", "xml", "SDXL_LOG_FORMAT='xml'"),
         ("SDXL_MAX_QUEUED_PER_KEY", "-1", "SDXL_MAX_QUEUED_PER_KEY='-1'"),
         ("SDXL_PRIORITY_KEYS", "not-a-key", "SDXL_PRIORITY_KEYS: every priority key must be one of SDXL_API_KEYS"),
     ],

@@ -400,6 +400,26 @@ def test_api_keys(guarded):
     assert KEY not in guarded.log()
 
 
+def test_json_log_lines_carry_the_access_fields_and_no_secrets(guarded):
+    secret_prompt = "a lighthouse drawn for the log test 7f3a"
+    body = {"prompt": secret_prompt, "width": 64, "height": 64, "steps": 1}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.post(f"{guarded.url}/v1/txt2img", json=body, headers=headers, timeout=300).status_code == 200
+    deadline = time.monotonic() + 60
+    while True:  # (the access line is written once the answer is sent)
+        worker_lines = [line for line in guarded.log().splitlines() if line.startswith('{"time": ')]
+        lines = [json.loads(line) for line in worker_lines]  # (every one of them parses)
+        access = [line for line in lines if line["logger"] == "sdxl_backend.access" and line["route"] == "/v1/txt2img"]
+        if access or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert access and access[-1]["method"] == "POST" and access[-1]["status"] == 200
+    assert not [line for line in lines if line["message"] == "a job observer failed"]  # (metrics and webhooks)
+    assert access[-1]["duration_ms"] > 0 and access[-1]["level"] == "info"
+    assert any(line["logger"] == "sdxl_backend" and "models: tiny-sdxl" in line["message"] for line in lines)
+    assert secret_prompt not in guarded.log() and KEY not in guarded.log()
+
+
 def test_openai_client_with_key(guarded):
     client = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key=KEY, max_retries=0)
     assert client.images.generate(prompt="x", size="64x64").data[0].b64_json

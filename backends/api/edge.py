@@ -193,7 +193,9 @@ class Edge:
         if runtime is not None:
             runtime.metrics.observe_request(route, scope["method"], status, seconds)
         if route not in PROBES:
-            access_log.info("%s %s %d %.1f ms", scope["method"], route, status, seconds * 1000)
+            ms = seconds * 1000
+            fields = {"route": route, "method": scope["method"], "status": status, "duration_ms": round(ms, 1)}
+            access_log.info("%s %s %d %.1f ms", scope["method"], route, status, ms, extra=fields)
 
 
 class TimelyTimeout(TimeoutMiddleware):

@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     cors_origins: Names = LOCAL_ORIGINS  # which web pages may call (guards.py); "*": every page
     allowed_hosts: Names = []  # Host names served besides localhost and IP literals; "*": every name
     open_metrics: bool = False  # /metrics without a key (a Prometheus scraper on the pod network)
+    log_format: Literal["text", "json"] = "text"  # json: one JSON object per line (logs.py)
     max_body_bytes: int = Field(32 * 2**20, ge=1024)  # larger bodies get 413 before any parsing
     timeout_seconds: int = Field(600, ge=1)
     public_url: str | None = None  # base of image links when behind a proxy; default: the request's own
