@@ -135,7 +135,8 @@ def test_bento_image_is_lean_and_pinned(bento):
     assert any(name.startswith("nvidia-") for name in pins)  # the CUDA build of torch
     shipped = sorted(str(p.relative_to(directory / "src")) for p in (directory / "src").rglob("*") if p.is_file())
     assert shipped == sorted(
-        ["service.py", "bentofile.yaml", "requirements.txt", "models/catalog.toml", "backends/api/playground.html"]
+        ["service.py", "bentofile.yaml", "requirements.txt", "models/catalog.toml"]
+        + ["backends/api/playground.html", "backends/api/fleet.html"]
         + [str(p.relative_to(ROOT)) for p in (ROOT / "backends").rglob("*.py")]
         + [str(p.relative_to(ROOT)) for p in (ROOT / "backends").rglob("*.lua")]
         + [str(p.relative_to(ROOT)) for p in (ROOT / "models").glob("*.py")]

@@ -404,3 +404,13 @@ def test_a_jobs_webhook_travels_with_it_and_its_deliveries_are_kept(make_queue, 
     queue.record_webhook("0" * 32, "completed", {"status": "failed"})  # a job no longer held: nothing is made
     with pytest.raises(UnknownJob):
         queue.get("0" * 32)
+
+
+def test_a_shared_queues_replicas_publish_their_cards_with_their_heartbeats(make_queue):
+    queue = make_queue()
+    queue.start()
+    if isinstance(queue, MemoryJobQueue):  # (alone: no other replica to hear of)
+        assert queue.replicas() == []
+        return
+    [card] = queue.replicas()
+    assert card["replica"] == queue.replica and card["beat"] > 0

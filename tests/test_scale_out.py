@@ -174,6 +174,54 @@ def test_every_metric_the_grafana_dashboard_reads_is_served(replicas):
     assert len(queried) >= 12 and queried <= served, queried - served
 
 
+def test_the_fleet_page_shows_both_replicas_their_model_and_the_queue_filling_and_draining(replicas, browser, tmp_path):
+    """/ui/fleet in headless Chromium, on one replica: both replicas (their cards come through
+    Redis), each running a long job on tiny-sdxl, two jobs waiting, then none once the long ones
+    are cancelled; at 1280 and 375 px, with no console error."""
+    first = submit(replicas[0], BLOCKER)["id"]
+    runner, other = runner_and_other(replicas, first)
+    second = submit(replicas[0], BLOCKER)["id"]
+    wait(other, second, running)
+    waiting = [submit(replicas[0], SMALL)["id"] for _ in range(2)]
+    pages = []
+    try:
+        for width in (1280, 375):
+            context = browser.new_context(viewport={"width": width, "height": 900}, bypass_csp=True)
+            page = context.new_page()
+            page.set_default_timeout(120_000)
+            page.console_errors = []
+            page.on(
+                "console",
+                lambda message, page=page: message.type == "error" and page.console_errors.append(message.text),
+            )
+            page.on("pageerror", lambda error, page=page: page.console_errors.append(str(error)))
+            page.goto(f"{replicas[0].url}/ui/fleet")
+            pages.append(page)
+            page.wait_for_function(
+                "document.querySelectorAll('.replica').length === 2 && "
+                "document.querySelectorAll('.replica .running').length === 2 && "
+                "document.getElementById('queue-length').textContent === '2'"
+            )
+            cards = page.locator(".replica").all_inner_texts()
+            assert all("tiny-sdxl" in card and "running tiny-sdxl: step" in card for card in cards), cards
+            assert sum("answering this page" in card for card in cards) == 1
+            assert page.evaluate("document.documentElement.scrollWidth") <= width  # (no sideways scrolling)
+            page.screenshot(path=tmp_path / f"fleet-{width}.png", full_page=True)
+        cancel(replicas[0], first)
+        cancel(replicas[0], second)
+        for job_id in waiting:
+            wait(replicas[0], job_id)
+        for page in pages:
+            page.wait_for_function(
+                "document.getElementById('queue-length').textContent === '0' && "
+                "document.querySelectorAll('.replica .idle').length === 2"
+            )
+            assert page.console_errors == []
+    finally:
+        for page in pages:
+            page.context.close()
+
+
 def test_img2img_travels_with_its_input_image(replicas):
     a, b = replicas
     made = httpx.post(f"{a.url}/v1/txt2img", json=SMALL, timeout=300).json()["images"][0]["b64_json"]

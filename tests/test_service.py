@@ -187,3 +187,20 @@ def test_a_zero_size_is_refused_on_every_generation_route(server, route, body):
     response = post(server, route, body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] in ("width", "height")
+
+
+def test_the_fleet_of_one_server_is_itself_its_queue_and_its_last_minutes(server):
+    body = {"prompt": "a fleet of one", "width": 64, "height": 64, "steps": 3, "seed": 2}
+    assert httpx.post(f"{server.url}/v1/txt2img", json=body, timeout=300).status_code == 200
+    fleet = httpx.get(f"{server.url}/v1/system/fleet", timeout=300).json()
+    [replica] = fleet["replicas"]
+    assert replica["here"] and replica["devices"][0]["name"] == "cpu"
+    device = replica["devices"][0]
+    assert "tiny-sdxl" in [model["id"] for model in device["loaded"]]
+    assert 0 < device["memory"]["used"] < device["memory"]["total"] and device["memory"]["budget"] > 0
+    assert fleet["queue"]["length"] == 0 and fleet["queue"]["by_key"] == {}
+    assert len(fleet["minutes"]["finished"]) == 10 and fleet["minutes"]["finished"][-1] >= 1
+    assert fleet["minutes"]["seconds_per_step"][-1] > 0
+    assert "a fleet of one" not in str(fleet)
+    page = httpx.get(f"{server.url}/ui/fleet", timeout=300)
+    assert page.status_code == 200 and "connect-src 'self'" in page.headers["content-security-policy"]

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from backends.api import a1111, errors, images, jobs, playground, system
+from backends.api import a1111, errors, fleet, images, jobs, playground, system
 from backends.api.agents import AgentEndpoint
 from backends.sdxl_backend.errors import BackendError
 
@@ -53,6 +53,7 @@ def create_app() -> FastAPI:
         a1111.router,
         a1111.controlnet_router,
         system.router,
+        fleet.router,
         playground.router,
     ):
         app.include_router(router)

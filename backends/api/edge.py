@@ -41,7 +41,7 @@ from backends.api.guards import Origins, cross_site_refusal, host_allowed
 from backends.api.headers import presented_key
 
 PROBES = ("/health", "/livez", "/readyz", "/healthz")
-PAGES = ("/ui",)  # the playground: it holds no secret, and asks for the key itself
+PAGES = ("/ui", "/ui/fleet")  # the playground and the fleet page: they hold no secret, and ask for the key
 JSON_ONLY = ("/v1/txt2img", "/v1/img2img")  # the native BentoML methods, whose bodies are JSON
 OPEN_PREFIXES = ("/v1/images/files/",)
 access_log = logging.getLogger("sdxl_backend.access")

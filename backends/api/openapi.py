@@ -57,7 +57,7 @@ def truthful(spec: dict[str, Any]) -> dict[str, Any]:
                     responses.update(_error_responses((400,)))
                 if path == "/metrics":
                     responses.update(_error_responses((401,)))
-                elif path not in ("/health", "/ui") and not path.startswith("/v1/images/files"):
+                elif path not in ("/health", "/ui", "/ui/fleet") and not path.startswith("/v1/images/files"):
                     responses.update(_error_responses((401,)))
             operation["responses"] = responses
     return spec

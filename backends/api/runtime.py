@@ -122,7 +122,7 @@ class Runtime:
         else:
             client = self._redis(settings.redis_url)
             self.kept_images = SharedKeptImages(client, settings.image_url_ttl_seconds, settings.image_url_max_bytes)
-            self.jobs = SharedJobQueue(self.devices.devices, client, bounds, self._job_changed)
+            self.jobs = SharedJobQueue(self.devices.devices, client, bounds, self._job_changed, self.card)
         self.webhook_destinations = Destinations(settings.webhook_allowed_hosts)
         self.webhooks = (
             JobWebhooks(
@@ -306,6 +306,31 @@ class Runtime:
             **{k: v for k, v in devices[0].items() if k not in ("name", "alive", "torch_threads")},
             "devices": devices,
         }
+
+    def card(self) -> dict[str, Any]:
+        """This replica as the fleet page shows it (and its heartbeat publishes it): each
+        device's memory, loaded models and the job it runs. No ids, prompts or keys."""
+        running = {job.device: job for job in self.jobs.running_here}
+        devices = []
+        for device in self.devices.status():
+            job = running.get(device["name"])
+            devices.append(
+                {
+                    "name": device["name"],
+                    "device_name": device["device_name"],
+                    "alive": device["alive"],
+                    "memory": {kind: device["memory"][kind] for kind in ("used", "total", "budget")},
+                    "loaded": [{"id": model["id"], "loras": model["loras"]} for model in device["loaded"]],
+                    "running": {
+                        "model": (job.request.model if job.request else None) or self.default_model,
+                        "step": job.step,
+                        "total_steps": job.total_steps,
+                    }
+                    if job
+                    else None,
+                }
+            )
+        return {"replica": self.jobs.replica, "started": self.started, "devices": devices}
 
     def device_memory(self) -> tuple[int, int] | None:
         """(used, total) bytes of the devices; None on the CPU."""

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 
 class JobQueue(Protocol):
+    replica: str  # this process's name among the replicas (host:pid, with a suffix when shared)
+
     def start(self) -> None:
         """Start the device worker: jobs submitted before wait for it."""
 
@@ -81,6 +83,10 @@ class JobQueue(Protocol):
     def orphaned_webhooks(self) -> list[tuple[Job, str, str]]:
         """The held webhook events of replicas that stopped, now this one's to deliver: (job,
         event, message id), each claimed by one replica."""
+
+    def replicas(self) -> list[dict]:
+        """The cards the live replicas published with their heartbeats (what each serves and
+        runs: backends/api/fleet.py); none without a shared queue."""
 
     @property
     def queue_length(self) -> int:

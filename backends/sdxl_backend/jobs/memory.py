@@ -12,7 +12,9 @@ then forgotten; an id forgotten that way is remembered as expired.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -57,6 +59,7 @@ class MemoryJobQueue:
         self.bounds = bounds
         self.workers = [DeviceWorker(device, self, on_change) for device in devices]
         self.journal = journal
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
         # Told of every submit, start, step and finish (metrics, webhooks), on the thread that did it.
         self.on_change = on_change
         self._jobs: dict[str, Job] = {}  # every job held
@@ -194,6 +197,9 @@ class MemoryJobQueue:
                 self._finished_bytes -= job.held_bytes
                 job.result, job.preview = None, None
                 self._finished_bytes += job.held_bytes
+
+    def replicas(self) -> list[dict]:
+        return []
 
     def hold_webhook(self, job_id: str, event: str, message_id: str) -> None:
         """(One process: no other replica could deliver what it held.)"""

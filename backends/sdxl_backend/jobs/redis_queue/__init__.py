@@ -16,7 +16,8 @@ may only touch keys they declare):
   owner's last turn at each priority, which orders them; `sdxl:jobs:job:<id>`, a hash per
   job (its prepared request with the input images as PNG, its state, then its result);
   `sdxl:jobs:running`, running job id -> the replica running it; `sdxl:jobs:replica:<name>`,
-  each replica's heartbeat, which expires when it stops beating. A device thread with nothing
+  each replica's heartbeat (its card, JSON: what it serves and runs, for the fleet page), which
+  expires when it stops beating. A device thread with nothing
   to do waits on `sdxl:jobs:wake` (pushed by every submit) and `sdxl:jobs:wake:<name>/<device>`
   (work handed to that device thread, such as an unload), a second at most.
 - Every change is one Lua script, so no two replicas ever take the same job or half-change one.

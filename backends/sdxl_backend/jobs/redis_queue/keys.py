@@ -27,7 +27,7 @@ def gone(job_id: str) -> str:
 
 
 def replica(name: str) -> str:
-    """A replica's heartbeat, which expires when it stops beating."""
+    """A replica's heartbeat, its card (JSON), which expires when it stops beating."""
     return f"{PREFIX}replica:{name}"
 
 

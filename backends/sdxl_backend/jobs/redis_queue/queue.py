@@ -53,6 +53,7 @@ class SharedJobQueue:
         client: redis.Redis,
         bounds: QueueBounds = QueueBounds(),
         on_change: Callable[[Job], None] | None = None,
+        card: Callable[[], dict] = dict,
     ):
         self.engine = devices[0].engine  # (any device's: they serve the same models) for batch keys
         self.workers = [DeviceWorker(device, self, on_change) for device in devices]
@@ -60,6 +61,7 @@ class SharedJobQueue:
         self.client = client
         self.bounds = bounds
         self.on_change = on_change
+        self.card = card  # what this replica publishes with its heartbeat (replicas())
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._scripts = scripts.register(client)
         self._closing = threading.Event()  # no more jobs taken; the running ones are handed back
@@ -189,6 +191,12 @@ class SharedJobQueue:
     def forget_result(self, job: Job) -> None:
         with redis_failures_as_unavailable():
             self._script("forget_result", job.id)
+
+    def replicas(self) -> list[dict]:
+        with redis_failures_as_unavailable():
+            names = list(self.client.scan_iter(match=keys.replica("*"), count=1000))
+            cards = self.client.mget(names) if names else []
+        return sorted((json.loads(card) for card in cards if card), key=lambda card: card["replica"])
 
     def hold_webhook(self, job_id: str, event: str, message_id: str) -> None:
         hold = json.dumps({"replica": self.replica, "message_id": message_id})
@@ -337,7 +345,8 @@ class SharedJobQueue:
                     logger.exception("the heartbeat caught an error; it goes on")
 
     def _heartbeat(self) -> None:
-        self.client.set(keys.replica(self.replica), time.time(), ex=HEARTBEAT_TTL_S)
+        card = json.dumps({**self.card(), "replica": self.replica, "beat": time.time()})
+        self.client.set(keys.replica(self.replica), card, ex=HEARTBEAT_TTL_S)
 
     # -- helpers --
 
