@@ -24,6 +24,7 @@ from backends.api.guards import Origins
 from backends.api.logs import log_json_lines
 from backends.api.runtime import Runtime, ServedAdapter, ServedModel
 from backends.api.settings import declared_environment, load_settings
+from backends.api.tracing import tracing_config
 from backends.sdxl_backend.embeddings import fits_model, model_text_signature
 from backends.sdxl_backend.loras import model_unet_signature
 from backends.sdxl_backend.protocol import GenerationRequest, ImageToImageRequest, TextToImageRequest
@@ -212,6 +213,8 @@ SDXL = bentoml.service(
     # 504 in the error shape); BentoML's own timeout is the backstop behind it, with the timer
     # that BentoML leaves armed cancelled (TimelyTimeout, installed below).
     traffic={"timeout": SETTINGS.timeout_seconds + 60},
+    # Traces, when an OTLP endpoint is set the standard way (OTEL_EXPORTER_OTLP_ENDPOINT): tracing.py.
+    tracing=tracing_config(),
     # BentoML's access log and HTTP metrics name raw paths, job and image ids included; the edge
     # (backends/api/edge.py) logs and counts by route template instead, and serves /metrics.
     logging={"access": {"enabled": False}},

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -138,3 +139,55 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(60)
             self.process = None
+
+
+class TraceCollector:
+    """An OTLP/HTTP trace collector on 127.0.0.1: keeps every span the servers export, decoded
+    with OpenTelemetry's own protobuf classes, as a dict (name, trace and span ids as hex,
+    parent, start and end in ns, attributes)."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+            ExportTraceServiceResponse,
+        )
+
+        self.spans: list[dict] = []
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                export = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["content-length"])))
+                for resource in export.resource_spans:
+                    for scope in resource.scope_spans:
+                        collector.spans.extend(collector.decoded(span) for span in scope.spans)
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def decoded(span) -> dict:
+        return {
+            "name": span.name,
+            "trace_id": span.trace_id.hex(),
+            "span_id": span.span_id.hex(),
+            "parent_span_id": span.parent_span_id.hex(),
+            "start": span.start_time_unix_nano,
+            "end": span.end_time_unix_nano,
+            "attributes": {a.key: a.value.string_value or a.value.int_value for a in span.attributes},
+        }
+
+    def stop(self) -> None:
+        self.server.shutdown()

@@ -257,3 +257,13 @@ def test_the_service_module_loads_neither_torch_nor_diffusers(tiny_model):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_traces_are_off_without_an_otlp_endpoint_and_a_bad_share_fails_by_name():
+    from backends.api.tracing import tracing_config
+
+    assert tracing_config({}) == {}
+    config = tracing_config({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_TRACES_SAMPLER_ARG": "0.25"})
+    assert config["exporter_type"] == "otlp" and config["sample_rate"] == 0.25
+    with pytest.raises(RuntimeError, match="OTEL_TRACES_SAMPLER_ARG='lots'"):
+        tracing_config({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_TRACES_SAMPLER_ARG": "lots"})

@@ -20,6 +20,7 @@ import pytest
 import redis
 from standardwebhooks import Webhook
 
+from tests.served import TraceCollector
 from tests.test_mcp import connected
 from tests.test_webhooks import Receiver
 
@@ -42,7 +43,15 @@ def fleet_env(redis_server, database: int, **more: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def replicas(serve, redis_server):
+def collector():
+    """Where the replicas below export their traces."""
+    collector = TraceCollector()
+    yield collector
+    collector.stop()
+
+
+@pytest.fixture(scope="module")
+def replicas(serve, redis_server, collector):
     env = fleet_env(
         redis_server,
         0,
@@ -51,6 +60,8 @@ def replicas(serve, redis_server):
         SDXL_MODEL_ALIASES="sdxl-realism=tiny-sdxl",  # (the id the gallery sends)
         SDXL_WEBHOOK_ALLOWED_HOSTS="127.0.0.1/32",
         SDXL_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector.url,
+        OTEL_BSP_SCHEDULE_DELAY="200",  # (spans exported within 0.2 s, not 5)
     )
     return serve("replica-a", env), serve("replica-b", env)
 
@@ -220,6 +231,41 @@ def test_the_fleet_page_shows_both_replicas_their_model_and_the_queue_filling_an
     finally:
         for page in pages:
             page.context.close()
+
+
+def test_a_jobs_trace_goes_on_on_the_replica_that_runs_it(replicas, collector):
+    """A job submitted to the busy replica runs on the other: its trace holds the submit's HTTP
+    span and `validate` from the first, and `job` (queue wait, model load or not, denoise,
+    encode, in that order) from the second, under the same HTTP span."""
+    first = submit(replicas[0], BLOCKER)["id"]
+    runner, other = runner_and_other(replicas, first)
+    try:
+        job_id = submit(runner, SMALL)["id"]
+        assert wait(other, job_id)["status"] == "succeeded"
+    finally:
+        cancel(replicas[0], first)
+    names = {
+        replica.url: httpx.get(f"{replica.url}/v1/system/fleet", timeout=300).json()["replicas"][0]["replica"]
+        for replica in replicas
+    }
+    deadline = time.monotonic() + 60
+    while not (
+        jobs := [
+            s for s in collector.spans if s["name"] == "job" and s["attributes"]["sdxl.replica"] == names[other.url]
+        ]
+    ):
+        assert time.monotonic() < deadline, "no job span exported by the replica that ran it"
+        time.sleep(0.2)
+    job_span = jobs[-1]
+    trace = {span["name"]: span for span in collector.spans if span["trace_id"] == job_span["trace_id"]}
+    assert trace["validate"]["attributes"]["sdxl.replica"] == names[runner.url]
+    assert trace["validate"]["parent_span_id"] == job_span["parent_span_id"]  # the submit's HTTP span
+    assert job_span["parent_span_id"] in {span["span_id"] for span in trace.values()}
+    parts = [trace[name] for name in ("queue wait", "denoise", "encode")]
+    assert all(part["parent_span_id"] == job_span["span_id"] for part in parts)
+    assert [part["start"] for part in parts] == sorted(part["start"] for part in parts)
+    assert job_span["start"] <= parts[0]["start"] and parts[-1]["end"] <= job_span["end"]
+    assert "a quick one" not in str(collector.spans)  # (no prompt in any span)
 
 
 def test_img2img_travels_with_its_input_image(replicas):

@@ -30,6 +30,7 @@ from backends.api.hangups import cancelled_on_hangup
 from backends.api.kept_images import KeptImages, SharedKeptImages
 from backends.api.metrics import Metrics
 from backends.api.settings import Settings
+from backends.api.tracing import JobSpans, service_tracer, tracing_config
 from backends.api.webhooks import Destinations, JobWebhooks, WebhookSender, WebhookSpec
 from backends.sdxl_backend.device_thread import TORCH_WORK
 from backends.sdxl_backend.errors import NotPermitted, StoreUnavailable, TimedOut
@@ -123,6 +124,8 @@ class Runtime:
             client = self._redis(settings.redis_url)
             self.kept_images = SharedKeptImages(client, settings.image_url_ttl_seconds, settings.image_url_max_bytes)
             self.jobs = SharedJobQueue(self.devices.devices, client, bounds, self._job_changed, self.card)
+        self.tracer = service_tracer(enabled=bool(tracing_config()))
+        self.job_spans = JobSpans(self.tracer, self.jobs.replica)
         self.webhook_destinations = Destinations(settings.webhook_allowed_hosts)
         self.webhooks = (
             JobWebhooks(
@@ -238,7 +241,8 @@ class Runtime:
                 request.vram_mode,
             )
             request = request.model_copy(update={"vram_mode": None})
-        return self.engine.prepare(request)
+        with self.tracer.start_as_current_span("validate", attributes={"sdxl.replica": self.jobs.replica}):
+            return self.engine.prepare(request)
 
     async def unload(self) -> list[str]:
         """Free every loaded model no request is using, on each device's thread (after the batch
@@ -368,6 +372,7 @@ class Runtime:
     def _job_changed(self, job: Job) -> None:
         if job.status.final:
             self.metrics.observe_finished(job)
+            self.job_spans.finished(job)
         if self.webhooks is not None:
             self.webhooks.changed(job)
 

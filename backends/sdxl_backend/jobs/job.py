@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from opentelemetry import propagate
 from PIL import Image
 
 from ..device_thread import TORCH_WORK
@@ -62,6 +63,14 @@ class JobStatus(StrEnum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+def trace_context() -> dict[str, str]:
+    """The trace being recorded where this is called (empty when none is): a job made while a
+    request is traced carries it to the replica that runs the job."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
 @dataclass(eq=False)
 class Job:
     id: str
@@ -92,6 +101,8 @@ class Job:
     device: str | None = None  # the device that runs (or ran) it, once taken
     webhook: dict | None = None  # where to tell of its start or end (backends/api/webhooks.py), as submitted
     webhooks: dict[str, dict] = field(default_factory=dict)  # each event's delivery, once tried
+    # The trace its maker was in (W3C traceparent), continued where it runs (backends/api/tracing.py).
+    trace: dict[str, str] = field(default_factory=lambda: trace_context())
 
     def __post_init__(self) -> None:
         # Kept after the input is dropped; None for a job recovered from the journal.

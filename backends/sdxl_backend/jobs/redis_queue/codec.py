@@ -84,6 +84,7 @@ def submitted(job: Job, prepared: PreparedRequest, batch_key: object) -> Fields:
         "owner": job.owner or "",
         "priority": job.priority,
         "webhook": json.dumps(job.webhook) if job.webhook else "",
+        "trace": json.dumps(job.trace) if job.trace else "",
         "created": job.created,
         "step": 0,
         "total_steps": job.total_steps,
@@ -143,6 +144,7 @@ def taken(job_id: str, fields: dict[bytes, bytes], engine: Engine) -> Job:
         status=JobStatus.RUNNING,
         created=created,
         webhook=json.loads(fields[b"webhook"]) if fields.get(b"webhook") else None,
+        trace=json.loads(fields[b"trace"]) if fields.get(b"trace") else {},
     )
 
 
