@@ -7,6 +7,7 @@ in-process part alone.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -107,17 +108,22 @@ def serve(tiny_model, tmp_path_factory):
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium (Debian's package, which `make test` installs), driven by Playwright."""
+@contextlib.contextmanager
+def chromium():
+    """Headless Chromium (Debian's package, which `make test` installs), driven by Playwright.
+    Its sync API keeps an event loop running in this thread while it is open: a test that runs
+    a loop of its own (anyio.run) cannot run meanwhile, so a module that has both opens it in
+    the test that needs it."""
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "no Chromium: `make test` installs it (Debian's chromium package)"
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert executable, "no Chromium: `make test` installs it (Debian's chromium package)"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        yield browser
-        browser.close()
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,13 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import GUARD_KEYS
+from tests.conftest import GUARD_KEYS, chromium
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as browser:
+        yield browser
 
 
 @pytest.fixture

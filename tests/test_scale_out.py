@@ -20,6 +20,7 @@ import pytest
 import redis
 from standardwebhooks import Webhook
 
+from tests.conftest import chromium
 from tests.served import TraceCollector
 from tests.test_mcp import connected
 from tests.test_webhooks import Receiver
@@ -185,7 +186,7 @@ def test_every_metric_the_grafana_dashboard_reads_is_served(replicas):
     assert len(queried) >= 12 and queried <= served, queried - served
 
 
-def test_the_fleet_page_shows_both_replicas_their_model_and_the_queue_filling_and_draining(replicas, browser, tmp_path):
+def test_the_fleet_page_shows_both_replicas_their_model_and_the_queue_filling_and_draining(replicas, tmp_path):
     """/ui/fleet in headless Chromium, on one replica: both replicas (their cards come through
     Redis), each running a long job on tiny-sdxl, two jobs waiting, then none once the long ones
     are cancelled; at 1280 and 375 px, with no console error."""
@@ -195,7 +196,7 @@ def test_the_fleet_page_shows_both_replicas_their_model_and_the_queue_filling_an
     wait(other, second, running)
     waiting = [submit(replicas[0], SMALL)["id"] for _ in range(2)]
     pages = []
-    try:
+    with chromium() as browser:  # (closed, and its contexts, before the next test runs a loop)
         for width in (1280, 375):
             context = browser.new_context(viewport={"width": width, "height": 900}, bypass_csp=True)
             page = context.new_page()
@@ -228,9 +229,6 @@ def test_the_fleet_page_shows_both_replicas_their_model_and_the_queue_filling_an
                 "document.querySelectorAll('.replica .idle').length === 2"
             )
             assert page.console_errors == []
-    finally:
-        for page in pages:
-            page.context.close()
 
 
 def test_a_jobs_trace_goes_on_on_the_replica_that_runs_it(replicas, collector):
