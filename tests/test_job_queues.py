@@ -414,3 +414,14 @@ def test_a_shared_queues_replicas_publish_their_cards_with_their_heartbeats(make
         return
     [card] = queue.replicas()
     assert card["replica"] == queue.replica and card["beat"] > 0
+
+
+def test_recent_jobs_can_be_read_without_their_images(make_queue, engine):
+    queue = make_queue()
+    job = queue.submit(prepared(engine))
+    queue.start()
+    final(queue, job)
+    [whole], [record] = queue.recent(1), queue.recent(1, images=False)
+    assert whole.result.images and (record.id, record.status, record.step) == (job.id, "succeeded", whole.step)
+    if not isinstance(queue, MemoryJobQueue):  # (Redis: the images stay there, a few bytes come back)
+        assert record.result is None

@@ -3,9 +3,9 @@ last minutes, the last errors, as JSON) and `/ui/fleet`, the page that shows it.
 
 Each replica publishes its card (`Runtime.card`: devices, memory, loaded models, the job each
 device runs) with its heartbeat in Redis; alone, the card is this process's. The queue's
-figures come from the newest jobs the store holds. Nothing here names a prompt, a key or a
-job: the jobs waiting are counted per key digest (the first 8 characters of the digest the
-queue keeps, never the key)."""
+figures come from the newest jobs the store holds (their records: no image is read). Nothing
+here names a prompt, a key or a job: the jobs waiting are counted per key digest (the first 8
+characters of the digest the queue keeps, never the key)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ async def fleet(runtime: RuntimeDep) -> dict[str, Any]:
     the last minutes, and the last errors."""
     here = runtime.card()
     others = await anyio.to_thread.run_sync(runtime.jobs.replicas)
-    jobs, length = await anyio.to_thread.run_sync(lambda: (runtime.jobs.recent(RECENT_JOBS), runtime.jobs.queue_length))
+    jobs, length = await anyio.to_thread.run_sync(
+        lambda: (runtime.jobs.recent(RECENT_JOBS, images=False), runtime.jobs.queue_length)
+    )
     now = time.time()
     return {
         "replicas": [{**here, "here": True}]

@@ -66,8 +66,11 @@ class JobQueue(Protocol):
     def retry_after_s(self) -> int:
         """Seconds until a full queue has room again."""
 
-    def recent(self, limit: int = 50, before: float | None = None, owner: str | None = None) -> list[Job]:
-        """The newest jobs first (of `owner`, when given), at most `limit`, created before `before`."""
+    def recent(
+        self, limit: int = 50, before: float | None = None, owner: str | None = None, images: bool = True
+    ) -> list[Job]:
+        """The newest jobs first (of `owner`, when given), at most `limit`, created before `before`;
+        without `images`, a shared queue leaves the results' images in Redis (`result` None)."""
 
     def forget_result(self, job: Job) -> None:
         """Drop a delivered result's images: only the record stays."""

@@ -134,7 +134,9 @@ class MemoryJobQueue:
             self._watchers, job, _as_is, timeout_s, lambda job: job.version != version or job.status.final
         )
 
-    def recent(self, limit: int = 50, before: float | None = None, owner: str | None = None) -> list[Job]:
+    def recent(
+        self, limit: int = 50, before: float | None = None, owner: str | None = None, images: bool = True
+    ) -> list[Job]:  # (the jobs themselves: their images cost nothing to hand over)
         with self._lock:
             self._expire()
             jobs = sorted(self._jobs.values(), key=lambda job: job.created, reverse=True)

@@ -136,7 +136,9 @@ class SharedJobQueue:
             fallback_s=feed.FALLBACK_S,
         )
 
-    def recent(self, limit: int = 50, before: float | None = None, owner: str | None = None) -> list[Job]:
+    def recent(
+        self, limit: int = 50, before: float | None = None, owner: str | None = None, images: bool = True
+    ) -> list[Job]:
         with redis_failures_as_unavailable():
             ids = [
                 i.decode()
@@ -149,7 +151,7 @@ class SharedJobQueue:
                 for job_id in ids:
                     pipe.hget(keys.job(job_id), "owner")
                 ids = [job_id for job_id, own in zip(ids, pipe.execute()) if own == owner.encode()]
-            return [job for job in self._load(ids[:limit]) if job is not None]
+            return [job for job in self._load(ids[:limit], images) if job is not None]
 
     def position(self, job: Job) -> int:
         """Across the replicas."""
@@ -383,19 +385,20 @@ class SharedJobQueue:
             if before == b"queued":
                 tell(self.on_change, self.refresh(job))
 
-    def _load(self, ids: list[str]) -> list[Job | None]:
-        """Snapshots of the jobs (None for one that is not there), a finished result's images included."""
+    def _load(self, ids: list[str], images: bool = True) -> list[Job | None]:
+        """Snapshots of the jobs (None for one that is not there), a finished result's images
+        included unless not wanted (then `result` is None: a few bytes a job instead of megabytes)."""
         pipe = self.client.pipeline(transaction=False)
         for job_id in ids:
             pipe.hmget(keys.job(job_id), codec.SNAPSHOT_FIELDS)
         records = [dict(zip(codec.SNAPSHOT_FIELDS, values)) for values in pipe.execute()]
-        counts = [int(record["images"] or 0) if record["status"] else 0 for record in records]
+        counts = [int(record["images"] or 0) if record["status"] and images else 0 for record in records]
         for job_id, count in zip(ids, counts):
             if count:
                 pipe.hmget(keys.job(job_id), [f"image:{index}" for index in range(count)])
-        images = iter(pipe.execute())
+        image_sets = iter(pipe.execute())
         return [
-            codec.snapshot(job_id, record, next(images) if count else []) if record["status"] else None
+            codec.snapshot(job_id, record, next(image_sets) if count else []) if record["status"] else None
             for job_id, record, count in zip(ids, records, counts)
         ]
 
