@@ -88,7 +88,7 @@ def replacement_vae() -> bentoml.Model | None:
 
 
 def served_adapters(kind: str) -> dict[str, bentoml.Model]:
-    """The LoRAs (ControlNets, embeddings) in the store that fit a served model, so that a bento
+    """The LoRAs (ControlNets, embeddings, IP-Adapters) in the store that fit a served model, so that a bento
     packs none it could never use; in a bento, every one it packed. Requests pick among them."""
     packed = packed_models(kind)
     if packed is not None:
@@ -121,13 +121,13 @@ def default_model(served: list[str]) -> str:
 
 
 def model_attribute(model_id: str, kind: str = "model") -> str:
-    return f"{kind}_" + model_id.replace("-", "_").replace(".", "_")
+    return f"{kind}_".replace("-", "_") + model_id.replace("-", "_").replace(".", "_")
 
 
 SERVED = served_models()
 DEFAULT_MODEL = default_model(list(SERVED))
 VAE = replacement_vae()
-ADAPTERS = {kind: served_adapters(kind) for kind in ("lora", "controlnet", "embedding")}
+ADAPTERS = {kind: served_adapters(kind) for kind in ("lora", "controlnet", "embedding", "ip-adapter")}
 dialects = create_app()
 
 
@@ -150,7 +150,7 @@ class SDXL:
             for model_id, model in SERVED.items()
         ]
         vae = Path(self.model_vae.path) if VAE is not None else None
-        loras, controlnets, embeddings = (
+        loras, controlnets, embeddings, ip_adapters = (
             [
                 ServedAdapter(
                     adapter_id,
@@ -162,7 +162,7 @@ class SDXL:
             ]
             for kind, adapters in ADAPTERS.items()
         )
-        self.runtime = Runtime(SETTINGS, served, DEFAULT_MODEL, vae, loras, controlnets, embeddings)
+        self.runtime = Runtime(SETTINGS, served, DEFAULT_MODEL, vae, loras, controlnets, embeddings, ip_adapters)
         dialects.state.runtime = self.runtime
         self.runtime.start(warm_up=SETTINGS.warmup)
 

@@ -1,7 +1,8 @@
 """`python -m models`: the SDXL models in the BentoML model store.
 
 python -m models list
-python -m models import ID [--from PATH [--config REPO_OR_DIR | --fits MODEL]] [--revision REV] [--force]
+python -m models import ID [--from PATH [--config REPO_OR_DIR | --fits MODEL | --encoder DIR]]
+                           [--revision REV] [--force]
 python -m models remove ID
 python -m models ensure-default    # what `make serve` runs: a store with at least one model
 """
@@ -32,11 +33,18 @@ KIND_LABELS = {
     "lora": "[LoRA] ",
     "controlnet": "[ControlNet] ",
     "embedding": "[embedding] ",
+    "ip-adapter": "[IP-Adapter] ",
 }  # in the listing
 
 
 def _import(
-    model_id: str, source: Path | None, config: str | None, revision: str | None, force: bool, fits: str | None = None
+    model_id: str,
+    source: Path | None,
+    config: str | None,
+    revision: str | None,
+    force: bool,
+    fits: str | None = None,
+    encoder: Path | None = None,
 ) -> None:
     existing = stored_model(model_id)
     if existing is not None and not force:
@@ -44,7 +52,7 @@ def _import(
         return
     catalog = load_catalog()
     if source is not None:
-        model = import_from_path(model_id, source, config, fits)
+        model = import_from_path(model_id, source, config, fits, encoder)
     elif model_id in TINY:
         model = import_tiny(model_id)
     elif model_id in catalog:
@@ -113,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--config", help="for a single .safetensors file: the diffusers repo or directory of its configs")
     imp.add_argument("--revision", help="hub branch, tag or commit (default: main)")
     imp.add_argument(
-        "--fits", help="for a LoRA or ControlNet: the stored model whose UNet it was made for (default: SDXL base's)"
+        "--fits",
+        help="for a LoRA, ControlNet or IP-Adapter: the stored model whose UNet it was made for (default: SDXL base's)",
     )
+    imp.add_argument("--encoder", type=Path, help="for an IP-Adapter .safetensors: its image encoder's directory")
     imp.add_argument("--force", action="store_true", help="import again even when already stored")
     rm = commands.add_parser("remove", help="delete every stored version of a model")
     rm.add_argument("id")
@@ -125,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             _list()
         elif args.command == "import":
-            _import(args.id, args.source, args.config, args.revision, args.force, args.fits)
+            _import(args.id, args.source, args.config, args.revision, args.force, args.fits, args.encoder)
         elif args.command == "remove":
             deleted = remove(args.id)
             if not deleted:

@@ -2,9 +2,10 @@
 
 Each model is one BentoML model named by its friendly id, holding a diffusers directory (a
 pipeline), one component's directory (a VAE or a ControlNet: `config.json` and its weights),
-a LoRA's weights (`pytorch_lora_weights.safetensors`) or an embedding's vectors
-(`embedding.safetensors`). LoRAs and ControlNets carry a `fits` label: the UNet architecture
-they were made for (backends/sdxl_backend/loras.py); embeddings, the text encoders' widths
+a LoRA's weights (`pytorch_lora_weights.safetensors`), an embedding's vectors
+(`embedding.safetensors`) or an IP-Adapter's weights and image encoder (`ip-adapter.safetensors`,
+`image_encoder/`). LoRAs, ControlNets and IP-Adapters carry a `fits` label: the UNet
+architecture they were made for (backends/sdxl_backend/loras.py); embeddings, the text encoders' widths
 (backends/sdxl_backend/embeddings.py). Labels record
 what it is and where it came from: `sdxl_id`, `sdxl_kind`, `source`, `revision`.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 import bentoml
 
 from backends.sdxl_backend.embeddings import EMBEDDING_FILE, SDXL_TEXT, file_signature
+from backends.sdxl_backend.ip_adapters import ENCODER_FOLDER, IP_ADAPTER_FILE, is_ip_adapter
 from backends.sdxl_backend.loras import LORA_FILE, SDXL_UNET, model_unet_signature, unet_signature
 
 from .catalog import CatalogEntry
@@ -125,6 +127,7 @@ TINY = (
     "tiny-sdxl-lora",
     "tiny-sdxl-controlnet",
     "tiny-sdxl-embedding",
+    "tiny-sdxl-ip-adapter",
 )  # built locally
 
 
@@ -137,6 +140,7 @@ def import_tiny(model_id: str = "tiny-sdxl") -> bentoml.Model:
         build_tiny_sdxl,
         build_tiny_vae,
         save_tiny_embedding,
+        save_tiny_ip_adapter,
         save_tiny_lora,
     )
 
@@ -172,6 +176,8 @@ def import_tiny(model_id: str = "tiny-sdxl") -> bentoml.Model:
             model_id, source, "1", save_tiny_embedding, {"fits": f"{TEXT_HIDDEN}+{TEXT_HIDDEN}"}, kind="embedding"
         )
     fits = unet_signature(build_tiny_sdxl().unet.config)
+    if model_id == "tiny-sdxl-ip-adapter":
+        return _store(model_id, source, "1", save_tiny_ip_adapter, {"fits": fits}, kind="ip-adapter")
     return _store(model_id, source, "1", save_tiny_lora, {"fits": fits}, kind="lora")
 
 
@@ -181,14 +187,17 @@ def model_unet_signature_of(model_id: str) -> str | None:
     return model_unet_signature(Path(model.path)) if model else None
 
 
-def import_from_path(model_id: str, path: Path, config: str | None = None, fits: str | None = None) -> bentoml.Model:
+def import_from_path(
+    model_id: str, path: Path, config: str | None = None, fits: str | None = None, encoder: Path | None = None
+) -> bentoml.Model:
     """A diffusers directory: a pipeline, or a ControlNet's (`config.json` naming a
     `ControlNetModel`); a single-file `.safetensors` SDXL checkpoint (converted to the diffusers
     layout; `config` names the diffusers repo or directory whose configs it follows); a LoRA
     `.safetensors` (diffusers/PEFT or kohya/A1111 keys); or an SDXL textual-inversion embedding
-    (`clip_l` and `clip_g`, fitting the models whose text encoders have their widths). LoRAs and
-    ControlNets fit SDXL base's architecture unless `fits` names a stored model whose UNet they
-    were made for."""
+    (`clip_l` and `clip_g`, fitting the models whose text encoders have their widths); or an
+    IP-Adapter `.safetensors` (`image_proj.*`, `ip_adapter.*`) with its image `encoder`'s
+    directory. LoRAs, ControlNets and IP-Adapters fit SDXL base's architecture unless `fits`
+    names a stored model whose UNet they were made for."""
     path = path.expanduser().resolve()
     if path.is_dir():
         if _class_name(path / "config.json") == "ControlNetModel":
@@ -215,6 +224,19 @@ def import_from_path(model_id: str, path: Path, config: str | None = None, fits:
                 {"fits": widths},
                 kind="embedding",
             )
+        if is_ip_adapter(path):
+            if encoder is None or not (encoder / "config.json").is_file():
+                raise ImportFailed(
+                    f"{path.name} is an IP-Adapter: give its image encoder's directory with --encoder "
+                    "(a CLIP vision model: config.json and model.safetensors)"
+                )
+            image_encoder = encoder.expanduser().resolve()
+
+            def fill(dst: Path) -> None:
+                _place(path, dst / IP_ADAPTER_FILE)
+                _copy_tree(image_encoder, dst / ENCODER_FOLDER)
+
+            return _store(model_id, f"local:{path}", "-", fill, {"fits": _fits(fits)}, kind="ip-adapter")
         if is_lora(path):
             return _store(
                 model_id,
@@ -286,6 +308,14 @@ def select_component_files(repo_files: list[str]) -> list[str]:
     return ["config.json", *(fp16 or weights)]
 
 
+def select_encoder_files(repo_files: list[str], folder: str | None) -> list[str]:
+    """An IP-Adapter's image encoder in its repo: the folder's config and safetensors weights."""
+    if folder is None:
+        raise ImportFailed("an IP-Adapter's catalog entry names its image encoder's folder (encoder)")
+    inside = [f for f in repo_files if f.rpartition("/")[0] == folder]
+    return [f for f in inside if f.endswith(("/config.json", ".safetensors"))]
+
+
 def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml.Model:
     """Download only what the pipeline needs into the HF cache (resumable, with progress
     bars), then place it in the new model."""
@@ -311,6 +341,8 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
             wanted = select_files(repo_files, model_index)
         elif entry.kind in ("lora", "embedding"):
             wanted = [entry.weights]
+        elif entry.kind == "ip-adapter":  # its file and its image encoder's config and weights
+            wanted = [entry.weights, *select_encoder_files(repo_files, entry.encoder)]
         else:
             wanted = select_component_files(repo_files)
         if entry.unet:
@@ -327,16 +359,19 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
         raise ImportFailed(_hub_error(entry.repo, exc)) from exc
 
     def fill(path: Path) -> None:
-        placed_as = {"lora": LORA_FILE, "embedding": EMBEDDING_FILE}
+        placed_as = {"lora": LORA_FILE, "embedding": EMBEDDING_FILE, "ip-adapter": IP_ADAPTER_FILE}
         for name in wanted:
-            _place(snapshot / name, path / placed_as.get(entry.kind, name))
+            if entry.kind == "ip-adapter" and name != entry.weights:
+                _place(snapshot / name, path / ENCODER_FOLDER / Path(name).name)
+            else:
+                _place(snapshot / name, path / placed_as.get(entry.kind, name))
         if unet_file is not None:
             _place(unet_file, path / "unet" / "diffusion_pytorch_model.fp16.safetensors")
 
     source = f"hf:{entry.repo}" + (f"+{entry.unet[0]}/{entry.unet[1]}" if entry.unet else "")
     # The revision of every component: the repo's commit, and the replacing UNet's (its cache path names it).
     labels = {"unet_revision": unet_file.parent.name} if unet_file is not None else {}
-    if entry.kind in ("lora", "controlnet"):
+    if entry.kind in ("lora", "controlnet", "ip-adapter"):
         labels["fits"] = SDXL_UNET
     if entry.kind == "embedding":
         labels["fits"] = SDXL_TEXT

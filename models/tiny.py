@@ -5,8 +5,8 @@ concatenated, `text_time` added conditioning, a 4-channel latent space and a VAE
 factor 8, so latents, batches and image sizes have the shapes of the real model. Everything
 else is made small: attention only at the lowest UNet resolution and none in the VAE, so a
 1024x1024 image takes seconds on a CPU. The weights are random (seeded), so it draws noise.
-A second VAE, a LoRA and a ControlNet of the same architecture stand in for those components
-in tests.
+A second VAE, a LoRA, a ControlNet, an embedding and an IP-Adapter of the same architecture
+stand in for those components in tests.
 """
 
 from __future__ import annotations
@@ -206,3 +206,43 @@ def build_tiny_controlnet(seed: int = SEED + 4) -> ControlNetModel:
         for zero_conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
             zero_conv.weight.normal_(0.0, 0.5)
     return controlnet
+
+
+def save_tiny_ip_adapter(path: Path, seed: int = SEED + 6) -> None:
+    """An IP-Adapter for tiny-sdxl, with its image encoder (a tiny CLIP vision model), in the
+    layout of h94/IP-Adapter's files: the image projection (`image_proj.proj`: the encoder's
+    embedding to 4 tokens of the UNet's text width, `image_proj.norm`) and per cross-attention
+    layer, numbered as diffusers reads them (1, 3, 5...), the picture's key and value
+    projections. Random, so that it changes the images."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from backends.sdxl_backend.ip_adapters import ENCODER_FOLDER, IP_ADAPTER_FILE
+
+    unet = build_tiny_sdxl().unet
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=TEXT_PROJECTION,
+        )
+    )
+    encoder.save_pretrained(path / ENCODER_FOLDER, safe_serialization=True)
+    width = unet.config.cross_attention_dim
+    weights = {
+        "image_proj.proj.weight": torch.randn(4 * width, TEXT_PROJECTION) * 0.5,
+        "image_proj.proj.bias": torch.randn(4 * width) * 0.1,
+        "image_proj.norm.weight": torch.ones(width),
+        "image_proj.norm.bias": torch.zeros(width),
+    }
+    cross_attention = [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+    for index, name in enumerate(cross_attention):
+        to_k = unet.get_submodule(name.removesuffix(".processor")).to_k
+        for projection in ("to_k_ip", "to_v_ip"):
+            weights[f"ip_adapter.{2 * index + 1}.{projection}.weight"] = torch.randn_like(to_k.weight) * 0.5
+    save_file(weights, str(path / IP_ADAPTER_FILE))

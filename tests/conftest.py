@@ -90,6 +90,14 @@ def tiny_embedding(tiny_model):
 
 
 @pytest.fixture(scope="session")
+def tiny_ip_adapter(tiny_model):
+    """tiny-sdxl-ip-adapter in the store: every server started after this serves it."""
+    from models.store import import_tiny, stored_model
+
+    return stored_model("tiny-sdxl-ip-adapter") or import_tiny("tiny-sdxl-ip-adapter")
+
+
+@pytest.fixture(scope="session")
 def serve(tiny_model, tmp_path_factory):
     """The one way tests start a served process: `serve(name, env)` returns it ready (its log
     under the test's output folder); every process started is stopped at the end."""

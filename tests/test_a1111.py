@@ -194,7 +194,7 @@ def test_webuiapi_listings_options_and_skip(api):
     def served(kind: str) -> list[str]:  # what this server serves (the session's store may hold some)
         return sorted(adapter["id"] for adapter in httpx.get(f"{native}/v1/{kind}", timeout=300).json()["data"])
 
-    scripts = ["controlnet"] if served("controlnets") else []
+    scripts = ["controlnet"] if served("controlnets") or served("ip-adapters") else []
     assert api.get_scripts() == {"txt2img": scripts, "img2img": scripts}  # its constructor probes this
     assert sorted(lora["name"] for lora in api.get_loras()) == served("loras")
     for listing in (

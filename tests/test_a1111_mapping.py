@@ -121,6 +121,27 @@ def test_a_controlnet_unit_maps_as_the_extension_means_it():
     assert refused.value.param == "alwayson_scripts.controlnet.args[0].module"
 
 
+def test_ip_adapter_units_map_to_image_prompts_as_the_extension_and_forge_name_them():
+    canny = {"module": "canny", "model": "tiny-controlnet", "image": TINY_PNG}
+    for module in ("ip-adapter_clip_sdxl_plus_vith", "ip-adapter-auto", "CLIP-ViT-H (IPAdapter)"):
+        unit = {"module": module, "model": "ip-adapter-sdxl [7ab1]", "weight": 0.7, "image": TINY_PNG}
+        request = mapped(alwayson_scripts={"controlnet": {"args": [canny, unit]}})
+        (prompt,) = request.ip_adapters
+        assert (prompt.id, prompt.scale, bool(prompt.image)) == ("ip-adapter-sdxl", 0.7, True)
+        assert [control.id for control in request.controlnets] == ["tiny-controlnet"]
+    unit = {"module": "ip-adapter-auto", "model": "ip-adapter-sdxl"}
+    assert mapped(True, init_images=[TINY_PNG], alwayson_scripts={"controlnet": {"args": [unit]}}).ip_adapters
+    for refused_unit, param in [
+        (unit, "image"),  # txt2img: no input image to read
+        ({**unit, "image": TINY_PNG, "module": "ip-adapter_face_id_plus"}, "module"),
+        ({**unit, "image": TINY_PNG, "guidance_start": 0.2}, "guidance_start"),
+        ({**unit, "image": TINY_PNG, "model": "None"}, "model"),
+    ]:
+        with pytest.raises(InvalidRequest) as refused:
+            mapped(alwayson_scripts={"controlnet": {"args": [refused_unit]}})
+        assert refused.value.param == f"alwayson_scripts.controlnet.args[0].{param}"
+
+
 def test_progress_when_nothing_runs():
     answer = progress(None, preview=True)
     assert answer["progress"] == 0.0 and answer["state"]["job_count"] == 0 and answer["current_image"] is None

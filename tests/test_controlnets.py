@@ -34,6 +34,13 @@ def square_png(size: int = 64) -> bytes:
 
 
 SQUARE = square_png()
+IMG2IMG = {"image": base64.b64encode(SQUARE).decode(), "strength": 0.8, "steps": 5}
+# Beside txt2img, what a request's units must work with: img2img, inpainting, a hires fix.
+OTHER_TASKS = [
+    IMG2IMG,
+    {**IMG2IMG, "mask": base64.b64encode(SQUARE).decode()},
+    {"hires_fix": {"scale": 1.5, "steps": 2}},
+]
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +76,8 @@ def test_two_controlnets_at_once_and_with_image_to_image_and_inpainting(engine):
     one = run(engine, {})
     assert run(engine, {}, {"scale": 0.0}) == one  # the second one at scale 0 adds nothing
     assert run(engine, {}, {"preprocess": "canny"}) != one
-    img2img = {"image": base64.b64encode(square_png()).decode(), "strength": 0.8, "steps": 5}
-    assert run(engine, {}, **img2img) != run(engine, **img2img)
-    mask = {"mask": base64.b64encode(square_png()).decode()}
-    assert run(engine, {}, **img2img, **mask) != run(engine, **img2img, **mask)
-    hires = {"hires_fix": {"scale": 1.5, "steps": 2}}
-    assert run(engine, {}, **hires) != run(engine, **hires)
+    for task in OTHER_TASKS:
+        assert run(engine, {}, **task) != run(engine, **task)
 
 
 def test_canny_gives_an_edge_map_at_the_output_size():
@@ -121,8 +124,17 @@ def test_controlnets_are_checked_before_the_queue(engine, tiny_refiner):
     assert prepared.request.controlnets[0].image == b""  # the queued request holds the map, not the upload
 
 
+def without_and_with(server, plain: dict, field: str, unit: dict) -> tuple[bytes, bytes]:
+    """The pixels of the native txt2img `plain`, and of `plain` with `unit` in `field`."""
+    native = [
+        httpx.post(f"{server.url}/v1/txt2img", json=body, timeout=300) for body in (plain, {**plain, field: [unit]})
+    ]
+    assert [answer.status_code for answer in native] == [200, 200], native[1].text
+    return tuple(pixels(base64.b64decode(answer.json()["images"][0]["b64_json"])) for answer in native)
+
+
 @pytest.mark.served
-def test_native_and_a1111_clients_send_controlnets(serve, tiny_controlnet):
+def test_native_and_a1111_clients_send_controlnets(serve, tiny_controlnet, tiny_ip_adapter):
     import webuiapi
 
     server = serve("controlnets", {"SDXL_MODELS": "tiny-sdxl"})
@@ -148,17 +160,13 @@ def test_native_and_a1111_clients_send_controlnets(serve, tiny_controlnet):
         "steps": 20,
         "guidance_scale": 7.0,
     }
-    native = [
-        httpx.post(f"{server.url}/v1/txt2img", json=body, timeout=300)
-        for body in (plain, {**plain, "controlnets": [unit]})
-    ]
-    assert [answer.status_code for answer in native] == [200, 200], native[1].text
-    guided = pixels(base64.b64decode(native[1].json()["images"][0]["b64_json"]))
-    assert guided != pixels(base64.b64decode(native[0].json()["images"][0]["b64_json"]))
+    unguided, guided = without_and_with(server, plain, "controlnets", unit)
+    assert guided != unguided
 
     a1111 = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
-    assert a1111.controlnet_model_list() == ["tiny-sdxl-controlnet"]
-    assert a1111.controlnet_module_list() == ["none", "canny"]
+    # (the extension lists IP-Adapters as unit models too; tests/test_ip_adapters.py sends them)
+    assert a1111.controlnet_model_list() == ["tiny-sdxl-controlnet", "tiny-sdxl-ip-adapter"]
+    assert a1111.controlnet_module_list() == ["none", "canny", "ip-adapter-auto"]
     picture = Image.open(io.BytesIO(square_png()))
     # The client's defaults: Resize and Fill, thresholds 64 and 64, Balanced, hr_option Both.
     # (`alwayson_scripts={}` each time: webuiapi adds the units to that argument's default dict,
@@ -216,4 +224,4 @@ def test_native_and_a1111_clients_send_controlnets(serve, tiny_controlnet):
     assert other_script.status_code == 400 and other_script.json()["error"]["param"] == "alwayson_scripts.adetailer"
     status = httpx.get(f"{server.url}/v1/system/status", timeout=300).json()
     assert [c["id"] for c in status["controlnets"]] == ["tiny-sdxl-controlnet"]
-    assert status["loads"] == {"tiny-sdxl": 1, "tiny-sdxl-controlnet": 1}
+    assert status["loads"] == {"tiny-sdxl": 1, "tiny-sdxl-controlnet": 1, "tiny-sdxl-ip-adapter": 0}

@@ -29,7 +29,7 @@ COMPOSE = ROOT / "deploy" / "compose.yaml"
 
 
 @pytest.fixture(scope="module")
-def bento(tiny_model, tiny_lora, tiny_controlnet, tiny_embedding):
+def bento(tiny_model, tiny_lora, tiny_controlnet, tiny_embedding, tiny_ip_adapter):
     """A bento built from this checkout serving tiny-sdxl, with a LoRA made for SDXL base in the
     store beside tiny-sdxl's: its manifest, its directory, and the stored adapters that fit
     tiny-sdxl when it was built (other tests may have added some), by kind."""
@@ -45,7 +45,7 @@ def bento(tiny_model, tiny_lora, tiny_controlnet, tiny_embedding):
             for adapter_id, adapter in stored_models(kind).items()
             if adapter.info.labels["fits"] == tiny_lora.info.labels["fits"]
         }
-        for kind in ("lora", "controlnet")
+        for kind in ("lora", "controlnet", "ip-adapter")
     }
     fitting["embedding"] = {
         embedding_id: embedding
@@ -77,11 +77,11 @@ def bento(tiny_model, tiny_lora, tiny_controlnet, tiny_embedding):
 
 
 def test_bento_packs_the_served_models_and_the_adapters_that_fit_them_and_declares_the_environment(
-    bento, tiny_model, tiny_lora, tiny_controlnet, tiny_embedding
+    bento, tiny_model, tiny_lora, tiny_controlnet, tiny_embedding, tiny_ip_adapter
 ):
     manifest, _, fitting = bento
     service = manifest["services"][0]
-    assert {tiny_lora.tag, tiny_controlnet.tag, tiny_embedding.tag} <= {
+    assert {tiny_lora.tag, tiny_controlnet.tag, tiny_embedding.tag, tiny_ip_adapter.tag} <= {
         adapter.tag for kind in fitting.values() for adapter in kind.values()
     }
     assert sorted(model["tag"] for model in service["models"]) == sorted(
@@ -94,8 +94,8 @@ def test_bento_packs_the_served_models_and_the_adapters_that_fit_them_and_declar
 
 
 def test_a_bento_serves_only_the_models_it_packed(bento, tiny_model, serve):
-    """An extra model in the store is not served by a built bento; its packed LoRAs and
-    ControlNets are."""
+    """An extra model in the store is not served by a built bento; its packed LoRAs,
+    ControlNets, embeddings and IP-Adapters are."""
     from models.store import import_from_path, stored_model
 
     stored_model("tiny-extra") or import_from_path("tiny-extra", Path(tiny_model.path))
@@ -105,6 +105,7 @@ def test_a_bento_serves_only_the_models_it_packed(bento, tiny_model, serve):
     loras = httpx.get(f"{server.url}/v1/loras", timeout=300).json()["data"]
     controlnets = httpx.get(f"{server.url}/v1/controlnets", timeout=300).json()["data"]
     embeddings = httpx.get(f"{server.url}/v1/embeddings", timeout=300).json()["data"]
+    ip_adapters = httpx.get(f"{server.url}/v1/ip-adapters", timeout=300).json()["data"]
     playground = httpx.get(f"{server.url}/ui", timeout=300)
     server.stop()
     assert playground.status_code == 200 and "SDXL playground" in playground.text  # packed with the code
@@ -117,6 +118,9 @@ def test_a_bento_serves_only_the_models_it_packed(bento, tiny_model, serve):
     ]
     assert sorted((e["id"], tuple(e["fits"])) for e in embeddings) == [
         (embedding_id, ("tiny-sdxl",)) for embedding_id in sorted(fitting["embedding"])
+    ]
+    assert sorted((a["id"], tuple(a["fits"])) for a in ip_adapters) == [
+        (adapter_id, ("tiny-sdxl",)) for adapter_id in sorted(fitting["ip-adapter"])
     ]
 
 

@@ -212,8 +212,8 @@ def test_the_page_fits_a_phone_and_a_wide_screen(server, open_page, width, tmp_p
 
 
 @pytest.mark.served
-def test_a_painted_mask_a_lora_and_a_controlnet_go_into_the_request(
-    serve, tiny_lora, tiny_controlnet, open_page, tmp_path
+def test_a_painted_mask_a_lora_a_controlnet_and_an_image_prompt_go_into_the_request(
+    serve, tiny_lora, tiny_controlnet, tiny_ip_adapter, open_page, tmp_path
 ):
     server = serve("playground", {"SDXL_MODELS": "tiny-sdxl"})
     page = open_page(server.url, 1280)
@@ -239,6 +239,10 @@ def test_a_painted_mask_a_lora_and_a_controlnet_go_into_the_request(
     page.select_option("#controlnet", "tiny-sdxl-controlnet")
     page.set_input_files("#control-file", str(picture))
     page.wait_for_function("document.querySelector('#control-file').files.length === 1")
+    page.click("#ip-adapter-panel summary")
+    page.select_option("#ip-adapter", "tiny-sdxl-ip-adapter")
+    page.set_input_files("#ip-file", str(picture))
+    page.wait_for_function("state.picture !== null")  # (read by the page)
     with page.expect_request(lambda request: request.url.endswith("/v1/jobs") and request.method == "POST") as sent:
         generate(page, 0)
     body = sent.value.post_data_json
@@ -246,5 +250,8 @@ def test_a_painted_mask_a_lora_and_a_controlnet_go_into_the_request(
     assert mask.size == (128, 128) and mask.getpixel((64, 64)) == 255 and mask.getpixel((64, 5)) == 0  # the stroke
     assert body["loras"] == [{"id": "tiny-sdxl-lora", "weight": 0.8}]
     assert body["controlnets"][0]["id"] == "tiny-sdxl-controlnet" and body["controlnets"][0]["preprocess"] == "canny"
-    assert "seed" in page.locator(".card .meta").first.inner_text()  # inpainted, guided and styled: it ran
+    (prompt,) = body["ip_adapters"]
+    assert (prompt["id"], prompt["scale"]) == ("tiny-sdxl-ip-adapter", 0.6)
+    assert prompt["image"].startswith("data:image/png;base64,")
+    assert "seed" in page.locator(".card .meta").first.inner_text()  # inpainted, guided, styled, prompted: it ran
     assert page.console_errors == []

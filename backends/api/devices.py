@@ -59,12 +59,14 @@ class Devices:
         loras: list[ServedAdapter],
         controlnets: list[ServedAdapter],
         embeddings: list[ServedAdapter],
+        ip_adapters: list[ServedAdapter],
     ):
         from backends.sdxl_backend.controlnets import ControlNetSource
         from backends.sdxl_backend.denoise import OutOfMemorySeam
         from backends.sdxl_backend.device import select_placement
         from backends.sdxl_backend.embeddings import EmbeddingSet, EmbeddingSource
         from backends.sdxl_backend.engine import Engine
+        from backends.sdxl_backend.ip_adapters import IpAdapterSource
         from backends.sdxl_backend.loras import LoraSource
         from backends.sdxl_backend.model_manager import ModelManager
         from backends.sdxl_backend.model_records import ModelSource
@@ -90,6 +92,8 @@ class Devices:
                 settings.max_loaded_loras,
                 [ControlNetSource(c.id, c.path, c.fits) for c in controlnets],
                 settings.max_loaded_controlnets,
+                [IpAdapterSource(a.id, a.path, a.fits) for a in ip_adapters],
+                settings.max_loaded_ip_adapters,
                 on_device=thread.run,
             )
             thread.run_at_exit(models.close)
@@ -140,12 +144,35 @@ class Devices:
 
     def memory(self) -> tuple[int, int] | None:
         """(used, total) bytes of the devices' memory together; None on the CPU."""
-        readings = [reading for device in self.devices if (reading := device.engine.models.device_memory())]
+        from backends.sdxl_backend.device import device_memory
+
+        readings = [reading for device in self.devices if (reading := device_memory(device.engine.models.placement))]
         return (sum(r[0] for r in readings), sum(r[1] for r in readings)) if readings else None
 
     def memory_by_device(self) -> dict[str, tuple[int, int]]:
         """Each device's (used, total) bytes; on the CPU the host's memory."""
-        return {device.name: device.engine.models.memory_in_use() for device in self.devices}
+        from backends.sdxl_backend.device import memory_in_use
+
+        return {device.name: memory_in_use(device.engine.models.placement) for device in self.devices}
+
+    def thread_status(self) -> dict[str, Any]:
+        threads = [device.thread for device in self.devices]
+        return {
+            "name": threads[0].name,
+            "names": [thread.name for thread in threads],
+            "torch_threads": threads[0].torch_threads,
+            "torch_work": TORCH_WORK.threads(),
+        }
+
+    def models_fitting(self, fits: str, embedding: bool) -> list[str]:
+        """The served models of a UNet architecture (LoRAs, ControlNets, IP-Adapters fit one),
+        or, for an `embedding`, of text encoder widths."""
+        from backends.sdxl_backend.embeddings import fits_model
+
+        sources = self.engine.models.sources.items()
+        if embedding:
+            return [m for m, source in sources if fits_model(fits, source.text_signature)]
+        return [m for m, source in sources if source.unet_signature == fits]
 
     def is_loaded(self, model_id: str) -> bool:
         return any(device.engine.models.is_loaded(model_id) for device in self.devices)

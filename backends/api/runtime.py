@@ -32,7 +32,6 @@ from backends.api.metrics import Metrics
 from backends.api.settings import Settings
 from backends.api.tracing import JobSpans, service_tracer, tracing_config
 from backends.api.webhooks import Destinations, JobWebhooks, WebhookSender, WebhookSpec
-from backends.sdxl_backend.device_thread import TORCH_WORK
 from backends.sdxl_backend.errors import NotPermitted, StoreUnavailable, TimedOut
 from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue, MemoryJobQueue
 from backends.sdxl_backend.jobs.contract import refuse_unless_alive
@@ -58,7 +57,7 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class ServedAdapter:
-    """A LoRA, a ControlNet or an embedding: made for one architecture, named by requests."""
+    """A LoRA, a ControlNet, an embedding or an IP-Adapter: made for one architecture, named by requests."""
 
     id: str
     path: Path
@@ -77,26 +76,27 @@ class Runtime:
         loras: list[ServedAdapter] = (),
         controlnets: list[ServedAdapter] = (),
         embeddings: list[ServedAdapter] = (),
+        ip_adapters: list[ServedAdapter] = (),
     ):
         self.settings = settings
         self.served = {model.id: model for model in served}
         self.loras = {lora.id: lora for lora in loras}
         self.controlnets = {controlnet.id: controlnet for controlnet in controlnets}
         self.embeddings = {embedding.id: embedding for embedding in embeddings}
+        self.ip_adapters = {adapter.id: adapter for adapter in ip_adapters}
         # torch and diffusers load here, in the worker. BentoML's main process imports the service
         # module too, only to read its definition: a light module saves seconds on every start.
         from backends.api.devices import Devices
 
-        self.devices = Devices(settings, served, default_model, vae, loras, controlnets, embeddings)
+        self.devices = Devices(settings, served, default_model, vae, loras, controlnets, embeddings, ip_adapters)
         self.engine = self.devices.engine  # prepares and checks requests
+        adapters = {"LoRAs": loras, "ControlNets": controlnets, "embeddings": embeddings, "IP-Adapters": ip_adapters}
         logger.info(
-            "models: %s (default %s)%s; LoRAs: %s; ControlNets: %s; embeddings: %s; VAE %s; %s; API keys %s",
+            "models: %s (default %s)%s; %s; VAE %s; %s; API keys %s",
             ", ".join(self.served),
             default_model,
             "".join(f"; alias {a} -> {t}" for a, t in settings.model_aliases.items()),
-            ", ".join(self.loras) or "none",
-            ", ".join(self.controlnets) or "none",
-            ", ".join(self.embeddings) or "none",
+            "; ".join(f"{kind}: {', '.join(a.id for a in of_kind) or 'none'}" for kind, of_kind in adapters.items()),
             settings.vae or "each model's own",
             settings.fast_paths.describe(),
             "required" if settings.api_keys else "off",
@@ -318,6 +318,7 @@ class Runtime:
         devices = []
         for device in self.devices.status():
             job = running.get(device["name"])
+            model = job and ((job.request.model if job.request else None) or self.default_model)
             devices.append(
                 {
                     "name": device["name"],
@@ -325,13 +326,7 @@ class Runtime:
                     "alive": device["alive"],
                     "memory": {kind: device["memory"][kind] for kind in ("used", "total", "budget")},
                     "loaded": [{"id": model["id"], "loras": model["loras"]} for model in device["loaded"]],
-                    "running": {
-                        "model": (job.request.model if job.request else None) or self.default_model,
-                        "step": job.step,
-                        "total_steps": job.total_steps,
-                    }
-                    if job
-                    else None,
+                    "running": job and {"model": model, "step": job.step, "total_steps": job.total_steps},
                 }
             )
         return {"replica": self.jobs.replica, "started": self.started, "devices": devices}
@@ -356,14 +351,8 @@ class Runtime:
         return self.devices.set_default_model(model_id)
 
     def models_fitting(self, adapter: ServedAdapter) -> list[str]:
-        """The served models an adapter fits: a LoRA's or ControlNet's UNet architecture, an
-        embedding's text encoder widths."""
-        from backends.sdxl_backend.embeddings import fits_model
-
-        sources = self.engine.models.sources.items()
-        if adapter.id in self.embeddings:
-            return [m for m, source in sources if fits_model(adapter.fits, source.text_signature)]
-        return [m for m, source in sources if source.unet_signature == adapter.fits]
+        """The served models an adapter fits (its architecture: `ServedAdapter.fits`)."""
+        return self.devices.models_fitting(adapter.fits, embedding=adapter.id in self.embeddings)
 
     def embedding_vectors(self) -> dict[str, int]:
         """Each served embedding's number of vectors, read from its file."""
@@ -379,13 +368,7 @@ class Runtime:
     def device_thread_status(self) -> dict[str, Any]:
         """The device threads' torch thread counts, and which threads did each kind of torch work
         in this process (the device threads alone, when all is well)."""
-        threads = [device.thread for device in self.devices.devices]
-        return {
-            "name": threads[0].name,
-            "names": [thread.name for thread in threads],
-            "torch_threads": threads[0].torch_threads,
-            "torch_work": TORCH_WORK.threads(),
-        }
+        return self.devices.thread_status()
 
     async def observe_gauges(self) -> None:
         """The gauges, as they stand (for a scrape): each device's memory, the queue (fleet-wide

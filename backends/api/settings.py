@@ -116,6 +116,7 @@ class Settings(BaseSettings):
     idle_unload_seconds: float = Field(0, ge=0)  # 0: never
     max_loaded_loras: int = Field(8, ge=1)  # LoRAs kept loaded per model; the least recently used go first
     max_loaded_controlnets: int = Field(2, ge=1)  # ControlNets kept loaded; the least recently used go first
+    max_loaded_ip_adapters: int = Field(2, ge=1)  # IP-Adapters (and their encoders) kept loaded; likewise
     # Speed (backends/sdxl_backend/fast_paths.py has their meaning)
     vae: str | None = None  # a stored VAE (python -m models import sdxl-vae-fp16-fix) in place of each model's
     attention: Attention = FastPaths.attention

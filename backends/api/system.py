@@ -89,25 +89,34 @@ async def list_loras(runtime: RuntimeDep) -> dict[str, Any]:
     return {"object": "list", "data": lora_entries(runtime)}
 
 
+def side_model_entries(runtime: Runtime, kind: str) -> list[dict[str, Any]]:
+    """The served ControlNets or IP-Adapters (`kind`: "controlnets", "ip_adapters"), each with
+    the served models it fits and whether it is loaded now."""
+    loaded = {entry["id"] for entry in runtime.model_status()[kind]}
+    return [
+        {
+            "id": side_model.id,
+            "object": kind.removesuffix("s"),
+            "description": side_model.description,
+            "fits": runtime.models_fitting(side_model),
+            "loaded": side_model.id in loaded,
+        }
+        for side_model in getattr(runtime, kind).values()
+    ]
+
+
 @router.get("/v1/controlnets", responses=errors.responses(401))
 async def list_controlnets(runtime: RuntimeDep) -> dict[str, Any]:
     """ControlNets a request can name in `controlnets` (A1111: a unit's `model`), each with the
     served models it fits, whether it is loaded now, and the preprocessors a unit may ask for."""
-    loaded = {entry["id"] for entry in runtime.model_status()["controlnets"]}
-    return {
-        "object": "list",
-        "preprocessors": list(PREPROCESSORS),
-        "data": [
-            {
-                "id": controlnet.id,
-                "object": "controlnet",
-                "description": controlnet.description,
-                "fits": runtime.models_fitting(controlnet),
-                "loaded": controlnet.id in loaded,
-            }
-            for controlnet in runtime.controlnets.values()
-        ],
-    }
+    return {"object": "list", "preprocessors": list(PREPROCESSORS), "data": side_model_entries(runtime, "controlnets")}
+
+
+@router.get("/v1/ip-adapters", responses=errors.responses(401))
+async def list_ip_adapters(runtime: RuntimeDep) -> dict[str, Any]:
+    """IP-Adapters a request can name in `ip_adapters` (A1111: an `ip-adapter` unit's `model`),
+    each with the served models it fits and whether it is loaded now."""
+    return {"object": "list", "data": side_model_entries(runtime, "ip_adapters")}
 
 
 @router.get("/v1/embeddings", responses=errors.responses(401))

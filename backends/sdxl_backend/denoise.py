@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .errors import BackendError, Cancelled
+from .ip_adapters import ImagePromptModel, embeddings, install
 from .model_manager import ModelManager
 from .model_records import ModelSource
 from .pipelines import with_controlnets
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 # What a ControlNet pipeline call takes beyond the plain one (the control maps aside).
 CONTROL_ARGUMENTS = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "guess_mode")
+# What the base's call takes and the refiner's does not (the refiner has its own UNet).
+BASE_ONLY_ARGUMENTS = ("width", "height", "denoising_end", "strength", "ip_adapter_image_embeds", *CONTROL_ARGUMENTS)
 # Called after each denoising step with (step, total steps, latents). It may raise to abandon
 # the generation, or return True to end the denoising there and keep the image as it stands.
 StepObserver = Callable[[int, int, "torch.Tensor | None"], "bool | None"]
@@ -143,6 +146,18 @@ def inpaint_arguments(members: list[PreparedRequest]) -> dict[str, Any]:
 TASK_ARGUMENTS = {"txt2img": txt2img_arguments, "img2img": img2img_arguments, "inpaint": inpaint_arguments}
 
 
+def guided(pipeline: Any, request: GenerationRequest) -> bool:
+    """Whether the call runs classifier-free guidance, as diffusers decides it."""
+    return request.guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
+
+
+def image_prompt_arguments(prepared: PreparedRequest, models: list[ImagePromptModel], guided: bool) -> dict:
+    """The IP-Adapters' image embeddings, one per adapter, of the pictures every request of the
+    call brings (`Engine.batch_key`)."""
+    pictures = prepared.image_prompts
+    return {"ip_adapter_image_embeds": [embeddings(m, picture, guided) for m, picture in zip(models, pictures)]}
+
+
 class Denoiser:
     def __init__(
         self,
@@ -167,13 +182,19 @@ class Denoiser:
         hires = request.hires_fix if task == "txt2img" else None
         progress = BatchProgress(batch)
         width, height = first.output_size
-        # 1. Hold the models: the base, and its ControlNets.
+        # 1. Hold the models: the base, its ControlNets, its IP-Adapters.
+        adapter_ids = [unit.id for unit in request.ip_adapters]
         with (
             self.models.use(source.id, mode, width * height) as (pipelines, load_s),
-            self.models.use_controlnets([unit.id for unit in request.controlnets]) as (controlnets, control_load_s),
+            self.models.use_side_models([unit.id for unit in request.controlnets]) as (controlnets, control_load_s),
+            self.models.use_side_models(adapter_ids) as (image_prompt_models, adapter_load_s),
         ):
-            # 2. Apply the LoRAs (before encoding: those that touch the text encoders change the conditioning).
+            # 2. Apply the LoRAs (before encoding: those that touch the text encoders change the
+            # conditioning), and install the IP-Adapters in the UNet (or take out the last call's).
             lora_load_s = self.models.apply_loras(source.id, pipelines, request.loras)
+            install(
+                pipelines, list(zip(adapter_ids, image_prompt_models)), [unit.scale for unit in request.ip_adapters]
+            )
             pipeline = with_controlnets(pipelines, task, controlnets) if controlnets else getattr(pipelines, task)
             pipeline.scheduler = pipelines.new_scheduler(request.scheduler, source.defaults.timestep_spacing)
             # 3. The call's arguments: those of every call, the prompts' conditioning, the task's own.
@@ -194,6 +215,14 @@ class Denoiser:
                     "out of memory",
                 ),
                 **(control_arguments(first, "image" if task == "txt2img" else "control_image") if controlnets else {}),
+                **(
+                    self.models.out_of_memory_as_error(
+                        lambda: image_prompt_arguments(first, image_prompt_models, guided(pipeline, request)),
+                        "out of memory",
+                    )
+                    if image_prompt_models
+                    else {}
+                ),
                 **TASK_ARGUMENTS[task](members),
             }
             if first.refiner is not None:  # the base stops at switch_at and hands over its latents
@@ -226,7 +255,7 @@ class Denoiser:
                 ]
             # 7. Each request's own images. (A refiner loaded on the way counts as load time, not inference.)
             timings = Timings(
-                load_s=load_s + control_load_s + refiner_load_s,
+                load_s=load_s + control_load_s + adapter_load_s + refiner_load_s,
                 lora_load_s=lora_load_s,
                 inference_s=time.perf_counter() - started - refiner_load_s,
                 encode_s=0.0,
@@ -309,7 +338,7 @@ class Denoiser:
                 **refined,
                 "callback_on_step_end": self._step_callback(attempt, progress, steps_run, 0),
             }
-            for base_only in ("width", "height", "denoising_end", "strength", *CONTROL_ARGUMENTS):
+            for base_only in BASE_ONLY_ARGUMENTS:
                 arguments.pop(base_only, None)
             pictures = self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
         return pictures, load_s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -46,3 +47,19 @@ def device_memory(placement: Placement) -> tuple[int, int] | None:
         return None
     free, total = torch.cuda.mem_get_info(placement.device)
     return total - free, total
+
+
+def memory_in_use(placement: Placement) -> tuple[int, int]:
+    """(used, total) bytes of the device, or on the CPU of the host's memory."""
+    memory = device_memory(placement)
+    if memory is None:
+        host = psutil.virtual_memory()
+        memory = (host.total - host.available, host.total)
+    return memory
+
+
+def allocated_memory(placement: Placement) -> int:
+    """What this process's tensors hold on the device (on the CPU: its resident memory)."""
+    if placement.device.type == "cuda":
+        return torch.cuda.memory_allocated(placement.device)
+    return psutil.Process().memory_info().rss

@@ -24,6 +24,7 @@ from .device_thread import TORCH_WORK
 from .embeddings import EmbeddingSet
 from .errors import BackendError, Cancelled, InvalidRequest, OutOfMemory
 from .images import MEDIA_TYPES, decode_image, encode_image
+from .ip_adapters import digest
 from .limits import Limits
 from .masks import fill_masked, prepare_mask
 from .model_manager import ModelManager
@@ -31,9 +32,10 @@ from .model_records import ModelSource
 from .modes import lower_mode
 from .prompts import PromptReader, PromptSyntax, ReadPrompts, model_tokenizers
 from .protocol import GeneratedImage, GenerationRequest, GenerationResult, PromptReading, Timings
-from .validation import check_controlnets, check_loras, output_size, resolve, validate
+from .validation import check_controlnets, check_ip_adapters, check_loras, output_size, resolve, validate
 
 logger = logging.getLogger("sdxl_backend")
+IMAGED = ("controlnets", "ip_adapters")  # a request's units that bring a picture each
 
 
 @dataclass
@@ -47,6 +49,7 @@ class PreparedRequest:
     mask: Image.Image | None = field(default=None, repr=False)  # prepared: sized, inverted, blurred
     refiner: ModelSource | None = None  # the model that takes over at `request.refiner.switch_at`
     controls: list[Image.Image] = field(default_factory=list, repr=False)  # per ControlNet, at the output size
+    image_prompts: list[Image.Image] = field(default_factory=list, repr=False)  # per IP-Adapter, the picture it reads
     prompts: ReadPrompts | None = field(default=None, repr=False)  # as the model reads them
     refiner_prompts: ReadPrompts | None = field(default=None, repr=False)  # as the refiner reads them
 
@@ -125,12 +128,17 @@ class Engine:
             raise InvalidRequest(f"image: model '{source.id}' only does image-to-image: send an image", "image")
         check_loras(self.models, source, [lora.id for lora in request.loras])
         check_controlnets(self.models, source, [unit.id for unit in request.controlnets])
+        check_ip_adapters(self.models, source, [unit.id for unit in request.ip_adapters])
         refiner = self._refiner(request, source)
         controls = [
             control_map(
                 decode_image(unit.image, self.limits, f"controlnets[{index}].image"), unit, output_size(request)
             )
             for index, unit in enumerate(request.controlnets)
+        ]
+        image_prompts = [
+            decode_image(unit.image, self.limits, f"ip_adapters[{index}].image")
+            for index, unit in enumerate(request.ip_adapters)
         ]
         if init_image is not None and init_image.size != (request.width, request.height):
             init_image = init_image.resize((request.width, request.height), Image.Resampling.LANCZOS)
@@ -146,14 +154,16 @@ class Engine:
                 raise InvalidRequest("mask: it is all black, so nothing would be repainted (white repaints)", "mask")
             if request.masked_content == "fill":
                 init_image = fill_masked(init_image, mask)
-        controlnets = [unit.model_copy(update={"image": b""}) for unit in request.controlnets]
+        # The queued request holds the decoded pictures beside it, not the uploads.
+        units = {name: [unit.model_copy(update={"image": b""}) for unit in getattr(request, name)] for name in IMAGED}
         return PreparedRequest(
-            request.model_copy(update={"image": None, "mask": None, "controlnets": controlnets}),
+            request.model_copy(update={"image": None, "mask": None, **units}),
             source,
             init_image,
             mask,
             refiner,
             controls,
+            image_prompts,
             self.read_prompts(request, source),
             self.read_prompts(request, refiner) if refiner else None,
         )
@@ -203,6 +213,11 @@ class Engine:
             prepared.prompts.chunk_count,
             self.mode_of(request),
             lora_weights(request),
+            # The image prompts: installed in the UNet per call, one picture each for the whole call.
+            tuple(
+                (unit.id, unit.scale, digest(picture))
+                for unit, picture in zip(request.ip_adapters, prepared.image_prompts)
+            ),
         )
 
     def generate(self, prepared: PreparedRequest, on_step: StepObserver | None = None) -> GenerationResult:
@@ -236,11 +251,11 @@ class Engine:
 
     @staticmethod
     def _models_of(prepared: PreparedRequest) -> list[str]:
-        """Every model a request loads: its own, its refiner's, its ControlNets'."""
+        """Every model a request loads: its own, its refiner's, its ControlNets' and IP-Adapters'."""
         return [
             prepared.source.id,
             *([prepared.refiner.id] if prepared.refiner else []),
-            *(unit.id for unit in prepared.request.controlnets),
+            *(unit.id for unit in [*prepared.request.controlnets, *prepared.request.ip_adapters]),
         ]
 
     def generate_batch(self, batch: Batch) -> list[GenerationResult | BackendError]:

@@ -1,9 +1,10 @@
 """The only code that loads, places and frees pipelines.
 
 Loaded models are kept in least-recently-used order under a memory budget: loading one that
-does not fit evicts the least recently used models that no request is using. ControlNets are
-loaded beside them (shared by every model they fit), counted in the budget, and kept up to
-`max_loaded_controlnets`. Each model runs in a memory mode (pipelines.py) chosen per request.
+does not fit evicts the least recently used models that no request is using. Side models
+(ControlNets, IP-Adapters) are loaded beside them (shared by every model they fit), counted in
+the budget, and kept up to `max_loaded_controlnets` and `max_loaded_ip_adapters`. Each model
+runs in a memory mode (pipelines.py) chosen per request.
 Every load and unload runs on the device thread (device_thread.py), generations too; the lock
 here guards the loaded set against the other threads that read it (status, listings).
 """
@@ -26,12 +27,13 @@ import psutil
 import torch
 
 from .controlnets import ControlNetSource
-from .device import Placement, device_memory
+from .device import Placement, allocated_memory, memory_in_use
 from .device_thread import TORCH_WORK
 from .errors import DeviceUnavailable, OutOfMemory, UnknownModel
 from .fast_paths import FastPaths
+from .ip_adapters import IpAdapterSource, load_image_prompt_model, stored_bytes
 from .loras import LORA_FILE, LoraSource
-from .model_records import LoadedControlNet, LoadedModel, ModelSource
+from .model_records import LoadedModel, LoadedSideModel, ModelSource
 from .modes import MemoryPolicy
 from .pipelines import (
     Pipelines,
@@ -50,11 +52,6 @@ GiB = 2**30
 T = TypeVar("T")
 
 
-def device_total(placement: Placement) -> int:
-    memory = device_memory(placement)
-    return memory[1] if memory else psutil.virtual_memory().total
-
-
 class ModelManager:
     """Which models can be served, which are loaded where, in which mode; memory in one place."""
 
@@ -70,6 +67,8 @@ class ModelManager:
         max_loaded_loras: int = 8,  # adapters kept loaded per model; the least recently used go first
         controlnets: list[ControlNetSource] = (),
         max_loaded_controlnets: int = 2,  # ControlNets kept loaded; the least recently used go first
+        ip_adapters: list[IpAdapterSource] = (),
+        max_loaded_ip_adapters: int = 2,  # IP-Adapters kept loaded; the least recently used go first
         # Runs an action on the device thread and returns its result (`DeviceThread.run`): the
         # idle timer's unload goes there. Default: in the calling thread (no device thread).
         on_device: Callable[[Callable[[], T]], T] = lambda action: action(),
@@ -82,18 +81,19 @@ class ModelManager:
         self.loras = {lora.id: lora for lora in loras}
         self.max_loaded_loras = max_loaded_loras
         self.controlnets = {controlnet.id: controlnet for controlnet in controlnets}
-        self.max_loaded_controlnets = max_loaded_controlnets
+        self.ip_adapters = {adapter.id: adapter for adapter in ip_adapters}
+        self.max_loaded = {ControlNetSource: max_loaded_controlnets, IpAdapterSource: max_loaded_ip_adapters}
         self.on_device = on_device
-        total = device_total(placement)
+        total = memory_in_use(placement)[1]  # (on the CPU: the host's memory)
         self.budget = self.policy.budget or total - max(GiB, total // 10)
         # Ids that clients are hard-wired to, served by another model: {"sdxl-realism": "juggernaut-xl"}.
         self.aliases = dict(aliases or {})
         for alias, target in self.aliases.items():
             if target not in self.sources:
                 raise ValueError(f"alias {alias}={target}: {target} is not served (served: {', '.join(self.sources)})")
-        self.loads: dict[str, int] = {model_id: 0 for model_id in [*self.sources, *self.controlnets]}
+        self.loads: dict[str, int] = {model_id: 0 for model_id in [*self.sources, *self.controlnets, *self.ip_adapters]}
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
-        self._controlnets: OrderedDict[str, LoadedControlNet] = OrderedDict()  # least recently used first
+        self._side_models: OrderedDict[str, LoadedSideModel] = OrderedDict()  # least recently used first
         self._lock = threading.RLock()
         self._last_activity = time.monotonic()
         logger.info(
@@ -197,28 +197,28 @@ class ModelManager:
         return time.perf_counter() - started if loaded_now else 0.0
 
     @contextmanager
-    def use_controlnets(self, controlnet_ids: list[str]) -> Iterator[tuple[list[torch.nn.Module], float]]:
-        """The ControlNets, loaded, held in use for the block; yields them and the seconds spent
-        loading for this call."""
-        held: list[LoadedControlNet] = []
+    def use_side_models(self, model_ids: list[str]) -> Iterator[tuple[list, float]]:
+        """The ControlNets (`ControlNetModel`s) or IP-Adapters (`ImagePromptModel`s) named,
+        loaded, held in use for the block; yields them and the seconds spent loading for this call."""
+        held: list[LoadedSideModel] = []
         load_s = 0.0
         try:
-            for controlnet_id in controlnet_ids:
+            for model_id in model_ids:
                 with self._lock:
-                    loaded = self._controlnets.get(controlnet_id)
+                    loaded = self._side_models.get(model_id)
                     if loaded is not None:
                         loaded.in_use += 1
                 if loaded is None:
-                    loaded = self._load_controlnet(self.controlnets[controlnet_id])
+                    loaded = self._load_side_model(self.controlnets.get(model_id) or self.ip_adapters[model_id])
                     load_s += loaded.load_s
                 held.append(loaded)
                 with self._lock:
-                    self._controlnets.move_to_end(controlnet_id)
-            with self._lock:
-                for victim in [c for c in self._controlnets.values() if not c.in_use]:
-                    if len(self._controlnets) <= self.max_loaded_controlnets:
-                        break
-                    self._free_controlnet(victim.source.id)
+                    self._side_models.move_to_end(model_id)
+            with self._lock:  # each kind keeps its own number loaded
+                for victim in [m for m in self._side_models.values() if not m.in_use]:
+                    kind = type(victim.source)
+                    if sum(type(m.source) is kind for m in self._side_models.values()) > self.max_loaded[kind]:
+                        self._free_side_model(victim.source.id)
             yield [loaded.module for loaded in held], load_s
         finally:
             with self._lock:
@@ -226,30 +226,38 @@ class ModelManager:
                     loaded.in_use -= 1
                 self._last_activity = time.monotonic()
 
-    def _load_controlnet(self, source: ControlNetSource) -> LoadedControlNet:
-        """Load a ControlNet under the budget, registered as in use."""
-        size = component_bytes(source.path, self.placement.dtype)
+    def _load_side_model(self, source: ControlNetSource | IpAdapterSource) -> LoadedSideModel:
+        """Load a ControlNet or an IP-Adapter under the budget, registered as in use."""
+        controlnet = isinstance(source, ControlNetSource)
+        kind = "ControlNet" if controlnet else "IP-Adapter"
+        size = (component_bytes if controlnet else stored_bytes)(source.path, self.placement.dtype)
         self._make_room(size, source.id)
         TORCH_WORK.note("load")
         started = time.perf_counter()
         module = self.out_of_memory_as_error(
-            lambda: load_controlnet(source.path, self.placement), f"out of memory loading ControlNet {source.id}"
+            lambda: (
+                load_controlnet(source.path, self.placement)
+                if controlnet
+                else loading_alone(load_image_prompt_model)(source.path, self.placement.device, self.placement.dtype)
+            ),
+            f"out of memory loading {kind} {source.id}",
         )
-        loaded = LoadedControlNet(source, module, size, time.perf_counter() - started, in_use=1)
+        loaded = LoadedSideModel(source, module, size, time.perf_counter() - started, in_use=1)
         self.loads[source.id] += 1
         logger.info(
-            "loaded ControlNet %s on %s in %.2f s (%.0f MiB)",
+            "loaded %s %s on %s in %.2f s (%.0f MiB)",
+            kind,
             source.id,
             self.placement.describe(),
             loaded.load_s,
             size / 2**20,
         )
         with self._lock:
-            self._controlnets[source.id] = loaded
+            self._side_models[source.id] = loaded
         return loaded
 
     def _used(self) -> int:
-        return sum(m.bytes for m in self._loaded.values()) + sum(c.bytes for c in self._controlnets.values())
+        return sum(m.bytes for m in self._loaded.values()) + sum(c.bytes for c in self._side_models.values())
 
     def _make_room(self, size: int, for_id: str) -> None:
         """Evict the least recently used models no request is using until `size` more bytes fit
@@ -279,7 +287,7 @@ class ModelManager:
         size = weights_bytes(source.path, self.placement.dtype)
         self._make_room(size, source.id)
         TORCH_WORK.note("load")
-        started, before = time.perf_counter(), self._memory_in_use()
+        started, before = time.perf_counter(), allocated_memory(self.placement)
         pipelines = self.out_of_memory_as_error(
             lambda: load_pipelines(source.path, self.placement, mode, self.fast_paths, self.vae),
             f"out of memory loading {source.id} ({size / GiB:.2f} GiB) in mode {mode}",
@@ -292,7 +300,7 @@ class ModelManager:
             self.placement.describe(),
             mode,
             load_s,
-            (self._memory_in_use() - before) / 2**20,
+            (allocated_memory(self.placement) - before) / 2**20,
             size / 2**20,
         )
         loaded = LoadedModel(source, pipelines, size, load_s, in_use=1)
@@ -301,16 +309,16 @@ class ModelManager:
         return loaded
 
     def unload(self, model_ids: list[str] | None = None) -> list[str]:
-        """Free the given loaded models and ControlNets (default: all) that no request is using."""
+        """Free the given loaded models and side models (default: all) that no request is using."""
         with self._lock:
             freed = [
                 m
-                for m, loaded in [*self._loaded.items(), *self._controlnets.items()]
+                for m, loaded in [*self._loaded.items(), *self._side_models.items()]
                 if (model_ids is None or m in model_ids) and not loaded.in_use
             ]
             for model_id in freed:
-                if model_id in self._controlnets:
-                    self._free_controlnet(model_id)
+                if model_id in self._side_models:
+                    self._free_side_model(model_id)
                 else:
                     self._free(model_id)
         return sorted(freed)
@@ -321,11 +329,11 @@ class ModelManager:
         self.release_cached_memory()
         logger.info("unloaded model %s", model_id)
 
-    def _free_controlnet(self, controlnet_id: str) -> None:
+    def _free_side_model(self, model_id: str) -> None:
         TORCH_WORK.note("unload")
-        del self._controlnets[controlnet_id]
+        del self._side_models[model_id]
         self.release_cached_memory()
-        logger.info("unloaded ControlNet %s", controlnet_id)
+        logger.info("unloaded %s", model_id)
 
     def out_of_memory_as_error(self, action: Callable[[], T], message: str) -> T:
         """Run `action` on the device; a CUDA out-of-memory error comes out as `OutOfMemory`,
@@ -342,11 +350,6 @@ class ModelManager:
         if self.placement.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _memory_in_use(self) -> int:
-        if self.placement.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.placement.device)
-        return psutil.Process().memory_info().rss
-
     def close(self) -> None:
         """Stop the idle timer and free every model."""
         self._closing.set()
@@ -355,7 +358,7 @@ class ModelManager:
     def _unload_when_idle(self) -> None:
         idle_s = self.policy.idle_unload_s
         while not self._closing.wait(min(5.0, idle_s / 2)):
-            if self._loaded or self._controlnets:
+            if self._loaded or self._side_models:
                 try:
                     self.on_device(self._unload_if_idle)
                 except DeviceUnavailable:  # the device thread has stopped: nothing runs any more
@@ -364,27 +367,17 @@ class ModelManager:
     def _unload_if_idle(self) -> None:
         with self._lock:
             idle_for = time.monotonic() - self._last_activity
-            if (self._loaded or self._controlnets) and idle_for >= self.policy.idle_unload_s:
+            if (self._loaded or self._side_models) and idle_for >= self.policy.idle_unload_s:
                 logger.info("idle for %.0f s: freeing loaded models", idle_for)
                 self.unload()
 
-    def device_memory(self) -> tuple[int, int] | None:
-        """(used, total) bytes of the device, all processes included; None on the CPU."""
-        return device_memory(self.placement)
-
-    def memory_in_use(self) -> tuple[int, int]:
-        """(used, total) bytes of the device, or on the CPU of the host's memory."""
-        memory = self.device_memory()
-        if memory is None:
-            host = psutil.virtual_memory()
-            memory = (host.total - host.available, host.total)
-        return memory
-
     def status(self) -> dict:
-        memory = self.memory_in_use()
+        memory = memory_in_use(self.placement)
         with self._lock:
             loaded = [m.describe() for m in reversed(self._loaded.values())]  # most recently used first
-            controlnets = [c.describe() for c in reversed(self._controlnets.values())]
+            side_models = [m for m in reversed(self._side_models.values())]
+        controlnets = [m.describe() for m in side_models if isinstance(m.source, ControlNetSource)]
+        ip_adapters = [m.describe() for m in side_models if isinstance(m.source, IpAdapterSource)]
         return {
             "device": str(self.placement.device),
             "device_name": self.placement.describe(),
@@ -394,12 +387,13 @@ class ModelManager:
                 "used": memory[0],
                 "free": memory[1] - memory[0],
                 "budget": self.budget,
-                "models": sum(m["bytes"] for m in [*loaded, *controlnets]),
+                "models": sum(m["bytes"] for m in [*loaded, *controlnets, *ip_adapters]),
                 "process_rss": psutil.Process().memory_info().rss,
             },
             "default_mode": self.policy.default_mode,
             "fast_paths": asdict(self.fast_paths),
             "loaded": loaded,
             "controlnets": controlnets,
+            "ip_adapters": ip_adapters,
             "loads": dict(self.loads),
         }

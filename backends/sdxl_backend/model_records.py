@@ -1,5 +1,5 @@
 """What the model manager holds: the models it may serve (`ModelSource`, read from the store
-before any load) and the records of those loaded (`LoadedModel`, `LoadedControlNet`: what each
+before any load) and the records of those loaded (`LoadedModel`, `LoadedSideModel`: what each
 costs the budget, who is using it)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from .controlnets import ControlNetSource
 from .embeddings import model_text_signature
+from .ip_adapters import ImagePromptModel, IpAdapterSource
 from .loras import model_unet_signature
 from .pipelines import Pipelines
 from .protocol import ModelDefaults
@@ -71,9 +72,11 @@ class LoadedModel:
 
 
 @dataclass
-class LoadedControlNet:
-    source: ControlNetSource
-    module: torch.nn.Module = field(repr=False)
+class LoadedSideModel:
+    """A ControlNet, or an IP-Adapter with its image encoder, loaded beside the models."""
+
+    source: ControlNetSource | IpAdapterSource
+    module: torch.nn.Module | ImagePromptModel = field(repr=False)
     bytes: int
     load_s: float
     in_use: int = 0

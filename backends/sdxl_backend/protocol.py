@@ -131,6 +131,23 @@ class ControlNetUnit(BaseModel):
     )
 
 
+MAX_IP_ADAPTERS = 2  # per request
+
+
+class IpAdapterUnit(BaseModel):
+    """An image prompt: an IP-Adapter and the picture it reads (a style, a subject, a face)."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"example": {"id": "ip-adapter-sdxl", "image": TINY_PNG, "scale": 0.6}}
+    )
+
+    id: str = Field(description="A served IP-Adapter (GET /v1/ip-adapters).")
+    image: ImageBytes = Field(exclude=True, repr=False, description="The picture it reads, base64.")
+    scale: float = Field(
+        0.6, ge=0, le=2, description="How much the picture weighs beside the text (0: not at all; 1: about as much)."
+    )
+
+
 class TextToImageRequest(BaseModel):
     """The fields of every generation. A field left out takes the model's default."""
 
@@ -180,6 +197,11 @@ class TextToImageRequest(BaseModel):
         [],
         max_length=MAX_CONTROLNETS,
         description="ControlNets guiding the generation, each with its control image; they must fit the model.",
+    )
+    ip_adapters: list[IpAdapterUnit] = Field(
+        [],
+        max_length=MAX_IP_ADAPTERS,
+        description="Image prompts: IP-Adapters, each with the picture it reads; they must fit the model.",
     )
 
 

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -167,17 +168,34 @@ def check_loras(models: ModelManager, source: ModelSource, lora_ids: list[str]) 
 def check_controlnets(models: ModelManager, source: ModelSource, controlnet_ids: list[str]) -> None:
     """A request's ControlNets are served and fit the model; raises `InvalidRequest` naming
     the one at fault."""
-    for index, controlnet_id in enumerate(controlnet_ids):
-        field_name = f"controlnets[{index}].id"
-        if controlnet_id not in models.controlnets:
+    _check_fitting("controlnets", "ControlNet", models.controlnets, source, controlnet_ids)
+
+
+def check_ip_adapters(models: ModelManager, source: ModelSource, adapter_ids: list[str]) -> None:
+    """A request's IP-Adapters are served, named once each (one set of layers each in the
+    UNet), and fit the model; raises `InvalidRequest` naming the one at fault."""
+    _check_fitting("ip_adapters", "IP-Adapter", models.ip_adapters, source, adapter_ids)
+    for index, adapter_id in enumerate(adapter_ids):
+        if adapter_ids.index(adapter_id) != index:
             raise InvalidRequest(
-                f"{field_name}: unknown ControlNet '{controlnet_id}' (served: "
-                f"{', '.join(models.controlnets) or 'none'}; GET /v1/controlnets)",
+                f"ip_adapters[{index}].id: '{adapter_id}' is named twice; give it one picture",
+                f"ip_adapters[{index}].id",
+            )
+
+
+def _check_fitting(field: str, noun: str, served: Mapping[str, Any], source: ModelSource, ids: list[str]) -> None:
+    """Each of `ids` names one of `served` (sources with a `fits` UNet signature) that fits `source`."""
+    for index, unit_id in enumerate(ids):
+        field_name = f"{field}[{index}].id"
+        if unit_id not in served:
+            raise InvalidRequest(
+                f"{field_name}: unknown {noun} '{unit_id}' (served: "
+                f"{', '.join(served) or 'none'}; GET /v1/{field.replace('_', '-')})",
                 field_name,
             )
-        if models.controlnets[controlnet_id].fits != source.unet_signature:
+        if served[unit_id].fits != source.unet_signature:
             raise InvalidRequest(
-                f"{field_name}: '{controlnet_id}' does not fit model '{source.id}' (it was made "
+                f"{field_name}: '{unit_id}' does not fit model '{source.id}' (it was made "
                 f"for another UNet architecture)",
                 field_name,
             )

@@ -7,16 +7,16 @@ samplers at their one value here, 1.0) and ignored where A1111 ignores it; any o
 accepted only at A1111's default (or empty), and refused with a 400 naming it otherwise, so an
 option the client turned on (hires fix, face restoration, scripts...) is never
 silently dropped. LoRAs come as A1111 prompts carry them, `<lora:name:weight>`, and are
-taken out of the text the encoders see. ControlNet units come as the sd-webui-controlnet
-extension takes them, in `alwayson_scripts.controlnet.args`, and its `/controlnet/...` listings
-are served. `/interrupt` and `/skip` end the caller's running generation at its next step
+taken out of the text the encoders see. ControlNet and IP-Adapter units come as the
+sd-webui-controlnet extension takes them, in `alwayson_scripts.controlnet.args`, and its
+`/controlnet/...` listings are served. `/interrupt` and `/skip` end the caller's running generation at its next step
 and its request answers with the image as it stood, as A1111's do. The listings of things this
 server does not have (upscalers, VAEs...) are truthfully empty; `/loras` lists the served
 LoRAs, `/embeddings` the served textual-inversion embeddings, `/scripts` ControlNet when one is
 served.
 
-The package: protocol.py (the wire models), mapping.py (their meaning here), routes.py and
-listings.py (the routes).
+The package: protocol.py (the wire models), mapping.py (their meaning here; units.py for the
+ControlNet extension's units), routes.py and listings.py (the routes).
 """
 
 from fastapi import APIRouter

@@ -44,7 +44,7 @@ async def loras(runtime: RuntimeDep) -> list[dict[str, Any]]:
 @router.get("/scripts", responses=errors.responses(401))
 async def scripts(runtime: RuntimeDep) -> dict[str, list[str]]:
     """The scripts a request may turn on: ControlNet (`alwayson_scripts`) when one is served."""
-    served = ["controlnet"] if runtime.controlnets else []
+    served = ["controlnet"] if runtime.controlnets or runtime.ip_adapters else []
     return {"txt2img": served, "img2img": served}
 
 
@@ -125,6 +125,7 @@ for _path in EMPTY_LISTINGS:
 
 # The sd-webui-controlnet extension's own routes, which its clients read before sending units.
 controlnet_router = APIRouter(prefix="/controlnet", tags=["AUTOMATIC1111"])
+IMAGE_PROMPT_MODULE = "ip-adapter-auto"  # the extension's module that picks the adapter's own encoder
 
 
 @controlnet_router.get("/version", responses=errors.responses(401))
@@ -134,11 +135,11 @@ async def controlnet_version() -> dict[str, int]:
 
 @controlnet_router.get("/model_list", responses=errors.responses(401))
 async def controlnet_models(runtime: RuntimeDep) -> dict[str, list[str]]:
-    """The served ControlNets: what a unit's `model` names."""
-    return {"model_list": list(runtime.controlnets)}
+    """The served ControlNets and IP-Adapters: what a unit's `model` names."""
+    return {"model_list": [*runtime.controlnets, *runtime.ip_adapters]}
 
 
 @controlnet_router.get("/module_list", responses=errors.responses(401))
 async def controlnet_modules() -> dict[str, list[str]]:
-    """The preprocessors: a unit's `module`."""
-    return {"module_list": list(PREPROCESSORS)}
+    """The preprocessors, and the IP-Adapters' image reading: a unit's `module`."""
+    return {"module_list": [*PREPROCESSORS, IMAGE_PROMPT_MODULE]}

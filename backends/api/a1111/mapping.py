@@ -9,13 +9,11 @@ import json
 import re
 from typing import Any
 
-from pydantic import ValidationError
-
-from backends.api.a1111.protocol import A1111Answer, A1111ControlNetUnit, A1111Request
-from backends.sdxl_backend.controlnets import PREPROCESSORS
+from backends.api.a1111.protocol import A1111Answer, A1111Request, refuse_what_is_on, title_name
+from backends.api.a1111.units import control_units
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.jobs import Job, JobStatus
-from backends.sdxl_backend.protocol import MAX_CONTROLNETS, MAX_LORAS, GenerationRequest, GenerationResult, LoraWeight
+from backends.sdxl_backend.protocol import MAX_LORAS, GenerationRequest, GenerationResult, LoraWeight
 from backends.sdxl_backend.schedulers import SCHEDULERS
 
 # A1111's sampler names (and its older "k_" aliases) for our schedulers. Newer A1111 versions
@@ -64,90 +62,6 @@ def take_loras(prompt: str) -> tuple[str, list[LoraWeight]]:
     return text, loras
 
 
-def refuse_what_is_on(extra: dict[str, Any] | None, prefix: str = "", off: dict[str, Any] | None = None) -> None:
-    """Fields this server does not implement pass when off (empty, 0, False, or the value in
-    `off`, A1111's default); one turned on is a 400 naming it."""
-    for name, value in (extra or {}).items():
-        if value in (None, False, 0, "", [], {}) or (off or {}).get(name) == value:
-            continue
-        raise InvalidRequest(f"{prefix}{name}: not supported by this server (sent {value!r})", f"{prefix}{name}")
-
-
-def title_name(title: str) -> str:
-    """The name in an A1111 model title, "name [hash]" (or the bare name)."""
-    return title.split(" ")[0]
-
-
-# The sd-webui-controlnet extension's names (and numbers) for what this server does.
-CONTROL_MODES = {"balanced": False, "0": False, "controlnet is more important": True, "2": True}  # -> guess_mode
-RESIZE_MODES = {
-    "just resize": "stretch",
-    "0": "stretch",
-    "crop and resize": "crop",
-    "1": "crop",
-    "resize and fill": "fill",
-    "2": "fill",
-    "inner fit (scale to fit)": "crop",
-    "outer fit (shrink to fit)": "fill",
-}  # (its older names)
-CANNY_DEFAULTS = (100, 200)  # the extension's thresholds when a unit leaves them at -1
-
-
-def unit_to_native(unit: A1111ControlNetUnit, field: str, init_image: bytes | None) -> dict[str, Any]:
-    refuse_what_is_on(unit.model_extra, f"{field}.")
-    module = unit.module.strip().lower()
-    if module not in PREPROCESSORS:
-        raise InvalidRequest(
-            f"{field}.module: '{unit.module}' is not available here; use {' or '.join(PREPROCESSORS)}",
-            f"{field}.module",
-        )
-    model = title_name(unit.model.strip())
-    if model.lower() in ("", "none"):
-        raise InvalidRequest(f"{field}.model: name a ControlNet (GET /controlnet/model_list)", f"{field}.model")
-    guess_mode = CONTROL_MODES.get(str(unit.control_mode).strip().lower())
-    if guess_mode is None:
-        raise InvalidRequest(
-            f"{field}.control_mode: '{unit.control_mode}' is not available here; use Balanced or "
-            "ControlNet is more important",
-            f"{field}.control_mode",
-        )
-    resize_mode = RESIZE_MODES.get(str(unit.resize_mode).strip().lower())
-    if resize_mode is None:
-        raise InvalidRequest(
-            f"{field}.resize_mode: '{unit.resize_mode}' is not one of Just Resize, Crop and Resize, Resize and Fill",
-            f"{field}.resize_mode",
-        )
-    if unit.hr_option.strip().lower() != "both":
-        raise InvalidRequest(
-            f"{field}.hr_option: '{unit.hr_option}' is not available here; with a hires fix the "
-            "units guide both passes (Both)",
-            f"{field}.hr_option",
-        )
-    if unit.mask:
-        raise InvalidRequest(
-            f"{field}.mask: a unit's own mask is not supported; inpaint with the request's mask", f"{field}.mask"
-        )
-    image = unit.image or unit.input_image or init_image
-    if not image:
-        raise InvalidRequest(f"{field}.image: required (txt2img has no input image to fall back on)", f"{field}.image")
-    low, high = (
-        round(value) if value >= 0 else default
-        for value, default in zip((unit.threshold_a, unit.threshold_b), CANNY_DEFAULTS)
-    )
-    return {
-        "id": model,
-        "image": image,
-        "scale": unit.weight,
-        "start": unit.guidance_start,
-        "end": unit.guidance_end,
-        "preprocess": module,
-        "low_threshold": low,
-        "high_threshold": high,
-        "resize_mode": resize_mode,
-        "guess_mode": guess_mode,
-    }
-
-
 # A1111's upscalers for the hires fix that this server has, and what they are here.
 HIRES_UPSCALERS = {"latent": "latent", "lanczos": "lanczos"}
 
@@ -188,42 +102,9 @@ def generation_request(body: A1111Request, img2img: bool) -> GenerationRequest:
         refiner={"model": title_name(body.refiner_checkpoint), "switch_at": body.refiner_switch_at or 0.8}
         if body.refiner_checkpoint
         else None,
-        controlnets=_controlnets(body, img2img),
+        **control_units(body, img2img),
         priority=body.priority,
     )
-
-
-def _controlnets(body: A1111Request, img2img: bool) -> list[dict[str, Any]]:
-    """The enabled ControlNet units of `alwayson_scripts`, as native `controlnets`."""
-    scripts = {name.strip().lower(): script for name, script in body.alwayson_scripts.items()}
-    for name, script in scripts.items():
-        if name != "controlnet" and script not in (None, {}, {"args": []}):
-            raise InvalidRequest(
-                f"alwayson_scripts.{name}: not supported by this server (only ControlNet)", f"alwayson_scripts.{name}"
-            )
-    script = scripts.get("controlnet") or {}
-    args = script.get("args", []) if isinstance(script, dict) else None
-    if not isinstance(args, list):
-        raise InvalidRequest(
-            'alwayson_scripts.controlnet: must be {"args": [unit, ...]}', "alwayson_scripts.controlnet"
-        )
-    units = []
-    for index, raw in enumerate(args):
-        field = f"alwayson_scripts.controlnet.args[{index}]"
-        try:
-            unit = A1111ControlNetUnit.model_validate(raw)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join([field, *(str(part) for part in error["loc"])])
-            raise InvalidRequest(f"{where}: {error['msg']}", where) from None
-        if unit.enabled:
-            units.append(unit_to_native(unit, field, body.init_images[0] if img2img and body.init_images else None))
-    if len(units) > MAX_CONTROLNETS:
-        raise InvalidRequest(
-            f"alwayson_scripts.controlnet.args: {len(units)} enabled units; at most {MAX_CONTROLNETS}",
-            "alwayson_scripts.controlnet.args",
-        )
-    return units
 
 
 def _hires_fix(body: A1111Request, img2img: bool) -> dict[str, Any] | None:

@@ -1,5 +1,6 @@
 """The AUTOMATIC1111 dialect's wire models: what its clients send (every field of A1111's own
-models, most at their defaults) and what they read back. mapping.py says what each field means
+models, most at their defaults) and what they read back, and two ways of reading them (a field
+left on that this server does not do; a model's title). mapping.py says what each field means
 here."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.protocol import MAX_SEED, TINY_PNG, ImageBytes, Priority
 
 
@@ -114,3 +116,17 @@ class PngInfoRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {"image": TINY_PNG}})
 
     image: ImageBytes
+
+
+def refuse_what_is_on(extra: dict[str, Any] | None, prefix: str = "", off: dict[str, Any] | None = None) -> None:
+    """Fields this server does not implement pass when off (empty, 0, False, or the value in
+    `off`, A1111's default); one turned on is a 400 naming it."""
+    for name, value in (extra or {}).items():
+        if value in (None, False, 0, "", [], {}) or (off or {}).get(name) == value:
+            continue
+        raise InvalidRequest(f"{prefix}{name}: not supported by this server (sent {value!r})", f"{prefix}{name}")
+
+
+def title_name(title: str) -> str:
+    """The name in an A1111 model title, "name [hash]" (or the bare name)."""
+    return title.split(" ")[0]

@@ -12,8 +12,15 @@ from fastapi import APIRouter, Depends, Request
 from PIL import Image
 
 from backends.api import errors
-from backends.api.a1111.mapping import generation_request, progress, render, title_name
-from backends.api.a1111.protocol import A1111Answer, A1111Img2ImgRequest, A1111Options, A1111Request, PngInfoRequest
+from backends.api.a1111.mapping import generation_request, progress, render
+from backends.api.a1111.protocol import (
+    A1111Answer,
+    A1111Img2ImgRequest,
+    A1111Options,
+    A1111Request,
+    PngInfoRequest,
+    title_name,
+)
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend import infotext
 from backends.sdxl_backend.errors import InvalidRequest

@@ -13,11 +13,13 @@ from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.modes import MEMORY_MODES
 from backends.sdxl_backend.protocol import (
     MAX_CONTROLNETS,
+    MAX_IP_ADAPTERS,
     MAX_LORAS,
     MAX_SEED,
     ControlNetUnit,
     GenerationRequest,
     ImageBytes,
+    IpAdapterUnit,
     LoraWeight,
     OutputFormat,
     Priority,
@@ -58,6 +60,7 @@ class ImageGenerationRequest(BaseModel):
     loras: list[LoraWeight] = Field([], max_length=MAX_LORAS)  # [{"id": ..., "weight": ...}] (GET /v1/loras)
     refiner: Refiner | None = None  # {"model": "sdxl-refiner", "switch_at": 0.8}
     controlnets: list[ControlNetUnit] = Field([], max_length=MAX_CONTROLNETS)  # as the native API's
+    ip_adapters: list[IpAdapterUnit] = Field([], max_length=MAX_IP_ADAPTERS)  # likewise
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: OutputFormat = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
@@ -107,6 +110,7 @@ class ImageGenerationRequest(BaseModel):
             loras=self.loras,
             refiner=self.refiner,
             controlnets=self.controlnets,
+            ip_adapters=self.ip_adapters,
             priority=self.priority,
         )
 

@@ -61,10 +61,10 @@ def number(value: bytes | None) -> float | None:
 
 
 def request_from_json(data: str | bytes) -> GenerationRequest:
-    """A request dumped as JSON, back: the control images are left out of dumps (their maps
-    travel beside it), so each unit gets an empty one."""
+    """A request dumped as JSON, back: the units' images are left out of dumps (the control
+    maps and the image prompts' pictures travel beside it), so each unit gets an empty one."""
     fields = json.loads(data)
-    for unit in fields.get("controlnets", []):
+    for unit in [*fields.get("controlnets", []), *fields.get("ip_adapters", [])]:
         unit["image"] = ""
     return GenerationRequest.model_validate(fields)
 
@@ -78,6 +78,8 @@ def submitted(job: Job, prepared: PreparedRequest, batch_key: object) -> Fields:
         fields["mask"] = png(prepared.mask)
     for index, control in enumerate(prepared.controls):
         fields[f"control:{index}"] = png(control)
+    for index, picture in enumerate(prepared.image_prompts):
+        fields[f"image_prompt:{index}"] = png(picture)
     return {
         **fields,
         "status": "queued",
@@ -107,6 +109,7 @@ def prepared_from(fields: dict[bytes, bytes], engine: Engine) -> PreparedRequest
     request = request_from_json(fields[b"request"])
     refiner = engine.models.source(request.refiner.model) if request.refiner else None
     controls = [image(f"control:{index}") for index in range(len(request.controlnets))]
+    image_prompts = [image(f"image_prompt:{index}") for index in range(len(request.ip_adapters))]
     source = engine.models.source(request.model)
     return PreparedRequest(
         request,
@@ -115,6 +118,7 @@ def prepared_from(fields: dict[bytes, bytes], engine: Engine) -> PreparedRequest
         image("mask"),
         refiner,
         controls,
+        image_prompts,
         engine.read_prompts(request, source),
         engine.read_prompts(request, refiner) if refiner else None,
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING
 
-from ...protocol import MAX_CONTROLNETS
+from ...protocol import MAX_CONTROLNETS, MAX_IP_ADAPTERS
 
 if TYPE_CHECKING:
     import redis
@@ -17,7 +17,12 @@ if TYPE_CHECKING:
 FOLDER = Path(__file__).with_name("scripts")
 TOMBSTONE_TTL_S = 86400  # an evicted job's id answers "expired" (410) this long, then "unknown" (404)
 # The fields of a job's hash that hold its input images, dropped when it ends.
-INPUTS = ["init_image", "mask", *(f"control:{index}" for index in range(MAX_CONTROLNETS))]
+INPUTS = [
+    "init_image",
+    "mask",
+    *(f"control:{index}" for index in range(MAX_CONTROLNETS)),
+    *(f"image_prompt:{index}" for index in range(MAX_IP_ADAPTERS)),
+]
 SCRIPTS = {
     "submit": [],
     "take": ["turns"],
