@@ -232,6 +232,10 @@ def test_clients_send_image_prompts_and_the_queue_never_mixes_adapters(serve, ti
         ],
     )
     assert answer.image.convert("RGB").tobytes() == prompted
+    assert (
+        'ControlNet 0: "Module: ip-adapter-auto, Model: tiny-sdxl-ip-adapter, Weight: 0.6'
+        in (answer.image.info["parameters"])
+    )
 
     # Queued behind a long job: a plain job, two with one image prompt (other prompts and
     # seeds), one with another picture, one at another scale. Only the two alike share a call.

@@ -34,10 +34,13 @@ def write(request: GenerationRequest, seed: int, img2img: bool, inpainting: bool
         )
     if request.refiner:
         settings.append(f"Refiner: {request.refiner.model}, Refiner switch at: {request.refiner.switch_at}")
-    for index, unit in enumerate(request.controlnets):  # as A1111's ControlNet extension writes them
+    # The units, as A1111's ControlNet extension writes them (it runs image prompts as units too).
+    units = [(unit.preprocess, unit.id, unit.scale, unit.start, unit.end) for unit in request.controlnets]
+    units += [("ip-adapter-auto", unit.id, unit.scale, 0.0, 1.0) for unit in request.ip_adapters]
+    for index, (module, model, weight, start, end) in enumerate(units):
         settings.append(
-            f'ControlNet {index}: "Module: {unit.preprocess}, Model: {unit.id}, Weight: {unit.scale}, '
-            f'Guidance Start: {unit.start}, Guidance End: {unit.end}"'
+            f'ControlNet {index}: "Module: {module}, Model: {model}, Weight: {weight}, '
+            f'Guidance Start: {start}, Guidance End: {end}"'
         )
     if inpainting:
         settings.append(f"Mask blur: {request.mask_blur}")
