@@ -207,6 +207,8 @@ def test_clients_send_image_prompts_and_the_queue_never_mixes_adapters(serve, ti
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "ip_adapters[0].id"
     status = httpx.get(f"{server.url}/v1/system/status", timeout=300).json()
     assert [a["id"] for a in status["ip_adapters"]] == [ADAPTER]
+    (replica,) = httpx.get(f"{server.url}/v1/system/fleet", timeout=300).json()["replicas"]
+    assert replica["devices"][0]["side_models"] == [ADAPTER]  # (what the fleet page lists)
 
     # The gallery's route takes them too.
     gallery = httpx.post(

@@ -313,7 +313,8 @@ class Runtime:
 
     def card(self) -> dict[str, Any]:
         """This replica as the fleet page shows it (and its heartbeat publishes it): each
-        device's memory, loaded models and the job it runs. No ids, prompts or keys."""
+        device's memory, loaded models (and ControlNets, IP-Adapters) and the job it runs. No
+        job ids, prompts or keys."""
         running = {job.device: job for job in self.jobs.running_here}
         devices = []
         for device in self.devices.status():
@@ -326,6 +327,7 @@ class Runtime:
                     "alive": device["alive"],
                     "memory": {kind: device["memory"][kind] for kind in ("used", "total", "budget")},
                     "loaded": [{"id": model["id"], "loras": model["loras"]} for model in device["loaded"]],
+                    "side_models": [side["id"] for side in [*device["controlnets"], *device["ip_adapters"]]],
                     "running": job and {"model": model, "step": job.step, "total_steps": job.total_steps},
                 }
             )
