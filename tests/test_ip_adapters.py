@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from PIL import Image
 
 from backends.sdxl_backend.controlnets import ControlNetSource
@@ -73,6 +74,30 @@ def test_an_image_prompt_changes_the_images_and_scale_zero_gives_the_models_own(
     assert run(engine, {}, guidance_scale=0) != run(engine, guidance_scale=0)  # unguided calls too
     assert engine.models.loads[ADAPTER] == 1  # loaded once, kept
     assert [a["id"] for a in engine.models.status()["ip_adapters"]] == [ADAPTER]
+
+
+def test_an_install_that_fails_half_way_is_taken_out_by_the_next_call(engine, monkeypatch):
+    """Out of memory while the adapter's layers go into the UNet, after diffusers has swapped
+    the attention processors: the request is run again in the next memory mode, which finds
+    the UNet half-installed and puts it right; then a request without an image prompt still
+    gets the model's own pixels."""
+    from diffusers import UNet2DConditionModel
+
+    plain = run(engine)  # (the UNet as loaded: the next call installs the adapter)
+    load, failed = UNet2DConditionModel._load_ip_adapter_weights, []
+
+    def fails_once_half_way(unet, weights, **kwargs):
+        if failed:
+            return load(unet, weights, **kwargs)
+        failed.append(True)
+        unet.set_attn_processor(unet._convert_ip_adapter_attn_to_diffusers(weights))
+        raise torch.OutOfMemoryError("CUDA out of memory (a test double for the device's error)")
+
+    monkeypatch.setattr(UNet2DConditionModel, "_load_ip_adapter_weights", fails_once_half_way)
+    recovered = engine.generate(engine.prepare(request({})))
+    assert failed and recovered.out_of_memory_in == ["high"]
+    assert pixels(recovered.images[0].data) == run(engine, {}, vram_mode=recovered.vram_mode)
+    assert run(engine) == plain
 
 
 def test_image_prompts_with_image_to_image_inpainting_the_hires_fix_the_refiner_and_controlnets(engine):

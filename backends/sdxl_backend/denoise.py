@@ -192,8 +192,11 @@ class Denoiser:
             # 2. Apply the LoRAs (before encoding: those that touch the text encoders change the
             # conditioning), and install the IP-Adapters in the UNet (or take out the last call's).
             lora_load_s = self.models.apply_loras(source.id, pipelines, request.loras)
-            install(
-                pipelines, list(zip(adapter_ids, image_prompt_models)), [unit.scale for unit in request.ip_adapters]
+            self.models.out_of_memory_as_error(
+                lambda: install(
+                    pipelines, list(zip(adapter_ids, image_prompt_models)), [u.scale for u in request.ip_adapters]
+                ),
+                "out of memory installing the IP-Adapters",
             )
             pipeline = with_controlnets(pipelines, task, controlnets) if controlnets else getattr(pipelines, task)
             pipeline.scheduler = pipelines.new_scheduler(request.scheduler, source.defaults.timestep_spacing)

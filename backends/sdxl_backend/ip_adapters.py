@@ -104,10 +104,13 @@ def install(pipelines: Pipelines, adapters: list[tuple[str, ImagePromptModel]], 
     unet = pipelines.owner.unet
     wanted = tuple(adapter_id for adapter_id, _ in adapters)
     if wanted != pipelines.ip_adapters:
-        if pipelines.ip_adapters:  # the UNet's own processors back, and no image projection
+        if pipelines.ip_adapters != ():  # the UNet's own processors back, and no image projection
             unet.set_attn_processor(pipelines.plain_attention)
             unet.encoder_hid_proj = None
             unet.config.encoder_hid_dim_type = None
+        # None until the new set is in: an install that fails half-way (out of memory, say) is
+        # taken out by the next call, never left to act on requests without image prompts.
+        pipelines.ip_adapters = None
         if adapters:
             pipelines.plain_attention = dict(unet.attn_processors)
             # (under the load lock: diffusers builds the new layers under accelerate's init_empty_weights)

@@ -76,9 +76,9 @@ class Pipelines:
     mode: str = "high"  # one of MEMORY_MODES once placed
     _schedulers: dict = field(default_factory=dict, repr=False)  # pristine ones, by (name, timestep spacing)
     encoded_prompts: EncodedPrompts = field(default_factory=EncodedPrompts, repr=False)
-    # The IP-Adapters installed in the UNet (ip_adapters.py), and its own attention processors,
-    # which come back when a call has none.
-    ip_adapters: tuple[str, ...] = ()
+    # The IP-Adapters installed in the UNet (ip_adapters.py; None: an install that failed), and
+    # its own attention processors, which come back when a call has none.
+    ip_adapters: tuple[str, ...] | None = ()
     plain_attention: dict = field(default_factory=dict, repr=False)
 
     def new_scheduler(self, name: str, timestep_spacing: str | None) -> SchedulerMixin:
