@@ -237,6 +237,7 @@ def test_a_jobs_trace_goes_on_on_the_replica_that_runs_it(replicas, collector):
     encode, in that order) from the second, under the same HTTP span."""
     first = submit(replicas[0], BLOCKER)["id"]
     runner, other = runner_and_other(replicas, first)
+    since = time.time_ns()  # (the collector also holds the spans of the module's earlier jobs)
     try:
         job_id = submit(runner, SMALL)["id"]
         assert wait(other, job_id)["status"] == "succeeded"
@@ -246,16 +247,25 @@ def test_a_jobs_trace_goes_on_on_the_replica_that_runs_it(replicas, collector):
         replica.url: httpx.get(f"{replica.url}/v1/system/fleet", timeout=300).json()["replicas"][0]["replica"]
         for replica in replicas
     }
-    deadline = time.monotonic() + 60
-    while not (
-        jobs := [
-            s for s in collector.spans if s["name"] == "job" and s["attributes"]["sdxl.replica"] == names[other.url]
+
+    def exported() -> tuple[dict, dict] | None:
+        """This job's span from the replica that ran it, and its trace's spans by name, once
+        every one the test reads has come (each process exports in its own batches)."""
+        jobs = [
+            s
+            for s in collector.spans
+            if s["name"] == "job" and s["attributes"]["sdxl.replica"] == names[other.url] and s["start"] >= since
         ]
-    ):
-        assert time.monotonic() < deadline, "no job span exported by the replica that ran it"
+        if not jobs:
+            return None
+        trace = {span["name"]: span for span in collector.spans if span["trace_id"] == jobs[-1]["trace_id"]}
+        return (jobs[-1], trace) if {"validate", "queue wait", "denoise", "encode"} <= trace.keys() else None
+
+    deadline = time.monotonic() + 60
+    while (found := exported()) is None:
+        assert time.monotonic() < deadline, "the job's spans were not all exported"
         time.sleep(0.2)
-    job_span = jobs[-1]
-    trace = {span["name"]: span for span in collector.spans if span["trace_id"] == job_span["trace_id"]}
+    job_span, trace = found
     assert trace["validate"]["attributes"]["sdxl.replica"] == names[runner.url]
     assert trace["validate"]["parent_span_id"] == job_span["parent_span_id"]  # the submit's HTTP span
     assert job_span["parent_span_id"] in {span["span_id"] for span in trace.values()}
