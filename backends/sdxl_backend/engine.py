@@ -52,6 +52,11 @@ class PreparedRequest:
     image_prompts: list[Image.Image] = field(default_factory=list, repr=False)  # per IP-Adapter, the picture it reads
     prompts: ReadPrompts | None = field(default=None, repr=False)  # as the model reads them
     refiner_prompts: ReadPrompts | None = field(default=None, repr=False)  # as the refiner reads them
+    # The image prompts' identities, hashed once here: batch formation compares them per queued job.
+    image_prompt_digests: tuple[str, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.image_prompt_digests = tuple(digest(picture) for picture in self.image_prompts)
 
     @property
     def seeds(self) -> list[int]:
@@ -215,8 +220,8 @@ class Engine:
             lora_weights(request),
             # The image prompts: installed in the UNet per call, one picture each for the whole call.
             tuple(
-                (unit.id, unit.scale, digest(picture))
-                for unit, picture in zip(request.ip_adapters, prepared.image_prompts)
+                (unit.id, unit.scale, picture)
+                for unit, picture in zip(request.ip_adapters, prepared.image_prompt_digests)
             ),
         )
 
