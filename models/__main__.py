@@ -34,6 +34,7 @@ KIND_LABELS = {
     "controlnet": "[ControlNet] ",
     "embedding": "[embedding] ",
     "ip-adapter": "[IP-Adapter] ",
+    "upscaler": "[upscaler] ",
 }  # in the listing
 
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "--from",
         dest="source",
         type=Path,
-        help="a diffusers directory (a pipeline or a ControlNet) or a .safetensors file",
+        help="a diffusers directory (a pipeline or a ControlNet), a .safetensors file, or an upscaler's .pth",
     )
     imp.add_argument("--config", help="for a single .safetensors file: the diffusers repo or directory of its configs")
     imp.add_argument("--revision", help="hub branch, tag or commit (default: main)")

@@ -22,9 +22,10 @@ class CatalogEntry(BaseModel):
     # "pipeline": a servable SDXL model; "vae": a component that replaces every served model's
     # VAE when SDXL_VAE names it; "lora": an adapter a request names in `loras`; "controlnet":
     # a control model a request names in `controlnets`; "embedding": a textual-inversion
-    # embedding a prompt names; "ip-adapter": an image prompt model a request names in `ip_adapters`.
-    kind: Literal["pipeline", "vae", "lora", "controlnet", "embedding", "ip-adapter"] = "pipeline"
-    weights: str | None = None  # a LoRA's, an embedding's or an IP-Adapter's file in its repo
+    # embedding a prompt names; "ip-adapter": an image prompt model a request names in `ip_adapters`;
+    # "upscaler": an upscale model (ESRGAN and its kin) for /v1/upscale and the hires fix.
+    kind: Literal["pipeline", "vae", "lora", "controlnet", "embedding", "ip-adapter", "upscaler"] = "pipeline"
+    weights: str | None = None  # a LoRA's, an embedding's, an IP-Adapter's or an upscaler's file in its repo
     encoder: str | None = None  # an IP-Adapter's image encoder: its folder in the repo
     repo: str | None = None  # None: built locally (tiny-sdxl)
     unet: tuple[str, str] | None = None  # (repo, file) replacing the repo's UNet weights

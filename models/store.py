@@ -3,11 +3,12 @@
 Each model is one BentoML model named by its friendly id, holding a diffusers directory (a
 pipeline), one component's directory (a VAE or a ControlNet: `config.json` and its weights),
 a LoRA's weights (`pytorch_lora_weights.safetensors`), an embedding's vectors
-(`embedding.safetensors`) or an IP-Adapter's weights and image encoder (`ip-adapter.safetensors`,
-`image_encoder/`). LoRAs, ControlNets and IP-Adapters carry a `fits` label: the UNet
-architecture they were made for (backends/sdxl_backend/loras.py); embeddings, the text encoders' widths
-(backends/sdxl_backend/embeddings.py). Labels record
-what it is and where it came from: `sdxl_id`, `sdxl_kind`, `source`, `revision`.
+(`embedding.safetensors`), an IP-Adapter's weights and image encoder (`ip-adapter.safetensors`,
+`image_encoder/`) or an upscaler's weights and card (`upscaler.safetensors`, `upscaler.json`).
+LoRAs, ControlNets and IP-Adapters carry a `fits` label: the UNet architecture they were made
+for (backends/sdxl_backend/loras.py); embeddings, the text encoders' widths
+(backends/sdxl_backend/embeddings.py); upscalers fit every model. Labels record what it is and
+where it came from: `sdxl_id`, `sdxl_kind`, `source`, `revision`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import bentoml
 
 from backends.sdxl_backend.embeddings import EMBEDDING_FILE, SDXL_TEXT, file_signature
 from backends.sdxl_backend.ip_adapters import ENCODER_FOLDER, IP_ADAPTER_FILE, is_ip_adapter
-from backends.sdxl_backend.loras import LORA_FILE, SDXL_UNET, model_unet_signature, unet_signature
+from backends.sdxl_backend.loras import LORA_FILE, SDXL_UNET, model_unet_signature
+from backends.sdxl_backend.upscalers import UPSCALER_SUFFIXES, read_upscaler, save_upscaler
 
 from .catalog import CatalogEntry
 
@@ -128,57 +130,15 @@ TINY = (
     "tiny-sdxl-controlnet",
     "tiny-sdxl-embedding",
     "tiny-sdxl-ip-adapter",
+    "tiny-upscaler",
 )  # built locally
 
 
 def import_tiny(model_id: str = "tiny-sdxl") -> bentoml.Model:
-    from .tiny import (
-        SEED,
-        TEXT_HIDDEN,
-        build_tiny_controlnet,
-        build_tiny_refiner,
-        build_tiny_sdxl,
-        build_tiny_vae,
-        save_tiny_embedding,
-        save_tiny_ip_adapter,
-        save_tiny_lora,
-    )
+    from .tiny import tiny_recipe
 
-    source = "generated:models/tiny.py"
-    if model_id == "tiny-sdxl":
-        return _store(
-            model_id, source, "1", lambda path: build_tiny_sdxl().save_pretrained(path, safe_serialization=True)
-        )
-    if model_id == "tiny-sdxl-refiner":
-        return _store(
-            model_id, source, "1", lambda path: build_tiny_refiner().save_pretrained(path, safe_serialization=True)
-        )
-    if model_id == "tiny-sdxl-vae":
-        return _store(
-            model_id,
-            source,
-            "1",
-            lambda path: build_tiny_vae(seed=SEED + 1).save_pretrained(path, safe_serialization=True),
-            kind="vae",
-        )
-    if model_id == "tiny-sdxl-controlnet":  # (a ControlNet's config holds the widths of the UNet it was made from)
-        controlnet = build_tiny_controlnet()
-        return _store(
-            model_id,
-            source,
-            "1",
-            lambda path: controlnet.save_pretrained(path, safe_serialization=True),
-            {"fits": unet_signature(controlnet.config)},
-            kind="controlnet",
-        )
-    if model_id == "tiny-sdxl-embedding":
-        return _store(
-            model_id, source, "1", save_tiny_embedding, {"fits": f"{TEXT_HIDDEN}+{TEXT_HIDDEN}"}, kind="embedding"
-        )
-    fits = unet_signature(build_tiny_sdxl().unet.config)
-    if model_id == "tiny-sdxl-ip-adapter":
-        return _store(model_id, source, "1", save_tiny_ip_adapter, {"fits": fits}, kind="ip-adapter")
-    return _store(model_id, source, "1", save_tiny_lora, {"fits": fits}, kind="lora")
+    kind, fill, labels = tiny_recipe(model_id)
+    return _store(model_id, "generated:models/tiny.py", "1", fill, labels, kind=kind)
 
 
 def model_unet_signature_of(model_id: str) -> str | None:
@@ -196,8 +156,9 @@ def import_from_path(
     `.safetensors` (diffusers/PEFT or kohya/A1111 keys); or an SDXL textual-inversion embedding
     (`clip_l` and `clip_g`, fitting the models whose text encoders have their widths); or an
     IP-Adapter `.safetensors` (`image_proj.*`, `ip_adapter.*`) with its image `encoder`'s
-    directory. LoRAs, ControlNets and IP-Adapters fit SDXL base's architecture unless `fits`
-    names a stored model whose UNet they were made for."""
+    directory; or an upscale model (`.pth`, `.pt`, or a `.safetensors` spandrel recognises: ESRGAN,
+    SwinIR, HAT, DAT...). LoRAs, ControlNets and IP-Adapters fit SDXL base's architecture unless
+    `fits` names a stored model whose UNet they were made for."""
     path = path.expanduser().resolve()
     if path.is_dir():
         if _class_name(path / "config.json") == "ControlNetModel":
@@ -214,6 +175,8 @@ def import_from_path(
                 f"{path} is not a diffusers directory (no model_index.json, nor a ControlNet's config.json)"
             )
         return _store(model_id, f"local:{path}", "-", lambda dst: _copy_tree(path, dst))
+    if path.is_file() and (path.suffix in (".pth", ".pt") or is_upscaler(path)):
+        return _store(model_id, f"local:{path}", "-", lambda dst: _convert_upscaler(path, dst), kind="upscaler")
     if path.is_file() and path.suffix == ".safetensors":
         if (widths := file_signature(path)) is not None:
             return _store(
@@ -247,7 +210,7 @@ def import_from_path(
                 kind="lora",
             )
         return _store(model_id, f"local:{path}", "-", lambda dst: _convert_single_file(path, dst, config))
-    raise ImportFailed(f"{path} is neither a diffusers directory nor a .safetensors file")
+    raise ImportFailed(f"{path} is neither a diffusers directory nor a .safetensors or .pth file")
 
 
 def _class_name(config: Path) -> str | None:
@@ -260,6 +223,32 @@ def is_lora(path: Path) -> bool:
 
     with safe_open(path, framework="pt") as weights:
         return any("lora" in key for key in weights.keys())
+
+
+def is_upscaler(path: Path) -> bool:
+    """A .safetensors file small enough to be an upscaler (under 1 GiB: the largest, HAT-L and
+    DAT, are a few hundred MB; an SDXL checkpoint is several GB) that spandrel recognises, and
+    none of the kinds before it (embeddings, IP-Adapters and LoRAs carry their own key names)."""
+    if path.suffix != ".safetensors" or path.stat().st_size > 2**30:
+        return False
+    if file_signature(path) is not None or is_ip_adapter(path) or is_lora(path):
+        return False
+    try:
+        read_upscaler(path)
+    except ValueError:
+        return False
+    return True
+
+
+def _convert_upscaler(file: Path, dst: Path) -> None:
+    """An upscale model file in the store's layout (a .pth read by spandrel's restricted
+    unpickler, never Python's own)."""
+    if file.suffix not in UPSCALER_SUFFIXES:
+        raise ImportFailed(f"{file.name}: an upscaler is a {', '.join(UPSCALER_SUFFIXES)} file")
+    try:
+        save_upscaler(read_upscaler(file), dst)
+    except ValueError as exc:
+        raise ImportFailed(str(exc)) from exc
 
 
 def _fits(model_id: str | None) -> str:
@@ -339,7 +328,7 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
                 ).read_text()
             )
             wanted = select_files(repo_files, model_index)
-        elif entry.kind in ("lora", "embedding"):
+        elif entry.kind in ("lora", "embedding", "upscaler"):
             wanted = [entry.weights]
         elif entry.kind == "ip-adapter":  # its file and its image encoder's config and weights
             wanted = [entry.weights, *select_encoder_files(repo_files, entry.encoder)]
@@ -359,6 +348,8 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
         raise ImportFailed(_hub_error(entry.repo, exc)) from exc
 
     def fill(path: Path) -> None:
+        if entry.kind == "upscaler":
+            return _convert_upscaler(snapshot / entry.weights, path)
         placed_as = {"lora": LORA_FILE, "embedding": EMBEDDING_FILE, "ip-adapter": IP_ADAPTER_FILE}
         for name in wanted:
             if entry.kind == "ip-adapter" and name != entry.weights:

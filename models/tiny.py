@@ -6,12 +6,14 @@ factor 8, so latents, batches and image sizes have the shapes of the real model.
 else is made small: attention only at the lowest UNet resolution and none in the VAE, so a
 1024x1024 image takes seconds on a CPU. The weights are random (seeded), so it draws noise.
 A second VAE, a LoRA, a ControlNet, an embedding and an IP-Adapter of the same architecture
-stand in for those components in tests.
+stand in for those components in tests, and a tiny ESRGAN for the upscalers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -246,3 +248,43 @@ def save_tiny_ip_adapter(path: Path, seed: int = SEED + 6) -> None:
         for projection in ("to_k_ip", "to_v_ip"):
             weights[f"ip_adapter.{2 * index + 1}.{projection}.weight"] = torch.randn_like(to_k.weight) * 0.5
     save_file(weights, str(path / IP_ADAPTER_FILE))
+
+
+def save_tiny_upscaler(path: Path, seed: int = SEED + 7) -> None:
+    """A 4x ESRGAN (RRDBNet, 8 features, one block: about 0.2 M weights), random, in the
+    store's upscaler layout. spandrel reads it as it reads Real-ESRGAN's own files."""
+    from spandrel import ModelLoader
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    from backends.sdxl_backend.upscalers import save_upscaler
+
+    torch.manual_seed(seed)
+    network = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=4)
+    save_upscaler(ModelLoader().load_from_state_dict(network.state_dict()), path)
+
+
+def tiny_recipe(model_id: str) -> tuple[str, Callable[[Path], None], dict[str, str]]:
+    """How the store makes tiny model `model_id`: its kind, what writes its folder, its labels
+    (a ControlNet's config holds the widths of the UNet it was made from)."""
+    from backends.sdxl_backend.loras import unet_signature
+
+    def saved(build: Callable[[], Any]) -> Callable[[Path], None]:
+        return lambda path: build().save_pretrained(path, safe_serialization=True)
+
+    if model_id == "tiny-sdxl":
+        return "pipeline", saved(build_tiny_sdxl), {}
+    if model_id == "tiny-sdxl-refiner":
+        return "pipeline", saved(build_tiny_refiner), {}
+    if model_id == "tiny-sdxl-vae":
+        return "vae", saved(lambda: build_tiny_vae(seed=SEED + 1)), {}
+    if model_id == "tiny-sdxl-controlnet":
+        controlnet = build_tiny_controlnet()
+        return "controlnet", saved(lambda: controlnet), {"fits": unet_signature(controlnet.config)}
+    if model_id == "tiny-sdxl-embedding":
+        return "embedding", save_tiny_embedding, {"fits": f"{TEXT_HIDDEN}+{TEXT_HIDDEN}"}
+    if model_id == "tiny-upscaler":
+        return "upscaler", save_tiny_upscaler, {}
+    fits = {"fits": unet_signature(build_tiny_sdxl().unet.config)}
+    if model_id == "tiny-sdxl-ip-adapter":
+        return "ip-adapter", save_tiny_ip_adapter, fits
+    return "lora", save_tiny_lora, fits
