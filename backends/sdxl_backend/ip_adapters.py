@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # (torch only where the device works: the store reads this mo
     import torch
     from PIL import Image
 
+    from .device import Placement
     from .pipelines import Pipelines
 
 IP_ADAPTER_FILE = "ip-adapter.safetensors"
@@ -72,10 +73,14 @@ def is_ip_adapter(file: Path) -> bool:
     return {"image_proj", "ip_adapter"} <= prefixes
 
 
-def load_image_prompt_model(path: Path, device: torch.device, dtype: torch.dtype) -> ImagePromptModel:
+def load_image_prompt_model(path: Path, placement: Placement) -> ImagePromptModel:
     from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
-    encoder = CLIPVisionModelWithProjection.from_pretrained(
+    from .pipelines import loading_alone
+
+    device, dtype = placement.device, placement.dtype
+
+    encoder = loading_alone(CLIPVisionModelWithProjection.from_pretrained)(
         path / ENCODER_FOLDER, dtype=dtype, use_safetensors=True, local_files_only=True
     ).to(device)
     size = encoder.config.image_size

@@ -2,9 +2,9 @@
 
 Loaded models are kept in least-recently-used order under a memory budget: loading one that
 does not fit evicts the least recently used models that no request is using. Side models
-(ControlNets, IP-Adapters) are loaded beside them (shared by every model they fit), counted in
-the budget, and kept up to `max_loaded_controlnets` and `max_loaded_ip_adapters`. Each model
-runs in a memory mode (pipelines.py) chosen per request.
+(ControlNets, IP-Adapters, upscalers) are loaded beside them (shared by every model they fit),
+counted in the budget, and kept up to `max_loaded_controlnets`, `max_loaded_ip_adapters` and
+`max_loaded_upscalers`. Each model runs in a memory mode (pipelines.py) chosen per request.
 Every load and unload runs on the device thread (device_thread.py), generations too; the lock
 here guards the loaded set against the other threads that read it (status, listings).
 """
@@ -31,21 +31,13 @@ from .device import Placement, allocated_memory, memory_in_use
 from .device_thread import TORCH_WORK
 from .errors import DeviceUnavailable, OutOfMemory, UnknownModel
 from .fast_paths import FastPaths
-from .ip_adapters import IpAdapterSource, load_image_prompt_model, stored_bytes
+from .ip_adapters import IpAdapterSource
 from .loras import LORA_FILE, LoraSource
-from .model_records import LoadedModel, LoadedSideModel, ModelSource
+from .model_records import SIDE_KINDS, LoadedModel, LoadedSideModel, ModelSource, SideSource
 from .modes import MemoryPolicy
-from .pipelines import (
-    Pipelines,
-    apply_memory_mode,
-    component_bytes,
-    load_controlnet,
-    load_pipelines,
-    loading_alone,
-    set_vae_tiling,
-    weights_bytes,
-)
+from .pipelines import Pipelines, apply_memory_mode, load_pipelines, loading_alone, set_vae_tiling, weights_bytes
 from .protocol import LoraWeight
+from .upscalers import UpscalerSource
 
 logger = logging.getLogger("sdxl_backend")
 GiB = 2**30
@@ -69,6 +61,8 @@ class ModelManager:
         max_loaded_controlnets: int = 2,  # ControlNets kept loaded; the least recently used go first
         ip_adapters: list[IpAdapterSource] = (),
         max_loaded_ip_adapters: int = 2,  # IP-Adapters kept loaded; the least recently used go first
+        upscalers: list[UpscalerSource] = (),
+        max_loaded_upscalers: int = 1,  # upscalers kept loaded; the least recently used go first
         # Runs an action on the device thread and returns its result (`DeviceThread.run`): the
         # idle timer's unload goes there. Default: in the calling thread (no device thread).
         on_device: Callable[[Callable[[], T]], T] = lambda action: action(),
@@ -82,7 +76,12 @@ class ModelManager:
         self.max_loaded_loras = max_loaded_loras
         self.controlnets = {controlnet.id: controlnet for controlnet in controlnets}
         self.ip_adapters = {adapter.id: adapter for adapter in ip_adapters}
-        self.max_loaded = {ControlNetSource: max_loaded_controlnets, IpAdapterSource: max_loaded_ip_adapters}
+        self.upscalers = {upscaler.id: upscaler for upscaler in upscalers}
+        self.max_loaded = {
+            ControlNetSource: max_loaded_controlnets,
+            IpAdapterSource: max_loaded_ip_adapters,
+            UpscalerSource: max_loaded_upscalers,
+        }
         self.on_device = on_device
         total = memory_in_use(placement)[1]  # (on the CPU: the host's memory)
         self.budget = self.policy.budget or total - max(GiB, total // 10)
@@ -91,7 +90,8 @@ class ModelManager:
         for alias, target in self.aliases.items():
             if target not in self.sources:
                 raise ValueError(f"alias {alias}={target}: {target} is not served (served: {', '.join(self.sources)})")
-        self.loads: dict[str, int] = {model_id: 0 for model_id in [*self.sources, *self.controlnets, *self.ip_adapters]}
+        self.side_sources: dict[str, SideSource] = {**self.controlnets, **self.ip_adapters, **self.upscalers}
+        self.loads: dict[str, int] = {model_id: 0 for model_id in [*self.sources, *self.side_sources]}
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
         self._side_models: OrderedDict[str, LoadedSideModel] = OrderedDict()  # least recently used first
         self._lock = threading.RLock()
@@ -198,7 +198,7 @@ class ModelManager:
 
     @contextmanager
     def use_side_models(self, model_ids: list[str]) -> Iterator[tuple[list, float]]:
-        """The ControlNets (`ControlNetModel`s) or IP-Adapters (`ImagePromptModel`s) named,
+        """The side models named (`ControlNetModel`s, `ImagePromptModel`s, spandrel's upscalers),
         loaded, held in use for the block; yields them and the seconds spent loading for this call."""
         held: list[LoadedSideModel] = []
         load_s = 0.0
@@ -209,7 +209,7 @@ class ModelManager:
                     if loaded is not None:
                         loaded.in_use += 1
                 if loaded is None:
-                    loaded = self._load_side_model(self.controlnets.get(model_id) or self.ip_adapters[model_id])
+                    loaded = self._load_side_model(self.side_sources[model_id])
                     load_s += loaded.load_s
                 held.append(loaded)
                 with self._lock:
@@ -226,27 +226,21 @@ class ModelManager:
                     loaded.in_use -= 1
                 self._last_activity = time.monotonic()
 
-    def _load_side_model(self, source: ControlNetSource | IpAdapterSource) -> LoadedSideModel:
-        """Load a ControlNet or an IP-Adapter under the budget, registered as in use."""
-        controlnet = isinstance(source, ControlNetSource)
-        kind = "ControlNet" if controlnet else "IP-Adapter"
-        size = (component_bytes if controlnet else stored_bytes)(source.path, self.placement.dtype)
+    def _load_side_model(self, source: SideSource) -> LoadedSideModel:
+        """Load a side model under the budget, registered as in use."""
+        kind = SIDE_KINDS[type(source)]
+        size = kind.size(source.path, self.placement.dtype)
         self._make_room(size, source.id)
         TORCH_WORK.note("load")
         started = time.perf_counter()
         module = self.out_of_memory_as_error(
-            lambda: (
-                load_controlnet(source.path, self.placement)
-                if controlnet
-                else loading_alone(load_image_prompt_model)(source.path, self.placement.device, self.placement.dtype)
-            ),
-            f"out of memory loading {kind} {source.id}",
+            lambda: kind.load(source.path, self.placement), f"out of memory loading {kind.name} {source.id}"
         )
         loaded = LoadedSideModel(source, module, size, time.perf_counter() - started, in_use=1)
         self.loads[source.id] += 1
         logger.info(
             "loaded %s %s on %s in %.2f s (%.0f MiB)",
-            kind,
+            kind.name,
             source.id,
             self.placement.describe(),
             loaded.load_s,
@@ -376,8 +370,10 @@ class ModelManager:
         with self._lock:
             loaded = [m.describe() for m in reversed(self._loaded.values())]  # most recently used first
             side_models = [m for m in reversed(self._side_models.values())]
-        controlnets = [m.describe() for m in side_models if isinstance(m.source, ControlNetSource)]
-        ip_adapters = [m.describe() for m in side_models if isinstance(m.source, IpAdapterSource)]
+        listed = {
+            kind.listed_as: [m.describe() for m in side_models if isinstance(m.source, source_type)]
+            for source_type, kind in SIDE_KINDS.items()
+        }
         return {
             "device": str(self.placement.device),
             "device_name": self.placement.describe(),
@@ -387,13 +383,12 @@ class ModelManager:
                 "used": memory[0],
                 "free": memory[1] - memory[0],
                 "budget": self.budget,
-                "models": sum(m["bytes"] for m in [*loaded, *controlnets, *ip_adapters]),
+                "models": sum(m["bytes"] for m in [*loaded, *(m for of_kind in listed.values() for m in of_kind)]),
                 "process_rss": psutil.Process().memory_info().rss,
             },
             "default_mode": self.policy.default_mode,
             "fast_paths": asdict(self.fast_paths),
             "loaded": loaded,
-            "controlnets": controlnets,
-            "ip_adapters": ip_adapters,
+            **listed,
             "loads": dict(self.loads),
         }

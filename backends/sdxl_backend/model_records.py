@@ -1,12 +1,13 @@
 """What the model manager holds: the models it may serve (`ModelSource`, read from the store
-before any load) and the records of those loaded (`LoadedModel`, `LoadedSideModel`: what each
-costs the budget, who is using it)."""
+before any load), the records of those loaded (`LoadedModel`, `LoadedSideModel`: what each
+costs the budget, who is using it), and what it needs of each kind of side model (`SIDE_KINDS`)."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -15,11 +16,15 @@ from typing import Any
 import torch
 
 from .controlnets import ControlNetSource
+from .device import Placement
 from .embeddings import model_text_signature
-from .ip_adapters import ImagePromptModel, IpAdapterSource
+from .ip_adapters import ImagePromptModel, IpAdapterSource, load_image_prompt_model, stored_bytes
 from .loras import model_unet_signature
-from .pipelines import Pipelines
+from .pipelines import Pipelines, component_bytes, load_controlnet, loading_alone
 from .protocol import ModelDefaults
+from .upscalers import UpscalerSource, load_upscaler
+
+SideSource = ControlNetSource | IpAdapterSource | UpscalerSource
 
 
 @dataclass(frozen=True)
@@ -73,13 +78,31 @@ class LoadedModel:
 
 @dataclass
 class LoadedSideModel:
-    """A ControlNet, or an IP-Adapter with its image encoder, loaded beside the models."""
+    """A ControlNet, an IP-Adapter with its image encoder, or an upscaler, loaded beside the models."""
 
-    source: ControlNetSource | IpAdapterSource
-    module: torch.nn.Module | ImagePromptModel = field(repr=False)
+    source: SideSource
+    module: torch.nn.Module | ImagePromptModel | Any = field(repr=False)  # (Any: spandrel's descriptor)
     bytes: int
     load_s: float
     in_use: int = 0
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.source.id, "bytes": self.bytes, "in_use": self.in_use > 0, "load_s": round(self.load_s, 3)}
+
+
+@dataclass(frozen=True)
+class SideKind:
+    """What the manager needs of a kind of side model: its name, its size once loaded in a
+    dtype (from the file headers), how it loads, and its list in `status()`."""
+
+    name: str
+    size: Callable[[Path, torch.dtype], int]
+    load: Callable[[Path, Placement], Any]
+    listed_as: str
+
+
+SIDE_KINDS = {
+    ControlNetSource: SideKind("ControlNet", component_bytes, load_controlnet, "controlnets"),
+    IpAdapterSource: SideKind("IP-Adapter", stored_bytes, load_image_prompt_model, "ip_adapters"),
+    UpscalerSource: SideKind("upscaler", component_bytes, loading_alone(load_upscaler), "upscalers"),
+}
