@@ -18,16 +18,18 @@ import yaml
 from bentoml._internal.server.http import traffic
 
 from backends.api import agents, headers, native
+from backends.api import upscale as upscale_api
 from backends.api.app import create_app
 from backends.api.edge import Edge, TimelyTimeout, quiet_validation_logs
 from backends.api.guards import Origins
 from backends.api.logs import log_json_lines
-from backends.api.runtime import Runtime, ServedAdapter, ServedModel
+from backends.api.runtime import Runtime
+from backends.api.served import ServedAdapter, ServedModel
 from backends.api.settings import declared_environment, load_settings
 from backends.api.tracing import tracing_config
 from backends.sdxl_backend.embeddings import fits_model, model_text_signature
 from backends.sdxl_backend.loras import model_unet_signature
-from backends.sdxl_backend.protocol import GenerationRequest, ImageToImageRequest, TextToImageRequest
+from backends.sdxl_backend.protocol import GenerationRequest, ImageToImageRequest, TextToImageRequest, UpscaleRequest
 from models.catalog import defaults_for, load_catalog
 from models.store import stored_models
 
@@ -88,11 +90,13 @@ def replacement_vae() -> bentoml.Model | None:
 
 
 def served_adapters(kind: str) -> dict[str, bentoml.Model]:
-    """The LoRAs (ControlNets, embeddings, IP-Adapters) in the store that fit a served model, so that a bento
+    """The LoRAs (ControlNets, embeddings, IP-Adapters, upscalers) in the store that fit a served model, so that a bento
     packs none it could never use; in a bento, every one it packed. Requests pick among them."""
     packed = packed_models(kind)
     if packed is not None:
         return packed
+    if kind == "upscaler":  # (they fit every model)
+        return stored_models(kind)
     if kind == "embedding":  # (made for text encoders of given widths)
         widths = {model_text_signature(Path(model.path)) for model in SERVED.values()}
         return {
@@ -127,7 +131,7 @@ def model_attribute(model_id: str, kind: str = "model") -> str:
 SERVED = served_models()
 DEFAULT_MODEL = default_model(list(SERVED))
 VAE = replacement_vae()
-ADAPTERS = {kind: served_adapters(kind) for kind in ("lora", "controlnet", "embedding", "ip-adapter")}
+ADAPTERS = {kind: served_adapters(kind) for kind in ("lora", "controlnet", "embedding", "ip-adapter", "upscaler")}
 dialects = create_app()
 
 
@@ -150,19 +154,21 @@ class SDXL:
             for model_id, model in SERVED.items()
         ]
         vae = Path(self.model_vae.path) if VAE is not None else None
-        loras, controlnets, embeddings, ip_adapters = (
+        loras, controlnets, embeddings, ip_adapters, upscalers = (
             [
                 ServedAdapter(
                     adapter_id,
                     Path(getattr(self, model_attribute(adapter_id, kind)).path),
-                    adapter.info.labels["fits"],
+                    adapter.info.labels.get("fits", "any"),
                     catalog[adapter_id].description if adapter_id in catalog else adapter.info.labels["source"],
                 )
                 for adapter_id, adapter in adapters.items()
             ]
             for kind, adapters in ADAPTERS.items()
         )
-        self.runtime = Runtime(SETTINGS, served, DEFAULT_MODEL, vae, loras, controlnets, embeddings, ip_adapters)
+        self.runtime = Runtime(
+            SETTINGS, served, DEFAULT_MODEL, vae, loras, controlnets, embeddings, ip_adapters, upscalers
+        )
         dialects.state.runtime = self.runtime
         self.runtime.start(warm_up=SETTINGS.warmup)
 
@@ -176,6 +182,13 @@ class SDXL:
     async def img2img(self, ctx: bentoml.Context, **fields) -> native.GenerationAnswer:
         """Image to image: `image` (base64) repainted by `strength`. Answers as txt2img."""
         return await native.answer(self.runtime, GenerationRequest(**fields), ctx)
+
+    @bentoml.api(route="/v1/upscale", input_spec=UpscaleRequest)
+    async def upscale(self, ctx: bentoml.Context, **fields) -> upscale_api.UpscaleAnswer:
+        """`image` made larger by an upscale model (GET /v1/upscalers) or resized (lanczos):
+        by `scale`, or to `width`/`height`. JSON with the image, or the image itself with
+        `Accept: image/png`."""
+        return await upscale_api.answer(self.runtime, UpscaleRequest(**fields), ctx)
 
     def __is_alive__(self) -> bool:
         """/livez and /readyz answer 503 once the device thread is gone, so the pod restarts."""

@@ -59,7 +59,8 @@ def in_process(part: str, body: dict) -> None:
     for each line read, each answered with its seconds. "service": through the service's own
     `Runtime` (device thread, thread count, warm-up, job queue); "bare-engine":
     `Engine.generate` on a fresh thread, warmed up there."""
-    from backends.api.runtime import Runtime, ServedModel
+    from backends.api.runtime import Runtime
+    from backends.api.served import ServedModel
     from backends.api.settings import load_settings
     from backends.sdxl_backend.device import select_placement
     from backends.sdxl_backend.engine import Engine

@@ -90,6 +90,14 @@ def tiny_embedding(tiny_model):
 
 
 @pytest.fixture(scope="session")
+def tiny_upscaler(tiny_model):
+    """tiny-upscaler in the store: every server started after this serves it."""
+    from models.store import import_tiny, stored_model
+
+    return stored_model("tiny-upscaler") or import_tiny("tiny-upscaler")
+
+
+@pytest.fixture(scope="session")
 def tiny_ip_adapter(tiny_model):
     """tiny-sdxl-ip-adapter in the store: every server started after this serves it."""
     from models.store import import_tiny, stored_model

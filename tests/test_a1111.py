@@ -118,7 +118,7 @@ def test_img2img(server):
 @pytest.mark.parametrize(
     ("route", "change", "param"),
     [
-        ("txt2img", {"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+        ("txt2img", {"enable_hr": True, "hr_upscaler": "Nonexistent 4x"}, "hr_upscaler"),  # (not served)
         ("txt2img", {"enable_hr": True, "hr_sampler_name": "DDIM"}, "hr_sampler_name"),
         ("txt2img", {"restore_faces": True}, "restore_faces"),
         ("txt2img", {"alwayson_scripts": {"ADetailer": {"args": [True]}}}, "alwayson_scripts.adetailer"),
@@ -205,7 +205,7 @@ def test_webuiapi_listings_options_and_skip(api):
         "get_prompt_styles",
     ):
         assert getattr(api, listing)() == [], listing
-    assert [u["name"] for u in api.get_upscalers()] == ["Lanczos"]  # what the hires fix has
+    assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", *served("upscalers")]
     assert [m["name"] for m in api.get_latent_upscale_modes()] == ["Latent"]
     assert sorted(api.get_embeddings()["loaded"]) == served("embeddings") and api.get_cmd_flags() == {}
     assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]

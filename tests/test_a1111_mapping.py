@@ -55,7 +55,7 @@ def test_lora_tags_leave_the_prompt_and_become_loras():
         ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings"),
         ({"sampler_name": "Unheard Of"}, "sampler_name"),
         ({"scheduler": "Exponential"}, "scheduler"),
-        ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+        ({"enable_hr": True, "hr_upscaler": "Latent (antialiased)"}, "hr_upscaler"),
         ({"alwayson_scripts": {"ADetailer": {"args": [{}]}}}, "alwayson_scripts.adetailer"),
         ({"sampler_name": "Euler a", "eta": 0.5}, "eta"),
     ],
@@ -84,6 +84,9 @@ def test_hires_fix_and_img2img_inpainting():
         enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos", denoising_strength=0.4, hr_second_pass_steps=5
     ).hires_fix
     assert (hires.scale, hires.upscaler, hires.strength, hires.steps) == (1.5, "lanczos", 0.4, 5)
+    # An upscale model by the title A1111 lists it under, or by its id (the server checks it is served).
+    assert mapped(enable_hr=True, hr_upscaler="R-ESRGAN 4x+").hires_fix.upscaler == "realesrgan-x4plus"
+    assert mapped(enable_hr=True, hr_upscaler="Tiny-Upscaler").hires_fix.upscaler == "tiny-upscaler"
     assert mapped(True, init_images=[TINY_PNG], enable_hr=True).hires_fix is None  # A1111's img2img ignores it
     inpaint = mapped(
         True, init_images=[TINY_PNG], mask=TINY_PNG, inpainting_fill=1, inpainting_mask_invert=1, denoising_strength=0.5

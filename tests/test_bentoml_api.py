@@ -24,9 +24,11 @@ from tests.conftest import png_bytes
 from tests.served import ROOT, Server
 
 
-def test_sync_client_calls_both_native_endpoints(server):
+def test_sync_client_calls_the_native_endpoints(server):
     with bentoml.SyncHTTPClient(server.url, timeout=300) as client:
-        assert {"txt2img", "img2img"} <= set(client.endpoints)
+        assert {"txt2img", "img2img", "upscale"} <= set(client.endpoints)
+        upscaled = client.upscale(image=base64.b64encode(png_bytes(40, 30)).decode(), upscaler="lanczos", scale=2)
+        assert (upscaled["width"], upscaled["height"], upscaled["passes"]) == (80, 60, 0)
         answer = client.txt2img(prompt="a lighthouse", seed=4, n=2, width=64, height=64)
         assert [image["seed"] for image in answer["images"]] == [4, 5]
         hires = client.txt2img(
@@ -233,6 +235,12 @@ def test_settings_read_booleans_and_lists_as_people_write_them(monkeypatch):
         ("SDXL_LOG_FORMAT", "xml", "SDXL_LOG_FORMAT='xml'"),
         ("SDXL_MAX_QUEUED_PER_KEY", "-1", "SDXL_MAX_QUEUED_PER_KEY='-1'"),
         ("SDXL_PRIORITY_KEYS", "not-a-key", "SDXL_PRIORITY_KEYS: every priority key must be one of SDXL_API_KEYS"),
+        (
+            "SDXL_UPSCALE_TILE",
+            "16",
+            "SDXL_UPSCALE_TILE='16': an upscale tile is 0 (never cut) or at least 32",
+        ),
+        ("SDXL_UPSCALE_TILE_OVERLAP", "256", "SDXL_UPSCALE_TILE_OVERLAP='256': the overlap must be under"),
     ],
 )
 def test_a_bad_share_device_or_origin_setting_fails_by_name(monkeypatch, variable, value, says):

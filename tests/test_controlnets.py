@@ -224,4 +224,6 @@ def test_native_and_a1111_clients_send_controlnets(serve, tiny_controlnet, tiny_
     assert other_script.status_code == 400 and other_script.json()["error"]["param"] == "alwayson_scripts.adetailer"
     status = httpx.get(f"{server.url}/v1/system/status", timeout=300).json()
     assert [c["id"] for c in status["controlnets"]] == ["tiny-sdxl-controlnet"]
-    assert status["loads"] == {"tiny-sdxl": 1, "tiny-sdxl-controlnet": 1, "tiny-sdxl-ip-adapter": 0}
+    # Each loaded once; nothing else the server serves (what the session's store held at its start) at all.
+    loads = status["loads"]
+    assert (loads.pop("tiny-sdxl"), loads.pop("tiny-sdxl-controlnet")) == (1, 1) and set(loads.values()) <= {0}

@@ -29,10 +29,10 @@ COMPOSE = ROOT / "deploy" / "compose.yaml"
 
 
 @pytest.fixture(scope="module")
-def bento(tiny_model, tiny_lora, tiny_controlnet, tiny_embedding, tiny_ip_adapter):
+def bento(tiny_model, tiny_lora, tiny_controlnet, tiny_embedding, tiny_ip_adapter, tiny_upscaler):
     """A bento built from this checkout serving tiny-sdxl, with a LoRA made for SDXL base in the
     store beside tiny-sdxl's: its manifest, its directory, and the stored adapters that fit
-    tiny-sdxl when it was built (other tests may have added some), by kind."""
+    tiny-sdxl when it was built (other tests may have added some), by kind (upscalers fit all)."""
     from models.store import import_from_path, stored_model, stored_models
 
     unfit = stored_model("sdxl-style-lora") or import_from_path(
@@ -52,6 +52,7 @@ def bento(tiny_model, tiny_lora, tiny_controlnet, tiny_embedding, tiny_ip_adapte
         for embedding_id, embedding in stored_models("embedding").items()
         if embedding.info.labels["fits"] == tiny_embedding.info.labels["fits"]
     }
+    fitting["upscaler"] = stored_models("upscaler")
     env = {**os.environ, "SDXL_MODELS": "tiny-sdxl"}
     built = subprocess.run(
         [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
@@ -77,11 +78,11 @@ def bento(tiny_model, tiny_lora, tiny_controlnet, tiny_embedding, tiny_ip_adapte
 
 
 def test_bento_packs_the_served_models_and_the_adapters_that_fit_them_and_declares_the_environment(
-    bento, tiny_model, tiny_lora, tiny_controlnet, tiny_embedding, tiny_ip_adapter
+    bento, tiny_model, tiny_lora, tiny_controlnet, tiny_embedding, tiny_ip_adapter, tiny_upscaler
 ):
     manifest, _, fitting = bento
     service = manifest["services"][0]
-    assert {tiny_lora.tag, tiny_controlnet.tag, tiny_embedding.tag, tiny_ip_adapter.tag} <= {
+    assert {tiny_lora.tag, tiny_controlnet.tag, tiny_embedding.tag, tiny_ip_adapter.tag, tiny_upscaler.tag} <= {
         adapter.tag for kind in fitting.values() for adapter in kind.values()
     }
     assert sorted(model["tag"] for model in service["models"]) == sorted(
@@ -95,7 +96,7 @@ def test_bento_packs_the_served_models_and_the_adapters_that_fit_them_and_declar
 
 def test_a_bento_serves_only_the_models_it_packed(bento, tiny_model, serve):
     """An extra model in the store is not served by a built bento; its packed LoRAs,
-    ControlNets, embeddings and IP-Adapters are."""
+    ControlNets, embeddings, IP-Adapters and upscalers are."""
     from models.store import import_from_path, stored_model
 
     stored_model("tiny-extra") or import_from_path("tiny-extra", Path(tiny_model.path))
@@ -106,6 +107,7 @@ def test_a_bento_serves_only_the_models_it_packed(bento, tiny_model, serve):
     controlnets = httpx.get(f"{server.url}/v1/controlnets", timeout=300).json()["data"]
     embeddings = httpx.get(f"{server.url}/v1/embeddings", timeout=300).json()["data"]
     ip_adapters = httpx.get(f"{server.url}/v1/ip-adapters", timeout=300).json()["data"]
+    upscalers = httpx.get(f"{server.url}/v1/upscalers", timeout=300).json()["data"]
     playground = httpx.get(f"{server.url}/ui", timeout=300)
     server.stop()
     assert playground.status_code == 200 and "SDXL playground" in playground.text  # packed with the code
@@ -122,6 +124,7 @@ def test_a_bento_serves_only_the_models_it_packed(bento, tiny_model, serve):
     assert sorted((a["id"], tuple(a["fits"])) for a in ip_adapters) == [
         (adapter_id, ("tiny-sdxl",)) for adapter_id in sorted(fitting["ip-adapter"])
     ]
+    assert sorted(upscaler["id"] for upscaler in upscalers) == sorted(fitting["upscaler"])
 
 
 def test_bento_image_is_lean_and_pinned(bento):

@@ -9,17 +9,20 @@ share of the cores)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from backends.sdxl_backend.device_thread import TORCH_WORK, DeviceThread, usable_cores
+from backends.sdxl_backend.errors import DeviceUnavailable
 from backends.sdxl_backend.jobs.worker import Device
 from backends.sdxl_backend.protocol import GenerationRequest
 
 if TYPE_CHECKING:
-    from backends.api.runtime import ServedAdapter, ServedModel
+    from backends.api.served import ServedAdapter, ServedModel
     from backends.api.settings import Settings
     from backends.sdxl_backend.engine import Engine
 
@@ -60,6 +63,7 @@ class Devices:
         controlnets: list[ServedAdapter],
         embeddings: list[ServedAdapter],
         ip_adapters: list[ServedAdapter],
+        upscalers: list[ServedAdapter],
     ):
         from backends.sdxl_backend.controlnets import ControlNetSource
         from backends.sdxl_backend.denoise import OutOfMemorySeam
@@ -70,6 +74,7 @@ class Devices:
         from backends.sdxl_backend.loras import LoraSource
         from backends.sdxl_backend.model_manager import ModelManager
         from backends.sdxl_backend.model_records import ModelSource
+        from backends.sdxl_backend.upscalers import UpscalerSource
 
         placements = [select_placement(name, settings.dtype) for name in device_list(settings.devices, settings.device)]
         names = device_names([str(placement.device) for placement in placements])
@@ -94,6 +99,8 @@ class Devices:
                 settings.max_loaded_controlnets,
                 [IpAdapterSource(a.id, a.path, a.fits) for a in ip_adapters],
                 settings.max_loaded_ip_adapters,
+                [UpscalerSource(u.id, u.path) for u in upscalers],
+                settings.max_loaded_upscalers,
                 on_device=thread.run,
             )
             thread.run_at_exit(models.close)
@@ -104,11 +111,13 @@ class Devices:
                 oom_seam,
                 settings.prompt_syntax,
                 EmbeddingSet([EmbeddingSource(e.id, e.path, e.fits) for e in embeddings]),
+                settings.upscale_tiling,
             )
             if settings.test_fault_device == name:
                 logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_DEVICE=%s: that device fails at its first job", name)
                 engine.generate_batch = _lost_at_first_job(engine.generate_batch)  # type: ignore[method-assign]
             self.devices.append(Device(name, engine, thread))
+        self._call_turns = {device.name: asyncio.Lock() for device in self.devices}
         logger.info(
             "devices: %s (%d CPU thread(s) each)",
             ", ".join(f"{d.name} = {p.describe()}" for d, p in zip(self.devices, placements)),
@@ -141,6 +150,18 @@ class Devices:
             }
             for device in self.devices
         ]
+
+    @contextlib.asynccontextmanager
+    async def turn_for_a_call(self) -> AsyncIterator[Device]:
+        """A device for work handed to its thread outside the job queue (an upscale): an alive
+        one, the least waited for; one such call at a time on each, so the jobs queued for it
+        take their turns between two calls instead of waiting behind a flood of them."""
+        alive = [device for device in self.devices if device.thread.is_alive()]
+        if not alive:
+            raise DeviceUnavailable("no device thread is running; the service must be restarted")
+        device = min(alive, key=lambda d: self._call_turns[d.name].locked())
+        async with self._call_turns[device.name]:
+            yield device
 
     def memory(self) -> tuple[int, int] | None:
         """(used, total) bytes of the devices' memory together; None on the CPU."""

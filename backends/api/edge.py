@@ -42,7 +42,7 @@ from backends.api.headers import presented_key
 
 PROBES = ("/health", "/livez", "/readyz", "/healthz")
 PAGES = ("/ui", "/ui/fleet")  # the playground and the fleet page: they hold no secret, and ask for the key
-JSON_ONLY = ("/v1/txt2img", "/v1/img2img")  # the native BentoML methods, whose bodies are JSON
+JSON_ONLY = ("/v1/txt2img", "/v1/img2img", "/v1/upscale")  # the native BentoML methods, whose bodies are JSON
 OPEN_PREFIXES = ("/v1/images/files/",)
 access_log = logging.getLogger("sdxl_backend.access")
 REFUSED = "sdxl.refused_at_edge"  # a scope key: the edge answered this request itself

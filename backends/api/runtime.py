@@ -18,7 +18,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +28,7 @@ from backends.api import headers
 from backends.api.hangups import cancelled_on_hangup
 from backends.api.kept_images import KeptImages, SharedKeptImages
 from backends.api.metrics import Metrics
+from backends.api.served import ServedAdapter, ServedModel
 from backends.api.settings import Settings
 from backends.api.tracing import JobSpans, service_tracer, tracing_config
 from backends.api.webhooks import Destinations, JobWebhooks, WebhookSender, WebhookSpec
@@ -38,32 +38,12 @@ from backends.sdxl_backend.jobs.contract import refuse_unless_alive
 from backends.sdxl_backend.jobs.redis_queue import SharedJobQueue
 from backends.sdxl_backend.jobs.turns import QueueBounds
 from backends.sdxl_backend.limits import Limits
-from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, ModelDefaults
+from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:
     from backends.sdxl_backend.engine import PreparedRequest
 
 logger = logging.getLogger("sdxl_backend")
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    id: str
-    path: Path
-    version: str  # the BentoML store version
-    description: str
-    defaults: ModelDefaults
-
-
-@dataclass(frozen=True)
-class ServedAdapter:
-    """A LoRA, a ControlNet, an embedding or an IP-Adapter: made for one architecture, named by requests."""
-
-    id: str
-    path: Path
-    # the UNet architecture it was made for (loras.py); an embedding's text encoder widths (embeddings.py)
-    fits: str
-    description: str
 
 
 class Runtime:
@@ -77,6 +57,7 @@ class Runtime:
         controlnets: list[ServedAdapter] = (),
         embeddings: list[ServedAdapter] = (),
         ip_adapters: list[ServedAdapter] = (),
+        upscalers: list[ServedAdapter] = (),
     ):
         self.settings = settings
         self.served = {model.id: model for model in served}
@@ -84,13 +65,22 @@ class Runtime:
         self.controlnets = {controlnet.id: controlnet for controlnet in controlnets}
         self.embeddings = {embedding.id: embedding for embedding in embeddings}
         self.ip_adapters = {adapter.id: adapter for adapter in ip_adapters}
+        self.upscalers = {upscaler.id: upscaler for upscaler in upscalers}
         # torch and diffusers load here, in the worker. BentoML's main process imports the service
         # module too, only to read its definition: a light module saves seconds on every start.
         from backends.api.devices import Devices
 
-        self.devices = Devices(settings, served, default_model, vae, loras, controlnets, embeddings, ip_adapters)
+        self.devices = Devices(
+            settings, served, default_model, vae, loras, controlnets, embeddings, ip_adapters, upscalers
+        )
         self.engine = self.devices.engine  # prepares and checks requests
-        adapters = {"LoRAs": loras, "ControlNets": controlnets, "embeddings": embeddings, "IP-Adapters": ip_adapters}
+        adapters = {
+            "LoRAs": loras,
+            "ControlNets": controlnets,
+            "embeddings": embeddings,
+            "IP-Adapters": ip_adapters,
+            "upscalers": upscalers,
+        }
         logger.info(
             "models: %s (default %s)%s; %s; VAE %s; %s; API keys %s",
             ", ".join(self.served),

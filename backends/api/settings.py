@@ -21,6 +21,7 @@ from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.modes import MemoryPolicy
 from backends.sdxl_backend.prompts import PromptSyntax
 from backends.sdxl_backend.protocol import VramMode
+from backends.sdxl_backend.upscalers import Tiling
 
 PREFIX = "SDXL_"
 
@@ -117,6 +118,9 @@ class Settings(BaseSettings):
     max_loaded_loras: int = Field(8, ge=1)  # LoRAs kept loaded per model; the least recently used go first
     max_loaded_controlnets: int = Field(2, ge=1)  # ControlNets kept loaded; the least recently used go first
     max_loaded_ip_adapters: int = Field(2, ge=1)  # IP-Adapters (and their encoders) kept loaded; likewise
+    max_loaded_upscalers: int = Field(1, ge=1)  # upscale models kept loaded; likewise
+    upscale_tile: int = Field(Tiling.tile, ge=0)  # input pixels per tile side of an upscale; 0: never cut
+    upscale_tile_overlap: int = Field(Tiling.overlap, ge=0)  # pixels each tile shares with its neighbours
     # Speed (backends/sdxl_backend/fast_paths.py has their meaning)
     vae: str | None = None  # a stored VAE (python -m models import sdxl-vae-fp16-fix) in place of each model's
     attention: Attention = FastPaths.attention
@@ -135,6 +139,7 @@ class Settings(BaseSettings):
     prompt_syntax: PromptSyntax = "a1111"  # "plain": brackets and BREAK are text (prompts.py)
     max_input_image_bytes: int = Field(Limits().max_input_image_bytes, ge=1)
     max_input_image_pixels: int = Field(Limits().max_input_image_pixels, ge=1)
+    max_upscale_pixels: int = Field(Limits().max_upscale_pixels, ge=1)
     # Tests only: "N[@STEP]" makes the first N tries of each request run out of memory
     test_fault_oom: str | None = Field(None, pattern=r"^\d+(@\d+)?$")
     # Tests only: the device of that name ("cpu#1") is lost at its first job, as a GPU off its bus
@@ -188,6 +193,21 @@ class Settings(BaseSettings):
             raise ValueError("every priority key must be one of SDXL_API_KEYS")
         return value
 
+    @field_validator("upscale_tile")
+    @classmethod
+    def _tile_size(cls, value: int) -> int:
+        if 0 < value < 32:
+            raise ValueError("an upscale tile is 0 (never cut) or at least 32 pixels")
+        return value
+
+    @field_validator("upscale_tile_overlap")
+    @classmethod
+    def _tile_overlap(cls, value: int, info: ValidationInfo) -> int:
+        tile = info.data.get("upscale_tile") or 0
+        if tile and value * 2 >= tile:
+            raise ValueError(f"the overlap must be under half the tile (SDXL_UPSCALE_TILE={tile})")
+        return value
+
     @field_validator("fuse_qkv")
     @classmethod
     def _fused_needs_sdpa(cls, value: bool, info: ValidationInfo) -> bool:
@@ -198,6 +218,10 @@ class Settings(BaseSettings):
     @property
     def limits(self) -> Limits:
         return Limits(**{name: getattr(self, name) for name in Limits.model_fields})
+
+    @property
+    def upscale_tiling(self) -> Tiling:
+        return Tiling(self.upscale_tile, self.upscale_tile_overlap)
 
     @property
     def fast_paths(self) -> FastPaths:

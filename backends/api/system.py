@@ -119,6 +119,28 @@ async def list_ip_adapters(runtime: RuntimeDep) -> dict[str, Any]:
     return {"object": "list", "data": side_model_entries(runtime, "ip_adapters")}
 
 
+@router.get("/v1/upscalers", responses=errors.responses(401))
+async def list_upscalers(runtime: RuntimeDep) -> dict[str, Any]:
+    """Upscale models for `POST /v1/upscale` and a hires fix's `upscaler` (A1111: `upscaler_1`,
+    `hr_upscaler`), each with its architecture and scale; `lanczos`, a plain resize, needs none."""
+    loaded = {entry["id"] for entry in runtime.model_status()["upscalers"]}
+    sources = runtime.engine.models.upscalers
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": upscaler.id,
+                "object": "upscaler",
+                "description": upscaler.description,
+                "architecture": sources[upscaler.id].card["architecture"],
+                "scale": sources[upscaler.id].scale,
+                "loaded": upscaler.id in loaded,
+            }
+            for upscaler in runtime.upscalers.values()
+        ],
+    }
+
+
 @router.get("/v1/embeddings", responses=errors.responses(401))
 async def list_embeddings(runtime: RuntimeDep) -> dict[str, Any]:
     """Textual-inversion embeddings a prompt can name (by id, or `embedding:id`), each with the

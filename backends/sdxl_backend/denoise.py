@@ -25,6 +25,7 @@ from .prompt_encoder import conditioning
 from .prompts import PromptReader
 from .protocol import GenerationRequest, Timings
 from .schedulers import step_arguments
+from .upscalers import Tiling, upscale
 
 if TYPE_CHECKING:
     from .engine import PreparedRequest
@@ -164,10 +165,12 @@ class Denoiser:
         models: ModelManager,
         prompt_reader: Callable[[ModelSource], PromptReader],
         oom_seam: OutOfMemorySeam | None = None,
+        tiling: Tiling = Tiling(),
     ):
         self.models = models
         self.prompt_reader = prompt_reader
         self.oom_seam = oom_seam
+        self.tiling = tiling  # how a hires fix's upscale model cuts the first pass's images
 
     def __call__(self, batch: Batch, mode: str, attempt: int) -> tuple[list[list[Image.Image] | BackendError], Timings]:
         """One pipeline call for the batch (two with a hires fix or a refiner, which run alone);
@@ -290,8 +293,13 @@ class Denoiser:
         width, height = prepared.output_size
         if hires.upscaler == "latent":
             upscaled = torch.nn.functional.interpolate(pictures, size=(height // 8, width // 8), mode="bilinear")
-        else:
+        elif hires.upscaler == "lanczos":
             upscaled = [picture.resize((width, height), Image.Resampling.LANCZOS) for picture in pictures]
+        else:  # (its tiles count as steps between the passes)
+            upscaled, tiles = self._upscale_with_model(
+                hires.upscaler, pictures, (width, height), progress, steps_run, self._second_pass_steps(prepared)
+            )
+            steps_run += tiles
         arguments = {
             **arguments,
             **step_arguments(request.scheduler, hires.steps),
@@ -305,6 +313,34 @@ class Denoiser:
         for first_pass_only in ("width", "height"):
             arguments.pop(first_pass_only)
         return self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
+
+    def _upscale_with_model(
+        self,
+        upscaler: str,
+        pictures: list[Image.Image],
+        size: tuple[int, int],
+        progress: BatchProgress,
+        steps_run: int,
+        steps_after: int,
+    ) -> tuple[list[Image.Image], int]:
+        """The first pass's images through an upscale model; returns them and the tiles run.
+        Each tile reads as a step after the `steps_run` of the first pass (with `steps_after`
+        still to come), so the request sees progress and a cancel lands between two tiles."""
+        tiles = [0]
+
+        def on_tile(index: int) -> Callable[[int, int], None]:
+            def count(done: int, per_picture: int) -> None:
+                tiles[0] = len(pictures) * per_picture
+                progress.step(steps_run + index * per_picture + done, steps_run + tiles[0] + steps_after, None)
+
+            return count
+
+        with self.models.use_side_models([upscaler]) as ((model,), _):
+            upscaled = self.models.out_of_memory_as_error(
+                lambda: [upscale(model, picture, size, self.tiling, on_tile(i)) for i, picture in enumerate(pictures)],
+                f"out of memory upscaling with {upscaler} (a smaller SDXL_UPSCALE_TILE needs less)",
+            )
+        return upscaled, tiles[0]
 
     def _refine(
         self,

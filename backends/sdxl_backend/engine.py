@@ -32,7 +32,17 @@ from .model_records import ModelSource
 from .modes import lower_mode
 from .prompts import PromptReader, PromptSyntax, ReadPrompts, model_tokenizers
 from .protocol import GeneratedImage, GenerationRequest, GenerationResult, PromptReading, Timings
-from .validation import check_controlnets, check_ip_adapters, check_loras, output_size, resolve, validate
+from .upscalers import Tiling
+from .upscaling import Upscaling
+from .validation import (
+    check_controlnets,
+    check_ip_adapters,
+    check_loras,
+    check_upscaler,
+    output_size,
+    resolve,
+    validate,
+)
 
 logger = logging.getLogger("sdxl_backend")
 IMAGED = ("controlnets", "ip_adapters")  # a request's units that bring a picture each
@@ -89,11 +99,13 @@ class Engine:
         oom_seam: OutOfMemorySeam | None = None,
         prompt_syntax: PromptSyntax = "a1111",
         embeddings: EmbeddingSet | None = None,  # the served textual-inversion embeddings
+        tiling: Tiling = Tiling(),  # how upscale models cut large pictures
     ):
         self.models = models
         self.default_model = models.source(default_model).id
         self.limits = limits or Limits()
-        self.denoise = Denoiser(models, self.prompt_reader, oom_seam)  # the device's part of a call
+        self.denoise = Denoiser(models, self.prompt_reader, oom_seam, tiling)  # the device's part of a call
+        self.upscaling = Upscaling(models, self.limits, tiling)  # /v1/upscale, A1111's extras
         self.prompt_syntax = prompt_syntax
         self.embeddings = embeddings or EmbeddingSet()
         self._prompt_readers: dict[str, PromptReader] = {}
@@ -134,6 +146,9 @@ class Engine:
         check_loras(self.models, source, [lora.id for lora in request.loras])
         check_controlnets(self.models, source, [unit.id for unit in request.controlnets])
         check_ip_adapters(self.models, source, [unit.id for unit in request.ip_adapters])
+        if request.hires_fix is not None and request.hires_fix.upscaler != "latent":
+            size = (request.width, request.height)
+            check_upscaler(self.models, "hires_fix.upscaler", request.hires_fix.upscaler, size, output_size(request))
         refiner = self._refiner(request, source)
         controls = [
             control_map(

@@ -28,9 +28,11 @@ def write(request: GenerationRequest, seed: int, img2img: bool, inpainting: bool
         settings.append(f"Denoising strength: {request.strength}")
     if request.hires_fix and not img2img:
         hires = request.hires_fix
+        # (an upscale model by its id)
+        upscaler = hires.upscaler.title() if hires.upscaler in ("latent", "lanczos") else hires.upscaler
         settings.append(
             f"Hires resize: {hires.width}x{hires.height}, Hires steps: {hires.steps}, "
-            f"Hires upscaler: {hires.upscaler.title()}, Denoising strength: {hires.strength}"
+            f"Hires upscaler: {upscaler}, Denoising strength: {hires.strength}"
         )
     if request.refiner:
         settings.append(f"Refiner: {request.refiner.model}, Refiner switch at: {request.refiner.switch_at}")

@@ -15,3 +15,4 @@ class Limits(BaseModel):
     max_prompt_chars: int = 4000
     max_input_image_bytes: int = 20 * 1024 * 1024
     max_input_image_pixels: int = 4096 * 4096
+    max_upscale_pixels: int = 4096 * 4096  # an upscale's output (4x of 1024 x 1024)

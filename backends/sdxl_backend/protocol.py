@@ -66,8 +66,10 @@ class HiresFix(BaseModel):
     scale: float = Field(2.0, ge=1, le=4, description="Upscale factor, when width and height are not given.")
     width: int | None = Field(None, description="Final width, a multiple of 8; default: width x scale.")
     height: int | None = Field(None, description="Final height, a multiple of 8; default: height x scale.")
-    upscaler: Literal["latent", "lanczos"] = Field(
-        "latent", description="Upscale the latents, or the decoded image (Lanczos)."
+    upscaler: str = Field(
+        "latent",
+        description="latent: upscale the latents; lanczos: the decoded image, resized; or a served upscale "
+        "model (GET /v1/upscalers) run on the decoded image.",
     )
     strength: float = Field(0.55, gt=0, le=1, description="How much the second pass repaints.")
     steps: int | None = Field(
@@ -244,6 +246,40 @@ class GenerationRequest(ImageToImageRequest):
 
     prompt: str = Field("", description="What to draw; empty only with an image (a variation of it).")
     image: ImageBytes | None = Field(None, exclude=True, repr=False, description="img2img: the input image, base64.")
+
+
+class UpscaleRequest(BaseModel):
+    """An image made larger by an upscale model (or resized): `POST /v1/upscale`, A1111's extras."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"example": {"image": TINY_PNG, "upscaler": "lanczos", "scale": 2}}
+    )
+
+    image: ImageBytes = Field(exclude=True, repr=False, description="The image to upscale, base64.")
+    upscaler: str = Field(description="A served upscale model (GET /v1/upscalers), or 'lanczos' (a plain resize).")
+    scale: float = Field(2.0, ge=1, le=8, description="Output over input size, when width and height are not given.")
+    width: int | None = Field(None, ge=1, description="Output width; with height alone, the aspect ratio is kept.")
+    height: int | None = Field(None, ge=1, description="Output height; with width alone, the aspect ratio is kept.")
+    output_format: OutputFormat = Field("png", description="Encoding of the image.")
+    quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
+
+
+class UpscaleTimings(BaseModel):
+    load_s: float  # the upscaler loaded for this request (0 when it was loaded)
+    upscale_s: float
+    encode_s: float
+
+
+class UpscaleResult(BaseModel):
+    upscaler: str
+    data: bytes = Field(repr=False)
+    media_type: str
+    width: int
+    height: int
+    passes: int  # runs of the model (a target beyond its scale takes more), 0 for lanczos
+    tiles: int  # pieces it ran in, over all passes
+    timings: UpscaleTimings
+    device: str | None = None
 
 
 class GeneratedImage(BaseModel):

@@ -199,3 +199,26 @@ def _check_fitting(field: str, noun: str, served: Mapping[str, Any], source: Mod
                 f"for another UNet architecture)",
                 field_name,
             )
+
+
+def check_upscaler(
+    models: ModelManager, field: str, upscaler: str, size: tuple[int, int], target: tuple[int, int]
+) -> None:
+    """`upscaler` is 'lanczos' or a served upscale model whose passes reach `target` from `size`."""
+    from .upscalers import MAX_PASSES, passes_for
+
+    if upscaler == "lanczos":
+        return
+    if upscaler not in models.upscalers:
+        raise InvalidRequest(
+            f"{field}: unknown upscaler '{upscaler}' (served: "
+            f"{', '.join(['lanczos', *models.upscalers])}; GET /v1/upscalers)",
+            field,
+        )
+    scale = models.upscalers[upscaler].scale
+    if passes_for(scale, size, target) > MAX_PASSES:
+        raise InvalidRequest(
+            f"{field}: '{upscaler}' ({scale}x) would need more than {MAX_PASSES} passes to reach "
+            f"{target[0]}x{target[1]} from {size[0]}x{size[1]}",
+            field,
+        )

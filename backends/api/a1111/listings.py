@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 
 from backends.api import errors
+from backends.api.a1111.extras import upscaler_listing
 from backends.api.a1111.mapping import samplers
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.controlnets import PREPROCESSORS
@@ -63,9 +64,12 @@ async def schedulers() -> list[dict[str, Any]]:
 
 
 @router.get("/upscalers", responses=errors.responses(401))
-async def upscalers() -> list[dict[str, Any]]:
-    """The hires fix's image upscaler (the latent one is under /latent-upscale-modes)."""
-    return [{"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+async def upscalers(runtime: RuntimeDep) -> list[dict[str, Any]]:
+    """The upscalers of the Extras tab and the hires fix: None, Lanczos and the served upscale
+    models (the latent one is under /latent-upscale-modes)."""
+    return upscaler_listing(
+        {upscaler: runtime.engine.models.upscalers[upscaler].scale for upscaler in runtime.upscalers}
+    )
 
 
 @router.get("/latent-upscale-modes", responses=errors.responses(401))

@@ -9,6 +9,7 @@ import json
 import re
 from typing import Any
 
+from backends.api.a1111.extras import upscaler_id
 from backends.api.a1111.protocol import A1111Answer, A1111Request, refuse_what_is_on, title_name
 from backends.api.a1111.units import control_units
 from backends.sdxl_backend.errors import InvalidRequest
@@ -62,10 +63,6 @@ def take_loras(prompt: str) -> tuple[str, list[LoraWeight]]:
     return text, loras
 
 
-# A1111's upscalers for the hires fix that this server has, and what they are here.
-HIRES_UPSCALERS = {"latent": "latent", "lanczos": "lanczos"}
-
-
 def generation_request(body: A1111Request, img2img: bool) -> GenerationRequest:
     _refuse_what_is_on(body)
     if img2img and len(body.init_images) != 1:
@@ -110,10 +107,10 @@ def generation_request(body: A1111Request, img2img: bool) -> GenerationRequest:
 def _hires_fix(body: A1111Request, img2img: bool) -> dict[str, Any] | None:
     if not body.enable_hr or img2img:  # A1111's img2img has no hires fix and ignores the flag
         return None
-    upscaler = HIRES_UPSCALERS.get((body.hr_upscaler or "latent").strip().lower())
-    if upscaler is None:
+    upscaler = upscaler_id(body.hr_upscaler or "Latent")  # (an unknown one is refused with the served ones named)
+    if upscaler.startswith("latent") and upscaler != "latent":
         raise InvalidRequest(
-            f"hr_upscaler: '{body.hr_upscaler}' is not available here; use Latent or Lanczos", "hr_upscaler"
+            f"hr_upscaler: '{body.hr_upscaler}' is not available here; the latent upscaler is 'Latent'", "hr_upscaler"
         )
     size = {"width": body.hr_resize_x, "height": body.hr_resize_y} if body.hr_resize_x and body.hr_resize_y else {}
     return {

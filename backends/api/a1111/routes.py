@@ -29,16 +29,27 @@ router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 GENERATION_ERRORS = errors.responses(400, 401, 403, 404, 413, 422, 429, 503, 504, 507)
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
 MAX_KEPT_OPTIONS_BYTES = 64 * 1024  # options change nothing here: a client must not grow them without end
+A1111_FIELDS = {"hires_fix.upscaler": "hr_upscaler"}  # native fields the server checks, by their A1111 names
 
 
 @router.post("/txt2img", response_model=A1111Answer, responses=GENERATION_ERRORS)
 async def txt2img(body: A1111Request, request: Request, runtime: RuntimeDep) -> dict:
-    return render(body, await runtime.run(generation_request(body, img2img=False), request))
+    return await generate(body, False, request, runtime)
 
 
 @router.post("/img2img", response_model=A1111Answer, responses=GENERATION_ERRORS)
 async def img2img(body: A1111Img2ImgRequest, request: Request, runtime: RuntimeDep) -> dict:
-    return render(body, await runtime.run(generation_request(body, img2img=True), request))
+    return await generate(body, True, request, runtime)
+
+
+async def generate(body: A1111Request, img2img: bool, request: Request, runtime: Runtime) -> dict:
+    try:
+        return render(body, await runtime.run(generation_request(body, img2img), request))
+    except InvalidRequest as exc:  # (a field the server checks, named as an A1111 client names it)
+        a1111_name = A1111_FIELDS.get(exc.param or "")
+        if a1111_name is None:
+            raise
+        raise InvalidRequest(exc.message.replace(exc.param, a1111_name, 1), a1111_name) from None
 
 
 @router.get("/options", responses=errors.responses(401))

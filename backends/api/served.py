@@ -1,0 +1,30 @@
+"""What the service serves, as it read the store (or the bento) at its start: the models, and
+the adapters, control and upscale models requests name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from backends.sdxl_backend.protocol import ModelDefaults
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    id: str
+    path: Path
+    version: str  # the BentoML store version
+    description: str
+    defaults: ModelDefaults
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    """A LoRA, a ControlNet, an embedding, an IP-Adapter or an upscaler, named by requests."""
+
+    id: str
+    path: Path
+    # the UNet architecture it was made for (loras.py); an embedding's text encoder widths
+    # (embeddings.py); "any" for an upscaler
+    fits: str
+    description: str
