@@ -115,20 +115,20 @@ def passes_for(scale: int, size: tuple[int, int], target: tuple[int, int]) -> in
     return max(1, math.ceil(math.log(ratio, scale) - 1e-9)) if ratio > 1 else 1
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Where the tiles along one side begin: `tile` long, overlapping by at least `overlap`,
-    the last one flush with the end."""
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    count = math.ceil((length - overlap) / stride)
-    return sorted({min(index * stride, length - tile) for index in range(count)})
+def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """The tiles along one side, (start, end): as few as cover it with tiles of at most `tile`
+    overlapping by at least `overlap`, all of one size and evenly spread (so a side just over
+    two tiles does not rerun most of the last one)."""
+    if tile == 0 or length <= tile:
+        return [(0, length)]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    size = math.ceil((length + (count - 1) * overlap) / count)
+    starts = [round(index * (length - size) / (count - 1)) for index in range(count)]
+    return [(start, start + size) for start in starts]
 
 
 def tile_count(size: tuple[int, int], tile: int, overlap: int) -> int:
-    if tile == 0:
-        return 1
-    return len(tile_starts(size[0], tile, overlap)) * len(tile_starts(size[1], tile, overlap))
+    return len(tile_spans(size[0], tile, overlap)) * len(tile_spans(size[1], tile, overlap))
 
 
 def upscale(
@@ -180,15 +180,12 @@ def _upscale_once(
     else:
         out = torch.zeros(1, 3, height * scale, width * scale, device=model.device)
         weight = torch.zeros(1, 1, height * scale, width * scale, device=model.device)
-        for top in tile_starts(height, tile, overlap):
-            for left in tile_starts(width, tile, overlap):
-                piece = pixels[:, :, top : top + tile, left : left + tile]
-                upscaled = model(piece).float()
-                ramp = _blend_weight(piece.shape[2:], (top, left), (height, width), overlap, scale, model.device)
-                rows, cols = (
-                    slice(top * scale, top * scale + upscaled.shape[2]),
-                    slice(left * scale, left * scale + upscaled.shape[3]),
-                )
+        for top, bottom in tile_spans(height, tile, overlap):
+            for left, right in tile_spans(width, tile, overlap):
+                upscaled = model(pixels[:, :, top:bottom, left:right]).float()
+                ramp = _blend_weight((top, bottom), (left, right), (height, width), overlap * scale, scale)
+                ramp = ramp.to(model.device)
+                rows, cols = slice(top * scale, bottom * scale), slice(left * scale, right * scale)
                 out[:, :, rows, cols] += upscaled * ramp
                 weight[:, :, rows, cols] += ramp
                 count_tile()
@@ -198,29 +195,21 @@ def _upscale_once(
 
 
 def _blend_weight(
-    shape: tuple[int, int],
-    corner: tuple[int, int],
-    whole: tuple[int, int],
-    overlap: int,
-    scale: int,
-    device: torch.device,
+    rows: tuple[int, int], cols: tuple[int, int], whole: tuple[int, int], ramp: int, scale: int
 ) -> torch.Tensor:
-    """A tile's weight in the blend, output pixels: 1 inside, rising from near 0 across the
-    overlap on each side that meets another tile (the picture's own edges stay at 1)."""
+    """A tile's weight in the blend, in output pixels: 1 inside, rising from near 0 across
+    `ramp` pixels on each side that meets another tile (the picture's own edges stay at 1)."""
     import torch
 
-    def along(length: int, start: int, whole_length: int) -> torch.Tensor:
-        ramp_length = overlap * scale
-        weights = torch.ones(length * scale, device=device)
-        if ramp_length == 0:
+    def along(span: tuple[int, int], whole_length: int) -> torch.Tensor:
+        weights = torch.ones((span[1] - span[0]) * scale)
+        if ramp == 0:
             return weights
-        rise = (torch.arange(ramp_length, device=device) + 0.5) / ramp_length
-        if start > 0:
-            weights[:ramp_length] = rise
-        if start + length < whole_length:
-            weights[-ramp_length:] = torch.minimum(weights[-ramp_length:], rise.flip(0))
+        rise = (torch.arange(ramp) + 0.5) / ramp
+        if span[0] > 0:
+            weights[:ramp] = rise
+        if span[1] < whole_length:
+            weights[-ramp:] = torch.minimum(weights[-ramp:], rise.flip(0))
         return weights
 
-    rows = along(shape[0], corner[0], whole[0])
-    cols = along(shape[1], corner[1], whole[1])
-    return (rows[:, None] * cols[None, :])[None, None]
+    return (along(rows, whole[0])[:, None] * along(cols, whole[1])[None, :])[None, None]
