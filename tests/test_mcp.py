@@ -45,7 +45,16 @@ def test_the_tools_are_listed_with_the_native_fields_and_result_schemas(server):
             return {tool.name: tool for tool in (await client.list_tools()).tools}
 
     tools = run(main)
-    assert set(tools) == {"generate_image", "edit_image", "get_job", "cancel_job", "list_models", "list_loras"}
+    assert set(tools) == {
+        "generate_image",
+        "edit_image",
+        "get_job",
+        "cancel_job",
+        "list_models",
+        "list_loras",
+        "upscale_image",
+        "list_upscalers",
+    }
     generate = tools["generate_image"].input_schema
     assert generate["required"] == ["prompt"]
     assert "multiple of 8" in generate["properties"]["width"]["description"]  # the native field's own words
@@ -74,6 +83,25 @@ def test_generate_image_answers_a_link_to_a_png_of_the_asked_size_and_a_thumbnai
     thumbnail = base64.b64decode(preview.data)
     assert preview.mime_type == "image/png" and len(thumbnail) < 80_000
     assert max(Image.open(io.BytesIO(thumbnail)).size) <= 160
+
+
+def test_upscale_image_answers_a_link_to_the_larger_png_and_refuses_an_unknown_upscaler(server):
+    image = base64.b64encode(png_bytes(40, 30)).decode()
+
+    async def main():
+        async with connected(server) as client:
+            done = await client.call_tool("upscale_image", {"image": image, "upscaler": "lanczos", "scale": 2})
+            refused = await client.call_tool("upscale_image", {"image": image, "upscaler": "x4-nothing"})
+            return done, refused, await client.call_tool("list_upscalers", {})
+
+    done, refused, listed = run(main)
+    assert not done.is_error, done.content
+    shown = done.structured_content
+    assert (shown["width"], shown["height"], shown["upscaler"], shown["passes"]) == (80, 60, "lanczos", 0)
+    assert Image.open(io.BytesIO(httpx.get(shown["url"], timeout=30).content)).size == (80, 60)
+    assert any(block.type == "image" for block in done.content)  # the preview
+    assert refused.is_error and "upscaler: unknown upscaler 'x4-nothing'" in refused.content[0].text
+    assert listed.structured_content["data"] == httpx.get(f"{server.url}/v1/upscalers", timeout=30).json()["data"]
 
 
 def test_progress_notifications_arrive_in_order_for_a_20_step_job(server):

@@ -119,26 +119,28 @@ async def list_ip_adapters(runtime: RuntimeDep) -> dict[str, Any]:
     return {"object": "list", "data": side_model_entries(runtime, "ip_adapters")}
 
 
+def upscaler_entries(runtime: Runtime) -> list[dict[str, Any]]:
+    """The served upscale models, each with its architecture and scale, and whether it is loaded now."""
+    loaded = {entry["id"] for entry in runtime.model_status()["upscalers"]}
+    sources = runtime.engine.models.upscalers
+    return [
+        {
+            "id": upscaler.id,
+            "object": "upscaler",
+            "description": upscaler.description,
+            "architecture": sources[upscaler.id].card["architecture"],
+            "scale": sources[upscaler.id].scale,
+            "loaded": upscaler.id in loaded,
+        }
+        for upscaler in runtime.upscalers.values()
+    ]
+
+
 @router.get("/v1/upscalers", responses=errors.responses(401))
 async def list_upscalers(runtime: RuntimeDep) -> dict[str, Any]:
     """Upscale models for `POST /v1/upscale` and a hires fix's `upscaler` (A1111: `upscaler_1`,
     `hr_upscaler`), each with its architecture and scale; `lanczos`, a plain resize, needs none."""
-    loaded = {entry["id"] for entry in runtime.model_status()["upscalers"]}
-    sources = runtime.engine.models.upscalers
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": upscaler.id,
-                "object": "upscaler",
-                "description": upscaler.description,
-                "architecture": sources[upscaler.id].card["architecture"],
-                "scale": sources[upscaler.id].scale,
-                "loaded": upscaler.id in loaded,
-            }
-            for upscaler in runtime.upscalers.values()
-        ],
-    }
+    return {"object": "list", "data": upscaler_entries(runtime)}
 
 
 @router.get("/v1/embeddings", responses=errors.responses(401))

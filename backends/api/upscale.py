@@ -44,9 +44,10 @@ class UpscaleAnswer(BaseModel):
     device: str
 
 
-async def run_upscale(runtime: Runtime, request: UpscaleRequest, http: Request) -> UpscaleResult:
-    """Checked here, run on a device thread; `Cancelled` when the client leaves, `TimedOut`
-    after SDXL_TIMEOUT_SECONDS (the device stops at its next tile either way)."""
+async def run_upscale(runtime: Runtime, request: UpscaleRequest, http: Request | None) -> UpscaleResult:
+    """Checked here, run on a device thread; `Cancelled` when the client of `http` leaves,
+    `TimedOut` after SDXL_TIMEOUT_SECONDS, and the awaiting task cancelled (an MCP call, which
+    has no connection of its own to watch) stops it too: the device stops at its next tile."""
     prepared = await anyio.to_thread.run_sync(runtime.engine.upscaling.prepare, request)
     stop, timeout_s = threading.Event(), runtime.settings.timeout_seconds
 
@@ -58,7 +59,8 @@ async def run_upscale(runtime: Runtime, request: UpscaleRequest, http: Request) 
             return result
 
     try:
-        return await cancelled_on_hangup(http, asyncio.wait_for(on_a_device(), timeout_s))
+        work = asyncio.wait_for(on_a_device(), timeout_s)
+        return await (cancelled_on_hangup(http, work) if http is not None else work)
     except TimeoutError:
         raise TimedOut(f"the upscale took longer than {timeout_s:g} s (SDXL_TIMEOUT_SECONDS)") from None
     finally:

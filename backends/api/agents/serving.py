@@ -18,12 +18,13 @@ from pydantic import BaseModel
 from starlette.requests import Request
 
 from backends.api import system
-from backends.api.agents.tools import Listing, ToolImage, ToolJob
+from backends.api.agents.tools import Listing, ToolImage, ToolJob, ToolUpscale
 from backends.api.kept_images import KeptImages
 from backends.api.runtime import Runtime, runtime_of
+from backends.api.upscale import run_upscale
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.jobs import Job, JobStatus
-from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
+from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, UpscaleRequest
 
 FOLLOW_S = 15.0  # longest wait for a job's next change before looking at the clock again
 THUMBNAIL_PX = 160  # a preview's longer side: a PNG of at most about 75 kB, whatever the image
@@ -61,6 +62,33 @@ class Call:
 
     async def list_loras(self, _: BaseModel) -> types.CallToolResult:
         return listing(system.lora_entries(self.runtime))
+
+    async def list_upscalers(self, _: BaseModel) -> types.CallToolResult:
+        return listing(system.upscaler_entries(self.runtime))
+
+    async def upscale_image(self, arguments: BaseModel) -> types.CallToolResult:
+        """Not a job: the call waits for the upscale (as /v1/upscale does); cancelling the call
+        stops it at its next tile."""
+        kept = self.runtime.kept_images
+        image = await anyio.to_thread.run_sync(image_of, arguments.image, "image", kept)
+        request = UpscaleRequest(**arguments.model_dump(exclude={"image"}), image=image)
+        result = await run_upscale(self.runtime, request, None)
+        image_id = await anyio.to_thread.run_sync(kept.put, result.data, result.media_type, "png")
+        url = f"{self.runtime.base_url(self.http)}{KEPT_PATH}{image_id}"
+        shown = ToolUpscale(url=url, **result.model_dump(include=set(ToolUpscale.model_fields) - {"url"}))
+        preview = await anyio.to_thread.run_sync(thumbnail, result.data)
+        text = f"{result.width}x{result.height} by {result.upscaler}: {url}"
+        link = types.ResourceLink(
+            uri=url, name=image_id, title=text, mime_type=result.media_type, size=len(result.data)
+        )
+        return types.CallToolResult(
+            content=[
+                types.TextContent(type="text", text=text),
+                link,
+                types.ImageContent(data=preview, mime_type="image/png"),
+            ],
+            structured_content=shown.model_dump(mode="json"),
+        )
 
     async def _generation(self, request: GenerationRequest, wait: bool) -> types.CallToolResult:
         job = await self.runtime.submit(request, self.http)

@@ -10,7 +10,7 @@ import mcp_types as types
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from backends.sdxl_backend.jobs import JobStatus
-from backends.sdxl_backend.protocol import GenerationRequest, TextToImageRequest
+from backends.sdxl_backend.protocol import GenerationRequest, TextToImageRequest, UpscaleRequest
 
 # The native fields an agent sets; the rest (hires fix, ControlNets, memory modes...) stay the
 # HTTP API's, where a person tunes them.
@@ -59,6 +59,13 @@ EditImage = arguments(
     wait=(bool, WAIT),
 )
 
+UpscaleImage = arguments(
+    "UpscaleImage",
+    UpscaleRequest,
+    ("upscaler", "scale", "width", "height"),
+    image=(str, Field(description=f"The picture to make larger: {IMAGE_REFERENCE}.")),
+)
+
 
 class JobId(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -90,6 +97,18 @@ class ToolJob(BaseModel):
     images: list[ToolImage] = Field([], description="Once it succeeded.")
     parameters: dict[str, Any] | None = Field(None, description="The request as it ran, every default filled in.")
     error: str | None = Field(None, description="Why it failed or was cancelled.")
+
+
+class ToolUpscale(BaseModel):
+    """An upscaled image: a link to it, its size, and what made it."""
+
+    url: str = Field(description="The image, served from this server for a while (SDXL_IMAGE_URL_TTL_SECONDS).")
+    width: int
+    height: int
+    media_type: str
+    upscaler: str
+    passes: int
+    tiles: int
 
 
 class Listing(BaseModel):
@@ -164,6 +183,24 @@ define(
     "list_loras",
     "List the LoRAs",
     "The LoRAs a generation can apply (`loras: [{id, weight}]`), with the models each fits.",
+    NoArguments,
+    Listing,
+    read_only_hint=True,
+)
+define(
+    "upscale_image",
+    "Upscale an image",
+    "Make an image larger with an upscale model (list_upscalers; 'lanczos' is a plain resize): by `scale`, "
+    "or to `width` and/or `height`. Answers a link to the PNG and a small preview. Runs at once, not as a job.",
+    UpscaleImage,
+    ToolUpscale,
+    read_only_hint=False,
+    destructive_hint=False,
+)
+define(
+    "list_upscalers",
+    "List the upscalers",
+    "The upscale models upscale_image can use (`upscaler`), each with its architecture and scale.",
     NoArguments,
     Listing,
     read_only_hint=True,
