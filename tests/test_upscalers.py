@@ -241,6 +241,10 @@ def test_clients_upscale_through_the_native_api_and_the_extras_tab(serve, tiny_u
         [picture, picture], upscaler_1=UPSCALER, resize_mode=1, upscaling_resize_w=100, upscaling_resize_h=50
     )
     assert [image.size for image in batch.images] == [(100, 50), (100, 50)]
+    uncropped = a1111.extra_single_image(
+        picture, upscaler_1=UPSCALER, resize_mode=1, upscaling_resize_w=100, upscaling_resize_h=50, upscaling_crop=False
+    )
+    assert uncropped.image.size == (100, 75)  # (the covering size, the aspect kept, as A1111 leaves it)
     blended = a1111.extra_single_image(
         picture, upscaler_1=UPSCALER, upscaler_2="Lanczos", extras_upscaler_2_visibility=0.5
     )

@@ -72,7 +72,7 @@ class ExtrasRequest(BaseModel):
     upscaling_resize: float = Field(2, ge=1, le=8)
     upscaling_resize_w: int = Field(512, ge=1)
     upscaling_resize_h: int = Field(512, ge=1)
-    upscaling_crop: bool = True  # resize_mode 1: cover the size and cut the overflow (centred)
+    upscaling_crop: bool = True  # resize_mode 1: cut the overflow (centred); else the covering size stays
     upscaler_1: str = "None"
     upscaler_2: str = "None"
     extras_upscaler_2_visibility: float = Field(0, ge=0, le=1)
@@ -117,14 +117,10 @@ async def _extras(body: ExtrasRequest, image: bytes, request: Request, runtime: 
     if body.upscaler_1.strip().lower() == "none":
         return base64.b64encode(image).decode()
     size = {"scale": body.upscaling_resize}
-    if body.resize_mode == 1:  # the size to reach; cropped below, or stretched to it
+    if body.resize_mode == 1:  # A1111's: by the ratio that covers the size, the aspect kept; cropped below
         width, height = _source_size(image)
         cover = max(body.upscaling_resize_w / width, body.upscaling_resize_h / height)
-        size = (
-            {"width": round(width * cover), "height": round(height * cover)}
-            if body.upscaling_crop
-            else {"width": body.upscaling_resize_w, "height": body.upscaling_resize_h}
-        )
+        size = {"width": round(width * cover), "height": round(height * cover)}
     first = await _upscaled(runtime, request, image, "upscaler_1", body.upscaler_1, size)
     blended = body.upscaler_2.strip().lower() != "none" and body.extras_upscaler_2_visibility > 0
     second = await _upscaled(runtime, request, image, "upscaler_2", body.upscaler_2, size) if blended else None
