@@ -40,7 +40,9 @@ def test_work_handed_over_runs_on_the_device_thread_before_its_loop_and_at_its_e
 
 
 @pytest.mark.served
-def test_every_kind_of_torch_work_ran_on_the_device_thread_with_the_set_thread_count(serve, tiny_lora, tiny_controlnet):
+def test_every_kind_of_torch_work_ran_on_the_device_thread_with_the_set_thread_count(
+    serve, tiny_lora, tiny_controlnet, tiny_upscaler
+):
     server = serve("device-thread", {"SDXL_MODELS": "tiny-sdxl", "SDXL_TORCH_THREADS": "1"})
     control = base64.b64encode(png_bytes(64, 64)).decode()
     small = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "seed": 1}
@@ -54,12 +56,15 @@ def test_every_kind_of_torch_work_ran_on_the_device_thread_with_the_set_thread_c
         assert response.status_code == 200, response.text
     job = httpx.post(f"{server.url}/v1/jobs", json={**small, "preview_every": 1}, timeout=300).json()
     assert wait(server, job["id"])[0]["status"] == "succeeded"
+    upscale = {"image": control, "upscaler": "tiny-upscaler", "scale": 2}
+    assert httpx.post(f"{server.url}/v1/upscale", json=upscale, timeout=300).status_code == 200
     unloaded = httpx.post(f"{server.url}/v1/system/unload", timeout=300).json()["unloaded"]
-    assert unloaded == ["tiny-sdxl", "tiny-sdxl-controlnet"]
+    assert unloaded == ["tiny-sdxl", "tiny-sdxl-controlnet", "tiny-upscaler"]
     assert httpx.post(f"{server.url}/v1/txt2img", json=small, timeout=300).status_code == 200  # loaded again
 
     device = httpx.get(f"{server.url}/v1/system/status", timeout=300).json()["device_thread"]
     assert device["torch_threads"] == 1  # SDXL_TORCH_THREADS, as torch reports it on that thread
     assert device["torch_work"] == {
-        kind: [device["name"]] for kind in ("encode prompts", "generate", "load", "preview", "unload", "warm-up")
+        kind: [device["name"]]
+        for kind in ("encode prompts", "generate", "load", "preview", "unload", "upscale", "warm-up")
     }

@@ -10,12 +10,14 @@ client waiting, and stops between two tiles when `should_stop` says so (the clie
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image
 
+from .device_thread import TORCH_WORK
 from .errors import Cancelled, InvalidRequest
 from .images import MEDIA_TYPES, decode_image, encode_image
 from .limits import Limits
@@ -23,6 +25,8 @@ from .model_manager import ModelManager
 from .protocol import UpscaleRequest, UpscaleResult, UpscaleTimings
 from .upscalers import Tiling, passes_for, upscale
 from .validation import check_upscaler
+
+logger = logging.getLogger("sdxl_backend")
 
 
 @dataclass
@@ -79,12 +83,21 @@ class Upscaling:
             picture, passes = prepared.image.resize(prepared.size, Image.Resampling.LANCZOS), 0
         else:
             with self.models.use_side_models([request.upscaler]) as ((model,), load_s):
+                TORCH_WORK.note("upscale")
                 picture = self.models.out_of_memory_as_error(
                     lambda: upscale(model, prepared.image, prepared.size, self.tiling, on_tile),
                     f"out of memory upscaling with {request.upscaler} (a smaller SDXL_UPSCALE_TILE needs less)",
                 )
             passes = passes_for(model.scale, prepared.image.size, prepared.size)
         upscaled_at = time.perf_counter()
+        logger.info(
+            "upscaled %dx%d to %dx%d with %s in %d tile(s): %.2f s",
+            *prepared.image.size,
+            *prepared.size,
+            request.upscaler,
+            tiles[1],
+            upscaled_at - started,
+        )
         scale = prepared.size[0] / prepared.image.width
         data = encode_image(
             picture,
