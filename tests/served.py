@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.polling import poll
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -54,17 +56,20 @@ class Server:
 
     def wait_ready(self, timeout: float = 180) -> float:
         """Seconds from process start to /readyz answering 200."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return time.monotonic() - self.started
+                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"server not ready in {timeout} s:\n{self.log()}")
+                return False
+
+        try:
+            poll(ready, timeout=timeout, every=0.3, what="/readyz")
+        except TimeoutError:
+            raise TimeoutError(f"server not ready in {timeout} s:\n{self.log()}") from None
+        return time.monotonic() - self.started
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -123,16 +128,17 @@ class RedisServer:
             stdout=(self.folder / "redis.log").open("a"),
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+
+        def pongs() -> bool:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as connection:
                     connection.sendall(b"PING\r\n")
-                    if connection.recv(16).startswith(b"+PONG"):
-                        return self
+                    return connection.recv(16).startswith(b"+PONG")
             except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"redis-server did not answer on port {self.port}")
+                return False
+
+        poll(pongs, timeout=60, every=0.1, what=f"redis-server on port {self.port}")
+        return self
 
     def stop(self) -> None:
         if self.process is not None:

@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import threading
-import time
 
 import httpx
 import pytest
@@ -15,6 +14,7 @@ import webuiapi
 from PIL import Image, ImageDraw
 
 from tests.conftest import pixels, png_bytes
+from tests.polling import poll
 
 # What A1111 clients send: every field, most of them at A1111's defaults.
 A1111_DEFAULTS = {
@@ -278,12 +278,7 @@ def test_webuiapi_progress_and_interrupt_keep_the_image_as_it_stood(api, server)
         target=lambda: answers.append(api.txt2img(prompt="a slow one", width=1024, height=1024, steps=30))
     )
     worker.start()
-    deadline, seen = time.monotonic() + 300, None
-    while time.monotonic() < deadline:
-        seen = api.get_progress()
-        if seen["state"]["sampling_step"] >= 3:
-            break
-        time.sleep(0.05)
+    seen = poll(api.get_progress, lambda progress: progress["state"]["sampling_step"] >= 3, 300, what="step 3")
     assert seen["state"]["sampling_steps"] == 30 and 0 < seen["progress"] < 1 and seen["eta_relative"] > 0
     assert api.interrupt() == {}
     worker.join(300)

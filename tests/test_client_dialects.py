@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from backends.api.kept_images import KeptImages
 from tests.conftest import GUARD_KEYS, pixels, png_bytes
+from tests.polling import poll
 
 PROMPT = "a misty forest at dawn"
 
@@ -405,15 +406,18 @@ def test_json_log_lines_carry_the_access_fields_and_no_secrets(guarded):
     body = {"prompt": secret_prompt, "width": 64, "height": 64, "steps": 1}
     headers = {"Authorization": f"Bearer {KEY}"}
     assert httpx.post(f"{guarded.url}/v1/txt2img", json=body, headers=headers, timeout=300).status_code == 200
-    deadline = time.monotonic() + 60
-    while True:  # (the access line is written once the answer is sent)
+
+    def json_lines() -> list[dict]:
         worker_lines = [line for line in guarded.log().splitlines() if line.startswith('{"time": ')]
-        lines = [json.loads(line) for line in worker_lines]  # (every one of them parses)
-        access = [line for line in lines if line["logger"] == "sdxl_backend.access" and line["route"] == "/v1/txt2img"]
-        if access or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert access and access[-1]["method"] == "POST" and access[-1]["status"] == 200
+        return [json.loads(line) for line in worker_lines]  # (every one of them parses)
+
+    def txt2img_access(lines: list[dict]) -> list[dict]:
+        return [line for line in lines if line["logger"] == "sdxl_backend.access" and line["route"] == "/v1/txt2img"]
+
+    # (the access line is written once the answer is sent)
+    lines = poll(json_lines, lambda lines: txt2img_access(lines), 60, 0.2, "the access line")
+    access = txt2img_access(lines)
+    assert access[-1]["method"] == "POST" and access[-1]["status"] == 200
     assert not [line for line in lines if line["message"] == "a job observer failed"]  # (metrics and webhooks)
     assert access[-1]["duration_ms"] > 0 and access[-1]["level"] == "info"
     assert any(line["logger"] == "sdxl_backend" and "models: tiny-sdxl" in line["message"] for line in lines)

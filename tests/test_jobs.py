@@ -15,6 +15,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.polling import poll
+
 LONG = {"prompt": "a slow one", "width": 1024, "height": 1024, "steps": 30, "seed": 1}
 SHORT = {"prompt": "a quick one", "width": 64, "height": 64, "steps": 2, "seed": 1}
 
@@ -38,13 +40,13 @@ def wait(
     headers=None,
 ) -> tuple[dict, list[dict]]:
     """Poll until `until`; returns the last state and every state seen."""
-    seen, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    seen: list[dict] = []
+
+    def look() -> dict:
         seen.append(get(server, job_id, headers))
-        if until(seen[-1]):
-            return seen[-1], seen
-        time.sleep(0.05)
-    raise TimeoutError(seen[-1])
+        return seen[-1]
+
+    return poll(look, until, timeout, what=f"job {job_id}"), seen
 
 
 def test_submit_poll_and_result(jobs_server):

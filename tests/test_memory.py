@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from backends.sdxl_backend.model_manager import ModelManager
 from backends.sdxl_backend.model_records import ModelSource
 from backends.sdxl_backend.modes import MemoryPolicy
 from backends.sdxl_backend.pipelines import weights_bytes
+from tests.polling import poll
 from tests.served import ROOT, Server
 
 TRIO = ["tiny-a", "tiny-b", "tiny-c"]
@@ -158,10 +158,7 @@ def test_served_lru_concurrent_requests_and_status(trio_server):
 def test_idle_unload_fires(trio_server):
     assert generate(trio_server, "tiny-a").status_code == 200
     assert status(trio_server)["loaded"]
-    deadline = time.monotonic() + 300
-    while status(trio_server)["loaded"] and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert status(trio_server)["loaded"] == []
+    assert poll(lambda: status(trio_server)["loaded"], lambda loaded: loaded == [], 300, 0.5, "the idle unload") == []
     assert "idle for" in trio_server.log()
 
 

@@ -21,6 +21,7 @@ import redis
 from standardwebhooks import Webhook
 
 from tests.conftest import chromium
+from tests.polling import poll
 from tests.served import TraceCollector
 from tests.test_mcp import connected
 from tests.test_webhooks import Receiver
@@ -80,13 +81,7 @@ def job(replica, job_id: str) -> dict:
 
 
 def wait(replica, job_id: str, until=lambda state: state["status"] in FINAL, timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = job(replica, job_id)
-        if until(state):
-            return state
-        time.sleep(0.05)
-    raise TimeoutError(state)
+    return poll(lambda: job(replica, job_id), until, timeout, what=f"job {job_id}")
 
 
 def running(state: dict) -> bool:
@@ -261,11 +256,7 @@ def test_a_jobs_trace_goes_on_on_the_replica_that_runs_it(replicas, collector):
         trace = {span["name"]: span for span in collector.spans if span["trace_id"] == jobs[-1]["trace_id"]}
         return (jobs[-1], trace) if {"validate", "queue wait", "denoise", "encode"} <= trace.keys() else None
 
-    deadline = time.monotonic() + 60
-    while (found := exported()) is None:
-        assert time.monotonic() < deadline, "the job's spans were not all exported"
-        time.sleep(0.2)
-    job_span, trace = found
+    job_span, trace = poll(exported, lambda found: found is not None, 60, 0.2, "the job's spans, all exported")
     assert trace["validate"]["attributes"]["sdxl.replica"] == names[runner.url]
     assert trace["validate"]["parent_span_id"] == job_span["parent_span_id"]  # the submit's HTTP span
     assert job_span["parent_span_id"] in {span["span_id"] for span in trace.values()}
@@ -448,10 +439,7 @@ def test_a_webhook_in_flight_when_its_replica_is_killed_is_delivered_by_another(
         deliverer = serve("fleet-f", env)
         hooked = {**SMALL, "webhook": {"url": f"{receiver.url}/hang-once", "events": ["completed"]}}
         job_id = submit(deliverer, hooked)["id"]
-        deadline = time.monotonic() + 300
-        while not receiver.received:  # the delivery is in flight, unanswered
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        poll(lambda: receiver.received, timeout=300, every=0.1, what="the delivery, in flight and unanswered")
         deliverer.kill()
         successor = serve("fleet-g", env)
         done = wait(successor, job_id, lambda state: "completed" in (state.get("webhooks") or {}))
@@ -483,15 +471,8 @@ def queue_on(store, tiny_model, served_as: str = "tiny-sdxl"):
 
 
 def wait_final(queue, *jobs) -> list:
-    """The jobs once all are final (a 10-minute guard against a hang, as `wait` has)."""
-    deadline = time.monotonic() + 600
-    while True:
-        states = [queue.get(job.id) for job in jobs]
-        if all(state.status.final for state in states):
-            return states
-        if time.monotonic() > deadline:
-            raise TimeoutError([state.status for state in states])
-        time.sleep(0.1)
+    """The jobs once all are final."""
+    return poll(lambda: [queue.get(job.id) for job in jobs], lambda got: all(s.status.final for s in got), every=0.1)
 
 
 def test_a_job_left_running_by_a_dead_replica_is_requeued_and_fails_after_the_last_attempt(tiny_model, redis_server):
