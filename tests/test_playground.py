@@ -255,3 +255,21 @@ def test_a_painted_mask_a_lora_a_controlnet_and_an_image_prompt_go_into_the_requ
     assert prompt["image"].startswith("data:image/png;base64,")
     assert "seed" in page.locator(".card .meta").first.inner_text()  # inpainted, guided, styled, prompted: it ran
     assert page.console_errors == []
+
+
+@pytest.mark.served
+def test_a_result_is_upscaled_by_the_chosen_upscaler_into_a_new_card(serve, tiny_upscaler, open_page):
+    server = serve("playground-upscale", {"SDXL_MODELS": "tiny-sdxl"})
+    page = open_page(server.url, 1280)
+    assert page.is_visible("#upscale-bar") and page.input_value("#upscaler") == "tiny-upscaler"
+    page.fill("#width", "64")
+    page.fill("#height", "64")
+    generate(page, 0)
+    with page.expect_request(lambda request: request.url.endswith("/v1/upscale")) as sent:
+        page.locator(".card [data-upscale]").first.click()
+    page.wait_for_function("document.querySelectorAll('.card').length === 2", timeout=300_000)
+    assert sent.value.post_data_json["upscaler"] == "tiny-upscaler" and sent.value.post_data_json["scale"] == 2
+    newest = page.locator(".card").first
+    assert "128x128 · upscaled 2x by tiny-upscaler" in newest.locator(".meta").inner_text()
+    assert newest.locator("img").evaluate("img => img.naturalWidth") == 128
+    assert page.inner_text("#error") == "" and page.console_errors == []
