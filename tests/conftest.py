@@ -24,7 +24,7 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 
 from PIL import Image  # noqa: E402
 
-from tests.served import RedisServer, Server  # noqa: E402
+from tests.served import ROOT, RedisServer, Server  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -95,6 +95,40 @@ def tiny_upscaler(tiny_model):
     from models.store import import_tiny, stored_model
 
     return stored_model("tiny-upscaler") or import_tiny("tiny-upscaler")
+
+
+HUB_SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_snapshot(tmp_path: Path, repo: str) -> tuple[Path, dict[str, str]]:
+    """An empty snapshot of `repo` in a Hugging Face cache under `tmp_path` (its `main` ref
+    pointing at it), and the environment that makes huggingface_hub read that cache and nothing
+    else: HF_HUB_OFFLINE=1, and HF_ENDPOINT on a closed port, so any request would fail."""
+    cache = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    snapshot = cache / "snapshots" / HUB_SHA
+    snapshot.mkdir(parents=True)
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text(HUB_SHA)
+    return snapshot, {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """`cli(*args, **env)`: `python -m models ARGS` as a user runs it, in a private BentoML home
+    (`tmp_path / "bentoml"`)."""
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
+
+    def run(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "models", *args],
+            cwd=ROOT,
+            env={**env, **extra_env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -27,8 +24,7 @@ from backends.sdxl_backend.model_manager import ModelManager
 from backends.sdxl_backend.model_records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
 from models.catalog import defaults_for, load_catalog
-from tests.conftest import pixels, png_bytes
-from tests.served import ROOT
+from tests.conftest import hub_snapshot, pixels, png_bytes
 from tests.test_backend import counting_calls, max_difference
 from tests.test_controlnets import OTHER_TASKS, SQUARE, without_and_with
 from tests.test_jobs import LONG, get, submit, wait
@@ -164,22 +160,10 @@ def test_the_tiny_ip_adapter_is_stored_with_its_encoder(tiny_ip_adapter):
     assert tiny_ip_adapter.info.labels["fits"] == "8,16,32/32"
 
 
-def test_import_an_ip_adapter_file_with_its_encoder_and_from_the_hub_cache(tmp_path, tiny_ip_adapter):
+def test_import_an_ip_adapter_file_with_its_encoder_and_from_the_hub_cache(tmp_path, cli, tiny_ip_adapter):
     """`--from FILE --encoder DIR`; and the catalog's ip-adapter-sdxl from a hub cache laid out as
     h94/IP-Adapter is, with HF_HUB_OFFLINE=1 (HF_ENDPOINT on a closed port: no network)."""
     stored = Path(tiny_ip_adapter.path)
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
-
-    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "models", *args],
-            cwd=ROOT,
-            env={**env, **extra},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-
     assert cli("import", "tiny-sdxl").returncode == 0
     without = cli("import", "my-adapter", "--from", str(stored / IP_ADAPTER_FILE), "--fits", "tiny-sdxl")
     assert without.returncode == 1 and "give its image encoder's directory with --encoder" in without.stderr
@@ -192,15 +176,11 @@ def test_import_an_ip_adapter_file_with_its_encoder_and_from_the_hub_cache(tmp_p
     assert "[IP-Adapter]" in row
 
     entry = load_catalog()["ip-adapter-sdxl"]
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = tmp_path / "hub" / "models--h94--IP-Adapter" / "snapshots" / sha
+    snapshot, hub = hub_snapshot(tmp_path, entry.repo)
     (snapshot / entry.weights).parent.mkdir(parents=True)
     shutil.copy(stored / IP_ADAPTER_FILE, snapshot / entry.weights)
     shutil.copytree(stored / ENCODER_FOLDER, snapshot / entry.encoder)
     (snapshot / entry.encoder / "pytorch_model.bin").write_bytes(b"not taken")
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text(sha)
-    hub = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     imported = cli("import", "ip-adapter-sdxl", **hub)
     assert imported.returncode == 0, imported.stderr
     version = next(p for p in (tmp_path / "bentoml" / "models" / "ip-adapter-sdxl").iterdir() if p.is_dir())

@@ -8,27 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from models.store import select_component_files, select_files
+from tests.conftest import HUB_SHA, hub_snapshot
 from tests.served import ROOT
-
-
-@pytest.fixture
-def cli(tmp_path):
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
-
-    def run(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "models", *args],
-            cwd=ROOT,
-            env={**env, **extra_env},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-
-    return run
 
 
 def test_import_tiny_list_and_remove(cli, tmp_path, tiny_model):
@@ -100,26 +82,17 @@ def test_hub_import_with_hf_hub_offline_uses_the_cache(tmp_path, monkeypatch, ti
     (HF_ENDPOINT points at a closed port, so any request would fail)."""
     import shutil
 
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--example--tiny-sdxl"
-    shutil.copytree(tiny_model.path, repo / "snapshots" / sha, ignore=shutil.ignore_patterns("model.yaml"))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
+    snapshot, hub = hub_snapshot(tmp_path, "example/tiny-sdxl")
+    shutil.copytree(tiny_model.path, snapshot, ignore=shutil.ignore_patterns("model.yaml"), dirs_exist_ok=True)
     code = (
         "from models.catalog import CatalogEntry; from models.store import import_from_hub; "
         "m = import_from_hub(CatalogEntry(id='cached-sdxl', description='d', repo='example/tiny-sdxl')); "
         "print(m.info.labels['revision'], m.info.labels['variant'])"
     )
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(tmp_path / "bentoml"),
-        "HF_HUB_CACHE": str(tmp_path / "hub"),
-        "HF_HUB_OFFLINE": "1",
-        "HF_ENDPOINT": "http://127.0.0.1:9",
-    }
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), **hub}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-2:] == [sha, "none"]
+    assert done.stdout.split()[-2:] == [HUB_SHA, "none"]
 
 
 def test_import_from_a_path_that_is_not_a_model(cli, tmp_path):

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -34,8 +31,7 @@ from backends.sdxl_backend.upscalers import (
     upscale,
 )
 from models.catalog import defaults_for, load_catalog
-from tests.conftest import pixels, png_bytes
-from tests.served import ROOT
+from tests.conftest import hub_snapshot, pixels, png_bytes
 
 UPSCALER = "tiny-upscaler"
 
@@ -153,7 +149,7 @@ def test_a_hires_fix_counts_the_upscalers_tiles_as_steps_and_stops_between_them(
     assert run(7) == first_pass + [(5, 10), (6, 10), (7, 10)]
 
 
-def test_import_a_pth_and_the_catalogs_upscaler_from_the_hub_cache(tmp_path, tiny_upscaler):
+def test_import_a_pth_and_the_catalogs_upscaler_from_the_hub_cache(tmp_path, cli, tiny_upscaler):
     """`--from FILE.pth` (an upscaler as Real-ESRGAN's authors save it: a pickled state dict
     under `params_ema`); and realesrgan-x4plus from a hub cache laid out as its repo, with
     HF_HUB_OFFLINE=1 (HF_ENDPOINT on a closed port: no network)."""
@@ -161,17 +157,6 @@ def test_import_a_pth_and_the_catalogs_upscaler_from_the_hub_cache(tmp_path, tin
 
     pth = tmp_path / "RealESRGAN_x4plus.pth"
     torch.save({"params_ema": load_file(Path(tiny_upscaler.path) / UPSCALER_FILE)}, pth)
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
-
-    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "models", *args],
-            cwd=ROOT,
-            env={**env, **extra},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
 
     imported = cli("import", "my-upscaler", "--from", str(pth))
     assert imported.returncode == 0, imported.stderr
@@ -183,13 +168,8 @@ def test_import_a_pth_and_the_catalogs_upscaler_from_the_hub_cache(tmp_path, tin
     assert refused.returncode == 1 and "not an upscale model" in refused.stderr
 
     entry = load_catalog()["realesrgan-x4plus"]
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = tmp_path / "hub" / "models--lllyasviel--Annotators" / "snapshots" / sha
-    snapshot.mkdir(parents=True)
+    snapshot, hub = hub_snapshot(tmp_path, entry.repo)
     (snapshot / entry.weights).write_bytes(pth.read_bytes())
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text(sha)
-    hub = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     imported = cli("import", "realesrgan-x4plus", **hub)
     assert imported.returncode == 0, imported.stderr
     version = next(p for p in (tmp_path / "bentoml" / "models" / "realesrgan-x4plus").iterdir() if p.is_dir())
