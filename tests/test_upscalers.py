@@ -240,3 +240,5 @@ def test_clients_upscale_through_the_native_api_and_the_extras_tab(serve, tiny_u
     assert by_model.image.tobytes() != by_lanczos.image.tobytes()
     status = httpx.get(f"{server.url}/v1/system/status", timeout=300).json()
     assert [u["id"] for u in status["upscalers"]] == [UPSCALER]
+    (replica,) = httpx.get(f"{server.url}/v1/system/fleet", timeout=300).json()["replicas"]
+    assert replica["devices"][0]["side_models"] == [UPSCALER]  # (what the fleet page lists)

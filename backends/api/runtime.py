@@ -317,7 +317,9 @@ class Runtime:
                     "alive": device["alive"],
                     "memory": {kind: device["memory"][kind] for kind in ("used", "total", "budget")},
                     "loaded": [{"id": model["id"], "loras": model["loras"]} for model in device["loaded"]],
-                    "side_models": [side["id"] for side in [*device["controlnets"], *device["ip_adapters"]]],
+                    "side_models": [
+                        side["id"] for kind in ("controlnets", "ip_adapters", "upscalers") for side in device[kind]
+                    ],
                     "running": job and {"model": model, "step": job.step, "total_steps": job.total_steps},
                 }
             )
