@@ -175,7 +175,7 @@ def import_from_path(
                 f"{path} is not a diffusers directory (no model_index.json, nor a ControlNet's config.json)"
             )
         return _store(model_id, f"local:{path}", "-", lambda dst: _copy_tree(path, dst))
-    if path.is_file() and (path.suffix in (".pth", ".pt") or is_upscaler(path)):
+    if path.is_file() and path.suffix in (".pth", ".pt"):
         return _store(model_id, f"local:{path}", "-", lambda dst: _convert_upscaler(path, dst), kind="upscaler")
     if path.is_file() and path.suffix == ".safetensors":
         if (widths := file_signature(path)) is not None:
@@ -209,6 +209,8 @@ def import_from_path(
                 {"fits": _fits(fits)},
                 kind="lora",
             )
+        if is_upscaler(path):
+            return _store(model_id, f"local:{path}", "-", lambda dst: _convert_upscaler(path, dst), kind="upscaler")
         return _store(model_id, f"local:{path}", "-", lambda dst: _convert_single_file(path, dst, config))
     raise ImportFailed(f"{path} is neither a diffusers directory nor a .safetensors or .pth file")
 
@@ -226,12 +228,11 @@ def is_lora(path: Path) -> bool:
 
 
 def is_upscaler(path: Path) -> bool:
-    """A .safetensors file small enough to be an upscaler (under 1 GiB: the largest, HAT-L and
-    DAT, are a few hundred MB; an SDXL checkpoint is several GB) that spandrel recognises, and
-    none of the kinds before it (embeddings, IP-Adapters and LoRAs carry their own key names)."""
-    if path.suffix != ".safetensors" or path.stat().st_size > 2**30:
-        return False
-    if file_signature(path) is not None or is_ip_adapter(path) or is_lora(path):
+    """A .safetensors file, none of the kinds with key names of their own (embeddings,
+    IP-Adapters, LoRAs: checked before), small enough to be an upscaler (under 1 GiB: the
+    largest, HAT-L and DAT, are a few hundred MB; an SDXL checkpoint is several GB) that
+    spandrel recognises."""
+    if path.stat().st_size > 2**30:
         return False
     try:
         read_upscaler(path)
