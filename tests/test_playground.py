@@ -208,6 +208,7 @@ def test_the_page_fits_a_phone_and_a_wide_screen(server, open_page, width, tmp_p
     else:
         assert results["x"] >= form["x"] + form["width"]  # side by side
     page.screenshot(path=tmp_path / f"playground-{width}.png", full_page=True)
+    assert page.locator("[hidden]:visible").count() == 0  # what the page hid (an empty panel) is not shown
     assert page.console_errors == [] and page.hosts == {"127.0.0.1"}
 
 
@@ -230,7 +231,8 @@ def test_a_painted_mask_a_lora_a_controlnet_and_an_image_prompt_go_into_the_requ
     page.mouse.up()
     page.click("#lora-panel summary")
     # Only the LoRAs that fit the model are offered (other tests leave one for SDXL base in the store).
-    offered = page.locator("#loras > div:not([hidden])")
+    offered = page.locator("#loras > div:visible")
+    assert page.locator("[hidden]:visible").count() == 0  # what the page hid is not shown
     assert offered.count() >= 1 and all(
         fits == "tiny-sdxl" for fits in offered.evaluate_all("rows => rows.map(row => row.dataset.fits)")
     )
