@@ -17,7 +17,6 @@ import openai
 import pytest
 from PIL import Image, ImageDraw
 
-from backends.api.kept_images import KeptImages
 from tests.conftest import GUARD_KEYS, pixels, png_bytes
 from tests.polling import poll
 
@@ -480,19 +479,6 @@ def test_kept_image_url_expires(guarded):
     time.sleep(3.5)
     assert httpx.get(url, timeout=300).status_code == 410
     assert httpx.get(f"{guarded.url}/v1/images/files/never-made.png", timeout=300).status_code == 404
-
-
-def test_kept_images_cap_pushes_out_the_oldest_and_time_expires_them():
-    now = [0.0]
-    kept = KeptImages(ttl_s=10, max_bytes=10, clock=lambda: now[0])
-    first = kept.put(b"123456", "image/png", "png")
-    second = kept.put(b"7890", "image/png", "png")
-    third = kept.put(b"abcde", "image/png", "png")  # 6+4+5 > 10: the first goes
-    assert kept.get(first) is None and kept.expired(first)
-    assert kept.get(second).data == b"7890" and kept.total_bytes == 9
-    now[0] = 10.5
-    assert kept.get(third) is None and kept.expired(third) and kept.total_bytes == 0
-    assert not kept.expired("never")
 
 
 def test_gallery_recreate_prompt_of_300_words_reaches_the_model(server):

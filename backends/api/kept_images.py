@@ -4,6 +4,7 @@ Under a byte cap: the oldest image goes first when a new one does not fit, and a
 deleted once its time is up. A link that expired answers 410, one that never existed 404.
 `KeptImages` keeps them in this process (a restart forgets them); `SharedKeptImages` in Redis
 (`SDXL_REDIS_URL`), where every replica serves every link and the cap holds for all of them.
+Both are a `KeptImageStore` (tests/test_kept_images.py runs the same checks on each).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from backends.sdxl_backend.errors import redis_failures_as_unavailable
 
@@ -26,6 +27,23 @@ class KeptImage:
     data: bytes
     media_type: str
     expires_at: float
+
+
+class KeptImageStore(Protocol):
+    def put(self, data: bytes, media_type: str, extension: str) -> str:
+        """Keep an image; returns its id (unguessable: the link is the only key to it)."""
+
+    def get(self, image_id: str) -> KeptImage | None:
+        """The image, while it is kept."""
+
+    def expired(self, image_id: str) -> bool:
+        """Whether the id was kept and is gone (past its time, or pushed out by the cap): 410, not 404."""
+
+    def close(self) -> None: ...
+
+    @property
+    def total_bytes(self) -> int:
+        """What the kept images weigh together."""
 
 
 class KeptImages:
@@ -45,7 +63,6 @@ class KeptImages:
         self._sweeper.start()
 
     def put(self, data: bytes, media_type: str, extension: str) -> str:
-        """Keep an image; returns its id (unguessable: the link is the only key to it)."""
         image_id = f"{secrets.token_urlsafe(16)}.{extension}"
         with self._lock:
             self._expire()
@@ -92,6 +109,8 @@ class KeptImages:
 
 # Adds an image and, in the same step, drops the expired ones and then the oldest while the
 # images are over the cap; each dropped id leaves a tombstone (for 410) that lasts a day.
+# The index never ties (an image kept in the newest one's millisecond expires 1 ms after it):
+# tied scores sort by id, which is random, and the cap would drop any of them, not the oldest.
 # KEYS: the age index (a sorted set by expiry), the sizes (a hash), the byte total, the key
 # prefix. ARGV: id, data, media type, time to live (ms), cap (bytes).
 PUT_SCRIPT = """
@@ -112,9 +131,12 @@ while tonumber(redis.call('GET', total) or '0') + #data > cap do
   if not oldest then break end
   drop(oldest)
 end
+local expires_ms = now_ms + ttl_ms
+local newest = redis.call('ZRANGE', index, -1, -1, 'WITHSCORES')
+if newest[2] and tonumber(newest[2]) >= expires_ms then expires_ms = tonumber(newest[2]) + 1 end
 redis.call('HSET', prefix .. 'image:' .. id, 'data', data, 'media_type', media_type)
-redis.call('PEXPIRE', prefix .. 'image:' .. id, ttl_ms)
-redis.call('ZADD', index, now_ms + ttl_ms, id)
+redis.call('PEXPIREAT', prefix .. 'image:' .. id, expires_ms)
+redis.call('ZADD', index, expires_ms, id)
 redis.call('HSET', sizes, id, #data)
 redis.call('INCRBY', total, #data)
 """
@@ -145,13 +167,16 @@ class SharedKeptImages:
             found = self.client.hgetall(self.PREFIX + "image:" + image_id)
         if not found:
             return None
-        return KeptImage(found[b"data"], found[b"media_type"].decode(), 0.0)
+        data, media_type = found[b"data"], found[b"media_type"]  # (bytes: the client does not decode)
+        assert isinstance(data, bytes) and isinstance(media_type, bytes)
+        return KeptImage(data, media_type.decode(), 0.0)
 
     def expired(self, image_id: str) -> bool:
         with redis_failures_as_unavailable():
             if self.client.exists(self.PREFIX + "gone:" + image_id):
                 return True
-            return self.client.zscore(self._keys[0], image_id) is not None  # indexed, and its key is gone
+            indexed = self.client.zscore(self._keys[0], image_id) is not None
+            return indexed and not self.client.exists(self.PREFIX + "image:" + image_id)  # and its key is gone
 
     def close(self) -> None:
         self.client.close()
