@@ -42,10 +42,12 @@ serve: install
 	$(VENV)/bin/bentoml serve service:SDXL --host $(HOST) --port $(PORT)
 
 # ruff: the lint rules and the formatting (pyproject.toml [tool.ruff]); `ruff format` fixes the latter.
+# mypy: the types of the server's own code (pyproject.toml [tool.mypy]).
 CODE := backends models service.py tests bench
 lint: install
 	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/ruff format --check $(CODE)
+	$(VENV)/bin/mypy backends models service.py
 
 test: install test-programs lint
 	$(PY) -m pytest

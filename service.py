@@ -131,6 +131,7 @@ def model_attribute(model_id: str, kind: str = "model") -> str:
 SERVED = served_models()
 DEFAULT_MODEL = default_model(list(SERVED))
 VAE = replacement_vae()
+VAE_ATTRIBUTE = "model_vae"  # (the class attribute that holds it, like the models')
 ADAPTERS = {kind: served_adapters(kind) for kind in ("lora", "controlnet", "embedding", "ip-adapter", "upscaler")}
 dialects = create_app()
 
@@ -147,13 +148,13 @@ class SDXL:
             ServedModel(
                 model_id,
                 Path(getattr(self, model_attribute(model_id)).path),
-                model.tag.version,
+                model.tag.version or "",  # (a stored model's tag has its version)
                 catalog[model_id].description if model_id in catalog else "",
                 defaults_for(model_id),
             )
             for model_id, model in SERVED.items()
         ]
-        vae = Path(self.model_vae.path) if VAE is not None else None
+        vae = Path(getattr(self, VAE_ATTRIBUTE).path) if VAE is not None else None
         loras, controlnets, embeddings, ip_adapters, upscalers = (
             [
                 ServedAdapter(
@@ -176,19 +177,20 @@ class SDXL:
     async def txt2img(self, ctx: bentoml.Context, **fields) -> native.GenerationAnswer:
         """Text to image. JSON with the images (base64), seeds and timings; with
         `Accept: image/png` (or jpeg/webp) and n=1, the image itself."""
-        return await native.answer(self.runtime, GenerationRequest(**fields), ctx)
+        # (The annotation is the JSON answer's schema for BentoML; the image itself is a Response.)
+        return await native.answer(self.runtime, GenerationRequest(**fields), ctx)  # type: ignore[return-value]
 
     @bentoml.api(route="/v1/img2img", input_spec=ImageToImageRequest)
     async def img2img(self, ctx: bentoml.Context, **fields) -> native.GenerationAnswer:
         """Image to image: `image` (base64) repainted by `strength`. Answers as txt2img."""
-        return await native.answer(self.runtime, GenerationRequest(**fields), ctx)
+        return await native.answer(self.runtime, GenerationRequest(**fields), ctx)  # type: ignore[return-value]
 
     @bentoml.api(route="/v1/upscale", input_spec=UpscaleRequest)
     async def upscale(self, ctx: bentoml.Context, **fields) -> upscale_api.UpscaleAnswer:
         """`image` made larger by an upscale model (GET /v1/upscalers) or resized (lanczos):
         by `scale`, or to `width`/`height`. JSON with the image, or the image itself with
         `Accept: image/png`."""
-        return await upscale_api.answer(self.runtime, UpscaleRequest(**fields), ctx)
+        return await upscale_api.answer(self.runtime, UpscaleRequest(**fields), ctx)  # type: ignore[return-value]
 
     def __is_alive__(self) -> bool:
         """/livez and /readyz answer 503 once the device thread is gone, so the pod restarts."""
@@ -211,8 +213,9 @@ for _kind, _adapters in ADAPTERS.items():
     for _adapter_id, _adapter in _adapters.items():
         setattr(SDXL, model_attribute(_adapter_id, _kind), bentoml.models.BentoModel(_adapter.tag))
 if VAE is not None:
-    SDXL.model_vae = bentoml.models.BentoModel(VAE.tag)
-SDXL = bentoml.service(
+    setattr(SDXL, VAE_ATTRIBUTE, bentoml.models.BentoModel(VAE.tag))
+# (The class's name becomes the service's: `service:SDXL`, as bentofile.yaml and clients name it.)
+SDXL = bentoml.service(  # type: ignore[misc]
     name="sdxl",
     # The image `bentoml containerize` builds: no distro packages (no compiler or git left in
     # it: every dependency is a wheel), the pinned requirements, CUDA-enabled torch from PyPI.
@@ -244,8 +247,9 @@ SDXL = bentoml.service(
         }
     },
 )(bentoml.asgi_app(dialects)(SDXL))
-traffic.TimeoutMiddleware = TimelyTimeout  # BentoML imports it from there when it builds the app
-SDXL.add_asgi_middleware(
+# BentoML imports it from there when it builds the app (tests/test_service.py checks it is there).
+traffic.TimeoutMiddleware = TimelyTimeout  # type: ignore[misc]
+SDXL.add_asgi_middleware(  # type: ignore[attr-defined]
     Edge,
     keys=SETTINGS.api_keys,
     open_metrics=SETTINGS.open_metrics,

@@ -72,8 +72,12 @@ def _list() -> None:
     catalog = load_catalog()
     for model_id in [*catalog, *sorted(set(stored) - set(catalog))]:
         model = stored.get(model_id)
-        description = catalog[model_id].description if model_id in catalog else model.info.labels["source"]
-        kind = catalog[model_id].kind if model_id in catalog else model.info.labels.get("sdxl_kind")
+        kind: str
+        if model_id in catalog:
+            description, kind = catalog[model_id].description, catalog[model_id].kind
+        else:  # (stored, so `model` is there)
+            assert model is not None
+            description, kind = model.info.labels["source"], model.info.labels.get("sdxl_kind", "pipeline")
         description = KIND_LABELS.get(kind, "") + description
         rows.append(
             (

@@ -7,11 +7,13 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from backends.sdxl_backend.protocol import ModelDefaults
 
 CATALOG_FILE = Path(__file__).with_name("catalog.toml")
+# The kinds that take one file from their repo (an IP-Adapter: its image encoder's folder too).
+SINGLE_FILE_KINDS = ("lora", "embedding", "ip-adapter", "upscaler")
 
 
 class CatalogEntry(BaseModel):
@@ -31,6 +33,18 @@ class CatalogEntry(BaseModel):
     unet: tuple[str, str] | None = None  # (repo, file) replacing the repo's UNet weights
     licence: str | None = None
     defaults: ModelDefaults = ModelDefaults()
+
+    @model_validator(mode="after")
+    def _single_files_are_named(self) -> CatalogEntry:
+        if self.weights is None and self.repo is not None and self.kind in SINGLE_FILE_KINDS:
+            raise ValueError(f"{self.id}: a {self.kind} from the hub names its file (weights)")
+        return self
+
+    @property
+    def weights_file(self) -> str:
+        """A single-file kind's file in its repo (named: checked when the catalog is read)."""
+        assert self.weights is not None, self.id
+        return self.weights
 
 
 @cache

@@ -319,7 +319,7 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
             sha, repo_files = cached.name, [str(f.relative_to(cached)) for f in cached.rglob("*") if f.is_file()]
         else:
             info = HfApi().model_info(entry.repo, revision=revision)
-            sha, repo_files = info.sha, [s.rfilename for s in info.siblings]
+            sha, repo_files = str(info.sha), [s.rfilename for s in info.siblings or []]
         if entry.kind == "pipeline":
             model_index = json.loads(
                 Path(
@@ -330,9 +330,9 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
             )
             wanted = select_files(repo_files, model_index)
         elif entry.kind in ("lora", "embedding", "upscaler"):
-            wanted = [entry.weights]
+            wanted = [entry.weights_file]
         elif entry.kind == "ip-adapter":  # its file and its image encoder's config and weights
-            wanted = [entry.weights, *select_encoder_files(repo_files, entry.encoder)]
+            wanted = [entry.weights_file, *select_encoder_files(repo_files, entry.encoder)]
         else:
             wanted = select_component_files(repo_files)
         if entry.unet:
@@ -350,7 +350,7 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
 
     def fill(path: Path) -> None:
         if entry.kind == "upscaler":
-            return _convert_upscaler(snapshot / entry.weights, path)
+            return _convert_upscaler(snapshot / entry.weights_file, path)
         placed_as = {"lora": LORA_FILE, "embedding": EMBEDDING_FILE, "ip-adapter": IP_ADAPTER_FILE}
         for name in wanted:
             if entry.kind == "ip-adapter" and name != entry.weights:

@@ -5,6 +5,8 @@ routes, bugs) in the one shape."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,8 +60,13 @@ def create_app() -> FastAPI:
     ):
         app.include_router(router)
     app.router.routes.append(agents.route)
-    app.add_exception_handler(BackendError, _backend_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected_error)
+    # (each handler takes its own class of error: Starlette's type says any Exception)
+    handlers: dict[type[Exception], Callable[[Request, Any], Awaitable[JSONResponse]]] = {
+        BackendError: _backend_error,
+        RequestValidationError: _validation_error,
+        HTTPException: _http_error,
+        Exception: _unexpected_error,
+    }
+    for error_class, handler in handlers.items():
+        app.add_exception_handler(error_class, handler)
     return app

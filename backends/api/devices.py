@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from backends.sdxl_backend.device_thread import TORCH_WORK, DeviceThread, usable_cores
@@ -59,11 +60,11 @@ class Devices:
         served: list[ServedModel],
         default_model: str,
         vae: Any,
-        loras: list[ServedAdapter],
-        controlnets: list[ServedAdapter],
-        embeddings: list[ServedAdapter],
-        ip_adapters: list[ServedAdapter],
-        upscalers: list[ServedAdapter],
+        loras: Sequence[ServedAdapter],
+        controlnets: Sequence[ServedAdapter],
+        embeddings: Sequence[ServedAdapter],
+        ip_adapters: Sequence[ServedAdapter],
+        upscalers: Sequence[ServedAdapter],
     ):
         from backends.sdxl_backend.controlnets import ControlNetSource
         from backends.sdxl_backend.denoise import OutOfMemorySeam
@@ -131,7 +132,7 @@ class Devices:
 
     def warm_up(self) -> list[Any]:
         """Each device loads the default model and runs it once, on its own thread (futures)."""
-        return [device.thread.call(lambda device=device: _warm_up(device)) for device in self.devices]
+        return [device.thread.call(functools.partial(_warm_up, device)) for device in self.devices]
 
     async def unload(self) -> list[str]:
         """Every device frees its loaded models that no request is using (after its running batch)."""

@@ -120,8 +120,8 @@ class Edge:
             body["error"]["code"] = "invalid_api_key"
             await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer"), *self._cors(scope)])
             return
-        receive = await self._bounded(scope, receive)
-        if receive is None:
+        bounded = await self._bounded(scope, receive)
+        if bounded is None:
             scope[REFUSED] = True
             body = errors.status_error(
                 413, f"the request body is over the limit of {self.max_body_bytes} bytes (SDXL_MAX_BODY_BYTES)"
@@ -138,9 +138,9 @@ class Edge:
                 await _send_json(send, 415, body, self._cors(scope))
                 return
         if path == "/docs.json":
-            await self.app(scope, receive, _rewriting(send, lambda status, body: (status, openapi.truthful(body))))
+            await self.app(scope, bounded, _rewriting(send, lambda status, body: (status, openapi.truthful(body))))
             return
-        await self.app(scope, receive, _rewriting(send, _bentoml_error, only_errors=True))
+        await self.app(scope, bounded, _rewriting(send, _bentoml_error, only_errors=True))
 
     def _cors(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         origin = Headers(scope=scope).get("origin")

@@ -8,7 +8,7 @@ answers (rewritten at the edge), unexpected exceptions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -89,7 +89,7 @@ def error_headers(exc: BackendError) -> dict[str, str] | None:
     return {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
 
 
-def validation_error(errors: Sequence[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> tuple[int, dict[str, Any]]:
     """Request validation (pydantic) errors, from FastAPI or BentoML: 400, naming the first bad field."""
     messages, param = [], None
     for error in errors:

@@ -44,7 +44,10 @@ class JobAnswer(BaseModel):
 
 
 def job_body(job: Job, position: int, base_url: str) -> dict[str, Any]:
-    cancelled_and_free = job.cancel_requested_at is not None and job.finished is not None
+    # How long the device took to be free once the cancellation was asked for.
+    cancel_to_free_s = None
+    if job.cancel_requested_at is not None and job.finished is not None:
+        cancel_to_free_s = round(max(0.0, job.finished - job.cancel_requested_at), 3)
     return JobAnswer(
         id=job.id,
         status=job.status,
@@ -63,9 +66,8 @@ def job_body(job: Job, position: int, base_url: str) -> dict[str, Any]:
             preview=f"{base_url}/v1/jobs/{job.id}/preview",
         ),
         cancel_requested_at=job.cancel_requested_at,
-        # How long the device took to be free once the cancellation was asked for.
-        cancel_to_free_s=round(max(0.0, job.finished - job.cancel_requested_at), 3) if cancelled_and_free else None,
-        result=native.result_answer(job.result, int(job.finished))
+        cancel_to_free_s=cancel_to_free_s,
+        result=native.result_answer(job.result, int(job.finished or job.created))
         if job.result and job.status == JobStatus.SUCCEEDED
         else None,
         error=errors.backend_error(job.error)[1]["error"] if job.error and job.status != JobStatus.SUCCEEDED else None,

@@ -55,7 +55,7 @@ class GenerationAnswer(BaseModel):
 
 
 def wants_raw_image(accept: str | None) -> bool:
-    return bool(accept) and accept.split(",")[0].strip().startswith("image/")
+    return accept is not None and accept.split(",")[0].strip().startswith("image/")
 
 
 def result_answer(result: GenerationResult, created: int) -> GenerationAnswer:

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from starlette.requests import Request
 
 from backends.api import headers
 from backends.api.hangups import cancelled_on_hangup
-from backends.api.kept_images import KeptImages, SharedKeptImages
+from backends.api.kept_images import KeptImages, KeptImageStore, SharedKeptImages
 from backends.api.metrics import Metrics
 from backends.api.served import ServedAdapter, ServedModel
 from backends.api.settings import Settings
@@ -53,11 +54,11 @@ class Runtime:
         served: list[ServedModel],
         default_model: str,
         vae: Path | None = None,
-        loras: list[ServedAdapter] = (),
-        controlnets: list[ServedAdapter] = (),
-        embeddings: list[ServedAdapter] = (),
-        ip_adapters: list[ServedAdapter] = (),
-        upscalers: list[ServedAdapter] = (),
+        loras: Sequence[ServedAdapter] = (),
+        controlnets: Sequence[ServedAdapter] = (),
+        embeddings: Sequence[ServedAdapter] = (),
+        ip_adapters: Sequence[ServedAdapter] = (),
+        upscalers: Sequence[ServedAdapter] = (),
     ):
         self.settings = settings
         self.served = {model.id: model for model in served}
@@ -104,6 +105,7 @@ class Runtime:
         )
         self.jobs_dir: Path | None = None
         self.jobs: JobQueue
+        self.kept_images: KeptImageStore
         if settings.redis_url is None:
             self.kept_images = KeptImages(settings.image_url_ttl_seconds, settings.image_url_max_bytes)
             # BentoML restarts a worker that dies under the same server process, the worker's parent:

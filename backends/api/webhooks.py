@@ -64,7 +64,7 @@ class WebhookSpec(BaseModel):
 
 
 def resolve(host: str, port: int) -> list[str]:
-    return sorted({info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)})
+    return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)})
 
 
 class Destinations:
@@ -232,7 +232,10 @@ class JobWebhooks:
 
     def changed(self, job: Job) -> None:
         spec = job.webhook
-        if spec is None or (event := self._event(job)) not in spec["events"]:
+        if spec is None:
+            return
+        event = self._event(job)
+        if event is None or event not in spec["events"]:
             return
         message_id = f"msg_{secrets.token_hex(12)}"
         if event != "progress":  # (a progress event lost is superseded by the next)
@@ -240,10 +243,9 @@ class JobWebhooks:
                 self.jobs.hold_webhook(job.id, event, message_id)
             except Exception:  # the store is away: delivered all the same, only not taken over
                 logger.warning("a webhook event could not be held in the job queue; it is delivered regardless")
-        self._send(job, event, message_id)
+        self._send(job, spec, event, message_id)
 
-    def _send(self, job: Job, event: str, message_id: str) -> None:
-        spec = job.webhook
+    def _send(self, job: Job, spec: dict[str, Any], event: str, message_id: str) -> None:
         self.sender.send(job.id, event, message_id, spec["url"], lambda: self._body(job, spec))
 
     def _take_over(self) -> None:
@@ -253,8 +255,9 @@ class JobWebhooks:
             except Exception:  # the store is away: the next round tries again
                 continue
             for job, event, message_id in orphans:
-                logger.warning("a webhook event held by a replica that stopped is delivered from here")
-                self._send(job, event, message_id)
+                if job.webhook is not None:
+                    logger.warning("a webhook event held by a replica that stopped is delivered from here")
+                    self._send(job, job.webhook, event, message_id)
 
     def _event(self, job: Job) -> str | None:
         if job.status.final:

@@ -291,6 +291,7 @@ class Denoiser:
         as img2img. (An interrupt in the first pass also ends this one after its first step.)"""
         request, hires = prepared.request, prepared.request.hires_fix
         width, height = prepared.output_size
+        upscaled: torch.Tensor | list[Image.Image]
         if hires.upscaler == "latent":
             upscaled = torch.nn.functional.interpolate(pictures, size=(height // 8, width // 8), mode="bilinear")
         elif hires.upscaler == "lanczos":

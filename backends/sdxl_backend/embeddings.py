@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -78,7 +79,7 @@ class EmbeddingSet:
     process that serves the same set: the order is their ids'); with `model_signature`, a
     prompt may name only those that fit that model, at the same places."""
 
-    def __init__(self, embeddings: list[EmbeddingSource] = (), model_signature: str | None = None):
+    def __init__(self, embeddings: Sequence[EmbeddingSource] = (), model_signature: str | None = None):
         ordered = sorted(embeddings, key=lambda embedding: embedding.id)
         self.all = ordered
         self.offsets: dict[str, int] = {}

@@ -39,6 +39,7 @@ from .validation import (
     check_ip_adapters,
     check_loras,
     check_upscaler,
+    first_pass_size,
     output_size,
     resolve,
     validate,
@@ -53,14 +54,14 @@ class PreparedRequest:
     """A request that passed every check: every field filled in, the input image decoded at
     the output size. Only the device step is left."""
 
-    request: GenerationRequest  # as it will run; its image bytes are dropped (decoded below)
+    request: GenerationRequest  # as it will run (resolved); its image bytes are dropped (decoded below)
     source: ModelSource
+    prompts: ReadPrompts = field(repr=False)  # as the model reads them
     init_image: Image.Image | None = field(default=None, repr=False)
     mask: Image.Image | None = field(default=None, repr=False)  # prepared: sized, inverted, blurred
     refiner: ModelSource | None = None  # the model that takes over at `request.refiner.switch_at`
     controls: list[Image.Image] = field(default_factory=list, repr=False)  # per ControlNet, at the output size
     image_prompts: list[Image.Image] = field(default_factory=list, repr=False)  # per IP-Adapter, the picture it reads
-    prompts: ReadPrompts | None = field(default=None, repr=False)  # as the model reads them
     refiner_prompts: ReadPrompts | None = field(default=None, repr=False)  # as the refiner reads them
     # The image prompts' identities, hashed once here: batch formation compares them per queued job.
     image_prompt_digests: tuple[str, ...] = field(init=False, repr=False)
@@ -70,16 +71,19 @@ class PreparedRequest:
 
     @property
     def seeds(self) -> list[int]:
-        return [self.request.seed + i for i in range(self.request.n)]
+        seed = self.request.seed
+        assert seed is not None  # (resolved)
+        return [seed + i for i in range(self.request.n)]
 
     @property
     def total_steps(self) -> int:
         """Denoising steps the pipelines will run (img2img runs `steps x strength`; a hires fix
         adds its second pass)."""
+        steps, hires = self.request.steps, self.request.hires_fix
+        assert steps is not None and (hires is None or hires.steps is not None)  # (resolved)
         if self.init_image is not None:
-            return int(self.request.steps * self.request.strength)
-        hires = self.request.hires_fix
-        return self.request.steps + (int(hires.steps * hires.strength) if hires else 0)
+            return int(steps * self.request.strength)
+        return steps + (int(hires.steps * hires.strength) if hires and hires.steps else 0)
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -141,13 +145,13 @@ class Engine:
         init_image = decode_image(request.image, self.limits) if request.image is not None else None
         request = resolve(request, source.id, source.defaults, init_image)
         validate(request, self.limits)
+        size = first_pass_size(request)
         if source.img2img_only and init_image is None:
             raise InvalidRequest(f"image: model '{source.id}' only does image-to-image: send an image", "image")
         check_loras(self.models, source, [lora.id for lora in request.loras])
         check_controlnets(self.models, source, [unit.id for unit in request.controlnets])
         check_ip_adapters(self.models, source, [unit.id for unit in request.ip_adapters])
         if request.hires_fix is not None and request.hires_fix.upscaler != "latent":
-            size = (request.width, request.height)
             check_upscaler(self.models, "hires_fix.upscaler", request.hires_fix.upscaler, size, output_size(request))
         refiner = self._refiner(request, source)
         controls = [
@@ -160,13 +164,12 @@ class Engine:
             decode_image(unit.image, self.limits, f"ip_adapters[{index}].image")
             for index, unit in enumerate(request.ip_adapters)
         ]
-        if init_image is not None and init_image.size != (request.width, request.height):
-            init_image = init_image.resize((request.width, request.height), Image.Resampling.LANCZOS)
+        if init_image is not None and init_image.size != size:
+            init_image = init_image.resize(size, Image.Resampling.LANCZOS)
         mask = None
         if request.mask is not None:
             if init_image is None:
                 raise InvalidRequest("mask: inpainting needs the image to paint into (`image`)", "mask")
-            size = (request.width, request.height)
             mask = prepare_mask(
                 decode_image(request.mask, self.limits, "mask", mode="L"), size, request.mask_blur, request.mask_invert
             )
@@ -179,13 +182,13 @@ class Engine:
         return PreparedRequest(
             request.model_copy(update={"image": None, "mask": None, **units}),
             source,
-            init_image,
-            mask,
-            refiner,
-            controls,
-            image_prompts,
             self.read_prompts(request, source),
-            self.read_prompts(request, refiner) if refiner else None,
+            init_image=init_image,
+            mask=mask,
+            refiner=refiner,
+            controls=controls,
+            image_prompts=image_prompts,
+            refiner_prompts=self.read_prompts(request, refiner) if refiner else None,
         )
 
     def _refiner(self, request: GenerationRequest, source: ModelSource) -> ModelSource | None:
@@ -245,8 +248,8 @@ class Engine:
         request, source = prepared.request, prepared.source
         # Out of memory: free what the call held, then once more in the next lower mode.
         modes = [self.mode_of(request)]
-        if lower_mode(modes[0]):
-            modes.append(lower_mode(modes[0]))
+        if lower := lower_mode(modes[0]):
+            modes.append(lower)
         try:
             for attempt, mode in enumerate(modes):
                 try:
@@ -275,7 +278,8 @@ class Engine:
         return [
             prepared.source.id,
             *([prepared.refiner.id] if prepared.refiner else []),
-            *(unit.id for unit in [*prepared.request.controlnets, *prepared.request.ip_adapters]),
+            *(unit.id for unit in prepared.request.controlnets),
+            *(unit.id for unit in prepared.request.ip_adapters),
         ]
 
     def generate_batch(self, batch: Batch) -> list[GenerationResult | BackendError]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 logger = logging.getLogger("sdxl_backend")
 
@@ -78,7 +78,7 @@ def apply_fast_paths(pipeline: DiffusionPipeline, fast: FastPaths) -> None:
         vae.decoder.compile()
 
 
-def quantize_unet(unet: torch.nn.Module, quantization: Quantization) -> None:
+def quantize_unet(unet: UNet2DConditionModel, quantization: Quantization) -> None:
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Float8WeightOnlyConfig,

@@ -37,7 +37,9 @@ def write(request: GenerationRequest, seed: int, img2img: bool, inpainting: bool
     if request.refiner:
         settings.append(f"Refiner: {request.refiner.model}, Refiner switch at: {request.refiner.switch_at}")
     # The units, as A1111's ControlNet extension writes them (it runs image prompts as units too).
-    units = [(unit.preprocess, unit.id, unit.scale, unit.start, unit.end) for unit in request.controlnets]
+    units: list[tuple[str, str, float, float, float]] = [
+        (unit.preprocess, unit.id, unit.scale, unit.start, unit.end) for unit in request.controlnets
+    ]
     units += [("ip-adapter-auto", unit.id, unit.scale, 0.0, 1.0) for unit in request.ip_adapters]
     for index, (module, model, weight, start, end) in enumerate(units):
         settings.append(

@@ -80,9 +80,11 @@ def load_image_prompt_model(path: Path, placement: Placement) -> ImagePromptMode
 
     device, dtype = placement.device, placement.dtype
 
-    encoder = loading_alone(CLIPVisionModelWithProjection.from_pretrained)(
+    # (Any: transformers' typing of PreTrainedModel.to wants the model as its first argument)
+    encoder: Any = loading_alone(CLIPVisionModelWithProjection.from_pretrained)(
         path / ENCODER_FOLDER, dtype=dtype, use_safetensors=True, local_files_only=True
-    ).to(device)
+    )
+    encoder = encoder.to(device)
     size = encoder.config.image_size
     weights = read_weights(path / IP_ADAPTER_FILE, device, dtype)
     return ImagePromptModel(

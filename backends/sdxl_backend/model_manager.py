@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -55,17 +55,17 @@ class ModelManager:
         policy: MemoryPolicy | None = None,
         fast_paths: FastPaths = FastPaths(),
         vae: Path | None = None,  # a VAE directory used in place of each model's own
-        loras: list[LoraSource] = (),
+        loras: Sequence[LoraSource] = (),
         max_loaded_loras: int = 8,  # adapters kept loaded per model; the least recently used go first
-        controlnets: list[ControlNetSource] = (),
+        controlnets: Sequence[ControlNetSource] = (),
         max_loaded_controlnets: int = 2,  # ControlNets kept loaded; the least recently used go first
-        ip_adapters: list[IpAdapterSource] = (),
+        ip_adapters: Sequence[IpAdapterSource] = (),
         max_loaded_ip_adapters: int = 2,  # IP-Adapters kept loaded; the least recently used go first
-        upscalers: list[UpscalerSource] = (),
+        upscalers: Sequence[UpscalerSource] = (),
         max_loaded_upscalers: int = 1,  # upscalers kept loaded; the least recently used go first
         # Runs an action on the device thread and returns its result (`DeviceThread.run`): the
         # idle timer's unload goes there. Default: in the calling thread (no device thread).
-        on_device: Callable[[Callable[[], T]], T] = lambda action: action(),
+        on_device: Callable[[Callable[[], None]], None] = lambda action: action(),
     ):
         self.sources = {source.id: source for source in sources}
         self.placement = placement
@@ -104,7 +104,9 @@ class ModelManager:
         )
         self._closing = threading.Event()
         if self.policy.idle_unload_s:
-            threading.Thread(target=self._unload_when_idle, name="sdxl-idle-unload", daemon=True).start()
+            threading.Thread(
+                target=self._unload_when_idle, args=(self.policy.idle_unload_s,), name="sdxl-idle-unload", daemon=True
+            ).start()
 
     def source(self, model_id: str) -> ModelSource:
         """The model that serves `model_id`, following an alias unless a model has that id."""
@@ -305,11 +307,8 @@ class ModelManager:
     def unload(self, model_ids: list[str] | None = None) -> list[str]:
         """Free the given loaded models and side models (default: all) that no request is using."""
         with self._lock:
-            freed = [
-                m
-                for m, loaded in [*self._loaded.items(), *self._side_models.items()]
-                if (model_ids is None or m in model_ids) and not loaded.in_use
-            ]
+            every: list[tuple[str, LoadedModel | LoadedSideModel]] = [*self._loaded.items(), *self._side_models.items()]
+            freed = [m for m, loaded in every if (model_ids is None or m in model_ids) and not loaded.in_use]
             for model_id in freed:
                 if model_id in self._side_models:
                     self._free_side_model(model_id)
@@ -349,19 +348,18 @@ class ModelManager:
         self._closing.set()
         self.unload()
 
-    def _unload_when_idle(self) -> None:
-        idle_s = self.policy.idle_unload_s
+    def _unload_when_idle(self, idle_s: float) -> None:
         while not self._closing.wait(min(5.0, idle_s / 2)):
             if self._loaded or self._side_models:
                 try:
-                    self.on_device(self._unload_if_idle)
+                    self.on_device(lambda: self._unload_if_idle(idle_s))
                 except DeviceUnavailable:  # the device thread has stopped: nothing runs any more
                     return
 
-    def _unload_if_idle(self) -> None:
+    def _unload_if_idle(self, idle_s: float) -> None:
         with self._lock:
             idle_for = time.monotonic() - self._last_activity
-            if (self._loaded or self._side_models) and idle_for >= self.policy.idle_unload_s:
+            if (self._loaded or self._side_models) and idle_for >= idle_s:
                 logger.info("idle for %.0f s: freeing loaded models", idle_for)
                 self.unload()
 

@@ -24,6 +24,7 @@ batch encodes each distinct prompt once.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import torch
 
@@ -32,8 +33,9 @@ from .embeddings import EmbeddingSet
 from .prompts import ReadPrompt, ReadPrompts
 
 
-def text_encoders(pipeline) -> list[tuple[torch.nn.Module, object, str]]:
-    """(encoder, its tokenizer, its part of an embedding file) for each text encoder."""
+def text_encoders(pipeline) -> list[tuple[Any, Any, str]]:
+    """(encoder, its tokenizer, its part of an embedding file) for each text encoder: transformers'
+    CLIP text models (whose embedding tables are swapped, so read as Any) and their tokenizers."""
     return [
         (encoder, tokenizer, key)
         for encoder, tokenizer, key in (
@@ -52,6 +54,7 @@ class TokensAndEmbeddings(torch.nn.Module):
     def __init__(self, table: torch.nn.Embedding, vocabulary: int, vectors: torch.Tensor):
         super().__init__()
         self.table, self.vocabulary = table, vocabulary
+        self.vectors: torch.Tensor
         self.register_buffer("vectors", vectors, persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -104,6 +107,8 @@ def encode(pipeline, prompts: list[ReadPrompt]) -> tuple[torch.Tensor, torch.Ten
             first = ids[::count]
             ends = (first == tokenizer.eos_token_id).int().argmax(dim=-1)
             pooled = encoder.text_projection(output.last_hidden_state[::count][torch.arange(len(first)), ends])
+    if pooled is None:
+        raise ValueError("no text encoder with a projection (OpenCLIP-G): not an SDXL pipeline")
     return torch.cat(per_encoder, dim=-1), pooled
 
 

@@ -187,15 +187,16 @@ class PromptReader:
     def _tokenize(self, tokenizer, pieces: list[tuple[str, float]]) -> list[tuple[Token, float]]:
         """(token, weight) for each token: an id, or an embedding's ids (kept together); (None,
         BREAK) where a BREAK is."""
-        pattern = self.embeddings.pattern if self.embeddings else None
+        embeddings = self.embeddings
+        pattern = embeddings.pattern if embeddings else None
         tokens: list[tuple[Token, float]] = []
         for text, weight in pieces:
             if weight == BREAK:
                 tokens.append((None, BREAK))
                 continue
             for index, part in enumerate(pattern.split(text) if pattern else [text]):
-                if index % 2:  # (what the pattern caught: an embedding's id)
-                    tokens.append((self.embeddings.token_ids(part, len(tokenizer)), weight))
+                if index % 2 and embeddings:  # (what the pattern caught: an embedding's id)
+                    tokens.append((embeddings.token_ids(part, len(tokenizer)), weight))
                 elif part:
                     tokens += [(token, weight) for token in tokenizer(part, add_special_tokens=False).input_ids]
         return tokens

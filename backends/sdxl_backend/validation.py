@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from .model_records import ModelSource
 
 
+def first_pass_size(request: GenerationRequest) -> tuple[int, int]:
+    """The size a resolved request's first pass makes (its input's, for img2img)."""
+    return request.width, request.height
+
+
 def output_size(request: GenerationRequest) -> tuple[int, int]:
     """The size of the images a resolved request makes: its own, or its hires fix's."""
     hires = request.hires_fix
@@ -33,11 +38,14 @@ def resolve(
     width, height = defaults.width, defaults.height
     if init_image is not None:
         width, height = init_image.width // 8 * 8, init_image.height // 8 * 8
-    filled = {
+    width = width if request.width is None else request.width
+    height = height if request.height is None else request.height
+    steps = defaults.steps if request.steps is None else request.steps
+    filled: dict[str, Any] = {
         "model": model_id,
-        "width": width if request.width is None else request.width,
-        "height": height if request.height is None else request.height,
-        "steps": defaults.steps if request.steps is None else request.steps,
+        "width": width,
+        "height": height,
+        "steps": steps,
         "guidance_scale": defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
         "scheduler": request.scheduler or defaults.scheduler,
         "seed": secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
@@ -46,9 +54,9 @@ def resolve(
         hires = request.hires_fix
         filled["hires_fix"] = hires.model_copy(
             update={
-                "width": hires.width or int(filled["width"] * hires.scale) // 8 * 8,
-                "height": hires.height or int(filled["height"] * hires.scale) // 8 * 8,
-                "steps": hires.steps or filled["steps"],
+                "width": hires.width or int(width * hires.scale) // 8 * 8,
+                "height": hires.height or int(height * hires.scale) // 8 * 8,
+                "steps": hires.steps or steps,
             }
         )
     return request.model_copy(update=filled)

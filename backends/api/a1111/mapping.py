@@ -196,7 +196,7 @@ def render(body: A1111Request, result: GenerationResult) -> dict[str, Any]:
         "height": request.height,
         "steps": request.steps,
         "cfg_scale": request.guidance_scale,
-        "sampler_name": SCHEDULERS[request.scheduler].label,
+        "sampler_name": SCHEDULERS[request.scheduler].label,  # type: ignore[index]  # (resolved: it is set)
         "sd_model_name": result.model,
         "batch_size": body.batch_size,
         "n_iter": body.n_iter,
@@ -217,11 +217,10 @@ def samplers() -> list[dict[str, Any]]:
 
 def progress(job: Job | None, preview: bool) -> dict[str, Any]:
     """A1111's /progress for the running (or latest) job; `job` may be None."""
-    running = job is not None and job.status == JobStatus.RUNNING
-    fraction = job.percent / 100 if running else 0.0
+    running = job if job is not None and job.status == JobStatus.RUNNING else None
     return {
-        "progress": fraction,
-        "eta_relative": (job.eta_s or 0.0) if running else 0.0,
+        "progress": running.percent / 100 if running else 0.0,
+        "eta_relative": (running.eta_s or 0.0) if running else 0.0,
         "state": {
             "skipped": False,
             "interrupted": job is not None and job.stop_requested_at is not None,
@@ -229,9 +228,11 @@ def progress(job: Job | None, preview: bool) -> dict[str, Any]:
             "job_count": 1 if running else 0,
             "job_timestamp": "0",
             "job_no": 0,
-            "sampling_step": job.step if running else 0,
-            "sampling_steps": job.total_steps if running else 0,
+            "sampling_step": running.step if running else 0,
+            "sampling_steps": running.total_steps if running else 0,
         },
-        "current_image": base64.b64encode(job.preview).decode() if running and preview and job.preview else None,
+        "current_image": base64.b64encode(running.preview).decode()
+        if running and preview and running.preview
+        else None,
         "textinfo": None,
     }

@@ -47,7 +47,7 @@ async def generate(body: A1111Request, img2img: bool, request: Request, runtime:
         return render(body, await runtime.run(generation_request(body, img2img), request))
     except InvalidRequest as exc:  # (a field the server checks, named as an A1111 client names it)
         a1111_name = A1111_FIELDS.get(exc.param or "")
-        if a1111_name is None:
+        if a1111_name is None or exc.param is None:
             raise
         raise InvalidRequest(exc.message.replace(exc.param, a1111_name, 1), a1111_name) from None
 

@@ -18,8 +18,8 @@ from pydantic import BaseModel
 from starlette.requests import Request
 
 from backends.api import system
-from backends.api.agents.tools import Listing, ToolImage, ToolJob, ToolUpscale
-from backends.api.kept_images import KeptImages
+from backends.api.agents.tools import JobId, Listing, ToolImage, ToolJob, ToolUpscale
+from backends.api.kept_images import KeptImageStore
 from backends.api.runtime import Runtime, runtime_of
 from backends.api.upscale import run_upscale
 from backends.sdxl_backend.errors import InvalidRequest
@@ -31,29 +31,35 @@ THUMBNAIL_PX = 160  # a preview's longer side: a PNG of at most about 75 kB, wha
 KEPT_PATH = "/v1/images/files/"
 
 
+# A tool's arguments as tools.py makes them at start (`create_model`), read by field name.
+ToolArguments = Any
+
+
 class Call:
     """One tool call: its HTTP request (the key, the base of links) and the runtime."""
 
     def __init__(self, ctx: ServerRequestContext):
         self.ctx = ctx
+        if ctx.request is None:  # (served over HTTP only: every call comes with its request)
+            raise RuntimeError("an MCP call without its HTTP request")
         self.http: Request = ctx.request
         self.runtime: Runtime = runtime_of(self.http)
 
-    async def generate_image(self, arguments: BaseModel) -> types.CallToolResult:
+    async def generate_image(self, arguments: ToolArguments) -> types.CallToolResult:
         request = GenerationRequest(**arguments.model_dump(exclude={"wait"}))
         return await self._generation(request, arguments.wait)
 
-    async def edit_image(self, arguments: BaseModel) -> types.CallToolResult:
+    async def edit_image(self, arguments: ToolArguments) -> types.CallToolResult:
         kept = self.runtime.kept_images
         image = await anyio.to_thread.run_sync(image_of, arguments.image, "image", kept)
         mask = await anyio.to_thread.run_sync(image_of, arguments.mask, "mask", kept) if arguments.mask else None
         request = GenerationRequest(**arguments.model_dump(exclude={"wait", "image", "mask"}), image=image, mask=mask)
         return await self._generation(request, arguments.wait)
 
-    async def get_job(self, arguments: BaseModel) -> types.CallToolResult:
+    async def get_job(self, arguments: JobId) -> types.CallToolResult:
         return await self._answer(await self.runtime.job(arguments.job_id, self.http))
 
-    async def cancel_job(self, arguments: BaseModel) -> types.CallToolResult:
+    async def cancel_job(self, arguments: JobId) -> types.CallToolResult:
         job = await self.runtime.job(arguments.job_id, self.http)
         return await self._answer(await self.runtime.cancel(job))
 
@@ -66,7 +72,7 @@ class Call:
     async def list_upscalers(self, _: BaseModel) -> types.CallToolResult:
         return listing(system.upscaler_entries(self.runtime))
 
-    async def upscale_image(self, arguments: BaseModel) -> types.CallToolResult:
+    async def upscale_image(self, arguments: ToolArguments) -> types.CallToolResult:
         """Not a job: the call waits for the upscale (as /v1/upscale does); cancelling the call
         stops it at its next tile."""
         kept = self.runtime.kept_images
@@ -172,7 +178,7 @@ def summary(job: ToolJob) -> str:
             return f"job {job.job_id} {job.status.value}: {job.error}"
 
 
-def image_of(reference: str, field: str, kept: KeptImages) -> str | bytes:
+def image_of(reference: str, field: str, kept: KeptImageStore) -> str | bytes:
     """An image argument: a link this server handed out, read from the kept images (on any
     replica, with Redis), else the base64 it is. No other URL is fetched: the server reaches
     out to nowhere an agent names."""
@@ -190,7 +196,7 @@ def image_of(reference: str, field: str, kept: KeptImages) -> str | bytes:
     return image.data
 
 
-def keep_images(result: GenerationResult, kept: KeptImages) -> list[str]:
+def keep_images(result: GenerationResult, kept: KeptImageStore) -> list[str]:
     """The result's images kept for their links (each answer keeps them anew: a link handed out
     lives its full time, however long after the job an agent asks)."""
     return [kept.put(image.data, image.media_type, result.request.output_format) for image in result.images]

@@ -38,12 +38,10 @@ IMAGE_REFERENCE = "a link this server handed out (.../v1/images/files/...), or t
 
 def arguments(name: str, source: type[BaseModel], fields: tuple[str, ...], **more: Any) -> type[BaseModel]:
     """A tool's arguments: `fields` of a native request model, as they are there, and `more`."""
-    return create_model(
-        name,
-        __config__=ConfigDict(extra="forbid"),
-        **{field: (source.model_fields[field].annotation, source.model_fields[field]) for field in fields},
-        **more,
-    )
+    taken: dict[str, Any] = {
+        field: (source.model_fields[field].annotation, source.model_fields[field]) for field in fields
+    }
+    return create_model(name, __config__=ConfigDict(extra="forbid"), **taken, **more)
 
 
 GenerateImage = arguments("GenerateImage", TextToImageRequest, GENERATION_FIELDS, wait=(bool, WAIT))

@@ -111,6 +111,13 @@ class Job:
             self.total_steps = self.prepared.total_steps
 
     @property
+    def to_run(self) -> PreparedRequest:
+        """What the device runs: a job taken from its queue has it (a final one has dropped it)."""
+        if self.prepared is None:
+            raise RuntimeError(f"job {self.id} has no request to run (it is {self.status})")
+        return self.prepared
+
+    @property
     def priority(self) -> str:
         return self.request.priority if self.request is not None else "normal"
 

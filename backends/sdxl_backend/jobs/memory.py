@@ -285,11 +285,11 @@ class MemoryJobQueue:
         """The job whose turn it is, and the jobs near their turn that can share its call, in
         turn order, while their images fit in `max_batch`. Called with the lock held."""
         head, *next_ones = self._in_turn()[: self.bounds.lookahead]
-        batch, images, max_batch = [head], head.prepared.request.n, self.bounds.max_batch
-        key = engine.batch_key(head.prepared) if images < max_batch else None
+        batch, images, max_batch = [head], head.to_run.request.n, self.bounds.max_batch
+        key = engine.batch_key(head.to_run) if images < max_batch else None
         for job in next_ones if key is not None else []:
-            n = job.prepared.request.n
-            if images + n <= max_batch and engine.batch_key(job.prepared) == key:
+            n = job.to_run.request.n
+            if images + n <= max_batch and engine.batch_key(job.to_run) == key:
                 batch.append(job)
                 images += n
                 if images == max_batch:
@@ -307,7 +307,7 @@ class MemoryJobQueue:
         while self._finished:
             job = next(iter(self._finished.values()))
             if (
-                now - job.finished <= self.bounds.ttl_s
+                now - (job.finished or now) <= self.bounds.ttl_s  # (set: it is finished)
                 and len(self._finished) <= self.bounds.max_jobs
                 and self._finished_bytes <= self.bounds.max_bytes
             ):

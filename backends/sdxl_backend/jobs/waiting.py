@@ -104,5 +104,6 @@ async def result_of(
     if job.error is not None:
         raise job.error.copy()
     result = job.result
+    assert result is not None  # (a final job holds its result or its error)
     await off_loop(queue.forget_result, job)  # delivered: the images are the client's now
     return result

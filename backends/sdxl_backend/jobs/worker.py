@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from .job import Job, JobStatus, tell
 if TYPE_CHECKING:
     import torch
 
+    from ..denoise import StepObserver
     from ..engine import Engine
 
 logger = logging.getLogger("sdxl_backend")
@@ -110,11 +112,12 @@ class DeviceWorker:
             return
         self.let_go(job)  # (first: a waiter woken by the end finds the device free of it)
         self.source.finish(job, status, result, error)
+        finished = job.finished or time.time()  # (set by the queue's finish)
         if job.started is not None:
-            self.recent_durations.append(job.finished - job.started)
+            self.recent_durations.append(finished - job.started)
         if job.cancel_requested_at is not None and status == JobStatus.CANCELLED:
             logger.info(
-                "job cancelled: it left the device %.3f s after the request", job.finished - job.cancel_requested_at
+                "job cancelled: it left the device %.3f s after the request", finished - job.cancel_requested_at
             )
         tell(self.on_change, job)
 
@@ -155,7 +158,7 @@ class DeviceWorker:
         """One pipeline call for the batch, then each job finished by its outcome (except one
         the step observer has let go already)."""
         try:
-            outcomes = self.engine.generate_batch([(job.prepared, self._observer(job)) for job in batch])
+            outcomes = self.engine.generate_batch([(job.to_run, self._observer(job)) for job in batch])
         except Exception as exc:  # a bug: the jobs fail, the queue goes on
             logger.exception("a batch failed unexpectedly")
             outcomes = [BackendError(f"internal error: {type(exc).__name__}")] * len(batch)
@@ -172,7 +175,7 @@ class DeviceWorker:
         if any(job.status in (JobStatus.CANCELLED, JobStatus.QUEUED) for job in batch):  # a call cut short
             self.engine.models.release_cached_memory()
 
-    def _observer(self, job: Job) -> Callable[[int, int, torch.Tensor | None], bool]:
+    def _observer(self, job: Job) -> StepObserver:
         """The job's step observer; a cancelled job is finished at once, even while the rest of
         its batch runs on; one handed back leaves this device unfinished."""
 

@@ -47,7 +47,8 @@ SNAPSHOT_FIELDS = [
 ERROR_TYPES = {
     name: value for name, value in vars(errors).items() if isinstance(value, type) and issubclass(value, BackendError)
 }
-Fields = dict[str, bytes | str | float | int]
+# A job hash's fields as written (keyed as redis-py's hset types them).
+Fields = dict[bytes | bytearray | memoryview | str | int | float, bytes | str | float | int]
 
 
 def png(image: Image.Image) -> bytes:
@@ -56,7 +57,12 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def number(value: bytes | None) -> float | None:
+def decoded(value: object) -> str:
+    """A reply as text: bytes from this client (it does not decode), whatever redis-py's type says."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def number(value: bytes | str | None) -> float | None:
     return float(value) if value else None
 
 
@@ -106,21 +112,22 @@ def prepared_from(fields: dict[bytes, bytes], engine: Engine) -> PreparedRequest
         data = fields.get(name.encode())
         return Image.open(io.BytesIO(data)).copy() if data else None
 
+    def pictures(prefix: str, count: int) -> list[Image.Image]:  # (each unit's is there: `submitted`)
+        return [picture for index in range(count) if (picture := image(f"{prefix}:{index}")) is not None]
+
     request = request_from_json(fields[b"request"])
     refiner = engine.models.source(request.refiner.model) if request.refiner else None
-    controls = [image(f"control:{index}") for index in range(len(request.controlnets))]
-    image_prompts = [image(f"image_prompt:{index}") for index in range(len(request.ip_adapters))]
-    source = engine.models.source(request.model)
+    source = engine.models.source(request.model or engine.default_model)  # (resolved: it is set)
     return PreparedRequest(
         request,
         source,
-        image("init_image"),
-        image("mask"),
-        refiner,
-        controls,
-        image_prompts,
         engine.read_prompts(request, source),
-        engine.read_prompts(request, refiner) if refiner else None,
+        init_image=image("init_image"),
+        mask=image("mask"),
+        refiner=refiner,
+        controls=pictures("control", len(request.controlnets)),
+        image_prompts=pictures("image_prompt", len(request.ip_adapters)),
+        refiner_prompts=engine.read_prompts(request, refiner) if refiner else None,
     )
 
 
@@ -201,10 +208,11 @@ def snapshot(job_id: str, record: dict[str, bytes | None], images: list[bytes]) 
         device=text("device") or None,
         webhook=json.loads(record["webhook"]) if record["webhook"] else None,
         webhooks={
-            event: json.loads(record[f"webhook:{event}"]) for event in WEBHOOK_EVENTS if record[f"webhook:{event}"]
+            event: json.loads(text(f"webhook:{event}")) for event in WEBHOOK_EVENTS if record[f"webhook:{event}"]
         },
     )
-    job.request = request_from_json(record["request"]) if record["request"] else None
+    request = record["request"]
+    job.request = request_from_json(request) if request else None
     if record["result"] and images:
         result = json.loads(record["result"])
         result["request"] = request_from_json(json.dumps(result["request"]))

@@ -141,7 +141,7 @@ class SharedJobQueue:
     ) -> list[Job]:
         with redis_failures_as_unavailable():
             ids = [
-                i.decode()
+                codec.decoded(i)
                 for i in self.client.zrevrangebyscore(
                     keys.INDEX, f"({before}" if before is not None else "+inf", "-inf"
                 )
@@ -171,7 +171,7 @@ class SharedJobQueue:
     @property
     def running(self) -> list[Job]:
         with redis_failures_as_unavailable():
-            ids = [i.decode() for i in self.client.hkeys(keys.RUNNING)]
+            ids = [codec.decoded(i) for i in self.client.hkeys(keys.RUNNING)]
             return sorted((job for job in self._load(ids) if job is not None), key=lambda job: job.created)
 
     @property
@@ -241,7 +241,10 @@ class SharedJobQueue:
         """Ends the device thread's wait for jobs (see `take`), so that it runs a call now."""
         wake_key = self._wake_key(device)
         try:
-            self.client.pipeline(transaction=False).rpush(wake_key, "1").expire(wake_key, 60).execute()
+            pipe = self.client.pipeline(transaction=False)
+            pipe.rpush(wake_key, "1")
+            pipe.expire(wake_key, 60)
+            pipe.execute()
         except Exception:  # Redis away: the device thread is not waiting on it either
             pass
 
