@@ -478,7 +478,7 @@ def wait_final(queue, *jobs) -> list:
 def test_a_job_left_running_by_a_dead_replica_is_requeued_and_fails_after_the_last_attempt(tiny_model, redis_server):
     """What a replica that took two jobs and died leaves in Redis (the jobs running under a name
     whose heartbeat is gone), found by a live replica's queue."""
-    from backends.sdxl_backend.jobs.redis_queue.queue import MAX_ATTEMPTS
+    from backends.sdxl_backend.jobs.redis_queue.heartbeat import MAX_ATTEMPTS
     from backends.sdxl_backend.protocol import GenerationRequest
 
     store = redis.Redis.from_url(fleet_env(redis_server, 2)["SDXL_REDIS_URL"])

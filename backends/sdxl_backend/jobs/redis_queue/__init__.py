@@ -6,8 +6,9 @@ each replica takes the next jobs only when its device is free, so work goes to i
 keys taking turns across the fleet (jobs/turns.py). It keeps the `JobQueue` contract
 (jobs/contract.py); the `Job`s it hands out are snapshots, read again with `refresh`. The
 package: keys.py (every key's name), scripts/ (the Lua scripts), codec.py (jobs to and from
-hash fields), feed.py (the change notices), queue.py (`SharedJobQueue`: the API's side and the
-device worker's).
+hash fields), feed.py (the change notices), heartbeat.py (this replica's heartbeat, the reclaim
+of stopped replicas' jobs, whether Redis answers), queue.py (`SharedJobQueue`: the API's side
+and the device worker's).
 
 How it sits in Redis (one Redis, or a primary with replicas; not a Redis Cluster, whose scripts
 may only touch keys they declare):

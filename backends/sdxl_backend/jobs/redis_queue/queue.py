@@ -1,8 +1,8 @@
 """`SharedJobQueue`: the job queue of replicas that share one Redis (the package's docstring
 tells how it sits there). The API's side reads and changes jobs in Redis from any replica; the
 device worker's side (`JobSource`) takes jobs for this replica's device, writes their progress
-and ends them; a heartbeat thread keeps this replica's running jobs its own and re-queues those
-of replicas that stopped beating."""
+and ends them; its `Heartbeat` (heartbeat.py) keeps this replica's running jobs its own and
+re-queues those of replicas that stopped beating."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from ..turns import QueueBounds
 from ..waiting import follow, result_of
 from ..worker import Device, DeviceWorker, HandedBack
 from . import codec, feed, keys, scripts
+from .heartbeat import Heartbeat
 
 if TYPE_CHECKING:
     import redis
@@ -34,10 +35,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("sdxl_backend")
 T = TypeVar("T")
-
-HEARTBEAT_S = 2.0  # each replica says it is alive this often...
-HEARTBEAT_TTL_S = 10  # ...and is taken for dead, its running jobs re-queued, this long after it stops
-MAX_ATTEMPTS = 3  # runs of a job cut short by its replica dying, before it fails
 
 
 async def _off_loop(call: Callable[..., T], *args: Any) -> T:
@@ -61,24 +58,18 @@ class SharedJobQueue:
         self.client = client
         self.bounds = bounds
         self.on_change = on_change
-        self.card = card  # what this replica publishes with its heartbeat (replicas())
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._scripts = scripts.register(client)
         self._closing = threading.Event()  # no more jobs taken; the running ones are handed back
-        self._stopped = threading.Event()  # the device threads are done: the heartbeat stops too
-        self._reachable = True  # last time a device thread or the heartbeat tried
-        self._heart = threading.Thread(target=self._beat, name="sdxl-heartbeat", daemon=True)
+        # (it publishes `card`, what this replica serves and runs, for replicas())
+        self.heartbeat = Heartbeat(client, self.replica, card, lambda attempts: self._script("reclaim", attempts))
         self._changes = feed.ChangeFeed(client)
 
     # -- what the API calls (any thread but the event loop's: these wait on Redis) --
 
     def start(self) -> None:
-        try:
-            self._heartbeat()  # before the first take: a job this replica takes is never an orphan
-        except Exception as exc:  # Redis away: the device thread waits for it
-            self._redis_failure(exc)
+        self.heartbeat.start()  # (it beats once first: a job this replica takes is never an orphan)
         self._changes.start()
-        self._heart.start()
         for worker in self.workers:
             worker.start()
 
@@ -181,7 +172,7 @@ class SharedJobQueue:
     @property
     def alive(self) -> bool:
         """Whether a device thread of this replica (and the heartbeat that keeps its jobs its own) runs."""
-        return any(worker.alive for worker in self.workers) and self._heart.is_alive()
+        return any(worker.alive for worker in self.workers) and self.heartbeat.alive
 
     def cancel(self, job: Job, reason: str = "cancel requested") -> None:
         """On whichever replica runs it."""
@@ -196,9 +187,7 @@ class SharedJobQueue:
 
     def replicas(self) -> list[dict]:
         with redis_failures_as_unavailable():
-            names = list(self.client.scan_iter(match=keys.replica("*"), count=1000))
-            cards = self.client.mget(names) if names else []
-        return sorted((json.loads(card) for card in cards if card), key=lambda card: card["replica"])
+            return self.heartbeat.cards()
 
     def hold_webhook(self, job_id: str, event: str, message_id: str) -> None:
         hold = json.dumps({"replica": self.replica, "message_id": message_id})
@@ -223,17 +212,9 @@ class SharedJobQueue:
         for worker in self.workers:
             if worker.device.thread.ident is not None:
                 worker.device.thread.join(timeout=30)
-        self._stopped.set()  # (it beat on until now: the job being handed back stayed this replica's)
-        if self._heart.ident is not None:
-            self._heart.join(timeout=30)
+        # (It beat on until now: the job being handed back stayed this replica's.)
+        self.heartbeat.stop(*(self._wake_key(worker.device) for worker in self.workers))
         self._changes.close()
-        if not self.alive:  # nothing of ours is left running: others need not wait for the lapse
-            try:
-                self.client.delete(
-                    keys.replica(self.replica), *(self._wake_key(worker.device) for worker in self.workers)
-                )
-            except Exception:  # Redis away: the heartbeat lapses by itself
-                pass
 
     # -- what the device worker calls (`JobSource`), on the device thread --
 
@@ -255,14 +236,14 @@ class SharedJobQueue:
             ids = self._script(
                 "take", self.replica, self.bounds.max_batch, self.bounds.lookahead, self.bounds.order, device.name
             )
-            self._redis_is(True)
+            self.heartbeat.answered()
             if not ids:
                 # A submit anywhere, work handed to this device, or a second, whichever first.
                 self.client.blpop([keys.WAKE, self._wake_key(device)], timeout=1)
                 return []
             return self._started([i.decode() for i in ids], device)
         except Exception as exc:
-            if not self._redis_failure(exc):
+            if not self.heartbeat.failed(exc):
                 logger.exception("the device thread caught an error taking jobs; it goes on")
             self._closing.wait(1)
             return []
@@ -278,7 +259,7 @@ class SharedJobQueue:
                 keys.job(job.id), "cancel_requested_at", "stop_requested_at", "replica"
             )
         except Exception as exc:  # Redis away: the job goes on, its flags unread
-            self._redis_failure(exc)
+            self.heartbeat.failed(exc)
             return
         job.cancel_requested_at, job.stop_requested_at = codec.number(cancel_at), codec.number(stop_at)
         if replica != self.replica.encode():  # re-queued while this replica could not beat (Redis away)
@@ -292,7 +273,7 @@ class SharedJobQueue:
             pipe.publish(keys.CHANGES, job.id)
             pipe.execute()
         except Exception as exc:
-            self._redis_failure(exc)
+            self.heartbeat.failed(exc)
 
     def finish(self, job: Job, status: JobStatus, result: GenerationResult | None, error: BackendError | None) -> None:
         job.settle(status, result, error)
@@ -328,30 +309,7 @@ class SharedJobQueue:
             if self._script("hand_back", job.id, self.replica):
                 logger.info("a running job was handed back to the queue: this replica is stopping")
         except Exception as exc:  # Redis away: the job is re-queued when this replica's heartbeat lapses
-            self._redis_failure(exc)
-
-    # -- the heartbeat thread --
-
-    def _beat(self) -> None:
-        while not self._stopped.wait(HEARTBEAT_S):
-            try:
-                self._heartbeat()
-                requeued, failed = self._script("reclaim", MAX_ATTEMPTS)
-                if requeued or failed:
-                    logger.warning(
-                        "%d job(s) of a replica that stopped were re-queued, %d failed after %d attempts",
-                        requeued,
-                        failed,
-                        MAX_ATTEMPTS,
-                    )
-                self._redis_is(True)
-            except Exception as exc:
-                if not self._redis_failure(exc):
-                    logger.exception("the heartbeat caught an error; it goes on")
-
-    def _heartbeat(self) -> None:
-        card = json.dumps({**self.card(), "replica": self.replica, "beat": time.time()})
-        self.client.set(keys.replica(self.replica), card, ex=HEARTBEAT_TTL_S)
+            self.heartbeat.failed(exc)
 
     # -- helpers --
 
@@ -372,10 +330,10 @@ class SharedJobQueue:
         while True:
             try:
                 outcome = call()
-                self._redis_is(True)
+                self.heartbeat.answered()
                 return outcome
             except Exception as exc:
-                if not self._redis_failure(exc):
+                if not self.heartbeat.failed(exc):
                     raise
                 if self._closing.wait(1):
                     return None
@@ -404,21 +362,3 @@ class SharedJobQueue:
             codec.snapshot(job_id, record, next(image_sets) if count else []) if record["status"] else None
             for job_id, record, count in zip(ids, records, counts)
         ]
-
-    def _redis_is(self, reachable: bool) -> None:
-        if reachable and not self._reachable:
-            logger.info("Redis (SDXL_REDIS_URL) answers again: the shared queue goes on")
-        self._reachable = reachable
-
-    def _redis_failure(self, exc: Exception) -> bool:
-        """True (and said once per outage) when `exc` is Redis out of reach."""
-        import redis
-
-        if not isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-            return False
-        if self._reachable:
-            logger.warning(
-                "Redis (SDXL_REDIS_URL) cannot be reached (%s): the shared queue waits for it", type(exc).__name__
-            )
-        self._reachable = False
-        return True
