@@ -146,7 +146,10 @@ def serve(tiny_model, tmp_path_factory):
     started: list[Server] = []
 
     def start(name: str, env: dict[str, str], target: str = "service:SDXL") -> Server:
-        server = Server(env, tmp_path_factory.mktemp(name) / "server.log", target)
+        folder = tmp_path_factory.mktemp(name)
+        # Every test server has the park seam (`Server.parked()`): its own file unless the test
+        # gives one (replicas that share a queue share it).
+        server = Server({"SDXL_TEST_PARK_FILE": str(folder / "park"), **env}, folder / "server.log", target)
         started.append(server)
         server.wait_ready()
         return server

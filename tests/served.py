@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -44,6 +46,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.started = time.monotonic()
+        park = env.get("SDXL_TEST_PARK_FILE")  # (the test servers': conftest's `serve`)
+        self.park_file = Path(park) if park else None
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
             # A bento is served from elsewhere: in this checkout, `bentoml serve` would read bentofile.yaml.
@@ -70,6 +74,17 @@ class Server:
         except TimeoutError:
             raise TimeoutError(f"server not ready in {timeout} s:\n{self.log()}") from None
         return time.monotonic() - self.started
+
+    @contextlib.contextmanager
+    def parked(self) -> Iterator[None]:
+        """Within: the jobs whose prompt says "park" wait after their first step (the server's
+        SDXL_TEST_PARK_FILE seam) until they are cancelled, stopped or timed out, or the block ends."""
+        assert self.park_file is not None, "a server started without SDXL_TEST_PARK_FILE"
+        self.park_file.touch()
+        try:
+            yield
+        finally:
+            self.park_file.unlink(missing_ok=True)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -246,22 +246,23 @@ def test_clients_send_image_prompts_and_the_queue_never_mixes_adapters(serve, ti
 
     # Queued behind a long job: a plain job, two with one image prompt (other prompts and
     # seeds), one with another picture, one at another scale. Only the two alike share a call.
-    blocker = submit(server, LONG)
-    wait(server, blocker["id"], until=lambda job: job["status"] == "running")
     small = {"prompt": "a harbour", "width": 64, "height": 64, "steps": 3, "seed": 2}
     red = base64.b64encode(RED).decode()
-    queued = [
-        submit(server, body)["id"]
-        for body in (
-            small,
-            {**small, "ip_adapters": [unit]},
-            {**small, "prompt": "a pier", "seed": 3, "ip_adapters": [unit]},
-            {**small, "ip_adapters": [{**unit, "image": red}]},
-            {**small, "ip_adapters": [{**unit, "scale": 0.3}]},
-        )
-    ]
-    assert get(server, queued[-1])["status"] == "queued"
-    httpx.delete(f"{server.url}/v1/jobs/{blocker['id']}", timeout=300)
+    with server.parked():
+        blocker = submit(server, LONG)
+        wait(server, blocker["id"], until=lambda job: job["status"] == "running")
+        queued = [
+            submit(server, body)["id"]
+            for body in (
+                small,
+                {**small, "ip_adapters": [unit]},
+                {**small, "prompt": "a pier", "seed": 3, "ip_adapters": [unit]},
+                {**small, "ip_adapters": [{**unit, "image": red}]},
+                {**small, "ip_adapters": [{**unit, "scale": 0.3}]},
+            )
+        ]
+        assert get(server, queued[-1])["status"] == "queued"
+        httpx.delete(f"{server.url}/v1/jobs/{blocker['id']}", timeout=300)
     done = [wait(server, job_id)[0] for job_id in queued]
     assert [job["status"] for job in done] == ["succeeded"] * 5
     assert [job["result"]["batch_images"] for job in done] == [1, 2, 2, 1, 1]

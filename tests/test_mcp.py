@@ -135,7 +135,7 @@ def test_a_cancelled_call_cancels_its_job_and_the_device_serves_on(server):
             async with anyio.create_task_group() as calls:
 
                 async def long_call():
-                    body = {"prompt": "a slow one", "width": 1024, "height": 1024, "steps": 150}
+                    body = {"prompt": "a parked one", "width": 64, "height": 64, "steps": 150}
                     await client.call_tool("generate_image", body, progress_callback=progress)
 
                 calls.start_soon(long_call)
@@ -144,7 +144,8 @@ def test_a_cancelled_call_cancels_its_job_and_the_device_serves_on(server):
                 calls.cancel_scope.cancel()
             return await client.call_tool("generate_image", QUICK)
 
-    after = run(main)
+    with server.parked():  # (the long call's job is held after its first step)
+        after = run(main)
     job_id = re.search(r"\(job ([\w-]+)\)", told[0]).group(1)
     state, seen = wait(server, job_id)
     assert state["status"] == "cancelled" and state["step"] < 150

@@ -121,15 +121,16 @@ def test_a_generation_shows_progress_a_preview_then_the_image_and_works_again_fr
 @pytest.mark.served
 def test_cancel_stops_a_long_job(server, open_page):
     page = open_page(server.url)
-    page.select_option("#size", "512x512")
+    page.fill("#prompt", "a parked one")
     page.fill("#steps", "150")
     record_statuses(page)
-    page.click("#generate")
-    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Step ')", timeout=300_000)
-    page.click("#cancel")
-    page.wait_for_function("document.querySelector('#status').textContent === 'Cancelled.'", timeout=300_000)
+    with server.parked():  # (held after its first step until cancelled)
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#status').textContent.startsWith('Step ')", timeout=300_000)
+        page.click("#cancel")
+        page.wait_for_function("document.querySelector('#status').textContent === 'Cancelled.'", timeout=300_000)
     job = httpx.get(f"{server.url}/v1/jobs", params={"limit": 1}, timeout=300).json()["jobs"][0]
-    assert job["status"] == "cancelled" and job["step"] < 150
+    assert job["status"] == "cancelled" and job["step"] <= 1  # (held at its first step: it never ran on)
     assert page.is_enabled("#generate") and page.locator(".card").count() == 0
 
 
@@ -162,35 +163,40 @@ def test_with_api_keys_the_page_asks_for_one_and_then_works(guarded, browser, tm
 
     # This server allows one event stream: another client's job holds it, and runs first.
     auth = {"Authorization": f"Bearer {GUARD_KEYS[0]}"}
-    long_job = httpx.post(
-        f"{guarded.url}/v1/jobs",
-        headers=auth,
-        timeout=300,
-        json={"prompt": "x", "width": 512, "height": 512, "steps": 150},
-    ).json()
-    watched = threading.Event()
+    with guarded.parked():  # (the other client's job is held after its first step until cancelled)
+        long_job = httpx.post(
+            f"{guarded.url}/v1/jobs",
+            headers=auth,
+            timeout=300,
+            json={"prompt": "a parked one", "width": 64, "height": 64, "steps": 150},
+        ).json()
+        watched = threading.Event()
 
-    def watch_long_job():
-        with httpx.stream("GET", f"{guarded.url}/v1/jobs/{long_job['id']}/events", headers=auth, timeout=300) as events:
-            watched.set()
-            for _ in events.iter_lines():
-                pass
+        def watch_long_job():
+            with httpx.stream(
+                "GET", f"{guarded.url}/v1/jobs/{long_job['id']}/events", headers=auth, timeout=300
+            ) as events:
+                watched.set()
+                for _ in events.iter_lines():
+                    pass
 
-    watcher = threading.Thread(target=watch_long_job)
-    watcher.start()
-    assert watched.wait(300)
-    polls = []
-    page.on(
-        "request",
-        lambda request: (
-            polls.append(request.url)
-            if "/v1/jobs/" in request.url and not request.url.endswith(("/events", "/cancel"))
-            else None
-        ),
-    )
-    page.click("#generate")  # its events are refused (429): the page polls the job instead
-    page.wait_for_function("document.querySelector('#status').textContent === 'Queued, position 1…'", timeout=300_000)
-    httpx.post(f"{guarded.url}/v1/jobs/{long_job['id']}/cancel", headers=auth, timeout=300)
+        watcher = threading.Thread(target=watch_long_job)
+        watcher.start()
+        assert watched.wait(300)
+        polls = []
+        page.on(
+            "request",
+            lambda request: (
+                polls.append(request.url)
+                if "/v1/jobs/" in request.url and not request.url.endswith(("/events", "/cancel"))
+                else None
+            ),
+        )
+        page.click("#generate")  # its events are refused (429): the page polls the job instead
+        page.wait_for_function(
+            "document.querySelector('#status').textContent === 'Queued, position 1…'", timeout=300_000
+        )
+        httpx.post(f"{guarded.url}/v1/jobs/{long_job['id']}/cancel", headers=auth, timeout=300)
     page.wait_for_function("document.querySelectorAll('.card').length === 1", timeout=300_000)
     watcher.join(300)
     assert page.inner_text("#error") == "" and len(polls) >= 2

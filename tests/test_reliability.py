@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 from backends.sdxl_backend.device import select_placement
 from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.jobs import JobStatus, MemoryJobQueue
-from backends.sdxl_backend.jobs.worker import Device
+from backends.sdxl_backend.jobs.worker import Device, ParkSeam
 from backends.sdxl_backend.model_manager import ModelManager
 from backends.sdxl_backend.model_records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
@@ -57,10 +58,12 @@ def test_the_device_thread_outlives_a_cancelled_waiter_and_a_crashing_observer(e
     assert not jobs.alive  # close() ends the thread it started
 
 
-def test_a_delivered_result_and_a_kept_error_hold_nothing_of_the_generation(engine):
+def test_a_delivered_result_and_a_kept_error_hold_nothing_of_the_generation(engine, tmp_path):
     """What a finished job keeps: a delivered result's images are freed (no future holds them),
     and a cancelled job's error has no traceback (whose frames would hold its tensors)."""
-    jobs = MemoryJobQueue([Device.alone(engine)])
+    park = tmp_path / "park"  # (the park seam: the job to cancel is held at its first step)
+    park.touch()
+    jobs = MemoryJobQueue([replace(Device.alone(engine), park=ParkSeam(park))])
     jobs.start()
     try:
         delivered = jobs.submit(engine.prepare(GenerationRequest(prompt="delivered-7f3a", steps=2)))
@@ -71,9 +74,7 @@ def test_a_delivered_result_and_a_kept_error_hold_nothing_of_the_generation(engi
         assert not [
             o for o in gc.get_objects() if isinstance(o, GenerationResult) and o.request.prompt == "delivered-7f3a"
         ]
-        cancelled = jobs.submit(
-            engine.prepare(GenerationRequest(prompt="x", **{k: LONG[k] for k in ("width", "height", "steps")}))
-        )
+        cancelled = jobs.submit(engine.prepare(GenerationRequest(prompt="park", width=64, height=64, steps=30)))
         while cancelled.step < 1:
             time.sleep(0.01)
         jobs.cancel(cancelled)
@@ -147,31 +148,21 @@ def test_jobs_belong_to_the_key_that_made_them(guarded):
 
 
 def test_interrupt_stops_only_the_callers_generation(guarded):
-    job = httpx.post(f"{guarded.url}/v1/jobs", json=LONG, headers=as_key(K1), timeout=300).json()
-    while (state := httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())[
-        "step"
-    ] < 2:
-        assert state["status"] in ("queued", "running"), state  # it reaches step 2 or the test fails here
-        time.sleep(0.1)
-    httpx.post(f"{guarded.url}/sdapi/v1/interrupt", headers=as_key(K2), timeout=300)
-    assert (
-        httpx.get(f"{guarded.url}/sdapi/v1/progress", headers=as_key(K2), timeout=300).json()["state"]["job_count"] == 0
-    )
-    step = httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json()["step"]
-    while (state := httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())[
-        "step"
-    ] < step + 2:
-        assert state["status"] == "running"  # K2's interrupt did not touch it
-        time.sleep(0.1)
-    assert (
-        httpx.get(f"{guarded.url}/sdapi/v1/progress", headers=as_key(K1), timeout=300).json()["state"]["job_count"] == 1
-    )
-    httpx.post(f"{guarded.url}/sdapi/v1/interrupt", headers=as_key(K1), timeout=300)
-    while (state := httpx.get(f"{guarded.url}/v1/jobs/{job['id']}", headers=as_key(K1), timeout=300).json())[
-        "status"
-    ] == "running":
-        time.sleep(0.1)
-    assert state["status"] == "succeeded" and state["step"] < 30  # ended early, with the image as it stood
+    def progress(key: str) -> dict:
+        return httpx.get(f"{guarded.url}/sdapi/v1/progress", headers=as_key(key), timeout=300).json()
+
+    with guarded.parked():
+        job = httpx.post(f"{guarded.url}/v1/jobs", json=LONG, headers=as_key(K1), timeout=300).json()
+        wait(guarded, job["id"], until=lambda state: state["step"] == 1, headers=as_key(K1))
+        httpx.post(f"{guarded.url}/sdapi/v1/interrupt", headers=as_key(K2), timeout=300)
+        assert progress(K2)["state"]["job_count"] == 0  # K2 sees no job of its own
+        seen = progress(K1)["state"]
+        assert seen["job_count"] == 1 and seen["interrupted"] is False  # K2's interrupt did not touch it
+        httpx.post(f"{guarded.url}/sdapi/v1/interrupt", headers=as_key(K1), timeout=300)
+        assert progress(K1)["state"]["interrupted"] is True
+        # (the held job is let go by its stop flag: the seam reads it)
+        state, _ = wait(guarded, job["id"], headers=as_key(K1))
+    assert state["status"] == "succeeded" and state["step"] == 1  # ended early, with the image as it stood
 
 
 def test_metrics_and_docs_need_the_key_and_name_routes_not_ids(guarded):
@@ -222,13 +213,14 @@ def worker_of(server) -> psutil.Process:
 
 def test_a_worker_killed_mid_job_leaves_jobs_that_say_so(jobs_server):
     server = jobs_server
-    running = submit(server, {**LONG, "steps": 150})
-    queued = submit(server, LONG)
-    wait(server, running["id"], until=lambda job: job["step"] >= 2)
-    worker = worker_of(server)
-    worker.kill()  # kill -9
-    worker.wait(60)
-    server.wait_ready()  # BentoML starts a new worker
+    with server.parked():
+        running = submit(server, {**LONG, "steps": 150})
+        queued = submit(server, LONG)
+        wait(server, running["id"], until=lambda job: job["step"] == 1)
+        worker = worker_of(server)
+        worker.kill()  # kill -9
+        worker.wait(60)
+        server.wait_ready()  # BentoML starts a new worker
     for job_id, was in ((running["id"], "running"), (queued["id"], "queued")):
         job = httpx.get(f"{server.url}/v1/jobs/{job_id}", timeout=300).json()
         assert job["status"] == "failed", job
@@ -251,13 +243,14 @@ def test_deeply_nested_json_is_a_400_not_a_crash(guarded):
 
 def test_event_streams_are_capped(guarded):
     server, key = guarded, as_key(K1)
-    job = submit(server, {**LONG, "steps": 60}, headers=key)
-    with httpx.stream("GET", f"{server.url}/v1/jobs/{job['id']}/events", headers=key, timeout=300) as first:
-        lines = first.iter_lines()  # held: a dropped iterator closes the stream
-        assert next(lines) == "event: progress"
-        second = httpx.get(f"{server.url}/v1/jobs/{job['id']}/events", headers=key, timeout=300)
-        assert second.status_code == 429 and "SDXL_MAX_EVENT_STREAMS" in second.json()["error"]["message"]
-    httpx.delete(f"{server.url}/v1/jobs/{job['id']}", headers=key, timeout=300)
-    wait(server, job["id"], headers=key)
+    with server.parked():
+        job = submit(server, {**LONG, "steps": 60}, headers=key)
+        with httpx.stream("GET", f"{server.url}/v1/jobs/{job['id']}/events", headers=key, timeout=300) as first:
+            lines = first.iter_lines()  # held: a dropped iterator closes the stream
+            assert next(lines) == "event: progress"
+            second = httpx.get(f"{server.url}/v1/jobs/{job['id']}/events", headers=key, timeout=300)
+            assert second.status_code == 429 and "SDXL_MAX_EVENT_STREAMS" in second.json()["error"]["message"]
+        httpx.delete(f"{server.url}/v1/jobs/{job['id']}", headers=key, timeout=300)
+        wait(server, job["id"], headers=key)
     with httpx.stream("GET", f"{server.url}/v1/jobs/{job['id']}/events", headers=key, timeout=300) as again:
         assert again.status_code == 200  # the first stream's place was given back

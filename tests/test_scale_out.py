@@ -29,9 +29,8 @@ from tests.test_webhooks import Receiver
 URL_REQUEST = {"prompt": "a lighthouse", "size": "64x64", "response_format": "url", "seed": 3}
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"the fleet's webhook secret").decode()
 SMALL = {"prompt": "a quick one", "width": 64, "height": 64, "steps": 4, "seed": 5}
-# Long enough to be caught running and cancelled (about 20 s alone); nothing waits for its end.
-BLOCKER = {"prompt": "a slow one", "width": 1024, "height": 1024, "steps": 150, "seed": 1}
-MEDIUM = {"prompt": "a medium one", "width": 1024, "height": 1024, "steps": 30, "seed": 2}
+# Held running after its first step within `parked()` (the park seam), to be caught and cancelled.
+BLOCKER = {"prompt": "a parked one", "width": 64, "height": 64, "steps": 150, "seed": 1}
 FINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -40,6 +39,8 @@ def fleet_env(redis_server, database: int, **more: str) -> dict[str, str]:
         "SDXL_MODELS": "tiny-sdxl",
         "SDXL_REDIS_URL": f"{redis_server.url[:-2]}/{database}",
         "SDXL_WARMUP": "false",
+        # One park file for the fleet: a held job is held on whichever replica runs it.
+        "SDXL_TEST_PARK_FILE": str(redis_server.folder / f"park-{database}"),
         **more,
     }
 
@@ -123,22 +124,23 @@ def test_a_job_submitted_on_one_replica_is_followed_streamed_and_fetched_on_the_
 
 
 def test_a_webhook_is_delivered_once_per_event_by_the_replica_that_runs_the_job(replicas):
-    receiver = Receiver()
-    try:
-        first = submit(replicas[0], BLOCKER)
-        runner, other = runner_and_other(replicas, first["id"])
-        hooked = submit(
-            runner, {**SMALL, "webhook": {"url": f"{receiver.url}/hook", "events": ["started", "completed"]}}
-        )
-        done = wait(other, hooked["id"], lambda state: set(state.get("webhooks") or {}) == {"started", "completed"})
-        assert on_device(runner) == 1  # (still busy with the first: the other replica ran the hooked job)
-        events = [Webhook(WEBHOOK_SECRET).verify(body, headers) for _, headers, body in receiver.received]
-        assert [event["event"] for event in events] == ["started", "completed"]  # once each, from the runner
-        assert done["webhooks"]["completed"]["status"] == "delivered" and events[1]["status"] == "succeeded"
-        assert httpx.get(events[1]["result"]["images"][0]["url"], timeout=300).status_code == 200
-    finally:
-        receiver.stop()
-        cancel(replicas[0], first["id"])
+    with replicas[0].parked():  # (BLOCKER jobs are held after their first step)
+        receiver = Receiver()
+        try:
+            first = submit(replicas[0], BLOCKER)
+            runner, other = runner_and_other(replicas, first["id"])
+            hooked = submit(
+                runner, {**SMALL, "webhook": {"url": f"{receiver.url}/hook", "events": ["started", "completed"]}}
+            )
+            done = wait(other, hooked["id"], lambda state: set(state.get("webhooks") or {}) == {"started", "completed"})
+            assert on_device(runner) == 1  # (still busy with the first: the other replica ran the hooked job)
+            events = [Webhook(WEBHOOK_SECRET).verify(body, headers) for _, headers, body in receiver.received]
+            assert [event["event"] for event in events] == ["started", "completed"]  # once each, from the runner
+            assert done["webhooks"]["completed"]["status"] == "delivered" and events[1]["status"] == "succeeded"
+            assert httpx.get(events[1]["result"]["images"][0]["url"], timeout=300).status_code == 200
+        finally:
+            receiver.stop()
+            cancel(replicas[0], first["id"])
 
 
 def test_a_job_made_through_mcp_is_followed_by_get_job_on_the_other_replica(replicas):
@@ -185,86 +187,88 @@ def test_the_fleet_page_shows_both_replicas_their_model_and_the_queue_filling_an
     """/ui/fleet in headless Chromium, on one replica: both replicas (their cards come through
     Redis), each running a long job on tiny-sdxl, two jobs waiting, then none once the long ones
     are cancelled; at 1280 and 375 px, with no console error."""
-    first = submit(replicas[0], BLOCKER)["id"]
-    runner, other = runner_and_other(replicas, first)
-    second = submit(replicas[0], BLOCKER)["id"]
-    wait(other, second, running)
-    waiting = [submit(replicas[0], SMALL)["id"] for _ in range(2)]
-    pages = []
-    with chromium() as browser:  # (closed, and its contexts, before the next test runs a loop)
-        for width in (1280, 375):
-            context = browser.new_context(viewport={"width": width, "height": 900}, bypass_csp=True)
-            page = context.new_page()
-            page.set_default_timeout(120_000)
-            page.console_errors = []
-            page.on(
-                "console",
-                lambda message, page=page: message.type == "error" and page.console_errors.append(message.text),
-            )
-            page.on("pageerror", lambda error, page=page: page.console_errors.append(str(error)))
-            page.goto(f"{replicas[0].url}/ui/fleet")
-            pages.append(page)
-            page.wait_for_function(
-                "document.querySelectorAll('.replica').length === 2 && "
-                "document.querySelectorAll('.replica .running').length === 2 && "
-                "document.getElementById('queue-length').textContent === '2'"
-            )
-            cards = page.locator(".replica").all_inner_texts()
-            assert all("tiny-sdxl" in card and "running tiny-sdxl: step" in card for card in cards), cards
-            assert sum("answering this page" in card for card in cards) == 1
-            assert page.evaluate("document.documentElement.scrollWidth") <= width  # (no sideways scrolling)
-            page.screenshot(path=tmp_path / f"fleet-{width}.png", full_page=True)
-        cancel(replicas[0], first)
-        cancel(replicas[0], second)
-        for job_id in waiting:
-            wait(replicas[0], job_id)
-        for page in pages:
-            page.wait_for_function(
-                "document.getElementById('queue-length').textContent === '0' && "
-                "document.querySelectorAll('.replica .idle').length === 2"
-            )
-            assert page.console_errors == []
+    with replicas[0].parked():  # (BLOCKER jobs are held after their first step)
+        first = submit(replicas[0], BLOCKER)["id"]
+        runner, other = runner_and_other(replicas, first)
+        second = submit(replicas[0], BLOCKER)["id"]
+        wait(other, second, running)
+        waiting = [submit(replicas[0], SMALL)["id"] for _ in range(2)]
+        pages = []
+        with chromium() as browser:  # (closed, and its contexts, before the next test runs a loop)
+            for width in (1280, 375):
+                context = browser.new_context(viewport={"width": width, "height": 900}, bypass_csp=True)
+                page = context.new_page()
+                page.set_default_timeout(120_000)
+                page.console_errors = []
+                page.on(
+                    "console",
+                    lambda message, page=page: message.type == "error" and page.console_errors.append(message.text),
+                )
+                page.on("pageerror", lambda error, page=page: page.console_errors.append(str(error)))
+                page.goto(f"{replicas[0].url}/ui/fleet")
+                pages.append(page)
+                page.wait_for_function(
+                    "document.querySelectorAll('.replica').length === 2 && "
+                    "document.querySelectorAll('.replica .running').length === 2 && "
+                    "document.getElementById('queue-length').textContent === '2'"
+                )
+                cards = page.locator(".replica").all_inner_texts()
+                assert all("tiny-sdxl" in card and "running tiny-sdxl: step" in card for card in cards), cards
+                assert sum("answering this page" in card for card in cards) == 1
+                assert page.evaluate("document.documentElement.scrollWidth") <= width  # (no sideways scrolling)
+                page.screenshot(path=tmp_path / f"fleet-{width}.png", full_page=True)
+            cancel(replicas[0], first)
+            cancel(replicas[0], second)
+            for job_id in waiting:
+                wait(replicas[0], job_id)
+            for page in pages:
+                page.wait_for_function(
+                    "document.getElementById('queue-length').textContent === '0' && "
+                    "document.querySelectorAll('.replica .idle').length === 2"
+                )
+                assert page.console_errors == []
 
 
 def test_a_jobs_trace_goes_on_on_the_replica_that_runs_it(replicas, collector):
     """A job submitted to the busy replica runs on the other: its trace holds the submit's HTTP
     span and `validate` from the first, and `job` (queue wait, model load or not, denoise,
     encode, in that order) from the second, under the same HTTP span."""
-    first = submit(replicas[0], BLOCKER)["id"]
-    runner, other = runner_and_other(replicas, first)
-    since = time.time_ns()  # (the collector also holds the spans of the module's earlier jobs)
-    try:
-        job_id = submit(runner, SMALL)["id"]
-        assert wait(other, job_id)["status"] == "succeeded"
-    finally:
-        cancel(replicas[0], first)
-    names = {
-        replica.url: httpx.get(f"{replica.url}/v1/system/fleet", timeout=300).json()["replicas"][0]["replica"]
-        for replica in replicas
-    }
+    with replicas[0].parked():  # (BLOCKER jobs are held after their first step)
+        first = submit(replicas[0], BLOCKER)["id"]
+        runner, other = runner_and_other(replicas, first)
+        since = time.time_ns()  # (the collector also holds the spans of the module's earlier jobs)
+        try:
+            job_id = submit(runner, SMALL)["id"]
+            assert wait(other, job_id)["status"] == "succeeded"
+        finally:
+            cancel(replicas[0], first)
+        names = {
+            replica.url: httpx.get(f"{replica.url}/v1/system/fleet", timeout=300).json()["replicas"][0]["replica"]
+            for replica in replicas
+        }
 
-    def exported() -> tuple[dict, dict] | None:
-        """This job's span from the replica that ran it, and its trace's spans by name, once
-        every one the test reads has come (each process exports in its own batches)."""
-        jobs = [
-            s
-            for s in collector.spans
-            if s["name"] == "job" and s["attributes"]["sdxl.replica"] == names[other.url] and s["start"] >= since
-        ]
-        if not jobs:
-            return None
-        trace = {span["name"]: span for span in collector.spans if span["trace_id"] == jobs[-1]["trace_id"]}
-        return (jobs[-1], trace) if {"validate", "queue wait", "denoise", "encode"} <= trace.keys() else None
+        def exported() -> tuple[dict, dict] | None:
+            """This job's span from the replica that ran it, and its trace's spans by name, once
+            every one the test reads has come (each process exports in its own batches)."""
+            jobs = [
+                s
+                for s in collector.spans
+                if s["name"] == "job" and s["attributes"]["sdxl.replica"] == names[other.url] and s["start"] >= since
+            ]
+            if not jobs:
+                return None
+            trace = {span["name"]: span for span in collector.spans if span["trace_id"] == jobs[-1]["trace_id"]}
+            return (jobs[-1], trace) if {"validate", "queue wait", "denoise", "encode"} <= trace.keys() else None
 
-    job_span, trace = poll(exported, lambda found: found is not None, 60, 0.2, "the job's spans, all exported")
-    assert trace["validate"]["attributes"]["sdxl.replica"] == names[runner.url]
-    assert trace["validate"]["parent_span_id"] == job_span["parent_span_id"]  # the submit's HTTP span
-    assert job_span["parent_span_id"] in {span["span_id"] for span in trace.values()}
-    parts = [trace[name] for name in ("queue wait", "denoise", "encode")]
-    assert all(part["parent_span_id"] == job_span["span_id"] for part in parts)
-    assert [part["start"] for part in parts] == sorted(part["start"] for part in parts)
-    assert job_span["start"] <= parts[0]["start"] and parts[-1]["end"] <= job_span["end"]
-    assert "a quick one" not in str(collector.spans)  # (no prompt in any span)
+        job_span, trace = poll(exported, lambda found: found is not None, 60, 0.2, "the job's spans, all exported")
+        assert trace["validate"]["attributes"]["sdxl.replica"] == names[runner.url]
+        assert trace["validate"]["parent_span_id"] == job_span["parent_span_id"]  # the submit's HTTP span
+        assert job_span["parent_span_id"] in {span["span_id"] for span in trace.values()}
+        parts = [trace[name] for name in ("queue wait", "denoise", "encode")]
+        assert all(part["parent_span_id"] == job_span["span_id"] for part in parts)
+        assert [part["start"] for part in parts] == sorted(part["start"] for part in parts)
+        assert job_span["start"] <= parts[0]["start"] and parts[-1]["end"] <= job_span["end"]
+        assert "a quick one" not in str(collector.spans)  # (no prompt in any span)
 
 
 def test_img2img_travels_with_its_input_image(replicas):
@@ -305,61 +309,65 @@ def test_real_clients_on_their_defaults_through_the_shared_queue(replicas):
 
 
 def test_a_cancel_sent_to_one_replica_stops_the_job_running_on_the_other(replicas):
-    submitted = submit(replicas[0], BLOCKER)
-    runner, other = runner_and_other(replicas, submitted["id"])
-    cancel(other, submitted["id"])
-    done = wait(other, submitted["id"])
-    assert done["status"] == "cancelled" and done["step"] < done["total_steps"]
-    assert done["cancel_to_free_s"] is not None
-    assert on_device(runner) == 0
+    with replicas[0].parked():  # (BLOCKER jobs are held after their first step)
+        submitted = submit(replicas[0], BLOCKER)
+        runner, other = runner_and_other(replicas, submitted["id"])
+        cancel(other, submitted["id"])
+        done = wait(other, submitted["id"])
+        assert done["status"] == "cancelled" and done["step"] < done["total_steps"]
+        assert done["cancel_to_free_s"] is not None
+        assert on_device(runner) == 0
 
 
 def test_an_a1111_interrupt_sent_to_one_replica_ends_the_job_running_on_the_other_with_its_image(replicas):
-    submitted = submit(replicas[0], BLOCKER)
-    runner, other = runner_and_other(replicas, submitted["id"])
-    progress = httpx.get(f"{other.url}/sdapi/v1/progress", timeout=300).json()
-    assert progress["state"]["sampling_steps"] == BLOCKER["steps"] and progress["state"]["sampling_step"] >= 1
-    assert httpx.post(f"{other.url}/sdapi/v1/interrupt", timeout=300).status_code == 200
-    done = wait(runner, submitted["id"])
-    assert done["status"] == "succeeded" and done["step"] < done["total_steps"] and done["result"]["images"]
+    with replicas[0].parked():  # (BLOCKER jobs are held after their first step)
+        submitted = submit(replicas[0], BLOCKER)
+        runner, other = runner_and_other(replicas, submitted["id"])
+        progress = httpx.get(f"{other.url}/sdapi/v1/progress", timeout=300).json()
+        assert progress["state"]["sampling_steps"] == BLOCKER["steps"] and progress["state"]["sampling_step"] >= 1
+        assert httpx.post(f"{other.url}/sdapi/v1/interrupt", timeout=300).status_code == 200
+        done = wait(runner, submitted["id"])
+        assert done["status"] == "succeeded" and done["step"] < done["total_steps"] and done["result"]["images"]
 
 
 def test_a_synchronous_client_is_answered_when_its_job_ran_on_the_other_replica(replicas):
-    submitted = submit(replicas[0], BLOCKER)
-    runner, other = runner_and_other(replicas, submitted["id"])
-    try:
-        answer = httpx.post(f"{runner.url}/v1/txt2img", json=SMALL, timeout=300)
-        assert answer.status_code == 200 and answer.json()["images"]
-        # The runner's device was busy all along: the other replica made the image.
-        assert job(other, submitted["id"])["status"] == "running" and on_device(runner) == 1
-    finally:
-        cancel(runner, submitted["id"])
+    with replicas[0].parked():  # (BLOCKER jobs are held after their first step)
+        submitted = submit(replicas[0], BLOCKER)
+        runner, other = runner_and_other(replicas, submitted["id"])
+        try:
+            answer = httpx.post(f"{runner.url}/v1/txt2img", json=SMALL, timeout=300)
+            assert answer.status_code == 200 and answer.json()["images"]
+            # The runner's device was busy all along: the other replica made the image.
+            assert job(other, submitted["id"])["status"] == "running" and on_device(runner) == 1
+        finally:
+            cancel(runner, submitted["id"])
 
 
 def test_the_queue_and_its_bound_are_the_fleets(replicas):
-    a, b = replicas
-    blockers = [submit(a, BLOCKER)["id"], submit(b, BLOCKER)["id"]]
-    queued = []
-    try:
-        for blocker in blockers:
-            wait(a, blocker, running)
-        queued = [submit(replica, SMALL)["id"] for replica in (a, b, a)]  # SDXL_MAX_QUEUE=3
-        assert [job(other, job_id)["queue_position"] for other, job_id in zip((b, a, b), queued)] == [1, 2, 3]
-        for replica in (a, b):
-            refused = httpx.post(f"{replica.url}/v1/jobs", json=SMALL, timeout=300)
-            assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
-        metrics = httpx.get(f"{b.url}/metrics", timeout=300).text
-        assert "sdxl_queued_jobs 3.0" in metrics and "sdxl_running_jobs 2.0" in metrics
-        # A cancelled queued job leaves the line: those behind it move up, on every replica.
-        cancel(b, queued[0])
-        assert job(a, queued[0])["status"] == "cancelled" and job(b, queued[2])["queue_position"] == 2
-    finally:
-        for job_id in blockers:
-            cancel(a, job_id)
-    assert all(wait(b, job_id)["status"] == "cancelled" for job_id in blockers)
-    # The first device free takes the two compatible jobs left as one batch (SDXL_MAX_BATCH=4).
-    results = [wait(a, job_id)["result"] for job_id in queued[1:]]
-    assert [result["batch_images"] for result in results] == [2, 2]
+    with replicas[0].parked():  # (BLOCKER jobs are held after their first step)
+        a, b = replicas
+        blockers = [submit(a, BLOCKER)["id"], submit(b, BLOCKER)["id"]]
+        queued = []
+        try:
+            for blocker in blockers:
+                wait(a, blocker, running)
+            queued = [submit(replica, SMALL)["id"] for replica in (a, b, a)]  # SDXL_MAX_QUEUE=3
+            assert [job(other, job_id)["queue_position"] for other, job_id in zip((b, a, b), queued)] == [1, 2, 3]
+            for replica in (a, b):
+                refused = httpx.post(f"{replica.url}/v1/jobs", json=SMALL, timeout=300)
+                assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+            metrics = httpx.get(f"{b.url}/metrics", timeout=300).text
+            assert "sdxl_queued_jobs 3.0" in metrics and "sdxl_running_jobs 2.0" in metrics
+            # A cancelled queued job leaves the line: those behind it move up, on every replica.
+            cancel(b, queued[0])
+            assert job(a, queued[0])["status"] == "cancelled" and job(b, queued[2])["queue_position"] == 2
+        finally:
+            for job_id in blockers:
+                cancel(a, job_id)
+        assert all(wait(b, job_id)["status"] == "cancelled" for job_id in blockers)
+        # The first device free takes the two compatible jobs left as one batch (SDXL_MAX_BATCH=4).
+        results = [wait(a, job_id)["result"] for job_id in queued[1:]]
+        assert [result["batch_images"] for result in results] == [2, 2]
 
 
 def test_an_image_link_made_on_one_replica_is_served_by_the_other_until_it_expires(replicas):
@@ -410,22 +418,24 @@ def test_a_killed_replicas_job_is_finished_by_another_and_queued_jobs_outlive_ev
     one left queued) and a new one, started later, finishes both."""
     env = fleet_env(redis_server, 1)
     fleet = [serve("fleet-c", env), serve("fleet-d", env)]
-    submitted = submit(fleet[0], MEDIUM)
-    runner, survivor = runner_and_other(fleet, submitted["id"])
-    runner.kill()
+    with fleet[0].parked():  # (held on its runner until the kill)
+        submitted = submit(fleet[0], {**BLOCKER, "steps": 30, "seed": 2})
+        runner, survivor = runner_and_other(fleet, submitted["id"])
+        runner.kill()
     done = wait(survivor, submitted["id"])
-    assert done["status"] == "succeeded" and done["step"] == done["total_steps"]
-    assert done["result"]["images"][0]["seed"] == MEDIUM["seed"]
+    assert done["status"] == "succeeded" and done["step"] == done["total_steps"] == 30
+    assert done["result"]["images"][0]["seed"] == 2
 
-    handed_back, waiting = submit(survivor, BLOCKER)["id"], submit(survivor, SMALL)["id"]
-    wait(survivor, handed_back, running)
-    survivor.stop()
-    store = redis.Redis.from_url(env["SDXL_REDIS_URL"])
-    assert store.lrange("sdxl:jobs:queue", 0, -1) == [handed_back.encode(), waiting.encode()]
-    assert store.hget(f"sdxl:jobs:job:{handed_back}", "status") == b"queued"
-    later = serve("fleet-e", env)
-    assert wait(later, handed_back, running)  # it runs again, from its start, on the new replica
-    cancel(later, handed_back)
+    with survivor.parked():  # (held on the survivor until it stops, then on the next replica)
+        handed_back, waiting = submit(survivor, BLOCKER)["id"], submit(survivor, SMALL)["id"]
+        wait(survivor, handed_back, running)
+        survivor.stop()
+        store = redis.Redis.from_url(env["SDXL_REDIS_URL"])
+        assert store.lrange("sdxl:jobs:queue", 0, -1) == [handed_back.encode(), waiting.encode()]
+        assert store.hget(f"sdxl:jobs:job:{handed_back}", "status") == b"queued"
+        later = serve("fleet-e", env)
+        assert wait(later, handed_back, running)  # it runs again, from its start, on the new replica
+        cancel(later, handed_back)
     assert wait(later, waiting)["status"] == "succeeded"
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from backends.sdxl_backend.device_thread import TORCH_WORK, DeviceThread, usable_cores
 from backends.sdxl_backend.errors import DeviceUnavailable
-from backends.sdxl_backend.jobs.worker import Device
+from backends.sdxl_backend.jobs.worker import Device, ParkSeam
 from backends.sdxl_backend.protocol import GenerationRequest
 
 if TYPE_CHECKING:
@@ -84,6 +84,9 @@ class Devices:
         oom_seam = OutOfMemorySeam.parse(settings.test_fault_oom)
         if oom_seam:
             logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_OOM=%s makes generations fail", settings.test_fault_oom)
+        park = ParkSeam(settings.test_park_file) if settings.test_park_file else None
+        if park:
+            logger.warning("TEST SEAM ACTIVE: SDXL_TEST_PARK_FILE: jobs that say 'park' wait while that file exists")
         self.devices: list[Device] = []
         for name, placement in zip(names, placements):
             thread = DeviceThread(threads, name=f"sdxl-device-{name}" if len(names) > 1 else "sdxl-device")
@@ -117,7 +120,7 @@ class Devices:
             if settings.test_fault_device == name:
                 logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_DEVICE=%s: that device fails at its first job", name)
                 engine.generate_batch = _lost_at_first_job(engine.generate_batch)  # type: ignore[method-assign]
-            self.devices.append(Device(name, engine, thread))
+            self.devices.append(Device(name, engine, thread, park))
         self._call_turns = {device.name: asyncio.Lock() for device in self.devices}
         logger.info(
             "devices: %s (%d CPU thread(s) each)",

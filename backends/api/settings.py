@@ -144,6 +144,8 @@ class Settings(BaseSettings):
     test_fault_oom: str | None = Field(None, pattern=r"^\d+(@\d+)?$")
     # Tests only: the device of that name ("cpu#1") is lost at its first job, as a GPU off its bus
     test_fault_device: str | None = None
+    # Tests only: while this file exists, a job whose prompt says "park" waits after its first step
+    test_park_file: Path | None = None
 
     @field_validator("device")
     @classmethod

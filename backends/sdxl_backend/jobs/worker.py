@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ..device_thread import DeviceThread
@@ -48,6 +49,23 @@ class HandedBack(Cancelled):
 
 
 @dataclass(frozen=True)
+class ParkSeam:
+    """Test seam (SDXL_TEST_PARK_FILE): while `file` exists, a job whose prompt says "park"
+    waits after its first step (counted and shown), reading its cancel and stop flags every 50 ms. A test holds a
+    job running for as long as it needs, on any device at any speed, and lets it go by removing
+    the file. Never set in production."""
+
+    file: Path
+
+    def hold(self, job: Job, read_flags: Callable[[], None]) -> None:
+        if "park" not in (job.request.prompt if job.request else ""):
+            return
+        while self.file.exists() and job.cancel_requested_at is None and job.stop_requested_at is None:
+            time.sleep(0.05)
+            read_flags()
+
+
+@dataclass(frozen=True)
 class Device:
     """A device a worker runs jobs on: its name (as jobs and status report it: "cuda:1", or
     "cpu#0" and "cpu#1" for two shares of one CPU), its engine and the thread that owns it."""
@@ -55,6 +73,7 @@ class Device:
     name: str
     engine: Engine
     thread: DeviceThread
+    park: ParkSeam | None = None  # (tests only)
 
     @classmethod
     def alone(cls, engine: Engine) -> Device:
@@ -183,6 +202,11 @@ class DeviceWorker:
             try:
                 self.source.before_step(job)
                 stop = job.on_step(step, total, latents)
+                self.source.after_step(job)
+                tell(self.on_change, job)
+                if self.device.park is not None and step == 1:  # (a test seam: held where its step shows)
+                    self.device.park.hold(job, lambda: self.source.before_step(job))
+                    stop = job.stop_requested_at is not None  # (a cancel is read at the next step)
             except HandedBack:
                 self.let_go(job)
                 job.status = JobStatus.QUEUED
@@ -190,8 +214,6 @@ class DeviceWorker:
             except Cancelled as exc:
                 self.finish(job, JobStatus.CANCELLED, error=exc.copy())  # (`exc` gathers frames on its way up)
                 raise
-            self.source.after_step(job)
-            tell(self.on_change, job)
             return stop
 
         return on_step
