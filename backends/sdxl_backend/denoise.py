@@ -23,7 +23,7 @@ from .model_records import ModelSource
 from .pipelines import with_controlnets
 from .prompt_encoder import conditioning
 from .prompts import PromptReader
-from .protocol import GenerationRequest, Timings
+from .protocol import ResolvedRequest, Timings
 from .schedulers import step_arguments
 from .upscalers import Tiling, upscale
 
@@ -87,7 +87,7 @@ class BatchProgress:
         return [self.dropped.get(index) or list(pictures[rows]) for index, rows in enumerate(self.rows)]
 
 
-def lora_weights(request: GenerationRequest) -> tuple[tuple[str, float], ...]:
+def lora_weights(request: ResolvedRequest) -> tuple[tuple[str, float], ...]:
     return tuple((lora.id, lora.weight) for lora in request.loras)
 
 
@@ -147,7 +147,7 @@ def inpaint_arguments(members: list[PreparedRequest]) -> dict[str, Any]:
 TASK_ARGUMENTS = {"txt2img": txt2img_arguments, "img2img": img2img_arguments, "inpaint": inpaint_arguments}
 
 
-def guided(pipeline: Any, request: GenerationRequest) -> bool:
+def guided(pipeline: Any, request: ResolvedRequest) -> bool:
     """Whether the call runs classifier-free guidance, as diffusers decides it."""
     return request.guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
 
@@ -231,7 +231,7 @@ class Denoiser:
                 ),
                 **TASK_ARGUMENTS[task](members),
             }
-            if first.refiner is not None:  # the base stops at switch_at and hands over its latents
+            if request.refiner is not None:  # the base stops at switch_at and hands over its latents
                 arguments.update(denoising_end=request.refiner.switch_at, output_type="latent")
             # 4. The first pass.
             started, refiner_load_s = time.perf_counter(), 0.0
@@ -272,7 +272,7 @@ class Denoiser:
     def _second_pass_steps(prepared: PreparedRequest) -> int:
         """The steps planned after the first pass: the hires fix's, or the refiner's share."""
         request = prepared.request
-        if prepared.refiner is not None:
+        if request.refiner is not None:
             return prepared.total_steps - round(prepared.total_steps * request.refiner.switch_at)
         hires = request.hires_fix if prepared.init_image is None else None
         return int(hires.steps * hires.strength) if hires else 0
@@ -290,6 +290,7 @@ class Denoiser:
         """The hires fix's second pass: the first pass's latents (or images) upscaled, repainted
         as img2img. (An interrupt in the first pass also ends this one after its first step.)"""
         request, hires = prepared.request, prepared.request.hires_fix
+        assert hires is not None  # (the pass of a hires fix)
         width, height = prepared.output_size
         upscaled: torch.Tensor | list[Image.Image]
         if hires.upscaler == "latent":
@@ -356,7 +357,8 @@ class Denoiser:
         """The refiner's part: the base's latents denoised from `switch_at` on (diffusers'
         ensemble of experts: no decoding in between), with `arguments` as the base ran (fresh
         generators in them); returns the images and the refiner's load seconds."""
-        request, refiner = prepared.request, prepared.refiner
+        request, refiner, prompts = prepared.request, prepared.refiner, prepared.refiner_prompts
+        assert request.refiner is not None and refiner is not None and prompts is not None  # (the refiner's pass)
         width, height = prepared.output_size
         with self.models.use(refiner.id, mode, width * height) as (pipelines, load_s):
             pipeline = pipelines.img2img
@@ -364,7 +366,7 @@ class Denoiser:
             refined = self.models.out_of_memory_as_error(
                 lambda: conditioning(
                     pipeline,
-                    [prepared.refiner_prompts] * request.n,
+                    [prompts] * request.n,
                     pipelines.encoded_prompts,
                     embeddings=self.prompt_reader(refiner).embeddings,
                 ),

@@ -31,7 +31,7 @@ from .model_manager import ModelManager
 from .model_records import ModelSource
 from .modes import lower_mode
 from .prompts import PromptReader, PromptSyntax, ReadPrompts, model_tokenizers
-from .protocol import GeneratedImage, GenerationRequest, GenerationResult, PromptReading, Timings
+from .protocol import GeneratedImage, GenerationRequest, GenerationResult, PromptReading, ResolvedRequest, Timings
 from .upscalers import Tiling
 from .upscaling import Upscaling
 from .validation import (
@@ -54,7 +54,7 @@ class PreparedRequest:
     """A request that passed every check: every field filled in, the input image decoded at
     the output size. Only the device step is left."""
 
-    request: GenerationRequest  # as it will run (resolved); its image bytes are dropped (decoded below)
+    request: ResolvedRequest  # as it will run; its image bytes are dropped (decoded below)
     source: ModelSource
     prompts: ReadPrompts = field(repr=False)  # as the model reads them
     init_image: Image.Image | None = field(default=None, repr=False)
@@ -71,19 +71,16 @@ class PreparedRequest:
 
     @property
     def seeds(self) -> list[int]:
-        seed = self.request.seed
-        assert seed is not None  # (resolved)
-        return [seed + i for i in range(self.request.n)]
+        return [self.request.seed + i for i in range(self.request.n)]
 
     @property
     def total_steps(self) -> int:
         """Denoising steps the pipelines will run (img2img runs `steps x strength`; a hires fix
         adds its second pass)."""
-        steps, hires = self.request.steps, self.request.hires_fix
-        assert steps is not None and (hires is None or hires.steps is not None)  # (resolved)
         if self.init_image is not None:
-            return int(steps * self.request.strength)
-        return steps + (int(hires.steps * hires.strength) if hires and hires.steps else 0)
+            return int(self.request.steps * self.request.strength)
+        hires = self.request.hires_fix
+        return self.request.steps + (int(hires.steps * hires.strength) if hires else 0)
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -128,7 +125,7 @@ class Engine:
             )
         return reader
 
-    def read_prompts(self, request: GenerationRequest, source: ModelSource) -> ReadPrompts:
+    def read_prompts(self, request: ResolvedRequest, source: ModelSource) -> ReadPrompts:
         """The request's prompts as `source`'s tokenizers cut them (raises `InvalidRequest` for
         syntax the server does not run)."""
         return self.prompt_reader(source).read_pair(request.prompt, request.negative_prompt)
@@ -191,7 +188,7 @@ class Engine:
             refiner_prompts=self.read_prompts(request, refiner) if refiner else None,
         )
 
-    def _refiner(self, request: GenerationRequest, source: ModelSource) -> ModelSource | None:
+    def _refiner(self, request: ResolvedRequest, source: ModelSource) -> ModelSource | None:
         if request.refiner is None:
             return None
         refiner = self.models.source(request.refiner.model)

@@ -7,11 +7,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .protocol import GenerationRequest
+from .protocol import ResolvedRequest
 from .schedulers import SCHEDULERS
 
 
-def write(request: GenerationRequest, seed: int, img2img: bool, inpainting: bool) -> str:
+def write(request: ResolvedRequest, seed: int, img2img: bool, inpainting: bool) -> str:
     """The generation parameters in AUTOMATIC1111's format, which image tools parse."""
     lines = [request.prompt]
     if request.negative_prompt:

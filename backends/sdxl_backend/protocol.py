@@ -251,6 +251,28 @@ class GenerationRequest(ImageToImageRequest):
     )
 
 
+class ResolvedHiresFix(HiresFix):
+    """A hires fix with its size and steps filled in (`validation.resolve`)."""
+
+    width: int
+    height: int
+    steps: int
+
+
+class ResolvedRequest(GenerationRequest):
+    """What the engine runs: a request with every open field filled in (`validation.resolve`:
+    the model's defaults, the input's size, a seed), so none of these is None any more."""
+
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    scheduler: str
+    hires_fix: ResolvedHiresFix | None = None
+
+
 class UpscaleRequest(BaseModel):
     """An image made larger by an upscale model (or resized): `POST /v1/upscale`, A1111's extras."""
 
@@ -312,7 +334,7 @@ class GenerationResult(BaseModel):
     model: str
     images: list[GeneratedImage]
     # The request as it ran: every default filled in, the base seed chosen (no input image).
-    request: GenerationRequest
+    request: ResolvedRequest
     img2img: bool = False
     inpainting: bool = False
     timings: Timings

@@ -11,7 +11,7 @@ from PIL import Image
 
 from .errors import InvalidRequest
 from .limits import Limits
-from .protocol import MAX_SEED, GenerationRequest, ModelDefaults
+from .protocol import MAX_SEED, GenerationRequest, ModelDefaults, ResolvedHiresFix, ResolvedRequest
 from .schedulers import SCHEDULERS
 
 if TYPE_CHECKING:
@@ -19,12 +19,12 @@ if TYPE_CHECKING:
     from .model_records import ModelSource
 
 
-def first_pass_size(request: GenerationRequest) -> tuple[int, int]:
+def first_pass_size(request: ResolvedRequest) -> tuple[int, int]:
     """The size a resolved request's first pass makes (its input's, for img2img)."""
     return request.width, request.height
 
 
-def output_size(request: GenerationRequest) -> tuple[int, int]:
+def output_size(request: ResolvedRequest) -> tuple[int, int]:
     """The size of the images a resolved request makes: its own, or its hires fix's."""
     hires = request.hires_fix
     return (hires.width, hires.height) if hires else (request.width, request.height)
@@ -32,7 +32,7 @@ def output_size(request: GenerationRequest) -> tuple[int, int]:
 
 def resolve(
     request: GenerationRequest, model_id: str, defaults: ModelDefaults, init_image: Image.Image | None
-) -> GenerationRequest:
+) -> ResolvedRequest:
     """The request with every open field filled: the model's defaults, or for img2img the
     input image's size (rounded down to a multiple of 8), and a random seed."""
     width, height = defaults.width, defaults.height
@@ -52,14 +52,17 @@ def resolve(
     }
     if request.hires_fix is not None:
         hires = request.hires_fix
-        filled["hires_fix"] = hires.model_copy(
-            update={
+        filled["hires_fix"] = ResolvedHiresFix.model_construct(
+            hires.model_fields_set | {"width", "height", "steps"},
+            **{
+                **dict(hires),
                 "width": hires.width or int(width * hires.scale) // 8 * 8,
                 "height": hires.height or int(height * hires.scale) // 8 * 8,
                 "steps": hires.steps or steps,
-            }
+            },
         )
-    return request.model_copy(update=filled)
+    # (Constructed, not validated again: the fields were checked, and the images are bytes now.)
+    return ResolvedRequest.model_construct(request.model_fields_set | set(filled), **{**dict(request), **filled})
 
 
 def check_size(width: int, height: int, limits: Limits, prefix: str = "") -> None:
@@ -75,7 +78,7 @@ def check_size(width: int, height: int, limits: Limits, prefix: str = "") -> Non
         )
 
 
-def validate(request: GenerationRequest, limits: Limits) -> None:
+def validate(request: ResolvedRequest, limits: Limits) -> None:
     """Every check that does not need the model, with the field named in the message."""
     if not request.prompt and request.image is None:
         raise InvalidRequest("prompt: required (only a variation of an input image may go without one)", "prompt")

@@ -196,7 +196,7 @@ def render(body: A1111Request, result: GenerationResult) -> dict[str, Any]:
         "height": request.height,
         "steps": request.steps,
         "cfg_scale": request.guidance_scale,
-        "sampler_name": SCHEDULERS[request.scheduler].label,  # type: ignore[index]  # (resolved: it is set)
+        "sampler_name": SCHEDULERS[request.scheduler].label,
         "sd_model_name": result.model,
         "batch_size": body.batch_size,
         "n_iter": body.n_iter,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ... import errors
 from ...errors import BackendError
-from ...protocol import GeneratedImage, GenerationRequest, GenerationResult
+from ...protocol import GeneratedImage, GenerationResult, ResolvedRequest
 from ..job import WEBHOOK_EVENTS, Job, JobStatus
 
 if TYPE_CHECKING:
@@ -66,13 +66,13 @@ def number(value: bytes | str | None) -> float | None:
     return float(value) if value else None
 
 
-def request_from_json(data: str | bytes) -> GenerationRequest:
+def request_from_json(data: str | bytes) -> ResolvedRequest:
     """A request dumped as JSON, back: the units' images are left out of dumps (the control
     maps and the image prompts' pictures travel beside it), so each unit gets an empty one."""
     fields = json.loads(data)
     for unit in [*fields.get("controlnets", []), *fields.get("ip_adapters", [])]:
         unit["image"] = ""
-    return GenerationRequest.model_validate(fields)
+    return ResolvedRequest.model_validate(fields)
 
 
 def submitted(job: Job, prepared: PreparedRequest, batch_key: object) -> Fields:
