@@ -7,7 +7,6 @@ the second pass a request may ask for (the refiner, or a hires fix). Runs on the
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from .errors import BackendError, Cancelled
+from .errors import BackendError
 from .ip_adapters import ImagePromptModel, embeddings, install
 from .model_manager import ModelManager
 from .model_records import ModelSource
 from .pipelines import with_controlnets
+from .progress import Batch, BatchProgress
 from .prompt_encoder import conditioning
 from .prompts import PromptReader
 from .protocol import ResolvedRequest, Timings
@@ -34,10 +34,6 @@ if TYPE_CHECKING:
 CONTROL_ARGUMENTS = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "guess_mode")
 # What the base's call takes and the refiner's does not (the refiner has its own UNet).
 BASE_ONLY_ARGUMENTS = ("width", "height", "denoising_end", "strength", "ip_adapter_image_embeds", *CONTROL_ARGUMENTS)
-# Called after each denoising step with (step, total steps, latents). It may raise to abandon
-# the generation, or return True to end the denoising there and keep the image as it stands.
-StepObserver = Callable[[int, int, "torch.Tensor | None"], "bool | None"]
-Batch = list[tuple["PreparedRequest", "StepObserver | None"]]
 
 
 @dataclass(frozen=True)
@@ -55,36 +51,6 @@ class OutOfMemorySeam:
             return None
         attempts, _, step = text.partition("@")
         return cls(int(attempts), int(step or 1))
-
-
-class BatchProgress:
-    """Hands each step of a pipeline call to the observers of the requests in it, each with its
-    own rows of the latents. A request whose observer raises `Cancelled` is dropped from then
-    on; when none is left, the call is abandoned."""
-
-    def __init__(self, batch: Batch):
-        self.batch = batch
-        self.dropped: dict[int, Cancelled] = {}
-        ends = list(itertools.accumulate(prepared.request.n for prepared, _ in batch))
-        self.rows = [slice(end - prepared.request.n, end) for (prepared, _), end in zip(batch, ends)]
-
-    def step(self, step: int, total: int, latents: torch.Tensor | None) -> bool:
-        """True: every request still in the call asks to end the denoising here."""
-        stops = []
-        for index, ((_, on_step), rows) in enumerate(zip(self.batch, self.rows)):
-            if on_step is None or index in self.dropped:
-                continue
-            try:
-                stops.append(bool(on_step(step, total, None if latents is None else latents[rows])))
-            except Cancelled as exc:
-                if len(self.dropped) + 1 == len(self.batch):
-                    raise
-                self.dropped[index] = exc
-        return bool(stops) and all(stops)
-
-    def split(self, pictures: list) -> list[list[Image.Image] | BackendError]:
-        """The call's images, each request's own (a dropped one gets its `Cancelled`)."""
-        return [self.dropped.get(index) or list(pictures[rows]) for index, rows in enumerate(self.rows)]
 
 
 def lora_weights(request: ResolvedRequest) -> tuple[tuple[str, float], ...]:

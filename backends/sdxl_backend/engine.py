@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import infotext
 from .controlnets import control_map
-from .denoise import Batch, Denoiser, OutOfMemorySeam, StepObserver, lora_weights
+from .denoise import Denoiser, OutOfMemorySeam, lora_weights
 from .device_thread import TORCH_WORK
 from .embeddings import EmbeddingSet
 from .errors import BackendError, Cancelled, InvalidRequest, OutOfMemory
@@ -30,6 +30,7 @@ from .masks import fill_masked, prepare_mask
 from .model_manager import ModelManager
 from .model_records import ModelSource
 from .modes import lower_mode
+from .progress import Batch, StepObserver
 from .prompts import PromptReader, PromptSyntax, ReadPrompts, model_tokenizers
 from .protocol import GeneratedImage, GenerationRequest, GenerationResult, PromptReading, ResolvedRequest, Timings
 from .upscalers import Tiling

@@ -37,8 +37,8 @@ from .job import Job, JobStatus, tell
 if TYPE_CHECKING:
     import torch
 
-    from ..denoise import StepObserver
     from ..engine import Engine
+    from ..progress import StepObserver
 
 logger = logging.getLogger("sdxl_backend")
 
