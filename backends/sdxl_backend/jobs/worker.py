@@ -51,9 +51,9 @@ class HandedBack(Cancelled):
 @dataclass(frozen=True)
 class ParkSeam:
     """Test seam (SDXL_TEST_PARK_FILE): while `file` exists, a job whose prompt says "park"
-    waits after its first step (counted and shown), reading its cancel and stop flags every 50 ms. A test holds a
-    job running for as long as it needs, on any device at any speed, and lets it go by removing
-    the file. Never set in production."""
+    waits after its first step (counted and shown), reading its cancel and stop flags every
+    50 ms. A test holds a job running for as long as it needs, on any device at any speed, and
+    lets it go by removing the file. Never set in production."""
 
     file: Path
 
