@@ -110,6 +110,8 @@ def test_submit_get_and_owners(make_queue, engine):
     assert [job.id for job in queue.recent(owner="alice")] == [mine.id]
     assert [job.id for job in queue.recent()] == [theirs.id, mine.id]  # newest first
     assert [job.id for job in queue.recent(limit=1)] == [theirs.id]
+    assert [job.id for job in queue.recent(limit=1, before=theirs.created)] == [mine.id]  # the next page
+    assert [job.id for job in queue.recent(limit=1, owner="alice")] == [mine.id]  # not cut before the owner's
 
 
 def test_positions_move_up_as_queued_jobs_are_cancelled(make_queue, engine):

@@ -159,10 +159,14 @@ def test_interrupt_stops_only_the_callers_generation(guarded):
         seen = progress(K1)["state"]
         assert seen["job_count"] == 1 and seen["interrupted"] is False  # K2's interrupt did not touch it
         httpx.post(f"{guarded.url}/sdapi/v1/interrupt", headers=as_key(K1), timeout=300)
-        assert progress(K1)["state"]["interrupted"] is True
         # (the held job is let go by its stop flag: the seam reads it)
         state, _ = wait(guarded, job["id"], headers=as_key(K1))
     assert state["status"] == "succeeded" and state["step"] == 1  # ended early, with the image as it stood
+    # As A1111's does, /progress keeps the flag up after the job's end, until the caller's next job.
+    assert progress(K1)["state"]["interrupted"] is True and progress(K1)["state"]["job_count"] == 0
+    assert progress(K2)["state"]["interrupted"] is False
+    assert wait(guarded, submit(guarded, SHORT, headers=as_key(K1))["id"], headers=as_key(K1))[0]["step"] > 0
+    assert progress(K1)["state"]["interrupted"] is False
 
 
 def test_metrics_and_docs_need_the_key_and_name_routes_not_ids(guarded):

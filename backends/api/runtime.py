@@ -281,6 +281,14 @@ class Runtime:
         running = await anyio.to_thread.run_sync(lambda: self.jobs.running)
         return [job for job in running if owner is None or job.owner == owner]
 
+    async def progress_job(self, http: Request) -> Job | None:
+        """The job A1111's /progress shows the caller: its running one, else its latest (A1111
+        keeps an interrupted job's flag up until the next job begins)."""
+        running = await self.running_jobs(http)
+        owner = self.owner(http)
+        latest = running or await anyio.to_thread.run_sync(lambda: self.jobs.recent(1, owner=owner, images=False))
+        return next(iter(latest), None)
+
     async def interrupt(self, job: Job) -> None:
         """Ends the job's denoising at its next step, keeping the image as it stands."""
         await anyio.to_thread.run_sync(self.jobs.stop_early, job, "interrupted (A1111 interrupt or skip)")

@@ -93,7 +93,7 @@ async def png_info(body: PngInfoRequest) -> dict[str, Any]:
 
 @router.get("/progress", responses=errors.responses(401))
 async def get_progress(request: Request, runtime: RuntimeDep, skip_current_image: bool = False) -> dict[str, Any]:
-    return progress(next(iter(await runtime.running_jobs(request)), None), preview=not skip_current_image)
+    return progress(await runtime.progress_job(request), preview=not skip_current_image)
 
 
 @router.post("/interrupt", responses=errors.responses(401))

@@ -131,12 +131,11 @@ class SharedJobQueue:
         self, limit: int = 50, before: float | None = None, owner: str | None = None, images: bool = True
     ) -> list[Job]:
         with redis_failures_as_unavailable():
-            ids = [
-                codec.decoded(i)
-                for i in self.client.zrevrangebyscore(
-                    keys.INDEX, f"({before}" if before is not None else "+inf", "-inf"
-                )
-            ]
+            start, num = (0, limit) if owner is None else (None, None)  # (an owner's are picked from all, below)
+            newest_first = self.client.zrevrangebyscore(
+                keys.INDEX, f"({before}" if before is not None else "+inf", "-inf", start=start, num=num
+            )
+            ids = [codec.decoded(i) for i in newest_first]
             if owner is not None:
                 pipe = self.client.pipeline(transaction=False)
                 for job_id in ids:
