@@ -97,7 +97,9 @@ def parked(queue, at_step: int):
         release.set()
 
 
-def test_submit_get_and_owners(make_queue, engine):
+def test_submit_get_and_owners(make_queue, engine, monkeypatch):
+    # (the Redis store reads owners a page at a time: one a page, so that alice's is on the second)
+    monkeypatch.setattr("backends.sdxl_backend.jobs.redis_queue.queue.OWNERS_PAGE", 1)
     queue = make_queue()
     mine = queue.submit(prepared(engine), "alice")
     theirs = queue.submit(prepared(engine), "bob")

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("sdxl_backend")
 T = TypeVar("T")
+OWNERS_PAGE = 64  # jobs whose owners one round trip reads, when a listing is one owner's
 
 
 async def _off_loop(call: Callable[..., T], *args: Any) -> T:
@@ -137,11 +138,22 @@ class SharedJobQueue:
             )
             ids = [codec.decoded(i) for i in newest_first]
             if owner is not None:
-                pipe = self.client.pipeline(transaction=False)
-                for job_id in ids:
-                    pipe.hget(keys.job(job_id), "owner")
-                ids = [job_id for job_id, own in zip(ids, pipe.execute()) if own == owner.encode()]
+                ids = self._owned_by(owner, ids, limit)
             return [job for job in self._load(ids[:limit], images) if job is not None]
+
+    def _owned_by(self, owner: str, ids: list[str], limit: int) -> list[str]:
+        """The first `limit` of `ids` that `owner` made. Their owners are read a page at a time,
+        so that finding a caller's latest job (an idle A1111 /progress poll) reads a few, not all."""
+        mine: list[str] = []
+        for first in range(0, len(ids), OWNERS_PAGE):
+            page = ids[first : first + OWNERS_PAGE]
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in page:
+                pipe.hget(keys.job(job_id), "owner")
+            mine += [job_id for job_id, own in zip(page, pipe.execute()) if own == owner.encode()]
+            if len(mine) >= limit:
+                break
+        return mine[:limit]
 
     def position(self, job: Job) -> int:
         """Across the replicas."""
