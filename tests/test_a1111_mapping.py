@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from backends.api.a1111.mapping import generation_request, progress
+from backends.api.a1111.mapping import generation_request, progress, take_loras
 from backends.api.a1111.protocol import A1111Request
 from backends.sdxl_backend import infotext
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.protocol import TINY_PNG, GenerationRequest
+from backends.sdxl_backend.protocol import TINY_PNG, GenerationRequest, LoraWeight
 
 
 def mapped(img2img: bool = False, **fields) -> GenerationRequest:
@@ -167,3 +167,15 @@ def test_the_parameters_text_is_read_back_as_it_was_written():
     assert (parsed["Steps"], parsed["Sampler"], parsed["CFG scale"], parsed["Seed"]) == ("12", "Euler a", "6.5", "1234")
     assert (parsed["Size-1"], parsed["Size-2"], parsed["Model"]) == ("512", "768", "tiny-sdxl")
     assert infotext.parse("just a prompt") == {"Prompt": "just a prompt", "Negative prompt": ""}
+
+
+def test_the_parameters_text_keeps_the_loras_as_a1111_tags_weight_zero_too():
+    request = GenerationRequest(
+        prompt="a fox",
+        loras=[LoraWeight(id="tiny-sdxl-lora", weight=0.0), LoraWeight(id="b", weight=0.75)],
+        scheduler="euler",
+        model="tiny-sdxl",
+    )
+    parsed = infotext.parse(infotext.write(request, 1, img2img=False, inpainting=False))
+    assert parsed["Prompt"] == "a fox <lora:tiny-sdxl-lora:0> <lora:b:0.75>"
+    assert take_loras(parsed["Prompt"]) == ("a fox", request.loras)  # read back, it asks for the same

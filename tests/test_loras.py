@@ -1,12 +1,13 @@
-"""LoRAs: from the store, per request, in every dialect; switching never reloads the model and
-no request's LoRAs leak into the next. tiny-sdxl-lora and a second LoRA built the same way
-(another seed) stand in for real ones."""
+"""LoRAs: from the store, per request, in every dialect; switching never reloads the model, no
+request's LoRAs leak into the next, and weight 0 gives the model's own picture exactly.
+tiny-sdxl-lora and a second LoRA built the same way (another seed) stand in for real ones."""
 
 from __future__ import annotations
 
 import base64
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -20,6 +21,7 @@ from backends.sdxl_backend.model_records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest, LoraWeight
 from models.catalog import defaults_for
 from tests.conftest import pixels
+from tests.test_mcp import connected
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,8 @@ def test_requests_with_other_loras_do_not_share_a_call(tiny_model, loras):
         )
 
     assert key(("tiny-sdxl-lora", 1.0)) == key(("tiny-sdxl-lora", 1.0))
+    assert key(("tiny-sdxl-lora", 0.0)) == key()  # weight 0 is the model's own call, and shares it
+    assert key(("tiny-sdxl-lora", 0.0), ("tiny-lora-b", 1.0)) == key(("tiny-lora-b", 1.0))
     assert len({key(), key(("tiny-sdxl-lora", 1.0)), key(("tiny-sdxl-lora", 0.5)), key(("tiny-lora-b", 1.0))}) == 4
 
 
@@ -129,11 +133,14 @@ def test_every_dialect_takes_loras_and_lists_them(serve, tiny_lora):
     plain = {"prompt": "a lighthouse", "seed": 5, "width": 64, "height": 64}
     with_lora = {**plain, "loras": [{"id": "tiny-sdxl-lora", "weight": 0.8}]}
 
-    native = [
-        b64_pixels(httpx.post(f"{server.url}/v1/txt2img", json=body, timeout=300).json()["images"][0]["b64_json"])
-        for body in (plain, with_lora)
+    at_zero = {**plain, "loras": [{"id": "tiny-sdxl-lora", "weight": 0}]}
+    answers = [
+        httpx.post(f"{server.url}/v1/txt2img", json=body, timeout=300).json() for body in (plain, with_lora, at_zero)
     ]
+    native = [b64_pixels(answer["images"][0]["b64_json"]) for answer in answers]
     assert native[0] != native[1]
+    assert native[2] == native[0]  # weight 0: the model's own picture ...
+    assert answers[2]["parameters"]["loras"] == [{"id": "tiny-sdxl-lora", "weight": 0.0}]  # ... listed as asked
     moondream = httpx.post(f"{server.url}/v1/generate", json=with_lora, timeout=300).json()
     assert b64_pixels(moondream["images"][0]) == native[1]
     openai = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=300, max_retries=0)
@@ -148,6 +155,17 @@ def test_every_dialect_takes_loras_and_lists_them(serve, tiny_lora):
     assert tagged.info["prompt"] == "a lighthouse"
     untagged = a1111.txt2img(prompt="a lighthouse", seed=5, width=64, height=64)
     assert pixels_of(tagged.image) != pixels_of(untagged.image)
+    at_zero_tag = a1111.txt2img(prompt="a lighthouse <lora:tiny-sdxl-lora:0>", seed=5, width=64, height=64)
+    assert pixels_of(at_zero_tag.image) == pixels_of(untagged.image)
+    assert a1111.png_info(at_zero_tag.image).info.startswith("a lighthouse <lora:tiny-sdxl-lora:0>\n")
+
+    async def mcp_at_zero():
+        async with connected(server) as client:
+            return await client.call_tool("generate_image", at_zero)
+
+    made = anyio.run(mcp_at_zero)
+    assert not made.is_error, made.content
+    assert pixels(httpx.get(made.structured_content["images"][0]["url"], timeout=30).content) == native[0]
 
     refused = httpx.post(f"{server.url}/v1/txt2img", json={**plain, "loras": [{"id": "nope"}]}, timeout=300)
     assert refused.status_code == 400 and "unknown LoRA 'nope'" in refused.json()["error"]["message"]

@@ -23,7 +23,7 @@ from .pipelines import with_controlnets
 from .progress import Batch, BatchProgress
 from .prompt_encoder import conditioning
 from .prompts import PromptReader
-from .protocol import ResolvedRequest, Timings
+from .protocol import LoraWeight, ResolvedRequest, Timings
 from .schedulers import step_arguments
 from .upscalers import Tiling, upscale
 
@@ -53,8 +53,18 @@ class OutOfMemorySeam:
         return cls(int(attempts), int(step or 1))
 
 
+def acting_loras(request: ResolvedRequest) -> list[LoraWeight]:
+    """The LoRAs a call applies: those at weight 0 are left out, so that such a request is the
+    model's own call exactly, and batches with it. (Applied at 0, PEFT still runs each adapted
+    layer's LoRA branch and adds 0 times its output: the same sum on paper, yet on some
+    machines' CPU kernels the pictures came out a level of 255 apart. A1111's weight 0 adds 0
+    to the weights, which leaves the model's own: users compare against it.)"""
+    return [lora for lora in request.loras if lora.weight != 0]
+
+
 def lora_weights(request: ResolvedRequest) -> tuple[tuple[str, float], ...]:
-    return tuple((lora.id, lora.weight) for lora in request.loras)
+    """What the LoRAs change in a call: its batch key's part and the prompt cache's."""
+    return tuple((lora.id, lora.weight) for lora in acting_loras(request))
 
 
 def control_arguments(prepared: PreparedRequest, maps_argument: str) -> dict[str, Any]:
@@ -160,7 +170,7 @@ class Denoiser:
         ):
             # 2. Apply the LoRAs (before encoding: those that touch the text encoders change the
             # conditioning), and install the IP-Adapters in the UNet (or take out the last call's).
-            lora_load_s = self.models.apply_loras(source.id, pipelines, request.loras)
+            lora_load_s = self.models.apply_loras(source.id, pipelines, acting_loras(request))
             self.models.out_of_memory_as_error(
                 lambda: install(
                     pipelines, list(zip(adapter_ids, image_prompt_models)), [u.scale for u in request.ip_adapters]

@@ -13,7 +13,8 @@ from .schedulers import SCHEDULERS
 
 def write(request: ResolvedRequest, seed: int, img2img: bool, inpainting: bool) -> str:
     """The generation parameters in AUTOMATIC1111's format, which image tools parse."""
-    lines = [request.prompt]
+    # LoRAs as A1111 keeps them, tags in the prompt (weight 0 too: listed as asked).
+    lines = [" ".join([request.prompt, *(f"<lora:{lora.id}:{lora.weight:g}>" for lora in request.loras)])]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
     settings = [
