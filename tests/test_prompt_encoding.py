@@ -147,3 +147,40 @@ def test_out_of_memory_while_encoding_is_recovered_like_any_other(tiny_model):
     result = engine.generate(engine.prepare(GenerationRequest(prompt="a fox never encoded before", steps=2)))
     hook.remove()
     assert raised and result.out_of_memory_in == ["high"] and result.vram_mode == "balanced"
+
+
+def test_clip_skip_reads_the_layer_it_counts_back_from_the_last_in_both_encoders(engine):
+    """2 (the default) is the penultimate layer diffusers reads; 1 is the last layer's states,
+    before the final layer norm, in CLIP-L and OpenCLIP-G alike (Forge's and ComfyUI's reading)."""
+    prepared = engine.prepare(GenerationRequest(prompt="a red fox", clip_skip=1))
+    assert prepared.request.clip_skip == 1
+    with engine.models.use("tiny-sdxl", "high", 0) as (pipelines, _):
+        pipeline = pipelines.txt2img
+        penultimate = conditioning(pipeline, [prepared.prompts], EncodedPrompts(), clip_skip=2)
+        last = conditioning(pipeline, [prepared.prompts], EncodedPrompts(), clip_skip=1)
+        theirs = pipeline.encode_prompt("a red fox", device=torch.device("cpu"), do_classifier_free_guidance=False)
+        ids = pipeline.tokenizer("a red fox", padding="max_length", return_tensors="pt").input_ids
+        ids_2 = pipeline.tokenizer_2("a red fox", padding="max_length", return_tensors="pt").input_ids
+        with torch.no_grad():
+            last_layers = torch.cat(
+                [
+                    pipeline.text_encoder(ids, output_hidden_states=True).hidden_states[-1],
+                    pipeline.text_encoder_2(ids_2, output_hidden_states=True).hidden_states[-1],
+                ],
+                dim=-1,
+            )
+    assert torch.equal(penultimate["prompt_embeds"], theirs[0])
+    assert torch.equal(last["prompt_embeds"], last_layers)
+    assert torch.equal(last["pooled_prompt_embeds"], penultimate["pooled_prompt_embeds"])  # (the pooled one stays)
+    assert pixels(image(engine, "a red fox", clip_skip=1)) != pixels(image(engine, "a red fox", clip_skip=2))
+    assert pixels(image(engine, "a red fox", clip_skip=2)) == pixels(image(engine, "a red fox"))
+    key = engine.batch_key
+    assert key(engine.prepare(GenerationRequest(prompt="x", clip_skip=2))) == key(
+        engine.prepare(GenerationRequest(prompt="y"))
+    )
+    assert key(engine.prepare(GenerationRequest(prompt="x", clip_skip=1))) != key(
+        engine.prepare(GenerationRequest(prompt="y"))
+    )
+    with pytest.raises(InvalidRequest, match="clip_skip: 3 is past the first layer") as refused:
+        engine.prepare(GenerationRequest(prompt="x", clip_skip=3))  # (tiny-sdxl's encoders have 2 layers)
+    assert refused.value.param == "clip_skip"

@@ -193,6 +193,7 @@ class Denoiser:
                         pipelines.encoded_prompts,
                         lora_weights(request),
                         self.prompt_reader(source).embeddings,
+                        request.clip_skip,
                     ),
                     "out of memory",
                 ),
@@ -345,6 +346,7 @@ class Denoiser:
                     [prompts] * request.n,
                     pipelines.encoded_prompts,
                     embeddings=self.prompt_reader(refiner).embeddings,
+                    clip_skip=request.clip_skip,
                 ),
                 "out of memory",
             )

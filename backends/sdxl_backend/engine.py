@@ -131,12 +131,6 @@ class Engine:
         syntax the server does not run)."""
         return self.prompt_reader(source).read_pair(request.prompt, request.negative_prompt)
 
-    def set_default_model(self, model_id: str) -> str:
-        """The model a request without `model` gets from now on (an alias names its model)."""
-        self.default_model = self.models.source(model_id).id
-        logger.info("default model is now %s", self.default_model)
-        return self.default_model
-
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Everything before the device: raises `BackendError`s naming the field at fault."""
         source = self.models.source(request.model or self.default_model)
@@ -146,6 +140,12 @@ class Engine:
         size = first_pass_size(request)
         if source.img2img_only and init_image is None:
             raise InvalidRequest(f"image: model '{source.id}' only does image-to-image: send an image", "image")
+        if request.clip_skip > source.text_layers:
+            raise InvalidRequest(
+                f"clip_skip: {request.clip_skip} is past the first layer: model '{source.id}' has "
+                f"{source.text_layers} in its smaller text encoder",
+                "clip_skip",
+            )
         check_loras(self.models, source, [lora.id for lora in request.loras])
         check_controlnets(self.models, source, [unit.id for unit in request.controlnets])
         check_ip_adapters(self.models, source, [unit.id for unit in request.ip_adapters])
@@ -229,6 +229,7 @@ class Engine:
             request.scheduler,
             request.guidance_scale,
             request.eta,
+            request.clip_skip,
             request.strength if img2img else None,
             img2img,
             prepared.prompts.chunk_count,

@@ -25,6 +25,8 @@ def write(request: ResolvedRequest, seed: int, img2img: bool, inpainting: bool) 
         f"Size: {request.width}x{request.height}",
         f"Model: {request.model}",
     ]
+    if request.clip_skip > 1:  # (as A1111 writes it: from 2 on)
+        settings.append(f"Clip skip: {request.clip_skip}")
     if img2img:
         settings.append(f"Denoising strength: {request.strength}")
     if request.hires_fix and not img2img:

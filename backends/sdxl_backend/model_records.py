@@ -47,6 +47,12 @@ class ModelSource:
         return model_unet_signature(self.path)
 
     @cached_property
+    def text_layers(self) -> int:
+        """The layers of its smaller text encoder: how far clip skip can count back."""
+        configs = [self.path / folder / "config.json" for folder in ("text_encoder", "text_encoder_2")]
+        return min(json.loads(config.read_text())["num_hidden_layers"] for config in configs if config.exists())
+
+    @cached_property
     def text_signature(self) -> str:
         """Its text encoders' widths, which an embedding must have (embeddings.py)."""
         return model_text_signature(self.path)

@@ -4,9 +4,11 @@ Every task hands the pipelines embeddings made here, never a prompt string:
 
 1. each chunk of each prompt goes through each text encoder of the model (CLIP-L and
    OpenCLIP-G; a refiner has the second only), all chunks of a call in one batch;
-2. the penultimate hidden states are kept (what SDXL was trained on), weighted by A1111's
-   rule: each token's state times its weight, then the chunk rescaled to its unweighted mean
-   (a chunk whose weights are all 1.0 is left exactly as encoded);
+2. the hidden states of the layer `clip_skip` names are kept, counted from the last (2, the
+   penultimate, is what SDXL was trained on; Forge's and diffusers' reading: both encoders
+   alike, no final layer norm), weighted by A1111's rule: each token's state times its
+   weight, then the chunk rescaled to its unweighted mean (a chunk whose weights are all 1.0
+   is left exactly as encoded);
 3. a prompt's chunks are joined along the sequence (77 tokens each), the encoders' states
    side by side (768 + 1280 = 2048 per token);
 4. the pooled embedding is OpenCLIP-G's, of the first chunk (its projected state at the first
@@ -85,9 +87,9 @@ def give_embeddings(pipeline, embeddings: EmbeddingSet) -> None:
 
 
 @torch.no_grad()
-def encode(pipeline, prompts: list[ReadPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(pipeline, prompts: list[ReadPrompt], clip_skip: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden states [prompts, 77 x chunks, width], pooled [prompts, 1280]) of prompts of one
-    chunk count, encoded by `pipeline`'s text encoders."""
+    chunk count, encoded by `pipeline`'s text encoders, read at layer `clip_skip` from the last."""
     TORCH_WORK.note("encode prompts")
     device = pipeline._execution_device
     per_encoder, pooled = [], None
@@ -95,7 +97,7 @@ def encode(pipeline, prompts: list[ReadPrompt]) -> tuple[torch.Tensor, torch.Ten
         chunks = [chunk for prompt in prompts for chunk in prompt.chunks[index]]
         ids = torch.tensor([chunk.ids for chunk in chunks], device=device)
         output = encoder(ids, output_hidden_states=True)
-        states = output.hidden_states[-2]
+        states = output.hidden_states[-clip_skip]
         for row, chunk in enumerate(chunks):
             if chunk.weighted:  # A1111's emphasis: weigh each token, then keep the chunk's mean
                 before = states[row].mean()
@@ -114,23 +116,25 @@ def encode(pipeline, prompts: list[ReadPrompt]) -> tuple[torch.Tensor, torch.Ten
 
 class EncodedPrompts:
     """A loaded model's encodings of the prompts it read last, the least recently used going
-    first past `size`. Keyed by the LoRAs active (theirs may change the text encoders) and the
-    prompt's chunks (its tokens and weights: the prompt as read)."""
+    first past `size`. Keyed by the LoRAs active (theirs may change the text encoders), the
+    layer read (clip skip) and the prompt's chunks (its tokens and weights: the prompt as read)."""
 
     def __init__(self, size: int = 64):
         self.size = size
         self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.has_embeddings = False  # whether the model's text encoders hold the served embeddings
 
-    def encode(self, pipeline, prompts: list[ReadPrompt], loras: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, pipeline, prompts: list[ReadPrompt], loras: tuple, clip_skip: int = 2
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """As `encode`, each distinct prompt encoded once, and only when not held already."""
-        keyed = {(loras, prompt.chunks): prompt for prompt in prompts}
+        keyed = {(loras, clip_skip, prompt.chunks): prompt for prompt in prompts}
         missing = [key for key in keyed if key not in self._entries]
         if missing:
-            states, pooled = encode(pipeline, [keyed[key] for key in missing])
+            states, pooled = encode(pipeline, [keyed[key] for key in missing], clip_skip)
             for row, key in enumerate(missing):
                 self._entries[key] = (states[row].clone(), pooled[row].clone())
-        keys = [(loras, prompt.chunks) for prompt in prompts]
+        keys = [(loras, clip_skip, prompt.chunks) for prompt in prompts]
         for key in keys:
             self._entries.move_to_end(key)
         rows = [self._entries[key] for key in keys]
@@ -148,18 +152,20 @@ def conditioning(
     encoded: EncodedPrompts,
     loras: tuple = (),
     embeddings: EmbeddingSet | None = None,
+    clip_skip: int = 2,
 ) -> dict[str, torch.Tensor]:
     """The pipeline call's four conditioning arguments for its rows, one `ReadPrompts` each;
-    `loras`: the (id, weight) of the LoRAs active; `embeddings`: those the model serves."""
+    `loras`: the (id, weight) of the LoRAs active; `embeddings`: those the model serves;
+    `clip_skip`: the layer read, counted from the last."""
     if embeddings is not None and embeddings.embeddings and not encoded.has_embeddings:
         give_embeddings(pipeline, embeddings)
         encoded.has_embeddings = True
-    embeds, pooled = encoded.encode(pipeline, [read.prompt for read in reads], loras)
+    embeds, pooled = encoded.encode(pipeline, [read.prompt for read in reads], loras, clip_skip)
     zeros = [not read.negative.text for read in reads] if pipeline.config.get("force_zeros_for_empty_prompt") else []
     if zeros and all(zeros):
         negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
     else:
-        negative_embeds, negative_pooled = encoded.encode(pipeline, [read.negative for read in reads], loras)
+        negative_embeds, negative_pooled = encoded.encode(pipeline, [read.negative for read in reads], loras, clip_skip)
         for row, zero in enumerate(zeros):
             if zero:
                 negative_embeds[row], negative_pooled[row] = 0, 0

@@ -44,6 +44,9 @@ ImageBytes = Annotated[
 ]
 
 
+MAX_CLIP_SKIP = 12  # CLIP-L's layers, the fewer of SDXL's two encoders (A1111's slider goes as far)
+
+
 class ModelDefaults(BaseModel):
     """What a model uses when a request leaves a field out (the catalog's per-model settings)."""
 
@@ -55,6 +58,7 @@ class ModelDefaults(BaseModel):
     guidance_scale: float = 6.0
     scheduler: str = "euler"
     timestep_spacing: str | None = None
+    clip_skip: int = Field(2, ge=1, le=MAX_CLIP_SKIP)  # 2: the penultimate layer, what SDXL was trained on
 
 
 class HiresFix(BaseModel):
@@ -180,6 +184,13 @@ class TextToImageRequest(BaseModel):
     eta: float | None = Field(
         None, ge=0, le=1, description="DDIM's eta (0: deterministic, 1: full noise); only the ddim scheduler takes it."
     )
+    clip_skip: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CLIP_SKIP,
+        description="The text encoders' layer the prompt is read from, counted from the last: 1 the last, 2 the "
+        "one before (what SDXL was trained on), and so on; both encoders alike. Default: the model's (2).",
+    )
     output_format: OutputFormat = Field("png", description="Encoding of the images.")
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
     vram_mode: VramMode | None = Field(None, description="Memory mode of this request; default: the server's.")
@@ -270,6 +281,7 @@ class ResolvedRequest(GenerationRequest):
     guidance_scale: float
     seed: int
     scheduler: str
+    clip_skip: int
     hires_fix: ResolvedHiresFix | None = None
 
 

@@ -48,6 +48,7 @@ def resolve(
         "steps": steps,
         "guidance_scale": defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
         "scheduler": request.scheduler or defaults.scheduler,
+        "clip_skip": request.clip_skip or defaults.clip_skip,
         "seed": secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
     }
     if request.hires_fix is not None:

@@ -25,6 +25,7 @@ GENERATION_FIELDS = (
     "seed",
     "n",
     "scheduler",
+    "clip_skip",
     "loras",
     "priority",
 )
