@@ -174,7 +174,7 @@ def test_low_mode_frees_the_model_and_status_shows_modes(trio_server):
     assert "tiny-c" not in {m["id"] for m in status(trio_server)["loaded"]}
 
 
-def test_webuiapi_set_options_switches_the_default_model(trio_server):
+def test_webuiapi_set_options_switches_the_callers_default_model(trio_server):
     api = webuiapi.WebUIApi(baseurl=f"{trio_server.url}/sdapi/v1", steps=2)
     assert api.util_get_current_model() == "tiny-a"
     try:
@@ -182,8 +182,8 @@ def test_webuiapi_set_options_switches_the_default_model(trio_server):
         assert api.util_get_current_model() == "tiny-b"
         assert api.txt2img(prompt="x", width=64, height=64).info["sd_model_name"] == "tiny-b"
         native = httpx.post(f"{trio_server.url}/v1/txt2img", json={"prompt": "x", "steps": 2}, timeout=300)
-        assert native.json()["model"] == "tiny-b"  # the default of every dialect
-        assert httpx.get(f"{trio_server.url}/health", timeout=300).json()["default_model"] == "tiny-b"
+        assert native.json()["model"] == "tiny-b"  # the caller's default in every dialect (no keys: one caller)
+        assert httpx.get(f"{trio_server.url}/health", timeout=300).json()["default_model"] == "tiny-a"  # the server's
     finally:
         api.set_options({"sd_model_checkpoint": "tiny-a"})
 

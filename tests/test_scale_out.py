@@ -593,3 +593,18 @@ def test_a_waiter_follows_a_job_through_published_changes_not_by_reading_it_in_a
     finally:
         queue.close()
         listener.close()
+
+
+def test_a_callers_a1111_options_and_default_model_are_the_same_on_every_replica(replicas):
+    a, b = replicas
+    changed = httpx.post(
+        f"{a.url}/sdapi/v1/options", json={"sd_model_checkpoint": "sdxl-realism", "jpeg_quality": 61}, timeout=300
+    )
+    assert changed.status_code == 200, changed.text
+    try:
+        seen = httpx.get(f"{b.url}/sdapi/v1/options", timeout=300).json()
+        assert (seen["sd_model_checkpoint"], seen["jpeg_quality"]) == ("sdxl-realism", 61)
+        made = httpx.post(f"{b.url}/v1/generate", json={**SMALL, "steps": 1}, timeout=300).json()
+        assert made["stats"]["model"] == "tiny-sdxl"  # (sdxl-realism is its alias here)
+    finally:
+        httpx.post(f"{a.url}/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sdxl"}, timeout=300)

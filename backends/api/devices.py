@@ -202,11 +202,6 @@ class Devices:
     def is_loaded(self, model_id: str) -> bool:
         return any(device.engine.models.is_loaded(model_id) for device in self.devices)
 
-    def set_default_model(self, model_id: str) -> str:
-        for device in self.devices:
-            chosen = device.engine.set_default_model(model_id)
-        return chosen
-
 
 def _warm_up(device: Device) -> None:
     TORCH_WORK.note("warm-up")

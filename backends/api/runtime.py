@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.requests import Request
 
-from backends.api import headers
+from backends.api import headers, shared_redis
+from backends.api.caller_options import MODEL_OPTION, CallerOptions, MemoryCallerOptions, SharedCallerOptions
 from backends.api.hangups import cancelled_on_hangup
 from backends.api.kept_images import KeptImages, KeptImageStore, SharedKeptImages
 from backends.api.metrics import Metrics
@@ -106,15 +107,18 @@ class Runtime:
         self.jobs_dir: Path | None = None
         self.jobs: JobQueue
         self.kept_images: KeptImageStore
+        self.caller_options: CallerOptions
         if settings.redis_url is None:
             self.kept_images = KeptImages(settings.image_url_ttl_seconds, settings.image_url_max_bytes)
+            self.caller_options = MemoryCallerOptions()
             # BentoML restarts a worker that dies under the same server process, the worker's parent:
             # the default journal is that process's, so a new worker finds its predecessor's jobs.
             self.jobs_dir = settings.jobs_dir or Path(tempfile.gettempdir()) / f"sdxl-jobs-{os.getppid()}"
             self.jobs = MemoryJobQueue(self.devices.devices, bounds, self._job_changed, JobJournal(self.jobs_dir))
         else:
-            client = self._redis(settings.redis_url)
+            client = shared_redis.connect(settings.redis_url)
             self.kept_images = SharedKeptImages(client, settings.image_url_ttl_seconds, settings.image_url_max_bytes)
+            self.caller_options = SharedCallerOptions(client)
             self.jobs = SharedJobQueue(self.devices.devices, client, bounds, self._job_changed, self.card)
         self.tracer = service_tracer(enabled=bool(tracing_config()))
         self.job_spans = JobSpans(self.tracer, self.jobs.replica)
@@ -136,24 +140,6 @@ class Runtime:
         )
         self.event_streams = 0  # SSE streams open now (changed on the event loop only)
         self.started = int(time.time())
-
-    @staticmethod
-    def _redis(url: str):
-        """The client of the Redis the replicas share, which may come up after us: until it
-        does, the routes that need it answer 503."""
-        import redis
-
-        # Short timeouts: Redis out of reach is a quick 503, never a hanging request.
-        client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
-        try:
-            client.ping()
-            logger.info("the job queue and kept images are shared through Redis (SDXL_REDIS_URL)")
-        except redis.RedisError as exc:
-            logger.warning(
-                "Redis (SDXL_REDIS_URL) cannot be reached yet (%s); jobs and image links answer 503 until it can",
-                type(exc).__name__,
-            )
-        return client
 
     def start(self, warm_up: bool) -> None:
         """Start the device threads, and with `warm_up` wait while each loads the default model
@@ -201,7 +187,7 @@ class Runtime:
         def prepare_and_submit() -> Job:
             if webhook is not None:
                 self.webhook_destinations.check(webhook.url)
-            prepared = self._prepare(request)
+            prepared = self._prepare(request, owner)
             refuse_unless_alive(self.jobs)
             return self.jobs.submit(prepared, owner, preview_every, spec)
 
@@ -212,11 +198,10 @@ class Runtime:
         handler being cancelled, or SDXL_TIMEOUT_SECONDS passing cancels the job, so the device
         moves on at its next step."""
         self._check_priority(request, http)
-        prepared = await anyio.to_thread.run_sync(self._prepare, request)
+        owner = self.owner(http)
+        prepared = await anyio.to_thread.run_sync(self._prepare, request, owner)
         try:
-            return await cancelled_on_hangup(
-                http, self.jobs.run(prepared, self.owner(http), self.settings.timeout_seconds)
-            )
+            return await cancelled_on_hangup(http, self.jobs.run(prepared, owner, self.settings.timeout_seconds))
         except TimedOut as exc:
             raise TimedOut(f"{exc.message} (SDXL_TIMEOUT_SECONDS)") from None
 
@@ -224,9 +209,11 @@ class Runtime:
         if request.priority == "high" and headers.presented_key(http.headers) not in self.settings.priority_keys:
             raise NotPermitted("priority: 'high' is for the API keys listed in SDXL_PRIORITY_KEYS", "priority")
 
-    def _prepare(self, request: GenerationRequest) -> PreparedRequest:
+    def _prepare(self, request: GenerationRequest, owner: str | None) -> PreparedRequest:
         """Validated, decoded and filled in (`Engine.prepare`: a bad request fails here, never
-        queued)."""
+        queued); without a `model`, the caller's default model, if it set one."""
+        if request.model is None:
+            request = request.model_copy(update={"model": self.default_model_for(owner)})
         if request.vram_mode is not None and not self.settings.allow_client_vram_mode:
             logger.info(
                 "client asked for memory mode %s; SDXL_ALLOW_CLIENT_VRAM_MODE=0, so the server's applies",
@@ -351,8 +338,17 @@ class Runtime:
     def limits(self) -> Limits:
         return self.engine.limits
 
-    def set_default_model(self, model_id: str) -> str:
-        return self.devices.set_default_model(model_id)
+    async def caller_options_of(self, http: Request) -> dict[str, Any]:
+        """The A1111 options the caller's key set (off the event loop: they may be in Redis)."""
+        return await anyio.to_thread.run_sync(self.caller_options.get, self.owner(http) or "")
+
+    async def set_caller_options(self, http: Request, changes: dict[str, Any]) -> None:
+        await anyio.to_thread.run_sync(self.caller_options.update, self.owner(http) or "", changes)
+
+    def default_model_for(self, owner: str | None) -> str:
+        """The model a caller's requests without `model` get: the one it set through A1111's
+        options (`sd_model_checkpoint`), else the server's."""
+        return self.caller_options.get(owner or "").get(MODEL_OPTION) or self.default_model
 
     def models_fitting(self, adapter: ServedAdapter) -> list[str]:
         """The served models an adapter fits (its architecture: `ServedAdapter.fits`)."""
