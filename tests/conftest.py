@@ -218,6 +218,7 @@ def guarded(serve, tmp_path_factory):
         "guarded",
         {
             "SDXL_MODELS": "tiny-sdxl",
+            "SDXL_MODEL_ALIASES": "sdxl-realism=tiny-sdxl",
             "SDXL_API_KEYS": str(keys),
             "SDXL_CORS_ORIGINS": "http://gallery.local",
             "SDXL_IMAGE_URL_TTL_SECONDS": "3",

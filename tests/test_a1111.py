@@ -126,7 +126,7 @@ def test_img2img(server):
         ("txt2img", {"eta": 0.5}, "eta"),  # Euler a runs at eta 1.0 only
         ("txt2img", {"sampler_name": "", "sampler_index": "Warp Drive"}, "sampler_index"),
         ("txt2img", {"sampler_name": "Warp Drive"}, "sampler_name"),
-        ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings"),
+        ("txt2img", {"override_settings": {"randn_source": "CPU"}}, "override_settings.randn_source"),
         ("txt2img", {"init_images": [base64.b64encode(png_bytes()).decode()]}, "init_images"),
         ("txt2img", {"width": 100}, "width"),
         ("img2img", {}, "init_images"),
@@ -208,7 +208,7 @@ def test_webuiapi_listings_options_and_skip(api):
     assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", *served("upscalers")]
     assert [m["name"] for m in api.get_latent_upscale_modes()] == ["Latent"]
     assert sorted(api.get_embeddings()["loaded"]) == served("embeddings") and api.get_cmd_flags() == {}
-    assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
+    assert [s["name"] for s in api.get_schedulers()][:2] == ["automatic", "karras"]
     assert api.get_memory()["ram"]["total"] > 0
     assert api.util_get_model_names() == ["tiny-sdxl"] and api.util_get_current_model() == "tiny-sdxl"
     assert api.refresh_checkpoints() is None and api.skip() == {}

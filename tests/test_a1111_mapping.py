@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from backends.api.a1111.mapping import generation_request, progress, take_loras
+from backends.api.a1111.mapping import SCHEDULES, generation_request, progress, samplers, take_loras
 from backends.api.a1111.protocol import A1111Request
 from backends.sdxl_backend import infotext
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.protocol import TINY_PNG, GenerationRequest, LoraWeight
+from backends.sdxl_backend.schedulers import SCHEDULERS
 
 
 def mapped(img2img: bool = False, **fields) -> GenerationRequest:
@@ -52,9 +53,18 @@ def test_lora_tags_leave_the_prompt_and_become_loras():
     [
         ({"restore_faces": True}, "restore_faces"),
         ({"subseed": 42}, "subseed"),
-        ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings"),
+        ({"override_settings": {"eta_noise_seed_delta": 31337}}, "override_settings.eta_noise_seed_delta"),
+        ({"override_settings": {"CLIP_stop_at_last_layers": 13}}, "override_settings.CLIP_stop_at_last_layers"),
+        ({"override_settings": {"sd_vae": "other-vae.safetensors"}}, "override_settings.sd_vae"),
+        (
+            {"override_settings": {"forge_additional_modules": ["x.safetensors"]}},
+            "override_settings.forge_additional_modules",
+        ),
+        ({"clip_skip": 13}, "clip_skip"),
         ({"sampler_name": "Unheard Of"}, "sampler_name"),
-        ({"scheduler": "Exponential"}, "scheduler"),
+        ({"sampler_name": "Euler a", "scheduler": "Exponential"}, "scheduler"),
+        ({"scheduler": "Cosine"}, "scheduler"),
+        ({"sampler_name": "DPM++ 2M SDE"}, "scheduler"),  # (A1111's automatic for it is exponential: not here)
         ({"enable_hr": True, "hr_upscaler": "Latent (antialiased)"}, "hr_upscaler"),
         ({"alwayson_scripts": {"ADetailer": {"args": [{}]}}}, "alwayson_scripts.adetailer"),
         ({"sampler_name": "Euler a", "eta": 0.5}, "eta"),
@@ -77,6 +87,90 @@ def test_fields_at_their_a1111_defaults_pass():
         alwayson_scripts={"controlnet": {"args": []}},
     )
     assert request.prompt == "a fox" and request.controlnets == []
+
+
+def test_clip_skip_is_read_as_forge_reads_it_for_sdxl():
+    """Forge reads layer max(n, 2) from the last in both encoders; A1111 (its "Clip skip SDXL"
+    option off) reads the penultimate whatever n: 1 and 2 agree everywhere on SDXL's own."""
+    assert mapped().clip_skip is None  # the model's default (2)
+    assert mapped(override_settings={"CLIP_stop_at_last_layers": 1}).clip_skip == 2
+    assert mapped(override_settings={"CLIP_stop_at_last_layers": 3}).clip_skip == 3
+    assert mapped(clip_skip=4).clip_skip == 4  # SD.Next's top-level field ...
+    assert mapped(clip_skip=4, override_settings={"CLIP_stop_at_last_layers": 3}).clip_skip == 3  # ... under A1111's
+    kept = {"CLIP_stop_at_last_layers": 5, "sd_model_checkpoint": "tiny-sdxl"}  # (set with POST /options)
+    assert generation_request(A1111Request(prompt="x"), False, kept).clip_skip == 5
+    assert generation_request(A1111Request(prompt="x", clip_skip=3), False, kept).clip_skip == 3
+
+
+def test_the_vae_options_name_the_models_own_or_the_served_vae():
+    for name in ("Automatic", "None", ""):
+        assert mapped(override_settings={"sd_vae": name, "forge_additional_modules": []}).prompt == "a fox"
+    served = A1111Request(prompt="x", override_settings={"forge_additional_modules": ["fp16-vae.safetensors"]})
+    assert generation_request(served, False, served_vae="fp16-vae").prompt == "x"
+    with pytest.raises(InvalidRequest, match="'fp16-vae' .SDXL_VAE. or 'Automatic'"):
+        generation_request(
+            A1111Request(prompt="x", override_settings={"sd_vae": "other"}), False, served_vae="fp16-vae"
+        )
+
+
+@pytest.mark.parametrize(
+    ("sampler", "schedule", "scheduler"),
+    [
+        ("DPM++ 2M", "Karras", "dpmpp_2m_karras"),
+        ("DPM++ 2M Karras", None, "dpmpp_2m_karras"),  # the old single name: the same scheduler
+        ("DPM++ 2M", "Automatic", "dpmpp_2m_karras"),  # A1111 1.9's automatic for DPM++ 2M is Karras
+        ("DPM++ 2M", "exponential", "dpmpp_2m_exponential"),
+        ("DPM++ 2M SDE", "karras", "dpmpp_2m_sde_karras"),
+        ("Euler", "sgm_uniform", "euler_sgm_uniform"),
+        ("Euler", "Align Your Steps", "euler_ays"),
+        ("Euler a", "Automatic", "euler_a"),
+        ("DDIM", "normal", "ddim"),  # SillyTavern's defaults: A1111 runs DDIM on its own schedule
+    ],
+)
+def test_a_sampler_and_a_schedule_name_one_scheduler(sampler, schedule, scheduler):
+    assert mapped(sampler_name=sampler, scheduler=schedule).scheduler == scheduler
+
+
+def test_every_listed_sampler_with_every_listed_schedule_is_a_scheduler_or_a_400_naming_it():
+    for sampler in [entry["name"] for entry in samplers()]:
+        for schedule in SCHEDULES:
+            try:
+                assert mapped(sampler_name=sampler, scheduler=schedule).scheduler in SCHEDULERS
+            except InvalidRequest as refused:
+                assert refused.param == "scheduler", (sampler, schedule)
+
+
+def test_sillytaverns_exact_body_maps_and_its_own_fields_change_nothing():
+    # SillyTavern public/scripts/extensions/stable-diffusion/index.js, generateAutoImage(): its
+    # defaults (sampler DDIM, scheduler normal, clip_skip 1) and getSdRequestBody()'s url/auth.
+    body = {
+        "url": "http://localhost:7860",
+        "auth": "user:secret",
+        "prompt": "a fox",
+        "negative_prompt": "blurry",
+        "sampler_name": "DDIM",
+        "scheduler": "normal",
+        "steps": 20,
+        "cfg_scale": 7,
+        "width": 512,
+        "height": 512,
+        "restore_faces": False,
+        "enable_hr": False,
+        "hr_upscaler": "Latent",
+        "hr_scale": 2.0,
+        "hr_additional_modules": [],
+        "denoising_strength": 0.7,
+        "hr_second_pass_steps": 0,
+        "override_settings": {"CLIP_stop_at_last_layers": 1, "forge_additional_modules": []},
+        "override_settings_restore_afterwards": True,
+        "clip_skip": 1,
+        "save_images": True,
+        "send_images": True,
+        "do_not_save_grid": False,
+        "do_not_save_samples": False,
+    }
+    request = generation_request(A1111Request.model_validate(body), False)
+    assert (request.scheduler, request.steps, request.clip_skip, request.width) == ("ddim", 20, 2, 512)
 
 
 def test_hires_fix_and_img2img_inpainting():
@@ -159,13 +253,19 @@ def test_the_parameters_text_is_read_back_as_it_was_written():
         height=768,
         guidance_scale=6.5,
         scheduler="euler_a",
+        clip_skip=2,
         model="tiny-sdxl",
     )
     text = infotext.write(request, 1234, img2img=False, inpainting=False)
     parsed = infotext.parse(text)
     assert parsed["Prompt"] == "a fox, in snow" and parsed["Negative prompt"] == "blurry"
     assert (parsed["Steps"], parsed["Sampler"], parsed["CFG scale"], parsed["Seed"]) == ("12", "Euler a", "6.5", "1234")
-    assert (parsed["Size-1"], parsed["Size-2"], parsed["Model"]) == ("512", "768", "tiny-sdxl")
+    assert (parsed["Size-1"], parsed["Size-2"], parsed["Model"], parsed["Clip skip"]) == (
+        "512",
+        "768",
+        "tiny-sdxl",
+        "2",
+    )
     assert infotext.parse("just a prompt") == {"Prompt": "just a prompt", "Negative prompt": ""}
 
 
@@ -174,8 +274,9 @@ def test_the_parameters_text_keeps_the_loras_as_a1111_tags_weight_zero_too():
         prompt="a fox",
         loras=[LoraWeight(id="tiny-sdxl-lora", weight=0.0), LoraWeight(id="b", weight=0.75)],
         scheduler="euler",
+        clip_skip=1,
         model="tiny-sdxl",
     )
     parsed = infotext.parse(infotext.write(request, 1, img2img=False, inpainting=False))
-    assert parsed["Prompt"] == "a fox <lora:tiny-sdxl-lora:0> <lora:b:0.75>"
+    assert parsed["Prompt"] == "a fox <lora:tiny-sdxl-lora:0> <lora:b:0.75>" and "Clip skip" not in parsed
     assert take_loras(parsed["Prompt"]) == ("a fox", request.loras)  # read back, it asks for the same

@@ -4,9 +4,11 @@
   anything else (guards.py: DNS rebinding and web pages driving a local server); a Private
   Network Access preflight is answered yes for the allowed origins;
 - a request body over `SDXL_MAX_BODY_BYTES` is a 413 before any of it is parsed;
-- API keys: with `SDXL_API_KEYS` set, every route needs `Authorization: Bearer <key>` or
-  `X-API-Key: <key>`, except the probes, `/health`, kept-image links (unguessable, fetched by
-  browsers that cannot send a key), CORS preflights, and `/metrics` when `SDXL_OPEN_METRICS=1`;
+- API keys: with `SDXL_API_KEYS` set, every route needs `Authorization: Bearer <key>`,
+  `X-API-Key: <key>` or HTTP Basic with the key as the password (A1111's clients), except
+  the probes, `/health`, kept-image links (unguessable, fetched by browsers that cannot send
+  a key), CORS preflights, and `/metrics` when `SDXL_OPEN_METRICS=1`; its 401 asks for Bearer
+  alone (`WWW-Authenticate: Basic` would make browsers pop up a login over the playground);
 - its own refusals (401, 413, 415) carry the CORS headers BentoML's CORS middleware, which
   they never reach, would have added, so that a browser shows the refusal, not a CORS error;
 - the one error shape for the errors BentoML itself answers (request validation of the native
@@ -116,7 +118,11 @@ class Edge:
                 send = _with_header(send, (b"access-control-allow-private-network", b"true"))
         if self.keys and not self._open(scope, path):
             scope[REFUSED] = True
-            body = errors.status_error(401, "missing or invalid API key: send Authorization: Bearer <key> or X-API-Key")
+            body = errors.status_error(
+                401,
+                "missing or invalid API key: send Authorization: Bearer <key>, X-API-Key: <key>, "
+                "or HTTP Basic with the key as the password (any user name)",
+            )
             body["error"]["code"] = "invalid_api_key"
             await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer"), *self._cors(scope)])
             return

@@ -3,6 +3,9 @@ route (moondream-station clients read them)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+
 from starlette.datastructures import Headers
 
 from backends.sdxl_backend.protocol import GenerationResult
@@ -47,8 +50,17 @@ def vram_headers(memory: tuple[int, int] | None) -> dict[str, str]:
 
 
 def presented_key(headers: Headers) -> str | None:
+    """The key, from `Authorization: Bearer <key>`, `X-API-Key: <key>`, or HTTP Basic with the
+    key as the password and any user name: all that A1111's clients (SillyTavern, Open WebUI)
+    can send, since A1111 itself takes only Basic."""
     authorization = headers.get("authorization", "")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
+    if scheme.lower() == "basic" and token.strip():
+        try:
+            credentials = base64.b64decode(token.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return credentials.partition(":")[2] or None
     return headers.get("x-api-key")

@@ -1,6 +1,6 @@
 """The AUTOMATIC1111 dialect's listings, which its clients read before they send a request:
-models, LoRAs, embeddings, samplers and schedules, upscalers, scripts, the ControlNet extension's
-models and modules. What this server does not have is listed truthfully empty."""
+models, LoRAs, embeddings, samplers and schedules, VAEs, upscalers, scripts, the ControlNet
+extension's models and modules. What this server does not have is listed truthfully empty."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from fastapi import APIRouter, Depends
 
 from backends.api import errors
 from backends.api.a1111.extras import upscaler_listing
-from backends.api.a1111.mapping import samplers
+from backends.api.a1111.mapping import SCHEDULES, samplers
+from backends.api.a1111.options import vae_file
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.controlnets import PREPROCESSORS
 
@@ -56,11 +57,21 @@ async def list_samplers() -> list[dict[str, Any]]:
 
 @router.get("/schedulers", responses=errors.responses(401))
 async def schedulers() -> list[dict[str, Any]]:
-    """The noise schedules a sampler can be combined with."""
+    """The noise schedules a sampler can be combined with (`scheduler`; which sampler takes
+    which: mapping.PAIRS)."""
     return [
-        {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False},
-        {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False},
+        {"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+        for name, label in SCHEDULES.items()
     ]
+
+
+@router.get("/sd-vae", responses=errors.responses(401))
+@router.get("/sd-modules", responses=errors.responses(401))
+async def vaes(runtime: RuntimeDep) -> list[dict[str, Any]]:
+    """The VAE the server runs in place of every model's (SDXL_VAE), if any: what `sd_vae` and
+    Forge's `forge_additional_modules` (whose listing /sd-modules is) may name."""
+    vae = runtime.settings.vae
+    return [{"model_name": vae, "filename": vae_file(vae)}] if vae else []
 
 
 @router.get("/upscalers", responses=errors.responses(401))
@@ -99,7 +110,6 @@ async def embeddings(runtime: RuntimeDep) -> dict[str, Any]:
 
 # What this server does not have, listed as A1111 lists an empty collection.
 EMPTY_LISTINGS: dict[str, Any] = {
-    "/sd-vae": [],
     "/hypernetworks": [],
     "/face-restorers": [],
     "/realesrgan-models": [],

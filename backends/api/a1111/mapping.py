@@ -10,8 +10,12 @@ import re
 from typing import Any
 
 from backends.api.a1111.extras import upscaler_id
+from backends.api.a1111.options import clip_skip as clip_skip_of
+from backends.api.a1111.options import picture_fields
 from backends.api.a1111.protocol import A1111Answer, A1111Request, refuse_what_is_on, title_name
 from backends.api.a1111.units import control_units
+from backends.api.caller_options import MODEL_OPTION
+from backends.sdxl_backend import infotext
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.jobs import Job, JobStatus
 from backends.sdxl_backend.protocol import MAX_LORAS, GenerationRequest, GenerationResult, LoraWeight
@@ -28,7 +32,37 @@ SAMPLER_NAMES |= {
     "k_dpmpp_2m": "dpmpp_2m",
     "k_dpmpp_2m_ka": "dpmpp_2m_karras",
 }
-KARRAS = {"euler": "euler_karras", "dpmpp_2m": "dpmpp_2m_karras"}
+# A1111 1.9 on names the solver alone ("DPM++ 2M SDE") and the schedule apart.
+SAMPLER_NAMES |= {"dpm++ 2m sde": "dpmpp_2m_sde", "dpm++ sde": "dpmpp_sde", "dpm++ 3m sde": "dpmpp_3m_sde"}
+# A1111's noise schedules (its `scheduler` field, as /sdapi/v1/schedulers names them) with a
+# sampler: the scheduler here that runs the pair. "automatic" is the sampler's own default in
+# A1111 (Karras for DPM++ 2M and DPM++ SDE, none for the rest). A1111 runs DDIM, PLMS, UniPC
+# and LCM on their own schedules, ignoring the field; so does this server.
+SCHEDULES = {
+    "automatic": "Automatic",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "beta": "Beta",
+    "sgm_uniform": "SGM Uniform",
+    "simple": "Simple",
+    "normal": "Normal",
+    "align_your_steps": "Align Your Steps",
+}
+PAIRS = {
+    ("euler", "karras"): "euler_karras",
+    ("euler", "sgm_uniform"): "euler_sgm_uniform",
+    ("euler", "simple"): "euler_simple",
+    ("euler", "normal"): "euler_simple",
+    ("euler", "align_your_steps"): "euler_ays",
+    ("dpmpp_2m", "karras"): "dpmpp_2m_karras",
+    ("dpmpp_2m", "exponential"): "dpmpp_2m_exponential",
+    ("dpmpp_2m", "beta"): "dpmpp_2m_beta",
+    ("dpmpp_2m_sde", "karras"): "dpmpp_2m_sde_karras",
+    ("dpmpp_sde", "karras"): "dpmpp_sde_karras",
+    ("dpmpp_3m_sde", "karras"): "dpmpp_3m_sde_karras",
+}
+AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_sde": "karras"}  # (A1111's 2M SDE and 3M SDE: exponential, not here)
+OWN_SCHEDULE = {"ddim", "pndm", "unipc", "lcm"}
 ANCESTRAL = {"euler_a"}
 
 # A1111 fields this server does not implement, at the values A1111 sends when they are off.
@@ -37,11 +71,22 @@ OFF = {
     "seed_resize_from_h": -1,
     "seed_resize_from_w": -1,
     "s_noise": 1.0,
-    "override_settings_restore_afterwards": True,
-    "send_images": True,
     "resize_mode": 0,
     "initial_noise_multiplier": 1.0,
     "image_cfg_scale": 1.5,
+    "hr_additional_modules": ["Use same choices"],  # Forge's: the hires pass's VAE and text encoders
+}
+# Fields clients send that change nothing in the answer: SillyTavern forwards its own `url` and
+# `auth` inside the body; saving to the server's disk and grids are A1111's, not this server's.
+IGNORED = {
+    "url",
+    "auth",
+    "save_images",
+    "send_images",
+    "do_not_save_samples",
+    "do_not_save_grid",
+    "override_settings_restore_afterwards",
+    "force_task_id",
 }
 # A1111's extra-network tag for LoRAs: <lora:name> or <lora:name:weight> (its older <lyco:...> too).
 LORA_TAG = re.compile(r"<\s*(?:lora|lyco)\s*:\s*([^:<>]+?)\s*(?::\s*([^:<>]*?)\s*)?(?::[^<>]*)?>", re.IGNORECASE)
@@ -63,26 +108,29 @@ def take_loras(prompt: str) -> tuple[str, list[LoraWeight]]:
     return text, loras
 
 
-def generation_request(body: A1111Request, img2img: bool) -> GenerationRequest:
-    _refuse_what_is_on(body)
+def generation_request(
+    body: A1111Request, img2img: bool, kept: dict[str, Any] | None = None, served_vae: str | None = None
+) -> GenerationRequest:
+    """`kept`: the options the caller set with POST /options, under the request's own
+    `override_settings`; `served_vae`: the VAE the server runs (SDXL_VAE), if any."""
+    refuse_what_is_on({name: value for name, value in (body.model_extra or {}).items() if name not in IGNORED}, off=OFF)
     if img2img and len(body.init_images) != 1:
         raise InvalidRequest("init_images: img2img takes exactly one image", "init_images")
     if not img2img and body.init_images:
         raise InvalidRequest("init_images: txt2img takes no image; use /sdapi/v1/img2img", "init_images")
     if img2img and body.denoising_strength == 0:
         raise InvalidRequest("denoising_strength: 0 would return the input unchanged; use (0, 1]", "denoising_strength")
-    model = body.override_settings.get("sd_model_checkpoint")
-    if model is not None and not isinstance(model, str):
-        raise InvalidRequest(
-            "override_settings.sd_model_checkpoint: must be a model name (a string)",
-            "override_settings.sd_model_checkpoint",
-        )
+    kept_fields = picture_fields({k: v for k, v in (kept or {}).items() if k != MODEL_OPTION}, served_vae, "options.")
+    overrides = picture_fields(body.override_settings, served_vae, "override_settings.")
+    clip_skip = overrides.get("clip_skip")
+    if clip_skip is None and body.clip_skip is not None:
+        clip_skip = clip_skip_of(body.clip_skip, "clip_skip")
     scheduler = _scheduler(body)
     prompt, loras = take_loras(body.prompt)
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=body.negative_prompt,
-        model=title_name(model) if model else None,
+        model=overrides.get("model"),  # (without: the caller's default model, which the runtime fills in)
         width=body.width,
         height=body.height,
         steps=body.steps,
@@ -91,6 +139,7 @@ def generation_request(body: A1111Request, img2img: bool) -> GenerationRequest:
         n=body.batch_size * body.n_iter,  # A1111's seeds run on across batches too: seed + i
         scheduler=scheduler,
         eta=_eta(body, scheduler),
+        clip_skip=clip_skip or kept_fields.get("clip_skip"),
         image=body.init_images[0] if img2img else None,
         strength=body.denoising_strength if img2img and body.denoising_strength else 0.75,
         **_inpainting(body, img2img),
@@ -144,23 +193,41 @@ def _inpainting(body: A1111Request, img2img: bool) -> dict[str, Any]:
 
 
 def _scheduler(body: A1111Request) -> str | None:
+    """The scheduler for A1111's sampler and schedule: one name ("DPM++ 2M Karras", A1111 before
+    1.9), or the two fields ("DPM++ 2M" and "Karras"), which give the same pixels."""
     sampler, field = (body.sampler_name, "sampler_name") if body.sampler_name else (body.sampler_index, "sampler_index")
-    schedule = (body.scheduler or "automatic").strip().lower()
-    if schedule not in ("automatic", "karras"):
+    schedule = (body.scheduler or "automatic").strip().lower().replace(" ", "_")
+    if schedule not in SCHEDULES:
         raise InvalidRequest(
-            f"scheduler: '{body.scheduler}' is not available here; use Automatic or Karras", "scheduler"
+            f"scheduler: '{body.scheduler}' is not available here; known: {', '.join(SCHEDULES.values())}", "scheduler"
         )
     if not sampler:
         return None
     name = sampler.strip().lower()
-    karras = name.endswith(" karras") or schedule == "karras"
-    base = SAMPLER_NAMES.get(name) or SAMPLER_NAMES.get(name.removesuffix(" karras"))
+    named = SAMPLER_NAMES.get(name)
+    if named in SCHEDULERS and SCHEDULERS[named].options:
+        return named  # a name that says its schedule already ("DPM++ 2M Karras", "Euler SGM Uniform")
+    base = named or SAMPLER_NAMES.get(name.removesuffix(" karras"))
     if base is None:
         raise InvalidRequest(
             f"{field}: unknown sampler '{sampler}'; known: {', '.join(spec.label for spec in SCHEDULERS.values())}",
             field,
         )
-    return KARRAS.get(base, base) if karras else base
+    if named is None:  # "<sampler> Karras" of a sampler without a Karras form: the sampler as is
+        return PAIRS.get((base, "karras"), base)
+    if base in OWN_SCHEDULE:
+        return base
+    schedule = AUTOMATIC.get(base, schedule) if schedule == "automatic" else schedule
+    if schedule == "automatic" and base in SCHEDULERS:
+        return base
+    if (base, schedule) not in PAIRS:
+        takes = ["Automatic"] * (base in SCHEDULERS) + [SCHEDULES[s] for (b, s) in PAIRS if b == base]
+        raise InvalidRequest(
+            f"scheduler: '{body.scheduler}' does not combine with sampler '{sampler}' here; it takes "
+            f"{', '.join(takes)}",
+            "scheduler",
+        )
+    return PAIRS[base, schedule]
 
 
 def _eta(body: A1111Request, scheduler: str | None) -> float | None:
@@ -173,16 +240,6 @@ def _eta(body: A1111Request, scheduler: str | None) -> float | None:
     if scheduler in ANCESTRAL and body.eta != 1.0:
         raise InvalidRequest(f"eta: the ancestral samplers here run at eta 1.0 only (sent {body.eta})", "eta")
     return None
-
-
-def _refuse_what_is_on(body: A1111Request) -> None:
-    refuse_what_is_on(body.model_extra, off=OFF)
-    unknown = set(body.override_settings) - {"sd_model_checkpoint"}
-    if unknown:
-        raise InvalidRequest(
-            f"override_settings: only sd_model_checkpoint is supported, not {', '.join(sorted(unknown))}",
-            "override_settings",
-        )
 
 
 def render(body: A1111Request, result: GenerationResult) -> dict[str, Any]:
@@ -201,6 +258,9 @@ def render(body: A1111Request, result: GenerationResult) -> dict[str, Any]:
         "batch_size": body.batch_size,
         "n_iter": body.n_iter,
         "denoising_strength": request.strength if result.img2img else None,
+        "clip_skip": request.clip_skip,
+        # Each image's parameters text, as its PNG carries it (LibreChat reads infotexts[0]).
+        "infotexts": [infotext.write(request, seed, result.img2img, result.inpainting) for seed in result.seeds],
         # (A1111's own info has no such field: what the text encoders read, tokens and chunks of 75)
         "prompt_reading": {name: reading.model_dump() for name, reading in result.prompt_reading.items()},
     }

@@ -67,7 +67,8 @@ class A1111Request(BaseModel):
     cfg_scale: float | None = Field(None, ge=0)
     width: int | None = None
     height: int | None = None
-    override_settings: dict[str, Any] = {}
+    override_settings: dict[str, Any] = {}  # A1111's options for this request alone (options.py)
+    clip_skip: int | float | None = None  # SD.Next's top-level clip skip (SillyTavern sends it too)
     priority: Priority = "normal"  # this server's: its place in the queue, as the native API's
     # img2img
     init_images: list[ImageBytes] = []
@@ -109,7 +110,9 @@ class A1111Answer(BaseModel):
 class A1111Options(BaseModel):
     model_config = ConfigDict(extra="allow", json_schema_extra={"example": {"jpeg_quality": 80}})
 
-    sd_model_checkpoint: str | None = Field(None, description="A served model id or alias: the new default model.")
+    sd_model_checkpoint: str | None = Field(
+        None, description="A served model id or alias: the default model of the caller's API key."
+    )
 
 
 class PngInfoRequest(BaseModel):

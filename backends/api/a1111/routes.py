@@ -4,7 +4,6 @@ options, png-info, progress and interrupt, memory, unload. The listings are in l
 from __future__ import annotations
 
 import io
-import json
 from typing import Annotated, Any
 
 import psutil
@@ -13,14 +12,9 @@ from PIL import Image
 
 from backends.api import errors
 from backends.api.a1111.mapping import generation_request, progress, render
-from backends.api.a1111.protocol import (
-    A1111Answer,
-    A1111Img2ImgRequest,
-    A1111Options,
-    A1111Request,
-    PngInfoRequest,
-    title_name,
-)
+from backends.api.a1111.options import DEFAULT_OPTIONS, picture_fields
+from backends.api.a1111.protocol import A1111Answer, A1111Img2ImgRequest, A1111Options, A1111Request, PngInfoRequest
+from backends.api.caller_options import MODEL_OPTION
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend import infotext
 from backends.sdxl_backend.errors import InvalidRequest
@@ -28,7 +22,6 @@ from backends.sdxl_backend.errors import InvalidRequest
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 GENERATION_ERRORS = errors.responses(400, 401, 403, 404, 413, 422, 429, 503, 504, 507)
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
-MAX_KEPT_OPTIONS_BYTES = 64 * 1024  # options change nothing here: a client must not grow them without end
 A1111_FIELDS = {"hires_fix.upscaler": "hr_upscaler"}  # native fields the server checks, by their A1111 names
 
 
@@ -43,8 +36,10 @@ async def img2img(body: A1111Img2ImgRequest, request: Request, runtime: RuntimeD
 
 
 async def generate(body: A1111Request, img2img: bool, request: Request, runtime: Runtime) -> dict:
+    kept = await runtime.caller_options_of(request)
     try:
-        return render(body, await runtime.run(generation_request(body, img2img), request))
+        generation = generation_request(body, img2img, kept, runtime.settings.vae)
+        return render(body, await runtime.run(generation, request))
     except InvalidRequest as exc:  # (a field the server checks, named as an A1111 client names it)
         a1111_name = A1111_FIELDS.get(exc.param or "")
         if a1111_name is None or exc.param is None:
@@ -54,29 +49,24 @@ async def generate(body: A1111Request, img2img: bool, request: Request, runtime:
 
 @router.get("/options", responses=errors.responses(401))
 async def get_options(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
-    return {**stored_options(request), "sd_model_checkpoint": runtime.default_model}
+    """The options the caller's API key set, over A1111's defaults of those this server acts on."""
+    kept = await runtime.caller_options_of(request)
+    return {**DEFAULT_OPTIONS, **kept, MODEL_OPTION: kept.get(MODEL_OPTION) or runtime.default_model}
 
 
 @router.post("/options", responses=errors.responses(400, 401, 404))
 async def set_options(body: A1111Options, request: Request, runtime: RuntimeDep) -> dict[str, Any]:
-    """`sd_model_checkpoint` switches the server's default model (as A1111's does, for every
-    client); other options are kept and shown by GET, and change nothing else."""
-    kept = {**stored_options(request), **(body.model_extra or {})}
-    if len(json.dumps(kept)) > MAX_KEPT_OPTIONS_BYTES:
-        raise InvalidRequest(
-            f"options: the options kept here are limited to {MAX_KEPT_OPTIONS_BYTES} bytes of JSON", "options"
-        )
-    if body.sd_model_checkpoint is not None:
-        runtime.set_default_model(title_name(body.sd_model_checkpoint))
-    stored_options(request).update(body.model_extra or {})
+    """Takes the whole dict GET answers, or a part of it, for the caller's API key alone:
+    `sd_model_checkpoint` becomes the default model of the key's requests (in every dialect),
+    the clip skip and VAE options apply to its A1111 generations, and the rest is kept and shown
+    by GET. An option that would change the picture in a way this server cannot is a 400."""
+    changes = body.model_dump(exclude_none=True) | (body.model_extra or {})
+    fields = picture_fields(changes, runtime.settings.vae, "")
+    if "model" in fields:
+        runtime.engine.models.source(fields["model"])  # (an unknown one: 404 naming it)
+        changes[MODEL_OPTION] = fields["model"]
+    await runtime.set_caller_options(request, changes)
     return {}
-
-
-def stored_options(request: Request) -> dict[str, Any]:
-    state = request.app.state
-    if not hasattr(state, "a1111_options"):
-        state.a1111_options = {}
-    return state.a1111_options
 
 
 @router.post("/png-info", responses=errors.responses(400, 401))
