@@ -130,6 +130,8 @@ def model_attribute(model_id: str, kind: str = "model") -> str:
 
 SERVED = served_models()
 DEFAULT_MODEL = default_model(list(SERVED))
+if SETTINGS.openai_model and SETTINGS.openai_model not in [*SERVED, *SETTINGS.model_aliases]:
+    raise RuntimeError(f"SDXL_OPENAI_MODEL={SETTINGS.openai_model} is not served (served: {', '.join(SERVED)})")
 VAE = replacement_vae()
 VAE_ATTRIBUTE = "model_vae"  # (the class attribute that holds it, like the models')
 ADAPTERS = {kind: served_adapters(kind) for kind in ("lora", "controlnet", "embedding", "ip-adapter", "upscaler")}

@@ -257,10 +257,13 @@ def test_openai_edit_with_a_mask_repaints_only_its_transparent_area(client):
     assert raw["stats"]["mode"] == "img2img"  # no mask: the whole image is edited
 
 
-def test_openai_edit_takes_the_first_of_several_images_and_variations_need_no_prompt(client):
+def test_openai_edit_takes_several_images_only_with_an_image_prompt_model_and_variations_need_no_prompt(client):
     images = [("a.png", png_bytes(64, 64, (200, 30, 30)), "image/png"), ("b.png", png_bytes(96, 96), "image/png")]
-    edited = client.images.edit(image=images, prompt=PROMPT, n=2, extra_body={"steps": 4})
+    edited = client.images.edit(image=images[0], prompt=PROMPT, n=2, extra_body={"steps": 4})
     assert [Image.open(io.BytesIO(base64.b64decode(d.b64_json))).size for d in edited.data] == [(64, 64)] * 2
+    with pytest.raises(openai.BadRequestError) as no_adapter:  # (test_ip_adapters.py: with one, a prompt)
+        client.images.edit(image=images, prompt=PROMPT, extra_body={"steps": 4})
+    assert no_adapter.value.body["param"] == "image[]"
     variations = client.images.create_variation(image=images[0], n=2, size="64x64", extra_body={"steps": 5, "seed": 3})
     decoded = [base64.b64decode(d.b64_json) for d in variations.data]
     assert len(decoded) == 2 and pixels(decoded[0]) != pixels(decoded[1])
@@ -276,7 +279,7 @@ def test_openai_errors(client):
         client.images.generate(model="tiny-sdxl", prompt=PROMPT, size="65x64")
     assert bad.value.body["message"] == "width: 65 is not a multiple of 8" and bad.value.body["param"] == "width"
     with pytest.raises(openai.NotFoundError, match="available models: sdxl-realism, tiny-sdxl"):
-        client.images.generate(model="dall-e-3", prompt=PROMPT)
+        client.images.generate(model="flux-dev", prompt=PROMPT)
 
 
 # --- every field changes what it should -----------------------------------------------------

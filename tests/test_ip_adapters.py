@@ -223,6 +223,21 @@ def test_clients_send_image_prompts_and_the_queue_never_mixes_adapters(serve, ti
     )
     assert gallery.status_code == 200, gallery.text
 
+    # An OpenAI edit with two images as `image[]` (LibreChat's OpenAIImageTools.js): the second
+    # is the image prompt, as the native unit at its default scale.
+    room = png_bytes(64, 64, (40, 160, 60))
+    form = {"model": "gpt-image-1", "prompt": "a lighthouse", "size": "auto", "seed": "5", "steps": "4"}
+    pictures = [("image[]", ("a.png", room, "image/png")), ("image[]", ("b.png", SQUARE, "image/png"))]
+    edited = httpx.post(f"{server.url}/v1/images/edits", data=form, files=pictures, timeout=300)
+    assert edited.status_code == 200, edited.text
+    img2img = {"prompt": "a lighthouse", "image": base64.b64encode(room).decode(), "seed": 5, "steps": 4}
+    native, alone = (
+        httpx.post(f"{server.url}/v1/img2img", json=body, timeout=300).json()["images"][0]["b64_json"]
+        for body in ({**img2img, "ip_adapters": [{"id": ADAPTER, "image": square}]}, img2img)
+    )
+    as_edited = pixels(base64.b64decode(edited.json()["data"][0]["b64_json"]))
+    assert as_edited == pixels(base64.b64decode(native)) != pixels(base64.b64decode(alone))
+
     # An A1111 client: the ControlNet extension's IP-Adapter unit, on the client's defaults.
     a1111 = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
     assert ADAPTER in a1111.controlnet_model_list() and "ip-adapter-auto" in a1111.controlnet_module_list()

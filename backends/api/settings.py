@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     # What is served
     models: Names = []  # empty: every SDXL model in the store (or, in a bento, the models it packed)
     default_model: str | None = None
+    openai_model: str | None = None  # what OpenAI's ids (dall-e-3, gpt-image-1...) get; default: the default model
     model_aliases: Annotated[dict[str, str], NoDecode, BeforeValidator(_aliases)] = {}
     # HTTP
     api_keys: Annotated[list[str], NoDecode, BeforeValidator(_keys)] = Field([], repr=False)

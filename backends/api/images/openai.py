@@ -16,11 +16,13 @@ from pydantic import ValidationError
 from backends.api import errors
 from backends.api.images.protocol import ImageEditForm, ImageGenerationAnswer, ImageGenerationRequest
 from backends.api.images.serving import generation_answer
+from backends.api.images.sizes import served_model
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.images import decode_image
 from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.masks import mask_from_alpha
+from backends.sdxl_backend.protocol import IpAdapterUnit
 
 router = APIRouter(tags=["OpenAI Images"])
 VramModeHeader = Annotated[str | None, Header(description="high, balanced or low")]
@@ -54,7 +56,8 @@ MULTIPART_BODY = {
                         "image": {
                             "type": "string",
                             "format": "binary",
-                            "description": "the image (repeated: the first is used)",
+                            "description": "the image (repeated, or as image[]: the first is edited, the "
+                            "others become image prompts when an IP-Adapter fits the model)",
                         },
                         "mask": {
                             "type": "string",
@@ -75,8 +78,9 @@ MULTIPART_BODY = {
 
 
 async def read_edit_form(request: Request, runtime: Runtime, with_prompt: bool) -> ImageEditForm:
-    """The multipart form the `openai` package sends: `image` (or `image[]`, repeated), `mask`,
-    and the other fields as text. Uploads are bounded by SDXL_MAX_BODY_BYTES at the edge."""
+    """The multipart form the `openai` package sends: `image` (or `image[]`, repeated: those
+    after the first become image prompts), `mask`, and the other fields as text. Uploads are
+    bounded by SDXL_MAX_BODY_BYTES at the edge."""
     try:
         form = await request.form(max_files=16, max_fields=64)
     except Exception:
@@ -98,10 +102,32 @@ async def read_edit_form(request: Request, runtime: Runtime, with_prompt: bool) 
         # OpenAI marks the area to edit with transparency; the engine takes white-repaints masks.
         fields["mask"] = await anyio.to_thread.run_sync(alpha_mask_png, await mask.read(), runtime.limits)
     try:
-        return ImageEditForm(**fields, image=uploads[0])
+        edit = ImageEditForm(**fields, image=uploads[0])
     except ValidationError as exc:
         error = errors.validation_error(exc.errors())[1]["error"]
         raise InvalidRequest(error["message"], error["param"]) from None
+    if len(uploads) > 1:
+        edit.ip_adapters = await image_prompts(uploads[1:], edit, request, runtime)
+    return edit
+
+
+async def image_prompts(
+    pictures: list[bytes], form: ImageEditForm, request: Request, runtime: Runtime
+) -> list[IpAdapterUnit]:
+    """The images after the first (gpt-image's reference images), as image prompts: one for
+    each IP-Adapter that fits the model, in the order served."""
+    model = served_model(form.model, runtime.aliases, runtime.settings.openai_model)
+    if model is None:
+        model = await anyio.to_thread.run_sync(runtime.default_model_for, runtime.owner(request))
+    model = runtime.engine.models.source(model).id
+    fitting = [adapter.id for adapter in runtime.ip_adapters.values() if model in runtime.models_fitting(adapter)]
+    if len(pictures) > len(fitting):
+        raise InvalidRequest(
+            f"image[]: the {len(pictures)} image(s) after the first become image prompts, one for each IP-Adapter "
+            f"that fits model '{model}', and it has {len(fitting)} (GET /v1/ip-adapters)",
+            "image[]",
+        )
+    return [IpAdapterUnit(id=adapter_id, image=picture) for adapter_id, picture in zip(fitting, pictures)]
 
 
 def alpha_mask_png(data: bytes, limits: Limits) -> bytes:

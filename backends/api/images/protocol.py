@@ -9,9 +9,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from backends.api.images.sizes import OPENAI_SIZES
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.modes import MEMORY_MODES
 from backends.sdxl_backend.protocol import (
+    MAX_CLIP_SKIP,
     MAX_CONTROLNETS,
     MAX_IP_ADAPTERS,
     MAX_LORAS,
@@ -49,6 +51,7 @@ class ImageGenerationRequest(BaseModel):
     steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0)
     scheduler: str | None = None
+    clip_skip: int | None = Field(None, ge=1, le=MAX_CLIP_SKIP)  # as the native field
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     # Count: OpenAI's `n`, moondream's `num_images`.
     n: int | None = Field(None, ge=1)
@@ -65,6 +68,7 @@ class ImageGenerationRequest(BaseModel):
     output_format: OutputFormat = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
     background: Literal["auto", "opaque", "transparent"] | None = None
+    partial_images: int | None = Field(None, ge=0, le=3)  # gpt-image's streamed previews: no stream, none sent
     stream: Literal[False] | None = None  # streaming answers are not offered
     priority: Priority = "normal"  # as the native API's: 'high' for the keys in SDXL_PRIORITY_KEYS
     # OpenAI fields without an SDXL meaning: accepted, recorded.
@@ -78,7 +82,7 @@ class ImageGenerationRequest(BaseModel):
         if vram_mode is not None and vram_mode not in MEMORY_MODES:
             raise InvalidRequest(f"X-VRAM-Mode: '{vram_mode}' is not one of {', '.join(MEMORY_MODES)}", "X-VRAM-Mode")
         width, height = self.width, self.height
-        if self.size not in (None, "auto"):
+        if self.size not in (None, "auto", *OPENAI_SIZES):  # (OpenAI's sizes: drawn_size, for the model)
             match = SIZE_PATTERN.match(self.size)
             if not match:
                 raise InvalidRequest(f"size: '{self.size}' is not of the form WIDTHxHEIGHT, e.g. 1024x1024", "size")
@@ -101,6 +105,7 @@ class ImageGenerationRequest(BaseModel):
             seed=self.seed,
             n=self.n or self.num_images or 1,
             scheduler=self._scheduler(),
+            clip_skip=self.clip_skip,
             output_format=self.output_format,
             quality=max(1, self.output_compression) if self.output_compression is not None else 90,
             image=self.image,
@@ -142,6 +147,8 @@ class ImageEditForm(ImageGenerationRequest):
 
 class ImageGenerationAnswer(BaseModel):
     created: int
+    size: str = Field(description="The size drawn, WIDTHxHEIGHT (OpenAI's sizes are drawn at SDXL's nearest).")
+    output_format: str
     data: list[dict[str, Any]] = Field(description="OpenAI clients: b64_json or url, and the seed, per image.")
     images: list[str] = Field(description="moondream clients: base64 images (or links).")
     image: str = Field(description="The first of `images`.")

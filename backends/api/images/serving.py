@@ -12,6 +12,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from backends.api.images.protocol import RECORDED_ONLY, ImageGenerationRequest
+from backends.api.images.sizes import OPENAI_SIZES, drawn_size, served_model
 from backends.api.runtime import Runtime
 from backends.sdxl_backend.protocol import GenerationResult
 
@@ -46,7 +47,16 @@ def render(
         **{f: getattr(body, f) for f in RECORDED_ONLY if getattr(body, f)},
         **({"ignored": ignored} if (ignored := body.ignored()) else {}),
     }
-    return {"created": created, "data": data, "images": encoded, "image": encoded[0], "stats": stats}
+    return {
+        "created": created,
+        "data": data,
+        "images": encoded,
+        "image": encoded[0],
+        "stats": stats,
+        # (as gpt-image answers: the size drawn, which for OpenAI's sizes is SDXL's nearest)
+        "size": f"{request.width}x{request.height}",
+        "output_format": request.output_format,
+    }
 
 
 async def generation_answer(
@@ -57,7 +67,16 @@ async def generation_answer(
     inference_ms: bool = False,
 ) -> JSONResponse:
     """Both routes' work: the generation, then the answer in both shapes."""
-    result = await runtime.run(body.to_generation_request(x_vram_mode), request)
+    generation = body.to_generation_request(x_vram_mode)
+    generation.model = served_model(body.model, runtime.aliases, runtime.settings.openai_model)
+    if body.size in OPENAI_SIZES and body.width is None and body.height is None:
+        owner = runtime.owner(request)
+        model = generation.model
+        if model is None:
+            model = await anyio.to_thread.run_sync(runtime.default_model_for, owner)
+        defaults = runtime.engine.models.source(model).defaults  # (an unknown model: 404 naming it)
+        generation.width, generation.height = drawn_size(body.size, defaults, runtime.limits)
+    result = await runtime.run(generation, request)
     urls = None
     if body.response_format == "url":
         base, kept, extension = runtime.base_url(request), runtime.kept_images, result.request.output_format
