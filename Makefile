@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BACKEND ?= docker
 IMAGE ?= sdxl:latest
 
-.PHONY: install test-programs serve lint test test-quick test-busy bench gpu-wheels image smoke clean
+.PHONY: install test-programs serve lint docs docs-build test test-quick test-busy bench gpu-wheels image smoke clean
 
 install: $(VENV)/.installed
 
@@ -49,7 +49,15 @@ lint: install
 	$(VENV)/bin/ruff format --check $(CODE)
 	$(VENV)/bin/mypy backends models service.py
 
-test: install test-programs lint
+# The docs site (docs/, mkdocs.yml): `make docs` serves it with live reload; `make test` builds it
+# with --strict, so a broken link or anchor fails.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
+
+docs-build: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+test: install test-programs lint docs-build
 	$(PY) -m pytest
 
 # The in-process part alone (no `bentoml serve` processes): a minute or two.

@@ -99,7 +99,7 @@ def test_a_batch_is_one_call_and_each_request_keeps_its_seeds_and_pixels(engine,
         assert together.images[0].media_type == one.images[0].media_type
         for a, b in zip(one.images, together.images):
             # The same noise (per-image CPU generators); the CPU's batched arithmetic rounds a
-            # little differently (the README gives the measured difference).
+            # little differently (docs/benchmarks.md gives the measured difference).
             assert max_difference(a.data, b.data) <= 3
 
 

@@ -2,7 +2,7 @@
 
 `load_settings()` is called once (service.py) and the object is passed down: the backend
 reads no environment variable. A bad value stops the start with the variable's name and what
-it accepts. The README's Configuration table lists the same variables.
+it accepts. docs/configuration.md lists the same variables (a test holds the two together).
 """
 
 from __future__ import annotations

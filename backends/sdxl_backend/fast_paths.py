@@ -3,7 +3,7 @@
 Plain Python at import (the settings read it in BentoML's light main process); torch, and
 torchao when quantizing, load where the settings are applied, and bench/gpu_sdxl.py applies
 them exactly as the service does. Each is a setting (`SDXL_ATTENTION`, `SDXL_FUSE_QKV`,
-`SDXL_CHANNELS_LAST`, `SDXL_QUANTIZE`, `SDXL_COMPILE`); the README says what each costs and
+`SDXL_CHANNELS_LAST`, `SDXL_QUANTIZE`, `SDXL_COMPILE`); docs/features/speed.md says what each costs and
 gives, and which are on by default and why.
 
 Order matters: attention processors first (fusing installs its own), then the fused
