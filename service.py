@@ -17,7 +17,7 @@ import bentoml
 import yaml
 from bentoml._internal.server.http import traffic
 
-from backends.api import agents, headers, native
+from backends.api import agents, answers, headers, native
 from backends.api import upscale as upscale_api
 from backends.api.app import create_app
 from backends.api.edge import Edge, TimelyTimeout, quiet_validation_logs
@@ -176,14 +176,14 @@ class SDXL:
         self.runtime.start(warm_up=SETTINGS.warmup)
 
     @bentoml.api(route="/v1/txt2img", input_spec=TextToImageRequest)
-    async def txt2img(self, ctx: bentoml.Context, **fields) -> native.GenerationAnswer:
+    async def txt2img(self, ctx: bentoml.Context, **fields) -> answers.GenerationAnswer:
         """Text to image. JSON with the images (base64), seeds and timings; with
         `Accept: image/png` (or jpeg/webp) and n=1, the image itself."""
         # (The annotation is the JSON answer's schema for BentoML; the image itself is a Response.)
         return await native.answer(self.runtime, GenerationRequest(**fields), ctx)  # type: ignore[return-value]
 
     @bentoml.api(route="/v1/img2img", input_spec=ImageToImageRequest)
-    async def img2img(self, ctx: bentoml.Context, **fields) -> native.GenerationAnswer:
+    async def img2img(self, ctx: bentoml.Context, **fields) -> answers.GenerationAnswer:
         """Image to image: `image` (base64) repainted by `strength`. Answers as txt2img."""
         return await native.answer(self.runtime, GenerationRequest(**fields), ctx)  # type: ignore[return-value]
 

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from backends.api import errors
-from backends.api.job_answer import JobAnswer, job_body
+from backends.api.answers import JobAnswer, job_body
 from backends.api.runtime import Runtime, runtime_of
 from backends.api.webhooks import WebhookSpec
 from backends.sdxl_backend.errors import BackendError, InvalidRequest, QueueFull

@@ -8,17 +8,16 @@ on BentoML's context too, since BentoML applies the context's status to whatever
 
 from __future__ import annotations
 
-import base64
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import bentoml
-from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, Response
 
 from backends.api import errors
+from backends.api.answers import result_answer
 from backends.sdxl_backend.errors import BackendError, InvalidRequest
-from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, PromptReading, Timings
+from backends.sdxl_backend.protocol import GenerationRequest
 
 if TYPE_CHECKING:
     from backends.api.runtime import Runtime
@@ -28,58 +27,8 @@ ERROR_STATUSES = (400, 401, 403, 404, 413, 415, 422, 429, 503, 504, 507)
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 
 
-class NativeImage(BaseModel):
-    b64_json: str = Field(description="The encoded image, base64.")
-    seed: int
-    media_type: str
-    width: int
-    height: int
-
-
-class GenerationAnswer(BaseModel):
-    created: int = Field(description="Unix time of the answer.")
-    model: str = Field(description="The model that served (an alias resolved).")
-    images: list[NativeImage]
-    parameters: dict[str, Any] = Field(description="The request as it ran, every default filled in.")
-    timings: Timings
-    vram_mode: str = Field(description="The memory mode that served, after any out-of-memory retry.")
-    out_of_memory_in: list[str] = Field(description="Memory modes that ran out of memory first (recovered).")
-    batch_images: int = Field(
-        description="Images in the pipeline call that made these: more than the request's "
-        "own when it ran batched with other requests (SDXL_MAX_BATCH)."
-    )
-    prompt_reading: dict[str, PromptReading] = Field(
-        description="What the text encoders read of `prompt` and `negative_prompt`: tokens, and chunks of 75."
-    )
-    device: str = Field(description="The device that ran it ('cuda:1', 'cpu'; SDXL_DEVICES).")
-
-
 def wants_raw_image(accept: str | None) -> bool:
     return accept is not None and accept.split(",")[0].strip().startswith("image/")
-
-
-def result_answer(result: GenerationResult, created: int) -> GenerationAnswer:
-    return GenerationAnswer(
-        created=created,
-        model=result.model,
-        images=[
-            NativeImage(
-                b64_json=base64.b64encode(image.data).decode(),
-                seed=image.seed,
-                media_type=image.media_type,
-                width=image.width,
-                height=image.height,
-            )
-            for image in result.images
-        ],
-        parameters=result.request.model_dump(),
-        timings=result.timings,
-        vram_mode=result.vram_mode,
-        out_of_memory_in=result.out_of_memory_in,
-        batch_images=result.batch_images,
-        prompt_reading=result.prompt_reading,
-        device=result.device or "",  # (always set by the device worker that ran it)
-    )
 
 
 async def answer(runtime: Runtime, request: GenerationRequest, ctx: bentoml.Context) -> Response:

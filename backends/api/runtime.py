@@ -43,7 +43,7 @@ from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:
-    from backends.sdxl_backend.engine import PreparedRequest
+    from backends.sdxl_backend.prepared import PreparedRequest
 
 logger = logging.getLogger("sdxl_backend")
 

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from pydantic import BaseModel, Field
 
-from backends.api.job_answer import job_body
+from backends.api.answers import job_body
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.jobs import Job, JobQueue, JobStatus
 

@@ -28,7 +28,7 @@ from .schedulers import step_arguments
 from .upscalers import Tiling, upscale
 
 if TYPE_CHECKING:
-    from .engine import PreparedRequest
+    from .prepared import PreparedRequest
 
 # What a ControlNet pipeline call takes beyond the plain one (the control maps aside).
 CONTROL_ARGUMENTS = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "guess_mode")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 from PIL import Image
 
@@ -24,12 +23,12 @@ from .device_thread import TORCH_WORK
 from .embeddings import EmbeddingSet
 from .errors import BackendError, Cancelled, InvalidRequest, OutOfMemory
 from .images import MEDIA_TYPES, decode_image, encode_image
-from .ip_adapters import digest
 from .limits import Limits
 from .masks import fill_masked, prepare_mask
 from .model_manager import ModelManager
 from .model_records import ModelSource
 from .modes import lower_mode
+from .prepared import PreparedRequest
 from .progress import Batch, StepObserver
 from .prompts import PromptReader, PromptSyntax, ReadPrompts, model_tokenizers
 from .protocol import GeneratedImage, GenerationRequest, GenerationResult, PromptReading, ResolvedRequest, Timings
@@ -48,44 +47,6 @@ from .validation import (
 
 logger = logging.getLogger("sdxl_backend")
 IMAGED = ("controlnets", "ip_adapters")  # a request's units that bring a picture each
-
-
-@dataclass
-class PreparedRequest:
-    """A request that passed every check: every field filled in, the input image decoded at
-    the output size. Only the device step is left."""
-
-    request: ResolvedRequest  # as it will run; its image bytes are dropped (decoded below)
-    source: ModelSource
-    prompts: ReadPrompts = field(repr=False)  # as the model reads them
-    init_image: Image.Image | None = field(default=None, repr=False)
-    mask: Image.Image | None = field(default=None, repr=False)  # prepared: sized, inverted, blurred
-    refiner: ModelSource | None = None  # the model that takes over at `request.refiner.switch_at`
-    controls: list[Image.Image] = field(default_factory=list, repr=False)  # per ControlNet, at the output size
-    image_prompts: list[Image.Image] = field(default_factory=list, repr=False)  # per IP-Adapter, the picture it reads
-    refiner_prompts: ReadPrompts | None = field(default=None, repr=False)  # as the refiner reads them
-    # The image prompts' identities, hashed once here: batch formation compares them per queued job.
-    image_prompt_digests: tuple[str, ...] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.image_prompt_digests = tuple(digest(picture) for picture in self.image_prompts)
-
-    @property
-    def seeds(self) -> list[int]:
-        return [self.request.seed + i for i in range(self.request.n)]
-
-    @property
-    def total_steps(self) -> int:
-        """Denoising steps the pipelines will run (img2img runs `steps x strength`; a hires fix
-        adds its second pass)."""
-        if self.init_image is not None:
-            return int(self.request.steps * self.request.strength)
-        hires = self.request.hires_fix
-        return self.request.steps + (int(hires.steps * hires.strength) if hires else 0)
-
-    @property
-    def output_size(self) -> tuple[int, int]:
-        return output_size(self.request)
 
 
 class Engine:

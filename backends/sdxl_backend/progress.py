@@ -15,7 +15,7 @@ from .errors import BackendError, Cancelled
 if TYPE_CHECKING:
     import torch
 
-    from .engine import PreparedRequest
+    from .prepared import PreparedRequest
 
 # Called after each denoising step with (step, total steps, latents). It may raise to abandon
 # the generation, or return True to end the denoising there and keep the image as it stands.

@@ -13,7 +13,7 @@ from ..protocol import GenerationResult
 from .job import Job
 
 if TYPE_CHECKING:
-    from ..engine import PreparedRequest
+    from ..prepared import PreparedRequest
     from .turns import QueueBounds
     from .worker import DeviceWorker
 

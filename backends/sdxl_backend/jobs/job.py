@@ -22,7 +22,7 @@ from ..protocol import GenerationRequest, GenerationResult
 if TYPE_CHECKING:  # the API layer imports this module in BentoML's main process, which needs no torch
     import torch
 
-    from ..engine import PreparedRequest
+    from ..prepared import PreparedRequest
 
 logger = logging.getLogger("sdxl_backend")
 

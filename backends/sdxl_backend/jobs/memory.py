@@ -32,7 +32,8 @@ from .waiting import Watchers, follow, result_of
 from .worker import Device, DeviceWorker
 
 if TYPE_CHECKING:
-    from ..engine import Engine, PreparedRequest
+    from ..engine import Engine
+    from ..prepared import PreparedRequest
 
 logger = logging.getLogger("sdxl_backend")
 

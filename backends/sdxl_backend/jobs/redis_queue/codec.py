@@ -16,7 +16,8 @@ from ...protocol import GeneratedImage, GenerationResult, ResolvedRequest
 from ..job import WEBHOOK_EVENTS, Job, JobStatus
 
 if TYPE_CHECKING:
-    from ...engine import Engine, PreparedRequest
+    from ...engine import Engine
+    from ...prepared import PreparedRequest
 
 # What a snapshot reads; the input images and the result's images stay behind.
 SNAPSHOT_FIELDS = [
@@ -106,7 +107,7 @@ def submitted(job: Job, prepared: PreparedRequest, batch_key: object) -> Fields:
 
 def prepared_from(fields: dict[bytes, bytes], engine: Engine) -> PreparedRequest:
     """The prepared request again, on the replica that runs it (which must serve its models)."""
-    from ...engine import PreparedRequest
+    from ...prepared import PreparedRequest
 
     def image(name: str) -> Image.Image | None:
         data = fields.get(name.encode())

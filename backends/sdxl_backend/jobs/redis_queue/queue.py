@@ -31,7 +31,7 @@ from .heartbeat import Heartbeat
 if TYPE_CHECKING:
     import redis
 
-    from ...engine import PreparedRequest
+    from ...prepared import PreparedRequest
 
 logger = logging.getLogger("sdxl_backend")
 T = TypeVar("T")
