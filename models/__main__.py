@@ -1,7 +1,8 @@
 """`python -m models`: the SDXL models in the BentoML model store.
 
 python -m models list
-python -m models import ID [--from PATH [--config REPO_OR_DIR | --fits MODEL | --encoder DIR]]
+python -m models import ID [--from PATH [--config REPO_OR_DIR | --fits MODEL | --encoder DIR]
+                                      [--prediction epsilon|v] [--zero-snr]]
                            [--revision REV] [--force]
 python -m models remove ID
 python -m models ensure-default    # what `make serve` runs: a store with at least one model
@@ -46,6 +47,8 @@ def _import(
     force: bool,
     fits: str | None = None,
     encoder: Path | None = None,
+    prediction: str | None = None,
+    zero_snr: bool | None = None,
 ) -> None:
     existing = stored_model(model_id)
     if existing is not None and not force:
@@ -53,7 +56,7 @@ def _import(
         return
     catalog = load_catalog()
     if source is not None:
-        model = import_from_path(model_id, source, config, fits, encoder)
+        model = import_from_path(model_id, source, config, fits, encoder, prediction, zero_snr)
     elif model_id in TINY:
         model = import_tiny(model_id)
     elif model_id in catalog:
@@ -130,6 +133,17 @@ def main(argv: list[str] | None = None) -> int:
         help="for a LoRA, ControlNet or IP-Adapter: the stored model whose UNet it was made for (default: SDXL base's)",
     )
     imp.add_argument("--encoder", type=Path, help="for an IP-Adapter .safetensors: its image encoder's directory")
+    imp.add_argument(
+        "--prediction",
+        choices=["epsilon", "v"],
+        help="for a pipeline: what its UNet predicts (default: its scheduler config's; a single file's v_pred key)",
+    )
+    imp.add_argument(
+        "--zero-snr",
+        action="store_true",
+        default=None,
+        help="for a pipeline: trained with zero-terminal SNR (default: its config's; a single file's ztsnr key)",
+    )
     imp.add_argument("--force", action="store_true", help="import again even when already stored")
     rm = commands.add_parser("remove", help="delete every stored version of a model")
     rm.add_argument("id")
@@ -140,7 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             _list()
         elif args.command == "import":
-            _import(args.id, args.source, args.config, args.revision, args.force, args.fits, args.encoder)
+            _import(
+                args.id,
+                args.source,
+                args.config,
+                args.revision,
+                args.force,
+                args.fits,
+                args.encoder,
+                args.prediction,
+                args.zero_snr,
+            )
         elif args.command == "remove":
             deleted = remove(args.id)
             if not deleted:

@@ -148,7 +148,13 @@ def model_unet_signature_of(model_id: str) -> str | None:
 
 
 def import_from_path(
-    model_id: str, path: Path, config: str | None = None, fits: str | None = None, encoder: Path | None = None
+    model_id: str,
+    path: Path,
+    config: str | None = None,
+    fits: str | None = None,
+    encoder: Path | None = None,
+    prediction: str | None = None,
+    zero_snr: bool | None = None,
 ) -> bentoml.Model:
     """A diffusers directory: a pipeline, or a ControlNet's (`config.json` naming a
     `ControlNetModel`); a single-file `.safetensors` SDXL checkpoint (converted to the diffusers
@@ -158,7 +164,10 @@ def import_from_path(
     IP-Adapter `.safetensors` (`image_proj.*`, `ip_adapter.*`) with its image `encoder`'s
     directory; or an upscale model (`.pth`, `.pt`, or a `.safetensors` spandrel recognises: ESRGAN,
     SwinIR, HAT, DAT...). LoRAs, ControlNets and IP-Adapters fit SDXL base's architecture unless
-    `fits` names a stored model whose UNet they were made for."""
+    `fits` names a stored model whose UNet they were made for. A pipeline's sampling facts
+    (`prediction` "epsilon" or "v", `zero_snr`) are its scheduler config's unless given; a
+    single file's are read from its `v_pred` and `ztsnr` keys, as v-prediction checkpoints
+    carry them."""
     path = path.expanduser().resolve()
     if path.is_dir():
         if _class_name(path / "config.json") == "ControlNetModel":
@@ -174,7 +183,12 @@ def import_from_path(
             raise ImportFailed(
                 f"{path} is not a diffusers directory (no model_index.json, nor a ControlNet's config.json)"
             )
-        return _store(model_id, f"local:{path}", "-", lambda dst: _copy_tree(path, dst))
+
+        def copied(dst: Path) -> None:
+            _copy_tree(path, dst)
+            set_sampling(dst, prediction, zero_snr)
+
+        return _store(model_id, f"local:{path}", "-", copied)
     if path.is_file() and path.suffix in (".pth", ".pt"):
         return _store(model_id, f"local:{path}", "-", lambda dst: _convert_upscaler(path, dst), kind="upscaler")
     if path.is_file() and path.suffix == ".safetensors":
@@ -211,7 +225,13 @@ def import_from_path(
             )
         if is_upscaler(path):
             return _store(model_id, f"local:{path}", "-", lambda dst: _convert_upscaler(path, dst), kind="upscaler")
-        return _store(model_id, f"local:{path}", "-", lambda dst: _convert_single_file(path, dst, config))
+        marked = single_file_sampling(path)
+
+        def converted(dst: Path) -> None:
+            _convert_single_file(path, dst, config)
+            set_sampling(dst, prediction or marked[0], marked[1] if zero_snr is None else zero_snr)
+
+        return _store(model_id, f"local:{path}", "-", converted)
     raise ImportFailed(f"{path} is neither a diffusers directory nor a .safetensors or .pth file")
 
 
@@ -259,6 +279,34 @@ def _fits(model_id: str | None) -> str:
     if signature is None:
         raise ImportFailed(f"--fits {model_id}: no such model in the store")
     return signature
+
+
+def single_file_sampling(path: Path) -> tuple[str | None, bool | None]:
+    """What a single-file checkpoint says of its sampling: v-prediction checkpoints (NoobAI-XL's
+    v-pred line, and the tools that train them) carry an empty `v_pred` tensor, and a `ztsnr`
+    one when trained with zero-terminal SNR. (None: it does not say.)"""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as checkpoint:
+        keys = set(checkpoint.keys())
+    return ("v" if "v_pred" in keys else None), (True if "ztsnr" in keys else None)
+
+
+def set_sampling(pipeline_dir: Path, prediction: str | None, zero_snr: bool | None) -> None:
+    """Write a stored pipeline's sampling facts into its scheduler config, which every
+    scheduler a request picks starts from (nothing to write when neither is given). A model
+    trained with zero-terminal SNR is sampled on trailing timesteps, which reach its last one."""
+    if prediction is None and zero_snr is None:
+        return
+    file = pipeline_dir / "scheduler" / "scheduler_config.json"
+    config = json.loads(file.read_text())
+    if prediction is not None:
+        config["prediction_type"] = {"v": "v_prediction", "epsilon": "epsilon"}[prediction]
+    if zero_snr is not None:
+        config["rescale_betas_zero_snr"] = zero_snr
+        if zero_snr:
+            config["timestep_spacing"] = "trailing"
+    file.write_text(json.dumps(config, indent=2))
 
 
 def _convert_single_file(path: Path, dst: Path, config: str | None) -> None:

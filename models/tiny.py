@@ -126,6 +126,20 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
     )
 
 
+def build_tiny_vpred() -> StableDiffusionXLPipeline:
+    """tiny-sdxl's weights as a v-prediction model trained with zero-terminal SNR (what
+    NoobAI-XL's v-pred line is): its scheduler config says so, with the trailing timesteps such
+    models are sampled on."""
+    pipeline = build_tiny_sdxl()
+    pipeline.scheduler = EulerDiscreteScheduler.from_config(
+        pipeline.scheduler.config,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+    )
+    return pipeline
+
+
 def build_tiny_refiner() -> StableDiffusionXLImg2ImgPipeline:
     """A tiny refiner shaped as SDXL's: image-to-image only, the second text encoder alone,
     aesthetic-score conditioning."""
@@ -275,6 +289,8 @@ def tiny_recipe(model_id: str) -> tuple[str, Callable[[Path], None], dict[str, s
         return "pipeline", saved(build_tiny_sdxl), {}
     if model_id == "tiny-sdxl-refiner":
         return "pipeline", saved(build_tiny_refiner), {}
+    if model_id == "tiny-sdxl-vpred":
+        return "pipeline", saved(build_tiny_vpred), {}
     if model_id == "tiny-sdxl-vae":
         return "vae", saved(lambda: build_tiny_vae(seed=SEED + 1)), {}
     if model_id == "tiny-sdxl-controlnet":

@@ -66,6 +66,14 @@ def tiny_lora(tiny_model):
 
 
 @pytest.fixture(scope="session")
+def tiny_vpred(tiny_model):
+    """tiny-sdxl-vpred in the store: a v-prediction, zero-terminal-SNR twin of tiny-sdxl."""
+    from models.store import import_tiny, stored_model
+
+    return stored_model("tiny-sdxl-vpred") or import_tiny("tiny-sdxl-vpred")
+
+
+@pytest.fixture(scope="session")
 def tiny_refiner(tiny_model):
     """tiny-sdxl-refiner in the store."""
     from models.store import import_tiny, stored_model

@@ -280,3 +280,13 @@ def test_the_parameters_text_keeps_the_loras_as_a1111_tags_weight_zero_too():
     parsed = infotext.parse(infotext.write(request, 1, img2img=False, inpainting=False))
     assert parsed["Prompt"] == "a fox <lora:tiny-sdxl-lora:0> <lora:b:0.75>" and "Clip skip" not in parsed
     assert take_loras(parsed["Prompt"]) == ("a fox", request.loras)  # read back, it asks for the same
+
+
+def test_the_cfg_rescale_extensions_script_is_the_rescale_and_its_switches_are_refused_when_on():
+    script = "CFG Rescale Extension"  # (its title; the args as its UI lists them: rescale, Auto Color Fix, ...)
+    assert mapped(alwayson_scripts={script: {"args": [0.7, False, 1.0, False]}}).guidance_rescale == 0.7
+    assert mapped().guidance_rescale is None  # the model's default
+    for args, param in (([0.7, True], "args[1]"), ([1.5], "args[0]"), ([], "args")):
+        with pytest.raises(InvalidRequest) as refused:
+            mapped(alwayson_scripts={script: {"args": args}})
+        assert refused.value.param == f"alwayson_scripts.cfg rescale extension.{param}"

@@ -55,6 +55,25 @@ def test_import_from_a_diffusers_directory(cli, tiny_model):
     assert f"local:{tiny_model.path}" in row
 
 
+def test_a_pipeline_imports_with_the_sampling_facts_given_or_marked_in_its_file(cli, tiny_model, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from backends.sdxl_backend.schedulers import ModelSampling, model_sampling
+    from models.store import single_file_sampling
+
+    imported = cli("import", "my-vpred", "--from", tiny_model.path, "--prediction", "v", "--zero-snr")
+    assert imported.returncode == 0, imported.stderr
+    (config,) = (tmp_path / "bentoml" / "models").glob("**/scheduler/scheduler_config.json")
+    assert model_sampling(config.parent.parent) == ModelSampling("v_prediction", True)
+    assert json.loads(config.read_text())["timestep_spacing"] == "trailing"  # (zero-SNR models reach their last step)
+    # A single file says it with empty tensors (what the converted checkpoint's import reads).
+    marked, plain = tmp_path / "marked.safetensors", tmp_path / "plain.safetensors"
+    save_file({"v_pred": torch.zeros(0), "ztsnr": torch.zeros(0), "model.diffusion_model.x": torch.zeros(1)}, marked)
+    save_file({"model.diffusion_model.x": torch.zeros(1)}, plain)
+    assert single_file_sampling(marked) == ("v", True) and single_file_sampling(plain) == (None, None)
+
+
 def test_a_controlnet_imports_from_its_directory_fitting_the_model_named(cli, tiny_controlnet):
     imported = cli("import", "my-controlnet", "--from", tiny_controlnet.path, "--fits", "tiny-sdxl")
     assert imported.returncode == 1 and "--fits tiny-sdxl: no such model in the store" in imported.stderr

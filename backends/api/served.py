@@ -4,9 +4,11 @@ the adapters, control and upscale models requests name."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from backends.sdxl_backend.protocol import ModelDefaults
+from backends.sdxl_backend.schedulers import ModelSampling, model_sampling
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,11 @@ class ServedModel:
     version: str  # the BentoML store version
     description: str
     defaults: ModelDefaults
+
+    @cached_property
+    def sampling(self) -> ModelSampling:
+        """What its UNet predicts, and whether it was trained with zero-terminal SNR."""
+        return model_sampling(self.path)
 
 
 @dataclass(frozen=True)

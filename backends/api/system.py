@@ -44,6 +44,9 @@ def model_entries(runtime: Runtime) -> list[dict[str, Any]]:
             "version": model.version,
             "loaded": runtime.is_loaded(served_by),
             "default": model_id == runtime.default_model,
+            # its own sampling facts, which every request on it keeps
+            "prediction_type": model.sampling.prediction_type,
+            "zero_terminal_snr": model.sampling.zero_snr,
             **({"alias_of": served_by} if served_by != model_id else {}),
         }
 

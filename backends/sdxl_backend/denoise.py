@@ -24,6 +24,7 @@ from .progress import Batch, BatchProgress
 from .prompt_encoder import conditioning
 from .prompts import PromptReader
 from .protocol import LoraWeight, ResolvedRequest, Timings
+from .sampling import freeu_applied, guidance_arguments
 from .schedulers import step_arguments
 from .upscalers import Tiling, upscale
 
@@ -183,6 +184,7 @@ class Denoiser:
             arguments = {
                 **step_arguments(request.scheduler, request.steps),
                 "guidance_scale": request.guidance_scale,
+                **guidance_arguments(request),
                 "generator": generators(members),
                 "callback_on_step_end": self._step_callback(attempt, progress, 0, self._second_pass_steps(first)),
                 **({"eta": request.eta} if request.eta is not None else {}),
@@ -210,26 +212,27 @@ class Denoiser:
             }
             if request.refiner is not None:  # the base stops at switch_at and hands over its latents
                 arguments.update(denoising_end=request.refiner.switch_at, output_type="latent")
-            # 4. The first pass.
+            # 4. The first pass (FreeU on the base's UNet through both passes, when asked).
             started, refiner_load_s = time.perf_counter(), 0.0
-            pictures = self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
-            # 5. The second pass, if any: the refiner's, or the hires fix's.
-            if first.refiner is not None:
-                pictures, refiner_load_s = self._refine(
-                    first,
-                    pictures,
-                    {**arguments, "generator": generators(members)},
-                    mode,
-                    attempt,
-                    progress,
-                    pipeline.num_timesteps,
-                )
-            elif hires is not None:
-                second = with_controlnets(pipelines, "img2img", controlnets) if controlnets else pipelines.img2img
-                second.scheduler = pipelines.new_scheduler(request.scheduler, source.defaults.timestep_spacing)
-                pictures = self._hires_pass(
-                    first, second, pictures, arguments, attempt, progress, pipeline.num_timesteps
-                )
+            with freeu_applied(pipeline.unet, request.freeu):
+                pictures = self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
+                # 5. The second pass, if any: the refiner's, or the hires fix's.
+                if first.refiner is not None:
+                    pictures, refiner_load_s = self._refine(
+                        first,
+                        pictures,
+                        {**arguments, "generator": generators(members)},
+                        mode,
+                        attempt,
+                        progress,
+                        pipeline.num_timesteps,
+                    )
+                elif hires is not None:
+                    second = with_controlnets(pipelines, "img2img", controlnets) if controlnets else pipelines.img2img
+                    second.scheduler = pipelines.new_scheduler(request.scheduler, source.defaults.timestep_spacing)
+                    pictures = self._hires_pass(
+                        first, second, pictures, arguments, attempt, progress, pipeline.num_timesteps
+                    )
             # 6. Inpainting: the repainted area pasted onto the input (the crop path pastes back by itself).
             if first.mask is not None and not request.masked_area_only:
                 pictures = [

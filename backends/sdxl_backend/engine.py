@@ -32,6 +32,7 @@ from .prepared import PreparedRequest
 from .progress import Batch, StepObserver
 from .prompts import PromptReader, PromptSyntax, ReadPrompts, model_tokenizers
 from .protocol import GeneratedImage, GenerationRequest, GenerationResult, PromptReading, ResolvedRequest, Timings
+from .schedulers import SCHEDULERS
 from .upscalers import Tiling
 from .upscaling import Upscaling
 from .validation import (
@@ -106,6 +107,12 @@ class Engine:
                 f"clip_skip: {request.clip_skip} is past the first layer: model '{source.id}' has "
                 f"{source.text_layers} in its smaller text encoder",
                 "clip_skip",
+            )
+        if source.sampling.zero_snr and not SCHEDULERS[request.scheduler].zero_snr:
+            raise InvalidRequest(
+                f"scheduler: {request.scheduler} cannot run model '{source.id}', trained with zero-terminal SNR; "
+                f"these can: {', '.join(name for name, spec in SCHEDULERS.items() if spec.zero_snr)}",
+                "scheduler",
             )
         check_loras(self.models, source, [lora.id for lora in request.loras])
         check_controlnets(self.models, source, [unit.id for unit in request.controlnets])
@@ -191,6 +198,8 @@ class Engine:
             request.guidance_scale,
             request.eta,
             request.clip_skip,
+            request.guidance_rescale,
+            request.freeu,
             request.strength if img2img else None,
             img2img,
             prepared.prompts.chunk_count,

@@ -27,6 +27,11 @@ def write(request: ResolvedRequest, seed: int, img2img: bool, inpainting: bool) 
     ]
     if request.clip_skip > 1:  # (as A1111 writes it: from 2 on)
         settings.append(f"Clip skip: {request.clip_skip}")
+    if request.guidance_rescale:  # (as A1111's CFG Rescale extension writes it)
+        settings.append(f"CFG Rescale: {request.guidance_rescale}")
+    if request.freeu is not None:
+        freeu = request.freeu
+        settings.append(f"FreeU s1: {freeu.s1}, FreeU s2: {freeu.s2}, FreeU b1: {freeu.b1}, FreeU b2: {freeu.b2}")
     if img2img:
         settings.append(f"Denoising strength: {request.strength}")
     if request.hires_fix and not img2img:

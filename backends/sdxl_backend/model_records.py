@@ -22,6 +22,7 @@ from .ip_adapters import ImagePromptModel, IpAdapterSource, load_image_prompt_mo
 from .loras import model_unet_signature
 from .pipelines import Pipelines, component_bytes, load_controlnet, loading_alone
 from .protocol import ModelDefaults
+from .schedulers import ModelSampling, model_sampling
 from .upscalers import UpscalerSource, load_upscaler
 
 SideSource = ControlNetSource | IpAdapterSource | UpscalerSource
@@ -45,6 +46,11 @@ class ModelSource:
     def unet_signature(self) -> str:
         """Its UNet's architecture, which a LoRA must have been trained on (loras.py)."""
         return model_unet_signature(self.path)
+
+    @cached_property
+    def sampling(self) -> ModelSampling:
+        """What its UNet predicts and whether it was trained with zero-terminal SNR."""
+        return model_sampling(self.path)
 
     @cached_property
     def text_layers(self) -> int:

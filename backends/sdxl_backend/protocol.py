@@ -59,6 +59,19 @@ class ModelDefaults(BaseModel):
     scheduler: str = "euler"
     timestep_spacing: str | None = None
     clip_skip: int = Field(2, ge=1, le=MAX_CLIP_SKIP)  # 2: the penultimate layer, what SDXL was trained on
+    guidance_rescale: float = Field(0.0, ge=0, le=1)  # v-prediction models with zero-terminal SNR ask for 0.7
+
+
+class FreeU(BaseModel):
+    """FreeU: the UNet's backbone features amplified and its skip features damped on the up
+    path, which sharpens detail (the paper's SDXL values are the defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)  # (frozen: hashable, a part of the batch key)
+
+    s1: float = Field(0.9, ge=0, le=3, description="Skip features of the first up stage, scaled by this.")
+    s2: float = Field(0.2, ge=0, le=3, description="Skip features of the second up stage, scaled by this.")
+    b1: float = Field(1.3, ge=0, le=3, description="Backbone features of the first up stage, scaled by this.")
+    b2: float = Field(1.4, ge=0, le=3, description="Backbone features of the second up stage, scaled by this.")
 
 
 class HiresFix(BaseModel):
@@ -191,6 +204,14 @@ class TextToImageRequest(BaseModel):
         description="The text encoders' layer the prompt is read from, counted from the last: 1 the last, 2 the "
         "one before (what SDXL was trained on), and so on; both encoders alike. Default: the model's (2).",
     )
+    guidance_rescale: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="CFG rescale: the guided prediction's spread pulled back toward the conditional one's "
+        "(0: off; 0.7 for v-prediction models with zero-terminal SNR). Default: the model's.",
+    )
+    freeu: FreeU | None = Field(None, description="FreeU on the UNet's up path (off when absent).")
     output_format: OutputFormat = Field("png", description="Encoding of the images.")
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
     vram_mode: VramMode | None = Field(None, description="Memory mode of this request; default: the server's.")
@@ -282,6 +303,7 @@ class ResolvedRequest(GenerationRequest):
     seed: int
     scheduler: str
     clip_skip: int
+    guidance_rescale: float
     hires_fix: ResolvedHiresFix | None = None
 
 

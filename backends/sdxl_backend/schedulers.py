@@ -8,8 +8,10 @@ named variant, so a scheduler chosen by one request never leaks into the next.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the list below is read where diffusers is not loaded (BentoML's main process)
@@ -22,14 +24,15 @@ class SchedulerSpec:
     label: str  # the name AUTOMATIC1111-style tools show
     options: dict[str, Any] = field(default_factory=dict)
     align_your_steps: bool = False  # sigmas from Align Your Steps' SDXL schedule
+    zero_snr: bool = True  # it can run a model trained with zero-terminal SNR (rescale_betas_zero_snr)
 
 
 SCHEDULERS: dict[str, SchedulerSpec] = {
     "euler": SchedulerSpec("EulerDiscreteScheduler", "Euler"),
     "euler_karras": SchedulerSpec("EulerDiscreteScheduler", "Euler Karras", {"use_karras_sigmas": True}),
     "euler_a": SchedulerSpec("EulerAncestralDiscreteScheduler", "Euler a"),
-    "heun": SchedulerSpec("HeunDiscreteScheduler", "Heun"),
-    "lms": SchedulerSpec("LMSDiscreteScheduler", "LMS"),
+    "heun": SchedulerSpec("HeunDiscreteScheduler", "Heun", zero_snr=False),
+    "lms": SchedulerSpec("LMSDiscreteScheduler", "LMS", zero_snr=False),
     "ddim": SchedulerSpec("DDIMScheduler", "DDIM"),
     "dpmpp_2m": SchedulerSpec("DPMSolverMultistepScheduler", "DPM++ 2M"),
     "dpmpp_2m_karras": SchedulerSpec("DPMSolverMultistepScheduler", "DPM++ 2M Karras", {"use_karras_sigmas": True}),
@@ -38,7 +41,9 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
         "DPM++ 2M SDE Karras",
         {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
     ),
-    "dpmpp_sde_karras": SchedulerSpec("DPMSolverSDEScheduler", "DPM++ SDE Karras", {"use_karras_sigmas": True}),
+    "dpmpp_sde_karras": SchedulerSpec(
+        "DPMSolverSDEScheduler", "DPM++ SDE Karras", {"use_karras_sigmas": True}, zero_snr=False
+    ),
     "dpmpp_2m_exponential": SchedulerSpec(
         "DPMSolverMultistepScheduler", "DPM++ 2M Exponential", {"use_exponential_sigmas": True}
     ),
@@ -51,11 +56,14 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
     "euler_sgm_uniform": SchedulerSpec("EulerDiscreteScheduler", "Euler SGM Uniform", {"timestep_spacing": "trailing"}),
     "euler_simple": SchedulerSpec("EulerDiscreteScheduler", "Euler Simple", {"timestep_spacing": "linspace"}),
     "euler_ays": SchedulerSpec("EulerDiscreteScheduler", "Euler Align Your Steps", align_your_steps=True),
-    "dpm2": SchedulerSpec("KDPM2DiscreteScheduler", "DPM2"),
-    "pndm": SchedulerSpec("PNDMScheduler", "PNDM", {"skip_prk_steps": True}),  # PLMS, as SD pipelines run it
+    "dpm2": SchedulerSpec("KDPM2DiscreteScheduler", "DPM2", zero_snr=False),
+    # PLMS, as SD pipelines run it
+    "pndm": SchedulerSpec("PNDMScheduler", "PNDM", {"skip_prk_steps": True}, zero_snr=False),
     "unipc": SchedulerSpec("UniPCMultistepScheduler", "UniPC"),
     "lcm": SchedulerSpec("LCMScheduler", "LCM"),
+    "tcd": SchedulerSpec("TCDScheduler", "TCD"),  # TCD LoRAs' few-step solver; eta is its gamma
 }
+ETA_SCHEDULERS = ("ddim", "tcd")  # the schedulers whose step takes eta (its stochasticity)
 
 # The names moondream-station's SDXL backend (and so the gallery) sends, ids and aliases, for
 # the scheduler here that is what the name says. Names that are not here (its "restart",
@@ -100,6 +108,22 @@ def align_your_steps_sigmas(steps: int) -> list[float]:
         low = min(int(position), last - 1)
         sigmas.append(math.exp(logs[low] + (logs[low + 1] - logs[low]) * (position - low)))
     return [*sigmas, 0.0]
+
+
+@dataclass(frozen=True)
+class ModelSampling:
+    """A model's own sampling facts, from its stored scheduler config: what its UNet predicts
+    (epsilon, or v for v-prediction models such as NoobAI-XL's v-pred line) and whether it was
+    trained with zero-terminal SNR. Every scheduler a request picks keeps them."""
+
+    prediction_type: str = "epsilon"
+    zero_snr: bool = False
+
+
+def model_sampling(path: Path) -> ModelSampling:
+    """The sampling facts of the stored pipeline at `path`."""
+    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    return ModelSampling(config.get("prediction_type", "epsilon"), bool(config.get("rescale_betas_zero_snr")))
 
 
 def resolve_moondream_name(name: str) -> str | None:

@@ -12,7 +12,7 @@ from PIL import Image
 from .errors import InvalidRequest
 from .limits import Limits
 from .protocol import MAX_SEED, GenerationRequest, ModelDefaults, ResolvedHiresFix, ResolvedRequest
-from .schedulers import SCHEDULERS
+from .schedulers import ETA_SCHEDULERS, SCHEDULERS
 
 if TYPE_CHECKING:
     from .model_manager import ModelManager
@@ -49,6 +49,7 @@ def resolve(
         "guidance_scale": defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
         "scheduler": request.scheduler or defaults.scheduler,
         "clip_skip": request.clip_skip or defaults.clip_skip,
+        "guidance_rescale": defaults.guidance_rescale if request.guidance_rescale is None else request.guidance_rescale,
         "seed": secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
     }
     if request.hires_fix is not None:
@@ -101,8 +102,15 @@ def validate(request: ResolvedRequest, limits: Limits) -> None:
         raise InvalidRequest(
             f"scheduler: unknown scheduler '{request.scheduler}'; known: {', '.join(SCHEDULERS)}", "scheduler"
         )
-    if request.eta is not None and request.scheduler != "ddim":
-        raise InvalidRequest(f"eta: only the ddim scheduler takes eta, not {request.scheduler}", "eta")
+    if request.eta is not None and request.scheduler not in ETA_SCHEDULERS:
+        raise InvalidRequest(
+            f"eta: only the {' and '.join(ETA_SCHEDULERS)} schedulers take eta, not {request.scheduler}", "eta"
+        )
+    if request.guidance_rescale and request.controlnets:
+        raise InvalidRequest(
+            "guidance_rescale: not with ControlNets (diffusers' SDXL ControlNet pipelines do not take it)",
+            "guidance_rescale",
+        )
     if request.image is not None and int(request.steps * request.strength) < 1:  # before the image is dropped
         raise InvalidRequest(
             f"strength: {request.strength} x {request.steps} steps leaves no step to run; raise either",

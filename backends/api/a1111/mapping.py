@@ -12,7 +12,7 @@ from typing import Any
 from backends.api.a1111.extras import upscaler_id
 from backends.api.a1111.options import clip_skip as clip_skip_of
 from backends.api.a1111.options import picture_fields
-from backends.api.a1111.protocol import A1111Answer, A1111Request, refuse_what_is_on, title_name
+from backends.api.a1111.protocol import CFG_RESCALE_SCRIPT, A1111Answer, A1111Request, refuse_what_is_on, title_name
 from backends.api.a1111.units import control_units
 from backends.api.caller_options import MODEL_OPTION
 from backends.sdxl_backend import infotext
@@ -140,6 +140,7 @@ def generation_request(
         scheduler=scheduler,
         eta=_eta(body, scheduler),
         clip_skip=clip_skip or kept_fields.get("clip_skip"),
+        guidance_rescale=_cfg_rescale(body),
         image=body.init_images[0] if img2img else None,
         strength=body.denoising_strength if img2img and body.denoising_strength else 0.75,
         **_inpainting(body, img2img),
@@ -151,6 +152,30 @@ def generation_request(
         **control_units(body, img2img),
         priority=body.priority,
     )
+
+
+def _cfg_rescale(body: A1111Request) -> float | None:
+    """The CFG Rescale extension's alwayson script: its first arg is the rescale (phi); the
+    others are switches this server does not have (Auto Color Fix, DDIM Trailing, keeping the
+    unfixed image), refused by name when on."""
+    script = next(
+        (value for name, value in body.alwayson_scripts.items() if name.strip().lower() == CFG_RESCALE_SCRIPT), None
+    )
+    if not script:
+        return None
+    field = f"alwayson_scripts.{CFG_RESCALE_SCRIPT}.args"
+    args = script.get("args") if isinstance(script, dict) else None
+    if not isinstance(args, list) or not args:
+        raise InvalidRequest(f"{field}: must be [rescale, ...], the rescale a number 0..1", field)
+    rescale = args[0]
+    if isinstance(rescale, bool) or not isinstance(rescale, int | float) or not 0 <= rescale <= 1:
+        raise InvalidRequest(f"{field}[0]: the rescale is a number 0..1, not {rescale!r}", f"{field}[0]")
+    for index, switch in enumerate(args[1:], start=1):
+        if switch is True:
+            raise InvalidRequest(
+                f"{field}[{index}]: not supported by this server (only the rescale)", f"{field}[{index}]"
+            )
+    return float(rescale)
 
 
 def _hires_fix(body: A1111Request, img2img: bool) -> dict[str, Any] | None:
@@ -259,6 +284,7 @@ def render(body: A1111Request, result: GenerationResult) -> dict[str, Any]:
         "n_iter": body.n_iter,
         "denoising_strength": request.strength if result.img2img else None,
         "clip_skip": request.clip_skip,
+        "guidance_rescale": request.guidance_rescale,
         # Each image's parameters text, as its PNG carries it (LibreChat reads infotexts[0]).
         "infotexts": [infotext.write(request, seed, result.img2img, result.inpainting) for seed in result.seeds],
         # (A1111's own info has no such field: what the text encoders read, tokens and chunks of 75)

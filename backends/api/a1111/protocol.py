@@ -12,6 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.protocol import MAX_SEED, TINY_PNG, ImageBytes, Priority
 
+# The alwayson_scripts this server runs, by their titles (lower case): sd-webui-controlnet's,
+# and the CFG Rescale extension's (its first arg the rescale; mapping.py).
+CFG_RESCALE_SCRIPT = "cfg rescale extension"
+SCRIPTS = ("controlnet", CFG_RESCALE_SCRIPT)
+
 
 class A1111ControlNetUnit(BaseModel):
     """One unit of the sd-webui-controlnet extension's API (what `webuiapi.ControlNetUnit`

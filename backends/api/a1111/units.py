@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from backends.api.a1111.protocol import A1111ControlNetUnit, A1111Request, refuse_what_is_on, title_name
+from backends.api.a1111.protocol import SCRIPTS, A1111ControlNetUnit, A1111Request, refuse_what_is_on, title_name
 from backends.sdxl_backend.controlnets import PREPROCESSORS
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.protocol import MAX_CONTROLNETS, MAX_IP_ADAPTERS
@@ -125,9 +125,10 @@ def control_units(body: A1111Request, img2img: bool) -> dict[str, list[dict[str,
     `ip_adapters` (the extension runs IP-Adapters as units too)."""
     scripts = {name.strip().lower(): script for name, script in body.alwayson_scripts.items()}
     for name, script in scripts.items():
-        if name != "controlnet" and script not in (None, {}, {"args": []}):
+        if name not in SCRIPTS and script not in (None, {}, {"args": []}):
             raise InvalidRequest(
-                f"alwayson_scripts.{name}: not supported by this server (only ControlNet)", f"alwayson_scripts.{name}"
+                f"alwayson_scripts.{name}: not supported by this server (only ControlNet and CFG rescale)",
+                f"alwayson_scripts.{name}",
             )
     script = scripts.get("controlnet") or {}
     args = script.get("args", []) if isinstance(script, dict) else None

@@ -26,6 +26,7 @@ GENERATION_FIELDS = (
     "n",
     "scheduler",
     "clip_skip",
+    "guidance_rescale",
     "loras",
     "priority",
 )

@@ -19,6 +19,7 @@ from backends.sdxl_backend.protocol import (
     MAX_LORAS,
     MAX_SEED,
     ControlNetUnit,
+    FreeU,
     GenerationRequest,
     ImageBytes,
     IpAdapterUnit,
@@ -51,7 +52,9 @@ class ImageGenerationRequest(BaseModel):
     steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0)
     scheduler: str | None = None
-    clip_skip: int | None = Field(None, ge=1, le=MAX_CLIP_SKIP)  # as the native field
+    clip_skip: int | None = Field(None, ge=1, le=MAX_CLIP_SKIP)  # as the native fields
+    guidance_rescale: float | None = Field(None, ge=0, le=1)
+    freeu: FreeU | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     # Count: OpenAI's `n`, moondream's `num_images`.
     n: int | None = Field(None, ge=1)
@@ -106,6 +109,8 @@ class ImageGenerationRequest(BaseModel):
             n=self.n or self.num_images or 1,
             scheduler=self._scheduler(),
             clip_skip=self.clip_skip,
+            guidance_rescale=self.guidance_rescale,
+            freeu=self.freeu,
             output_format=self.output_format,
             quality=max(1, self.output_compression) if self.output_compression is not None else 90,
             image=self.image,
