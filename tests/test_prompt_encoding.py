@@ -184,3 +184,12 @@ def test_clip_skip_reads_the_layer_it_counts_back_from_the_last_in_both_encoders
     with pytest.raises(InvalidRequest, match="clip_skip: 3 is past the first layer") as refused:
         engine.prepare(GenerationRequest(prompt="x", clip_skip=3))  # (tiny-sdxl's encoders have 2 layers)
     assert refused.value.param == "clip_skip"
+
+
+def test_a_prompt_over_the_chunk_limit_is_refused_before_the_queue(engine):
+    breaks = " BREAK ".join(["a"] * 21)  # 21 chunks: one over the default limit of 20
+    for field in ("prompt", "negative_prompt"):
+        with pytest.raises(InvalidRequest, match="21 chunks of 75 tokens .* over the limit of 20") as refused:
+            engine.prepare(GenerationRequest(**{"prompt": "x", field: breaks}))
+        assert refused.value.param == field
+    engine.prepare(GenerationRequest(prompt=" BREAK ".join(["a"] * 20)))  # (at the limit: fine)

@@ -99,3 +99,24 @@ def test_break_ends_a_chunk_and_weights_follow_their_tokens():
     assert reader.pad(read, 3).chunk_count == 3 and reader.pad(read, 1) is read
     reader.syntax = "plain"
     assert reader.read("(cd:1.5)").tokens == len("(cd:1.5)") and not reader.read("(cd:1.5)").chunks[0][0].weighted
+
+
+@pytest.mark.parametrize(
+    ("prompt", "why"),
+    [
+        ("(a:.)", "'.' is not a number"),
+        ("(a:1.2.3)", "'1.2.3' is not a number"),
+        ("((a:..))", "'..' is not a number"),
+        ("(a:1e12)", "'1e12' is not a weight between -10 and 10"),
+        ("(a:1000000000000)", "is not a weight between -10 and 10"),
+        ("(a:nan)", "'nan' is not a weight"),
+        ("(a:-inf)", "'-inf' is not a weight"),
+    ],
+)
+def test_a_weight_that_is_no_usable_number_is_a_400_naming_the_field(prompt, why):
+    reader = PromptReader(lambda: [make_tokenizer()])
+    with pytest.raises(InvalidRequest, match=why) as refused:
+        reader.read(prompt, "negative_prompt")
+    assert refused.value.param == "negative_prompt"
+    assert parse_attention("(a:1e1)") == [("a", 10.0)] and parse_attention("(a:-2.5)") == [("a", -2.5)]
+    assert parse_attention("(a:Nancy)") == [("a:Nancy", 1.1)]  # (a word is text, as in A1111)

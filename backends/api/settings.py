@@ -137,6 +137,7 @@ class Settings(BaseSettings):
     max_guidance_scale: float = Field(Limits().max_guidance_scale, ge=0)
     max_images: int = Field(Limits().max_images, ge=1)
     max_prompt_chars: int = Field(Limits().max_prompt_chars, ge=1)
+    max_prompt_chunks: int = Field(Limits().max_prompt_chunks, ge=1)
     prompt_syntax: PromptSyntax = "a1111"  # "plain": brackets and BREAK are text (prompts.py)
     max_input_image_bytes: int = Field(Limits().max_input_image_bytes, ge=1)
     max_input_image_pixels: int = Field(Limits().max_input_image_pixels, ge=1)

@@ -90,8 +90,17 @@ class Engine:
 
     def read_prompts(self, request: ResolvedRequest, source: ModelSource) -> ReadPrompts:
         """The request's prompts as `source`'s tokenizers cut them (raises `InvalidRequest` for
-        syntax the server does not run)."""
-        return self.prompt_reader(source).read_pair(request.prompt, request.negative_prompt)
+        syntax the server does not run, and for a prompt of more chunks than the limit: every
+        chunk is encoded, and attended to at every step)."""
+        read = self.prompt_reader(source).read_pair(request.prompt, request.negative_prompt)
+        for field, prompt in (("prompt", read.prompt), ("negative_prompt", read.negative)):
+            if prompt.own_chunks > self.limits.max_prompt_chunks:
+                raise InvalidRequest(
+                    f"{field}: {prompt.own_chunks} chunks of 75 tokens (a BREAK starts a new one) is over the "
+                    f"limit of {self.limits.max_prompt_chunks} (SDXL_MAX_PROMPT_CHUNKS)",
+                    field,
+                )
+        return read
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Everything before the device: raises `BackendError`s naming the field at fault."""

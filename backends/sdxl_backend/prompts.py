@@ -23,6 +23,7 @@ With `SDXL_PROMPT_SYNTAX=plain` nothing is parsed (brackets are text); the chunk
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections.abc import Callable
@@ -40,8 +41,17 @@ COMMA_BACKTRACK = 20  # a full chunk is cut after a comma this close to its end
 BREAK = -1.0  # the weight that marks a BREAK among the parsed pieces
 UP, DOWN = 1.1, 1 / 1.1
 
-# One lexical piece each: an escape, a bracket, a closing weight (":1.3)"), text, a colon.
-PIECE = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+MAX_WEIGHT = 10.0  # |weight| at most this; A1111 takes any float, but past it a picture is noise
+# One lexical piece each: an escape, a bracket, a closing weight (":1.3)", or what looks like one:
+# "1e3", "nan", "1.2.3" are refused, not read as text), text, a colon.
+PIECE = re.compile(
+    r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?(?:[.\d]+(?:e[+-]?\d+)?|nan|inf(?:inity)?))\s*\)|\)|]|[^\\()\[\]:]+|:",
+    re.IGNORECASE,
+)
+
+
+class BadWeight(ValueError):
+    """A closing weight that is no number, or none a prompt can use."""
 BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
 
 
@@ -65,7 +75,7 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         elif piece == "[":
             open_square.append(len(pieces))
         elif weight is not None and open_round:
-            weigh_from(open_round.pop(), float(weight))
+            weigh_from(open_round.pop(), parse_weight(weight))
         elif piece == ")" and open_round:
             weigh_from(open_round.pop(), UP)
         elif piece == "]" and open_square:
@@ -87,6 +97,17 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         elif piece_text or weight == BREAK:
             merged.append((piece_text, weight))
     return merged or [("", 1.0)]
+
+
+def parse_weight(text: str) -> float:
+    """An emphasis weight: a finite number within +-MAX_WEIGHT, else `BadWeight`."""
+    try:
+        weight = float(text)
+    except ValueError:
+        raise BadWeight(f"'{text}' is not a number") from None
+    if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+        raise BadWeight(f"'{text}' is not a weight between {-MAX_WEIGHT:g} and {MAX_WEIGHT:g}")
+    return weight
 
 
 def check_syntax(text: str, field: str) -> None:
@@ -174,7 +195,10 @@ class PromptReader:
     def read(self, text: str, field: str = "prompt") -> ReadPrompt:
         if self.syntax == "a1111":
             check_syntax(text, field)
-            pieces = parse_attention(text)
+            try:
+                pieces = parse_attention(text)
+            except BadWeight as exc:
+                raise InvalidRequest(f"{field}: a weight {exc} (as in (word:1.3))", field) from None
         else:
             pieces = [(text, 1.0)]
         tokenizers = self.tokenizers()
