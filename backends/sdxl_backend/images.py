@@ -11,6 +11,15 @@ from .errors import InvalidImage, PayloadTooLarge
 from .limits import Limits
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# What a client's bytes are opened as, and nothing else: Pillow knows dozens of formats, and
+# some hand the bytes on (EPS to Ghostscript) or bring decoders no client needs (PSD, ICNS...).
+CLIENT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+UNREAD = "not an image this server reads (PNG, JPEG, WebP, GIF or BMP)"
+
+
+def open_client_image(data: bytes) -> Image.Image:
+    """A client's image, lazily (its header read, no pixel yet), as one of `CLIENT_FORMATS`."""
+    return Image.open(io.BytesIO(data), formats=CLIENT_FORMATS)
 
 
 def decode_image(data: bytes, limits: Limits, param: str = "image", mode: str = "RGB") -> Image.Image:
@@ -26,7 +35,7 @@ def decode_image(data: bytes, limits: Limits, param: str = "image", mode: str = 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = open_client_image(data)
             pixels = image.width * image.height
             if pixels > limits.max_input_image_pixels:
                 raise PayloadTooLarge(
@@ -39,7 +48,7 @@ def decode_image(data: bytes, limits: Limits, param: str = "image", mode: str = 
         # Pillow's own guard, which fires in Image.open for the most extreme headers.
         raise PayloadTooLarge(f"{param}: too many pixels ({exc})", param) from exc
     except UnidentifiedImageError:  # (its message would show a Python object and its address)
-        raise InvalidImage(f"{param}: not an image this server reads (PNG, JPEG, WebP, ...)", param) from None
+        raise InvalidImage(f"{param}: {UNREAD}", param) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"{param}: cannot decode the image ({exc})", param) from exc
     return image.convert(mode)

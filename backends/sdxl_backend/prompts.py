@@ -52,6 +52,8 @@ PIECE = re.compile(
 
 class BadWeight(ValueError):
     """A closing weight that is no number, or none a prompt can use."""
+
+
 BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
 
 

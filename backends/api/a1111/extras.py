@@ -24,7 +24,7 @@ from backends.api.a1111.protocol import refuse_what_is_on
 from backends.api.runtime import Runtime, runtime_of
 from backends.api.upscale import run_upscale
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.images import encode_image
+from backends.sdxl_backend.images import UNREAD, encode_image, open_client_image
 from backends.sdxl_backend.protocol import TINY_PNG, ImageBytes, UpscaleRequest
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
@@ -153,6 +153,6 @@ async def _upscaled(
 
 def _source_size(image: bytes) -> tuple[int, int]:
     try:
-        return Image.open(io.BytesIO(image)).size
+        return open_client_image(image).size
     except Exception:
-        raise InvalidRequest("image: not an image this server reads (PNG, JPEG, WebP, ...)", "image") from None
+        raise InvalidRequest(f"image: {UNREAD}", "image") from None

@@ -3,12 +3,10 @@ options, png-info, progress and interrupt, memory, unload. The listings are in l
 
 from __future__ import annotations
 
-import io
 from typing import Annotated, Any
 
 import psutil
 from fastapi import APIRouter, Depends, Request
-from PIL import Image
 
 from backends.api import errors
 from backends.api.a1111.mapping import generation_request, progress, render
@@ -18,6 +16,7 @@ from backends.api.caller_options import MODEL_OPTION
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend import infotext
 from backends.sdxl_backend.errors import InvalidRequest
+from backends.sdxl_backend.images import UNREAD, open_client_image
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 GENERATION_ERRORS = errors.responses(400, 401, 403, 404, 413, 422, 429, 503, 504, 507)
@@ -74,9 +73,9 @@ async def png_info(body: PngInfoRequest) -> dict[str, Any]:
     """The generation parameters an image carries (its `parameters` text, as this server and
     A1111 write it), parsed; other text chunks as `items`."""
     try:
-        chunks = {k: v for k, v in Image.open(io.BytesIO(body.image)).info.items() if isinstance(v, str)}
+        chunks = {k: v for k, v in open_client_image(body.image).info.items() if isinstance(v, str)}
     except Exception:
-        raise InvalidRequest("image: not an image", "image") from None
+        raise InvalidRequest(f"image: {UNREAD}", "image") from None
     text = chunks.pop("parameters", "")
     return {"info": text, "items": chunks, "parameters": infotext.parse(text)}
 
