@@ -242,3 +242,17 @@ def test_the_api_key_guards_mcp_and_each_key_sees_only_its_own_jobs(guarded):
     queued, theirs, mine = run(main)
     assert queued.structured_content["status"] in ("queued", "running", "succeeded")
     assert theirs.is_error and not mine.is_error
+
+
+def test_get_job_answers_the_same_links_each_time_it_is_asked(server):
+    """(Each call used to keep the images again: three calls, three sets of links.)"""
+
+    async def main():
+        async with connected(server) as client:
+            made = await client.call_tool("generate_image", QUICK)
+            job_id = made.structured_content["job_id"]
+            return made, [await client.call_tool("get_job", {"job_id": job_id}) for _ in range(3)]
+
+    made, asked = run(main)
+    links = [[image["url"] for image in answer.structured_content["images"]] for answer in [made, *asked]]
+    assert links[0] and all(each == links[0] for each in links), links

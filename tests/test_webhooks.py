@@ -166,3 +166,20 @@ def test_where_a_name_resolves_decides_as_much_as_the_name():
     assert private_listed.check("https://hooks.example/hook") == "10.0.0.5"
     with pytest.raises(InvalidRequest, match="SDXL_WEBHOOK_ALLOWED_HOSTS"):
         Destinations([]).check("https://public.example/hook")
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://localhost:99999/hook", "no valid port"),
+        ("http://localhost:abc/hook", "no valid port"),
+        ("http://localhost:-1/hook", "no valid port"),
+        ("http://localhost:0/hook", "no valid port"),
+        ("http://user:secret@localhost:8080/hook", "credentials in the URL"),
+    ],
+)
+def test_a_bad_port_or_credentials_in_the_url_is_a_400_naming_it(url, why):
+    """(Both were a 500, and user:pass@ went out in the Host header.)"""
+    with pytest.raises(InvalidRequest, match=why) as refused:
+        Destinations(["localhost"], lambda host, port: ["127.0.0.1"]).check(url)
+    assert refused.value.param == "webhook.url"

@@ -26,6 +26,7 @@ routes can no longer see their client disconnect, which cancelling abandoned gen
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -52,10 +53,13 @@ PRIVATE_NETWORK_ASKED = b"access-control-request-private-network"
 
 
 def key_is_valid(presented: str | None, keys: list[str]) -> bool:
-    """Constant-time against every key, so timing tells nothing about which prefix matched."""
+    """Constant-time against every key, so timing tells nothing about which prefix matched;
+    compared as SHA-256 digests, whose length is the same whatever a key's (compare_digest
+    returns early on a length mismatch)."""
     if presented is None:
         return False
-    matches = [hmac.compare_digest(presented.encode(), key.encode()) for key in keys]
+    digest = hashlib.sha256(presented.encode()).digest()
+    matches = [hmac.compare_digest(digest, hashlib.sha256(key.encode()).digest()) for key in keys]
     return any(matches)
 
 

@@ -80,6 +80,17 @@ class Destinations:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidRequest(f"webhook.url: '{url}' is not an http(s) URL", "webhook.url")
+        if parts.username is not None or parts.password is not None:  # (they would travel in the Host header)
+            raise InvalidRequest(
+                "webhook.url: credentials in the URL (user:pass@) are not sent; the signature authenticates",
+                "webhook.url",
+            )
+        try:
+            port = parts.port
+        except ValueError:  # (out of range, or not a number)
+            port = 0
+        if port == 0:
+            raise InvalidRequest(f"webhook.url: '{parts.netloc}' has no valid port (1..65535)", "webhook.url")
         if not self.names and not self.networks:
             raise InvalidRequest(
                 "webhook: webhooks are off on this server (SDXL_WEBHOOK_ALLOWED_HOSTS lists where they may go)",
@@ -94,7 +105,8 @@ class Destinations:
                     f"webhook.url: {host} is not in SDXL_WEBHOOK_ALLOWED_HOSTS", "webhook.url"
                 ) from None
             try:
-                addresses = [ipaddress.ip_address(a) for a in self.resolver(host, parts.port or 443)]
+                default_port = 443 if parts.scheme == "https" else 80
+                addresses = [ipaddress.ip_address(a) for a in self.resolver(host, port or default_port)]
             except OSError as exc:
                 raise InvalidRequest(f"webhook.url: {host} does not resolve ({exc})", "webhook.url") from None
         for address in addresses:

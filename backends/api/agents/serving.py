@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import time
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -131,7 +133,7 @@ class Call:
         content: list[Any] = []
         if job.status == JobStatus.SUCCEEDED and job.result is not None:
             result = job.result
-            ids = await anyio.to_thread.run_sync(keep_images, result, self.runtime.kept_images)
+            ids = await anyio.to_thread.run_sync(JOB_LINKS.of, job.id, result, self.runtime.kept_images)
             urls = [f"{self.runtime.base_url(self.http)}{KEPT_PATH}{image_id}" for image_id in ids]
             shown.model = result.model
             shown.parameters = result.request.model_dump(mode="json")
@@ -196,10 +198,32 @@ def image_of(reference: str, field: str, kept: KeptImageStore) -> str | bytes:
     return image.data
 
 
-def keep_images(result: GenerationResult, kept: KeptImageStore) -> list[str]:
-    """The result's images kept for their links (each answer keeps them anew: a link handed out
-    lives its full time, however long after the job an agent asks)."""
-    return [kept.put(image.data, image.media_type, result.request.output_format) for image in result.images]
+class JobLinks:
+    """The kept images behind a job's links, so that asking about a job again answers the same
+    links (not a new kept copy each time) while they are kept; once they are gone, the job's
+    images are kept anew, so that a link handed out lives its full time however late an agent
+    asks. Remembered for the last `size` jobs in this process."""
+
+    def __init__(self, size: int = 1000):
+        self.size = size
+        self._ids: OrderedDict[str, list[str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def of(self, job_id: str, result: GenerationResult, kept: KeptImageStore) -> list[str]:
+        with self._lock:
+            known = self._ids.get(job_id)
+        if known is not None and all(kept.get(image_id) is not None for image_id in known):
+            return known
+        ids = [kept.put(image.data, image.media_type, result.request.output_format) for image in result.images]
+        with self._lock:
+            self._ids[job_id] = ids
+            self._ids.move_to_end(job_id)
+            while len(self._ids) > self.size:
+                self._ids.popitem(last=False)
+        return ids
+
+
+JOB_LINKS = JobLinks()
 
 
 def thumbnail(data: bytes) -> str:
