@@ -139,6 +139,7 @@ class Runtime:
             else None
         )
         self.event_streams = 0  # SSE streams open now (changed on the event loop only)
+        self.upscales = 0  # upscale calls waiting or running (likewise)
         self.started = int(time.time())
 
     def start(self, warm_up: bool) -> None:

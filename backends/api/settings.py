@@ -120,6 +120,7 @@ class Settings(BaseSettings):
     max_loaded_controlnets: int = Field(2, ge=1)  # ControlNets kept loaded; the least recently used go first
     max_loaded_ip_adapters: int = Field(2, ge=1)  # IP-Adapters (and their encoders) kept loaded; likewise
     max_loaded_upscalers: int = Field(1, ge=1)  # upscale models kept loaded; likewise
+    max_upscales: int = Field(4, ge=1)  # upscale calls waiting or running at once (each holds its image); more get 429
     upscale_tile: int = Field(Tiling.tile, ge=0)  # input pixels per tile side of an upscale; 0: never cut
     upscale_tile_overlap: int = Field(Tiling.overlap, ge=0)  # pixels each tile shares with its neighbours
     # Speed (backends/sdxl_backend/fast_paths.py has their meaning)

@@ -188,6 +188,7 @@ async def system_status(runtime: RuntimeDep) -> dict[str, Any]:
         **runtime.model_status(),
         "vae": runtime.settings.vae,
         **await runtime.queue_status(),
+        "upscales": runtime.upscales,  # upscale calls waiting or running in this server (SDXL_MAX_UPSCALES)
         "device_thread_alive": runtime.alive,
         "device_thread": runtime.device_thread_status(),
     }

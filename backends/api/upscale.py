@@ -1,6 +1,7 @@
 """Upscales: `POST /v1/upscale` (a BentoML API method, service.py) and what A1111's extras call.
 
-An upscale is not a job: like A1111's extras, its client waits for it. It is prepared off the
+An upscale is not a job (yet): like A1111's extras, its client waits for it, and at most
+SDXL_MAX_UPSCALES calls wait or run at once in a process. It is prepared off the
 event loop (the image decoded, every field checked: a bad one is a 400 at once), then handed to
 a device thread as a call, which runs it between two jobs (one upscale at a time per device:
 the jobs take their turns between them). The client hanging up, or SDXL_TIMEOUT_SECONDS
@@ -24,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from backends.api import errors
 from backends.api.hangups import cancelled_on_hangup
 from backends.api.native import wants_raw_image
-from backends.sdxl_backend.errors import BackendError, TimedOut
+from backends.sdxl_backend.errors import BackendError, QueueFull, TimedOut
 from backends.sdxl_backend.protocol import UpscaleRequest, UpscaleResult, UpscaleTimings
 
 if TYPE_CHECKING:
@@ -47,7 +48,19 @@ class UpscaleAnswer(BaseModel):
 async def run_upscale(runtime: Runtime, request: UpscaleRequest, http: Request | None) -> UpscaleResult:
     """Checked here, run on a device thread; `Cancelled` when the client of `http` leaves,
     `TimedOut` after SDXL_TIMEOUT_SECONDS, and the awaiting task cancelled (an MCP call, which
-    has no connection of its own to watch) stops it too: the device stops at its next tile."""
+    has no connection of its own to watch) stops it too: the device stops at its next tile. At
+    most SDXL_MAX_UPSCALES wait or run at once (each holds its decoded image): past them, 429."""
+    most = runtime.settings.max_upscales
+    if runtime.upscales >= most:
+        raise QueueFull(f"{runtime.upscales} upscales are waiting or running; at most {most} (SDXL_MAX_UPSCALES)", 5)
+    runtime.upscales += 1
+    try:
+        return await _run(runtime, request, http)
+    finally:
+        runtime.upscales -= 1
+
+
+async def _run(runtime: Runtime, request: UpscaleRequest, http: Request | None) -> UpscaleResult:
     prepared = await anyio.to_thread.run_sync(runtime.engine.upscaling.prepare, request)
     stop, timeout_s = threading.Event(), runtime.settings.timeout_seconds
 
