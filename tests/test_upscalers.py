@@ -242,3 +242,19 @@ def test_clients_upscale_through_the_native_api_and_the_extras_tab(serve, tiny_u
     assert [u["id"] for u in status["upscalers"]] == [UPSCALER]
     (replica,) = httpx.get(f"{server.url}/v1/system/fleet", timeout=300).json()["replicas"]
     assert replica["devices"][0]["side_models"] == [UPSCALER]  # (what the fleet page lists)
+
+
+def test_a_torchscript_archive_is_refused_before_anything_would_run_it(tmp_path, tiny_upscaler):
+    """A `.pt` may be TorchScript: a program `torch.jit.load` runs, not weights. It never gets
+    that far; a plain torch.save of the same weights still reads (spandrel's restricted unpickler)."""
+    from safetensors.torch import load_file
+
+    from backends.sdxl_backend.upscalers import read_upscaler
+
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(scripted))
+    with pytest.raises(ValueError, match="TorchScript archive"):
+        read_upscaler(scripted)
+    plain = tmp_path / "plain.pt"
+    torch.save({"params_ema": load_file(Path(tiny_upscaler.path) / UPSCALER_FILE)}, plain)
+    assert read_upscaler(plain).scale == 4

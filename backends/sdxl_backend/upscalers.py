@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -61,11 +62,24 @@ class UpscalerSource:
         return int(self.card["scale"])
 
 
+def is_torchscript(file: Path) -> bool:
+    """A TorchScript archive (a zip with a `code/` folder): a program, which `torch.jit.load`
+    would run, not weights. (torch.save's zips hold `data.pkl` and tensors, no code.)"""
+    if not zipfile.is_zipfile(file):
+        return False
+    with zipfile.ZipFile(file) as archive:
+        return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+
+
 def read_upscaler(file: Path) -> ImageModelDescriptor:
-    """An upscale model file (`.pth`, `.pt` or `.safetensors`) as spandrel reads it; ValueError
-    when it is not one (or is a face restorer, which needs face detection around it)."""
+    """An upscale model file (`.pth`, `.pt` or `.safetensors`) as spandrel reads it (a pickle
+    through its restricted unpickler, which builds tensors and nothing else); ValueError when it
+    is not one (or is a face restorer, which needs face detection around it). A TorchScript
+    `.pt` is refused before spandrel would hand it to `torch.jit.load`."""
     from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
 
+    if file.suffix != ".safetensors" and is_torchscript(file):
+        raise ValueError(f"{file.name} is a TorchScript archive (a program, not weights): save its state dict instead")
     try:
         descriptor = ModelLoader().load_from_file(file)
     except UnsupportedModelError:
