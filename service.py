@@ -20,6 +20,7 @@ from bentoml._internal.server.http import traffic
 from backends.api import agents, answers, headers, native
 from backends.api import upscale as upscale_api
 from backends.api.app import create_app
+from backends.api.devices import placements_of
 from backends.api.edge import Edge, TimelyTimeout, quiet_validation_logs
 from backends.api.guards import Origins
 from backends.api.logs import log_json_lines
@@ -128,6 +129,8 @@ def model_attribute(model_id: str, kind: str = "model") -> str:
     return f"{kind}_".replace("-", "_") + model_id.replace("-", "_").replace(".", "_")
 
 
+if SETTINGS.device not in ("auto", "cpu") or SETTINGS.devices:
+    placements_of(SETTINGS)  # a device named that is not there stops the start here, naming its setting
 SERVED = served_models()
 DEFAULT_MODEL = default_model(list(SERVED))
 if SETTINGS.openai_model and SETTINGS.openai_model not in [*SERVED, *SETTINGS.model_aliases]:

@@ -25,6 +25,7 @@ from backends.sdxl_backend.protocol import GenerationRequest
 if TYPE_CHECKING:
     from backends.api.served import ServedAdapter, ServedModel
     from backends.api.settings import Settings
+    from backends.sdxl_backend.device import Placement
     from backends.sdxl_backend.engine import Engine
 
 logger = logging.getLogger("sdxl_backend")
@@ -36,14 +37,26 @@ class DeviceLost(BaseException):
 
 
 def device_list(devices: list[str], device: str) -> list[str]:
-    """SDXL_DEVICES as torch devices: "all" is every CUDA device (or the one device found);
-    unset, SDXL_DEVICE alone."""
-    import torch
+    """SDXL_DEVICES as torch devices: "all" is every CUDA device, else every Intel one (or the
+    one device found: Apple's GPU, the CPU); unset, SDXL_DEVICE alone."""
+    from backends.sdxl_backend.device import device_count
 
     if devices == ["all"]:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        return [f"cuda:{index}" for index in range(count)] or [device]
+        family = next((family for family in ("cuda", "xpu") if device_count(family)), None)
+        return [f"{family}:{index}" for index in range(device_count(family))] if family else [device]
     return devices or [device]
+
+
+def placements_of(settings: Settings) -> list[Placement]:
+    """SDXL_DEVICES (else SDXL_DEVICE) as placements; a device that is not there is a
+    RuntimeError naming the setting (service.py asks at its start, so the server stops)."""
+    from backends.sdxl_backend.device import select_placement
+
+    setting = "SDXL_DEVICES" if settings.devices else "SDXL_DEVICE"
+    try:
+        return [select_placement(name, settings.dtype) for name in device_list(settings.devices, settings.device)]
+    except ValueError as exc:
+        raise RuntimeError(f"{setting}: {exc}") from None
 
 
 def device_names(placements: list[str]) -> list[str]:
@@ -68,7 +81,6 @@ class Devices:
     ):
         from backends.sdxl_backend.controlnets import ControlNetSource
         from backends.sdxl_backend.denoise import OutOfMemorySeam
-        from backends.sdxl_backend.device import select_placement
         from backends.sdxl_backend.embeddings import EmbeddingSet, EmbeddingSource
         from backends.sdxl_backend.engine import Engine
         from backends.sdxl_backend.ip_adapters import IpAdapterSource
@@ -77,7 +89,7 @@ class Devices:
         from backends.sdxl_backend.model_records import ModelSource
         from backends.sdxl_backend.upscalers import UpscalerSource
 
-        placements = [select_placement(name, settings.dtype) for name in device_list(settings.devices, settings.device)]
+        placements = placements_of(settings)
         names = device_names([str(placement.device) for placement in placements])
         # Each device thread gets its share of the cores (torch's pools would fight otherwise).
         threads = max(1, (settings.torch_threads or usable_cores()) // len(placements))

@@ -153,8 +153,8 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
-            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        if not re.fullmatch(r"auto|cpu|(cuda|xpu)(:\d+)?|mps", value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N, mps, xpu or xpu:N")
         return value
 
     @field_validator("cors_origins")
@@ -187,8 +187,8 @@ class Settings(BaseSettings):
         if value == ["all"]:
             return value
         for name in value:
-            if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", name):
-                raise ValueError(f"'{name}' is not a device: use all, or a list of cpu, cuda, cuda:N, mps")
+            if not re.fullmatch(r"cpu|(cuda|xpu)(:\d+)?|mps", name):
+                raise ValueError(f"'{name}' is not a device: use all, or a list of cpu, cuda, cuda:N, mps, xpu, xpu:N")
         return value
 
     @field_validator("priority_keys")

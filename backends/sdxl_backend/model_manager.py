@@ -27,7 +27,7 @@ import psutil
 import torch
 
 from .controlnets import ControlNetSource
-from .device import Placement, allocated_memory, memory_in_use
+from .device import Placement, allocated_memory, device_vendor, empty_cache, is_out_of_memory, memory_in_use
 from .device_thread import TORCH_WORK
 from .errors import DeviceUnavailable, OutOfMemory, UnknownModel
 from .fast_paths import FastPaths
@@ -329,19 +329,20 @@ class ModelManager:
         logger.info("unloaded %s", model_id)
 
     def out_of_memory_as_error(self, action: Callable[[], T], message: str) -> T:
-        """Run `action` on the device; a CUDA out-of-memory error comes out as `OutOfMemory`,
-        once what the failed call held is freed."""
+        """Run `action` on the device; the device running out of memory (CUDA's, XPU's or
+        MPS's way of saying it) comes out as `OutOfMemory`, once what the failed call held is freed."""
         try:
             return action()
-        except torch.OutOfMemoryError:
-            pass  # leave the except block first: its traceback holds the failed call's tensors
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not is_out_of_memory(error):
+                raise
+        # (out of the except block first: its traceback holds the failed call's tensors)
         self.release_cached_memory()
         raise OutOfMemory(message)
 
     def release_cached_memory(self) -> None:
         gc.collect()
-        if self.placement.device.type == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache(self.placement.device)
 
     def close(self) -> None:
         """Stop the idle timer and free every model."""
@@ -375,6 +376,7 @@ class ModelManager:
         return {
             "device": str(self.placement.device),
             "device_name": self.placement.describe(),
+            "device_vendor": device_vendor(self.placement.device),
             "dtype": str(self.placement.dtype).removeprefix("torch."),
             "memory": {
                 "total": memory[1],
