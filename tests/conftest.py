@@ -1,6 +1,7 @@
 """Shared fixtures: an isolated BentoML home, the tiny model in its store, served processes.
 
-BENTOML_HOME is set before anything imports bentoml, so no test touches the user's store.
+BENTOML_HOME is set before anything imports bentoml, so no test touches the user's store (and
+torch.compile's cache is the session's own, likewise).
 Tests that use a served process are marked `served`; `pytest -m "not served"` runs the quick,
 in-process part alone.
 """
@@ -21,6 +22,9 @@ import pytest
 BENTOML_HOME = Path(tempfile.mkdtemp(prefix="sdxl-tests-bentoml-"))
 os.environ["BENTOML_HOME"] = str(BENTOML_HOME)
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+# torch.compile's kernels in a cache of the session's own: the shared one in /tmp outlives the
+# run, and a run stopped while gcc wrote a kernel leaves a truncated .so that the next one loads.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdxl-tests-inductor-")
 
 from PIL import Image  # noqa: E402
 
