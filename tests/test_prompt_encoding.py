@@ -79,12 +79,6 @@ def test_the_negative_prompt_is_read_the_same_way(engine):
     assert pixels(image(engine, "a fox", negative_prompt="y" * 100 + " blurry")) != plain  # long too
 
 
-def test_prompt_editing_is_refused_by_name_before_the_queue(engine):
-    with pytest.raises(InvalidRequest) as refused:
-        engine.prepare(GenerationRequest(prompt="a [fox:cat:0.5]"))
-    assert refused.value.param == "prompt"
-
-
 def test_requests_with_and_without_a_negative_prompt_share_a_call_and_get_their_own_pixels(engine, monkeypatch):
     requests = [
         GenerationRequest(prompt="a fox", seed=5, steps=4),
@@ -193,3 +187,53 @@ def test_a_prompt_over_the_chunk_limit_is_refused_before_the_queue(engine):
             engine.prepare(GenerationRequest(**{"prompt": "x", field: breaks}))
         assert refused.value.param == field
     engine.prepare(GenerationRequest(prompt=" BREAK ".join(["a"] * 20)))  # (at the limit: fine)
+
+
+def unet_conditions(engine, monkeypatch, **fields) -> tuple[list[torch.Tensor], bytes]:
+    """The conditional rows of encoder_hidden_states at each call of the UNet, and the image."""
+    from diffusers import UNet2DConditionModel
+
+    seen: list[torch.Tensor] = []
+    forward = UNet2DConditionModel.forward
+
+    def recording(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        seen.append(encoder_hidden_states[-1].clone())  # (the conditional row: after the unconditional one)
+        return forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording)
+    made = engine.generate(engine.prepare(GenerationRequest(**{"seed": 3, "guidance_scale": 5.0, **fields})))
+    monkeypatch.undo()
+    return seen, made.images[0].data
+
+
+def encoded(engine, text: str) -> torch.Tensor:
+    prepared = engine.prepare(GenerationRequest(prompt=text))
+    with engine.models.use("tiny-sdxl", "high", 0) as (pipelines, _):
+        return conditioning(pipelines.txt2img, [prepared.prompts], EncodedPrompts())["prompt_embeds"][0]
+
+
+def test_prompt_editing_swaps_the_conditioning_at_its_step_and_alternation_every_step(engine, monkeypatch):
+    red, blue = encoded(engine, "red"), encoded(engine, "blue")
+    assert not torch.equal(red, blue)
+
+    def which(conditions: list[torch.Tensor]) -> str:
+        return "".join("r" if torch.equal(c, red) else "b" if torch.equal(c, blue) else "?" for c in conditions)
+
+    edited, _ = unet_conditions(engine, monkeypatch, prompt="[red:blue:0.5]", steps=10)
+    assert which(edited) == "rrrrrrbbbb"  # steps 0-5 read red, 6-9 blue: A1111's timeline
+    alternated, _ = unet_conditions(engine, monkeypatch, prompt="[red|blue]", steps=6)
+    assert which(alternated) == "rrbrbr"  # A1111's too: its parts end at steps 1, 2, 3..., read from step 0
+    _, whole = unet_conditions(engine, monkeypatch, prompt="[red:blue:1.0]", steps=4)
+    assert pixels(whole) == pixels(image(engine, "red"))  # `image`: 4 steps, seed 3, guidance 5
+    _, by_step = unet_conditions(engine, monkeypatch, prompt="[red:blue:4]", steps=4)
+    assert pixels(by_step) == pixels(image(engine, "red"))
+    at_zero, _ = unet_conditions(engine, monkeypatch, prompt="[red:blue:0]", steps=4)
+    assert which(at_zero) == "rbbb"  # step 0 reads red, as A1111's does
+
+
+def test_a_scheduled_prompt_runs_alone_and_not_with_a_second_pass(engine):
+    prepared = engine.prepare(GenerationRequest(prompt="[red:blue:0.5]"))
+    assert len(prepared.prompts.schedule) == 2 and engine.batch_key(prepared) is None
+    with pytest.raises(InvalidRequest, match="do not run with hires_fix") as refused:
+        engine.prepare(GenerationRequest(prompt="[red|blue]", hires_fix={"scale": 1.5}))
+    assert refused.value.param == "prompt"

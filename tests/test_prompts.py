@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.prompts import CHUNK_TOKENS, PromptReader, check_syntax, chunk_tokens, parse_attention
+from backends.sdxl_backend.prompts import CHUNK_TOKENS, PromptReader, chunk_tokens, parse_attention
 from models.tiny import make_tokenizer
 
 A1111_PARSES = [
@@ -47,20 +47,6 @@ def test_parse_matches_a1111(prompt, pieces):
     parsed = parse_attention(prompt)
     assert [text for text, _ in parsed] == [text for text, _ in pieces]
     assert [weight for _, weight in parsed] == pytest.approx([weight for _, weight in pieces])
-
-
-@pytest.mark.parametrize("prompt", ["a [fox:cat:0.5] runs", "[fox:10]", "[fox::0.3]", "a [fox|cat]"])
-def test_prompt_editing_and_alternation_are_refused_by_name(prompt):
-    with pytest.raises(InvalidRequest) as refused:
-        check_syntax(prompt, "negative_prompt")
-    assert refused.value.param == "negative_prompt" and "prompt editing" in refused.value.message
-
-
-@pytest.mark.parametrize(
-    "prompt", ["[fox]", "(fox:1.2)", "a \\[fox:cat:0.5\\]", "a: b | c", "[a (b:1.2)]", "[fox:cat]", "(a|b)"]
-)
-def test_brackets_without_a_schedule_pass(prompt):
-    check_syntax(prompt, "prompt")
 
 
 def tokens(count: int, comma_at: int | None = None) -> list[tuple[int, float]]:

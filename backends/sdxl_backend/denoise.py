@@ -2,7 +2,7 @@
 the second pass a request may ask for (the refiner, or a hires fix). Runs on the device thread.
 
 `Denoiser.__call__` goes in numbered steps; the arguments of the call are built per task
-(`txt2img_arguments`, `img2img_arguments`, `inpaint_arguments`) on top of those every call has.
+(call_arguments.py) on top of those every call has.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from .call_arguments import TASK_ARGUMENTS, control_arguments, generators, per_image
 from .errors import BackendError
 from .ip_adapters import ImagePromptModel, embeddings, install
 from .model_manager import ModelManager
 from .model_records import ModelSource
 from .pipelines import with_controlnets
 from .progress import Batch, BatchProgress
-from .prompt_encoder import conditioning
-from .prompts import PromptReader
+from .prompt_encoder import ConditioningSchedule, conditioning
+from .prompts import PromptReader, ReadPrompts
 from .protocol import LoraWeight, ResolvedRequest, Timings
 from .sampling import freeu_applied, guidance_arguments
 from .schedulers import step_arguments
@@ -63,65 +64,12 @@ def acting_loras(request: ResolvedRequest) -> list[LoraWeight]:
     return [lora for lora in request.loras if lora.weight != 0]
 
 
+SWAPPED = ["latents", "prompt_embeds", "add_text_embeds"]  # the call's tensors a prompt schedule swaps
+
+
 def lora_weights(request: ResolvedRequest) -> tuple[tuple[str, float], ...]:
     """What the LoRAs change in a call: its batch key's part and the prompt cache's."""
     return tuple((lora.id, lora.weight) for lora in acting_loras(request))
-
-
-def control_arguments(prepared: PreparedRequest, maps_argument: str) -> dict[str, Any]:
-    """The ControlNet arguments of a pipeline call; the maps go in `maps_argument` ("image" in
-    text-to-image, where `image` is not taken, else "control_image"). diffusers takes plain
-    values for one ControlNet and lists for several."""
-    units = prepared.request.controlnets
-
-    def each(values: list) -> list | object:
-        return values if len(units) > 1 else values[0]
-
-    return {
-        maps_argument: each(prepared.controls),
-        "controlnet_conditioning_scale": each([unit.scale for unit in units]),
-        "control_guidance_start": each([unit.start for unit in units]),
-        "control_guidance_end": each([unit.end for unit in units]),
-        "guess_mode": units[0].guess_mode,
-    }
-
-
-def per_image(members: list[PreparedRequest], values: Callable[[PreparedRequest], Any]) -> list:
-    """One value per image of the call: each request's, repeated for its `n` images."""
-    return [values(prepared) for prepared in members for _ in range(prepared.request.n)]
-
-
-def generators(members: list[PreparedRequest]) -> list[torch.Generator]:
-    """One generator per image. CPU generators: the same seed gives the same noise whatever the device."""
-    return [torch.Generator("cpu").manual_seed(seed) for prepared in members for seed in prepared.seeds]
-
-
-def txt2img_arguments(members: list[PreparedRequest]) -> dict[str, Any]:
-    request = members[0].request
-    arguments: dict[str, Any] = {"width": request.width, "height": request.height}
-    if request.hires_fix is not None:  # the second pass takes the first's latents, or its images
-        arguments.update(output_type="latent" if request.hires_fix.upscaler == "latent" else "pil")
-    return arguments
-
-
-def img2img_arguments(members: list[PreparedRequest]) -> dict[str, Any]:
-    return {"image": per_image(members, lambda prepared: prepared.init_image), "strength": members[0].request.strength}
-
-
-def inpaint_arguments(members: list[PreparedRequest]) -> dict[str, Any]:
-    (first,) = members  # (alone: the crop path takes one image and one mask)
-    request = first.request
-    return {
-        "image": first.init_image,
-        "mask_image": first.mask,
-        "strength": request.strength,
-        "width": request.width,
-        "height": request.height,
-        "padding_mask_crop": request.masked_area_padding if request.masked_area_only else None,
-    }
-
-
-TASK_ARGUMENTS = {"txt2img": txt2img_arguments, "img2img": img2img_arguments, "inpaint": inpaint_arguments}
 
 
 def guided(pipeline: Any, request: ResolvedRequest) -> bool:
@@ -180,24 +128,34 @@ class Denoiser:
             )
             pipeline = with_controlnets(pipelines, task, controlnets) if controlnets else getattr(pipelines, task)
             pipeline.scheduler = pipelines.new_scheduler(request.scheduler, source.defaults.timestep_spacing)
-            # 3. The call's arguments: those of every call, the prompts' conditioning, the task's own.
+
+            # 3. The call's arguments: those of every call, the prompts' conditioning (with prompt
+            # editing, one per run of steps, swapped between steps), the task's own.
+            def encode(reads: list[ReadPrompts]) -> dict[str, Any]:
+                embeddings = self.prompt_reader(source).embeddings
+                weights = lora_weights(request)
+                return conditioning(pipeline, reads, pipelines.encoded_prompts, weights, embeddings, request.clip_skip)
+
+            scheduled = self.models.out_of_memory_as_error(
+                lambda: (
+                    ConditioningSchedule(first.prompts, request.n, guided(pipeline, request), encode)
+                    if first.prompts.schedule  # (such a request runs alone: batch_key)
+                    else None
+                ),
+                "out of memory",
+            )
             arguments = {
                 **step_arguments(request.scheduler, request.steps),
                 "guidance_scale": request.guidance_scale,
                 **guidance_arguments(request),
                 "generator": generators(members),
-                "callback_on_step_end": self._step_callback(attempt, progress, 0, self._second_pass_steps(first)),
+                "callback_on_step_end": self._step_callback(
+                    attempt, progress, 0, self._second_pass_steps(first), scheduled.swap if scheduled else None
+                ),
+                **({"callback_on_step_end_tensor_inputs": SWAPPED} if scheduled else {}),
                 **({"eta": request.eta} if request.eta is not None else {}),
                 **self.models.out_of_memory_as_error(
-                    lambda: conditioning(
-                        pipeline,
-                        per_image(members, lambda prepared: prepared.prompts),
-                        pipelines.encoded_prompts,
-                        lora_weights(request),
-                        self.prompt_reader(source).embeddings,
-                        request.clip_skip,
-                    ),
-                    "out of memory",
+                    lambda: encode(per_image(members, lambda prepared: prepared.prompts)), "out of memory"
                 ),
                 **(control_arguments(first, "image" if task == "txt2img" else "control_image") if controlnets else {}),
                 **(
@@ -366,9 +324,17 @@ class Denoiser:
             pictures = self.models.out_of_memory_as_error(lambda: pipeline(**arguments).images, "out of memory")
         return pictures, load_s
 
-    def _step_callback(self, attempt: int, progress: BatchProgress, offset: int, after: int) -> Callable:
+    def _step_callback(
+        self,
+        attempt: int,
+        progress: BatchProgress,
+        offset: int,
+        after: int,
+        swap: Callable[[int, dict], None] | None = None,
+    ) -> Callable:
         """Reports the steps of one pipeline call, counted on from `offset` steps run before it,
-        with `after` more planned (a hires fix's two passes read as one run)."""
+        with `after` more planned (a hires fix's two passes read as one run); `swap` puts the
+        next step's conditioning in place (prompt editing)."""
         seam = self.oom_seam
 
         def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
@@ -377,6 +343,8 @@ class Denoiser:
             total = offset + pipeline.num_timesteps + after
             if progress.step(offset + step + 1, total, tensors.get("latents")):
                 pipeline._interrupt = True  # diffusers' documented way: skip the remaining steps, then decode
+            if swap is not None:
+                swap(step + 1, tensors)
             return tensors
 
         return on_step_end

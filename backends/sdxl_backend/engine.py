@@ -92,14 +92,22 @@ class Engine:
         """The request's prompts as `source`'s tokenizers cut them (raises `InvalidRequest` for
         syntax the server does not run, and for a prompt of more chunks than the limit: every
         chunk is encoded, and attended to at every step)."""
-        read = self.prompt_reader(source).read_pair(request.prompt, request.negative_prompt)
-        for field, prompt in (("prompt", read.prompt), ("negative_prompt", read.negative)):
-            if prompt.own_chunks > self.limits.max_prompt_chunks:
-                raise InvalidRequest(
-                    f"{field}: {prompt.own_chunks} chunks of 75 tokens (a BREAK starts a new one) is over the "
-                    f"limit of {self.limits.max_prompt_chunks} (SDXL_MAX_PROMPT_CHUNKS)",
-                    field,
-                )
+        read = self.prompt_reader(source).read_scheduled(request.prompt, request.negative_prompt, request.steps)
+        for entry in [read, *(scheduled for _, scheduled in read.schedule)]:
+            for field, prompt in (("prompt", entry.prompt), ("negative_prompt", entry.negative)):
+                if prompt.own_chunks > self.limits.max_prompt_chunks:
+                    raise InvalidRequest(
+                        f"{field}: {prompt.own_chunks} chunks of 75 tokens (a BREAK starts a new one) is over the "
+                        f"limit of {self.limits.max_prompt_chunks} (SDXL_MAX_PROMPT_CHUNKS)",
+                        field,
+                    )
+        if read.schedule:
+            for other in ("hires_fix", "refiner", "controlnets"):
+                if getattr(request, other):
+                    raise InvalidRequest(
+                        f"prompt: prompt editing and alternation ([a:b:when], [a|b]) do not run with {other} here",
+                        "prompt",
+                    )
         return read
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
@@ -194,6 +202,7 @@ class Engine:
             or request.hires_fix is not None
             or prepared.refiner is not None
             or prepared.controls
+            or prepared.prompts.schedule  # (its conditioning changes between steps)
         ):
             return None
         img2img = prepared.init_image is not None

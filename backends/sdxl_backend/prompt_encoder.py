@@ -26,6 +26,7 @@ batch encodes each distinct prompt once.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -175,3 +176,24 @@ def conditioning(
         "negative_prompt_embeds": negative_embeds,
         "negative_pooled_prompt_embeds": negative_pooled,
     }
+
+
+class ConditioningSchedule:
+    """A call's conditionings when its prompts are scheduled (prompt editing, alternation): one
+    per run of steps, each distinct prompt encoded once (through the model's `EncodedPrompts`),
+    swapped into the pipeline's tensors between two steps, as A1111 swaps them."""
+
+    def __init__(self, reads: ReadPrompts, rows: int, guided: bool, encode: Callable[[list[ReadPrompts]], dict]):
+        self.guided = guided  # (classifier-free guidance: the pipeline keeps unconditional rows first)
+        self.entries = [(end, encode([scheduled] * rows)) for end, scheduled in reads.schedule]
+
+    def swap(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
+        """The conditioning of denoising step `step` (counted from 0, each call of the model
+        one), into `tensors` (the pipeline's, which keep the unconditional rows first)."""
+        entry = next((cond for end, cond in self.entries if step <= end), self.entries[-1][1])
+        for name, positive, negative in (
+            ("prompt_embeds", "prompt_embeds", "negative_prompt_embeds"),
+            ("add_text_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+        ):
+            value = torch.cat([entry[negative], entry[positive]]) if self.guided else entry[positive]
+            tensors[name] = value.to(device=tensors[name].device, dtype=tensors[name].dtype)

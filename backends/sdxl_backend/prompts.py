@@ -33,6 +33,7 @@ from typing import Literal
 
 from .embeddings import EmbeddingSet
 from .errors import InvalidRequest
+from .prompt_schedules import schedule, text_at
 
 PromptSyntax = Literal["a1111", "plain"]
 Token = int | tuple[int, ...] | None  # an id, an embedding's ids, or a BREAK
@@ -112,31 +113,6 @@ def parse_weight(text: str) -> float:
     return weight
 
 
-def check_syntax(text: str, field: str) -> None:
-    """Refuses what A1111 would schedule over the steps (a square-bracket group whose own text,
-    nested groups aside, ends in `:number` or holds a `|`), which this server does not run."""
-    groups: list[tuple[str, list[str]]] = []  # the open brackets, each with its own text so far
-    characters = iter(text)
-    for character in characters:
-        if character == "\\":
-            next(characters, None)
-            character = "x"  # an escaped character is text
-        if character in "([":
-            groups.append((character, []))
-            continue
-        if groups and (character, groups[-1][0]) in ((")", "("), ("]", "[")):
-            kind, own = groups.pop()
-            if kind == "[" and ("|" in own or re.search(r":\s*[+-]?[.\d]+\s*$", "".join(own))):
-                raise InvalidRequest(
-                    f"{field}: prompt editing ([from:to:when]) and alternation ([a|b]) are not "
-                    f"supported; escape the brackets (\\[ \\]) to mean them as text",
-                    field,
-                )
-            character = "x"  # (the group, as its parent sees it)
-        if groups:
-            groups[-1][1].append(character)
-
-
 @dataclass(frozen=True)
 class Chunk:
     """One encoder input: start + 75 tokens + end, padded; each token's weight."""
@@ -166,10 +142,14 @@ class ReadPrompt:
 
 @dataclass(frozen=True)
 class ReadPrompts:
-    """A request's prompt and negative prompt as one model reads them, of equal chunk counts."""
+    """A request's prompt and negative prompt as one model reads them, of equal chunk counts.
+    With prompt editing or alternation (prompt_schedules.py), `schedule` holds what each run of
+    steps reads, [(end step, prompts)], the first entry's prompts being the two above; empty:
+    every step reads the same."""
 
     prompt: ReadPrompt
     negative: ReadPrompt
+    schedule: tuple[tuple[float, ReadPrompts], ...] = ()
 
     @property
     def chunk_count(self) -> int:
@@ -196,7 +176,6 @@ class PromptReader:
 
     def read(self, text: str, field: str = "prompt") -> ReadPrompt:
         if self.syntax == "a1111":
-            check_syntax(text, field)
             try:
                 pieces = parse_attention(text)
             except BadWeight as exc:
@@ -232,6 +211,25 @@ class PromptReader:
         read, negative_read = self.read(prompt, "prompt"), self.read(negative, "negative_prompt")
         count = max(read.chunk_count, negative_read.chunk_count)
         return ReadPrompts(self.pad(read, count), self.pad(negative_read, count))
+
+    def read_scheduled(self, prompt: str, negative: str, steps: int) -> ReadPrompts:
+        """Both prompts over `steps` steps: with prompt editing or alternation in either, each
+        run of steps read apart, every entry padded to the longest (the conditioning swapped
+        between steps keeps its shape)."""
+        if self.syntax != "a1111":
+            return self.read_pair(prompt, negative)
+        prompts, negatives = schedule(prompt, steps), schedule(negative, steps)
+        if len(prompts) == len(negatives) == 1:  # (the same for every step: "[a:b:1.0]" is "a")
+            return self.read_pair(prompts[0][1], negatives[0][1])
+        entries = [
+            (end, self.read_pair(text_at(prompts, end), text_at(negatives, end)))
+            for end in sorted({end for end, _ in prompts + negatives})
+        ]
+        count = max(read.chunk_count for _, read in entries)
+        padded = tuple(
+            (end, ReadPrompts(self.pad(read.prompt, count), self.pad(read.negative, count))) for end, read in entries
+        )
+        return ReadPrompts(padded[0][1].prompt, padded[0][1].negative, padded)
 
     def pad(self, prompt: ReadPrompt, chunk_count: int) -> ReadPrompt:
         """The prompt with empty chunks after its own, up to `chunk_count` (a negative prompt is
