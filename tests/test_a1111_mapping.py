@@ -52,6 +52,7 @@ def test_lora_tags_leave_the_prompt_and_become_loras():
     ("fields", "param"),
     [
         ({"restore_faces": True}, "restore_faces"),
+        ({"script_name": "Outpainting mk2"}, "script_name"),  # (outpainting is the native field `outpaint`)
         ({"subseed": 42}, "subseed"),
         ({"override_settings": {"eta_noise_seed_delta": 31337}}, "override_settings.eta_noise_seed_delta"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 13}}, "override_settings.CLIP_stop_at_last_layers"),

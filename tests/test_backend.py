@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -394,3 +395,25 @@ def test_prepare_checks_everything_before_the_device(engine):
     assert prepared.init_image.size == (96, 64) and prepared.total_steps == 4
     assert prepared.request.image is None  # the bytes are not carried to the device
     assert engine.models.loads == loads
+
+
+def test_outpainting_grows_the_image_and_keeps_the_input_outside_the_seam(engine):
+    red = png_bytes(64, 64, (200, 30, 30))
+    outpaint = {"right": 32, "fill": "edge"}
+    prepared = engine.prepare(GenerationRequest(prompt="a red wall", image=red, outpaint=outpaint, steps=4))
+    assert prepared.request.strength == 1.0 and prepared.init_image.size == (96, 64)
+    result = engine.generate(prepared)
+    image = rgb(result.images[0].data)
+    assert image.size == (96, 64) and (result.request.width, result.request.height) == (96, 64)
+    kept = np.asarray(prepared.mask) == 0  # where the seam's blur does not reach: the input as it was
+    assert kept[:, :48].all() and not kept[:, 64:].any()
+    assert (np.asarray(image)[:, :64][kept[:, :64]] == np.asarray(rgb(red))[kept[:, :64]]).all()
+    assert (np.asarray(image)[:, 64:] != np.asarray(rgb(red))[:, :32]).any()  # the new area is painted
+    for fields, message in (
+        ({"outpaint": {}}, "at least one margin"),
+        ({"outpaint": {"right": 32}, "mask": red}, "not with a mask"),
+        ({"outpaint": {"right": 32}, "width": 96}, "leave width and height out"),
+    ):
+        with pytest.raises(InvalidRequest, match=message) as refused:
+            engine.prepare(GenerationRequest(prompt="x", image=red, **fields))
+        assert refused.value.param == "outpaint"

@@ -41,6 +41,7 @@ from .validation import (
     check_loras,
     check_upscaler,
     first_pass_size,
+    outpaint,
     output_size,
     resolve,
     validate,
@@ -114,6 +115,9 @@ class Engine:
         """Everything before the device: raises `BackendError`s naming the field at fault."""
         source = self.models.source(request.model or self.default_model)
         init_image = decode_image(request.image, self.limits) if request.image is not None else None
+        new_area = None  # outpainting's: the margins to paint
+        if request.outpaint is not None:
+            request, init_image, new_area = outpaint(request, init_image)
         request = resolve(request, source.id, source.defaults, init_image)
         validate(request, self.limits)
         size = first_pass_size(request)
@@ -160,6 +164,8 @@ class Engine:
                 raise InvalidRequest("mask: it is all black, so nothing would be repainted (white repaints)", "mask")
             if request.masked_content == "fill":
                 init_image = fill_masked(init_image, mask)
+        elif new_area is not None:
+            mask = prepare_mask(new_area, size, request.mask_blur, False)
         # The queued request holds the decoded pictures beside it, not the uploads.
         units = {name: [unit.model_copy(update={"image": b""}) for unit in getattr(request, name)] for name in IMAGED}
         return PreparedRequest(

@@ -50,3 +50,17 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
     weight = 1.0 - keep[..., None]
     blended = pixels * (1.0 - weight) + filled * weight
     return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+
+
+def outpainted(image: Image.Image, margins: tuple[int, int, int, int], fill: str) -> tuple[Image.Image, Image.Image]:
+    """The image grown by (left, top, right, bottom) pixels, and the mask of the new area
+    (white: to paint). The new area starts from the colours around it ("fill", A1111's), or
+    from the image's border pixels stretched outwards ("edge")."""
+    left, top, right, bottom = margins
+    pixels = np.asarray(image.convert("RGB"))
+    grown = np.pad(pixels, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    mask = np.full(grown.shape[:2], 255, dtype=np.uint8)
+    mask[top : top + pixels.shape[0], left : left + pixels.shape[1]] = 0
+    mask_image = Image.fromarray(mask, mode="L")
+    canvas = Image.fromarray(grown)
+    return (fill_masked(canvas, mask_image) if fill == "fill" else canvas), mask_image

@@ -239,6 +239,22 @@ class TextToImageRequest(BaseModel):
     )
 
 
+class Outpaint(BaseModel):
+    """Outpainting: the input grown by these margins, the new area painted to match it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    left: int = Field(0, ge=0, multiple_of=8, description="Pixels added on the left (a multiple of 8).")
+    right: int = Field(0, ge=0, multiple_of=8, description="Pixels added on the right.")
+    top: int = Field(0, ge=0, multiple_of=8, description="Pixels added at the top.")
+    bottom: int = Field(0, ge=0, multiple_of=8, description="Pixels added at the bottom.")
+    fill: Literal["fill", "edge"] = Field(
+        "fill",
+        description="What the new area starts from: the colours around it spread outwards ('fill', A1111's), "
+        "or the input's border pixels stretched ('edge').",
+    )
+
+
 class ImageToImageRequest(TextToImageRequest):
     model_config = ConfigDict(
         json_schema_extra={"example": {"prompt": "an oil painting", "strength": 0.6, "image": TINY_PNG}}
@@ -267,6 +283,11 @@ class ImageToImageRequest(TextToImageRequest):
     )
     masked_area_padding: int = Field(
         32, ge=0, le=1024, description="Inpainting with masked_area_only: pixels around the mask's box."
+    )
+    outpaint: Outpaint | None = Field(
+        None,
+        description="Grow the image: the margins given are painted (the model's inpainting path, its seam "
+        "blurred by mask_blur); the output is the input's size plus them. Strength 1.0 unless given.",
     )
 
 

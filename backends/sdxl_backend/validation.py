@@ -11,6 +11,7 @@ from PIL import Image
 
 from .errors import InvalidRequest
 from .limits import Limits
+from .masks import outpainted
 from .protocol import MAX_SEED, GenerationRequest, ModelDefaults, ResolvedHiresFix, ResolvedRequest
 from .schedulers import ETA_SCHEDULERS, SCHEDULERS
 
@@ -242,3 +243,26 @@ def check_upscaler(
             f"{target[0]}x{target[1]} from {size[0]}x{size[1]}",
             field,
         )
+
+
+def outpaint(
+    request: GenerationRequest, image: Image.Image | None
+) -> tuple[GenerationRequest, Image.Image, Image.Image]:
+    """An outpainting request as an inpainting one: the input grown by its margins (the new area
+    filled as asked), the mask of the new area, and strength 1.0 unless the request gave one."""
+    spec = request.outpaint
+    assert spec is not None  # (asked for)
+    if image is None:
+        raise InvalidRequest("outpaint: needs the image to grow (`image`)", "outpaint")
+    if request.mask is not None:
+        raise InvalidRequest("outpaint: not with a mask (outpainting makes its own, of the new area)", "outpaint")
+    margins = (spec.left, spec.top, spec.right, spec.bottom)
+    if not any(margins):
+        raise InvalidRequest("outpaint: give at least one margin (left, right, top, bottom)", "outpaint")
+    if request.width is not None or request.height is not None:
+        raise InvalidRequest(
+            "outpaint: the size is the input's plus the margins; leave width and height out", "outpaint"
+        )
+    grown, new_area = outpainted(image, margins, spec.fill)
+    strength = {} if "strength" in request.model_fields_set else {"strength": 1.0}
+    return request.model_copy(update=strength), grown, new_area

@@ -24,6 +24,7 @@ from backends.sdxl_backend.protocol import (
     ImageBytes,
     IpAdapterUnit,
     LoraWeight,
+    Outpaint,
     OutputFormat,
     Priority,
     Refiner,
@@ -63,6 +64,7 @@ class ImageGenerationRequest(BaseModel):
     image: ImageBytes | None = None
     strength: float = Field(0.75, gt=0, le=1)
     mask: ImageBytes | None = None  # inpainting: white repaints, black keeps
+    outpaint: Outpaint | None = None  # {"left", "right", "top", "bottom", "fill"}: grow the image
     loras: list[LoraWeight] = Field([], max_length=MAX_LORAS)  # [{"id": ..., "weight": ...}] (GET /v1/loras)
     refiner: Refiner | None = None  # {"model": "sdxl-refiner", "switch_at": 0.8}
     controlnets: list[ControlNetUnit] = Field([], max_length=MAX_CONTROLNETS)  # as the native API's
@@ -116,6 +118,7 @@ class ImageGenerationRequest(BaseModel):
             image=self.image,
             strength=self.strength,
             mask=self.mask,
+            outpaint=self.outpaint,
             vram_mode=vram_mode,
             loras=self.loras,
             refiner=self.refiner,
