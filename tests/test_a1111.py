@@ -88,6 +88,10 @@ def test_txt2img_with_a_full_a1111_body(server):
         {**A1111_DEFAULTS, "seed": 5, "batch_size": 2, "sampler_name": "DPM++ 2M", "scheduler": "Karras"},
     ).json()
     assert pixels(base64.b64decode(again["images"][0])) == pixels(base64.b64decode(answer["images"][0]))
+    single_name = sdapi(
+        server, "txt2img", {**A1111_DEFAULTS, "seed": 5, "batch_size": 2, "sampler_name": "DPM++ 2M Karras"}
+    ).json()  # (A1111 before 1.9 names the schedule in the sampler: the same pixels)
+    assert pixels(base64.b64decode(single_name["images"][0])) == pixels(base64.b64decode(answer["images"][0]))
 
 
 def test_random_seed_model_override_and_sampler_aliases(server):
