@@ -18,8 +18,14 @@ class JobJournal:
     running then is failed with a message that says so. Images are not journalled."""
 
     def __init__(self, directory: Path):
+        """`directory` is made private to this user (0700): its names are job ids, its records
+        key digests. The default lies in the shared temporary folder, where another user could
+        have made it first, or a link of that name: then it is refused, not used."""
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if directory.is_symlink() or directory.stat().st_uid != os.getuid():
+            raise RuntimeError(f"{directory}: the job journal's folder is not this user's own (SDXL_JOBS_DIR)")
+        directory.chmod(0o700)
 
     def write(self, job: Job) -> None:
         record = {
