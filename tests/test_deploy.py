@@ -164,9 +164,27 @@ def test_the_validation_catches_mistakes():
         kubernetes_validate.validate(broken, "1.30", strict=True)
 
 
-def compose_file() -> dict:
-    """deploy/compose.yaml as `docker compose config` reads it: YAML anchors and merge keys
-    resolved, then each value's variables at their defaults (`$$` a dollar)."""
+COMPOSE_ENV = {"SDXL_API_KEYS": "key-a,key-b", "REDIS_PASSWORD": "redis-secret"}  # what the file's header sets
+
+
+class MissingVariable(ValueError):
+    """A `${NAME:?message}` left unset: `docker compose` refuses to start, with the message."""
+
+
+def compose_file(env: dict[str, str] = COMPOSE_ENV) -> dict:
+    """deploy/compose.yaml as `docker compose config` reads it with `env` set: YAML anchors and
+    merge keys resolved, then each value's variables (`${NAME:-default}`, `${NAME:?message}`:
+    required; `$$` a dollar)."""
+
+    def variable(match: re.Match) -> str:
+        if match[0] == "$$":
+            return "$"
+        name, kind, text = match[1], match[2], match[3] or ""
+        if env.get(name):
+            return env[name]
+        if kind == ":?":
+            raise MissingVariable(f"{name}: {text}")
+        return text
 
     def interpolated(value):
         if isinstance(value, dict):
@@ -174,9 +192,7 @@ def compose_file() -> dict:
         if isinstance(value, list):
             return [interpolated(item) for item in value]
         if isinstance(value, str):
-            return re.sub(
-                r"\$\$|\$\{(\w+)(?::-([^}]*))?\}", lambda match: "$" if match[0] == "$$" else match[2] or "", value
-            )
+            return re.sub(r"\$\$|\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", variable, value)
         return value
 
     return interpolated(yaml.safe_load(COMPOSE.read_text()))
@@ -195,15 +211,25 @@ def test_compose_file_follows_the_compose_specification_and_pins_a_gpu_per_repli
     ]
     assert len(replicas) >= 2 and sorted(gpus) == [[str(index)] for index in range(len(replicas))]
     for service in replicas.values():
-        assert service["image"] == "sdxl:latest" and service["environment"]["SDXL_REDIS_URL"] == "redis://redis:6379/0"
+        environment = service["environment"]
+        assert service["image"] == "sdxl:latest"
+        assert environment["SDXL_REDIS_URL"] == "redis://:redis-secret@redis:6379/0"  # (with its password)
+        assert environment["SDXL_API_KEYS"] == "key-a,key-b" and environment["SDXL_ALLOWED_HOSTS"] != "*"
         assert set(service["environment"]) <= {env_name(field) for field in Settings.model_fields}
         assert "/readyz" in " ".join(service["healthcheck"]["test"])
     assert "--appendonly" in services["redis"]["command"] and services["redis"]["volumes"]
+    assert services["redis"]["command"][-2:] == ["--requirepass", "redis-secret"]
     assert [name for name, service in services.items() if "ports" in service] == ["front"]  # one published port
     upstream = re.findall(r"server (\S+):3000;", data["configs"]["front"]["content"])
     assert sorted(upstream) == sorted(replicas)
     for service in services.values():
         assert set(service.get("depends_on", [])) <= set(services)
+
+
+def test_the_compose_file_does_not_start_without_keys_or_a_redis_password():
+    for unset in COMPOSE_ENV:
+        with pytest.raises(MissingVariable, match=unset):
+            compose_file({name: value for name, value in COMPOSE_ENV.items() if name != unset})
 
 
 def test_the_compose_check_catches_mistakes():
@@ -230,10 +256,9 @@ def test_kubernetes_deployment_is_what_the_service_needs():
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # room to load SDXL
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
     env = {variable["name"]: variable for variable in container["env"]}
-    assert (
-        env["SDXL_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"]
-        == documents["Secret", "sdxl-api-keys"]["metadata"]["name"]
-    )
+    keys = env["SDXL_API_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert keys["name"] == documents["Secret", "sdxl-api-keys"]["metadata"]["name"] and not keys.get("optional")
+    assert "*" not in env["SDXL_ALLOWED_HOSTS"]["value"].split(",")  # names, not any Host
     service = documents["Service", "sdxl"]["spec"]
     assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]
     # Replicas share the queue in Redis: no session affinity, and the Redis the URL names is there.
@@ -242,6 +267,21 @@ def test_kubernetes_deployment_is_what_the_service_needs():
     redis_service = documents["Service", redis_url.hostname]["spec"]
     assert redis_service["ports"][0]["port"] == redis_url.port
     assert redis_service["selector"] == documents["StatefulSet", redis_url.hostname]["spec"]["selector"]["matchLabels"]
+    # Redis has a password, from the Secret the StatefulSet reads too, and only the server's pods reach it.
+    assert redis_url.password == "$(REDIS_PASSWORD)"
+    password = env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    redis_container = documents["StatefulSet", redis_url.hostname]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": password}} in redis_container["env"]
+    assert redis_container["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    assert documents["Secret", password["name"]]["stringData"][password["key"]]
+    policy = documents["NetworkPolicy", redis_url.hostname]["spec"]
+    assert (
+        policy["podSelector"] == redis_service["selector"]
+        or policy["podSelector"]["matchLabels"] == redis_service["selector"]
+    )
+    assert {"podSelector": {"matchLabels": deployment["spec"]["selector"]["matchLabels"]}} in policy["ingress"][0][
+        "from"
+    ]
     # A stopping pod first answers the synchronous requests it holds.
     assert pod["terminationGracePeriodSeconds"] >= Settings().timeout_seconds
     pdb = documents["PodDisruptionBudget", "sdxl"]["spec"]
