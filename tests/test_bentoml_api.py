@@ -281,3 +281,10 @@ def test_traces_are_off_without_an_otlp_endpoint_and_a_bad_share_fails_by_name()
     assert config["exporter_type"] == "otlp" and config["sample_rate"] == 0.25
     with pytest.raises(RuntimeError, match="OTEL_TRACES_SAMPLER_ARG='lots'"):
         tracing_config({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_TRACES_SAMPLER_ARG": "lots"})
+
+
+def test_with_api_keys_one_key_may_fill_half_the_queue_by_default():
+    assert Settings(max_queue=64).queued_per_key_bound == 0  # no keys: one caller, the queue's bound alone
+    assert Settings(api_keys=["a", "b"], max_queue=64).queued_per_key_bound == 32
+    assert Settings(api_keys=["a"], max_queue=64, max_queued_per_key=5).queued_per_key_bound == 5
+    assert Settings(api_keys=["a"], max_queue=1).queued_per_key_bound == 1

@@ -254,6 +254,12 @@ def test_event_streams_are_capped(guarded):
             assert next(lines) == "event: progress"
             second = httpx.get(f"{server.url}/v1/jobs/{job['id']}/events", headers=key, timeout=300)
             assert second.status_code == 429 and "SDXL_MAX_EVENT_STREAMS" in second.json()["error"]["message"]
+            # Another key's slots are its own: its first stream opens while this key's is full.
+            others = submit(server, SHORT, headers=as_key(K2))
+            with httpx.stream(
+                "GET", f"{server.url}/v1/jobs/{others['id']}/events", headers=as_key(K2), timeout=300
+            ) as theirs:
+                assert theirs.status_code == 200
         httpx.delete(f"{server.url}/v1/jobs/{job['id']}", headers=key, timeout=300)
         wait(server, job["id"], headers=key)
     with httpx.stream("GET", f"{server.url}/v1/jobs/{job['id']}/events", headers=key, timeout=300) as again:

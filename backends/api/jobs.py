@@ -156,20 +156,21 @@ async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> Stre
     """Server-Sent Events: `progress` (and `preview`) while it runs, then `result`,
     `error` or `cancelled`, then the stream ends."""
     job, base = await runtime.job(job_id, request), runtime.base_url(request)
-    if runtime.event_streams >= runtime.settings.max_event_streams:
+    owner = runtime.owner(request) or ""  # (each API key has its own slots: one never takes another's)
+    if runtime.event_streams[owner] >= runtime.settings.max_event_streams:
         raise TooManyStreams(
-            f"{runtime.event_streams} event streams are open (SDXL_MAX_EVENT_STREAMS); poll "
-            f"GET /v1/jobs/{{id}} or retry later",
+            f"{runtime.event_streams[owner]} event streams of this key are open (SDXL_MAX_EVENT_STREAMS, per "
+            f"API key); poll GET /v1/jobs/{{id}} or retry later",
             1,
         )
-    runtime.event_streams += 1
+    runtime.event_streams[owner] += 1
 
     async def stream():
         try:
             async for event in events():
                 yield event
         finally:
-            runtime.event_streams -= 1
+            runtime.event_streams[owner] -= 1
 
     async def events():
         seen, preview_step, current = -1, 0, job

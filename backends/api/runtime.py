@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,7 +98,7 @@ class Runtime:
         self.metrics = Metrics(list(self.served))
         bounds = QueueBounds(
             max_queue=settings.max_queue,
-            max_queued_per_owner=settings.max_queued_per_key,
+            max_queued_per_owner=settings.queued_per_key_bound,
             ttl_s=settings.job_ttl_seconds,
             max_jobs=settings.max_jobs,
             max_bytes=settings.job_max_bytes,
@@ -138,7 +139,7 @@ class Runtime:
             if settings.webhook_allowed_hosts
             else None
         )
-        self.event_streams = 0  # SSE streams open now (changed on the event loop only)
+        self.event_streams: Counter[str] = Counter()  # SSE streams open now, per key (on the event loop only)
         self.upscales = 0  # upscale calls waiting or running (likewise)
         self.started = int(time.time())
 

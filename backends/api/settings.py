@@ -90,14 +90,16 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://", repr=False)
     # Jobs
     max_queue: int = Field(64, ge=1)  # jobs waiting for the device; more get 429
-    max_queued_per_key: int = Field(0, ge=0)  # jobs one API key may have waiting; more get 429; 0: no bound
+    # jobs one API key may have waiting; more get 429; 0: half of max_queue with API keys (one key
+    # never fills the queue), no bound without (every caller is one)
+    max_queued_per_key: int = Field(0, ge=0)
     queue_order: QueueOrder = "fair"  # "fair": API keys take turns (jobs/turns.py); "fifo": arrival order
     max_batch: int = Field(4, ge=1)  # images of compatible jobs in one pipeline call; 1: each job alone
     job_ttl_seconds: float = Field(3600, gt=0)  # finished jobs (and their images) are kept this long
     max_jobs: int = Field(1000, ge=1)  # ... and at most this many
     job_max_bytes: int = Field(512 * 2**20, ge=0)  # ... holding at most this many bytes
     warmup: bool = True
-    max_event_streams: int = Field(256, ge=1)  # open /v1/jobs/{id}/events streams; more get 429
+    max_event_streams: int = Field(256, ge=1)  # open /v1/jobs/{id}/events streams per API key; more get 429
     # Webhooks (webhooks.py): where they may go (names, CIDRs; empty: off), their signing secret
     webhook_allowed_hosts: Names = []
     webhook_secret: str | None = Field(None, repr=False, validate_default=True)
@@ -219,6 +221,14 @@ class Settings(BaseSettings):
         if value and info.data.get("attention") != "sdpa":
             raise ValueError("fused QKV projections run on SDPA attention: set SDXL_ATTENTION=sdpa or SDXL_FUSE_QKV=0")
         return value
+
+    @property
+    def queued_per_key_bound(self) -> int:
+        """The jobs one key may have waiting (0: no bound): SDXL_MAX_QUEUED_PER_KEY, else with API
+        keys half the queue, so that one key never fills it for the others."""
+        if self.max_queued_per_key or not self.api_keys:
+            return self.max_queued_per_key
+        return max(1, self.max_queue // 2)
 
     @property
     def limits(self) -> Limits:
