@@ -308,5 +308,8 @@ def test_webuiapi_emphasis_and_long_prompts_are_read_as_a1111_reads_them(api):
     )
     assert emphasised.image.tobytes() != same_text_plain.image.tobytes()
     assert emphasised.info["prompt"] == long  # the prompt as written
-    with pytest.raises(RuntimeError, match="400"):  # prompt editing: refused by name, never read as text
-        api.txt2img(prompt="a [fox:cat:0.5]", width=64, height=64)
+    edited = api.txt2img(prompt="a [fox:cat:0.5]", width=64, height=64, seed=4)  # prompt editing, as A1111's
+    assert edited.image.tobytes() not in (
+        api.txt2img(prompt="a fox", width=64, height=64, seed=4).image.tobytes(),
+        api.txt2img(prompt="a cat", width=64, height=64, seed=4).image.tobytes(),
+    )
