@@ -174,7 +174,10 @@ class Job:
             # A kept error keeps its message only: its traceback's frames hold the call's
             # tensors and images, its context the device's own error.
             error.__traceback__ = error.__context__ = error.__cause__ = None
-        self.status, self.result, self.error, self.finished = status, result, error, time.time()
+        # The outcome before the status: a reader on another thread that sees the job final
+        # finds its result (or error) there already.
+        self.result, self.error, self.finished = result, error, time.time()
+        self.status = status
         self.prepared = None  # the input image and the decoded copy go now
         self.version += 1
 
