@@ -221,7 +221,7 @@ GUARD_KEYS = ("sk-test-7f3a9c1e5b", "other-key", "key-one-0123456789", "key-two-
 
 @pytest.fixture(scope="session")
 def guarded(serve, tmp_path_factory):
-    """The edge's guards, all switched on: API keys (read from a file), CORS for one origin,
+    """The edge's guards, all switched on: API keys (read from a file; the first an admin's), CORS for one origin,
     image links that expire in 3 s, a 200 kB body limit, room for one event stream; its log
     in JSON lines."""
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
@@ -232,6 +232,7 @@ def guarded(serve, tmp_path_factory):
             "SDXL_MODELS": "tiny-sdxl",
             "SDXL_MODEL_ALIASES": "sdxl-realism=tiny-sdxl",
             "SDXL_API_KEYS": str(keys),
+            "SDXL_ADMIN_KEYS": GUARD_KEYS[0],
             "SDXL_CORS_ORIGINS": "http://gallery.local",
             "SDXL_IMAGE_URL_TTL_SECONDS": "3",
             "SDXL_MAX_BODY_BYTES": "200000",

@@ -26,8 +26,6 @@ routes can no longer see their client disconnect, which cancelling abandoned gen
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import time
@@ -41,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.api import errors, openapi
 from backends.api.guards import Origins, cross_site_refusal, host_allowed
-from backends.api.headers import presented_key
+from backends.api.headers import key_is_valid, presented_key
 
 PROBES = ("/health", "/livez", "/readyz", "/healthz")
 PAGES = ("/ui", "/ui/fleet")  # the playground and the fleet page: they hold no secret, and ask for the key
@@ -50,17 +48,6 @@ OPEN_PREFIXES = ("/v1/images/files/",)
 access_log = logging.getLogger("sdxl_backend.access")
 REFUSED = "sdxl.refused_at_edge"  # a scope key: the edge answered this request itself
 PRIVATE_NETWORK_ASKED = b"access-control-request-private-network"
-
-
-def key_is_valid(presented: str | None, keys: list[str]) -> bool:
-    """Constant-time against every key, so timing tells nothing about which prefix matched;
-    compared as SHA-256 digests, whose length is the same whatever a key's (compare_digest
-    returns early on a length mismatch)."""
-    if presented is None:
-        return False
-    digest = hashlib.sha256(presented.encode()).digest()
-    matches = [hmac.compare_digest(digest, hashlib.sha256(key.encode()).digest()) for key in keys]
-    return any(matches)
 
 
 class Edge:

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 
-from backends.api import errors
+from backends.api import errors, headers
 from backends.api.playground import POLICY
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.jobs import Job, JobStatus
@@ -34,10 +34,14 @@ RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
 
 
 @router.get("/v1/system/fleet", responses=errors.responses(401, 503))
-async def fleet(runtime: RuntimeDep) -> dict[str, Any]:
+async def fleet(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
     """Every replica (its devices, memory, loaded models, running job's steps), the queue
     (length, oldest wait, jobs waiting per key digest), jobs finished and seconds per step over
-    the last minutes, and the last errors."""
+    the last minutes, and the last errors. A key that is not an admin's (SDXL_ADMIN_KEYS) sees
+    its own row of the queue and its own errors, never another tenant's."""
+    settings = runtime.settings
+    admin = headers.holds_admin_key(request.headers, settings.api_keys, settings.admin_keys)
+    owner = runtime.owner(request)
     here = runtime.card()
     others = await anyio.to_thread.run_sync(runtime.jobs.replicas)
     jobs, length = await anyio.to_thread.run_sync(
@@ -47,22 +51,25 @@ async def fleet(runtime: RuntimeDep) -> dict[str, Any]:
     return {
         "replicas": [{**here, "here": True}]
         + [{**card, "here": False} for card in others if card["replica"] != here["replica"]],
-        "queue": queue_figures(jobs, length, now),
+        "queue": queue_figures(jobs, length, now, None if admin else owner),
         "minutes": minute_figures(jobs, now),
         "errors": [
             {"type": type(job.error).__name__, "message": job.error.message, "at": job.finished}
             for job in jobs
-            if job.status == JobStatus.FAILED and job.error is not None
+            if job.status == JobStatus.FAILED and job.error is not None and (admin or job.owner == owner)
         ][:LAST_ERRORS],
     }
 
 
-def queue_figures(jobs: list[Job], length: int, now: float) -> dict[str, Any]:
+def queue_figures(jobs: list[Job], length: int, now: float, only: str | None = None) -> dict[str, Any]:
+    """The queue's length and oldest wait, and the jobs waiting per key digest (with `only`,
+    that key's row alone)."""
     waiting = [job for job in jobs if job.status == JobStatus.QUEUED]
+    by_key = Counter((job.owner or "no key")[:8] for job in waiting if only is None or job.owner == only)
     return {
         "length": length,
         "oldest_wait_s": round(now - min(job.created for job in waiting), 1) if waiting else 0.0,
-        "by_key": dict(Counter((job.owner or "no key")[:8] for job in waiting)),
+        "by_key": dict(by_key),
     }
 
 

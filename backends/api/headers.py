@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 
 from starlette.datastructures import Headers
 
@@ -64,3 +66,21 @@ def presented_key(headers: Headers) -> str | None:
             return None
         return credentials.partition(":")[2] or None
     return headers.get("x-api-key")
+
+
+def key_is_valid(presented: str | None, keys: list[str]) -> bool:
+    """Constant-time against every key, so timing tells nothing about which prefix matched;
+    compared as SHA-256 digests, whose length is the same whatever a key's (compare_digest
+    returns early on a length mismatch)."""
+    if presented is None:
+        return False
+    digest = hashlib.sha256(presented.encode()).digest()
+    matches = [hmac.compare_digest(digest, hashlib.sha256(key.encode()).digest()) for key in keys]
+    return any(matches)
+
+
+def holds_admin_key(headers: Headers, api_keys: list[str], admin_keys: list[str]) -> bool:
+    """Whether the caller may act for every tenant (unload the models, see every key's queue
+    and errors): without API keys every caller is one; without admin keys listed, every key is
+    one (a single tenant's server); else only SDXL_ADMIN_KEYS."""
+    return not api_keys or not admin_keys or key_is_valid(presented_key(headers), admin_keys)

@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     # HTTP
     api_keys: Annotated[list[str], NoDecode, BeforeValidator(_keys)] = Field([], repr=False)
     priority_keys: Annotated[list[str], NoDecode, BeforeValidator(_keys)] = Field([], repr=False)  # may send 'high'
+    # may act for every tenant (unload, other keys' fleet rows and errors); none listed: every key
+    admin_keys: Annotated[list[str], NoDecode, BeforeValidator(_keys)] = Field([], repr=False)
     cors_origins: Names = LOCAL_ORIGINS  # which web pages may call (guards.py); "*": every page
     allowed_hosts: Names = []  # Host names served besides localhost and IP literals; "*": every name
     open_metrics: bool = False  # /metrics without a key (a Prometheus scraper on the pod network)
@@ -193,11 +195,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"'{name}' is not a device: use all, or a list of cpu, cuda, cuda:N, mps, xpu, xpu:N")
         return value
 
-    @field_validator("priority_keys")
+    @field_validator("priority_keys", "admin_keys")
     @classmethod
-    def _priority_keys_are_keys(cls, value: list[str], info: ValidationInfo) -> list[str]:
+    def _listed_keys_are_keys(cls, value: list[str], info: ValidationInfo) -> list[str]:
         if value and not set(value) <= set(info.data.get("api_keys") or []):
-            raise ValueError("every priority key must be one of SDXL_API_KEYS")
+            kind = (info.field_name or "").removesuffix("_keys")
+            raise ValueError(f"every {kind} key must be one of SDXL_API_KEYS")
         return value
 
     @field_validator("upscale_tile")
@@ -261,6 +264,7 @@ class Settings(BaseSettings):
 SECRET_SETTINGS = (
     "api_keys",
     "priority_keys",
+    "admin_keys",
     "redis_url",
     "webhook_secret",
 )  # never shown back, even when wrong: they may hold passwords

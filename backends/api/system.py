@@ -10,13 +10,13 @@ import contextlib
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from backends.api import errors, headers, metrics
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.controlnets import PREPROCESSORS
-from backends.sdxl_backend.errors import StoreUnavailable, UnknownModel
+from backends.sdxl_backend.errors import NotPermitted, StoreUnavailable, UnknownModel
 from backends.sdxl_backend.schedulers import MOONDREAM_NAMES, SCHEDULERS
 
 router = APIRouter(tags=["service"])
@@ -194,9 +194,17 @@ async def system_status(runtime: RuntimeDep) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/system/unload", responses=errors.responses(401))
-async def unload(runtime: RuntimeDep) -> dict[str, Any]:
-    """Free every loaded pipeline; the next request loads its model again."""
+def require_admin(request: Request, runtime: Runtime, what: str) -> None:
+    """A 403 unless the caller may act for every tenant (SDXL_ADMIN_KEYS)."""
+    settings = runtime.settings
+    if not headers.holds_admin_key(request.headers, settings.api_keys, settings.admin_keys):
+        raise NotPermitted(f"{what} acts for every tenant: it is for the keys in SDXL_ADMIN_KEYS", "authorization")
+
+
+@router.post("/v1/system/unload", responses=errors.responses(401, 403))
+async def unload(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+    """Free every loaded pipeline; the next request loads its model again (admin keys)."""
+    require_admin(request, runtime, "unloading the models")
     unloaded = await runtime.unload()
     return {"status": "success", "message": f"unloaded {len(unloaded)} model(s)", "unloaded": unloaded}
 

@@ -14,6 +14,7 @@ from backends.api.a1111.options import DEFAULT_OPTIONS, picture_fields
 from backends.api.a1111.protocol import A1111Answer, A1111Img2ImgRequest, A1111Options, A1111Request, PngInfoRequest
 from backends.api.caller_options import MODEL_OPTION
 from backends.api.runtime import Runtime, runtime_of
+from backends.api.system import require_admin
 from backends.sdxl_backend import infotext
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.images import UNREAD, open_client_image
@@ -118,8 +119,9 @@ async def refresh_checkpoints() -> None:
     VAEs, LoRAs or embeddings of their own: nothing to rescan."""
 
 
-@router.post("/unload-checkpoint", responses=errors.responses(401))
-async def unload_checkpoint(runtime: RuntimeDep) -> dict[str, Any]:
-    """Frees every loaded model, as /v1/system/unload does; the next request loads its model."""
+@router.post("/unload-checkpoint", responses=errors.responses(401, 403))
+async def unload_checkpoint(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+    """Frees every loaded model, as /v1/system/unload does (admin keys); the next request loads its model."""
+    require_admin(request, runtime, "unloading the models")
     await runtime.unload()
     return {}
