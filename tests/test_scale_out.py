@@ -608,3 +608,21 @@ def test_a_callers_a1111_options_and_default_model_are_the_same_on_every_replica
         assert made["stats"]["model"] == "tiny-sdxl"  # (sdxl-realism is its alias here)
     finally:
         httpx.post(f"{a.url}/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sdxl"}, timeout=300)
+
+
+def test_a_job_record_broken_in_redis_is_left_out_and_the_listing_answers(tiny_model, redis_server, caplog):
+    from backends.sdxl_backend.protocol import GenerationRequest
+
+    store = redis.Redis.from_url(fleet_env(redis_server, 3)["SDXL_REDIS_URL"])
+    store.flushdb()
+    engine, queue = queue_on(store, tiny_model)
+    good = queue.submit(engine.prepare(GenerationRequest(**SMALL)))
+    broken = queue.submit(engine.prepare(GenerationRequest(**SMALL)))
+    store.hset(f"sdxl:jobs:job:{broken.id}", mapping={"created": "yesterday", "images": "many", "request": "{"})
+    try:
+        listed = [job.id for job in queue.recent(10)]
+        assert good.id in listed and broken.id not in listed
+        assert queue.get(good.id).id == good.id
+        assert "could not be read" in caplog.text and broken.id not in caplog.text
+    finally:
+        queue.close()

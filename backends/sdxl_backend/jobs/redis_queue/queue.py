@@ -364,12 +364,31 @@ class SharedJobQueue:
         for job_id in ids:
             pipe.hmget(keys.job(job_id), codec.SNAPSHOT_FIELDS)
         records = [dict(zip(codec.SNAPSHOT_FIELDS, values)) for values in pipe.execute()]
-        counts = [int(record["images"] or 0) if record["status"] and images else 0 for record in records]
+        counts = [_image_count(record) if record["status"] and images else 0 for record in records]
         for job_id, count in zip(ids, counts):
             if count:
                 pipe.hmget(keys.job(job_id), [f"image:{index}" for index in range(count)])
         image_sets = iter(pipe.execute())
         return [
-            codec.snapshot(job_id, record, next(image_sets) if count else []) if record["status"] else None
+            _snapshot(job_id, record, next(image_sets) if count else []) if record["status"] else None
             for job_id, record, count in zip(ids, records, counts)
         ]
+
+
+def _image_count(record: dict) -> int:
+    try:
+        return max(0, int(record["images"] or 0))
+    except ValueError:
+        return 0  # (the record is read, or refused, by _snapshot)
+
+
+def _snapshot(job_id: str, record: dict, images: list) -> Job | None:
+    """The job a record holds; a record that cannot be read (a field broken by hand or by a
+    bug) is that job's loss alone: logged and left out, never an error for every listing."""
+    try:
+        return codec.snapshot(job_id, record, images)
+    except Exception as exc:
+        # (its type alone: a record's fields may hold a prompt, and its id is not for the log)
+        logger.error("a job record in Redis could not be read (%s); it is left out", type(exc).__name__)
+        return None
+
