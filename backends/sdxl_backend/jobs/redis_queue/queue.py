@@ -391,4 +391,3 @@ def _snapshot(job_id: str, record: dict, images: list) -> Job | None:
         # (its type alone: a record's fields may hold a prompt, and its id is not for the log)
         logger.error("a job record in Redis could not be read (%s); it is left out", type(exc).__name__)
         return None
-
