@@ -30,7 +30,8 @@ from backends.api.settings import declared_environment, load_settings
 from backends.api.tracing import tracing_config
 from backends.sdxl_backend.embeddings import fits_model, model_text_signature
 from backends.sdxl_backend.loras import model_unet_signature
-from backends.sdxl_backend.protocol import GenerationRequest, ImageToImageRequest, TextToImageRequest, UpscaleRequest
+from backends.sdxl_backend.protocol import GenerationRequest, ImageToImageRequest, TextToImageRequest
+from backends.sdxl_backend.upscale_protocol import UpscaleRequest
 from models.catalog import defaults_for, load_catalog
 from models.store import stored_models
 

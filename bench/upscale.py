@@ -38,7 +38,7 @@ from backends.sdxl_backend.device_thread import DeviceThread  # noqa: E402
 from backends.sdxl_backend.images import encode_image  # noqa: E402
 from backends.sdxl_backend.limits import Limits  # noqa: E402
 from backends.sdxl_backend.model_manager import ModelManager  # noqa: E402
-from backends.sdxl_backend.protocol import UpscaleRequest  # noqa: E402
+from backends.sdxl_backend.upscale_protocol import UpscaleRequest  # noqa: E402
 from backends.sdxl_backend.upscalers import Tiling, UpscalerSource, load_upscaler, save_upscaler, upscale  # noqa: E402
 from backends.sdxl_backend.upscaling import Upscaling  # noqa: E402
 

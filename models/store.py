@@ -28,20 +28,11 @@ from backends.sdxl_backend.loras import LORA_FILE, SDXL_UNET, model_unet_signatu
 from backends.sdxl_backend.upscalers import UPSCALER_SUFFIXES, read_upscaler, save_upscaler
 
 from .catalog import CatalogEntry
+from .hub_files import select_component_files, select_encoder_files, select_files
+from .sampling_facts import set_sampling, single_file_sampling
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 BENTOML_METADATA = ("model.yaml", "custom_objects.pkl")
-WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".safetensors.index.fp16.json")
-CONFIG_NAMES = (
-    "config.json",
-    "scheduler_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "tokenizer_config.json",
-    "tokenizer.json",
-    "added_tokens.json",
-)
 
 
 class ImportFailed(Exception):
@@ -127,6 +118,7 @@ TINY = (
     "tiny-sdxl-refiner",
     "tiny-sdxl-vae",
     "tiny-sdxl-lora",
+    "tiny-sdxl-vpred",
     "tiny-sdxl-controlnet",
     "tiny-sdxl-embedding",
     "tiny-sdxl-ip-adapter",
@@ -281,34 +273,6 @@ def _fits(model_id: str | None) -> str:
     return signature
 
 
-def single_file_sampling(path: Path) -> tuple[str | None, bool | None]:
-    """What a single-file checkpoint says of its sampling: v-prediction checkpoints (NoobAI-XL's
-    v-pred line, and the tools that train them) carry an empty `v_pred` tensor, and a `ztsnr`
-    one when trained with zero-terminal SNR. (None: it does not say.)"""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as checkpoint:
-        keys = set(checkpoint.keys())
-    return ("v" if "v_pred" in keys else None), (True if "ztsnr" in keys else None)
-
-
-def set_sampling(pipeline_dir: Path, prediction: str | None, zero_snr: bool | None) -> None:
-    """Write a stored pipeline's sampling facts into its scheduler config, which every
-    scheduler a request picks starts from (nothing to write when neither is given). A model
-    trained with zero-terminal SNR is sampled on trailing timesteps, which reach its last one."""
-    if prediction is None and zero_snr is None:
-        return
-    file = pipeline_dir / "scheduler" / "scheduler_config.json"
-    config = json.loads(file.read_text())
-    if prediction is not None:
-        config["prediction_type"] = {"v": "v_prediction", "epsilon": "epsilon"}[prediction]
-    if zero_snr is not None:
-        config["rescale_betas_zero_snr"] = zero_snr
-        if zero_snr:
-            config["timestep_spacing"] = "trailing"
-    file.write_text(json.dumps(config, indent=2))
-
-
 def _convert_single_file(path: Path, dst: Path, config: str | None) -> None:
     from diffusers import StableDiffusionXLPipeline
 
@@ -317,41 +281,6 @@ def _convert_single_file(path: Path, dst: Path, config: str | None) -> None:
     except Exception as exc:  # diffusers raises many kinds; the user needs the reason, not the trace
         raise ImportFailed(f"cannot convert {path.name}: {exc}".splitlines()[0]) from exc
     pipeline.save_pretrained(dst, safe_serialization=True)
-
-
-def select_files(repo_files: list[str], model_index: dict) -> list[str]:
-    """The files a diffusers pipeline needs: configs and tokenizers of the components that
-    `model_index.json` names, and per component the fp16 safetensors weights when the repo has
-    them, else the plain safetensors. Never .bin/.ckpt/onnx/flax copies or root checkpoints."""
-    components = {name for name, value in model_index.items() if isinstance(value, list) and value[0]}
-    chosen = ["model_index.json"]
-    for component in sorted(components):
-        files = [f for f in repo_files if f.count("/") == 1 and f.split("/")[0] == component]
-        chosen += [f for f in files if f.split("/")[1] in CONFIG_NAMES]
-        weights = [f for f in files if f.endswith(WEIGHT_SUFFIXES)]
-        fp16 = [f for f in weights if ".fp16." in f or "fp16-" in f]
-        chosen += fp16 or [f for f in weights if "fp16" not in f]
-    return chosen
-
-
-def select_component_files(repo_files: list[str]) -> list[str]:
-    """A component repository (a VAE, a ControlNet): its config and its diffusers weights at the top, fp16
-    when the repo has them; never the single-file checkpoints beside them."""
-    weights = [
-        f
-        for f in repo_files
-        if "/" not in f and f.startswith("diffusion_pytorch_model") and f.endswith(WEIGHT_SUFFIXES)
-    ]
-    fp16 = [f for f in weights if ".fp16." in f]
-    return ["config.json", *(fp16 or weights)]
-
-
-def select_encoder_files(repo_files: list[str], folder: str | None) -> list[str]:
-    """An IP-Adapter's image encoder in its repo: the folder's config and safetensors weights."""
-    if folder is None:
-        raise ImportFailed("an IP-Adapter's catalog entry names its image encoder's folder (encoder)")
-    inside = [f for f in repo_files if f.rpartition("/")[0] == folder]
-    return [f for f in inside if f.endswith(("/config.json", ".safetensors"))]
 
 
 def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml.Model:
@@ -380,6 +309,8 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
         elif entry.kind in ("lora", "embedding", "upscaler"):
             wanted = [entry.weights_file]
         elif entry.kind == "ip-adapter":  # its file and its image encoder's config and weights
+            if entry.encoder is None:
+                raise ImportFailed("an IP-Adapter's catalog entry names its image encoder's folder (encoder)")
             wanted = [entry.weights_file, *select_encoder_files(repo_files, entry.encoder)]
         else:
             wanted = select_component_files(repo_files)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from models.store import select_component_files, select_files
+from models.hub_files import select_component_files, select_files
 from tests.conftest import HUB_SHA, hub_snapshot
 from tests.served import ROOT
 
@@ -60,7 +60,7 @@ def test_a_pipeline_imports_with_the_sampling_facts_given_or_marked_in_its_file(
     from safetensors.torch import save_file
 
     from backends.sdxl_backend.schedulers import ModelSampling, model_sampling
-    from models.store import single_file_sampling
+    from models.sampling_facts import single_file_sampling
 
     imported = cli("import", "my-vpred", "--from", tiny_model.path, "--prediction", "v", "--zero-snr")
     assert imported.returncode == 0, imported.stderr

@@ -20,7 +20,8 @@ from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.errors import BackendError, Cancelled
 from backends.sdxl_backend.model_manager import ModelManager
 from backends.sdxl_backend.model_records import ModelSource
-from backends.sdxl_backend.protocol import GenerationRequest, UpscaleRequest
+from backends.sdxl_backend.protocol import GenerationRequest
+from backends.sdxl_backend.upscale_protocol import UpscaleRequest
 from backends.sdxl_backend.upscalers import (
     UPSCALER_CARD,
     UPSCALER_FILE,

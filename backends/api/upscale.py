@@ -26,7 +26,7 @@ from backends.api import errors
 from backends.api.hangups import cancelled_on_hangup
 from backends.api.native import wants_raw_image
 from backends.sdxl_backend.errors import BackendError, QueueFull, TimedOut
-from backends.sdxl_backend.protocol import UpscaleRequest, UpscaleResult, UpscaleTimings
+from backends.sdxl_backend.upscale_protocol import UpscaleRequest, UpscaleResult, UpscaleTimings
 
 if TYPE_CHECKING:
     from backends.api.runtime import Runtime

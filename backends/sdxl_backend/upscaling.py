@@ -22,7 +22,7 @@ from .errors import Cancelled, InvalidRequest
 from .images import MEDIA_TYPES, decode_image, encode_image
 from .limits import Limits
 from .model_manager import ModelManager
-from .protocol import UpscaleRequest, UpscaleResult, UpscaleTimings
+from .upscale_protocol import UpscaleRequest, UpscaleResult, UpscaleTimings
 from .upscalers import Tiling, passes_for, upscale
 from .validation import check_upscaler
 

@@ -25,7 +25,8 @@ from backends.api.runtime import Runtime, runtime_of
 from backends.api.upscale import run_upscale
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.images import UNREAD, encode_image, open_client_image
-from backends.sdxl_backend.protocol import TINY_PNG, ImageBytes, UpscaleRequest
+from backends.sdxl_backend.protocol import TINY_PNG, ImageBytes
+from backends.sdxl_backend.upscale_protocol import UpscaleRequest
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]

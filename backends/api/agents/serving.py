@@ -26,7 +26,8 @@ from backends.api.runtime import Runtime, runtime_of
 from backends.api.upscale import run_upscale
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.jobs import Job, JobStatus
-from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult, UpscaleRequest
+from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
+from backends.sdxl_backend.upscale_protocol import UpscaleRequest
 
 FOLLOW_S = 15.0  # longest wait for a job's next change before looking at the clock again
 THUMBNAIL_PX = 160  # a preview's longer side: a PNG of at most about 75 kB, whatever the image

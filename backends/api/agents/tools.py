@@ -10,7 +10,8 @@ import mcp_types as types
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from backends.sdxl_backend.jobs import JobStatus
-from backends.sdxl_backend.protocol import GenerationRequest, TextToImageRequest, UpscaleRequest
+from backends.sdxl_backend.protocol import GenerationRequest, TextToImageRequest
+from backends.sdxl_backend.upscale_protocol import UpscaleRequest
 
 # The native fields an agent sets; the rest (hires fix, ControlNets, memory modes...) stay the
 # HTTP API's, where a person tunes them.
