@@ -15,8 +15,7 @@ from pydantic import ValidationError
 
 from backends.api import errors
 from backends.api.images.protocol import ImageEditForm, ImageGenerationAnswer, ImageGenerationRequest
-from backends.api.images.serving import generation_answer
-from backends.api.images.sizes import served_model
+from backends.api.images.serving import answering_model, generation_answer
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.images import decode_image
@@ -116,10 +115,7 @@ async def image_prompts(
 ) -> list[IpAdapterUnit]:
     """The images after the first (gpt-image's reference images), as image prompts: one for
     each IP-Adapter that fits the model, in the order served."""
-    model = served_model(form.model, runtime.aliases, runtime.settings.openai_model)
-    if model is None:
-        model = await anyio.to_thread.run_sync(runtime.default_model_for, runtime.owner(request))
-    model = runtime.engine.models.source(model).id
+    model = await answering_model(form.model, request, runtime)
     fitting = [adapter.id for adapter in runtime.ip_adapters.values() if model in runtime.models_fitting(adapter)]
     if len(pictures) > len(fitting):
         raise InvalidRequest(

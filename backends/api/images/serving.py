@@ -59,6 +59,16 @@ def render(
     }
 
 
+async def answering_model(asked: str | None, request: Request, runtime: Runtime) -> str:
+    """The served model that answers a request naming `asked`: OpenAI's ids mapped (sizes.py),
+    else the caller's default (off the event loop: it may be in Redis); an unknown one is a
+    404 naming it."""
+    model = served_model(asked, runtime.aliases, runtime.settings.openai_model)
+    if model is None:
+        model = await anyio.to_thread.run_sync(runtime.default_model_for, runtime.owner(request))
+    return runtime.engine.models.source(model).id
+
+
 async def generation_answer(
     body: ImageGenerationRequest,
     request: Request,
@@ -70,11 +80,8 @@ async def generation_answer(
     generation = body.to_generation_request(x_vram_mode)
     generation.model = served_model(body.model, runtime.aliases, runtime.settings.openai_model)
     if body.size in OPENAI_SIZES and body.width is None and body.height is None:
-        owner = runtime.owner(request)
-        model = generation.model
-        if model is None:
-            model = await anyio.to_thread.run_sync(runtime.default_model_for, owner)
-        defaults = runtime.engine.models.source(model).defaults  # (an unknown model: 404 naming it)
+        generation.model = await answering_model(body.model, request, runtime)  # (read once, here)
+        defaults = runtime.engine.models.source(generation.model).defaults
         generation.width, generation.height = drawn_size(body.size, defaults, runtime.limits)
     result = await runtime.run(generation, request)
     urls = None
