@@ -130,7 +130,8 @@ def generation_request(
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=body.negative_prompt,
-        model=overrides.get("model"),  # (without: the caller's default model, which the runtime fills in)
+        # (without: the caller's default from the options already read here, else the server's)
+        model=overrides.get("model") or (kept or {}).get(MODEL_OPTION),
         width=body.width,
         height=body.height,
         steps=body.steps,
