@@ -212,3 +212,14 @@ class TraceCollector:
 
     def stop(self) -> None:
         self.server.shutdown()
+
+
+def start_that_fails(env: dict[str, str], log_path: Path) -> Server:
+    """A server started with `env` that should refuse to start: it is waited for (the
+    process ends on its own) and returned, for its exit code and its log."""
+    server = Server(env, log_path)
+    try:
+        server.process.wait(300)
+    finally:
+        server.stop()
+    return server

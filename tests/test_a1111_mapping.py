@@ -142,34 +142,9 @@ def test_every_listed_sampler_with_every_listed_schedule_is_a_scheduler_or_a_400
 
 
 def test_sillytaverns_exact_body_maps_and_its_own_fields_change_nothing():
-    # SillyTavern public/scripts/extensions/stable-diffusion/index.js, generateAutoImage(): its
-    # defaults (sampler DDIM, scheduler normal, clip_skip 1) and getSdRequestBody()'s url/auth.
-    body = {
-        "url": "http://localhost:7860",
-        "auth": "user:secret",
-        "prompt": "a fox",
-        "negative_prompt": "blurry",
-        "sampler_name": "DDIM",
-        "scheduler": "normal",
-        "steps": 20,
-        "cfg_scale": 7,
-        "width": 512,
-        "height": 512,
-        "restore_faces": False,
-        "enable_hr": False,
-        "hr_upscaler": "Latent",
-        "hr_scale": 2.0,
-        "hr_additional_modules": [],
-        "denoising_strength": 0.7,
-        "hr_second_pass_steps": 0,
-        "override_settings": {"CLIP_stop_at_last_layers": 1, "forge_additional_modules": []},
-        "override_settings_restore_afterwards": True,
-        "clip_skip": 1,
-        "save_images": True,
-        "send_images": True,
-        "do_not_save_grid": False,
-        "do_not_save_samples": False,
-    }
+    from tests.test_chat_clients import sillytavern_body  # (its defaults, its source file named there)
+
+    body = {**sillytavern_body("http://localhost:7860"), "steps": 20, "width": 512, "height": 512}
     request = generation_request(A1111Request.model_validate(body), False)
     assert (request.scheduler, request.steps, request.clip_skip, request.width) == ("ddim", 20, 2, 512)
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from backends.api.settings import Settings, SettingsError, env_name, load_settings
 from tests.conftest import png_bytes
-from tests.served import ROOT, Server
+from tests.served import ROOT, start_that_fails
 
 
 def test_sync_client_calls_the_native_endpoints(server):
@@ -192,11 +192,7 @@ def test_bad_settings_stop_the_start_naming_each_variable(tiny_model, tmp_path):
         "SDXL_COMPILE": "maybe",
     }
     secret = {"SDXL_REDIS_URL": "http://user:hunter2@redis:6379"}  # a bad value, never shown: it may hold a password
-    server = Server({"SDXL_MODELS": "tiny-sdxl", **bad, **secret}, tmp_path / "server.log")
-    try:
-        server.process.wait(300)
-    finally:
-        server.stop()
+    server = start_that_fails({"SDXL_MODELS": "tiny-sdxl", **bad, **secret}, tmp_path / "server.log")
     assert server.process.returncode != 0
     for variable, value in bad.items():  # every problem at once, not one per restart
         assert f"{variable}='{value}'" in server.log()

@@ -21,7 +21,7 @@ from backends.sdxl_backend.device import (
 )
 from backends.sdxl_backend.errors import OutOfMemory
 from backends.sdxl_backend.model_manager import ModelManager
-from tests.served import Server
+from tests.served import start_that_fails
 
 
 @pytest.fixture
@@ -110,11 +110,8 @@ def test_each_familys_out_of_memory_is_recognised_and_recovered_as_cuda_s(mock_g
         manager.out_of_memory_as_error(lambda: (_ for _ in ()).throw(RuntimeError("same device")), "x")
 
 
+@pytest.mark.served
 def test_a_device_that_is_not_there_stops_the_start_naming_the_setting(tiny_model, tmp_path):
-    server = Server({"SDXL_MODELS": "tiny-sdxl", "SDXL_DEVICE": "mps"}, tmp_path / "server.log")
-    try:
-        server.process.wait(300)
-    finally:
-        server.stop()
+    server = start_that_fails({"SDXL_MODELS": "tiny-sdxl", "SDXL_DEVICE": "mps"}, tmp_path / "server.log")
     assert server.process.returncode != 0
     assert "SDXL_DEVICE: device mps is not there" in server.log()

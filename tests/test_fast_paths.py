@@ -147,12 +147,8 @@ def test_a_server_with_the_speed_settings_and_a_replacement_vae_serves_and_says_
 
 @pytest.mark.served
 def test_a_vae_that_is_not_stored_stops_the_start_naming_sdxl_vae(tiny_model, tmp_path):
-    from tests.served import Server
+    from tests.served import start_that_fails
 
-    server = Server({"SDXL_MODELS": "tiny-sdxl", "SDXL_VAE": "no-such-vae"}, tmp_path / "server.log")
-    try:
-        server.process.wait(300)
-    finally:
-        server.stop()
+    server = start_that_fails({"SDXL_MODELS": "tiny-sdxl", "SDXL_VAE": "no-such-vae"}, tmp_path / "server.log")
     assert server.process.returncode != 0
     assert "SDXL_VAE=no-such-vae is not a VAE in the model store" in server.log()
