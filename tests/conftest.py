@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import httpx
 import pytest
 
 BENTOML_HOME = Path(tempfile.mkdtemp(prefix="sdxl-tests-bentoml-"))
@@ -247,6 +248,13 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if any("server" in name or name in ("serve", "guarded", "bento") for name in item.fixturenames):
             item.add_marker(pytest.mark.served)
+
+
+def image_prompt_slots(url: str, model: str = "tiny-sdxl") -> int:
+    """How many IP-Adapters a server serves for `model`: the store is shared, so a server started
+    after `tiny_ip_adapter` serves it and one started before does not (pytest-randomly picks)."""
+    listed = httpx.get(f"{url}/v1/ip-adapters", timeout=300).json()["data"]
+    return sum(model in adapter["fits"] for adapter in listed)
 
 
 def png_bytes(width: int = 64, height: int = 64, color=(200, 30, 30)) -> bytes:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import GUARD_KEYS, png_bytes
+from tests.conftest import GUARD_KEYS, image_prompt_slots, png_bytes
 
 KEY, OTHER_KEY = GUARD_KEYS[0], GUARD_KEYS[1]
 
@@ -205,15 +205,16 @@ def test_transparent_background_is_refused_by_name(server):
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "background"
 
 
-def test_librechats_edit_sends_image_brackets_and_a_second_image_needs_an_image_prompt_model(server):
+def test_librechats_edit_sends_image_brackets_and_more_images_than_image_prompt_models_is_a_400(server):
     """OpenAIImageTools.js, image_edit_oai: multipart model, prompt, quality, size and `image[]`."""
     form = {"model": "gpt-image-1", "prompt": "at night", "quality": "auto", "size": "auto", "seed": "3", "steps": "2"}
     one = [("image[]", ("a.png", png_bytes(64, 64), "image/png"))]
     edited = httpx.post(f"{server.url}/v1/images/edits", data=form, files=one, timeout=300)
     assert edited.status_code == 200, edited.text
     assert edited.json()["stats"]["mode"] == "img2img" and edited.json()["size"] == "64x64"
-    two = one + [("image[]", ("b.png", png_bytes(64, 64, (0, 0, 200)), "image/png"))]
-    refused = httpx.post(f"{server.url}/v1/images/edits", data=form, files=two, timeout=300)
+    extra = ("image[]", ("b.png", png_bytes(64, 64, (0, 0, 200)), "image/png"))
+    too_many = one + [extra] * (image_prompt_slots(server.url) + 1)  # one image prompt for each IP-Adapter
+    refused = httpx.post(f"{server.url}/v1/images/edits", data=form, files=too_many, timeout=300)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "image[]", refused.text
     assert "IP-Adapter" in refused.json()["error"]["message"]
 

@@ -17,7 +17,7 @@ import openai
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.conftest import GUARD_KEYS, pixels, png_bytes
+from tests.conftest import GUARD_KEYS, image_prompt_slots, pixels, png_bytes
 from tests.polling import poll
 
 PROMPT = "a misty forest at dawn"
@@ -257,12 +257,13 @@ def test_openai_edit_with_a_mask_repaints_only_its_transparent_area(client):
     assert raw["stats"]["mode"] == "img2img"  # no mask: the whole image is edited
 
 
-def test_openai_edit_takes_several_images_only_with_an_image_prompt_model_and_variations_need_no_prompt(client):
+def test_openai_edit_takes_one_more_image_per_image_prompt_model_and_variations_need_no_prompt(client):
     images = [("a.png", png_bytes(64, 64, (200, 30, 30)), "image/png"), ("b.png", png_bytes(96, 96), "image/png")]
     edited = client.images.edit(image=images[0], prompt=PROMPT, n=2, extra_body={"steps": 4})
     assert [Image.open(io.BytesIO(base64.b64decode(d.b64_json))).size for d in edited.data] == [(64, 64)] * 2
+    too_many = images + [images[1]] * image_prompt_slots(str(client.base_url).removesuffix("/v1/"))
     with pytest.raises(openai.BadRequestError) as no_adapter:  # (test_ip_adapters.py: with one, a prompt)
-        client.images.edit(image=images, prompt=PROMPT, extra_body={"steps": 4})
+        client.images.edit(image=too_many, prompt=PROMPT, extra_body={"steps": 4})
     assert no_adapter.value.body["param"] == "image[]"
     variations = client.images.create_variation(image=images[0], n=2, size="64x64", extra_body={"steps": 5, "seed": 3})
     decoded = [base64.b64decode(d.b64_json) for d in variations.data]

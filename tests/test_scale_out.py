@@ -541,6 +541,7 @@ def test_a_replica_that_does_not_serve_a_jobs_model_fails_the_job_saying_so(tiny
     from backends.sdxl_backend.protocol import GenerationRequest
 
     store = redis.Redis.from_url(fleet_env(redis_server, 3)["SDXL_REDIS_URL"])
+    store.flushdb()
     engine, submitter = queue_on(store, tiny_model)
     job = submitter.submit(engine.prepare(GenerationRequest(**SMALL)))  # (this replica's device never starts)
     _, other = queue_on(store, tiny_model, served_as="another-model")
@@ -610,10 +611,14 @@ def test_a_callers_a1111_options_and_default_model_are_the_same_on_every_replica
         httpx.post(f"{a.url}/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sdxl"}, timeout=300)
 
 
-def test_a_job_record_broken_in_redis_is_left_out_and_the_listing_answers(tiny_model, redis_server, caplog):
+def test_a_job_record_broken_in_redis_is_left_out_and_the_listing_answers_and_taken_it_fails(
+    tiny_model, redis_server, caplog
+):
+    """A record broken by hand or by a bug: listings leave it out, and the replica that takes it
+    fails it, never leaving it taken (in `running`) for good."""
     from backends.sdxl_backend.protocol import GenerationRequest
 
-    store = redis.Redis.from_url(fleet_env(redis_server, 3)["SDXL_REDIS_URL"])
+    store = redis.Redis.from_url(fleet_env(redis_server, 9)["SDXL_REDIS_URL"])
     store.flushdb()
     engine, queue = queue_on(store, tiny_model)
     good = queue.submit(engine.prepare(GenerationRequest(**SMALL)))
@@ -624,5 +629,9 @@ def test_a_job_record_broken_in_redis_is_left_out_and_the_listing_answers(tiny_m
         assert good.id in listed and broken.id not in listed
         assert queue.get(good.id).id == good.id
         assert "could not be read" in caplog.text and broken.id not in caplog.text
+        queue.start()
+        (done,) = wait_final(queue, good)
+        poll(lambda: store.hget(f"sdxl:jobs:job:{broken.id}", "status"), lambda status: status == b"failed")
+        assert done.status == "succeeded" and store.hlen("sdxl:jobs:running") == 0
     finally:
         queue.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from typing import TYPE_CHECKING
 
 from PIL import Image
@@ -133,12 +134,26 @@ def prepared_from(fields: dict[bytes, bytes], engine: Engine) -> PreparedRequest
 
 
 def taken(job_id: str, fields: dict[bytes, bytes], engine: Engine) -> Job:
-    """A job a replica took, to run: its request prepared again (`BackendError` when it cannot run here)."""
-    owner = fields.get(b"owner", b"").decode() or None
-    created = float(fields[b"created"])
+    """A job a replica took, to run: its request prepared again. One that cannot run here (a
+    `BackendError`, a replica of another version, a record broken by hand or by a bug) comes back
+    failed, to be finished as such: a taken job never stays taken."""
+    owner = fields.get(b"owner", b"").decode(errors="replace") or None
     try:
-        prepared = prepared_from(fields, engine)
-    except Exception as exc:  # (a replica of another version, say): the job fails, never stays taken
+        created = float(fields[b"created"])
+    except (KeyError, ValueError):
+        created = time.time()
+    try:
+        return Job(
+            job_id,
+            prepared_from(fields, engine),
+            int(fields.get(b"preview_every") or 0) or None,
+            owner,
+            status=JobStatus.RUNNING,
+            created=created,
+            webhook=json.loads(fields[b"webhook"]) if fields.get(b"webhook") else None,
+            trace=json.loads(fields[b"trace"]) if fields.get(b"trace") else {},
+        )
+    except Exception as exc:
         job = Job(job_id, None, owner=owner, status=JobStatus.RUNNING, created=created)
         job.error = (
             exc
@@ -148,16 +163,6 @@ def taken(job_id: str, fields: dict[bytes, bytes], engine: Engine) -> Job:
             )
         )
         return job
-    return Job(
-        job_id,
-        prepared,
-        int(fields.get(b"preview_every") or 0) or None,
-        owner,
-        status=JobStatus.RUNNING,
-        created=created,
-        webhook=json.loads(fields[b"webhook"]) if fields.get(b"webhook") else None,
-        trace=json.loads(fields[b"trace"]) if fields.get(b"trace") else {},
-    )
 
 
 def progress(job: Job) -> Fields:
