@@ -26,15 +26,20 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 
 # What the tests run besides Python, from Debian's packages when missing: Chromium, which the
 # playground's browser tests drive through Playwright (Playwright's own browser download comes
-# from outside the package registries), and a Redis server for the shared-store tests.
+# from outside the package registries), a Redis server for the shared-store tests, and Node.js
+# for @saintno/comfyui-sdk (npm, pinned in tests/comfyui_sdk), a real client of the ComfyUI dialect.
+SDK := tests/comfyui_sdk
 test-programs:
 	@missing=""; \
-	for program in chromium redis-server; do command -v $$program >/dev/null || missing="$$missing $$program"; done; \
+	for program in chromium redis-server node npm; do command -v $$program >/dev/null || missing="$$missing $$program"; done; \
 	if [ -n "$$missing" ]; then \
-	  echo "==> installing$$missing (Debian packages) for the browser and Redis tests: a minute or so"; \
+	  echo "==> installing$$missing (Debian packages) for the browser, Redis and ComfyUI client tests: a minute or so"; \
 	  $(SUDO) apt-get update -q | tail -1 && \
-	  $(SUDO) apt-get install -y -q $$missing | grep -E "^Setting up" | cut -c1-80; \
+	  $(SUDO) apt-get install -y -q $$(echo $$missing | sed 's/\bnode\b/nodejs/') | grep -E "^Setting up" | cut -c1-80; \
 	fi
+	@[ $(SDK)/node_modules/.package-lock.json -nt $(SDK)/package-lock.json ] || { \
+	  echo "==> installing @saintno/comfyui-sdk (npm) for the ComfyUI client tests"; \
+	  cd $(SDK) && npm ci --no-audit --no-fund --loglevel=error; }
 
 # Imports the default model when the store holds none (tiny-sdxl, loudly, when the hub is out of reach).
 serve: install

@@ -15,6 +15,9 @@ from starlette.exceptions import HTTPException
 
 from backends.api import a1111, errors, fleet, images, jobs, playground, system
 from backends.api.agents import AgentEndpoint
+from backends.api.comfyui import routes as comfyui
+from backends.api.comfyui import socket as comfyui_socket
+from backends.api.comfyui.graph import WorkflowRefused
 from backends.sdxl_backend.errors import BackendError
 
 logger = logging.getLogger("sdxl_backend")
@@ -38,6 +41,10 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse(errors.status_error(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
 
 
+async def _workflow_refused(_: Request, exc: WorkflowRefused) -> JSONResponse:
+    return JSONResponse(exc.body, status_code=400)  # (ComfyUI's own shape: its clients read node_errors)
+
+
 async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     logger.exception("unexpected error while answering a request")
     return JSONResponse(
@@ -59,12 +66,18 @@ def create_app() -> FastAPI:
         playground.router,
     ):
         app.include_router(router)
+    # ComfyUI serves each route at the root and under /api (its web editor uses the latter).
+    app.include_router(comfyui.router)
+    app.include_router(comfyui.router, prefix="/api", include_in_schema=False)
+    app.include_router(comfyui_socket.router)
+    app.include_router(comfyui_socket.router, prefix="/api")
     app.router.routes.append(agents.route)
     # (each handler takes its own class of error: Starlette's type says any Exception)
     handlers: dict[type[Exception], Callable[[Request, Any], Awaitable[JSONResponse]]] = {
         BackendError: _backend_error,
         RequestValidationError: _validation_error,
         HTTPException: _http_error,
+        WorkflowRefused: _workflow_refused,
         Exception: _unexpected_error,
     }
     for error_class, handler in handlers.items():

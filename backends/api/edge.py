@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs
 
 from bentoml._internal.server.http.traffic import TimeoutMiddleware
 from pydantic import ValidationError
@@ -38,7 +39,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.api import errors, openapi
-from backends.api.guards import Origins, cross_site_refusal, host_allowed
+from backends.api.guards import Origins, cross_site_refusal, host_allowed, same_origin
 from backends.api.headers import key_is_valid, presented_key
 
 PROBES = ("/health", "/livez", "/readyz", "/healthz")
@@ -70,6 +71,11 @@ class Edge:
         self.state = state  # the dialect app's state, where the runtime (and its metrics) will be
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            if self._socket_refused(scope):  # (before it is accepted: the client sees a 403)
+                await receive()
+                await send({"type": "websocket.close", "code": 1008})
+                return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -138,6 +144,19 @@ class Edge:
             await self.app(scope, bounded, _rewriting(send, lambda status, body: (status, openapi.truthful(body))))
             return
         await self.app(scope, bounded, _rewriting(send, _bentoml_error, only_errors=True))
+
+    def _socket_refused(self, scope: Scope) -> bool:
+        """A WebSocket (ComfyUI's /ws) is not covered by CORS: any page may open one. Its Host,
+        its Origin (this server's pages, or SDXL_CORS_ORIGINS) and its key (a header, or the
+        `token` query parameter, which a browser can send) are checked here."""
+        request_headers = Headers(scope=scope)
+        host, origin = request_headers.get("host"), request_headers.get("origin")
+        if not host_allowed(host, self.allowed_hosts):
+            return True
+        if origin is not None and not same_origin(origin, host) and not self.origins.allows(origin):
+            return True
+        token = parse_qs(scope.get("query_string", b"").decode(errors="replace")).get("token", [None])[0]
+        return bool(self.keys) and not key_is_valid(presented_key(request_headers) or token, self.keys)
 
     def _cors(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         origin = Headers(scope=scope).get("origin")

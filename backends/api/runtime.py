@@ -28,6 +28,7 @@ from starlette.requests import Request
 
 from backends.api import headers, shared_redis
 from backends.api.caller_options import MODEL_OPTION, CallerOptions, MemoryCallerOptions, SharedCallerOptions
+from backends.api.comfyui.records import MemoryPromptRecords, PromptRecords, SharedPromptRecords
 from backends.api.hangups import cancelled_on_hangup
 from backends.api.kept_images import KeptImages, KeptImageStore, SharedKeptImages
 from backends.api.metrics import Metrics
@@ -109,9 +110,11 @@ class Runtime:
         self.jobs: JobQueue
         self.kept_images: KeptImageStore
         self.caller_options: CallerOptions
+        self.comfyui_prompts: PromptRecords  # (what a ComfyUI prompt adds to its job)
         if settings.redis_url is None:
             self.kept_images = KeptImages(settings.image_url_ttl_seconds, settings.image_url_max_bytes)
             self.caller_options = MemoryCallerOptions()
+            self.comfyui_prompts = MemoryPromptRecords(settings.job_ttl_seconds)
             # BentoML restarts a worker that dies under the same server process, the worker's parent:
             # the default journal is that process's, so a new worker finds its predecessor's jobs.
             self.jobs_dir = settings.jobs_dir or Path(tempfile.gettempdir()) / f"sdxl-jobs-{os.getppid()}"
@@ -120,6 +123,7 @@ class Runtime:
             client = shared_redis.connect(settings.redis_url)
             self.kept_images = SharedKeptImages(client, settings.image_url_ttl_seconds, settings.image_url_max_bytes)
             self.caller_options = SharedCallerOptions(client)
+            self.comfyui_prompts = SharedPromptRecords(client, settings.job_ttl_seconds)
             self.jobs = SharedJobQueue(self.devices.devices, client, bounds, self._job_changed, self.card)
         self.tracer = service_tracer(enabled=bool(tracing_config()))
         self.job_spans = JobSpans(self.tracer, self.jobs.replica)
@@ -233,10 +237,13 @@ class Runtime:
     def owner(self, http: Request) -> str | None:
         """Who a request acts for: with API keys set, a digest of its key (jobs belong to it);
         without keys, nobody in particular (None: every job is visible)."""
+        return self.owner_of(headers.presented_key(http.headers))
+
+    def owner_of(self, key: str | None) -> str | None:
+        """The owner a presented key stands for (a socket may present it in its query)."""
         if not self.settings.api_keys:
             return None
-        key = headers.presented_key(http.headers) or ""
-        return hashlib.sha256(key.encode()).hexdigest()[:32]
+        return hashlib.sha256((key or "").encode()).hexdigest()[:32]
 
     # -- the jobs, as the routes ask about them: off the event loop, since a shared queue waits
     # on Redis, which may be slow or away (3 s at most, then `StoreUnavailable`) --

@@ -1,0 +1,156 @@
+"""ComfyUI workflows in API format, as the clients send them: SillyTavern's default (its
+`default/content/Default_Comfy_Workflow.json`, placeholders filled as its extension's
+`generateComfyImage` fills them), Open WebUI's default (`COMFYUI_DEFAULT_WORKFLOW` in
+`backend/open_webui/config.py`, with its node mapping from `utils/images/comfyui.py`), and the
+img2img, inpainting and hires-fix wirings of ComfyUI's own examples."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+SILLYTAVERN_DEFAULT = """{
+    "3": {"class_type": "KSampler", "inputs": {"cfg": "%scale%", "denoise": 1, "latent_image": ["5", 0],
+          "model": ["4", 0], "negative": ["7", 0], "positive": ["6", 0], "sampler_name": "%sampler%",
+          "scheduler": "%scheduler%", "seed": "%seed%", "steps": "%steps%"}},
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "%model%"}},
+    "5": {"class_type": "EmptyLatentImage", "inputs": {"batch_size": 1, "height": "%height%", "width": "%width%"}},
+    "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "%prompt%"}},
+    "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "%negative_prompt%"}},
+    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "SillyTavern", "images": ["8", 0]}}
+}"""
+
+
+def sillytavern_body(prompt: str, negative: str, seed: int, settings: dict[str, Any]) -> str:
+    """The text SillyTavern posts to /prompt: its extension's string replacements of the quoted
+    placeholders, then `{"prompt": <workflow>}` as a string (sent without a JSON Content-Type)."""
+    workflow = SILLYTAVERN_DEFAULT.replace('"%prompt%"', json.dumps(prompt))
+    workflow = workflow.replace('"%negative_prompt%"', json.dumps(negative)).replace('"%seed%"', json.dumps(seed))
+    for placeholder in ("model", "vae", "sampler", "scheduler", "steps", "scale", "width", "height", "clip_skip"):
+        workflow = workflow.replace(f'"%{placeholder}%"', json.dumps(settings.get(placeholder)))
+    return f"""{{
+                "prompt": {workflow}
+            }}"""
+
+
+OPEN_WEBUI_DEFAULT: dict[str, Any] = {
+    "3": {
+        "inputs": {
+            "seed": 0,
+            "steps": 20,
+            "cfg": 8,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "denoise": 1,
+            "model": ["4", 0],
+            "positive": ["6", 0],
+            "negative": ["7", 0],
+            "latent_image": ["5", 0],
+        },
+        "class_type": "KSampler",
+        "_meta": {"title": "KSampler"},
+    },
+    "4": {
+        "inputs": {"ckpt_name": "model.safetensors"},
+        "class_type": "CheckpointLoaderSimple",
+        "_meta": {"title": "Load Checkpoint"},
+    },
+    "5": {
+        "inputs": {"width": 512, "height": 512, "batch_size": 1},
+        "class_type": "EmptyLatentImage",
+        "_meta": {"title": "Empty Latent Image"},
+    },
+    "6": {
+        "inputs": {"text": "Prompt", "clip": ["4", 1]},
+        "class_type": "CLIPTextEncode",
+        "_meta": {"title": "CLIP Text Encode (Prompt)"},
+    },
+    "7": {"inputs": {"text": "", "clip": ["4", 1]}, "class_type": "CLIPTextEncode", "_meta": {"title": "Negative"}},
+    "8": {
+        "inputs": {"samples": ["3", 0], "vae": ["4", 2]},
+        "class_type": "VAEDecode",
+        "_meta": {"title": "VAE Decode"},
+    },
+    "9": {
+        "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]},
+        "class_type": "SaveImage",
+        "_meta": {"title": "Save Image"},
+    },
+}
+
+
+def open_webui_workflow(model: str, prompt: str, width: int, height: int, n: int, steps: int, seed: int) -> dict:
+    """Open WebUI's default workflow with its default node mapping applied (`comfyui_create_image`:
+    prompt -> 6.text, model -> 4.ckpt_name, width/height/n -> 5, steps and seed -> 3)."""
+    workflow = copy.deepcopy(OPEN_WEBUI_DEFAULT)
+    workflow["6"]["inputs"]["text"] = prompt
+    workflow["4"]["inputs"]["ckpt_name"] = model
+    workflow["5"]["inputs"].update(width=width, height=height, batch_size=n)
+    workflow["3"]["inputs"].update(steps=steps, seed=seed)
+    return workflow
+
+
+def txt2img(prompt: str, seed: int = 5, size: int = 64, steps: int = 3, **sampler: Any) -> dict:
+    """ComfyUI's default graph (its "Load Default" workflow), API format."""
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sdxl.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": seed,
+                "steps": steps,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+                "model": ["4", 0],
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": ["5", 0],
+                **sampler,
+            },
+        },
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+    }
+
+
+def img2img(prompt: str, upload: str, denoise: float = 0.6) -> dict:
+    """ComfyUI's img2img example: LoadImage -> VAEEncode -> KSampler."""
+    workflow = txt2img(prompt, denoise=denoise, latent_image=["10", 0])
+    del workflow["5"]
+    workflow["11"] = {"class_type": "LoadImage", "inputs": {"image": upload, "upload": "image"}}
+    workflow["10"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["4", 2]}}
+    return workflow
+
+
+def inpaint(prompt: str, upload: str) -> dict:
+    """ComfyUI's inpainting example: the mask is the upload's transparent area."""
+    workflow = txt2img(prompt, latent_image=["10", 0])
+    del workflow["5"]
+    workflow["11"] = {"class_type": "LoadImage", "inputs": {"image": upload}}
+    workflow["10"] = {
+        "class_type": "VAEEncodeForInpaint",
+        "inputs": {"pixels": ["11", 0], "vae": ["4", 2], "mask": ["11", 1], "grow_mask_by": 6},
+    }
+    return workflow
+
+
+def hires_fix(prompt: str, scale: float = 1.5, denoise: float = 0.5) -> dict:
+    """ComfyUI's hires-fix example: a second KSampler on the first one's latent, upscaled."""
+    workflow = txt2img(prompt)
+    workflow["10"] = {
+        "class_type": "LatentUpscaleBy",
+        "inputs": {"samples": ["3", 0], "upscale_method": "bilinear", "scale_by": scale},
+    }
+    workflow["11"] = {
+        "class_type": "KSampler",
+        "inputs": {**workflow["3"]["inputs"], "latent_image": ["10", 0], "denoise": denoise, "steps": 4},
+    }
+    workflow["8"]["inputs"]["samples"] = ["11", 0]
+    return workflow

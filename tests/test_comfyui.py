@@ -1,0 +1,238 @@
+"""The ComfyUI dialect, through the calls its clients make: SillyTavern's `comfy` source
+(`src/endpoints/stable-diffusion.js`: /object_info for its lists, /prompt, /history polled,
+/view), Open WebUI's ComfyUI engine (`backend/open_webui/utils/images/comfyui.py`: /ws, /prompt
+with its client id, /history/{id}, /view), and the real packages comfy-api-simplified (PyPI) and
+@saintno/comfyui-sdk (npm, tests/test_comfyui_sdk.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import uuid
+
+import httpx
+import pytest
+import websockets
+from comfy_api_simplified import ComfyApiWrapper, ComfyWorkflowWrapper
+from PIL import Image
+
+from tests.comfyui_workflows import hires_fix, img2img, inpaint, open_webui_workflow, sillytavern_body, txt2img
+from tests.conftest import pixels
+from tests.polling import poll
+
+
+@pytest.fixture(scope="module")
+def server(serve):
+    return serve("comfyui", {"SDXL_MODELS": "tiny-sdxl"})
+
+
+def size_of(data: bytes) -> tuple[int, int]:
+    return Image.open(io.BytesIO(data)).size
+
+
+def test_sillytaverns_lists_and_default_workflow_give_an_image(server):
+    """SillyTavern reads its lists from /object_info unguarded, then posts its default workflow
+    as text (no JSON Content-Type), polls /history every 100 ms and fetches the first image."""
+    assert httpx.get(f"{server.url}/system_stats", timeout=60).status_code == 200  # its "ping"
+    info = httpx.get(f"{server.url}/object_info", timeout=60).json()
+    samplers, schedulers = info["KSampler"]["input"]["required"]["sampler_name"][0], None
+    schedulers = info["KSampler"]["input"]["required"]["scheduler"][0]
+    models = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert "euler" in samplers and "normal" in schedulers and "tiny-sdxl.safetensors" in models
+    assert info["VAELoader"]["input"]["required"]["vae_name"][0] == []  # read unguarded: present, empty
+    assert info["UNETLoader"]["input"]["required"]["unet_name"][0] == []
+    settings = {"model": "tiny-sdxl.safetensors", "sampler": "euler", "scheduler": "normal", "steps": 3}
+    settings |= {"scale": 7, "width": 64, "height": 96}
+    body = sillytavern_body("a lighthouse", "blurry", 2**52 + 5, settings)  # (its seeds reach 2**53)
+    queued = httpx.post(f"{server.url}/prompt", content=body, headers={"Content-Type": "text/plain"}, timeout=300)
+    assert queued.status_code == 200, queued.text
+    prompt_id = queued.json()["prompt_id"]
+    item = poll(lambda: httpx.get(f"{server.url}/history", timeout=60).json().get(prompt_id), every=0.1)
+    assert item["status"]["status_str"] == "success" and item["status"]["completed"]
+    first = [image for output in item["outputs"].values() for image in output["images"]][0]
+    view = httpx.get(
+        f"{server.url}/view?filename={first['filename']}&subfolder={first['subfolder']}&type={first['type']}",
+        timeout=60,
+    )
+    assert view.status_code == 200 and size_of(view.content) == (64, 96)
+
+
+def test_open_webuis_default_workflow_over_its_socket_and_history(server):
+    """Open WebUI: a socket with its client id, /prompt with the same id, wait for `executing`
+    with no node for its prompt, then /history/{id} and /view; with Bearer and an empty key
+    (it sends one when none is set)."""
+    headers = {"Authorization": "Bearer"}  # ("Bearer " with its empty key: HTTP parsing drops the space)
+    client_id = str(uuid.uuid4())
+    workflow = open_webui_workflow("tiny-sdxl.safetensors", "a red boat", 64, 64, 2, 3, 11)
+
+    async def run() -> tuple[str, list[dict]]:
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/ws?clientId={client_id}") as socket:
+            queued = httpx.post(
+                f"{server.url}/prompt", json={"prompt": workflow, "client_id": client_id}, headers=headers, timeout=300
+            )
+            assert queued.status_code == 200, queued.text
+            prompt_id, seen = queued.json()["prompt_id"], []
+            while True:
+                message = await asyncio.wait_for(socket.recv(), 300)
+                if isinstance(message, str):
+                    event = json.loads(message)
+                    seen.append(event)
+                    data = event["data"]
+                    if event["type"] == "executing" and data["node"] is None and data["prompt_id"] == prompt_id:
+                        return prompt_id, seen
+
+    prompt_id, seen = asyncio.run(run())
+    kinds = [event["type"] for event in seen]
+    assert kinds[0] == "status" and seen[0]["data"]["sid"] == client_id
+    for kind in ("execution_start", "execution_cached", "progress", "executed", "execution_success"):
+        assert kind in kinds, kinds
+    assert kinds.index("execution_start") < kinds.index("progress") < kinds.index("executed")
+    progress = [event["data"] for event in seen if event["type"] == "progress"]
+    assert progress[-1]["max"] == 3 and progress[-1]["node"] == "3"
+    history = httpx.get(f"{server.url}/history/{prompt_id}", headers=headers, timeout=60).json()
+    images = history[prompt_id]["outputs"]["9"]["images"]
+    assert len(images) == 2
+    for image in images:
+        view = httpx.get(f"{server.url}/view", params=image, headers=headers, timeout=60)
+        assert size_of(view.content) == (64, 64)
+
+
+def test_a_workflow_and_the_same_native_request_give_the_same_pixels(server):
+    """euler with ComfyUI's "normal" schedule is the scheduler `euler_simple` here."""
+    api = ComfyApiWrapper(server.url)
+    images = api.queue_and_wait_images(titled(txt2img("a lighthouse", seed=21)), "Save Image")
+    native = httpx.post(
+        f"{server.url}/v1/txt2img",
+        json={
+            "prompt": "a lighthouse",
+            "negative_prompt": "blurry",
+            "seed": 21,
+            "width": 64,
+            "height": 64,
+            "steps": 3,
+            "guidance_scale": 7.0,
+            "scheduler": "euler_simple",
+            "clip_skip": 2,
+        },
+        timeout=300,
+    ).json()
+    assert pixels(next(iter(images.values()))) == pixels(base64.b64decode(native["images"][0]["b64_json"]))
+
+
+def titled(workflow: dict) -> ComfyWorkflowWrapper:
+    """A workflow as comfy-api-simplified takes it: each node with its `_meta` title, as
+    ComfyUI's "Export (API)" writes them (the wrapper finds the output node by its title)."""
+    for node in workflow.values():
+        node["_meta"] = {"title": {"SaveImage": "Save Image"}.get(node["class_type"], node["class_type"])}
+    return ComfyWorkflowWrapper(workflow)
+
+
+def test_comfy_api_simplified_runs_img2img_inpainting_and_the_hires_fix(server, tmp_path):
+    api = ComfyApiWrapper(server.url)
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (96, 64), (200, 120, 40)).save(picture)
+    uploaded = api.upload_image(picture)
+    assert uploaded["type"] == "input" and uploaded["name"] != "in.png"  # (the server names it)
+    made = api.queue_and_wait_images(titled(img2img("an oil painting", uploaded["name"])), "Save Image")
+    assert [size_of(data) for data in made.values()] == [(96, 64)]
+
+    holed = Image.new("RGBA", (64, 64), (30, 120, 200, 255))
+    holed.paste((0, 0, 0, 0), (16, 16, 48, 48))  # transparent: what ComfyUI's LoadImage masks
+    hole = tmp_path / "hole.png"
+    holed.save(hole)
+    with_hole = api.upload_image(hole)["name"]
+    made = api.queue_and_wait_images(titled(inpaint("a window", with_hole)), "Save Image")
+    result = Image.open(io.BytesIO(next(iter(made.values())))).convert("RGB")
+    assert result.size == (64, 64) and result.getpixel((2, 2)) == (30, 120, 200)  # outside the mask: kept
+
+    made = api.queue_and_wait_images(titled(hires_fix("a castle", scale=1.5)), "Save Image")
+    assert [size_of(data) for data in made.values()] == [(96, 96)]
+
+
+def test_the_interrupt_stops_a_parked_prompt_and_its_socket_says_so(server):
+    api = ComfyApiWrapper(server.url)
+    with server.parked():
+        prompt_id = api.queue_prompt(txt2img("park here", steps=6), "watcher")["prompt_id"]
+        poll(lambda: api.get_queue()["queue_running"], lambda running: running and running[0][1] == prompt_id)
+        api.interrupt()
+        history = poll(lambda: api.get_history(prompt_id), lambda entry: prompt_id in entry)
+    status = history[prompt_id]["status"]
+    assert status["status_str"] == "error" and not status["completed"]
+    assert "execution_interrupted" in [message[0] for message in status["messages"]]
+    assert httpx.get(f"{server.url}/v1/jobs/{prompt_id}", timeout=60).json()["status"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("change", "node", "error_type", "words"),
+    [
+        (
+            lambda w: w.update({"12": {"class_type": "FluxGuidance", "inputs": {}}}),
+            None,
+            "missing_node_type",
+            "FluxGuidance",
+        ),
+        (lambda w: w["3"]["inputs"].update(cfg_scale=5), "3", "unknown_input", "cfg_scale"),
+        (lambda w: w["8"]["inputs"].update(samples=["30", 0]), "8", "missing_link", "'30'"),
+        (lambda w: w["6"]["inputs"].update(clip=["8", 0]), "6", "return_type_mismatch", "IMAGE"),
+        (
+            lambda w: (
+                w["3"]["inputs"].update(latent_image=["10", 0])
+                or w.update(
+                    {
+                        "10": {
+                            "class_type": "LatentUpscaleBy",
+                            "inputs": {"samples": ["3", 0], "upscale_method": "bilinear", "scale_by": 2},
+                        }
+                    }
+                )
+            ),
+            "10",
+            "dependency_cycle",
+            "cycle",
+        ),
+        (lambda w: w["3"]["inputs"].update(steps=0), "3", "value_smaller_than_min", "steps"),
+        (lambda w: w["4"]["inputs"].update(ckpt_name="flux1-dev.safetensors"), "4", "value_not_in_list", "flux1-dev"),
+        (
+            lambda w: w["3"]["inputs"].update(scheduler="karras", sampler_name="ddim"),
+            "3",
+            "not_runnable_here",
+            "ddim_uniform",
+        ),
+        (lambda w: w["6"]["inputs"].update(text="(a lighthouse:1.3)"), "6", "not_runnable_here", "weights"),
+        (lambda w: w["5"]["inputs"].update(width=60), "5", "value_not_valid_here", "width"),
+        (lambda w: w["3"]["inputs"].pop("negative"), "3", "required_input_missing", "negative"),
+    ],
+)
+def test_a_workflow_that_cannot_run_gets_comfyuis_400_naming_the_node_and_input(
+    server, change, node, error_type, words
+):
+    workflow = txt2img("a lighthouse")
+    change(workflow)
+    refused = httpx.post(f"{server.url}/api/prompt", json={"prompt": workflow}, timeout=60)
+    assert refused.status_code == 400, refused.text
+    body = refused.json()
+    if node is None:
+        assert body["error"]["type"] == error_type and words in body["error"]["message"]
+        return
+    (error,) = body["node_errors"][node]["errors"]
+    assert error["type"] == error_type and words in error["message"] + json.dumps(error["extra_info"]), error
+
+
+def test_listings_clients_read(server):
+    for prefix in ("", "/api"):
+        models = httpx.get(f"{server.url}{prefix}/models/checkpoints", timeout=60).json()
+        assert "tiny-sdxl.safetensors" in models
+    assert httpx.get(f"{server.url}/models/nothing", timeout=60).status_code == 404
+    assert httpx.get(f"{server.url}/object_info/KSampler", timeout=60).json()["KSampler"]["output"] == ["LATENT"]
+    assert httpx.get(f"{server.url}/object_info/FluxGuidance", timeout=60).json() == {}
+    assert isinstance(httpx.get(f"{server.url}/embeddings", timeout=60).json(), list)
+    stats = httpx.get(f"{server.url}/system_stats", timeout=60).json()
+    assert stats["system"]["os"] in ("posix", "nt") and stats["devices"][0]["type"] == "cpu"
+    assert httpx.get(f"{server.url}/history/{'0' * 32}", timeout=60).json() == {}
+    assert (
+        httpx.post(f"{server.url}/upload/image", files={"image": ("x.eps", b"%!PS-Adobe", "image/eps")}).status_code
+        == 400
+    )
+    assert httpx.get(f"{server.url}/prompt", timeout=60).json() == {"exec_info": {"queue_remaining": 0}}
