@@ -19,7 +19,7 @@ from comfy_api_simplified import ComfyApiWrapper, ComfyWorkflowWrapper
 from PIL import Image
 
 from tests.comfyui_workflows import hires_fix, img2img, inpaint, open_webui_workflow, sillytavern_body, txt2img
-from tests.conftest import pixels
+from tests.conftest import GUARD_KEYS, pixels
 from tests.polling import poll
 
 
@@ -236,3 +236,41 @@ def test_listings_clients_read(server):
         == 400
     )
     assert httpx.get(f"{server.url}/prompt", timeout=60).json() == {"exec_info": {"queue_remaining": 0}}
+
+
+def test_with_api_keys_the_socket_takes_the_key_as_a_header_or_token_and_checks_the_origin(guarded):
+    """A WebSocket is not covered by CORS: the edge checks its origin and key itself. A browser
+    cannot send headers on a socket, so `?token=` carries the key there."""
+    key, other = GUARD_KEYS[0], GUARD_KEYS[1]
+    base = f"ws://127.0.0.1:{guarded.port}/ws?clientId=c1"
+
+    async def opens(url: str, **options) -> bool:
+        try:
+            async with websockets.connect(url, **options) as socket:
+                return json.loads(await asyncio.wait_for(socket.recv(), 60))["type"] == "status"
+        except websockets.exceptions.InvalidStatus:
+            return False
+
+    async def check() -> None:
+        assert not await opens(base)
+        assert not await opens(f"{base}&token=wrong")
+        assert await opens(f"{base}&token={key}")
+        assert await opens(base, additional_headers={"Authorization": f"Bearer {key}"})
+        assert not await opens(f"{base}&token={key}", origin="http://evil.example")
+        assert await opens(f"{base}&token={key}", origin="http://gallery.local")  # (SDXL_CORS_ORIGINS)
+
+    asyncio.run(check())
+    basic = httpx.BasicAuth("comfy", key)  # (comfy-api-simplified's user and password)
+    queued = httpx.post(
+        f"{guarded.url}/prompt", json={"prompt": txt2img("a key's lighthouse")}, auth=basic, timeout=300
+    )
+    assert queued.status_code == 200, queued.text
+    prompt_id = queued.json()["prompt_id"]
+    entry = poll(lambda: httpx.get(f"{guarded.url}/history/{prompt_id}", auth=basic, timeout=60).json(), every=0.2)
+    image = entry[prompt_id]["outputs"]["9"]["images"][0]
+    assert httpx.get(f"{guarded.url}/view", params=image, auth=basic, timeout=60).status_code == 200
+    others = httpx.BasicAuth("comfy", other)
+    assert httpx.get(f"{guarded.url}/history/{prompt_id}", auth=others, timeout=60).json() == {}
+    assert prompt_id not in httpx.get(f"{guarded.url}/history", auth=others, timeout=60).json()
+    assert httpx.get(f"{guarded.url}/view", params=image, auth=others, timeout=60).status_code == 404
+    assert httpx.get(f"{guarded.url}/history", timeout=60).status_code == 401

@@ -635,3 +635,35 @@ def test_a_job_record_broken_in_redis_is_left_out_and_the_listing_answers_and_ta
         assert done.status == "succeeded" and store.hlen("sdxl:jobs:running") == 0
     finally:
         queue.close()
+
+
+def test_a_comfyui_prompt_queued_on_one_replica_is_followed_read_and_viewed_on_the_other(replicas):
+    """ComfyUI's socket, history and /view work from any replica: the prompt's record is in
+    Redis with its job; a socket on the other replica finds it within a second."""
+    import asyncio
+
+    import websockets
+
+    from tests.comfyui_workflows import txt2img
+
+    a, b = replicas
+
+    async def follow() -> tuple[str, list[str]]:
+        async with websockets.connect(f"ws://127.0.0.1:{b.port}/ws?clientId=fleet-client") as socket:
+            queued = httpx.post(
+                f"{a.url}/prompt", json={"prompt": txt2img("a fleet"), "client_id": "fleet-client"}, timeout=300
+            )
+            assert queued.status_code == 200, queued.text
+            prompt_id, kinds = queued.json()["prompt_id"], []
+            while True:
+                event = json.loads(await asyncio.wait_for(socket.recv(), 300))
+                kinds.append(event["type"])
+                if event["type"] == "executing" and event["data"]["node"] is None:
+                    assert event["data"]["prompt_id"] == prompt_id
+                    return prompt_id, kinds
+
+    prompt_id, kinds = asyncio.run(follow())
+    assert {"execution_start", "executed", "execution_success"} <= set(kinds)
+    entry = httpx.get(f"{b.url}/history/{prompt_id}", timeout=60).json()[prompt_id]
+    image = entry["outputs"]["9"]["images"][0]
+    assert httpx.get(f"{b.url}/view", params=image, timeout=60).headers["content-type"] == "image/png"
