@@ -100,25 +100,28 @@ def test_open_webuis_default_workflow_over_its_socket_and_history(server):
 
 
 def test_a_workflow_and_the_same_native_request_give_the_same_pixels(server):
-    """euler with ComfyUI's "normal" schedule is the scheduler `euler_simple` here."""
+    """euler with ComfyUI's "normal" schedule is the scheduler `euler_simple` here; the prompts
+    are read by ComfyUI's rule, which a native request asks for with `prompt_style`."""
     api = ComfyApiWrapper(server.url)
-    images = api.queue_and_wait_images(titled(txt2img("a lighthouse", seed=21)), "Save Image")
-    native = httpx.post(
-        f"{server.url}/v1/txt2img",
-        json={
-            "prompt": "a lighthouse",
-            "negative_prompt": "blurry",
-            "seed": 21,
-            "width": 64,
-            "height": 64,
-            "steps": 3,
-            "guidance_scale": 7.0,
-            "scheduler": "euler_simple",
-            "clip_skip": 2,
-        },
-        timeout=300,
-    ).json()
-    assert pixels(next(iter(images.values()))) == pixels(base64.b64decode(native["images"][0]["b64_json"]))
+    for prompt in ("a lighthouse", "a (lighthouse:1.3) [at] ((dusk))"):
+        images = api.queue_and_wait_images(titled(txt2img(prompt, seed=21)), "Save Image")
+        native = httpx.post(
+            f"{server.url}/v1/txt2img",
+            json={
+                "prompt": prompt,
+                "negative_prompt": "blurry",
+                "seed": 21,
+                "width": 64,
+                "height": 64,
+                "steps": 3,
+                "guidance_scale": 7.0,
+                "scheduler": "euler_simple",
+                "clip_skip": 2,
+                "prompt_style": "comfyui",
+            },
+            timeout=300,
+        ).json()
+        assert pixels(next(iter(images.values()))) == pixels(base64.b64decode(native["images"][0]["b64_json"]))
 
 
 def titled(workflow: dict) -> ComfyWorkflowWrapper:
@@ -200,7 +203,7 @@ def test_the_interrupt_stops_a_parked_prompt_and_its_socket_says_so(server):
             "not_runnable_here",
             "ddim_uniform",
         ),
-        (lambda w: w["6"]["inputs"].update(text="(a lighthouse:1.3)"), "6", "not_runnable_here", "weights"),
+        (lambda w: w["6"]["inputs"].update(text="(a lighthouse:20)"), "6", "value_not_valid_here", "weight"),
         (lambda w: w["5"]["inputs"].update(width=60), "5", "value_not_valid_here", "width"),
         (lambda w: w["3"]["inputs"].pop("negative"), "3", "required_input_missing", "negative"),
     ],

@@ -237,3 +237,32 @@ def test_a_scheduled_prompt_runs_alone_and_not_with_a_second_pass(engine):
     with pytest.raises(InvalidRequest, match="do not run with hires_fix") as refused:
         engine.prepare(GenerationRequest(prompt="[red|blue]", hires_fix={"scale": 1.5}))
     assert refused.value.param == "prompt"
+
+
+def test_comfyuis_rule_moves_a_weighted_token_from_the_empty_prompts_state(engine):
+    """ComfyUI's CLIPTextEncode: z = (z - z_empty) x w + z_empty for each weighted token, z_empty the
+    empty prompt's states at the same layer, no mean restored; weights of 1 are the plain text."""
+    from backends.sdxl_backend.prompt_encoder import text_encoders
+    from backends.sdxl_backend.prompts import close_chunk
+
+    def embeds(prompt: str, style: str) -> torch.Tensor:
+        prepared = engine.prepare(GenerationRequest(prompt=prompt, prompt_style=style))
+        with engine.models.use("tiny-sdxl", "high", 0) as (pipelines, _):
+            return conditioning(pipelines.txt2img, [prepared.prompts], EncodedPrompts())["prompt_embeds"][0]
+
+    plain = embeds("fox hat", "comfyui")
+    assert torch.equal(embeds("(fox hat:1.0)", "comfyui"), plain)
+    weighted = embeds("(fox:1.5) hat", "comfyui")
+    with engine.models.use("tiny-sdxl", "high", 0) as (pipelines, _), torch.no_grad():
+        empty = torch.cat(
+            [
+                encoder(torch.tensor([close_chunk([], tokenizer).ids]), output_hidden_states=True).hidden_states[-2][0]
+                for encoder, tokenizer, _ in text_encoders(pipelines.txt2img)
+            ],
+            dim=-1,
+        )
+    fox = slice(1, 4)  # (the tiny tokenizer: a token per letter, after the start token)
+    assert torch.allclose(weighted[fox], (plain[fox] - empty[fox]) * 1.5 + empty[fox], atol=1e-6)
+    assert torch.equal(weighted[4:], plain[4:])  # the other tokens as they were: no mean restored
+    assert not torch.equal(embeds("(fox:1.5) hat", "a1111"), weighted)  # A1111's rule is another
+    assert pixels(image(engine, "(fox:1.5) hat", prompt_style="comfyui")) != pixels(image(engine, "(fox:1.5) hat"))

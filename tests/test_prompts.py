@@ -8,7 +8,14 @@ from __future__ import annotations
 import pytest
 
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.prompts import CHUNK_TOKENS, PromptReader, chunk_tokens, parse_attention
+from backends.sdxl_backend.prompts import (
+    CHUNK_TOKENS,
+    MAX_NESTING,
+    PromptReader,
+    chunk_tokens,
+    parse_attention,
+    parse_comfyui,
+)
 from models.tiny import make_tokenizer
 
 A1111_PARSES = [
@@ -47,6 +54,53 @@ def test_parse_matches_a1111(prompt, pieces):
     parsed = parse_attention(prompt)
     assert [text for text, _ in parsed] == [text for text, _ in pieces]
     assert [weight for _, weight in parsed] == pytest.approx([weight for _, weight in pieces])
+
+
+# ComfyUI's CLIPTextEncode (comfy/sd1_clip.py's token_weights): an explicit weight replaces the
+# brackets' 1.1s instead of multiplying them; square brackets and BREAK are text.
+COMFYUI_PARSES = [
+    ("(a fox:1.0)", [("a fox", 1.0)]),
+    ("((fox))", [("fox", 1.2100000000000002)]),
+    ("((fox:1.5))", [("fox", 1.5)]),
+    ("(a (fox:0.5) hat)", [("a ", 1.1), ("fox", 0.5), (" hat", 1.1)]),
+    ("[fox] BREAK a hat", [("[fox] BREAK a hat", 1.0)]),
+    ("\\(a fox\\)", [("(a fox)", 1.0)]),
+    ("(a:b)", [("a:b", 1.1)]),
+    ("(unbalanced", [("(unbalanced", 1.0)]),
+    (")x (y)", [(")x (y)", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+]
+
+
+@pytest.mark.parametrize(("prompt", "pieces"), COMFYUI_PARSES)
+def test_parse_matches_comfyui(prompt, pieces):
+    parsed = parse_comfyui(prompt)
+    assert [text for text, _ in parsed] == [text for text, _ in pieces]
+    assert [weight for _, weight in parsed] == pytest.approx([weight for _, weight in pieces])
+
+
+def test_comfyuis_chunks_take_whole_words_and_cut_only_long_ones():
+    """74 one-token words, then a 3-token word: it moves whole to the next chunk (A1111 would
+    cut it); a word of 8 tokens or more is cut at the chunk's end."""
+    reader = PromptReader(lambda: [make_tokenizer()])
+    short = reader.read(" ".join(["a"] * 74) + " abc", style="comfyui").chunks[0]
+    assert [content(chunk) for chunk in short] == [74, 3] and short[0].rule == "comfyui"
+    long = reader.read(" ".join(["a"] * 74) + " abcdefghij", style="comfyui").chunks[0]
+    assert [content(chunk) for chunk in long] == [75, 9]
+    a1111 = reader.read(" ".join(["a"] * 74) + " abc").chunks[0]
+    assert [content(chunk) for chunk in a1111] == [75, 2] and a1111[0].rule == "a1111"
+    weighted = reader.read("(ab:1.5) c", style="comfyui").chunks[0][0]
+    assert weighted.weights[1:5] == (1.5, 1.5, 1.0, 1.0) and weighted.weighted  # (the space is no token)
+
+
+def test_brackets_nested_past_the_bound_are_a_400_not_a_crash():
+    reader = PromptReader(lambda: [make_tokenizer()])
+    deep = "(" * (MAX_NESTING + 1) + "a" + ")" * (MAX_NESTING + 1)
+    with pytest.raises(InvalidRequest) as refused:
+        reader.read(deep, "prompt", style="comfyui")
+    assert refused.value.param == "prompt" and "nested" in refused.value.message
+    with pytest.raises(InvalidRequest, match="not a weight"):
+        reader.read("(a:1e9)", "prompt", style="comfyui")
 
 
 def tokens(count: int, comma_at: int | None = None) -> list[tuple[int, float]]:

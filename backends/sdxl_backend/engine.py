@@ -93,7 +93,9 @@ class Engine:
         """The request's prompts as `source`'s tokenizers cut them (raises `InvalidRequest` for
         syntax the server does not run, and for a prompt of more chunks than the limit: every
         chunk is encoded, and attended to at every step)."""
-        read = self.prompt_reader(source).read_scheduled(request.prompt, request.negative_prompt, request.steps)
+        read = self.prompt_reader(source).read_scheduled(
+            request.prompt, request.negative_prompt, request.steps, request.prompt_style
+        )
         for entry in [read, *(scheduled for _, scheduled in read.schedule)]:
             for field, prompt in (("prompt", entry.prompt), ("negative_prompt", entry.negative)):
                 if prompt.own_chunks > self.limits.max_prompt_chunks:

@@ -6,9 +6,10 @@ Every task hands the pipelines embeddings made here, never a prompt string:
    OpenCLIP-G; a refiner has the second only), all chunks of a call in one batch;
 2. the hidden states of the layer `clip_skip` names are kept, counted from the last (2, the
    penultimate, is what SDXL was trained on; Forge's and diffusers' reading: both encoders
-   alike, no final layer norm), weighted by A1111's rule: each token's state times its
-   weight, then the chunk rescaled to its unweighted mean (a chunk whose weights are all 1.0
-   is left exactly as encoded);
+   alike, no final layer norm), weighted by the chunk's rule: A1111's, each token's state
+   times its weight, then the chunk rescaled to its unweighted mean; or ComfyUI's, each
+   token's state moved from the empty prompt's by its weight, (z - z_empty) x w + z_empty (a
+   chunk whose weights are all 1.0 is left exactly as encoded either way);
 3. a prompt's chunks are joined along the sequence (77 tokens each), the encoders' states
    side by side (768 + 1280 = 2048 per token);
 4. the pooled embedding is OpenCLIP-G's, of the first chunk (its projected state at the first
@@ -33,7 +34,7 @@ import torch
 
 from .device_thread import TORCH_WORK
 from .embeddings import EmbeddingSet
-from .prompts import ReadPrompt, ReadPrompts
+from .prompts import ReadPrompt, ReadPrompts, close_chunk
 
 
 def text_encoders(pipeline) -> list[tuple[Any, Any, str]]:
@@ -99,10 +100,20 @@ def encode(pipeline, prompts: list[ReadPrompt], clip_skip: int = 2) -> tuple[tor
         ids = torch.tensor([chunk.ids for chunk in chunks], device=device)
         output = encoder(ids, output_hidden_states=True)
         states = output.hidden_states[-clip_skip]
+        empty = None  # the empty prompt's states at the same layer, for ComfyUI's rule
         for row, chunk in enumerate(chunks):
-            if chunk.weighted:  # A1111's emphasis: weigh each token, then keep the chunk's mean
+            if not chunk.weighted:
+                continue
+            weights = torch.tensor(chunk.weights, device=device, dtype=states.dtype)[:, None]
+            if chunk.rule == "comfyui":  # ComfyUI's: each token moved from the empty prompt's state
+                if empty is None:
+                    empty_ids = torch.tensor([close_chunk([], tokenizer).ids], device=device)
+                    empty = encoder(empty_ids, output_hidden_states=True).hidden_states[-clip_skip][0]
+                moved = (states[row] - empty) * weights + empty
+                states[row] = torch.where(weights != 1.0, moved, states[row])  # (only where weighted: exact)
+            else:  # A1111's emphasis: weigh each token, then keep the chunk's mean
                 before = states[row].mean()
-                states[row] *= torch.tensor(chunk.weights, device=device, dtype=states.dtype)[:, None]
+                states[row] *= weights
                 states[row] *= before / states[row].mean()
         count = len(chunks) // len(prompts)
         per_encoder.append(states.reshape(len(prompts), count * states.shape[1], states.shape[2]))

@@ -5,7 +5,7 @@ chunk counts are known before it is queued (a batch only takes requests of one c
 and a prompt that uses syntax the server does not run is refused at once. The device thread's
 `prompt_encoder.py` turns the chunks into embeddings.
 
-The rules are AUTOMATIC1111's (ComfyUI reads the same brackets the same way):
+Two rules, the request's `prompt_style` picking one. AUTOMATIC1111's (the default):
 
 - `(text)` weighs 1.1, `((text))` 1.21, `[text]` 1/1.1, `(text:1.3)` 1.3; `\\(` `\\)` `\\[`
   `\\]` are literal brackets; a bracket left open weighs to the end of the prompt, a stray
@@ -17,6 +17,18 @@ The rules are AUTOMATIC1111's (ComfyUI reads the same brackets the same way):
   between steps) are refused by name rather than read as text;
 - a served textual-inversion embedding named in a prompt (its id, or `embedding:id`) stands
   for its vectors, which a chunk never splits (embeddings.py).
+
+ComfyUI's (`comfyui`, what its CLIPTextEncode does; the ComfyUI dialect asks for it):
+
+- `(text)` weighs 1.1 times the weight around it and `(text:1.3)` weighs 1.3 outright (an
+  explicit weight replaces, `((a:1.5))` is 1.5); `\\(` `\\)` are literal; `[text]` and `BREAK`
+  are plain text, and there is no prompt editing;
+- the text is split into words at spaces; chunks of 75 tokens take whole words, and only a word
+  of 8 tokens or more is cut at a chunk's end (no comma rule);
+- `embedding:id` stands for a served embedding's vectors (a bare id is a word; an unknown
+  `embedding:` word is dropped, as ComfyUI drops it);
+- a weight moves its token from the empty prompt's encoding rather than scaling it, with no
+  mean restored (prompt_encoder.py; each chunk carries its rule).
 
 With `SDXL_PROMPT_SYNTAX=plain` nothing is parsed (brackets are text); the chunks stay.
 """
@@ -36,6 +48,7 @@ from .errors import InvalidRequest
 from .prompt_schedules import schedule, text_at
 
 PromptSyntax = Literal["a1111", "plain"]
+PromptStyle = Literal["a1111", "comfyui"]  # whose rule reads a request's brackets and weights
 Token = int | tuple[int, ...] | None  # an id, an embedding's ids, or a BREAK
 CHUNK_TOKENS = 75  # tokens of a chunk between its start and end tokens
 COMMA_BACKTRACK = 20  # a full chunk is cut after a comma this close to its end
@@ -56,6 +69,9 @@ class BadWeight(ValueError):
 
 
 BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
+COMFYUI_LONG_WORD = 8  # ComfyUI cuts a word at a chunk's end only from this many tokens
+MAX_NESTING = 100  # brackets inside brackets: a bound on the reader's recursion
+COMFYUI_EMBEDDING = "embedding:"
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:
@@ -113,12 +129,66 @@ def parse_weight(text: str) -> float:
     return weight
 
 
+def parse_comfyui(text: str) -> list[tuple[str, float]]:
+    """The prompt as (text, weight) pieces by ComfyUI's rule (see the module's docstring)."""
+    escaped = text.replace("\\\\", "\x02").replace("\\(", "\x00").replace("\\)", "\x01")
+    depth = deepest = 0
+    for char in escaped:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        deepest = max(deepest, depth)
+    if deepest > MAX_NESTING:
+        raise BadWeight(f"brackets nested {deepest} deep (at most {MAX_NESTING})")
+
+    def unescape(piece: str) -> str:
+        return piece.replace("\x00", "(").replace("\x01", ")").replace("\x02", "\\")
+
+    return [(unescape(piece), weight) for piece, weight in _comfyui_weights(escaped, 1.0)]
+
+
+def _comfyui_groups(text: str) -> list[str]:
+    """The text cut at its outermost brackets: plain runs and "(...)" groups (a stray closing
+    bracket stays in the text around it, as ComfyUI leaves it)."""
+    groups, current, depth = [], "", 0
+    for char in text:
+        if char == "(" and depth == 0 and current:
+            groups.append(current)
+            current = ""
+        current += char
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == ")" and depth == 0:
+            groups.append(current)
+            current = ""
+    return [*groups, current] if current else groups
+
+
+def _comfyui_weights(text: str, weight: float) -> list[tuple[str, float]]:
+    pieces: list[tuple[str, float]] = []
+    for group in _comfyui_groups(text):
+        if not (len(group) >= 2 and group[0] == "(" and group[-1] == ")"):
+            pieces.append((group, weight))
+            continue
+        inner, inner_weight = group[1:-1], weight * UP
+        colon = inner.rfind(":")
+        if colon > 0:
+            try:
+                inner_weight = float(inner[colon + 1 :])
+                inner = inner[:colon]
+            except ValueError:
+                pass  # (not a number: the colon is text, the group weighs 1.1)
+            if not math.isfinite(inner_weight) or abs(inner_weight) > MAX_WEIGHT:
+                raise BadWeight(f"'{inner[colon + 1 :]}' is not a weight between {-MAX_WEIGHT:g} and {MAX_WEIGHT:g}")
+        pieces += _comfyui_weights(inner, inner_weight)
+    return pieces
+
+
 @dataclass(frozen=True)
 class Chunk:
-    """One encoder input: start + 75 tokens + end, padded; each token's weight."""
+    """One encoder input: start + 75 tokens + end, padded; each token's weight, and whose rule
+    applies the weights (A1111's scale and mean restore, or ComfyUI's move from the empty prompt)."""
 
     ids: tuple[int, ...]
     weights: tuple[float, ...]
+    rule: PromptStyle = "a1111"
 
     @property
     def weighted(self) -> bool:
@@ -174,20 +244,40 @@ class PromptReader:
                 self._tokenizers = self._load()
             return self._tokenizers
 
-    def read(self, text: str, field: str = "prompt") -> ReadPrompt:
-        if self.syntax == "a1111":
-            try:
-                pieces = parse_attention(text)
-            except BadWeight as exc:
-                raise InvalidRequest(f"{field}: a weight {exc} (as in (word:1.3))", field) from None
-        else:
-            pieces = [(text, 1.0)]
+    def read(self, text: str, field: str = "prompt", style: PromptStyle = "a1111") -> ReadPrompt:
+        parse = parse_comfyui if style == "comfyui" else parse_attention
+        try:
+            pieces = parse(text) if self.syntax == "a1111" else [(text, 1.0)]
+        except BadWeight as exc:
+            raise InvalidRequest(f"{field}: a weight {exc} (as in (word:1.3))", field) from None
         tokenizers = self.tokenizers()
         with self._lock:
-            tokenized = [self._tokenize(tokenizer, pieces) for tokenizer in tokenizers]
-        chunks = tuple(chunk_tokens(tokens, tokenizer) for tokens, tokenizer in zip(tokenized, tokenizers))
+            if style == "comfyui":
+                words = [self._tokenize_words(tokenizer, pieces) for tokenizer in tokenizers]
+                tokenized = [[token for word in each for token in word] for each in words]
+            else:
+                tokenized = [self._tokenize(tokenizer, pieces) for tokenizer in tokenizers]
+        if style == "comfyui":
+            chunks = tuple(chunk_words(each, tokenizer) for each, tokenizer in zip(words, tokenizers))
+        else:
+            chunks = tuple(chunk_tokens(tokens, tokenizer) for tokens, tokenizer in zip(tokenized, tokenizers))
         tokens = sum(len(token) if isinstance(token, tuple) else 1 for token, _ in tokenized[0] if token is not None)
         return ReadPrompt(text, chunks, tokens, len(chunks[0]))
+
+    def _tokenize_words(self, tokenizer, pieces: list[tuple[str, float]]) -> list[list[tuple[Token, float]]]:
+        """ComfyUI's tokens: each word (split at spaces) tokenized apart, an `embedding:id` word
+        its embedding's ids (one token of them: it moves whole, like a word)."""
+        embeddings = self.embeddings.embeddings if self.embeddings else {}
+        words: list[list[tuple[Token, float]]] = []
+        for text, weight in pieces:
+            for word in text.replace("\n", " ").split(" "):
+                if word.startswith(COMFYUI_EMBEDDING):
+                    name = word.removeprefix(COMFYUI_EMBEDDING)
+                    if name in embeddings and self.embeddings is not None:
+                        words.append([(self.embeddings.token_ids(name, len(tokenizer)), weight)])
+                elif word:
+                    words.append([(token, weight) for token in tokenizer(word, add_special_tokens=False).input_ids])
+        return words
 
     def _tokenize(self, tokenizer, pieces: list[tuple[str, float]]) -> list[tuple[Token, float]]:
         """(token, weight) for each token: an id, or an embedding's ids (kept together); (None,
@@ -206,18 +296,18 @@ class PromptReader:
                     tokens += [(token, weight) for token in tokenizer(part, add_special_tokens=False).input_ids]
         return tokens
 
-    def read_pair(self, prompt: str, negative: str) -> ReadPrompts:
+    def read_pair(self, prompt: str, negative: str, style: PromptStyle = "a1111") -> ReadPrompts:
         """Both prompts of a request, the shorter padded with empty chunks to the longer."""
-        read, negative_read = self.read(prompt, "prompt"), self.read(negative, "negative_prompt")
+        read, negative_read = self.read(prompt, "prompt", style), self.read(negative, "negative_prompt", style)
         count = max(read.chunk_count, negative_read.chunk_count)
         return ReadPrompts(self.pad(read, count), self.pad(negative_read, count))
 
-    def read_scheduled(self, prompt: str, negative: str, steps: int) -> ReadPrompts:
+    def read_scheduled(self, prompt: str, negative: str, steps: int, style: PromptStyle = "a1111") -> ReadPrompts:
         """Both prompts over `steps` steps: with prompt editing or alternation in either, each
         run of steps read apart, every entry padded to the longest (the conditioning swapped
-        between steps keeps its shape)."""
-        if self.syntax != "a1111":
-            return self.read_pair(prompt, negative)
+        between steps keeps its shape). ComfyUI's rule has no prompt editing."""
+        if self.syntax != "a1111" or style == "comfyui":
+            return self.read_pair(prompt, negative, style)
         prompts, negatives = schedule(prompt, steps), schedule(negative, steps)
         if len(prompts) == len(negatives) == 1:  # (the same for every step: "[a:b:1.0]" is "a")
             return self.read_pair(prompts[0][1], negatives[0][1])
@@ -243,6 +333,13 @@ class PromptReader:
         return ReadPrompt(prompt.text, chunks, prompt.tokens, prompt.own_chunks)
 
 
+def close_chunk(kept: list[tuple[int, float]], tokenizer, rule: PromptStyle = "a1111") -> Chunk:
+    """A chunk's tokens as the encoder reads them: start, the tokens, end, padding to 77."""
+    padding = CHUNK_TOKENS - len(kept)
+    ids = (tokenizer.bos_token_id, *(t for t, _ in kept), tokenizer.eos_token_id, *(tokenizer.pad_token_id,) * padding)
+    return Chunk(ids, (1.0, *(w for _, w in kept), 1.0, *(1.0,) * padding), rule)
+
+
 def chunk_tokens(tokens: list[tuple[Token, float]], tokenizer) -> tuple[Chunk, ...]:
     """Chunks of at most 75 tokens: a BREAK ends one, a full one is cut after a late comma, an
     embedding that does not fit moves whole to the next; at least one chunk, even for none."""
@@ -252,14 +349,7 @@ def chunk_tokens(tokens: list[tuple[Token, float]], tokenizer) -> tuple[Chunk, .
     last_comma = -1
 
     def close(kept: list[tuple[int, float]]) -> None:
-        padding = CHUNK_TOKENS - len(kept)
-        ids = (
-            tokenizer.bos_token_id,
-            *(t for t, _ in kept),
-            tokenizer.eos_token_id,
-            *(tokenizer.pad_token_id,) * padding,
-        )
-        chunks.append(Chunk(ids, (1.0, *(w for _, w in kept), 1.0, *(1.0,) * padding)))
+        chunks.append(close_chunk(kept, tokenizer))
 
     for token, weight in tokens:
         if token is None:  # BREAK
@@ -285,6 +375,32 @@ def chunk_tokens(tokens: list[tuple[Token, float]], tokenizer) -> tuple[Chunk, .
         current.append((token, weight))
     if current or not chunks:
         close(current)
+    return tuple(chunks)
+
+
+def chunk_words(words: list[list[tuple[Token, float]]], tokenizer) -> tuple[Chunk, ...]:
+    """Chunks by ComfyUI's rule: whole words, a word that does not fit moving to the next chunk
+    unless it is 8 tokens or longer (then it is cut); at least one chunk, even for none."""
+    chunks: list[Chunk] = []
+    current: list[tuple[int, float]] = []
+    for word in words:
+        tokens = [
+            (vector, weight)
+            for token, weight in word
+            for vector in (token if isinstance(token, tuple) else (token,))
+            if vector is not None
+        ]
+        long_word = len(tokens) >= COMFYUI_LONG_WORD
+        while tokens:
+            room = CHUNK_TOKENS - len(current)
+            if len(tokens) <= room:
+                current, tokens = current + tokens, []
+                continue
+            if long_word:
+                current, tokens = current + tokens[:room], tokens[room:]
+            chunks.append(close_chunk(current, tokenizer, "comfyui"))
+            current = []
+    chunks.append(close_chunk(current, tokenizer, "comfyui"))
     return tuple(chunks)
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from .modes import MEMORY_MODES
+from .prompts import PromptStyle
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 VramMode = Literal[MEMORY_MODES]  # type: ignore[valid-type]
@@ -212,6 +213,11 @@ class TextToImageRequest(BaseModel):
         "(0: off; 0.7 for v-prediction models with zero-terminal SNR). Default: the model's.",
     )
     freeu: FreeU | None = Field(None, description="FreeU on the UNet's up path (off when absent).")
+    prompt_style: PromptStyle = Field(
+        "a1111",
+        description="Whose rule reads the prompts' brackets and weights: AUTOMATIC1111's, or ComfyUI's "
+        "((word:1.2) moves a token from the empty prompt's encoding; [] and BREAK are text; embedding:name).",
+    )
     output_format: OutputFormat = Field("png", description="Encoding of the images.")
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
     vram_mode: VramMode | None = Field(None, description="Memory mode of this request; default: the server's.")

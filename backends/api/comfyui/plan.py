@@ -33,9 +33,6 @@ from backends.api.comfyui.nodes import NODES, PAIRS
 from backends.sdxl_backend.protocol import MAX_LORAS, GenerationRequest, HiresFix, LoraWeight
 
 SEED_RANGE = 2**32  # the pipeline's seeds; ComfyUI's 64-bit ones are taken modulo this
-# A1111's prompt syntax, which the reader here would act on; ComfyUI reads these characters
-# by its own rule (weights from the empty prompt), which is not applied here yet.
-WEIGHT_SYNTAX = ("(", ")", "[", "]", "<", ">", "BREAK", "embedding:")
 
 
 @dataclass
@@ -128,13 +125,6 @@ class Planner:
         for side in ("positive", "negative"):
             encoder, _ = self.source(sampler, side, "CLIPTextEncode")
             text = value(encoder, "text")
-            if any(mark in text for mark in WEIGHT_SYNTAX):
-                raise self.refuse(
-                    encoder,
-                    "text",
-                    "ComfyUI's prompt weights and embeddings ((word:1.2), embedding:name) are not read here yet; "
-                    "plain text is",
-                )
             clip_checkpoint, clip_loras, clip_skip = self.clip_chain(encoder)
             if clip_checkpoint != checkpoint or clip_loras != loras:
                 raise self.refuse(encoder, "clip", "the CLIP must come from the sampler's model, with the same LoRAs")
@@ -144,6 +134,7 @@ class Planner:
         self.set("prompt", prompts["positive"][1], prompts["positive"][0], "text")
         self.set("negative_prompt", prompts["negative"][1], prompts["negative"][0], "text")
         self.values["clip_skip"] = prompts["positive"][2]
+        self.values["prompt_style"] = "comfyui"  # (CLIPTextEncode reads weights by ComfyUI's rule)
         self.values["loras"] = [LoraWeight(id=self.lora_id(name), weight=weight) for name, weight in loras]
 
     def model_chain(self, sampler: str) -> tuple[str, list[tuple[str, float]]]:

@@ -150,7 +150,7 @@ async def get_queue(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
 
 
 @router.post("/queue", responses=errors.responses(400, 401))
-async def manage_queue(request: Request, runtime: RuntimeDep) -> Response:
+async def manage_queue(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
     """`{"delete": [prompt ids]}` cancels those prompts; `{"clear": true}` every pending one of the caller."""
     body = await json_body(request)
     prompts = await callers_prompts(request, runtime)
@@ -158,11 +158,11 @@ async def manage_queue(request: Request, runtime: RuntimeDep) -> Response:
     for job, _ in prompts:
         if not job.status.final and (job.id in deleted or (body.get("clear") and job.status.value == "queued")):
             await runtime.cancel(job)
-    return Response(status_code=200)
+    return {}  # (ComfyUI answers an empty 200; its clients read the status alone)
 
 
 @router.post("/interrupt", responses=errors.responses(401))
-async def interrupt(request: Request, runtime: RuntimeDep) -> Response:
+async def interrupt(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
     """Stops the caller's running prompt (or the one `prompt_id` names) at its next step, without
     an image, as ComfyUI's interrupt does."""
     raw = await request.body()
@@ -174,7 +174,7 @@ async def interrupt(request: Request, runtime: RuntimeDep) -> Response:
         record = await anyio.to_thread.run_sync(runtime.comfyui_prompts.get, job.id)
         if named in (None, job.id) and record is not None:
             await runtime.cancel(job)
-    return Response(status_code=200)
+    return {}  # (ComfyUI answers an empty 200; its clients read the status alone)
 
 
 @router.get("/history", responses=errors.responses(401))
@@ -201,7 +201,7 @@ async def get_prompt_history(prompt_id: str, request: Request, runtime: RuntimeD
 
 
 @router.post("/history", responses=errors.responses(400, 401))
-async def manage_history(request: Request, runtime: RuntimeDep) -> Response:
+async def manage_history(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
     """`{"delete": [prompt ids]}` or `{"clear": true}`: those prompts leave the history (their
     jobs stay in /v1/jobs until they expire)."""
     body = await json_body(request)
@@ -209,7 +209,7 @@ async def manage_history(request: Request, runtime: RuntimeDep) -> Response:
     for job, _ in await callers_prompts(request, runtime):
         if job.status.final and (body.get("clear") or job.id in deleted):
             await anyio.to_thread.run_sync(runtime.comfyui_prompts.delete, job.id)
-    return Response(status_code=200)
+    return {}  # (ComfyUI answers an empty 200; its clients read the status alone)
 
 
 @router.get("/view", response_class=Response, responses=errors.responses(400, 401, 404))
@@ -325,7 +325,7 @@ async def object_info(runtime: RuntimeDep) -> dict[str, Any]:
     return catalog(served_lists(runtime))
 
 
-@router.get("/object_info/{node_class}", responses=errors.responses(401))
+@router.get("/object_info/{node_class}", responses=errors.responses(401, 404))
 async def object_info_of(node_class: str, runtime: RuntimeDep) -> dict[str, Any]:
     """The node's description, or `{}` for a class this server does not run (as ComfyUI answers)."""
     return catalog(served_lists(runtime), node_class)
