@@ -25,7 +25,11 @@ from tests.polling import poll
 
 @pytest.fixture(scope="module")
 def server(serve):
-    return serve("comfyui", {"SDXL_MODELS": "tiny-sdxl"})
+    """tiny-sdxl, decoded by a served VAE (what VAELoader lists): the same for every request."""
+    from models.store import import_tiny, stored_model
+
+    stored_model("tiny-sdxl-vae", "vae") or import_tiny("tiny-sdxl-vae")
+    return serve("comfyui", {"SDXL_MODELS": "tiny-sdxl", "SDXL_VAE": "tiny-sdxl-vae"})
 
 
 def size_of(data: bytes) -> tuple[int, int]:
@@ -41,8 +45,8 @@ def test_sillytaverns_lists_and_default_workflow_give_an_image(server):
     schedulers = info["KSampler"]["input"]["required"]["scheduler"][0]
     models = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
     assert "euler" in samplers and "normal" in schedulers and "tiny-sdxl.safetensors" in models
-    assert info["VAELoader"]["input"]["required"]["vae_name"][0] == []  # read unguarded: present, empty
-    assert info["UNETLoader"]["input"]["required"]["unet_name"][0] == []
+    assert info["VAELoader"]["input"]["required"]["vae_name"][0] == ["tiny-sdxl-vae", "tiny-sdxl-vae.safetensors"]
+    assert info["UNETLoader"]["input"]["required"]["unet_name"][0] == []  # read unguarded: present, empty
     settings = {"model": "tiny-sdxl.safetensors", "sampler": "euler", "scheduler": "normal", "steps": 3}
     settings |= {"scale": 7, "width": 64, "height": 96}
     body = sillytavern_body("a lighthouse", "blurry", 2**52 + 5, settings)  # (its seeds reach 2**53)
@@ -277,3 +281,64 @@ def test_with_api_keys_the_socket_takes_the_key_as_a_header_or_token_and_checks_
     assert prompt_id not in httpx.get(f"{guarded.url}/history", auth=others, timeout=60).json()
     assert httpx.get(f"{guarded.url}/view", params=image, auth=others, timeout=60).status_code == 404
     assert httpx.get(f"{guarded.url}/history", timeout=60).status_code == 401
+
+
+def test_the_vae_loader_a_repeated_batch_the_sdxl_encoder_and_preview_frames(server):
+    """VAELoader names the served VAE (the one every model decodes with here, so the pixels are
+    the checkpoint VAE's); RepeatLatentBatch makes more images; CLIPTextEncodeSDXL with one
+    text and the output's sizes is CLIPTextEncode; `extra_data.preview_method` asks for
+    ComfyUI's binary preview frames."""
+    api = ComfyApiWrapper(server.url)
+
+    def run(workflow: dict) -> list[bytes]:
+        return list(api.queue_and_wait_images(titled(workflow), "Save Image").values())
+
+    plain = run(txt2img("a lighthouse", seed=4))
+    with_loader = txt2img("a lighthouse", seed=4)
+    with_loader["12"] = {"class_type": "VAELoader", "inputs": {"vae_name": "tiny-sdxl-vae.safetensors"}}
+    with_loader["8"]["inputs"]["vae"] = ["12", 0]
+    assert [pixels(image) for image in run(with_loader)] == [pixels(image) for image in plain]
+
+    repeated = txt2img("a lighthouse", seed=4, latent_image=["12", 0])
+    repeated["12"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["5", 0], "amount": 3}}
+    images = run(repeated)
+    assert len({pixels(image) for image in images}) == 3  # (image i: seed + i; a batch is its own computation)
+
+    sdxl = txt2img("a lighthouse", seed=4)
+    sizes = {"width": 64, "height": 64, "crop_w": 0, "crop_h": 0, "target_width": 64, "target_height": 64}
+    for node, text in (("6", "a lighthouse"), ("7", "blurry")):
+        sdxl[node] = {
+            "class_type": "CLIPTextEncodeSDXL",
+            "inputs": {"clip": ["4", 1], "text_g": text, "text_l": text, **sizes},
+        }
+    assert [pixels(image) for image in run(sdxl)] == [pixels(image) for image in plain]
+    sdxl["6"]["inputs"]["target_width"] = 1024
+    refused = httpx.post(f"{server.url}/prompt", json={"prompt": sdxl}, timeout=60)
+    assert (
+        refused.status_code == 400
+        and refused.json()["node_errors"]["6"]["errors"][0]["extra_info"]["input_name"] == "target_width"
+    )
+
+    async def previews() -> list[bytes]:
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/ws?clientId=previewer") as socket:
+            body = {
+                "prompt": txt2img("a lighthouse", steps=4),
+                "client_id": "previewer",
+                "extra_data": {"preview_method": "auto"},
+            }
+            prompt_id = httpx.post(f"{server.url}/prompt", json=body, timeout=60).json()["prompt_id"]
+            frames = []
+            while True:
+                message = await asyncio.wait_for(socket.recv(), 300)
+                if isinstance(message, bytes):
+                    frames.append(message)
+                elif json.loads(message)["type"] == "executing" and json.loads(message)["data"] == {
+                    "node": None,
+                    "display_node": None,
+                    "prompt_id": prompt_id,
+                }:
+                    return frames
+
+    frames = asyncio.run(previews())
+    assert frames and all(frame[:8] == b"\x00\x00\x00\x01\x00\x00\x00\x02" for frame in frames)
+    assert Image.open(io.BytesIO(frames[0][8:])).format == "PNG"

@@ -122,6 +122,25 @@ NODES: dict[str, Node] = {
         },
         ("LATENT",),
     ),
+    "CLIPTextEncodeSDXL": Node(
+        "CLIP Text Encode (SDXL)",
+        "advanced/conditioning",
+        {
+            "clip": Input("CLIP"),
+            "width": _int(1024, 0, MAX_RESOLUTION),
+            "height": _int(1024, 0, MAX_RESOLUTION),
+            "crop_w": _int(0, 0, MAX_RESOLUTION),
+            "crop_h": _int(0, 0, MAX_RESOLUTION),
+            "target_width": _int(1024, 0, MAX_RESOLUTION),
+            "target_height": _int(1024, 0, MAX_RESOLUTION),
+            "text_g": Input("STRING", {"multiline": True, "dynamicPrompts": True}),
+            "text_l": Input("STRING", {"multiline": True, "dynamicPrompts": True}),
+        },
+        ("CONDITIONING",),
+    ),
+    "RepeatLatentBatch": Node(
+        "Repeat Latent Batch", "latent/batch", {"samples": Input("LATENT"), "amount": _int(1, 1, 64)}, ("LATENT",)
+    ),
     "VAEDecode": Node("VAE Decode", "latent", {"samples": Input("LATENT"), "vae": Input("VAE")}, ("IMAGE",)),
     "VAEEncode": Node("VAE Encode", "latent", {"pixels": Input("IMAGE"), "vae": Input("VAE")}, ("LATENT",)),
     "VAEEncodeForInpaint": Node(
@@ -191,7 +210,7 @@ NODES: dict[str, Node] = {
         output_node=True,
     ),
     "PreviewImage": Node("Preview Image", "image", {"images": Input("IMAGE")}, output_node=True),
-    # Read by clients for their model lists; a workflow that uses one is refused (workflow.py).
+    # Read by clients for their model lists; a workflow that uses one is refused (plan.py).
     "UNETLoader": Node(
         "Load Diffusion Model",
         "advanced/loaders",
@@ -202,7 +221,7 @@ NODES: dict[str, Node] = {
         ("MODEL",),
         runs=False,
     ),
-    "VAELoader": Node("Load VAE", "loaders", {"vae_name": Input("COMBO", choices="vae")}, ("VAE",), runs=False),
+    "VAELoader": Node("Load VAE", "loaders", {"vae_name": Input("COMBO", choices="vae")}, ("VAE",)),
     "UpscaleModelLoader": Node(
         "Load Upscale Model",
         "loaders",

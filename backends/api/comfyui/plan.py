@@ -10,7 +10,9 @@ interpreted. The wirings recognised are those of ComfyUI's own examples:
   here) -> KSampler with the first one's settings and a denoise below 1;
 - on the model and CLIP side: CheckpointLoaderSimple, LoraLoader (its two strengths equal: a
   LoRA here has one weight), CLIPSetLastLayer (-n is clip skip n; none is ComfyUI's SDXL
-  default, the penultimate layer: clip skip 2).
+  default, the penultimate layer: clip skip 2), CLIPTextEncode or CLIPTextEncodeSDXL (one
+  text, the output's sizes), VAELoader (the served VAE, every model's here);
+- RepeatLatentBatch on the empty latent: more images.
 
 Anything else a check passed (two pictures in one prompt, a second sampler that differs from
 the first, a method or value with no exact counterpart here) is refused with the node and the
@@ -55,6 +57,7 @@ class Planner:
         self.workflow, self.model_id, self.lora_id, self.upload = workflow, model_id, lora_id, upload
         self.fields: dict[str, tuple[str, str]] = {}
         self.values: dict[str, Any] = {}
+        self.sdxl_encoders: list[str] = []  # CLIPTextEncodeSDXL nodes, whose sizes are checked at the end
 
     def refuse(self, node_id: str, input_name: str | None, message: str) -> Exception:
         return node_error(node_id, self.workflow.class_of(node_id), input_name, message, "not_runnable_here")
@@ -89,11 +92,10 @@ class Planner:
             decode = node
         assert decode is not None  # (a checked workflow has outputs)
         sampler, _ = self.source(decode, "samples", "KSampler")
-        checkpoint = self.checkpoint(decode, "vae", 2)
         self.sampling(sampler)
-        self.latent(sampler, checkpoint)
-        if self.model_id(checkpoint) != self.values["model"]:
-            raise self.refuse(decode, "vae", "the VAE comes from another checkpoint than the model's")
+        self.check_vae(decode)
+        self.latent(sampler)
+        self.check_size_conditioning()
         try:
             request = GenerationRequest(**self.values)
         except ValidationError as exc:  # (a value past a bound of the request here)
@@ -123,16 +125,21 @@ class Planner:
         self.set("model", self.model_id(checkpoint), *self.fields.pop("checkpoint"))
         prompts = {}
         for side in ("positive", "negative"):
-            encoder, _ = self.source(sampler, side, "CLIPTextEncode")
-            text = value(encoder, "text")
+            encoder, _ = self.source(sampler, side, "CLIPTextEncode", "CLIPTextEncodeSDXL")
+            if self.workflow.class_of(encoder) == "CLIPTextEncodeSDXL":
+                if value(encoder, "text_g") != value(encoder, "text_l"):
+                    raise self.refuse(encoder, "text_l", "both encoders read one text here: text_l = text_g")
+                self.sdxl_encoders.append(encoder)
+            text = value(encoder, "text") if encoder not in self.sdxl_encoders else value(encoder, "text_g")
             clip_checkpoint, clip_loras, clip_skip = self.clip_chain(encoder)
             if clip_checkpoint != checkpoint or clip_loras != loras:
                 raise self.refuse(encoder, "clip", "the CLIP must come from the sampler's model, with the same LoRAs")
             prompts[side] = (encoder, text, clip_skip)
         if prompts["positive"][2] != prompts["negative"][2]:
             raise self.refuse(prompts["negative"][0], "clip", "both prompts are read at the same CLIP layer here")
-        self.set("prompt", prompts["positive"][1], prompts["positive"][0], "text")
-        self.set("negative_prompt", prompts["negative"][1], prompts["negative"][0], "text")
+        for side, request_field in (("positive", "prompt"), ("negative", "negative_prompt")):
+            encoder = prompts[side][0]
+            self.set(request_field, prompts[side][1], encoder, "text_g" if encoder in self.sdxl_encoders else "text")
         self.values["clip_skip"] = prompts["positive"][2]
         self.values["prompt_style"] = "comfyui"  # (CLIPTextEncode reads weights by ComfyUI's rule)
         self.values["loras"] = [LoraWeight(id=self.lora_id(name), weight=weight) for name, weight in loras]
@@ -172,11 +179,30 @@ class Planner:
             node_id, _ = self.source(node_id, "clip", "CheckpointLoaderSimple", "LoraLoader", "CLIPSetLastLayer")
         return self.workflow.value(node_id, "ckpt_name"), loras, clip_skip or 2
 
-    def checkpoint(self, node_id: str, name: str, index: int) -> str:
-        source, got = self.source(node_id, name, "CheckpointLoaderSimple")
-        return self.workflow.value(source, "ckpt_name")
+    def check_vae(self, node_id: str) -> None:
+        """A VAE input: the model's checkpoint's, or VAELoader's (the served SDXL_VAE, which
+        decodes for every model here, so the two are the same VAE)."""
+        source, _ = self.source(node_id, "vae", "CheckpointLoaderSimple", "VAELoader")
+        if self.workflow.class_of(source) == "CheckpointLoaderSimple":
+            if self.model_id(self.workflow.value(source, "ckpt_name")) != self.values["model"]:
+                raise self.refuse(node_id, "vae", "the VAE comes from another checkpoint than the model's")
 
-    def latent(self, sampler: str, checkpoint: str) -> None:
+    def check_size_conditioning(self) -> None:
+        """CLIPTextEncodeSDXL's sizes are the ones SDXL is conditioned on here: the output's,
+        uncropped (the pipelines' own)."""
+        if not self.sdxl_encoders:
+            return
+        if "image" in self.values:
+            width, height = Image.open(io.BytesIO(self.values["image"])).size
+        else:
+            width, height = self.values["width"], self.values["height"]
+        wanted = {"width": width, "height": height, "target_width": width, "target_height": height}
+        for encoder in self.sdxl_encoders:
+            for name, size in {**wanted, "crop_w": 0, "crop_h": 0}.items():
+                if self.workflow.value(encoder, name) != size:
+                    raise self.refuse(encoder, name, f"SDXL is conditioned on the output's size here: {name} {size}")
+
+    def latent(self, sampler: str) -> None:
         """What the sampler starts from: an empty latent, an encoded image (with a mask), or
         a first sampler's latent upscaled (the hires fix)."""
         workflow, value = self.workflow, self.workflow.value
@@ -184,6 +210,7 @@ class Planner:
             sampler,
             "latent_image",
             "EmptyLatentImage",
+            "RepeatLatentBatch",
             "VAEEncode",
             "VAEEncodeForInpaint",
             "SetLatentNoiseMask",
@@ -194,6 +221,11 @@ class Planner:
         denoise = value(sampler, "denoise")
         if kind == "EmptyLatentImage":
             return self.empty_latent(sampler, source)
+        if kind == "RepeatLatentBatch":  # (an empty latent repeated: more images, seeds seed + i)
+            empty, _ = self.source(source, "samples", "EmptyLatentImage")
+            self.empty_latent(sampler, empty)
+            self.set("n", self.values["n"] * value(source, "amount"), source, "amount")
+            return
         if kind in ("LatentUpscale", "LatentUpscaleBy"):
             return self.hires_fix(sampler, source)
         if denoise <= 0:
@@ -208,8 +240,7 @@ class Planner:
             self.set("mask", self.mask(source, "mask", value(source, "grow_mask_by")), source, "mask")
         if "mask" in self.values:
             self.values["mask_blur"] = 0  # (ComfyUI's mask is used as it is)
-        if self.checkpoint(source, "vae", 2) != checkpoint:
-            raise self.refuse(source, "vae", "the VAE comes from another checkpoint than the model's")
+        self.check_vae(source)
         image, _ = self.source(source, "pixels", "LoadImage")
         self.set("image", self.picture(image), image, "image")
         self.fields["width"] = self.fields["height"] = (image, "image")  # (the size is the image's)

@@ -36,6 +36,7 @@ class PromptRecord:
     executed: list[str]
     images: int = 1  # the images it makes (the batch size), and their file extension
     extension: str = "png"
+    previews: bool = False  # whether its socket gets preview frames (extra_data's preview_method)
     workflow: dict[str, Any] = field(default_factory=dict)
     extra_data: dict[str, Any] = field(default_factory=dict)
 

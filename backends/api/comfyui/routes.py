@@ -34,6 +34,9 @@ router = APIRouter(tags=["ComfyUI"])
 MODEL_FILE = re.compile(r"\.(safetensors|ckpt|pt|pth|bin)$")
 OUTPUT_NAME = re.compile(r"^([0-9a-f]{32})_(\d+)\.(png|jpg|webp)$")
 LISTED = 100  # the prompts `/queue` and `/history` look through: the caller's newest
+# Preview frames on the socket when a prompt's extra_data asks for them (ComfyUI's default
+# method is none, and comfy-api-simplified takes any binary frame for a result image).
+PREVIEW_METHODS = ("auto", "latent2rgb", "taesd")
 IMAGE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
 
 
@@ -48,7 +51,7 @@ def served_lists(runtime: Runtime) -> dict[str, list[str]]:
         "loras": with_files(sorted(runtime.loras)),
         "upscale_models": with_files(sorted(runtime.upscalers)),
         "embeddings": sorted(runtime.embeddings),
-        "vae": [],
+        "vae": with_files([runtime.settings.vae]) if runtime.settings.vae else [],
         "diffusion_models": [],
     }
 
@@ -88,8 +91,9 @@ async def queue_prompt(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
         raise WorkflowRefused("invalid_prompt", "prompt_id: this server names each prompt (the answer gives its id)")
     extra_data = body.get("extra_data")
     plan = await anyio.to_thread.run_sync(make_plan, runtime, body.get("prompt"))
+    previews = isinstance(extra_data, dict) and extra_data.get("preview_method") in PREVIEW_METHODS
     try:
-        job = await runtime.submit(plan.request, request)
+        job = await runtime.submit(plan.request, request, preview_every=1 if previews else None)
     except InvalidRequest as exc:  # (what the engine checks: named as the node and input that set it)
         node_id, input_name = plan.fields.get(exc.param or "", (plan.sampler, None))
         raise node_error(
@@ -111,6 +115,7 @@ async def queue_prompt(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
         extension={"jpeg": "jpg"}.get(plan.request.output_format, plan.request.output_format),
         workflow=body["prompt"],
         extra_data=extra_data if isinstance(extra_data, dict) else {},
+        previews=previews,
     )
     await anyio.to_thread.run_sync(runtime.comfyui_prompts.put, job.id, record)
     if client_id is not None:

@@ -9,9 +9,11 @@ events (answers.py shapes them):
 The socket follows its client's prompts through their jobs, wherever they run: a prompt queued
 on this replica wakes it at once, one queued on another is found within a second (the records
 are shared with the queue, `SDXL_REDIS_URL`). A client that connects late still gets the end
-of a prompt that ended within the last minute. A socket that closes leaves its prompts running,
-as ComfyUI's do: clients reconnect at will (comfyui-sdk after 10 s without a message, which the
-`status` sent every 5 s prevents).
+of a prompt that ended within the last minute. With `extra_data.preview_method` ("auto",
+"latent2rgb", "taesd") a prompt's steps also send binary preview frames (ComfyUI's framing:
+event 1, format 2, a PNG); without it, none, as ComfyUI's default. A socket that closes leaves
+its prompts running, as ComfyUI's do: clients reconnect at will (comfyui-sdk after 10 s without
+a message, which the `status` sent every 5 s prevents).
 
 The edge (backends/api/edge.py) has checked the socket's Host, Origin and API key (a header,
 or `?token=` where a browser cannot send one); each key has at most SDXL_MAX_EVENT_STREAMS
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import struct
 import time
 import uuid
 from typing import Any
@@ -112,6 +115,9 @@ class Follower:
                 await self.send(*event)
         if job.step > step and not job.status.final:
             await self.send(*progress_event(job, record))
+            if record.previews and job.preview is not None:
+                # ComfyUI's framing: event 1 (a preview image), format 2 (PNG), then the image.
+                await self.websocket.send_bytes(struct.pack(">II", 1, 2) + job.preview)
         self.told[job.id] = (True, job.step)
         if job.status.final:
             for event in final_events(job, record):
