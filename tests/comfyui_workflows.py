@@ -154,3 +154,73 @@ def hires_fix(prompt: str, scale: float = 1.5, denoise: float = 0.5) -> dict:
     }
     workflow["8"]["inputs"]["samples"] = ["11", 0]
     return workflow
+
+
+def refined(prompt: str, refiner: str, switch: int = 3, steps: int = 4) -> dict:
+    """ComfyUI's SDXL example: the base's KSamplerAdvanced hands its leftover noise to the
+    refiner's at step `switch`, the refiner reading the same texts through its own CLIP."""
+    workflow = txt2img(prompt, steps=steps)
+    base = workflow.pop("3")["inputs"]
+    advanced = {"cfg": base["cfg"], "sampler_name": "euler", "scheduler": "normal", "steps": steps}
+    workflow["10"] = {
+        "class_type": "KSamplerAdvanced",
+        "inputs": {
+            **advanced,
+            "add_noise": "enable",
+            "noise_seed": base["seed"],
+            "start_at_step": 0,
+            "end_at_step": switch,
+            "return_with_leftover_noise": "enable",
+            "model": ["4", 0],
+            "positive": ["6", 0],
+            "negative": ["7", 0],
+            "latent_image": ["5", 0],
+        },
+    }
+    workflow["12"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"{refiner}.safetensors"}}
+    for node, text, score in (("15", prompt, 6.0), ("16", "blurry", 2.5)):
+        workflow[node] = {
+            "class_type": "CLIPTextEncodeSDXLRefiner",
+            "inputs": {"ascore": score, "width": 64, "height": 64, "text": text, "clip": ["12", 1]},
+        }
+    workflow["11"] = {
+        "class_type": "KSamplerAdvanced",
+        "inputs": {
+            **advanced,
+            "add_noise": "disable",
+            "noise_seed": 0,
+            "start_at_step": switch,
+            "end_at_step": 10000,
+            "return_with_leftover_noise": "disable",
+            "model": ["12", 0],
+            "positive": ["15", 0],
+            "negative": ["16", 0],
+            "latent_image": ["10", 0],
+        },
+    }
+    workflow["8"]["inputs"].update(samples=["11", 0], vae=["12", 2])
+    return workflow
+
+
+def controlled(prompt: str, controlnet: str, upload: str) -> dict:
+    """ComfyUI's ControlNet example: Canny edges of an upload, applied to both prompts."""
+    workflow = txt2img(prompt, positive=["23", 0], negative=["23", 1])
+    workflow["20"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": f"{controlnet}.safetensors"}}
+    workflow["21"] = {"class_type": "LoadImage", "inputs": {"image": upload}}
+    workflow["22"] = {
+        "class_type": "Canny",
+        "inputs": {"image": ["21", 0], "low_threshold": 0.4, "high_threshold": 0.8},
+    }
+    workflow["23"] = {
+        "class_type": "ControlNetApplyAdvanced",
+        "inputs": {
+            "positive": ["6", 0],
+            "negative": ["7", 0],
+            "control_net": ["20", 0],
+            "image": ["22", 0],
+            "strength": 0.8,
+            "start_percent": 0.0,
+            "end_percent": 1.0,
+        },
+    }
+    return workflow

@@ -342,3 +342,34 @@ def test_the_vae_loader_a_repeated_batch_the_sdxl_encoder_and_preview_frames(ser
     frames = asyncio.run(previews())
     assert frames and all(frame[:8] == b"\x00\x00\x00\x01\x00\x00\x00\x02" for frame in frames)
     assert Image.open(io.BytesIO(frames[0][8:])).format == "PNG"
+
+
+def test_the_refiner_hand_off_and_a_controlnet_give_the_native_requests_pixels(serve, tiny_refiner, tiny_controlnet):
+    """ComfyUI's SDXL refiner example (two KSamplerAdvanced) is `refiner.switch_at` E / steps;
+    its ControlNet example (Canny of an upload, ControlNetApplyAdvanced) a ControlNet unit."""
+    from tests.comfyui_workflows import controlled, refined
+
+    server = serve("comfyui-extras", {"SDXL_MODELS": "tiny-sdxl,tiny-sdxl-refiner"})
+    api = ComfyApiWrapper(server.url)
+
+    def native(**fields) -> bytes:
+        body = {"prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 5, "width": 64, "height": 64}
+        body |= {"steps": 4, "guidance_scale": 7.0, "scheduler": "euler_simple", "prompt_style": "comfyui"}
+        answer = httpx.post(f"{server.url}/v1/txt2img", json={**body, **fields}, timeout=300)
+        assert answer.status_code == 200, answer.text
+        return pixels(base64.b64decode(answer.json()["images"][0]["b64_json"]))
+
+    made = api.queue_and_wait_images(titled(refined("a lighthouse", "tiny-sdxl-refiner")), "Save Image")
+    assert pixels(next(iter(made.values()))) == native(refiner={"model": "tiny-sdxl-refiner", "switch_at": 0.75})
+
+    edges = io.BytesIO()
+    square = Image.new("RGB", (64, 64), (0, 0, 0))
+    square.paste((255, 255, 255), (16, 16, 48, 48))
+    square.save(edges, format="PNG")
+    upload = httpx.post(f"{server.url}/upload/image", files={"image": ("e.png", edges.getvalue())}, timeout=60).json()
+    made = api.queue_and_wait_images(
+        titled(controlled("a lighthouse", "tiny-sdxl-controlnet", upload["name"])), "Save Image"
+    )
+    unit = {"id": "tiny-sdxl-controlnet", "image": base64.b64encode(edges.getvalue()).decode(), "scale": 0.8}
+    unit |= {"preprocess": "canny", "low_threshold": 102, "high_threshold": 204}
+    assert pixels(next(iter(made.values()))) == native(steps=3, controlnets=[unit])

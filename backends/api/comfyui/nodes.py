@@ -16,7 +16,7 @@ from typing import Any
 
 MAX_RESOLUTION = 16384  # ComfyUI's own bound on a size widget (the server's limits apply after)
 MAX_SEED = 2**64 - 1  # ComfyUI's seeds are 64-bit; the pipeline's are 32-bit (taken modulo 2**32)
-LINK_TYPES = ("MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "UPSCALE_MODEL")
+LINK_TYPES = ("MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "UPSCALE_MODEL", "CONTROL_NET")
 
 # ComfyUI's (sampler, scheduler) pairs that a scheduler here runs as the same solver on the same
 # noise levels: "normal" is timesteps spaced evenly from the first to the last (diffusers'
@@ -141,6 +141,70 @@ NODES: dict[str, Node] = {
     "RepeatLatentBatch": Node(
         "Repeat Latent Batch", "latent/batch", {"samples": Input("LATENT"), "amount": _int(1, 1, 64)}, ("LATENT",)
     ),
+    "KSamplerAdvanced": Node(
+        "KSampler (Advanced)",
+        "sampling",
+        {
+            "model": Input("MODEL"),
+            "add_noise": Input("COMBO", choices=["enable", "disable"]),
+            "noise_seed": _int(0, 0, MAX_SEED),
+            "steps": _int(20, 1, 10000),
+            "cfg": _float(8.0, 0.0, 100.0, 0.1),
+            "sampler_name": Input("COMBO", choices=SAMPLERS),
+            "scheduler": Input("COMBO", choices=SCHEDULERS),
+            "positive": Input("CONDITIONING"),
+            "negative": Input("CONDITIONING"),
+            "latent_image": Input("LATENT"),
+            "start_at_step": _int(0, 0, 10000),
+            "end_at_step": _int(10000, 0, 10000),
+            "return_with_leftover_noise": Input("COMBO", choices=["disable", "enable"]),
+        },
+        ("LATENT",),
+    ),
+    "CLIPTextEncodeSDXLRefiner": Node(
+        "CLIP Text Encode (SDXL Refiner)",
+        "advanced/conditioning",
+        {
+            "ascore": _float(6.0, 0.0, 1000.0),
+            "width": _int(1024, 0, MAX_RESOLUTION),
+            "height": _int(1024, 0, MAX_RESOLUTION),
+            "text": Input("STRING", {"multiline": True, "dynamicPrompts": True}),
+            "clip": Input("CLIP"),
+        },
+        ("CONDITIONING",),
+    ),
+    "ControlNetLoader": Node(
+        "Load ControlNet Model",
+        "loaders",
+        {"control_net_name": Input("COMBO", choices="controlnet")},
+        ("CONTROL_NET",),
+    ),
+    "ControlNetApplyAdvanced": Node(
+        "Apply ControlNet",
+        "conditioning/controlnet",
+        {
+            "positive": Input("CONDITIONING"),
+            "negative": Input("CONDITIONING"),
+            "control_net": Input("CONTROL_NET"),
+            "image": Input("IMAGE"),
+            "strength": _float(1.0, 0.0, 10.0),
+            "start_percent": _float(0.0, 0.0, 1.0, 0.001),
+            "end_percent": _float(1.0, 0.0, 1.0, 0.001),
+            "vae": Input("VAE"),
+        },
+        ("CONDITIONING", "CONDITIONING"),
+        optional=("vae",),
+    ),
+    "Canny": Node(
+        "Canny",
+        "image/preprocessors",
+        {
+            "image": Input("IMAGE"),
+            "low_threshold": _float(0.4, 0.01, 0.99),
+            "high_threshold": _float(0.8, 0.01, 0.99),
+        },
+        ("IMAGE",),
+    ),
     "VAEDecode": Node("VAE Decode", "latent", {"samples": Input("LATENT"), "vae": Input("VAE")}, ("IMAGE",)),
     "VAEEncode": Node("VAE Encode", "latent", {"pixels": Input("IMAGE"), "vae": Input("VAE")}, ("LATENT",)),
     "VAEEncodeForInpaint": Node(
@@ -235,13 +299,14 @@ NODES: dict[str, Node] = {
 def object_info(name: str, node: Node, lists: dict[str, list[str]]) -> dict[str, Any]:
     """A node as ComfyUI's `/object_info` shows it, its choices read from `lists`."""
     required: dict[str, list[Any]] = {}
+    optional: dict[str, list[Any]] = {}
     for input_name, spec in node.inputs.items():
         choices = lists.get(spec.choices, []) if isinstance(spec.choices, str) else spec.choices
         shown = [choices, spec.options] if choices is not None else [spec.kind, spec.options]
-        required[input_name] = shown if spec.options else shown[:1]
+        (optional if input_name in node.optional else required)[input_name] = shown if spec.options else shown[:1]
     return {
-        "input": {"required": required, "optional": {}},
-        "input_order": {"required": list(required), "optional": []},
+        "input": {"required": required, "optional": optional},
+        "input_order": {"required": list(required), "optional": list(optional)},
         "output": list(node.outputs),
         "output_is_list": [False] * len(node.outputs),
         "output_name": list(node.outputs),

@@ -1,18 +1,18 @@
 """What a checked workflow draws, as one `GenerationRequest`: the graph is recognised, never
-interpreted. The wirings recognised are those of ComfyUI's own examples:
+interpreted. The wirings recognised are those of ComfyUI's own examples (conditioning.py reads
+the model side: checkpoint, LoRAs, prompts, clip skip, ControlNets):
 
-- txt2img: EmptyLatentImage -> KSampler -> VAEDecode -> SaveImage/PreviewImage;
+- txt2img: EmptyLatentImage (or RepeatLatentBatch of one) -> KSampler -> VAEDecode ->
+  SaveImage/PreviewImage; a KSamplerAdvanced that runs every step with its own noise is a KSampler;
 - img2img: LoadImage -> VAEEncode -> KSampler (its denoise the strength);
 - inpainting: VAEEncodeForInpaint (the masked area starts from nothing: `masked_content` fill)
   or VAEEncode -> SetLatentNoiseMask (it starts from the image), the mask from LoadImage's
   alpha or LoadImageMask's channel;
 - the hires fix: KSampler -> LatentUpscale/LatentUpscaleBy (bilinear, as the latent upscale
   here) -> KSampler with the first one's settings and a denoise below 1;
-- on the model and CLIP side: CheckpointLoaderSimple, LoraLoader (its two strengths equal: a
-  LoRA here has one weight), CLIPSetLastLayer (-n is clip skip n; none is ComfyUI's SDXL
-  default, the penultimate layer: clip skip 2), CLIPTextEncode or CLIPTextEncodeSDXL (one
-  text, the output's sizes), VAELoader (the served VAE, every model's here);
-- RepeatLatentBatch on the empty latent: more images.
+- the refiner: KSamplerAdvanced (steps 0 to E, leftover noise returned) -> KSamplerAdvanced on
+  the refiner's checkpoint (no noise added, E to the end, the same steps, cfg, sampler,
+  scheduler and texts): `refiner.switch_at` E / steps.
 
 Anything else a check passed (two pictures in one prompt, a second sampler that differs from
 the first, a method or value with no exact counterpart here) is refused with the node and the
@@ -23,18 +23,19 @@ input, so an error the engine finds later (a size off the server's limits) names
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
 from pydantic import ValidationError
 
-from backends.api.comfyui.graph import Workflow, node_error
+from backends.api.comfyui.conditioning import ConditioningPlanner
 from backends.api.comfyui.nodes import NODES, PAIRS
-from backends.sdxl_backend.protocol import MAX_LORAS, GenerationRequest, HiresFix, LoraWeight
+from backends.sdxl_backend.protocol import GenerationRequest, HiresFix, Refiner
 
 SEED_RANGE = 2**32  # the pipeline's seeds; ComfyUI's 64-bit ones are taken modulo this
+SAMPLERS = ("KSampler", "KSamplerAdvanced")
+REFINER_SCORES = {"positive": 6.0, "negative": 2.5}  # the aesthetic scores the refiner is conditioned on here
 
 
 @dataclass
@@ -46,40 +47,7 @@ class Plan:
     fields: dict[str, tuple[str, str]] = field(default_factory=dict)  # request field -> (node id, input)
 
 
-class Planner:
-    def __init__(
-        self,
-        workflow: Workflow,
-        model_id: Callable[[str], str],
-        lora_id: Callable[[str], str],
-        upload: Callable[[str], bytes | None],
-    ):
-        self.workflow, self.model_id, self.lora_id, self.upload = workflow, model_id, lora_id, upload
-        self.fields: dict[str, tuple[str, str]] = {}
-        self.values: dict[str, Any] = {}
-        self.sdxl_encoders: list[str] = []  # CLIPTextEncodeSDXL nodes, whose sizes are checked at the end
-
-    def refuse(self, node_id: str, input_name: str | None, message: str) -> Exception:
-        return node_error(node_id, self.workflow.class_of(node_id), input_name, message, "not_runnable_here")
-
-    def source(self, node_id: str, name: str, *classes: str) -> tuple[str, int]:
-        """The node an input links to, which must be of one of `classes`."""
-        source, index = self.workflow.link(node_id, name)
-        if self.workflow.class_of(source) not in classes:
-            wanted = " or ".join(classes)
-            raise self.refuse(
-                node_id,
-                name,
-                f"{name} comes from a {self.workflow.class_of(source)} here; this server runs it from {wanted}",
-            )
-        return source, index
-
-    def set(self, request_field: str, value: Any, node_id: str, input_name: str) -> None:
-        self.values[request_field] = value
-        self.fields[request_field] = (node_id, input_name)
-
-    # -- the plan --
-
+class Planner(ConditioningPlanner):
     def plan(self) -> Plan:
         workflow = self.workflow
         decode = None
@@ -91,8 +59,13 @@ class Planner:
                 )
             decode = node
         assert decode is not None  # (a checked workflow has outputs)
-        sampler, _ = self.source(decode, "samples", "KSampler")
+        last, _ = self.source(decode, "samples", *SAMPLERS)
+        refined = workflow.class_of(last) == "KSamplerAdvanced" and workflow.value(last, "add_noise") == "disable"
+        sampler = self.refiner_source(last) if refined else last
         self.sampling(sampler)
+        self.model_side(sampler)
+        if refined:
+            self.refiner(sampler, last)
         self.check_vae(decode)
         self.latent(sampler)
         self.check_size_conditioning()
@@ -106,101 +79,80 @@ class Planner:
         outputs = {
             node_id: "output" if workflow.class_of(node_id) == "SaveImage" else "temp" for node_id in workflow.outputs
         }
-        return Plan(request, outputs, sampler, self.order(), self.fields)
+        return Plan(request, outputs, last, self.order(), self.fields)
+
+    def setting(self, sampler: str, name: str) -> Any:
+        """A sampler's setting by KSampler's name (KSamplerAdvanced calls its seed noise_seed)."""
+        if name == "seed" and self.workflow.class_of(sampler) == "KSamplerAdvanced":
+            name = "noise_seed"
+        return self.workflow.value(sampler, name)
+
+    def denoise(self, sampler: str) -> float:
+        """KSampler's denoise; a KSamplerAdvanced runs every step of its own noise here (1.0)."""
+        if self.workflow.class_of(sampler) == "KSampler":
+            return self.workflow.value(sampler, "denoise")
+        value = self.workflow.value
+        if value(sampler, "add_noise") != "enable" or value(sampler, "start_at_step") != 0:
+            raise self.refuse(sampler, "start_at_step", "a KSamplerAdvanced here adds its noise and starts at step 0")
+        if value(sampler, "end_at_step") < value(sampler, "steps") and not self.values.get("refiner"):
+            raise self.refuse(
+                sampler, "end_at_step", "a KSamplerAdvanced here runs to its last step (or hands to a refiner)"
+            )
+        return 1.0
 
     def sampling(self, sampler: str) -> None:
-        """The sampler's settings, model, LoRAs and prompts."""
-        value = self.workflow.value
-        pair = (value(sampler, "sampler_name"), value(sampler, "scheduler"))
+        """The sampler's settings: scheduler, seed, steps, guidance."""
+        pair = (self.setting(sampler, "sampler_name"), self.setting(sampler, "scheduler"))
         if pair not in PAIRS:
             takes = [scheduler for name, scheduler in PAIRS if name == pair[0]]
             raise self.refuse(
                 sampler, "scheduler", f"sampler '{pair[0]}' runs here with the scheduler {' or '.join(takes)}"
             )
+        seed_input = "noise_seed" if self.workflow.class_of(sampler) == "KSamplerAdvanced" else "seed"
         self.set("scheduler", PAIRS[pair], sampler, "scheduler")
-        self.set("seed", value(sampler, "seed") % SEED_RANGE, sampler, "seed")
-        self.set("steps", value(sampler, "steps"), sampler, "steps")
-        self.set("guidance_scale", value(sampler, "cfg"), sampler, "cfg")
-        checkpoint, loras = self.model_chain(sampler)
-        self.set("model", self.model_id(checkpoint), *self.fields.pop("checkpoint"))
-        prompts = {}
-        for side in ("positive", "negative"):
-            encoder, _ = self.source(sampler, side, "CLIPTextEncode", "CLIPTextEncodeSDXL")
-            if self.workflow.class_of(encoder) == "CLIPTextEncodeSDXL":
-                if value(encoder, "text_g") != value(encoder, "text_l"):
-                    raise self.refuse(encoder, "text_l", "both encoders read one text here: text_l = text_g")
+        self.set("seed", int(self.setting(sampler, "seed")) % SEED_RANGE, sampler, seed_input)
+        self.set("steps", self.setting(sampler, "steps"), sampler, "steps")
+        self.set("guidance_scale", self.setting(sampler, "cfg"), sampler, "cfg")
+
+    def refiner_source(self, refining: str) -> str:
+        """The base's KSamplerAdvanced under a refiner's pass (checked in `refiner`)."""
+        base, _ = self.source(refining, "latent_image", "KSamplerAdvanced")
+        return base
+
+    def refiner(self, base: str, refining: str) -> None:
+        """The refiner's pass: the base stops at step E returning its leftover noise; the
+        refiner's checkpoint takes it from E to the end with the same settings and texts."""
+        value = self.workflow.value
+        switch = value(base, "end_at_step")
+        if value(base, "return_with_leftover_noise") != "enable" or not 0 < switch < value(base, "steps"):
+            raise self.refuse(base, "end_at_step", "the base hands over before its last step, with leftover noise")
+        for name in ("steps", "cfg", "sampler_name", "scheduler"):
+            if value(refining, name) != value(base, name):
+                raise self.refuse(refining, name, f"the refiner's pass takes the base's {name} here")
+        if value(refining, "start_at_step") != switch or value(refining, "end_at_step") < value(base, "steps"):
+            raise self.refuse(
+                refining, "start_at_step", f"the refiner runs from the base's end ({switch}) to the last step"
+            )
+        if value(refining, "return_with_leftover_noise") != "disable":
+            raise self.refuse(refining, "return_with_leftover_noise", "the refiner's pass ends the denoising")
+        checkpoint, _ = self.source(refining, "model", "CheckpointLoaderSimple")
+        self.set(
+            "refiner",
+            Refiner(model=self.model_id(value(checkpoint, "ckpt_name")), switch_at=switch / value(base, "steps")),
+            checkpoint,
+            "ckpt_name",
+        )
+        for side, text in (("positive", self.values["prompt"]), ("negative", self.values["negative_prompt"])):
+            encoder, _ = self.source(refining, side, "CLIPTextEncode", "CLIPTextEncodeSDXLRefiner")
+            clip, _ = self.source(encoder, "clip", "CheckpointLoaderSimple")
+            if value(clip, "ckpt_name") != value(checkpoint, "ckpt_name") or value(encoder, "text") != text:
+                raise self.refuse(encoder, "text", "the refiner reads the base's texts here, through its own CLIP")
+            if self.workflow.class_of(encoder) == "CLIPTextEncodeSDXLRefiner":
+                if value(encoder, "ascore") != REFINER_SCORES[side]:
+                    raise self.refuse(
+                        encoder, "ascore", f"the refiner's {side} aesthetic score is {REFINER_SCORES[side]} here"
+                    )
                 self.sdxl_encoders.append(encoder)
-            text = value(encoder, "text") if encoder not in self.sdxl_encoders else value(encoder, "text_g")
-            clip_checkpoint, clip_loras, clip_skip = self.clip_chain(encoder)
-            if clip_checkpoint != checkpoint or clip_loras != loras:
-                raise self.refuse(encoder, "clip", "the CLIP must come from the sampler's model, with the same LoRAs")
-            prompts[side] = (encoder, text, clip_skip)
-        if prompts["positive"][2] != prompts["negative"][2]:
-            raise self.refuse(prompts["negative"][0], "clip", "both prompts are read at the same CLIP layer here")
-        for side, request_field in (("positive", "prompt"), ("negative", "negative_prompt")):
-            encoder = prompts[side][0]
-            self.set(request_field, prompts[side][1], encoder, "text_g" if encoder in self.sdxl_encoders else "text")
-        self.values["clip_skip"] = prompts["positive"][2]
-        self.values["prompt_style"] = "comfyui"  # (CLIPTextEncode reads weights by ComfyUI's rule)
-        self.values["loras"] = [LoraWeight(id=self.lora_id(name), weight=weight) for name, weight in loras]
-
-    def model_chain(self, sampler: str) -> tuple[str, list[tuple[str, float]]]:
-        """The checkpoint under a sampler's model, and the LoRAs on it (nearest the checkpoint first)."""
-        loras: list[tuple[str, float]] = []
-        node_id, _ = self.source(sampler, "model", "CheckpointLoaderSimple", "LoraLoader")
-        while self.workflow.class_of(node_id) == "LoraLoader":
-            strength = self.workflow.value(node_id, "strength_model")
-            if strength != self.workflow.value(node_id, "strength_clip"):
-                raise self.refuse(
-                    node_id, "strength_clip", "a LoRA has one weight here: strength_clip = strength_model"
-                )
-            if abs(strength) > 4 or len(loras) == MAX_LORAS:
-                raise self.refuse(node_id, "strength_model", f"at most {MAX_LORAS} LoRAs, of weights -4 to 4, here")
-            loras.insert(0, (self.workflow.value(node_id, "lora_name"), strength))
-            node_id, _ = self.source(node_id, "model", "CheckpointLoaderSimple", "LoraLoader")
-        self.fields["checkpoint"] = (node_id, "ckpt_name")
-        return self.workflow.value(node_id, "ckpt_name"), loras
-
-    def clip_chain(self, encoder: str) -> tuple[str, list[tuple[str, float]], int]:
-        """The checkpoint under an encoder's CLIP, its LoRAs, and the layer read (clip skip)."""
-        loras: list[tuple[str, float]] = []
-        clip_skip = None
-        node_id, _ = self.source(encoder, "clip", "CheckpointLoaderSimple", "LoraLoader", "CLIPSetLastLayer")
-        while self.workflow.class_of(node_id) != "CheckpointLoaderSimple":
-            if self.workflow.class_of(node_id) == "CLIPSetLastLayer":
-                # The one nearest the encoder decides (each sets the layer outright).
-                clip_skip = clip_skip or -self.workflow.value(node_id, "stop_at_clip_layer")
-                if clip_skip > 12:
-                    raise self.refuse(node_id, "stop_at_clip_layer", "SDXL's CLIP-L has 12 layers: -12 to -1")
-            else:
-                loras.insert(
-                    0, (self.workflow.value(node_id, "lora_name"), self.workflow.value(node_id, "strength_clip"))
-                )
-            node_id, _ = self.source(node_id, "clip", "CheckpointLoaderSimple", "LoraLoader", "CLIPSetLastLayer")
-        return self.workflow.value(node_id, "ckpt_name"), loras, clip_skip or 2
-
-    def check_vae(self, node_id: str) -> None:
-        """A VAE input: the model's checkpoint's, or VAELoader's (the served SDXL_VAE, which
-        decodes for every model here, so the two are the same VAE)."""
-        source, _ = self.source(node_id, "vae", "CheckpointLoaderSimple", "VAELoader")
-        if self.workflow.class_of(source) == "CheckpointLoaderSimple":
-            if self.model_id(self.workflow.value(source, "ckpt_name")) != self.values["model"]:
-                raise self.refuse(node_id, "vae", "the VAE comes from another checkpoint than the model's")
-
-    def check_size_conditioning(self) -> None:
-        """CLIPTextEncodeSDXL's sizes are the ones SDXL is conditioned on here: the output's,
-        uncropped (the pipelines' own)."""
-        if not self.sdxl_encoders:
-            return
-        if "image" in self.values:
-            width, height = Image.open(io.BytesIO(self.values["image"])).size
-        else:
-            width, height = self.values["width"], self.values["height"]
-        wanted = {"width": width, "height": height, "target_width": width, "target_height": height}
-        for encoder in self.sdxl_encoders:
-            for name, size in {**wanted, "crop_w": 0, "crop_h": 0}.items():
-                if self.workflow.value(encoder, name) != size:
-                    raise self.refuse(encoder, name, f"SDXL is conditioned on the output's size here: {name} {size}")
 
     def latent(self, sampler: str) -> None:
         """What the sampler starts from: an empty latent, an encoded image (with a mask), or
@@ -218,7 +170,7 @@ class Planner:
             "LatentUpscaleBy",
         )
         kind = workflow.class_of(source)
-        denoise = value(sampler, "denoise")
+        denoise = self.denoise(sampler)
         if kind == "EmptyLatentImage":
             return self.empty_latent(sampler, source)
         if kind == "RepeatLatentBatch":  # (an empty latent repeated: more images, seeds seed + i)
@@ -246,7 +198,7 @@ class Planner:
         self.fields["width"] = self.fields["height"] = (image, "image")  # (the size is the image's)
 
     def empty_latent(self, sampler: str, latent: str) -> None:
-        if self.workflow.value(sampler, "denoise") != 1:
+        if self.denoise(sampler) != 1:
             raise self.refuse(sampler, "denoise", "from an empty latent, the denoise is 1")
         for name, request_field in (("width", "width"), ("height", "height"), ("batch_size", "n")):
             self.set(request_field, self.workflow.value(latent, name), latent, name)
@@ -275,13 +227,6 @@ class Planner:
         self.set("hires_fix", HiresFix(**size, strength=denoise, steps=value(sampler, "steps")), upscale, "samples")
         self.fields["steps"] = (first, "steps")
 
-    def picture(self, node_id: str) -> bytes:
-        name = self.workflow.value(node_id, "image")
-        data = self.upload(name) if isinstance(name, str) else None
-        if data is None:
-            raise self.refuse(node_id, "image", f"no uploaded image '{name}' (POST /upload/image gives its name)")
-        return data
-
     def mask(self, node_id: str, name: str, grow: int) -> bytes:
         """A mask as the engine takes it (white repaints), from ComfyUI's MASK (1 repaints):
         LoadImage's is its alpha inverted, LoadImageMask's the channel it names."""
@@ -306,7 +251,7 @@ class Planner:
             if node_id in ordered:
                 return
             for name, spec in NODES[self.workflow.class_of(node_id)].inputs.items():
-                if spec.is_link:
+                if spec.is_link and name in self.workflow.nodes[node_id]["inputs"]:
                     visit(self.workflow.link(node_id, name)[0])
             ordered.append(node_id)
 

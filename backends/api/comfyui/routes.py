@@ -50,6 +50,7 @@ def served_lists(runtime: Runtime) -> dict[str, list[str]]:
         "checkpoints": with_files(sorted([*runtime.served, *runtime.aliases])),
         "loras": with_files(sorted(runtime.loras)),
         "upscale_models": with_files(sorted(runtime.upscalers)),
+        "controlnet": with_files(sorted(runtime.controlnets)),
         "embeddings": sorted(runtime.embeddings),
         "vae": with_files([runtime.settings.vae]) if runtime.settings.vae else [],
         "diffusion_models": [],
