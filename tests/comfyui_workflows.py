@@ -224,3 +224,23 @@ def controlled(prompt: str, controlnet: str, upload: str) -> dict:
         },
     }
     return workflow
+
+
+def upscaled(prompt: str, upscaler: str, scale_by: float = 0.5, denoise: float = 0.5) -> dict:
+    """ComfyUI's hires fix with an upscale model: the first image through the model, resized
+    (Lanczos), encoded again and repainted by a second KSampler."""
+    workflow = txt2img(prompt)
+    workflow["12"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": f"{upscaler}.safetensors"}}
+    workflow["13"] = {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["12", 0], "image": ["8", 0]}}
+    workflow["14"] = {
+        "class_type": "ImageScaleBy",
+        "inputs": {"image": ["13", 0], "upscale_method": "lanczos", "scale_by": scale_by},
+    }
+    workflow["15"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["14", 0], "vae": ["4", 2]}}
+    workflow["16"] = {
+        "class_type": "KSampler",
+        "inputs": {**workflow["3"]["inputs"], "latent_image": ["15", 0], "denoise": denoise, "steps": 4},
+    }
+    workflow["17"] = {"class_type": "VAEDecode", "inputs": {"samples": ["16", 0], "vae": ["4", 2]}}
+    workflow["9"]["inputs"]["images"] = ["17", 0]
+    return workflow

@@ -156,6 +156,11 @@ def test_comfy_api_simplified_runs_img2img_inpainting_and_the_hires_fix(server, 
 
     made = api.queue_and_wait_images(titled(hires_fix("a castle", scale=1.5)), "Save Image")
     assert [size_of(data) for data in made.values()] == [(96, 96)]
+    native = {"prompt": "a castle", "negative_prompt": "blurry", "seed": 5, "width": 64, "height": 64, "steps": 3}
+    native |= {"guidance_scale": 7.0, "scheduler": "euler_simple", "prompt_style": "comfyui"}
+    native["hires_fix"] = {"scale": 1.5, "upscaler": "latent", "strength": 0.5, "steps": 4}
+    answer = httpx.post(f"{server.url}/v1/txt2img", json=native, timeout=300).json()
+    assert pixels(next(iter(made.values()))) == pixels(base64.b64decode(answer["images"][0]["b64_json"]))
 
 
 def test_the_interrupt_stops_a_parked_prompt_and_its_socket_says_so(server):
@@ -344,10 +349,13 @@ def test_the_vae_loader_a_repeated_batch_the_sdxl_encoder_and_preview_frames(ser
     assert Image.open(io.BytesIO(frames[0][8:])).format == "PNG"
 
 
-def test_the_refiner_hand_off_and_a_controlnet_give_the_native_requests_pixels(serve, tiny_refiner, tiny_controlnet):
+def test_the_refiner_hand_off_a_controlnet_and_an_upscalers_hires_fix_give_the_native_requests_pixels(
+    serve, tiny_refiner, tiny_controlnet, tiny_upscaler
+):
     """ComfyUI's SDXL refiner example (two KSamplerAdvanced) is `refiner.switch_at` E / steps;
-    its ControlNet example (Canny of an upload, ControlNetApplyAdvanced) a ControlNet unit."""
-    from tests.comfyui_workflows import controlled, refined
+    its ControlNet example (Canny of an upload, ControlNetApplyAdvanced) a ControlNet unit; its
+    hires fix with an upscale model (one pass, Lanczos) the hires fix with that upscaler."""
+    from tests.comfyui_workflows import controlled, refined, upscaled
 
     server = serve("comfyui-extras", {"SDXL_MODELS": "tiny-sdxl,tiny-sdxl-refiner"})
     api = ComfyApiWrapper(server.url)
@@ -373,3 +381,10 @@ def test_the_refiner_hand_off_and_a_controlnet_give_the_native_requests_pixels(s
     unit = {"id": "tiny-sdxl-controlnet", "image": base64.b64encode(edges.getvalue()).decode(), "scale": 0.8}
     unit |= {"preprocess": "canny", "low_threshold": 102, "high_threshold": 204}
     assert pixels(next(iter(made.values()))) == native(steps=3, controlnets=[unit])
+
+    made = api.queue_and_wait_images(titled(upscaled("a lighthouse", "tiny-upscaler", scale_by=0.5)), "Save Image")
+    hires = {"upscaler": "tiny-upscaler", "scale": 2.0, "strength": 0.5, "steps": 4}
+    assert pixels(next(iter(made.values()))) == native(steps=3, hires_fix=hires)
+    too_far = upscaled("a lighthouse", "tiny-upscaler", scale_by=1.5)
+    refused = httpx.post(f"{server.url}/prompt", json={"prompt": too_far}, timeout=60)
+    assert refused.status_code == 400 and "14" in refused.json()["node_errors"], refused.text

@@ -36,8 +36,10 @@ class GraphReader:
         model_id: Callable[[str], str],
         lora_id: Callable[[str], str],
         upload: Callable[[str], bytes | None],
+        upscaler_scale: Callable[[str], int] = lambda _: 4,
     ):
         self.workflow, self.model_id, self.lora_id, self.upload = workflow, model_id, lora_id, upload
+        self.upscaler_scale = upscaler_scale  # a served upscale model's scale, by id
         self.fields: dict[str, tuple[str, str]] = {}
         self.values: dict[str, Any] = {}
 

@@ -82,6 +82,7 @@ def _size(default: int) -> Input:
 
 
 LATENT_UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
+IMAGE_UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
 
 NODES: dict[str, Node] = {
     "CheckpointLoaderSimple": Node(
@@ -287,11 +288,35 @@ NODES: dict[str, Node] = {
     ),
     "VAELoader": Node("Load VAE", "loaders", {"vae_name": Input("COMBO", choices="vae")}, ("VAE",)),
     "UpscaleModelLoader": Node(
-        "Load Upscale Model",
-        "loaders",
-        {"model_name": Input("COMBO", choices="upscale_models")},
-        ("UPSCALE_MODEL",),
-        runs=False,
+        "Load Upscale Model", "loaders", {"model_name": Input("COMBO", choices="upscale_models")}, ("UPSCALE_MODEL",)
+    ),
+    "ImageUpscaleWithModel": Node(
+        "Upscale Image (using Model)",
+        "image/upscaling",
+        {"upscale_model": Input("UPSCALE_MODEL"), "image": Input("IMAGE")},
+        ("IMAGE",),
+    ),
+    "ImageScale": Node(
+        "Upscale Image",
+        "image/upscaling",
+        {
+            "image": Input("IMAGE"),
+            "upscale_method": Input("COMBO", choices=IMAGE_UPSCALE_METHODS),
+            "width": _int(512, 0, MAX_RESOLUTION),
+            "height": _int(512, 0, MAX_RESOLUTION),
+            "crop": Input("COMBO", choices=["disabled", "center"]),
+        },
+        ("IMAGE",),
+    ),
+    "ImageScaleBy": Node(
+        "Upscale Image By",
+        "image/upscaling",
+        {
+            "image": Input("IMAGE"),
+            "upscale_method": Input("COMBO", choices=IMAGE_UPSCALE_METHODS),
+            "scale_by": _float(1.0, 0.01, 8.0),
+        },
+        ("IMAGE",),
     ),
 }
 

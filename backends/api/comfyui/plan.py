@@ -182,6 +182,10 @@ class Planner(ConditioningPlanner):
             return self.hires_fix(sampler, source)
         if denoise <= 0:
             raise self.refuse(sampler, "denoise", "a denoise of 0 repaints nothing")
+        if kind == "VAEEncode" and self.workflow.class_of(self.workflow.link(source, "pixels")[0]) != "LoadImage":
+            self.check_vae(source)
+            pixels, _ = self.source(source, "pixels", "ImageScale", "ImageScaleBy", "ImageUpscaleWithModel")
+            return self.upscaler_hires_fix(sampler, pixels)
         self.set("strength", denoise, sampler, "denoise")
         if kind == "SetLatentNoiseMask":
             self.values["masked_content"] = "original"
@@ -204,10 +208,50 @@ class Planner(ConditioningPlanner):
             self.set(request_field, self.workflow.value(latent, name), latent, name)
 
     def hires_fix(self, sampler: str, upscale: str) -> None:
+        """The latent hires fix: the first sampler's latents upscaled (bilinear, as here)."""
         value = self.workflow.value
         if value(upscale, "upscale_method") != "bilinear":
             raise self.refuse(upscale, "upscale_method", "the latent upscale here is bilinear")
         first, _ = self.source(upscale, "samples", "KSampler")
+        if self.workflow.class_of(upscale) == "LatentUpscale":
+            if value(upscale, "crop") != "disabled":
+                raise self.refuse(upscale, "crop", "the latent upscale here does not crop")
+            size: dict[str, Any] = {"width": value(upscale, "width"), "height": value(upscale, "height")}
+        else:
+            size = {"scale": value(upscale, "scale_by")}
+        self.second_pass(sampler, first, upscale, {**size, "upscaler": "latent"})
+
+    def upscaler_hires_fix(self, sampler: str, pixels: str) -> None:
+        """The upscaler's hires fix: the first image through an upscale model (one pass), resized
+        with Lanczos (ImageScale/ImageScaleBy, as the hires fix resizes here), encoded again."""
+        value, size = self.workflow.value, {}
+        if self.workflow.class_of(pixels) in ("ImageScale", "ImageScaleBy"):
+            if value(pixels, "upscale_method") != "lanczos":
+                raise self.refuse(pixels, "upscale_method", "the upscale model's image is resized with lanczos here")
+            if self.workflow.class_of(pixels) == "ImageScale" and value(pixels, "crop") != "disabled":
+                raise self.refuse(pixels, "crop", "the hires fix here does not crop")
+            resize, (pixels, _) = pixels, self.source(pixels, "image", "ImageUpscaleWithModel")
+        else:
+            resize = None
+        loader, _ = self.source(pixels, "upscale_model", "UpscaleModelLoader")
+        upscaler = self.model_id(value(loader, "model_name"))
+        decode, _ = self.source(pixels, "image", "VAEDecode")
+        first, _ = self.source(decode, "samples", "KSampler")
+        self.check_vae(decode)
+        scale = float(self.upscaler_scale(upscaler))
+        if resize is not None and self.workflow.class_of(resize) == "ImageScaleBy":
+            size = {"scale": scale * value(resize, "scale_by")}
+        elif resize is not None:
+            size = {"width": value(resize, "width"), "height": value(resize, "height")}
+        else:
+            size = {"scale": scale}
+        if size.get("scale", 0) > scale:
+            raise self.refuse(resize or pixels, "scale_by", f"one pass of the upscale model here: at most x{scale:g}")
+        self.second_pass(sampler, first, resize or pixels, {**size, "upscaler": upscaler})
+
+    def second_pass(self, sampler: str, first: str, upscale: str, hires: dict[str, Any]) -> None:
+        """A hires fix's second sampler, after `first`: the same settings, its own denoise and steps."""
+        value = self.workflow.value
         for name in ("seed", "cfg", "sampler_name", "scheduler", "model", "positive", "negative"):
             if value(first, name) != value(sampler, name):
                 raise self.refuse(sampler, name, f"the second pass of a hires fix takes the first one's {name} here")
@@ -218,14 +262,8 @@ class Planner(ConditioningPlanner):
             raise self.refuse(
                 sampler, "denoise", "the second pass of a hires fix repaints part of the image: 0 < denoise < 1"
             )
-        if self.workflow.class_of(upscale) == "LatentUpscale":
-            if value(upscale, "crop") != "disabled":
-                raise self.refuse(upscale, "crop", "the latent upscale here does not crop")
-            size = {"width": value(upscale, "width"), "height": value(upscale, "height")}
-        else:
-            size = {"scale": value(upscale, "scale_by")}
-        self.set("hires_fix", HiresFix(**size, strength=denoise, steps=value(sampler, "steps")), upscale, "samples")
-        self.fields["steps"] = (first, "steps")
+        self.set("hires_fix", HiresFix(**hires, strength=denoise, steps=value(sampler, "steps")), upscale, "image")
+        self.set("steps", value(first, "steps"), first, "steps")  # (the first pass's; the second's are the fix's)
 
     def mask(self, node_id: str, name: str, grow: int) -> bytes:
         """A mask as the engine takes it (white repaints), from ComfyUI's MASK (1 repaints):

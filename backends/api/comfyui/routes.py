@@ -80,7 +80,10 @@ def make_plan(runtime: Runtime, workflow_json: Any) -> Plan:
         kept = runtime.kept_images.get(name)
         return kept.data if kept is not None else None
 
-    return Planner(workflow, plain_id, plain_id, upload).plan()
+    def upscaler_scale(upscaler_id: str) -> int:
+        return runtime.engine.models.upscalers[upscaler_id].scale
+
+    return Planner(workflow, plain_id, plain_id, upload, upscaler_scale).plan()
 
 
 @router.post("/prompt", responses=errors.responses(400, 401, 404, 413, 429, 503))
