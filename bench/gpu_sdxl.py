@@ -64,7 +64,7 @@ from backends.sdxl_backend.pipelines import (  # noqa: E402
     Pipelines,
     apply_memory_mode,
     load_pipelines,
-    with_controlnets,
+    pipeline_for,
 )
 from models.tiny import build_tiny_controlnet, build_tiny_sdxl, make_tokenizer  # noqa: E402
 
@@ -373,7 +373,7 @@ def main() -> None:
             build_tiny_controlnet() if args.tiny else ControlNetModel.from_unet(service().txt2img.unet)
         ).to(device, placement.dtype)
         reset_peak(device)
-        guided = with_controlnets(service(), "txt2img", [controlnet] * count)
+        guided = pipeline_for(service(), "txt2img", [controlnet] * count)
         seconds = timed(guided, device, args.runs, **call, image=[edges] * count if count > 1 else edges)
         report["controlnets"][str(count)] = {
             "p50_s": round(statistics.median(seconds), 3),

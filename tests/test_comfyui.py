@@ -388,3 +388,20 @@ def test_the_refiner_hand_off_a_controlnet_and_an_upscalers_hires_fix_give_the_n
     too_far = upscaled("a lighthouse", "tiny-upscaler", scale_by=1.5)
     refused = httpx.post(f"{server.url}/prompt", json={"prompt": too_far}, timeout=60)
     assert refused.status_code == 400 and "14" in refused.json()["node_errors"], refused.text
+
+
+def test_the_pag_node_is_pag_scale_and_the_openai_extra_field_takes_it_too(server):
+    """ComfyUI's PerturbedAttentionGuidance on the model is `pag_scale`; the PNG says so."""
+    import openai
+
+    api = ComfyApiWrapper(server.url)
+    workflow = txt2img("a lighthouse", seed=8, model=["12", 0])
+    workflow["12"] = {"class_type": "PerturbedAttentionGuidance", "inputs": {"model": ["4", 0], "scale": 3.0}}
+    (guided,) = api.queue_and_wait_images(titled(workflow), "Save Image").values()
+    (plain,) = api.queue_and_wait_images(titled(txt2img("a lighthouse", seed=8)), "Save Image").values()
+    assert pixels(guided) != pixels(plain) and "PAG Scale: 3.0" in Image.open(io.BytesIO(guided)).info["parameters"]
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    body = {"prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 8, "width": 64, "height": 64, "steps": 3}
+    body |= {"guidance_scale": 7.0, "scheduler": "euler_simple", "prompt_style": "comfyui", "pag_scale": 3.0}
+    made = client.images.generate(model="tiny-sdxl", prompt="a lighthouse", extra_body=body)
+    assert pixels(base64.b64decode(made.data[0].b64_json)) == pixels(guided)

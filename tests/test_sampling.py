@@ -38,9 +38,9 @@ def served(engine: Engine, **fields) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(result.images[0].data)).convert("RGB"), dtype=np.int16)
 
 
-def plain_diffusers(model, prepare=lambda pipeline: None, **call) -> np.ndarray:
+def plain_diffusers(model, prepare=lambda pipeline: None, load=DiffusionPipeline.from_pretrained, **call) -> np.ndarray:
     """The stored pipeline as diffusers loads it, called the way its own docs call it."""
-    pipeline = DiffusionPipeline.from_pretrained(model.path, local_files_only=True)
+    pipeline = load(model.path, local_files_only=True)
     prepare(pipeline)
     arguments = {key: PLAIN[key] for key in ("prompt", "guidance_scale", "width", "height")}
     image = pipeline(
@@ -93,11 +93,48 @@ def test_tcd_with_its_eta_is_diffusers_own(engine, tiny_model):
         engine.prepare(GenerationRequest(**PLAIN, eta=0.3))
 
 
+def test_pag_is_diffusers_own_and_changes_the_picture_and_zero_is_off(engine, tiny_model):
+    """diffusers' PAG pipeline as its docs load it (AutoPipeline with enable_pag), on the layers
+    the server picks: SDXL's middle block; tiny-sdxl has none, so its first up block."""
+    from diffusers import AutoPipelineForText2Image
+
+    from backends.sdxl_backend.pipelines import pag_layers
+
+    def pag_pipeline(path, **options):
+        unet_only = AutoPipelineForText2Image.from_pretrained(path, **options).unet
+        assert pag_layers(unet_only) == ["up_blocks.0"]
+        return AutoPipelineForText2Image.from_pretrained(
+            path, enable_pag=True, pag_applied_layers=pag_layers(unet_only), **options
+        )
+
+    guided = served(engine, pag_scale=3.0)
+    assert difference(guided, plain_diffusers(tiny_model, load=pag_pipeline, pag_scale=3.0)) == 0
+    assert difference(guided, served(engine)) > 1
+    assert difference(served(engine, pag_scale=0.0), served(engine)) == 0
+    hires = served(engine, pag_scale=3.0, hires_fix={"scale": 1.5, "steps": 2})  # (both passes guided)
+    assert hires.shape == (96, 96, 3)
+
+
+def test_pag_is_refused_by_name_with_what_it_cannot_run_beside(engine):
+    from backends.sdxl_backend.protocol import TINY_PNG
+
+    for other in (
+        {"ip_adapters": [{"id": "any-adapter", "image": TINY_PNG}]},
+        {"refiner": {"model": "tiny-sdxl"}},
+        {"prompt": "a [lighthouse:tower:0.5]"},
+    ):
+        with pytest.raises(InvalidRequest) as refused:
+            engine.prepare(GenerationRequest(**{**PLAIN, "pag_scale": 3.0, **other}))
+        assert "pag_scale" in refused.value.message, refused.value.message
+
+
 def test_requests_with_other_sampling_settings_never_share_a_call(engine):
     def key(**fields):
         return engine.batch_key(engine.prepare(GenerationRequest(**{**PLAIN, **fields})))
 
-    assert len({key(), key(guidance_rescale=0.7), key(freeu=FreeU()), key(freeu=FreeU(b1=1.1))}) == 4
+    assert (
+        len({key(), key(guidance_rescale=0.7), key(freeu=FreeU()), key(freeu=FreeU(b1=1.1)), key(pag_scale=3.0)}) == 5
+    )
     assert key(guidance_rescale=0.0) == key()
 
 

@@ -20,7 +20,7 @@ from .errors import BackendError
 from .ip_adapters import ImagePromptModel, embeddings, install
 from .model_manager import ModelManager
 from .model_records import ModelSource
-from .pipelines import with_controlnets
+from .pipelines import pipeline_for
 from .progress import Batch, BatchProgress
 from .prompt_encoder import ConditioningSchedule, conditioning
 from .prompts import PromptReader, ReadPrompts
@@ -126,7 +126,7 @@ class Denoiser:
                 ),
                 "out of memory installing the IP-Adapters",
             )
-            pipeline = with_controlnets(pipelines, task, controlnets) if controlnets else getattr(pipelines, task)
+            pipeline = pipeline_for(pipelines, task, controlnets, pag=request.pag_scale > 0)
             pipeline.scheduler = pipelines.new_scheduler(request.scheduler, source.defaults.timestep_spacing)
 
             # 3. The call's arguments: those of every call, the prompts' conditioning (with prompt
@@ -186,7 +186,7 @@ class Denoiser:
                         pipeline.num_timesteps,
                     )
                 elif hires is not None:
-                    second = with_controlnets(pipelines, "img2img", controlnets) if controlnets else pipelines.img2img
+                    second = pipeline_for(pipelines, "img2img", controlnets, pag=request.pag_scale > 0)
                     second.scheduler = pipelines.new_scheduler(request.scheduler, source.defaults.timestep_spacing)
                     pictures = self._hires_pass(
                         first, second, pictures, arguments, attempt, progress, pipeline.num_timesteps

@@ -105,7 +105,7 @@ class Engine:
                         field,
                     )
         if read.schedule:
-            for other in ("hires_fix", "refiner", "controlnets"):
+            for other in ("hires_fix", "refiner", "controlnets", "pag_scale"):
                 if getattr(request, other):
                     raise InvalidRequest(
                         f"prompt: prompt editing and alternation ([a:b:when], [a|b]) do not run with {other} here",
@@ -225,6 +225,7 @@ class Engine:
             request.eta,
             request.clip_skip,
             request.guidance_rescale,
+            request.pag_scale,
             request.freeu,
             request.strength if img2img else None,
             img2img,

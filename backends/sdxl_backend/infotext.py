@@ -29,6 +29,8 @@ def write(request: ResolvedRequest, seed: int, img2img: bool, inpainting: bool) 
         settings.append(f"Clip skip: {request.clip_skip}")
     if request.guidance_rescale:  # (as A1111's CFG Rescale extension writes it)
         settings.append(f"CFG Rescale: {request.guidance_rescale}")
+    if request.pag_scale:  # (as Forge's built-in PAG script names its scale)
+        settings.append(f"PAG Scale: {request.pag_scale}")
     if request.freeu is not None:
         freeu = request.freeu
         settings.append(f"FreeU s1: {freeu.s1}, FreeU s2: {freeu.s2}, FreeU b1: {freeu.b1}, FreeU b2: {freeu.b2}")

@@ -31,9 +31,14 @@ from diffusers import (
     DiffusionPipeline,
     StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetInpaintPipeline,
+    StableDiffusionXLControlNetPAGImg2ImgPipeline,
+    StableDiffusionXLControlNetPAGPipeline,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPAGImg2ImgPipeline,
+    StableDiffusionXLPAGInpaintPipeline,
+    StableDiffusionXLPAGPipeline,
     StableDiffusionXLPipeline,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -169,20 +174,46 @@ CONTROLNET_PIPELINES = {
     "img2img": StableDiffusionXLControlNetImg2ImgPipeline,
     "inpaint": StableDiffusionXLControlNetInpaintPipeline,
 }
+# Perturbed-attention guidance (on the layers `pag_layers` names).
+PAG_PIPELINES = {
+    "txt2img": StableDiffusionXLPAGPipeline,
+    "img2img": StableDiffusionXLPAGImg2ImgPipeline,
+    "inpaint": StableDiffusionXLPAGInpaintPipeline,
+}
+CONTROLNET_PAG_PIPELINES = {
+    "txt2img": StableDiffusionXLControlNetPAGPipeline,
+    "img2img": StableDiffusionXLControlNetPAGImg2ImgPipeline,
+}  # (diffusers has no SDXL ControlNet inpainting with PAG: validation.py refuses the pair)
 
 
-def with_controlnets(pipelines: Pipelines, task: str, controlnets: list[ControlNetModel]) -> DiffusionPipeline:
-    """The `task` pipeline ("txt2img", "img2img", "inpaint") over the same components, guided by
-    `controlnets` (several: diffusers combines them). Made per call: it holds no weights of its own."""
+def pag_layers(unet) -> list[str]:
+    """Where PAG perturbs the self-attention: SDXL's middle block (what ComfyUI's node perturbs);
+    in a UNet without attention there (the tiny test model), its deepest self-attention, the
+    first up block's."""
+    mid = getattr(unet, "mid_block", None)
+    return ["mid"] if mid is not None and getattr(mid, "attentions", None) else ["up_blocks.0"]
+
+
+def pipeline_for(
+    pipelines: Pipelines, task: str, controlnets: list[ControlNetModel], pag: bool = False
+) -> DiffusionPipeline:
+    """The `task` pipeline ("txt2img", "img2img", "inpaint"), or one made for the call over the
+    same components (it holds no weights of its own) when it is guided by `controlnets`
+    (several: diffusers combines them) or by PAG."""
     base = getattr(pipelines, task)
+    if not controlnets and not pag:
+        return base
     config = {
         key: base.config[key]
         for key in ("requires_aesthetics_score", "force_zeros_for_empty_prompt")
         if key in base.config
     }
-    pipeline = CONTROLNET_PIPELINES[task](
-        **base.components, **config, controlnet=controlnets if len(controlnets) > 1 else controlnets[0]
-    )
+    if controlnets:
+        config["controlnet"] = controlnets if len(controlnets) > 1 else controlnets[0]
+    if pag:
+        config["pag_applied_layers"] = pag_layers(base.unet)
+    kinds = (CONTROLNET_PAG_PIPELINES if pag else CONTROLNET_PIPELINES) if controlnets else PAG_PIPELINES
+    pipeline = kinds[task](**base.components, **config)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from .modes import MEMORY_MODES
-from .prompts import PromptStyle
+from .prompts import PromptStyle as PromptStyle  # (re-exported: the dialects' wire models use it)
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 VramMode = Literal[MEMORY_MODES]  # type: ignore[valid-type]
@@ -213,6 +213,13 @@ class TextToImageRequest(BaseModel):
         "(0: off; 0.7 for v-prediction models with zero-terminal SNR). Default: the model's.",
     )
     freeu: FreeU | None = Field(None, description="FreeU on the UNet's up path (off when absent).")
+    pag_scale: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Perturbed-attention guidance: the prediction pushed away from one made with the UNet's "
+        "middle self-attention blurred to identity (0: off; around 3 is usual).",
+    )
     prompt_style: PromptStyle = Field(
         "a1111",
         description="Whose rule reads the prompts' brackets and weights: AUTOMATIC1111's, or ComfyUI's "

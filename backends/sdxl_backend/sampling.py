@@ -1,6 +1,7 @@
-"""The sampling settings beside the scheduler, as diffusers runs them: CFG rescale (a pipeline
-argument) and FreeU (a switch on the UNet for the length of a call, off again after it, so
-that it never reaches a request that did not ask for it)."""
+"""The sampling settings beside the scheduler, as diffusers runs them: CFG rescale and PAG
+(pipeline arguments; PAG runs on diffusers' PAG pipelines, pipelines.py) and FreeU (a switch on
+the UNet for the length of a call, off again after it, so that it never reaches a request that
+did not ask for it)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from .protocol import FreeU, ResolvedRequest
 
 
 def guidance_arguments(request: ResolvedRequest) -> dict[str, Any]:
-    """CFG rescale as the SDXL pipelines take it (left out at 0, where it changes nothing, so
-    that the pipelines without it still run a request that does not ask for it)."""
-    return {"guidance_rescale": request.guidance_rescale} if request.guidance_rescale else {}
+    """CFG rescale and PAG as the SDXL pipelines take them (each left out at 0, where it changes
+    nothing, so that the pipelines without it still run a request that does not ask for it)."""
+    arguments: dict[str, Any] = {"guidance_rescale": request.guidance_rescale} if request.guidance_rescale else {}
+    return arguments | ({"pag_scale": request.pag_scale} if request.pag_scale else {})
 
 
 @contextmanager

@@ -107,6 +107,17 @@ def validate(request: ResolvedRequest, limits: Limits) -> None:
         raise InvalidRequest(
             f"eta: only the {' and '.join(ETA_SCHEDULERS)} schedulers take eta, not {request.scheduler}", "eta"
         )
+    if request.pag_scale:
+        for other, why in (
+            ("ip_adapters", "image prompts replace the attention PAG perturbs"),
+            ("refiner", "the refiner's pass runs without it"),
+        ):
+            if getattr(request, other):
+                raise InvalidRequest(f"pag_scale: not with {other} here ({why})", "pag_scale")
+        if request.controlnets and request.mask is not None:
+            raise InvalidRequest(
+                "pag_scale: not with ControlNets when inpainting (no such diffusers pipeline)", "pag_scale"
+            )
     if request.guidance_rescale and request.controlnets:
         raise InvalidRequest(
             "guidance_rescale: not with ControlNets (diffusers' SDXL ControlNet pipelines do not take it)",

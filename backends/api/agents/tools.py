@@ -28,6 +28,7 @@ GENERATION_FIELDS = (
     "scheduler",
     "clip_skip",
     "guidance_rescale",
+    "pag_scale",
     "loras",
     "priority",
 )

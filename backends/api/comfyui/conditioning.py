@@ -110,7 +110,12 @@ class ConditioningPlanner(GraphReader):
         """The CheckpointLoaderSimple under a sampler's model, and the LoRAs on it (nearest the
         checkpoint first)."""
         loras: list[tuple[str, float]] = []
-        node_id, _ = self.source(sampler, "model", "CheckpointLoaderSimple", "LoraLoader")
+        node_id, _ = self.source(sampler, "model", "CheckpointLoaderSimple", "LoraLoader", "PerturbedAttentionGuidance")
+        if self.workflow.class_of(node_id) == "PerturbedAttentionGuidance":  # (on the model as it reaches the sampler)
+            if self.workflow.value(node_id, "scale") > 10:
+                raise self.refuse(node_id, "scale", "PAG's scale is at most 10 here")
+            self.set("pag_scale", self.workflow.value(node_id, "scale"), node_id, "scale")
+            node_id, _ = self.source(node_id, "model", "CheckpointLoaderSimple", "LoraLoader")
         while self.workflow.class_of(node_id) == "LoraLoader":
             strength = self.workflow.value(node_id, "strength_model")
             if strength != self.workflow.value(node_id, "strength_clip"):

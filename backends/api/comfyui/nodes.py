@@ -239,6 +239,12 @@ NODES: dict[str, Node] = {
         },
         ("LATENT",),
     ),
+    "PerturbedAttentionGuidance": Node(
+        "PerturbedAttentionGuidance",
+        "model_patches/unet",
+        {"model": Input("MODEL"), "scale": _float(3.0, 0.0, 100.0)},
+        ("MODEL",),
+    ),
     "LoraLoader": Node(
         "Load LoRA",
         "loaders",

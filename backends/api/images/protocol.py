@@ -27,6 +27,7 @@ from backends.sdxl_backend.protocol import (
     Outpaint,
     OutputFormat,
     Priority,
+    PromptStyle,
     Refiner,
 )
 from backends.sdxl_backend.schedulers import resolve_moondream_name
@@ -55,6 +56,8 @@ class ImageGenerationRequest(BaseModel):
     scheduler: str | None = None
     clip_skip: int | None = Field(None, ge=1, le=MAX_CLIP_SKIP)  # as the native fields
     guidance_rescale: float | None = Field(None, ge=0, le=1)
+    pag_scale: float = Field(0.0, ge=0, le=10)
+    prompt_style: PromptStyle = "a1111"
     freeu: FreeU | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     # Count: OpenAI's `n`, moondream's `num_images`.
@@ -112,6 +115,8 @@ class ImageGenerationRequest(BaseModel):
             scheduler=self._scheduler(),
             clip_skip=self.clip_skip,
             guidance_rescale=self.guidance_rescale,
+            pag_scale=self.pag_scale,
+            prompt_style=self.prompt_style,
             freeu=self.freeu,
             output_format=self.output_format,
             quality=max(1, self.output_compression) if self.output_compression is not None else 90,
