@@ -216,6 +216,16 @@ def jobs_server(serve):
     )
 
 
+@pytest.fixture(scope="session")
+def comfyui_server(serve, tiny_refiner, tiny_controlnet, tiny_upscaler):
+    """The ComfyUI tests' one server (tests/test_comfyui*.py): tiny-sdxl and its refiner, the
+    tiny ControlNet and upscaler, decoded by a served VAE (what VAELoader lists)."""
+    from models.store import import_tiny, stored_model
+
+    stored_model("tiny-sdxl-vae", "vae") or import_tiny("tiny-sdxl-vae")
+    return serve("comfyui", {"SDXL_MODELS": "tiny-sdxl,tiny-sdxl-refiner", "SDXL_VAE": "tiny-sdxl-vae"})
+
+
 # The keys `guarded` accepts; the first is the one the tests mostly present.
 GUARD_KEYS = ("sk-test-7f3a9c1e5b", "other-key", "key-one-0123456789", "key-two-0123456789")
 

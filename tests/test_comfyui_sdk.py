@@ -20,10 +20,10 @@ from tests.comfyui_workflows import hires_fix, img2img, txt2img
 SDK = Path(__file__).parent / "comfyui_sdk"
 
 
-@pytest.fixture(scope="module")
-def server(serve):
+@pytest.fixture
+def server(comfyui_server):
     assert shutil.which("node") and (SDK / "node_modules").is_dir(), "make test-programs installs Node and the SDK"
-    return serve("comfyui-sdk", {"SDXL_MODELS": "tiny-sdxl"})
+    return comfyui_server
 
 
 def run_sdk(server, request: dict) -> list[dict]:
