@@ -10,6 +10,8 @@ import copy
 import json
 from typing import Any
 
+from comfy_api_simplified import ComfyWorkflowWrapper
+
 SILLYTAVERN_DEFAULT = """{
     "3": {"class_type": "KSampler", "inputs": {"cfg": "%scale%", "denoise": 1, "latent_image": ["5", 0],
           "model": ["4", 0], "negative": ["7", 0], "positive": ["6", 0], "sampler_name": "%sampler%",
@@ -141,6 +143,55 @@ def inpaint(prompt: str, upload: str) -> dict:
     return workflow
 
 
+def inpaint_keeping_the_image(prompt: str, upload: str, wiring: str) -> dict:
+    """The two wirings that start the masked area from the image: VAEEncode -> SetLatentNoiseMask,
+    and InpaintModelConditioning on the prompts (ComfyUI's inpainting-model example)."""
+    workflow = img2img(prompt, upload, denoise=1.0)
+    if wiring == "SetLatentNoiseMask":
+        workflow["12"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["10", 0], "mask": ["11", 1]}}
+        workflow["3"]["inputs"]["latent_image"] = ["12", 0]
+        return workflow
+    del workflow["10"]
+    workflow["12"] = {
+        "class_type": "InpaintModelConditioning",
+        "inputs": {
+            "positive": ["6", 0],
+            "negative": ["7", 0],
+            "vae": ["4", 2],
+            "pixels": ["11", 0],
+            "mask": ["11", 1],
+            "noise_mask": True,
+        },
+    }
+    workflow["3"]["inputs"] |= {"positive": ["12", 0], "negative": ["12", 1], "latent_image": ["12", 2]}
+    return workflow
+
+
+def with_lora(workflow: dict, lora: str, strength: float, model_only: bool) -> dict:
+    """A LoRA between the checkpoint and the sampler: LoraLoader on the model and the CLIP, or
+    LoraLoaderModelOnly on the model alone."""
+    if model_only:
+        workflow["20"] = {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": ["4", 0], "lora_name": lora, "strength_model": strength},
+        }
+    else:
+        workflow["20"] = {
+            "class_type": "LoraLoader",
+            "inputs": {
+                "model": ["4", 0],
+                "clip": ["4", 1],
+                "lora_name": lora,
+                "strength_model": strength,
+                "strength_clip": strength,
+            },
+        }
+        for encoder in ("6", "7"):
+            workflow[encoder]["inputs"]["clip"] = ["20", 1]
+    workflow["3"]["inputs"]["model"] = ["20", 0]
+    return workflow
+
+
 def hires_fix(prompt: str, scale: float = 1.5, denoise: float = 0.5) -> dict:
     """ComfyUI's hires-fix example: a second KSampler on the first one's latent, upscaled."""
     workflow = txt2img(prompt)
@@ -244,3 +295,11 @@ def upscaled(prompt: str, upscaler: str, scale_by: float = 0.5, denoise: float =
     workflow["17"] = {"class_type": "VAEDecode", "inputs": {"samples": ["16", 0], "vae": ["4", 2]}}
     workflow["9"]["inputs"]["images"] = ["17", 0]
     return workflow
+
+
+def titled(workflow: dict) -> ComfyWorkflowWrapper:
+    """A workflow as comfy-api-simplified takes it: each node with its `_meta` title, as
+    ComfyUI's "Export (API)" writes them (the wrapper finds the output node by its title)."""
+    for node in workflow.values():
+        node["_meta"] = {"title": {"SaveImage": "Save Image"}.get(node["class_type"], node["class_type"])}
+    return ComfyWorkflowWrapper(workflow)

@@ -217,9 +217,9 @@ def jobs_server(serve):
 
 
 @pytest.fixture(scope="session")
-def comfyui_server(serve, tiny_refiner, tiny_controlnet, tiny_upscaler):
+def comfyui_server(serve, tiny_refiner, tiny_controlnet, tiny_upscaler, tiny_lora):
     """The ComfyUI tests' one server (tests/test_comfyui*.py): tiny-sdxl and its refiner, the
-    tiny ControlNet and upscaler, decoded by a served VAE (what VAELoader lists)."""
+    tiny ControlNet, upscaler and LoRA, decoded by a served VAE (what VAELoader lists)."""
     from models.store import import_tiny, stored_model
 
     stored_model("tiny-sdxl-vae", "vae") or import_tiny("tiny-sdxl-vae")

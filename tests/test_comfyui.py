@@ -15,10 +15,18 @@ import uuid
 import httpx
 import pytest
 import websockets
-from comfy_api_simplified import ComfyApiWrapper, ComfyWorkflowWrapper
+from comfy_api_simplified import ComfyApiWrapper
 from PIL import Image
 
-from tests.comfyui_workflows import hires_fix, img2img, inpaint, open_webui_workflow, sillytavern_body, txt2img
+from tests.comfyui_workflows import (
+    hires_fix,
+    img2img,
+    inpaint,
+    open_webui_workflow,
+    sillytavern_body,
+    titled,
+    txt2img,
+)
 from tests.conftest import GUARD_KEYS, pixels
 from tests.polling import poll
 
@@ -122,14 +130,6 @@ def test_a_workflow_and_the_same_native_request_give_the_same_pixels(server):
             timeout=300,
         ).json()
         assert pixels(next(iter(images.values()))) == pixels(base64.b64decode(native["images"][0]["b64_json"]))
-
-
-def titled(workflow: dict) -> ComfyWorkflowWrapper:
-    """A workflow as comfy-api-simplified takes it: each node with its `_meta` title, as
-    ComfyUI's "Export (API)" writes them (the wrapper finds the output node by its title)."""
-    for node in workflow.values():
-        node["_meta"] = {"title": {"SaveImage": "Save Image"}.get(node["class_type"], node["class_type"])}
-    return ComfyWorkflowWrapper(workflow)
 
 
 def test_comfy_api_simplified_runs_img2img_inpainting_and_the_hires_fix(server, tmp_path):

@@ -11,10 +11,14 @@ architecture is recorded as a signature of the UNet's config, for models read fr
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what a stored LoRA's folder holds, whatever it came as
+# Where a LoRA's text-encoder weights are: diffusers' names, and kohya's (the files people share).
+TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te")
 SDXL_UNET = "320,640,1280/2048"  # SDXL base's signature: what hub and single-file LoRAs are trained on
 
 
@@ -42,3 +46,15 @@ class LoraSource:
     def adapter_name(self) -> str:
         """PEFT adapter names end up in module keys, where a dot would split them."""
         return self.id.replace(".", "_")
+
+
+@lru_cache(maxsize=256)
+def holds_text_encoder_weights(lora_file: Path) -> bool:
+    """Whether a LoRA file has weights for the text encoders too (many kohya LoRAs do; those
+    trained on the UNet alone do not). Read from the safetensors header: its first 8 bytes give
+    the length of a JSON object keyed by tensor name. (A stored file never changes: its path
+    holds the store version.)"""
+    with lora_file.open("rb") as stream:
+        (length,) = struct.unpack("<Q", stream.read(8))
+        names = json.loads(stream.read(length))
+    return any(name.startswith(TEXT_ENCODER_PREFIXES) for name in names)

@@ -2,13 +2,16 @@
 under a sampler's model, the prompts its conditioning comes from (with the CLIP layer read),
 and the ControlNets applied to that conditioning.
 
-- CheckpointLoaderSimple; LoraLoader chained (its two strengths equal: a LoRA has one weight
-  here), the same LoRAs on the model and on the CLIP;
+- CheckpointLoaderSimple; LoraLoader chained, the same LoRAs on the model and on the CLIP. A
+  LoRA has one weight here, on the UNet and the text encoders alike: its two strengths are
+  equal, unless the LoRA holds no text-encoder weights (then strength_clip changes nothing,
+  and LoraLoaderModelOnly is LoraLoader);
 - CLIPSetLastLayer: -n is clip skip n (none: ComfyUI's SDXL default, the penultimate layer);
 - CLIPTextEncode, or CLIPTextEncodeSDXL with one text and the output's sizes; read by
   ComfyUI's prompt rule (`prompt_style: comfyui`);
 - ControlNetApplyAdvanced (chained: one unit each) with ControlNetLoader and a LoadImage, or a
   Canny of one: a ControlNet unit, on both prompts as here;
+- InpaintModelConditioning, anywhere on the prompts' way (plan.py reads its latent);
 - VAELoader: the served VAE, which decodes for every model here.
 """
 
@@ -24,6 +27,7 @@ from backends.api.comfyui.graph import Workflow, node_error
 from backends.sdxl_backend.protocol import MAX_CONTROLNETS, MAX_LORAS, ControlNetUnit, LoraWeight
 
 ENCODERS = ("CLIPTextEncode", "CLIPTextEncodeSDXL")
+LORA_LOADERS = ("LoraLoader", "LoraLoaderModelOnly")
 
 
 class GraphReader:
@@ -36,10 +40,12 @@ class GraphReader:
         model_id: Callable[[str], str],
         lora_id: Callable[[str], str],
         upload: Callable[[str], bytes | None],
-        upscaler_scale: Callable[[str], int] = lambda _: 4,
+        upscaler_scale: Callable[[str], int],
+        lora_changes_clip: Callable[[str], bool],
     ):
         self.workflow, self.model_id, self.lora_id, self.upload = workflow, model_id, lora_id, upload
         self.upscaler_scale = upscaler_scale  # a served upscale model's scale, by id
+        self.lora_changes_clip = lora_changes_clip  # whether a served LoRA has text-encoder weights, by id
         self.fields: dict[str, tuple[str, str]] = {}
         self.values: dict[str, Any] = {}
 
@@ -75,6 +81,7 @@ class ConditioningPlanner(GraphReader):
     def __init__(self, *arguments: Any):
         super().__init__(*arguments)
         self.sdxl_encoders: list[str] = []  # CLIPTextEncodeSDXL nodes, whose sizes are checked at the end
+        self.inpaint_conditioning: str | None = None  # the InpaintModelConditioning the prompts pass through
 
     def model_side(self, sampler: str) -> None:
         """The model, LoRAs, prompts, clip skip and ControlNets of a sampler."""
@@ -89,14 +96,13 @@ class ConditioningPlanner(GraphReader):
             if self.workflow.value(clip_checkpoint, "ckpt_name") != self.workflow.value(checkpoint, "ckpt_name"):
                 raise self.refuse(encoder, "clip", "the CLIP must come from the sampler's model")
             if clip_loras != loras:
-                raise self.refuse(encoder, "clip", "the CLIP must have the model's LoRAs, at the same strengths")
+                raise self.refuse(encoder, "clip", "the CLIP must have the model's LoRAs (LoraLoader's), as the model")
             self.set(request_field, text, encoder, "text_g" if encoder in self.sdxl_encoders else "text")
             prompts[request_field] = (encoder, clip_skip)
         if prompts["prompt"][1] != prompts["negative_prompt"][1]:
             raise self.refuse(prompts["negative_prompt"][0], "clip", "both prompts are read at one CLIP layer here")
         self.values["clip_skip"] = prompts["prompt"][1]
         self.values["prompt_style"] = "comfyui"  # (CLIPTextEncode reads weights by ComfyUI's rule)
-        self.values["loras"] = [LoraWeight(id=self.lora_id(name), weight=weight) for name, weight in loras]
 
     def encoder_text(self, encoder: str) -> str:
         if self.workflow.class_of(encoder) != "CLIPTextEncodeSDXL":
@@ -108,24 +114,35 @@ class ConditioningPlanner(GraphReader):
 
     def model_chain(self, sampler: str) -> tuple[str, list[tuple[str, float]]]:
         """The CheckpointLoaderSimple under a sampler's model, and the LoRAs on it (nearest the
-        checkpoint first)."""
+        checkpoint first), each with the strength the CLIP must have it at (none: not on the CLIP)."""
         loras: list[tuple[str, float]] = []
-        node_id, _ = self.source(sampler, "model", "CheckpointLoaderSimple", "LoraLoader", "PerturbedAttentionGuidance")
+        chain = ("CheckpointLoaderSimple", *LORA_LOADERS)
+        node_id, _ = self.source(sampler, "model", *chain, "PerturbedAttentionGuidance")
         if self.workflow.class_of(node_id) == "PerturbedAttentionGuidance":  # (on the model as it reaches the sampler)
             if self.workflow.value(node_id, "scale") > 10:
                 raise self.refuse(node_id, "scale", "PAG's scale is at most 10 here")
             self.set("pag_scale", self.workflow.value(node_id, "scale"), node_id, "scale")
-            node_id, _ = self.source(node_id, "model", "CheckpointLoaderSimple", "LoraLoader")
-        while self.workflow.class_of(node_id) == "LoraLoader":
-            strength = self.workflow.value(node_id, "strength_model")
-            if strength != self.workflow.value(node_id, "strength_clip"):
-                raise self.refuse(
-                    node_id, "strength_clip", "a LoRA has one weight here: strength_clip = strength_model"
-                )
-            if abs(strength) > 4 or len(loras) == MAX_LORAS:
+            node_id, _ = self.source(node_id, "model", *chain)
+        weights: list[tuple[str, float]] = []
+        while self.workflow.class_of(node_id) in LORA_LOADERS:
+            name, strength = self.workflow.value(node_id, "lora_name"), self.workflow.value(node_id, "strength_model")
+            if abs(strength) > 4 or len(weights) == MAX_LORAS:
                 raise self.refuse(node_id, "strength_model", f"at most {MAX_LORAS} LoRAs, of weights -4 to 4, here")
-            loras.insert(0, (self.workflow.value(node_id, "lora_name"), strength))
-            node_id, _ = self.source(node_id, "model", "CheckpointLoaderSimple", "LoraLoader")
+            model_only = self.workflow.class_of(node_id) == "LoraLoaderModelOnly"
+            if self.lora_changes_clip(self.lora_id(name)) and (
+                model_only or self.workflow.value(node_id, "strength_clip") != strength
+            ):
+                raise self.refuse(
+                    node_id,
+                    "lora_name" if model_only else "strength_clip",
+                    "this LoRA changes the text encoders too, and has one weight on both here: "
+                    "LoraLoader with strength_clip = strength_model",
+                )
+            weights.insert(0, (name, strength))
+            if not model_only:
+                loras.insert(0, (name, self.workflow.value(node_id, "strength_clip")))
+            node_id, _ = self.source(node_id, "model", *chain)
+        self.values["loras"] = [LoraWeight(id=self.lora_id(name), weight=weight) for name, weight in weights]
         return node_id, loras
 
     def clip_chain(self, encoder: str) -> tuple[str, list[tuple[str, float]], int]:
@@ -153,13 +170,17 @@ class ConditioningPlanner(GraphReader):
         positive, negative = (sampler, "positive"), (sampler, "negative")
         while True:
             source, index = self.workflow.link(*positive)
-            if self.workflow.class_of(source) != "ControlNetApplyAdvanced":
+            kind = self.workflow.class_of(source)
+            if kind not in ("ControlNetApplyAdvanced", "InpaintModelConditioning"):
                 break
             if index != 0 or self.workflow.link(*negative) != (source, 1):
-                raise self.refuse(
-                    positive[0], negative[1], "positive and negative come from one ControlNetApplyAdvanced here"
-                )
-            units.insert(0, self.controlnet_unit(source))
+                raise self.refuse(positive[0], negative[1], f"positive and negative come from one {kind} here")
+            if kind == "InpaintModelConditioning":  # (its latent is checked with the sampler's: plan.py)
+                if self.inpaint_conditioning not in (None, source):
+                    raise self.refuse(source, "positive", "one InpaintModelConditioning per sampler here")
+                self.inpaint_conditioning = source
+            else:
+                units.insert(0, self.controlnet_unit(source))
             positive, negative = (source, "positive"), (source, "negative")
         if len(units) > MAX_CONTROLNETS:
             raise self.refuse(positive[0], "control_net", f"at most {MAX_CONTROLNETS} ControlNets here")

@@ -195,6 +195,10 @@ class Workflow:
             self.nodes[node_id]["inputs"][name] = number
         elif spec.kind == "STRING" and not isinstance(value, str):
             raise node_error(node_id, class_type, name, "a STRING input takes text", "invalid_input_type", value)
+        elif spec.kind == "BOOLEAN" and not isinstance(value, bool):
+            raise node_error(
+                node_id, class_type, name, "a BOOLEAN input takes true or false", "invalid_input_type", value
+            )
         elif spec.kind == "COMBO":
             listed = choices(spec.choices) if isinstance(spec.choices, str) else spec.choices
             if listed is not None and value not in listed:

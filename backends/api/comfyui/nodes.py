@@ -214,6 +214,20 @@ NODES: dict[str, Node] = {
         {"pixels": Input("IMAGE"), "vae": Input("VAE"), "mask": Input("MASK"), "grow_mask_by": _int(6, 0, 64)},
         ("LATENT",),
     ),
+    "InpaintModelConditioning": Node(
+        "InpaintModelConditioning",
+        "conditioning/inpaint",
+        {
+            "positive": Input("CONDITIONING"),
+            "negative": Input("CONDITIONING"),
+            "vae": Input("VAE"),
+            "pixels": Input("IMAGE"),
+            "mask": Input("MASK"),
+            "noise_mask": Input("BOOLEAN", {"default": True}),
+        },
+        ("CONDITIONING", "CONDITIONING", "LATENT"),
+        optional=("noise_mask",),  # (added in 2024: older workflows leave it out)
+    ),
     "SetLatentNoiseMask": Node(
         "Set Latent Noise Mask", "latent/inpaint", {"samples": Input("LATENT"), "mask": Input("MASK")}, ("LATENT",)
     ),
@@ -256,6 +270,16 @@ NODES: dict[str, Node] = {
             "strength_clip": _float(1.0, -100.0, 100.0),
         },
         ("MODEL", "CLIP"),
+    ),
+    "LoraLoaderModelOnly": Node(
+        "LoraLoaderModelOnly",
+        "loaders",
+        {
+            "model": Input("MODEL"),
+            "lora_name": Input("COMBO", choices="loras"),
+            "strength_model": _float(1.0, -100.0, 100.0),
+        },
+        ("MODEL",),
     ),
     "LoadImage": Node(
         "Load Image",

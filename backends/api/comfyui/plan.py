@@ -5,9 +5,9 @@ the model side: checkpoint, LoRAs, prompts, clip skip, ControlNets):
 - txt2img: EmptyLatentImage (or RepeatLatentBatch of one) -> KSampler -> VAEDecode ->
   SaveImage/PreviewImage; a KSamplerAdvanced that runs every step with its own noise is a KSampler;
 - img2img: LoadImage -> VAEEncode -> KSampler (its denoise the strength);
-- inpainting: VAEEncodeForInpaint (the masked area starts from nothing: `masked_content` fill)
-  or VAEEncode -> SetLatentNoiseMask (it starts from the image), the mask from LoadImage's
-  alpha or LoadImageMask's channel;
+- inpainting: VAEEncodeForInpaint (the masked area starts from nothing: `masked_content` fill),
+  or VAEEncode -> SetLatentNoiseMask, or InpaintModelConditioning (it starts from the image),
+  the mask from LoadImage's alpha or LoadImageMask's channel;
 - the hires fix: KSampler -> LatentUpscale/LatentUpscaleBy (bilinear, as the latent upscale
   here) -> KSampler with the first one's settings and a denoise below 1;
 - the refiner: KSamplerAdvanced (steps 0 to E, leftover noise returned) -> KSamplerAdvanced on
@@ -166,10 +166,17 @@ class Planner(ConditioningPlanner):
             "VAEEncode",
             "VAEEncodeForInpaint",
             "SetLatentNoiseMask",
+            "InpaintModelConditioning",
             "LatentUpscale",
             "LatentUpscaleBy",
         )
         kind = workflow.class_of(source)
+        if (kind == "InpaintModelConditioning") != (self.inpaint_conditioning is not None) or (
+            kind == "InpaintModelConditioning" and source != self.inpaint_conditioning
+        ):
+            raise self.refuse(
+                sampler, "latent_image", "the latent and the prompts come from one InpaintModelConditioning here"
+            )
         denoise = self.denoise(sampler)
         if kind == "EmptyLatentImage":
             return self.empty_latent(sampler, source)
@@ -194,6 +201,14 @@ class Planner(ConditioningPlanner):
         elif kind == "VAEEncodeForInpaint":
             self.values["masked_content"] = "fill"
             self.set("mask", self.mask(source, "mask", value(source, "grow_mask_by")), source, "mask")
+        elif kind == "InpaintModelConditioning":
+            # Its latent is the image's, with the mask as the noise mask: SetLatentNoiseMask's
+            # (its masked image rides on the prompts, which an inpainting model's pipeline here
+            # makes from the same image and mask).
+            if value(source, "noise_mask") is False:
+                raise self.refuse(source, "noise_mask", "inpainting here keeps the image outside the mask: true")
+            self.values["masked_content"] = "original"
+            self.set("mask", self.mask(source, "mask", 0), source, "mask")
         if "mask" in self.values:
             self.values["mask_blur"] = 0  # (ComfyUI's mask is used as it is)
         self.check_vae(source)

@@ -28,6 +28,7 @@ from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.errors import InvalidRequest, JobExpired, UnknownJob, UnknownModel
 from backends.sdxl_backend.images import UNREAD, open_client_image
 from backends.sdxl_backend.jobs import Job
+from backends.sdxl_backend.loras import LORA_FILE, holds_text_encoder_weights
 
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
 router = APIRouter(tags=["ComfyUI"])
@@ -83,7 +84,10 @@ def make_plan(runtime: Runtime, workflow_json: Any) -> Plan:
     def upscaler_scale(upscaler_id: str) -> int:
         return runtime.engine.models.upscalers[upscaler_id].scale
 
-    return Planner(workflow, plain_id, plain_id, upload, upscaler_scale).plan()
+    def lora_changes_clip(lora_id: str) -> bool:
+        return holds_text_encoder_weights(runtime.loras[lora_id].path / LORA_FILE)
+
+    return Planner(workflow, plain_id, plain_id, upload, upscaler_scale, lora_changes_clip).plan()
 
 
 @router.post("/prompt", responses=errors.responses(400, 401, 404, 413, 429, 503))
