@@ -18,8 +18,9 @@ import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from backends.api.webhooks import Destinations
+from backends.api.webhook_sender import Destinations, WebhookSender
 from backends.sdxl_backend.errors import InvalidRequest
+from tests.polling import poll
 from tests.test_jobs import submit, wait
 
 SECRET = "whsec_" + base64.b64encode(b"a test secret of thirty-two bytes").decode()
@@ -28,7 +29,8 @@ SHORT = {"prompt": "a quick one", "width": 64, "height": 64, "steps": 2, "seed":
 
 class Receiver:
     """An HTTP receiver on 127.0.0.1: records every request; `/fail-N` answers 500 N times first,
-    `/down` always; `/hang-once` does not answer its first request (until `released`)."""
+    `/down` always; `/hang-once` does not answer its first request (until `released`); `/trickle`
+    never ends its headers while the sender waits."""
 
     def __init__(self):
         self.received: list[tuple[str, dict[str, str], bytes]] = []
@@ -40,6 +42,8 @@ class Receiver:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["content-length"]))
                 receiver.received.append((self.path, dict(self.headers), body))
+                if self.path == "/trickle":
+                    return receiver.trickle(self)
                 failed = receiver.failures.get(self.path, 0)
                 if self.path == "/hang-once" and failed == 0:
                     receiver.failures[self.path] = 1
@@ -54,11 +58,27 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.trickle_released = threading.Event()  # type: ignore[attr-defined]
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    @staticmethod
+    def trickle(handler: BaseHTTPRequestHandler) -> None:
+        """`/trickle`: a status line, then a header a byte every 0.2 s, until the sender hangs
+        up or the receiver stops; only then the end of the headers."""
+        handler.close_connection = True
+        try:
+            handler.wfile.write(b"HTTP/1.1 204 No Content\r\nX-Slow: ")
+            while not handler.server.trickle_released.wait(0.2):  # type: ignore[attr-defined]
+                handler.wfile.write(b"a")
+                handler.wfile.flush()
+            handler.wfile.write(b"\r\n\r\n")
+        except OSError:  # (the sender hung up: what the deadline is for)
+            pass
+
     def stop(self) -> None:
         self.released.set()
+        self.server.trickle_released.set()
         self.server.shutdown()
 
     def events(self, path: str) -> list[dict]:
@@ -82,6 +102,7 @@ def hooked(serve):
             "SDXL_WEBHOOK_SECRET": SECRET,
             "SDXL_WEBHOOK_ATTEMPTS": "3",
             "SDXL_WEBHOOK_RETRY_SECONDS": "0.2",
+            "SDXL_WEBHOOK_TIMEOUT_SECONDS": "2",
         },
     )
 
@@ -183,3 +204,37 @@ def test_a_bad_port_or_credentials_in_the_url_is_a_400_naming_it(url, why):
     with pytest.raises(InvalidRequest, match=why) as refused:
         Destinations(["localhost"], lambda host, port: ["127.0.0.1"]).check(url)
     assert refused.value.param == "webhook.url"
+
+
+def test_a_trickling_receiver_is_cut_at_the_deadline_each_time(hooked, receiver):
+    """SDXL_WEBHOOK_TIMEOUT_SECONDS bounds the whole attempt: a receiver that sends a byte every
+    0.2 s forever (each read well within any read timeout) is cut, and the event is retried."""
+    job = submit(hooked, {**SHORT, "webhook": {"url": f"{receiver.url}/trickle"}})
+    outcome = delivered(hooked, job["id"], {"completed"})["webhooks"]["completed"]
+    assert outcome == {"status": "failed", "attempts": 3, "error": "ReadTimeout"}
+    assert len(receiver.events("/trickle")) == 3
+
+
+def test_a_slow_receiver_holds_up_its_own_keys_lane_and_no_other_key():
+    """The sender itself, on loopback: owner A's receiver trickles (and A's next event waits
+    behind it, in order); owner B's event to the same receiver is delivered meanwhile."""
+    outcomes: dict[str, dict] = {}
+    sender = WebhookSender(
+        None, Destinations(["127.0.0.1/32"]), 1, 0.1, 600.0, lambda job, _, got: outcomes.update({job: got})
+    )
+    own = Receiver()
+    try:
+        sender.send("key-a", "a1", "completed", "msg_a1", f"{own.url}/trickle", lambda: {"n": 1})
+        poll(lambda: own.received, what="the trickling delivery")
+        sender.send("key-a", "a2", "completed", "msg_a2", f"{own.url}/hook", lambda: {"n": 2})
+        sender.send("key-b", "b1", "completed", "msg_b1", f"{own.url}/hook", lambda: {"n": 3})
+        poll(lambda: "b1" in outcomes, what="key B's delivery")
+        assert (
+            outcomes["b1"] == {"status": "delivered", "attempts": 1} and "a1" not in outcomes and "a2" not in outcomes
+        )
+        own.server.trickle_released.set()  # type: ignore[attr-defined]
+        poll(lambda: "a2" in outcomes, what="key A's second event, after its first")
+        assert outcomes["a1"]["status"] == outcomes["a2"]["status"] == "delivered"
+    finally:
+        sender.close()
+        own.stop()

@@ -35,7 +35,8 @@ from backends.api.metrics import Metrics
 from backends.api.served import ServedAdapter, ServedModel
 from backends.api.settings import Settings
 from backends.api.tracing import JobSpans, service_tracer, tracing_config
-from backends.api.webhooks import Destinations, JobWebhooks, WebhookSender, WebhookSpec
+from backends.api.webhook_sender import Destinations, WebhookSender
+from backends.api.webhooks import JobWebhooks, WebhookSpec
 from backends.sdxl_backend.errors import NotPermitted, StoreUnavailable, TimedOut
 from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue, MemoryJobQueue
 from backends.sdxl_backend.jobs.contract import refuse_unless_alive
@@ -130,13 +131,7 @@ class Runtime:
         self.webhook_destinations = Destinations(settings.webhook_allowed_hosts)
         self.webhooks = (
             JobWebhooks(
-                WebhookSender(
-                    settings.webhook_secret,
-                    self.webhook_destinations,
-                    settings.webhook_attempts,
-                    settings.webhook_retry_seconds,
-                    self.jobs.record_webhook,
-                ),
+                WebhookSender.configured(settings, self.webhook_destinations, self.jobs.record_webhook),
                 self.kept_images.put,
                 self.jobs,
             )

@@ -107,6 +107,7 @@ class Settings(BaseSettings):
     webhook_secret: str | None = Field(None, repr=False, validate_default=True)
     webhook_attempts: int = Field(5, ge=1)
     webhook_retry_seconds: float = Field(2.0, gt=0)
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=300)  # one attempt, all of it (webhook_sender.py)
     # Where job records are kept so that a restarted worker still answers for its ids; default:
     # a folder in the temporary directory of this `bentoml serve` (removed when it stops).
     jobs_dir: Path | None = None
