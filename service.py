@@ -22,7 +22,7 @@ from backends.api import upscale as upscale_api
 from backends.api.app import create_app
 from backends.api.devices import placements_of
 from backends.api.edge import Edge, TimelyTimeout, quiet_validation_logs
-from backends.api.guards import Origins
+from backends.api.guards import Origins, listening_addresses, refuse_open_network
 from backends.api.logs import log_json_lines
 from backends.api.runtime import Runtime
 from backends.api.served import ServedAdapter, ServedModel
@@ -134,6 +134,7 @@ if SETTINGS.device not in ("auto", "cpu") or SETTINGS.devices:
     placements_of(SETTINGS)  # a device named that is not there stops the start here, naming its setting
 SERVED = served_models()
 DEFAULT_MODEL = default_model(list(SERVED))
+refuse_open_network(listening_addresses(), SETTINGS.api_keys, SETTINGS.allow_open)
 if SETTINGS.openai_model and SETTINGS.openai_model not in [*SERVED, *SETTINGS.model_aliases]:
     raise RuntimeError(f"SDXL_OPENAI_MODEL={SETTINGS.openai_model} is not served (served: {', '.join(SERVED)})")
 VAE = replacement_vae()

@@ -39,9 +39,10 @@ def own_home(home: Path) -> Path:
 
 
 class Server:
-    """A real `bentoml serve` process on 127.0.0.1."""
+    """A real `bentoml serve` process on 127.0.0.1 (`host` another address only for a server
+    that must refuse to start)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, target: str = "service:SDXL"):
+    def __init__(self, env: dict[str, str], log_path: Path, target: str = "service:SDXL", host: str = "127.0.0.1"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -49,7 +50,7 @@ class Server:
         park = env.get("SDXL_TEST_PARK_FILE")  # (the test servers': conftest's `serve`)
         self.park_file = Path(park) if park else None
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "bentoml", "serve", target, "--host", host, "--port", str(self.port)],
             # A bento is served from elsewhere: in this checkout, `bentoml serve` would read bentofile.yaml.
             cwd=ROOT if target == "service:SDXL" else log_path.parent,
             env={**os.environ, "BENTOML_HOME": str(own_home(log_path.parent / "bentoml")), **env},
@@ -214,10 +215,10 @@ class TraceCollector:
         self.server.shutdown()
 
 
-def start_that_fails(env: dict[str, str], log_path: Path) -> Server:
+def start_that_fails(env: dict[str, str], log_path: Path, host: str = "127.0.0.1") -> Server:
     """A server started with `env` that should refuse to start: it is waited for (the
     process ends on its own) and returned, for its exit code and its log."""
-    server = Server(env, log_path)
+    server = Server(env, log_path, host=host)
     try:
         server.process.wait(300)
     finally:

@@ -190,6 +190,7 @@ def test_bad_settings_stop_the_start_naming_each_variable(tiny_model, tmp_path):
         "SDXL_QUANTIZE": "fp4",
         "SDXL_ATTENTION": "flash",
         "SDXL_COMPILE": "maybe",
+        "SDXL_ALLOW_OPEN": "perhaps",
     }
     secret = {"SDXL_REDIS_URL": "http://user:hunter2@redis:6379"}  # a bad value, never shown: it may hold a password
     server = start_that_fails({"SDXL_MODELS": "tiny-sdxl", **bad, **secret}, tmp_path / "server.log")

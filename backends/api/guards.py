@@ -16,12 +16,18 @@ before any route runs):
   served from the same machine keeps working; `*` opens reading to every page.
 - Private Network Access: a public page's preflight asking to reach this (private) server
   (`Access-Control-Request-Private-Network: true`) is answered yes only for allowed origins.
+
+And what keeps a server without keys off a network: a worker that finds itself listening on an
+address other than loopback (`--host 0.0.0.0`, an image's default) with no `SDXL_API_KEYS`
+refuses to start, unless `SDXL_ALLOW_OPEN=1` says in as many words that it should serve a
+network open (behind a gateway that authenticates, say).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from urllib.parse import urlsplit
 
 LOCAL_ORIGINS = ["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"]
@@ -76,3 +82,34 @@ def cross_site_refusal(method: str, origin: str | None, host_header: str | None,
     if method in SAFE_METHODS or origin is None or same_origin(origin, host_header) or origins.allows(origin):
         return None
     return f"a {method} from the web page at {origin} is refused: that origin is not in SDXL_CORS_ORIGINS"
+
+
+def listening_addresses() -> list[str]:
+    """The addresses this server listens on. A worker inherits its server's socket and finds it
+    among its own; `bentoml serve`'s own process imports the service before it opens the
+    socket, so there it is the command's `--host` (a name resolved)."""
+    import click
+    import psutil
+
+    context = click.get_current_context(silent=True)
+    if context is not None and "host" in context.params:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        host = str(context.params["host"] or BentoMLContainer.http.host.get())  # (unset: BentoML's default)
+        try:
+            return [str(ipaddress.ip_address(host))]
+        except ValueError:
+            return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)})
+    connections = psutil.Process().net_connections(kind="inet")
+    return [c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN]
+
+
+def refuse_open_network(addresses: list[str], keys: list[str], allow_open: bool) -> None:
+    """Stops the start of a server that would serve a network with no key asked."""
+    exposed = [address for address in addresses if not ipaddress.ip_address(address.split("%")[0]).is_loopback]
+    if exposed and not keys and not allow_open:
+        raise RuntimeError(
+            f"this server listens on {', '.join(sorted(set(exposed)))}, a network address, and SDXL_API_KEYS "
+            "is unset: anyone who reaches it could use it. Set SDXL_API_KEYS, listen on 127.0.0.1 "
+            "(--host 127.0.0.1), or set SDXL_ALLOW_OPEN=1 to serve the network without keys"
+        )

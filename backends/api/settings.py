@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     priority_keys: Annotated[list[str], NoDecode, BeforeValidator(_keys)] = Field([], repr=False)  # may send 'high'
     # may act for every tenant (unload, other keys' fleet rows and errors); none listed: every key
     admin_keys: Annotated[list[str], NoDecode, BeforeValidator(_keys)] = Field([], repr=False)
+    allow_open: bool = False  # serve a network address without API keys (guards.py: refused otherwise)
     cors_origins: Names = LOCAL_ORIGINS  # which web pages may call (guards.py); "*": every page
     allowed_hosts: Names = []  # Host names served besides localhost and IP literals; "*": every name
     open_metrics: bool = False  # /metrics without a key (a Prometheus scraper on the pod network)
