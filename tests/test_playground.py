@@ -281,3 +281,31 @@ def test_a_result_is_upscaled_by_the_chosen_upscaler_into_a_new_card(serve, tiny
     assert "128x128 · upscaled 2x by tiny-upscaler" in newest.locator(".meta").inner_text()
     assert newest.locator("img").evaluate("img => img.naturalWidth") == 128
     assert page.inner_text("#error") == "" and page.console_errors == []
+
+
+@pytest.mark.served
+@pytest.mark.parametrize(("path", "filled"), [("/ui", "#model option"), ("/ui/fleet", ".replica")])
+def test_the_pages_run_their_own_script_and_no_other(server, browser, path, filled):
+    """The content policy allows each page's script by its hash (no 'unsafe-inline'): in a
+    browser that applies it, the page's script runs and fills the page, and a script injected
+    into the page does not run."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+        answer = page.goto(f"{server.url}{path}")
+        script_src = next(
+            part
+            for part in answer.headers["content-security-policy"].split(";")
+            if part.strip().startswith("script-src")
+        )
+        assert "'sha256-" in script_src and "unsafe" not in script_src
+        page.locator(filled).first.wait_for(state="attached", timeout=60_000)
+        assert not [error for error in errors if "Content Security Policy" in error]  # (its own script ran)
+        with pytest.raises(Exception, match="Content Security Policy|CSP|refused"):
+            page.add_script_tag(content="document.title = 'injected'")
+        assert page.title() != "injected"
+        assert [error for error in errors if "Content Security Policy" in error]  # (the injected one was refused)
+    finally:
+        context.close()

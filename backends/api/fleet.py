@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 
 from backends.api import errors, headers
-from backends.api.playground import POLICY
+from backends.api.playground import page
 from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.jobs import Job, JobStatus
 
@@ -94,4 +94,4 @@ def minute_figures(jobs: list[Job], now: float) -> dict[str, list]:
 @router.get("/ui/fleet", response_class=HTMLResponse, responses={200: {"content": {"text/html": {}}}})
 async def fleet_page() -> HTMLResponse:
     """The fleet page: replicas, devices, the queue and the last errors, refreshed every few seconds."""
-    return HTMLResponse(PAGE.read_text(), headers={"Content-Security-Policy": POLICY, "Cache-Control": "no-cache"})
+    return page(PAGE)
