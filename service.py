@@ -27,7 +27,7 @@ from backends.api.logs import log_json_lines
 from backends.api.runtime import Runtime
 from backends.api.served import ServedAdapter, ServedModel
 from backends.api.settings import declared_environment, load_settings
-from backends.api.tracing import tracing_config
+from backends.api.tracing import name_spans_by_route, tracing_config
 from backends.sdxl_backend.embeddings import fits_model, model_text_signature
 from backends.sdxl_backend.loras import model_unet_signature
 from backends.sdxl_backend.protocol import GenerationRequest, ImageToImageRequest, TextToImageRequest
@@ -178,6 +178,7 @@ class SDXL:
             SETTINGS, served, DEFAULT_MODEL, vae, loras, controlnets, embeddings, ip_adapters, upscalers
         )
         dialects.state.runtime = self.runtime
+        name_spans_by_route(dialects)
         self.runtime.start(warm_up=SETTINGS.warmup)
 
     @bentoml.api(route="/v1/txt2img", input_spec=TextToImageRequest)

@@ -269,6 +269,12 @@ def test_a_jobs_trace_goes_on_on_the_replica_that_runs_it(replicas, collector):
         assert [part["start"] for part in parts] == sorted(part["start"] for part in parts)
         assert job_span["start"] <= parts[0]["start"] and parts[-1]["end"] <= job_span["end"]
         assert "a quick one" not in str(collector.spans)  # (no prompt in any span)
+        poll(
+            lambda: [s for s in collector.spans if s["name"] == "GET /v1/jobs/{job_id}" and s["start"] >= since],
+            timeout=60,
+            what="the polls' spans, named by route template",
+        )
+        assert job_id not in str(collector.spans)  # (no id in any span's name or attributes)
 
 
 def test_img2img_travels_with_its_input_image(replicas):

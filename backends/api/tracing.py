@@ -7,17 +7,21 @@ BentoML's tracing support does the exporting and the span of each HTTP request; 
 adds, in that request's trace: `validate` (the request checked and prepared), and, when its job
 ends on whichever replica ran it (the trace context travels with the job, in Redis too), `job`
 with `queue wait`, `model load`, `denoise` (decoding included) and `encode` inside, laid out
-from the job's times. Spans name the replica and device, never a prompt, key or id.
+from the job's times. Spans name the replica and device, never a prompt, key or id: the HTTP
+spans are named by route template (`GET /v1/jobs/{job_id}`), their URL attributes too, without
+the query (`RouteTemplates`).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace import Span, SpanProcessor
+from starlette.routing import compile_path
 
 from backends.sdxl_backend.jobs import Job
 
@@ -46,6 +50,57 @@ def service_tracer(enabled: bool) -> trace.Tracer:
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     return BentoMLContainer.tracer_provider.get().get_tracer("sdxl")
+
+
+URL_ATTRIBUTES = ("http.target", "http.url", "url.full", "url.path")
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+
+
+class RouteTemplates(SpanProcessor):
+    """Names the HTTP spans BentoML's ASGI instrumentation starts (the request's, and its
+    `http send` and `http receive` parts) by the route's template instead of the raw path, which
+    carries job and image ids; their URL attributes likewise, without the query (ComfyUI's
+    `/view?filename=` names an image). A path no route with parameters matches stays."""
+
+    def __init__(self, templates: Iterable[str]):
+        self.patterns = [(compile_path(template)[0], template) for template in templates if "{" in template]
+
+    def on_start(self, span: Span, parent_context: Any = None) -> None:
+        method, _, rest = span.name.partition(" ")
+        if method not in HTTP_METHODS or not rest.startswith("/"):
+            return
+        path = rest.split(" ")[0]
+        template = next((template for regex, template in self.patterns if regex.match(path)), path)
+        span.update_name(f"{method} {template}{rest[len(path) :]}")
+        set_attribute = span.set_attribute
+
+        def templated(key: str, value: Any) -> None:
+            if key == "url.query":
+                value = ""
+            elif key in URL_ATTRIBUTES and isinstance(value, str):
+                value = value.split("?")[0].replace(path, template)
+            set_attribute(key, value)
+
+        for key, value in dict(span.attributes or {}).items():
+            templated(key, value)
+        # (the instrumentation sets the request's attributes again once the span has started)
+        span.set_attribute = templated  # type: ignore[method-assign]
+
+
+def route_templates(app: Any) -> list[str]:
+    """Every route's template in a FastAPI app, prefixes of included routers applied."""
+    from fastapi.routing import iter_route_contexts
+
+    return [context.path for context in iter_route_contexts(app.routes) if context.path]
+
+
+def name_spans_by_route(app: Any) -> None:
+    """Installs `RouteTemplates` for the app's routes on BentoML's tracer provider, in the
+    worker (tracing on only)."""
+    if tracing_config():
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        BentoMLContainer.tracer_provider.get().add_span_processor(RouteTemplates(route_templates(app)))
 
 
 def nanoseconds(seconds: float) -> int:
