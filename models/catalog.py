@@ -32,6 +32,10 @@ class CatalogEntry(BaseModel):
     repo: str | None = None  # None: built locally (tiny-sdxl)
     unet: tuple[str, str] | None = None  # (repo, file) replacing the repo's UNet weights
     licence: str | None = None
+    # A pipeline's sampling facts, where its repo's scheduler config does not state them
+    # (written into the stored model's at import, as `--prediction` and `--zero-snr` do).
+    prediction: Literal["epsilon", "v"] | None = None
+    zero_snr: bool | None = None
     defaults: ModelDefaults = ModelDefaults()
 
     @model_validator(mode="after")

@@ -338,6 +338,8 @@ def import_from_hub(entry: CatalogEntry, revision: str | None = None) -> bentoml
                 _place(snapshot / name, path / placed_as.get(entry.kind, name))
         if unet_file is not None:
             _place(unet_file, path / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+        if entry.kind == "pipeline":
+            set_sampling(path, entry.prediction, entry.zero_snr)
 
     source = f"hf:{entry.repo}" + (f"+{entry.unet[0]}/{entry.unet[1]}" if entry.unet else "")
     # The revision of every component: the repo's commit, and the replacing UNet's (its cache path names it).

@@ -74,6 +74,30 @@ def test_a_pipeline_imports_with_the_sampling_facts_given_or_marked_in_its_file(
     assert single_file_sampling(marked) == ("v", True) and single_file_sampling(plain) == (None, None)
 
 
+def test_the_catalogs_v_prediction_model_imports_with_its_sampling_facts(cli, tiny_model, tmp_path):
+    """noobai-xl-vpred's repo does not state them in its scheduler config; the catalog does, and
+    the import writes them (here from a hub cache laid out as the repo, with tiny weights)."""
+    import shutil
+
+    from backends.sdxl_backend.schedulers import ModelSampling, model_sampling
+    from models.catalog import load_catalog
+
+    entry = load_catalog()["noobai-xl-vpred"]
+    snapshot, hub = hub_snapshot(tmp_path, entry.repo)
+    shutil.copytree(tiny_model.path, snapshot, ignore=shutil.ignore_patterns("model.yaml"), dirs_exist_ok=True)
+    imported = cli("import", "noobai-xl-vpred", **hub)
+    assert imported.returncode == 0, imported.stderr
+    assert "fair-ai-public-license" in imported.stdout + imported.stderr  # (its licence, said at import)
+    (config,) = (tmp_path / "bentoml" / "models" / "noobai-xl-vpred").glob("*/scheduler/scheduler_config.json")
+    assert model_sampling(config.parent.parent) == ModelSampling("v_prediction", True)
+    assert (
+        json.loads((Path(tiny_model.path) / "scheduler" / "scheduler_config.json").read_text()).get(
+            "prediction_type", "epsilon"
+        )
+        == "epsilon"
+    )  # (the source's own config is untouched)
+
+
 def test_a_controlnet_imports_from_its_directory_fitting_the_model_named(cli, tiny_controlnet):
     imported = cli("import", "my-controlnet", "--from", tiny_controlnet.path, "--fits", "tiny-sdxl")
     assert imported.returncode == 1 and "--fits tiny-sdxl: no such model in the store" in imported.stderr
