@@ -169,6 +169,7 @@ class SDXL:
                     Path(getattr(self, model_attribute(adapter_id, kind)).path),
                     adapter.info.labels.get("fits", "any"),
                     catalog[adapter_id].description if adapter_id in catalog else adapter.info.labels["source"],
+                    catalog[adapter_id].sampling if adapter_id in catalog else None,
                 )
                 for adapter_id, adapter in adapters.items()
             ]

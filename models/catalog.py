@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from backends.sdxl_backend.protocol import ModelDefaults
+from backends.sdxl_backend.protocol import ModelDefaults, SamplingProfile
 
 CATALOG_FILE = Path(__file__).with_name("catalog.toml")
 # The kinds that take one file from their repo (an IP-Adapter: its image encoder's folder too).
@@ -37,6 +37,13 @@ class CatalogEntry(BaseModel):
     prediction: Literal["epsilon", "v"] | None = None
     zero_snr: bool | None = None
     defaults: ModelDefaults = ModelDefaults()
+    sampling: SamplingProfile | None = None  # a few-step LoRA's: what fills a request's open fields
+
+    @model_validator(mode="after")
+    def _profiles_are_loras(self) -> CatalogEntry:
+        if self.sampling is not None and self.kind != "lora":
+            raise ValueError(f"{self.id}: only a LoRA has a sampling profile")
+        return self
 
     @model_validator(mode="after")
     def _single_files_are_named(self) -> CatalogEntry:

@@ -303,4 +303,6 @@ def tiny_recipe(model_id: str) -> tuple[str, Callable[[Path], None], dict[str, s
     fits = {"fits": unet_signature(build_tiny_sdxl().unet.config)}
     if model_id == "tiny-sdxl-ip-adapter":
         return "ip-adapter", save_tiny_ip_adapter, fits
+    if model_id == "tiny-sdxl-tcd-lora":
+        return "lora", lambda path: save_tiny_lora(path, seed=SEED + 7), fits
     return "lora", save_tiny_lora, fits

@@ -71,6 +71,14 @@ def tiny_lora(tiny_model):
 
 
 @pytest.fixture(scope="session")
+def tiny_tcd_lora(tiny_model):
+    """tiny-sdxl-tcd-lora in the store: a LoRA whose catalog entry has a sampling profile."""
+    from models.store import import_tiny, stored_model
+
+    return stored_model("tiny-sdxl-tcd-lora") or import_tiny("tiny-sdxl-tcd-lora")
+
+
+@pytest.fixture(scope="session")
 def tiny_vpred(tiny_model):
     """tiny-sdxl-vpred in the store: a v-prediction, zero-terminal-SNR twin of tiny-sdxl."""
     from models.store import import_tiny, stored_model

@@ -183,3 +183,54 @@ def b64_pixels(data: str) -> bytes:
 
 def pixels_of(image) -> bytes:
     return image.convert("RGB").tobytes()
+
+
+@pytest.mark.served
+def test_a_few_step_loras_sampling_profile_fills_what_the_request_leaves_out(serve, tiny_tcd_lora):
+    """tiny-sdxl-tcd-lora's catalog entry has a profile (tcd, 2 steps, guidance 0, eta 0.5):
+    it fills the fields a request naming the LoRA leaves out, before the model's defaults, and
+    the answer says so; what the request names stays; at weight 0 the LoRA does not act, nor
+    does its profile."""
+    server = serve("lora-profiles", {"SDXL_MODELS": "tiny-sdxl"})
+    listed = httpx.get(f"{server.url}/v1/loras", timeout=300).json()["data"]
+    profile = {"scheduler": "tcd", "steps": 2, "guidance_scale": 0.0, "eta": 0.5}
+    assert next(lora for lora in listed if lora["id"] == "tiny-sdxl-tcd-lora")["sampling"] == profile
+    plain = {"prompt": "a lighthouse", "seed": 5, "width": 64, "height": 64}
+
+    def made(**fields) -> dict:
+        answer = httpx.post(f"{server.url}/v1/txt2img", json={**plain, **fields}, timeout=300)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    lora = [{"id": "tiny-sdxl-tcd-lora", "weight": 1.0}]
+    profiled = made(loras=lora)
+    assert {k: profiled["parameters"][k] for k in profile} == profile
+    assert profiled["parameters"]["sampling_profile"] == "tiny-sdxl-tcd-lora"
+    named = made(loras=lora, **profile)
+    assert named["parameters"]["sampling_profile"] is None  # (the request named every field)
+    assert b64_pixels(named["images"][0]["b64_json"]) == b64_pixels(profiled["images"][0]["b64_json"])
+    own_scheduler = made(loras=lora, scheduler="euler", steps=3)["parameters"]
+    assert (own_scheduler["scheduler"], own_scheduler["steps"], own_scheduler["eta"]) == ("euler", 3, None)
+    assert own_scheduler["guidance_scale"] == 0.0 and own_scheduler["sampling_profile"] == "tiny-sdxl-tcd-lora"
+    at_zero = made(loras=[{"id": "tiny-sdxl-tcd-lora", "weight": 0}])["parameters"]
+    assert at_zero["sampling_profile"] is None and at_zero["scheduler"] == made()["parameters"]["scheduler"]
+
+
+def test_two_loras_sampled_their_own_ways_need_the_request_to_choose():
+    from types import SimpleNamespace
+
+    from backends.sdxl_backend.protocol import SamplingProfile
+    from backends.sdxl_backend.validation import sampling_profile
+
+    tcd, lcm = (
+        SamplingProfile(scheduler="tcd", steps=4, guidance_scale=0),
+        SamplingProfile(scheduler="lcm", steps=4, guidance_scale=1),
+    )
+    models = SimpleNamespace(loras={"a": LoraSource("a", Path("."), "", tcd), "b": LoraSource("b", Path("."), "", lcm)})
+    both = [LoraWeight(id="a"), LoraWeight(id="b")]
+    with pytest.raises(InvalidRequest, match="each sampled their own way") as refused:
+        sampling_profile(models, GenerationRequest(prompt="x", loras=both))
+    assert refused.value.param == "loras"
+    chosen = GenerationRequest(prompt="x", loras=both, scheduler="euler", steps=8, guidance_scale=5)
+    assert sampling_profile(models, chosen) is not None  # (nothing left for it to fill: resolve() fills nothing)
+    assert sampling_profile(models, GenerationRequest(prompt="x", loras=[both[1]])) == ("b", lcm)

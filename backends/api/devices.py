@@ -109,7 +109,7 @@ class Devices:
                 settings.memory_policy,
                 settings.fast_paths,
                 vae,
-                [LoraSource(lora.id, lora.path, lora.fits) for lora in loras],
+                [LoraSource(lora.id, lora.path, lora.fits, lora.sampling) for lora in loras],
                 settings.max_loaded_loras,
                 [ControlNetSource(c.id, c.path, c.fits) for c in controlnets],
                 settings.max_loaded_controlnets,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from backends.sdxl_backend.protocol import ModelDefaults
+from backends.sdxl_backend.protocol import ModelDefaults, SamplingProfile
 from backends.sdxl_backend.schedulers import ModelSampling, model_sampling
 
 
@@ -35,3 +35,4 @@ class ServedAdapter:
     # (embeddings.py); "any" for an upscaler
     fits: str
     description: str
+    sampling: SamplingProfile | None = None  # a LoRA's sampling profile (its catalog entry's)

@@ -78,6 +78,7 @@ def lora_entries(runtime: Runtime) -> list[dict[str, Any]]:
             "id": lora.id,
             "object": "lora",
             "description": lora.description,
+            "sampling": lora.sampling.model_dump() if lora.sampling else None,
             "fits": runtime.models_fitting(lora),
             "loaded_in": [m for m, loras in loaded.items() if lora.id in loras],
         }

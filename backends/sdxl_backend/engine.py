@@ -44,6 +44,7 @@ from .validation import (
     outpaint,
     output_size,
     resolve,
+    sampling_profile,
     validate,
 )
 
@@ -120,7 +121,7 @@ class Engine:
         new_area = None  # outpainting's: the margins to paint
         if request.outpaint is not None:
             request, init_image, new_area = outpaint(request, init_image)
-        request = resolve(request, source.id, source.defaults, init_image)
+        request = resolve(request, source.id, source.defaults, init_image, sampling_profile(self.models, request))
         validate(request, self.limits)
         size = first_pass_size(request)
         if source.img2img_only and init_image is None:

@@ -15,6 +15,10 @@ import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .protocol import SamplingProfile
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what a stored LoRA's folder holds, whatever it came as
 # Where a LoRA's text-encoder weights are: diffusers' names, and kohya's (the files people share).
@@ -37,6 +41,7 @@ class LoraSource:
     id: str
     path: Path  # a folder holding LORA_FILE
     fits: str  # the UNet signature it was trained on
+    sampling: SamplingProfile | None = None  # a few-step LoRA's, from its catalog entry
 
     @property
     def file(self) -> Path:

@@ -63,6 +63,19 @@ class ModelDefaults(BaseModel):
     guidance_rescale: float = Field(0.0, ge=0, le=1)  # v-prediction models with zero-terminal SNR ask for 0.7
 
 
+class SamplingProfile(BaseModel):
+    """How a few-step LoRA (LCM, Lightning, TCD, Hyper-SD, DMD2) is sampled, from its catalog
+    entry: it fills the scheduler, steps, guidance and eta a request leaves out, before the
+    model's defaults do."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scheduler: str
+    steps: int = Field(ge=1)
+    guidance_scale: float = Field(ge=0)
+    eta: float | None = Field(None, ge=0, le=1)
+
+
 class FreeU(BaseModel):
     """FreeU: the UNet's backbone features amplified and its skip features damped on the up
     path, which sharpens detail (the paper's SDXL values are the defaults)."""
@@ -339,6 +352,8 @@ class ResolvedRequest(GenerationRequest):
     clip_skip: int
     guidance_rescale: float
     hires_fix: ResolvedHiresFix | None = None
+    # the LoRA whose sampling profile filled in fields the request left out (None: none did)
+    sampling_profile: str | None = None
 
 
 class GeneratedImage(BaseModel):

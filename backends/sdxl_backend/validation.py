@@ -12,7 +12,14 @@ from PIL import Image
 from .errors import InvalidRequest
 from .limits import Limits
 from .masks import outpainted
-from .protocol import MAX_SEED, GenerationRequest, ModelDefaults, ResolvedHiresFix, ResolvedRequest
+from .protocol import (
+    MAX_SEED,
+    GenerationRequest,
+    ModelDefaults,
+    ResolvedHiresFix,
+    ResolvedRequest,
+    SamplingProfile,
+)
 from .schedulers import ETA_SCHEDULERS, SCHEDULERS
 
 if TYPE_CHECKING:
@@ -32,23 +39,40 @@ def output_size(request: ResolvedRequest) -> tuple[int, int]:
 
 
 def resolve(
-    request: GenerationRequest, model_id: str, defaults: ModelDefaults, init_image: Image.Image | None
+    request: GenerationRequest,
+    model_id: str,
+    defaults: ModelDefaults,
+    init_image: Image.Image | None,
+    profile: tuple[str, SamplingProfile] | None = None,
 ) -> ResolvedRequest:
-    """The request with every open field filled: the model's defaults, or for img2img the
-    input image's size (rounded down to a multiple of 8), and a random seed."""
+    """The request with every open field filled: a few-step LoRA's sampling profile (`profile`:
+    the LoRA and its profile) for the scheduler, steps, guidance and eta, then the model's
+    defaults, or for img2img the input image's size (rounded down to a multiple of 8), and a
+    random seed."""
     width, height = defaults.width, defaults.height
     if init_image is not None:
         width, height = init_image.width // 8 * 8, init_image.height // 8 * 8
     width = width if request.width is None else request.width
     height = height if request.height is None else request.height
-    steps = defaults.steps if request.steps is None else request.steps
+    sampling: dict[str, Any] = {}
+    profile_lora = None
+    if profile is not None:
+        profile_lora, fields = profile
+        sampling = {k: v for k, v in dict(fields).items() if v is not None and getattr(request, k) is None}
+        if request.scheduler not in (None, fields.scheduler):  # (its eta is its scheduler's)
+            sampling.pop("eta", None)
+    steps = sampling.get("steps", defaults.steps) if request.steps is None else request.steps
     filled: dict[str, Any] = {
         "model": model_id,
         "width": width,
         "height": height,
         "steps": steps,
-        "guidance_scale": defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
-        "scheduler": request.scheduler or defaults.scheduler,
+        "guidance_scale": sampling.get("guidance_scale", defaults.guidance_scale)
+        if request.guidance_scale is None
+        else request.guidance_scale,
+        "scheduler": request.scheduler or sampling.get("scheduler", defaults.scheduler),
+        "eta": sampling.get("eta", request.eta),
+        "sampling_profile": profile_lora if sampling else None,
         "clip_skip": request.clip_skip or defaults.clip_skip,
         "guidance_rescale": defaults.guidance_rescale if request.guidance_rescale is None else request.guidance_rescale,
         "seed": secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
@@ -172,6 +196,23 @@ def validate(request: ResolvedRequest, limits: Limits) -> None:
                 f"hires_fix.strength: {hires.strength} x {hires.steps} steps leaves no step to run",
                 "hires_fix.strength",
             )
+
+
+def sampling_profile(models: ModelManager, request: GenerationRequest) -> tuple[str, SamplingProfile] | None:
+    """The sampling profile of a few-step LoRA the request names (at a weight other than 0),
+    with its id. Two LoRAs with different profiles are a 400, unless the request names every
+    field they would fill."""
+    profiles = {
+        lora.id: models.loras[lora.id].sampling
+        for lora in request.loras
+        if lora.weight != 0 and lora.id in models.loras and models.loras[lora.id].sampling is not None
+    }
+    if len(set(profiles.values())) > 1 and None in (request.scheduler, request.steps, request.guidance_scale):
+        raise InvalidRequest(
+            f"loras: {' and '.join(profiles)} are each sampled their own way; name scheduler, steps and guidance_scale",
+            "loras",
+        )
+    return next(((lora_id, profile) for lora_id, profile in profiles.items() if profile is not None), None)
 
 
 def check_loras(models: ModelManager, source: ModelSource, lora_ids: list[str]) -> None:
