@@ -11,7 +11,6 @@ architecture is recorded as a signature of the UNet's config, for models read fr
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -56,10 +55,9 @@ class LoraSource:
 @lru_cache(maxsize=256)
 def holds_text_encoder_weights(lora_file: Path) -> bool:
     """Whether a LoRA file has weights for the text encoders too (many kohya LoRAs do; those
-    trained on the UNet alone do not). Read from the safetensors header: its first 8 bytes give
-    the length of a JSON object keyed by tensor name. (A stored file never changes: its path
-    holds the store version.)"""
-    with lora_file.open("rb") as stream:
-        (length,) = struct.unpack("<Q", stream.read(8))
-        names = json.loads(stream.read(length))
-    return any(name.startswith(TEXT_ENCODER_PREFIXES) for name in names)
+    trained on the UNet alone do not), from its tensors' names (the header alone is read). A
+    stored file never changes: its path holds the store version."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), framework="numpy") as weights:
+        return any(name.startswith(TEXT_ENCODER_PREFIXES) for name in weights.keys())
