@@ -34,11 +34,14 @@ def select_files(repo_files: list[str], model_index: dict) -> list[str]:
 
 def select_component_files(repo_files: list[str]) -> list[str]:
     """A component repository (a VAE, a ControlNet): its config and its diffusers weights at the top, fp16
-    when the repo has them; never the single-file checkpoints beside them."""
+    when the repo has them; never the single-file checkpoints beside them, nor another version's
+    weights under another name (xinsir's ControlNet Union keeps `diffusion_pytorch_model_promax`)."""
     weights = [
         f
         for f in repo_files
-        if "/" not in f and f.startswith("diffusion_pytorch_model") and f.endswith(WEIGHT_SUFFIXES)
+        if "/" not in f
+        and f.startswith(("diffusion_pytorch_model.", "diffusion_pytorch_model-"))
+        and f.endswith(WEIGHT_SUFFIXES)
     ]
     fp16 = [f for f in weights if ".fp16." in f]
     return ["config.json", *(fp16 or weights)]

@@ -149,9 +149,10 @@ def import_from_path(
     zero_snr: bool | None = None,
 ) -> bentoml.Model:
     """A diffusers directory: a pipeline, or a ControlNet's (`config.json` naming a
-    `ControlNetModel`); a single-file `.safetensors` SDXL checkpoint (converted to the diffusers
-    layout; `config` names the diffusers repo or directory whose configs it follows); a LoRA
-    `.safetensors` (diffusers/PEFT or kohya/A1111 keys); or an SDXL textual-inversion embedding
+    `ControlNetModel`, or a `ControlNetUnionModel`); a single-file `.safetensors` SDXL
+    checkpoint (converted to the diffusers layout; `config` names the diffusers repo or
+    directory whose configs it follows); a LoRA `.safetensors` (diffusers/PEFT or kohya/A1111
+    keys); or an SDXL textual-inversion embedding
     (`clip_l` and `clip_g`, fitting the models whose text encoders have their widths); or an
     IP-Adapter `.safetensors` (`image_proj.*`, `ip_adapter.*`) with its image `encoder`'s
     directory; or an upscale model (`.pth`, `.pt`, or a `.safetensors` spandrel recognises: ESRGAN,
@@ -162,7 +163,7 @@ def import_from_path(
     carry them."""
     path = path.expanduser().resolve()
     if path.is_dir():
-        if _class_name(path / "config.json") == "ControlNetModel":
+        if _class_name(path / "config.json") in ("ControlNetModel", "ControlNetUnionModel"):
             return _store(
                 model_id,
                 f"local:{path}",

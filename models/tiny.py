@@ -11,6 +11,7 @@ stand in for those components in tests, and a tiny ESRGAN for the upscalers.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
+    ControlNetUnionModel,
     EulerDiscreteScheduler,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
@@ -224,6 +226,23 @@ def build_tiny_controlnet(seed: int = SEED + 4) -> ControlNetModel:
     return controlnet
 
 
+def build_tiny_union_controlnet(seed: int = SEED + 8) -> ControlNetUnionModel:
+    """A union ControlNet for tiny-sdxl (xinsir's ControlNet Union's architecture: one model,
+    a task embedding row per control type, 8 as in its promax version): the tiny ControlNet's
+    weights, and random ones where the union adds its own (the control-type embedding and the
+    transformer that mixes the conditions)."""
+    plain = build_tiny_controlnet()
+    takes = set(inspect.signature(ControlNetUnionModel.__init__).parameters)
+    config = {key: value for key, value in plain.config.items() if key in takes}
+    width = config["block_out_channels"][0]
+    torch.manual_seed(seed)
+    union = ControlNetUnionModel(
+        **config, num_control_type=8, num_trans_channel=width, num_trans_head=2, num_proj_channel=width
+    )
+    union.load_state_dict(plain.state_dict(), strict=False)
+    return union
+
+
 def save_tiny_ip_adapter(path: Path, seed: int = SEED + 6) -> None:
     """An IP-Adapter for tiny-sdxl, with its image encoder (a tiny CLIP vision model), in the
     layout of h94/IP-Adapter's files: the image projection (`image_proj.proj`: the encoder's
@@ -293,8 +312,8 @@ def tiny_recipe(model_id: str) -> tuple[str, Callable[[Path], None], dict[str, s
         return "pipeline", saved(build_tiny_vpred), {}
     if model_id == "tiny-sdxl-vae":
         return "vae", saved(lambda: build_tiny_vae(seed=SEED + 1)), {}
-    if model_id == "tiny-sdxl-controlnet":
-        controlnet = build_tiny_controlnet()
+    if model_id in ("tiny-sdxl-controlnet", "tiny-sdxl-controlnet-union"):
+        controlnet = build_tiny_controlnet() if model_id == "tiny-sdxl-controlnet" else build_tiny_union_controlnet()
         return "controlnet", saved(lambda: controlnet), {"fits": unet_signature(controlnet.config)}
     if model_id == "tiny-sdxl-embedding":
         return "embedding", save_tiny_embedding, {"fits": f"{TEXT_HIDDEN}+{TEXT_HIDDEN}"}

@@ -103,6 +103,14 @@ def tiny_controlnet(tiny_model):
 
 
 @pytest.fixture(scope="session")
+def tiny_union_controlnet(tiny_model):
+    """tiny-sdxl-controlnet-union in the store: a union ControlNet (8 control types)."""
+    from models.store import import_tiny, stored_model
+
+    return stored_model("tiny-sdxl-controlnet-union") or import_tiny("tiny-sdxl-controlnet-union")
+
+
+@pytest.fixture(scope="session")
 def tiny_embedding(tiny_model):
     """tiny-sdxl-embedding in the store: every server started after this serves it."""
     from models.store import import_tiny, stored_model
@@ -225,9 +233,10 @@ def jobs_server(serve):
 
 
 @pytest.fixture(scope="session")
-def comfyui_server(serve, tiny_refiner, tiny_controlnet, tiny_upscaler, tiny_lora):
+def comfyui_server(serve, tiny_refiner, tiny_controlnet, tiny_union_controlnet, tiny_upscaler, tiny_lora):
     """The ComfyUI tests' one server (tests/test_comfyui*.py): tiny-sdxl and its refiner, the
-    tiny ControlNet, upscaler and LoRA, decoded by a served VAE (what VAELoader lists)."""
+    tiny ControlNets (plain and union), upscaler and LoRA, decoded by a served VAE (what
+    VAELoader lists)."""
     from models.store import import_tiny, stored_model
 
     stored_model("tiny-sdxl-vae", "vae") or import_tiny("tiny-sdxl-vae")

@@ -17,7 +17,7 @@ from PIL import Image
 from backends.api.comfyui.graph import Workflow, WorkflowRefused
 from backends.api.comfyui.plan import Planner
 from backends.sdxl_backend.loras import holds_text_encoder_weights
-from tests.comfyui_workflows import inpaint_keeping_the_image, titled, txt2img, with_lora
+from tests.comfyui_workflows import controlled, inpaint_keeping_the_image, titled, txt2img, with_lora
 from tests.conftest import pixels
 
 
@@ -82,6 +82,24 @@ def test_a_lora_on_the_model_alone_is_the_lora_when_it_holds_no_text_encoder_wei
     plain = one_image(api, txt2img("a window"))
     assert pixels(model_only) == pixels(both) == native(server, loras=[{"id": "tiny-sdxl-lora", "weight": 0.8}])
     assert pixels(model_only) != pixels(plain)
+
+
+def test_a_union_controlnet_takes_its_type_from_set_union_controlnet_type(server):
+    """ComfyUI's SetUnionControlNetType between the loader and the apply node is the unit's
+    `control_type`: the same pixels as the native request; "auto" is refused by name."""
+    api = ComfyApiWrapper(server.url)
+    edges = Image.new("RGB", (64, 64), (0, 0, 0))
+    edges.paste((255, 255, 255), (16, 16, 48, 48))
+    upload = httpx.post(f"{server.url}/upload/image", files={"image": ("e.png", png(edges))}, timeout=60).json()
+    workflow = controlled("a window", "tiny-sdxl-controlnet-union", upload["name"])
+    workflow["24"] = {"class_type": "SetUnionControlNetType", "inputs": {"control_net": ["20", 0], "type": "depth"}}
+    workflow["23"]["inputs"]["control_net"] = ["24", 0]
+    unit = {"id": "tiny-sdxl-controlnet-union", "image": base64.b64encode(png(edges)).decode(), "scale": 0.8}
+    unit |= {"preprocess": "canny", "low_threshold": 102, "high_threshold": 204, "control_type": "depth"}
+    assert pixels(one_image(api, workflow)) == native(server, controlnets=[unit])
+    workflow["24"]["inputs"]["type"] = "auto"
+    refused = httpx.post(f"{server.url}/prompt", json={"prompt": workflow}, timeout=60)
+    assert refused.status_code == 400 and "auto" in json.dumps(refused.json()["node_errors"]["24"])
 
 
 def plan(workflow: dict, lora_changes_clip: bool = False):

@@ -227,3 +227,71 @@ def test_native_and_a1111_clients_send_controlnets(serve, tiny_controlnet, tiny_
     # Each loaded once; nothing else the server serves (what the session's store held at its start) at all.
     loads = status["loads"]
     assert (loads.pop("tiny-sdxl"), loads.pop("tiny-sdxl-controlnet")) == (1, 1) and set(loads.values()) <= {0}
+
+
+@pytest.fixture(scope="module")
+def union_engine(tiny_model, tiny_controlnet, tiny_union_controlnet) -> Engine:
+    source = ModelSource("tiny-sdxl", Path(tiny_model.path), defaults_for("tiny-sdxl"))
+    controlnets = [
+        ControlNetSource(m.info.labels["sdxl_id"], Path(m.path), m.info.labels["fits"])
+        for m in (tiny_controlnet, tiny_union_controlnet)
+    ]
+    return Engine(ModelManager([source], select_placement(), controlnets=controlnets), "tiny-sdxl")
+
+
+def union_run(engine: Engine, control_type: str | None, **fields) -> bytes:
+    unit = {"id": "tiny-sdxl-controlnet-union", "image": SQUARE, "control_type": control_type}
+    request = GenerationRequest(**{"prompt": "a lighthouse", "seed": 11, **fields}, controlnets=[unit])
+    return pixels(engine.generate(engine.prepare(request)).images[0].data)
+
+
+def test_a_union_controlnet_is_diffusers_union_pipeline_with_the_control_type_asked(
+    union_engine, tiny_model, tiny_union_controlnet
+):
+    """One model for every kind of map: `control_type` picks the row of its task embedding
+    (`control_mode` in diffusers' union pipelines). Served as diffusers' own union pipeline
+    computes it, for each type a different picture, and in img2img, inpainting and a hires fix."""
+    import torch
+    from diffusers import ControlNetUnionModel, StableDiffusionXLControlNetUnionPipeline
+
+    from backends.sdxl_backend.controlnets import union_control_types
+
+    assert union_control_types(Path(tiny_union_controlnet.path)) == 8
+    assert union_control_types(Path(union_engine.models.controlnets["tiny-sdxl-controlnet"].path)) == 0
+    canny = union_run(union_engine, "canny/lineart/anime_lineart/mlsd")
+    pipeline = StableDiffusionXLControlNetUnionPipeline.from_pretrained(
+        tiny_model.path,
+        controlnet=ControlNetUnionModel.from_pretrained(tiny_union_controlnet.path),
+        local_files_only=True,
+    )
+    defaults = defaults_for("tiny-sdxl")
+    reference = pipeline(
+        prompt="a lighthouse",
+        control_image=[Image.open(io.BytesIO(SQUARE)).convert("RGB")],
+        control_mode=[3],
+        num_inference_steps=defaults.steps,
+        guidance_scale=defaults.guidance_scale,
+        width=defaults.width,
+        height=defaults.height,
+        generator=torch.Generator("cpu").manual_seed(11),
+    ).images[0]
+    assert canny == reference.convert("RGB").tobytes()
+    assert union_run(union_engine, "depth") != canny  # (another row of its task embedding)
+    for task in OTHER_TASKS:
+        assert union_run(union_engine, "depth", **task) != union_run(
+            union_engine, "canny/lineart/anime_lineart/mlsd", **task
+        )
+
+
+def test_a_union_controlnet_is_told_its_control_type_and_guides_alone(union_engine):
+    union = {"id": "tiny-sdxl-controlnet-union", "image": SQUARE}
+    plain = {"id": "tiny-sdxl-controlnet", "image": SQUARE}
+    for units, fields, field, words in [
+        ([union], {}, "controlnets[0].control_type", "is a union ControlNet"),
+        ([{**plain, "control_type": "depth"}], {}, "controlnets[0].control_type", "reads one kind of map"),
+        ([{**union, "control_type": "depth"}, plain], {}, "controlnets", "guides alone"),
+        ([{**union, "control_type": "depth"}], {"pag_scale": 2.0}, "pag_scale", "union ControlNet"),
+    ]:
+        with pytest.raises(InvalidRequest, match=words) as refused:
+            union_engine.prepare(GenerationRequest(prompt="x", controlnets=units, **fields))
+        assert refused.value.param == field

@@ -275,3 +275,6 @@ def test_hub_file_selection_for_a_vae_takes_its_config_and_diffusers_weights():
         "config.json",
         "diffusion_pytorch_model.fp16.safetensors",
     ]
+    union = ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]
+    union += ["diffusion_pytorch_model_promax.safetensors", "images/000000_canny_concat.webp"]
+    assert select_component_files(union) == ["config.json", "diffusion_pytorch_model.safetensors"]  # (not promax)

@@ -7,23 +7,35 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .protocol import UNION_CONTROL_TYPES
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .prepared import PreparedRequest
 
 
-def control_arguments(prepared: PreparedRequest, maps_argument: str) -> dict[str, Any]:
-    """The ControlNet arguments of a pipeline call; the maps go in `maps_argument` ("image" in
-    text-to-image, where `image` is not taken, else "control_image"). diffusers takes plain
-    values for one ControlNet and lists for several."""
+def control_arguments(prepared: PreparedRequest, task: str) -> dict[str, Any]:
+    """The ControlNet arguments of a pipeline call. The maps go in "image" in text-to-image
+    (where `image` is not taken), else in "control_image". diffusers takes plain values for one
+    ControlNet and lists for several; a union ControlNet (guiding alone) takes its maps and
+    their control types (`control_mode`, the indices) as lists, in "control_image" always."""
     units = prepared.request.controlnets
+    if units[0].control_type is not None:
+        return {
+            "control_image": list(prepared.controls),
+            "control_mode": [UNION_CONTROL_TYPES.index(unit.control_type or "") for unit in units],
+            "controlnet_conditioning_scale": units[0].scale,
+            "control_guidance_start": units[0].start,
+            "control_guidance_end": units[0].end,
+            "guess_mode": units[0].guess_mode,
+        }
 
     def each(values: list) -> list | object:
         return values if len(units) > 1 else values[0]
 
     return {
-        maps_argument: each(prepared.controls),
+        "image" if task == "txt2img" else "control_image": each(prepared.controls),
         "controlnet_conditioning_scale": each([unit.scale for unit in units]),
         "control_guidance_start": each([unit.start for unit in units]),
         "control_guidance_end": each([unit.end for unit in units]),

@@ -12,6 +12,7 @@ AUTOMATIC1111's ControlNet extension does) or taken as it is (`none`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,25 @@ class ControlNetSource:
     id: str
     path: Path  # a ControlNetModel's directory: config.json and its weights
     fits: str  # the UNet signature it was made from (loras.py)
+
+    @property
+    def control_types(self) -> int:
+        """0 for a plain ControlNet; a union ControlNet's number of control types."""
+        return union_control_types(self.path)
+
+
+@lru_cache(maxsize=64)
+def union_control_types(path: Path) -> int:
+    """A union ControlNet (xinsir's ControlNet Union: one model for pose, depth, edges, tile...)
+    carries a task embedding, one row per control type; a plain one has none: 0. Read from the
+    weights' header (a stored folder never changes: its path holds the store version)."""
+    from safetensors import safe_open
+
+    for weights_file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(weights_file), framework="numpy") as weights:
+            if "task_embedding" in weights.keys():
+                return int(weights.get_slice("task_embedding").get_shape()[0])
+    return 0
 
 
 def control_map(image: Image.Image, unit: ControlNetUnit, size: tuple[int, int]) -> Image.Image:

@@ -157,7 +157,7 @@ class Denoiser:
                 **self.models.out_of_memory_as_error(
                     lambda: encode(per_image(members, lambda prepared: prepared.prompts)), "out of memory"
                 ),
-                **(control_arguments(first, "image" if task == "txt2img" else "control_image") if controlnets else {}),
+                **(control_arguments(first, task) if controlnets else {}),
                 **(
                     self.models.out_of_memory_as_error(
                         lambda: image_prompt_arguments(first, image_prompt_models, guided(pipeline, request)),
@@ -243,7 +243,7 @@ class Denoiser:
         arguments = {
             **arguments,
             **step_arguments(request.scheduler, hires.steps),
-            **(control_arguments(prepared, "control_image") if request.controlnets else {}),
+            **(control_arguments(prepared, "img2img") if request.controlnets else {}),
             "image": upscaled,
             "strength": hires.strength,
             "output_type": "pil",

@@ -139,7 +139,7 @@ class Engine:
                 "scheduler",
             )
         check_loras(self.models, source, [lora.id for lora in request.loras])
-        check_controlnets(self.models, source, [unit.id for unit in request.controlnets])
+        check_controlnets(self.models, source, request.controlnets)
         check_ip_adapters(self.models, source, [unit.id for unit in request.ip_adapters])
         if request.hires_fix is not None and request.hires_fix.upscaler != "latent":
             check_upscaler(self.models, "hires_fix.upscaler", request.hires_fix.upscaler, size, output_size(request))

@@ -28,12 +28,16 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
+    ControlNetUnionModel,
     DiffusionPipeline,
     StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPAGImg2ImgPipeline,
     StableDiffusionXLControlNetPAGPipeline,
     StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLControlNetUnionImg2ImgPipeline,
+    StableDiffusionXLControlNetUnionInpaintPipeline,
+    StableDiffusionXLControlNetUnionPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPAGImg2ImgPipeline,
@@ -44,6 +48,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from safetensors import safe_open
 
+from .controlnets import union_control_types
 from .device import Placement
 from .fast_paths import FastPaths, apply_fast_paths
 from .modes import MEMORY_MODES
@@ -174,6 +179,12 @@ CONTROLNET_PIPELINES = {
     "img2img": StableDiffusionXLControlNetImg2ImgPipeline,
     "inpaint": StableDiffusionXLControlNetInpaintPipeline,
 }
+# A union ControlNet's (one model, its control type per map); diffusers has none with PAG.
+UNION_PIPELINES = {
+    "txt2img": StableDiffusionXLControlNetUnionPipeline,
+    "img2img": StableDiffusionXLControlNetUnionImg2ImgPipeline,
+    "inpaint": StableDiffusionXLControlNetUnionInpaintPipeline,
+}
 # Perturbed-attention guidance (on the layers `pag_layers` names).
 PAG_PIPELINES = {
     "txt2img": StableDiffusionXLPAGPipeline,
@@ -212,7 +223,12 @@ def pipeline_for(
         config["controlnet"] = controlnets if len(controlnets) > 1 else controlnets[0]
     if pag:
         config["pag_applied_layers"] = pag_layers(base.unet)
-    kinds = (CONTROLNET_PAG_PIPELINES if pag else CONTROLNET_PIPELINES) if controlnets else PAG_PIPELINES
+    if controlnets and isinstance(controlnets[0], ControlNetUnionModel):  # (it guides alone: validation.py)
+        kinds = UNION_PIPELINES
+    elif controlnets:
+        kinds = CONTROLNET_PAG_PIPELINES if pag else CONTROLNET_PIPELINES
+    else:
+        kinds = PAG_PIPELINES
     pipeline = kinds[task](**base.components, **config)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -222,7 +238,8 @@ def pipeline_for(
 def load_controlnet(path: Path, placement: Placement) -> ControlNetModel:
     """A stored ControlNet, on the device in the placement's dtype. It stays there in every
     memory mode: it runs beside the UNet at every step."""
-    controlnet = ControlNetModel.from_pretrained(
+    kind = ControlNetUnionModel if union_control_types(path) else ControlNetModel
+    controlnet = kind.from_pretrained(
         path, dtype=placement.dtype, variant=weights_variant(path), use_safetensors=True, local_files_only=True
     )
     return controlnet.to(placement.device)

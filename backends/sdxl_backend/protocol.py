@@ -128,6 +128,28 @@ class LoraWeight(BaseModel):
 
 
 MAX_CONTROLNETS = 4  # per request
+# A union ControlNet's control types (xinsir's ControlNet Union, ControlNetUnionModel), in the
+# order of its task embedding, as ComfyUI's SetUnionControlNetType names them.
+UNION_CONTROL_TYPES = (
+    "openpose",
+    "depth",
+    "hed/pidi/scribble/ted",
+    "canny/lineart/anime_lineart/mlsd",
+    "normal",
+    "segment",
+    "tile",
+    "repaint",
+)
+UnionControlType = Literal[
+    "openpose",
+    "depth",
+    "hed/pidi/scribble/ted",
+    "canny/lineart/anime_lineart/mlsd",
+    "normal",
+    "segment",
+    "tile",
+    "repaint",
+]
 
 
 class ControlNetUnit(BaseModel):
@@ -161,6 +183,11 @@ class ControlNetUnit(BaseModel):
         False,
         description="Guide from the image alone, the prompt weighing less (A1111's 'ControlNet is more "
         "important'); all units of a request agree.",
+    )
+    control_type: UnionControlType | None = Field(
+        None,
+        description="A union ControlNet's control type (ComfyUI's names), which it needs: what the image "
+        "is. Not for a plain ControlNet, which reads one kind of map.",
     )
 
 

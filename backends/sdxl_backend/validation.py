@@ -14,6 +14,8 @@ from .limits import Limits
 from .masks import outpainted
 from .protocol import (
     MAX_SEED,
+    UNION_CONTROL_TYPES,
+    ControlNetUnit,
     GenerationRequest,
     ModelDefaults,
     ResolvedHiresFix,
@@ -138,9 +140,11 @@ def validate(request: ResolvedRequest, limits: Limits) -> None:
         ):
             if getattr(request, other):
                 raise InvalidRequest(f"pag_scale: not with {other} here ({why})", "pag_scale")
-        if request.controlnets and request.mask is not None:
+        if request.controlnets and (request.mask is not None or request.controlnets[0].control_type is not None):
             raise InvalidRequest(
-                "pag_scale: not with ControlNets when inpainting (no such diffusers pipeline)", "pag_scale"
+                "pag_scale: not with ControlNets when inpainting, nor with a union ControlNet (no such "
+                "diffusers pipeline)",
+                "pag_scale",
             )
     if request.guidance_rescale and request.controlnets:
         raise InvalidRequest(
@@ -238,10 +242,23 @@ def check_loras(models: ModelManager, source: ModelSource, lora_ids: list[str]) 
             )
 
 
-def check_controlnets(models: ModelManager, source: ModelSource, controlnet_ids: list[str]) -> None:
-    """A request's ControlNets are served and fit the model; raises `InvalidRequest` naming
-    the one at fault."""
-    _check_fitting("controlnets", "ControlNet", models.controlnets, source, controlnet_ids)
+def check_controlnets(models: ModelManager, source: ModelSource, units: list[ControlNetUnit]) -> None:
+    """A request's ControlNets are served and fit the model, and a union ControlNet is told its
+    control type (one it has) and guides alone; raises `InvalidRequest` naming the one at fault."""
+    _check_fitting("controlnets", "ControlNet", models.controlnets, source, [unit.id for unit in units])
+    for index, unit in enumerate(units):
+        types = models.controlnets[unit.id].control_types
+        field = f"controlnets[{index}].control_type"
+        if types and unit.control_type is None:
+            raise InvalidRequest(f"{field}: '{unit.id}' is a union ControlNet: say what the image is", field)
+        if not types and unit.control_type is not None:
+            raise InvalidRequest(f"{field}: '{unit.id}' reads one kind of map; a union ControlNet takes this", field)
+        if types and UNION_CONTROL_TYPES.index(unit.control_type or "") >= types:
+            raise InvalidRequest(
+                f"{field}: '{unit.id}' knows the first {types} types ({', '.join(UNION_CONTROL_TYPES[:types])})", field
+            )
+        if types and len(units) > 1:
+            raise InvalidRequest(f"controlnets: the union ControlNet '{unit.id}' guides alone here", "controlnets")
 
 
 def check_ip_adapters(models: ModelManager, source: ModelSource, adapter_ids: list[str]) -> None:

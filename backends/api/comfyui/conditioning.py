@@ -9,8 +9,9 @@ and the ControlNets applied to that conditioning.
 - CLIPSetLastLayer: -n is clip skip n (none: ComfyUI's SDXL default, the penultimate layer);
 - CLIPTextEncode, or CLIPTextEncodeSDXL with one text and the output's sizes; read by
   ComfyUI's prompt rule (`prompt_style: comfyui`);
-- ControlNetApplyAdvanced (chained: one unit each) with ControlNetLoader and a LoadImage, or a
-  Canny of one: a ControlNet unit, on both prompts as here;
+- ControlNetApplyAdvanced (chained: one unit each) with ControlNetLoader (through
+  SetUnionControlNetType for a union ControlNet's type) and a LoadImage, or a Canny of one: a
+  ControlNet unit, on both prompts as here;
 - InpaintModelConditioning, anywhere on the prompts' way (plan.py reads its latent);
 - VAELoader: the served VAE, which decodes for every model here.
 """
@@ -190,7 +191,13 @@ class ConditioningPlanner(GraphReader):
 
     def controlnet_unit(self, node_id: str) -> ControlNetUnit:
         value = self.workflow.value
-        loader, _ = self.source(node_id, "control_net", "ControlNetLoader")
+        loader, _ = self.source(node_id, "control_net", "ControlNetLoader", "SetUnionControlNetType")
+        union = {}
+        if self.workflow.class_of(loader) == "SetUnionControlNetType":  # (a union ControlNet's type)
+            if value(loader, "type") == "auto":
+                raise self.refuse(loader, "type", "a union ControlNet is told what its image is here, not auto")
+            union = {"control_type": value(loader, "type")}
+            loader, _ = self.source(loader, "control_net", "ControlNetLoader")
         if "vae" in self.workflow.nodes[node_id]["inputs"]:
             self.check_vae(node_id)
         image, _ = self.source(node_id, "image", "LoadImage", "Canny")
@@ -211,6 +218,7 @@ class ConditioningPlanner(GraphReader):
             start=value(node_id, "start_percent"),
             end=value(node_id, "end_percent"),
             **canny,
+            **union,
         )
 
     def check_vae(self, node_id: str) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from backends.sdxl_backend.protocol import UNION_CONTROL_TYPES
+
 MAX_RESOLUTION = 16384  # ComfyUI's own bound on a size widget (the server's limits apply after)
 MAX_SEED = 2**64 - 1  # ComfyUI's seeds are 64-bit; the pipeline's are 32-bit (taken modulo 2**32)
 LINK_TYPES = ("MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "UPSCALE_MODEL", "CONTROL_NET")
@@ -178,6 +180,12 @@ NODES: dict[str, Node] = {
         "Load ControlNet Model",
         "loaders",
         {"control_net_name": Input("COMBO", choices="controlnet")},
+        ("CONTROL_NET",),
+    ),
+    "SetUnionControlNetType": Node(
+        "SetUnionControlNetType",
+        "conditioning/controlnet",
+        {"control_net": Input("CONTROL_NET"), "type": Input("COMBO", choices=["auto", *UNION_CONTROL_TYPES])},
         ("CONTROL_NET",),
     ),
     "ControlNetApplyAdvanced": Node(
