@@ -313,3 +313,13 @@ def test_webuiapi_emphasis_and_long_prompts_are_read_as_a1111_reads_them(api):
         api.txt2img(prompt="a fox", width=64, height=64, seed=4).image.tobytes(),
         api.txt2img(prompt="a cat", width=64, height=64, seed=4).image.tobytes(),
     )
+
+
+def test_webuiapi_sends_forges_pag_script_and_the_png_says_pag_scale(api):
+    """webuiapi passes `alwayson_scripts` through: Forge's built-in PAG script, as Forge's UI
+    sends it ([enabled, scale, attenuation, start step, end step])."""
+    script = {"PerturbedAttentionGuidance Integrated": {"args": [True, 3.0, 0.0, 0.0, 1.0]}}
+    guided = api.txt2img(prompt="a fox", width=64, height=64, seed=3, alwayson_scripts=script)
+    plain = api.txt2img(prompt="a fox", width=64, height=64, seed=3, alwayson_scripts={})
+    assert guided.image.tobytes() != plain.image.tobytes()
+    assert api.png_info(guided.image).json["parameters"]["PAG Scale"] == "3.0"

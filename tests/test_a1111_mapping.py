@@ -266,3 +266,22 @@ def test_the_cfg_rescale_extensions_script_is_the_rescale_and_its_switches_are_r
         with pytest.raises(InvalidRequest) as refused:
             mapped(alwayson_scripts={script: {"args": args}})
         assert refused.value.param == f"alwayson_scripts.cfg rescale extension.{param}"
+
+
+def test_forges_pag_script_is_pag_scale_at_every_step():
+    """Forge's built-in script (extensions-builtin/sd_forge_perturbed_attention/scripts/
+    forge_perturbed_attention.py): its title, args [enabled, scale, attenuation, start step,
+    end step] (its first versions: [enabled, scale]). PAG here runs every step at full scale."""
+    script = "PerturbedAttentionGuidance Integrated"
+    assert mapped(alwayson_scripts={script: {"args": [True, 3.0, 0.0, 0.0, 1.0]}}).pag_scale == 3.0
+    assert mapped(alwayson_scripts={script: {"args": [True, 2.5]}}).pag_scale == 2.5
+    assert mapped(alwayson_scripts={script: {"args": [False, 3.0, 50.0, 0.2, 0.6]}}).pag_scale == 0  # (off)
+    assert mapped().pag_scale == 0
+    for args, param in (
+        ([True, 3.0, 10.0], "args[2]"),
+        ([True, 3.0, 0.0, 0.15, 0.6], "args[3]"),
+        ([True, 30], "args[1]"),
+    ):
+        with pytest.raises(InvalidRequest) as refused:
+            mapped(alwayson_scripts={script: {"args": args}})
+        assert refused.value.param == f"alwayson_scripts.perturbedattentionguidance integrated.{param}"

@@ -12,7 +12,14 @@ from typing import Any
 from backends.api.a1111.extras import upscaler_id
 from backends.api.a1111.options import clip_skip as clip_skip_of
 from backends.api.a1111.options import picture_fields
-from backends.api.a1111.protocol import CFG_RESCALE_SCRIPT, A1111Answer, A1111Request, refuse_what_is_on, title_name
+from backends.api.a1111.protocol import (
+    CFG_RESCALE_SCRIPT,
+    PAG_SCRIPT,
+    A1111Answer,
+    A1111Request,
+    refuse_what_is_on,
+    title_name,
+)
 from backends.api.a1111.units import control_units
 from backends.api.caller_options import MODEL_OPTION
 from backends.sdxl_backend import infotext
@@ -142,6 +149,7 @@ def generation_request(
         eta=_eta(body, scheduler),
         clip_skip=clip_skip or kept_fields.get("clip_skip"),
         guidance_rescale=_cfg_rescale(body),
+        pag_scale=_pag(body),
         image=body.init_images[0] if img2img else None,
         strength=body.denoising_strength if img2img and body.denoising_strength else 0.75,
         **_inpainting(body, img2img),
@@ -155,28 +163,59 @@ def generation_request(
     )
 
 
+def _script_args(body: A1111Request, title: str, shape: str) -> tuple[str, list[Any]] | None:
+    """An alwayson script's args and their field name, found by its title in any case; None
+    when the request does not send it. `shape` says what the args must be, for the 400."""
+    script = next((value for name, value in body.alwayson_scripts.items() if name.strip().lower() == title), None)
+    if not script:
+        return None
+    field = f"alwayson_scripts.{title}.args"
+    args = script.get("args") if isinstance(script, dict) else None
+    if not isinstance(args, list) or not args:
+        raise InvalidRequest(f"{field}: must be {shape}", field)
+    return field, args
+
+
+def _number(field: str, value: Any, low: float, high: float, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise InvalidRequest(f"{field}: {what} is a number {low:g}..{high:g}, not {value!r}", field)
+    return float(value)
+
+
 def _cfg_rescale(body: A1111Request) -> float | None:
     """The CFG Rescale extension's alwayson script: its first arg is the rescale (phi); the
     others are switches this server does not have (Auto Color Fix, DDIM Trailing, keeping the
     unfixed image), refused by name when on."""
-    script = next(
-        (value for name, value in body.alwayson_scripts.items() if name.strip().lower() == CFG_RESCALE_SCRIPT), None
-    )
-    if not script:
+    found = _script_args(body, CFG_RESCALE_SCRIPT, "[rescale, ...], the rescale a number 0..1")
+    if found is None:
         return None
-    field = f"alwayson_scripts.{CFG_RESCALE_SCRIPT}.args"
-    args = script.get("args") if isinstance(script, dict) else None
-    if not isinstance(args, list) or not args:
-        raise InvalidRequest(f"{field}: must be [rescale, ...], the rescale a number 0..1", field)
-    rescale = args[0]
-    if isinstance(rescale, bool) or not isinstance(rescale, int | float) or not 0 <= rescale <= 1:
-        raise InvalidRequest(f"{field}[0]: the rescale is a number 0..1, not {rescale!r}", f"{field}[0]")
+    field, args = found
+    rescale = _number(f"{field}[0]", args[0], 0, 1, "the rescale")
     for index, switch in enumerate(args[1:], start=1):
         if switch is True:
             raise InvalidRequest(
                 f"{field}[{index}]: not supported by this server (only the rescale)", f"{field}[{index}]"
             )
-    return float(rescale)
+    return rescale
+
+
+def _pag(body: A1111Request) -> float:
+    """Forge's built-in PAG script: [enabled, scale, attenuation, start step, end step] (its
+    first versions send the first two). PAG here acts at every step at its full scale, so
+    attenuation is 0 and the steps run 0 to 1 (Forge's defaults), or a 400 names the arg."""
+    found = _script_args(body, PAG_SCRIPT, "[enabled, scale, attenuation, start step, end step]")
+    if found is None or found[1][0] is not True:
+        return 0.0
+    field, args = found
+    if len(args) < 2:
+        raise InvalidRequest(f"{field}: the scale follows `enabled`", field)
+    for index, wanted, name in ((2, 0, "attenuation"), (3, 0, "start step"), (4, 1, "end step")):
+        if len(args) > index and args[index] != wanted:
+            raise InvalidRequest(
+                f"{field}[{index}]: PAG runs every step at its full scale here: the {name} is {wanted}",
+                f"{field}[{index}]",
+            )
+    return _number(f"{field}[1]", args[1], 0, 10, "PAG's scale")
 
 
 def _hires_fix(body: A1111Request, img2img: bool) -> dict[str, Any] | None:

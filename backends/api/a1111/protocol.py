@@ -13,9 +13,11 @@ from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.protocol import MAX_SEED, TINY_PNG, ImageBytes, Priority
 
 # The alwayson_scripts this server runs, by their titles (lower case): sd-webui-controlnet's,
-# and the CFG Rescale extension's (its first arg the rescale; mapping.py).
+# the CFG Rescale extension's (its first arg the rescale), and Forge's built-in PAG script
+# ([enabled, scale, attenuation, start step, end step]; mapping.py).
 CFG_RESCALE_SCRIPT = "cfg rescale extension"
-SCRIPTS = ("controlnet", CFG_RESCALE_SCRIPT)
+PAG_SCRIPT = "perturbedattentionguidance integrated"
+SCRIPTS = ("controlnet", CFG_RESCALE_SCRIPT, PAG_SCRIPT)
 
 
 class A1111ControlNetUnit(BaseModel):

@@ -127,7 +127,7 @@ def control_units(body: A1111Request, img2img: bool) -> dict[str, list[dict[str,
     for name, script in scripts.items():
         if name not in SCRIPTS and script not in (None, {}, {"args": []}):
             raise InvalidRequest(
-                f"alwayson_scripts.{name}: not supported by this server (only ControlNet and CFG rescale)",
+                f"alwayson_scripts.{name}: not supported by this server (only ControlNet, CFG rescale and PAG)",
                 f"alwayson_scripts.{name}",
             )
     script = scripts.get("controlnet") or {}
