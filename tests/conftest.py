@@ -233,14 +233,14 @@ def jobs_server(serve):
 
 
 @pytest.fixture(scope="session")
-def comfyui_server(serve, tiny_refiner, tiny_controlnet, tiny_union_controlnet, tiny_upscaler, tiny_lora):
-    """The ComfyUI tests' one server (tests/test_comfyui*.py): tiny-sdxl and its refiner, the
-    tiny ControlNets (plain and union), upscaler and LoRA, decoded by a served VAE (what
-    VAELoader lists)."""
+def comfyui_server(serve, tiny_refiner, tiny_vpred, tiny_controlnet, tiny_union_controlnet, tiny_upscaler, tiny_lora):
+    """The ComfyUI tests' one server (tests/test_comfyui*.py): tiny-sdxl, its refiner and its
+    v-prediction twin, the tiny ControlNets (plain and union), upscaler and LoRA, decoded by a
+    served VAE (what VAELoader lists)."""
     from models.store import import_tiny, stored_model
 
     stored_model("tiny-sdxl-vae", "vae") or import_tiny("tiny-sdxl-vae")
-    return serve("comfyui", {"SDXL_MODELS": "tiny-sdxl,tiny-sdxl-refiner", "SDXL_VAE": "tiny-sdxl-vae"})
+    return serve("comfyui", {"SDXL_MODELS": "tiny-sdxl,tiny-sdxl-refiner,tiny-sdxl-vpred", "SDXL_VAE": "tiny-sdxl-vae"})
 
 
 # The keys `guarded` accepts; the first is the one the tests mostly present.

@@ -14,6 +14,7 @@ import pytest
 from comfy_api_simplified import ComfyApiWrapper
 from PIL import Image
 
+from backends.api.comfyui.conditioning import Served
 from backends.api.comfyui.graph import Workflow, WorkflowRefused
 from backends.api.comfyui.plan import Planner
 from backends.sdxl_backend.loras import holds_text_encoder_weights
@@ -102,11 +103,32 @@ def test_a_union_controlnet_takes_its_type_from_set_union_controlnet_type(server
     assert refused.status_code == 400 and "auto" in json.dumps(refused.json()["node_errors"]["24"])
 
 
-def plan(workflow: dict, lora_changes_clip: bool = False):
-    checked = Workflow(workflow, lambda name: None)
-    return Planner(
-        checked, lambda name: name, lambda name: name, lambda name: None, lambda _: 4, lambda _: lora_changes_clip
-    ).plan()
+def test_freeu_and_rescale_cfg_on_the_model_are_the_native_fields(server):
+    """FreeU is `freeu`; RescaleCFG is `guidance_rescale`, on a v-prediction model (ComfyUI
+    rescales in v-space, where diffusers rescales the model's own prediction: the same there
+    alone), and refused by name on a model that predicts noise."""
+    api = ComfyApiWrapper(server.url)
+    freeu = {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}
+    workflow = txt2img("a window", model=["12", 0])
+    workflow["12"] = {"class_type": "FreeU", "inputs": {"model": ["4", 0], **freeu}}
+    made = one_image(api, workflow)
+    assert pixels(made) == native(server, freeu=freeu) != pixels(one_image(api, txt2img("a window")))
+    rescaled = txt2img("a window", model=["12", 0])
+    rescaled["4"]["inputs"]["ckpt_name"] = "tiny-sdxl-vpred.safetensors"
+    rescaled["12"] = {"class_type": "RescaleCFG", "inputs": {"model": ["4", 0], "multiplier": 0.5}}
+    made = one_image(api, rescaled)
+    assert pixels(made) == native(server, model="tiny-sdxl-vpred", guidance_rescale=0.5)
+    plain_vpred = txt2img("a window")
+    plain_vpred["4"]["inputs"]["ckpt_name"] = "tiny-sdxl-vpred.safetensors"  # (no catalog default rescale)
+    assert pixels(one_image(api, plain_vpred)) == native(server, model="tiny-sdxl-vpred", guidance_rescale=0)
+    rescaled["4"]["inputs"]["ckpt_name"] = "tiny-sdxl.safetensors"
+    refused = httpx.post(f"{server.url}/prompt", json={"prompt": rescaled}, timeout=60)
+    assert refused.status_code == 400 and "multiplier" in json.dumps(refused.json()["node_errors"]["12"])
+
+
+def plan(workflow: dict, lora_changes_clip: bool = False, predicts_v: bool = False):
+    served = Served(lambda name: None, lambda _: 4, lambda _: lora_changes_clip, lambda _: predicts_v)
+    return Planner(Workflow(workflow, lambda name: None), served).plan()
 
 
 def test_a_lora_that_changes_the_text_encoders_has_one_weight_on_both():

@@ -59,6 +59,8 @@ def test_the_tools_are_listed_with_the_native_fields_and_result_schemas(server):
     assert generate["required"] == ["prompt"]
     assert "multiple of 8" in generate["properties"]["width"]["description"]  # the native field's own words
     assert {"image", "mask", "strength"} <= set(tools["edit_image"].input_schema["properties"])
+    sampling = {"clip_skip", "guidance_rescale", "pag_scale", "freeu"}  # (the sampling fields, in every dialect)
+    assert sampling <= set(generate["properties"]) and sampling <= set(tools["edit_image"].input_schema["properties"])
     for tool in tools.values():
         assert tool.output_schema["type"] == "object" and tool.description
     assert tools["get_job"].annotations.read_only_hint and tools["cancel_job"].annotations.destructive_hint

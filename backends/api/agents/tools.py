@@ -29,6 +29,7 @@ GENERATION_FIELDS = (
     "clip_skip",
     "guidance_rescale",
     "pag_scale",
+    "freeu",
     "loras",
     "priority",
 )

@@ -13,13 +13,17 @@ and the ControlNets applied to that conditioning.
   SetUnionControlNetType for a union ControlNet's type) and a LoadImage, or a Canny of one: a
   ControlNet unit, on both prompts as here;
 - InpaintModelConditioning, anywhere on the prompts' way (plan.py reads its latent);
-- VAELoader: the served VAE, which decodes for every model here.
+- VAELoader: the served VAE, which decodes for every model here;
+- on the model: PerturbedAttentionGuidance, FreeU, and RescaleCFG for a v-prediction model only
+  (ComfyUI rescales in v-space, which is the model's own space only there).
 """
 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
@@ -29,24 +33,35 @@ from backends.sdxl_backend.protocol import MAX_CONTROLNETS, MAX_LORAS, ControlNe
 
 ENCODERS = ("CLIPTextEncode", "CLIPTextEncodeSDXL")
 LORA_LOADERS = ("LoraLoader", "LoraLoaderModelOnly")
+MODEL_PATCHES = ("PerturbedAttentionGuidance", "RescaleCFG", "FreeU")
+
+
+MODEL_FILE = re.compile(r"\.(safetensors|ckpt|pt|pth|bin)$")
+
+
+def served_id(name: str) -> str:
+    """A served model's id from the name a ComfyUI client sends: the id, or it as a file name."""
+    return MODEL_FILE.sub("", name)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What planning asks of the server: an upload's bytes by name, and facts of served models
+    by id: an upscale model's scale, whether a LoRA changes the text encoders, whether a model
+    predicts v (v-prediction)."""
+
+    upload: Callable[[str], bytes | None]
+    upscaler_scale: Callable[[str], int]
+    lora_changes_clip: Callable[[str], bool]
+    predicts_v: Callable[[str], bool]
 
 
 class GraphReader:
     """A checked workflow read for planning: links followed to the classes expected, and each
     request field set with the node and input it came from (`fields`)."""
 
-    def __init__(
-        self,
-        workflow: Workflow,
-        model_id: Callable[[str], str],
-        lora_id: Callable[[str], str],
-        upload: Callable[[str], bytes | None],
-        upscaler_scale: Callable[[str], int],
-        lora_changes_clip: Callable[[str], bool],
-    ):
-        self.workflow, self.model_id, self.lora_id, self.upload = workflow, model_id, lora_id, upload
-        self.upscaler_scale = upscaler_scale  # a served upscale model's scale, by id
-        self.lora_changes_clip = lora_changes_clip  # whether a served LoRA has text-encoder weights, by id
+    def __init__(self, workflow: Workflow, served: Served):
+        self.workflow, self.served = workflow, served
         self.fields: dict[str, tuple[str, str]] = {}
         self.values: dict[str, Any] = {}
 
@@ -72,7 +87,7 @@ class GraphReader:
     def picture(self, node_id: str) -> bytes:
         """A LoadImage's upload."""
         name = self.workflow.value(node_id, "image")
-        data = self.upload(name) if isinstance(name, str) else None
+        data = self.served.upload(name) if isinstance(name, str) else None
         if data is None:
             raise self.refuse(node_id, "image", f"no uploaded image '{name}' (POST /upload/image gives its name)")
         return data
@@ -87,7 +102,16 @@ class ConditioningPlanner(GraphReader):
     def model_side(self, sampler: str) -> None:
         """The model, LoRAs, prompts, clip skip and ControlNets of a sampler."""
         checkpoint, loras = self.model_chain(sampler)
-        self.set("model", self.model_id(self.workflow.value(checkpoint, "ckpt_name")), checkpoint, "ckpt_name")
+        self.set("model", served_id(self.workflow.value(checkpoint, "ckpt_name")), checkpoint, "ckpt_name")
+        self.values.setdefault("guidance_rescale", 0.0)  # (ComfyUI rescales only where RescaleCFG says so)
+        if self.values["guidance_rescale"] and not self.served.predicts_v(self.values["model"]):
+            node_id, input_name = self.fields["guidance_rescale"]
+            raise self.refuse(
+                node_id,
+                input_name,
+                "ComfyUI rescales CFG on the v-prediction it makes of any model; here CFG rescale acts on "
+                "the model's own prediction, the same only for a v-prediction model, which this one is not",
+            )
         positive, negative = self.controlnets(sampler)
         prompts = {}
         for request_field, (node, name) in (("prompt", positive), ("negative_prompt", negative)):
@@ -118,19 +142,17 @@ class ConditioningPlanner(GraphReader):
         checkpoint first), each with the strength the CLIP must have it at (none: not on the CLIP)."""
         loras: list[tuple[str, float]] = []
         chain = ("CheckpointLoaderSimple", *LORA_LOADERS)
-        node_id, _ = self.source(sampler, "model", *chain, "PerturbedAttentionGuidance")
-        if self.workflow.class_of(node_id) == "PerturbedAttentionGuidance":  # (on the model as it reaches the sampler)
-            if self.workflow.value(node_id, "scale") > 10:
-                raise self.refuse(node_id, "scale", "PAG's scale is at most 10 here")
-            self.set("pag_scale", self.workflow.value(node_id, "scale"), node_id, "scale")
-            node_id, _ = self.source(node_id, "model", *chain)
+        node_id, _ = self.source(sampler, "model", *chain, *MODEL_PATCHES)
+        while self.workflow.class_of(node_id) in MODEL_PATCHES:  # (on the model as it reaches the sampler)
+            self.model_patch(node_id)
+            node_id, _ = self.source(node_id, "model", *chain, *MODEL_PATCHES)
         weights: list[tuple[str, float]] = []
         while self.workflow.class_of(node_id) in LORA_LOADERS:
             name, strength = self.workflow.value(node_id, "lora_name"), self.workflow.value(node_id, "strength_model")
             if abs(strength) > 4 or len(weights) == MAX_LORAS:
                 raise self.refuse(node_id, "strength_model", f"at most {MAX_LORAS} LoRAs, of weights -4 to 4, here")
             model_only = self.workflow.class_of(node_id) == "LoraLoaderModelOnly"
-            if self.lora_changes_clip(self.lora_id(name)) and (
+            if self.served.lora_changes_clip(served_id(name)) and (
                 model_only or self.workflow.value(node_id, "strength_clip") != strength
             ):
                 raise self.refuse(
@@ -143,8 +165,25 @@ class ConditioningPlanner(GraphReader):
             if not model_only:
                 loras.insert(0, (name, self.workflow.value(node_id, "strength_clip")))
             node_id, _ = self.source(node_id, "model", *chain)
-        self.values["loras"] = [LoraWeight(id=self.lora_id(name), weight=weight) for name, weight in weights]
+        self.values["loras"] = [LoraWeight(id=served_id(name), weight=weight) for name, weight in weights]
         return node_id, loras
+
+    def model_patch(self, node_id: str) -> None:
+        """PerturbedAttentionGuidance is `pag_scale`; RescaleCFG `guidance_rescale` (checked
+        against the model in `model_side`); FreeU `freeu` (ComfyUI's FreeU is the first one,
+        diffusers' too: half the backbone's channels scaled, the skips' low frequencies damped)."""
+        kind, value = self.workflow.class_of(node_id), self.workflow.value
+        field = {"PerturbedAttentionGuidance": "pag_scale", "RescaleCFG": "guidance_rescale", "FreeU": "freeu"}[kind]
+        if field in self.values:
+            raise self.refuse(node_id, "model", f"one {kind} on a sampler's model here")
+        if kind == "PerturbedAttentionGuidance":
+            if value(node_id, "scale") > 10:
+                raise self.refuse(node_id, "scale", "PAG's scale is at most 10 here")
+            self.set("pag_scale", value(node_id, "scale"), node_id, "scale")
+        elif kind == "RescaleCFG":
+            self.set("guidance_rescale", value(node_id, "multiplier"), node_id, "multiplier")
+        else:
+            self.set("freeu", {name: value(node_id, name) for name in ("s1", "s2", "b1", "b2")}, node_id, "b1")
 
     def clip_chain(self, encoder: str) -> tuple[str, list[tuple[str, float]], int]:
         """The CheckpointLoaderSimple under an encoder's CLIP, its LoRAs, and the layer read."""
@@ -212,7 +251,7 @@ class ConditioningPlanner(GraphReader):
         if value(node_id, "strength") > 2:
             raise self.refuse(node_id, "strength", "a ControlNet's strength is at most 2 here")
         return ControlNetUnit(
-            id=self.model_id(value(loader, "control_net_name")),
+            id=served_id(value(loader, "control_net_name")),
             image=self.picture(image),
             scale=value(node_id, "strength"),
             start=value(node_id, "start_percent"),
@@ -226,7 +265,7 @@ class ConditioningPlanner(GraphReader):
         SDXL_VAE, which decodes for every model here, so they are the same VAE)."""
         source, _ = self.source(node_id, "vae", "CheckpointLoaderSimple", "VAELoader")
         if self.workflow.class_of(source) == "CheckpointLoaderSimple":
-            model = self.model_id(self.workflow.value(source, "ckpt_name"))
+            model = served_id(self.workflow.value(source, "ckpt_name"))
             refiner = self.values.get("refiner")
             if model not in (self.values["model"], refiner.model if refiner else None):
                 raise self.refuse(node_id, "vae", "the VAE comes from another checkpoint than the model's")

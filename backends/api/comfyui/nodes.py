@@ -267,6 +267,21 @@ NODES: dict[str, Node] = {
         {"model": Input("MODEL"), "scale": _float(3.0, 0.0, 100.0)},
         ("MODEL",),
     ),
+    "RescaleCFG": Node(
+        "RescaleCFG", "advanced/model", {"model": Input("MODEL"), "multiplier": _float(0.7, 0.0, 1.0)}, ("MODEL",)
+    ),
+    "FreeU": Node(
+        "FreeU",
+        "model_patches/unet",
+        {
+            "model": Input("MODEL"),
+            "b1": _float(1.1, 0.0, 10.0),
+            "b2": _float(1.2, 0.0, 10.0),
+            "s1": _float(0.9, 0.0, 10.0),
+            "s2": _float(0.2, 0.0, 10.0),
+        },
+        ("MODEL",),
+    ),
     "LoraLoader": Node(
         "Load LoRA",
         "loaders",

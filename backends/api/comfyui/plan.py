@@ -29,7 +29,7 @@ from typing import Any
 from PIL import Image, ImageFilter, ImageOps
 from pydantic import ValidationError
 
-from backends.api.comfyui.conditioning import ConditioningPlanner
+from backends.api.comfyui.conditioning import ConditioningPlanner, served_id
 from backends.api.comfyui.nodes import NODES, PAIRS
 from backends.sdxl_backend.protocol import GenerationRequest, HiresFix, Refiner
 
@@ -138,7 +138,7 @@ class Planner(ConditioningPlanner):
         checkpoint, _ = self.source(refining, "model", "CheckpointLoaderSimple")
         self.set(
             "refiner",
-            Refiner(model=self.model_id(value(checkpoint, "ckpt_name")), switch_at=switch / value(base, "steps")),
+            Refiner(model=served_id(value(checkpoint, "ckpt_name")), switch_at=switch / value(base, "steps")),
             checkpoint,
             "ckpt_name",
         )
@@ -249,11 +249,11 @@ class Planner(ConditioningPlanner):
         else:
             resize = None
         loader, _ = self.source(pixels, "upscale_model", "UpscaleModelLoader")
-        upscaler = self.model_id(value(loader, "model_name"))
+        upscaler = served_id(value(loader, "model_name"))
         decode, _ = self.source(pixels, "image", "VAEDecode")
         first, _ = self.source(decode, "samples", "KSampler")
         self.check_vae(decode)
-        scale = float(self.upscaler_scale(upscaler))
+        scale = float(self.served.upscaler_scale(upscaler))
         if resize is not None and self.workflow.class_of(resize) == "ImageScaleBy":
             size = {"scale": scale * value(resize, "scale_by")}
         elif resize is not None:

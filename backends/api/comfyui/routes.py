@@ -20,6 +20,7 @@ from PIL import Image
 
 from backends.api import errors
 from backends.api.comfyui.answers import catalog, history_entry, queue_item
+from backends.api.comfyui.conditioning import Served
 from backends.api.comfyui.graph import Workflow, WorkflowRefused, node_error
 from backends.api.comfyui.plan import Plan, Planner
 from backends.api.comfyui.records import PromptRecord
@@ -32,7 +33,6 @@ from backends.sdxl_backend.loras import LORA_FILE, holds_text_encoder_weights
 
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
 router = APIRouter(tags=["ComfyUI"])
-MODEL_FILE = re.compile(r"\.(safetensors|ckpt|pt|pth|bin)$")
 OUTPUT_NAME = re.compile(r"^([0-9a-f]{32})_(\d+)\.(png|jpg|webp)$")
 LISTED = 100  # the prompts `/queue` and `/history` look through: the caller's newest
 # Preview frames on the socket when a prompt's extra_data asks for them (ComfyUI's default
@@ -58,10 +58,6 @@ def served_lists(runtime: Runtime) -> dict[str, list[str]]:
     }
 
 
-def plain_id(name: str) -> str:
-    return MODEL_FILE.sub("", name)
-
-
 async def json_body(request: Request) -> dict[str, Any]:
     """The body as JSON whatever its Content-Type (SillyTavern posts it as text/plain)."""
     try:
@@ -81,13 +77,13 @@ def make_plan(runtime: Runtime, workflow_json: Any) -> Plan:
         kept = runtime.kept_images.get(name)
         return kept.data if kept is not None else None
 
-    def upscaler_scale(upscaler_id: str) -> int:
-        return runtime.engine.models.upscalers[upscaler_id].scale
-
-    def lora_changes_clip(lora_id: str) -> bool:
-        return holds_text_encoder_weights(runtime.loras[lora_id].path / LORA_FILE)
-
-    return Planner(workflow, plain_id, plain_id, upload, upscaler_scale, lora_changes_clip).plan()
+    served = Served(
+        upload=upload,
+        upscaler_scale=lambda upscaler_id: runtime.engine.models.upscalers[upscaler_id].scale,
+        lora_changes_clip=lambda lora_id: holds_text_encoder_weights(runtime.loras[lora_id].path / LORA_FILE),
+        predicts_v=lambda model_id: runtime.served[model_id].sampling.prediction_type == "v_prediction",
+    )
+    return Planner(workflow, served).plan()
 
 
 @router.post("/prompt", responses=errors.responses(400, 401, 404, 413, 429, 503))
