@@ -238,3 +238,25 @@ def test_a_slow_receiver_holds_up_its_own_keys_lane_and_no_other_key():
     finally:
         sender.close()
         own.stop()
+
+
+def test_the_device_thread_never_holds_an_event_in_the_store_itself():
+    """`started` happens on the device thread, between steps: holding it in the job queue (a
+    Redis call with a shared queue) is the lane's work, before it delivers."""
+    from types import SimpleNamespace
+
+    from backends.api.webhooks import JobWebhooks
+    from backends.sdxl_backend.jobs import JobStatus
+
+    held: list[str] = []
+    jobs = SimpleNamespace(hold_webhook=lambda *_: held.append(threading.current_thread().name))
+    sender = WebhookSender(None, Destinations(["127.0.0.1/32"]), 1, 0.1, 5.0, lambda *_: None)
+    webhooks = JobWebhooks(sender, lambda *_: "", jobs)
+    spec = {"url": "http://127.0.0.1:9/hook", "events": ["started"], "images": "url", "base_url": ""}
+    job = SimpleNamespace(id="0" * 32, owner=None, webhook=spec, status=JobStatus.RUNNING, step=0)
+    try:
+        webhooks.changed(job)
+        poll(lambda: held, what="the event held")
+        assert held == ["sdxl-webhooks"]  # (the lane's thread, not this one)
+    finally:
+        sender.close()

@@ -207,9 +207,19 @@ class WebhookSender:
             record,
         )
 
-    def send(self, owner: str | None, job_id: str, event: str, message_id: str, url: str, body: Body) -> None:
-        """Queues one event for delivery (from any thread; never waits on the receiver). `body`
-        is made on the lane's thread (it may keep images: the device does not wait for that)."""
+    def send(
+        self,
+        owner: str | None,
+        job_id: str,
+        event: str,
+        message_id: str,
+        url: str,
+        body: Body,
+        before: Callable[[], None] | None = None,
+    ) -> None:
+        """Queues one event for delivery (from any thread; never waits on the receiver or a
+        store). `before` (holding the event in the job queue) and `body` run on the lane's
+        thread (the body may keep images: the device does not wait for that)."""
         lane = (owner, urlsplit(url).netloc.lower())
         with self._lock:
             if self._closing:
@@ -222,7 +232,7 @@ class WebhookSender:
                 threading.Thread(
                     target=self._deliver_all, args=(lane, events), name="sdxl-webhooks", daemon=True
                 ).start()
-            events.put((job_id, event, message_id, url, body))
+            events.put((job_id, event, message_id, url, body, before))
 
     def close(self) -> None:
         with self._lock:
@@ -243,7 +253,9 @@ class WebhookSender:
                 continue
             if item is None:
                 return
-            job_id, event, message_id, url, body = item
+            job_id, event, message_id, url, body, before = item
+            if before is not None:
+                before()
             try:
                 attempts = 1 if event == "progress" else self.attempts
                 outcome = self._deliver(url, message_id, json.dumps({"event": event, **body()}), attempts)

@@ -26,6 +26,7 @@ automation need not poll.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import secrets
 import threading
@@ -82,15 +83,21 @@ class JobWebhooks:
         if event is None or event not in spec["events"]:
             return
         message_id = f"msg_{secrets.token_hex(12)}"
-        if event != "progress":  # (a progress event lost is superseded by the next)
-            try:
-                self.jobs.hold_webhook(job.id, event, message_id)
-            except Exception:  # the store is away: delivered all the same, only not taken over
-                logger.warning("a webhook event could not be held in the job queue; it is delivered regardless")
-        self._send(job, spec, event, message_id)
+        # Held in the job queue while it is delivered (a progress event lost is superseded by the
+        # next), by the sender's lane: this runs on the device thread, which waits on no store.
+        hold = None if event == "progress" else functools.partial(self._hold, job.id, event, message_id)
+        self._send(job, spec, event, message_id, hold)
 
-    def _send(self, job: Job, spec: dict[str, Any], event: str, message_id: str) -> None:
-        self.sender.send(job.owner, job.id, event, message_id, spec["url"], lambda: self._body(job, spec))
+    def _hold(self, job_id: str, event: str, message_id: str) -> None:
+        try:
+            self.jobs.hold_webhook(job_id, event, message_id)
+        except Exception:  # the store is away: delivered all the same, only not taken over
+            logger.warning("a webhook event could not be held in the job queue; it is delivered regardless")
+
+    def _send(
+        self, job: Job, spec: dict[str, Any], event: str, message_id: str, hold: Callable[[], None] | None = None
+    ) -> None:
+        self.sender.send(job.owner, job.id, event, message_id, spec["url"], lambda: self._body(job, spec), before=hold)
 
     def _take_over(self) -> None:
         while not self._closing.wait(TAKEOVER_EVERY_S):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -20,6 +21,8 @@ from .job import Job
 
 if TYPE_CHECKING:
     from .contract import JobQueue
+
+logger = logging.getLogger("sdxl_backend")
 
 
 class Watchers:
@@ -80,6 +83,12 @@ async def follow(
     return job
 
 
+def _cancel_outcome(cancelling: asyncio.Future) -> None:
+    error = None if cancelling.cancelled() else cancelling.exception()
+    if error is not None and not isinstance(error, StoreUnavailable):
+        logger.warning("an abandoned request's job could not be cancelled (%s)", type(error).__name__)
+
+
 async def result_of(
     queue: JobQueue, submit: Callable[[], Awaitable[Job]], timeout_s: float, off_loop: Callable[..., Awaitable[Any]]
 ) -> GenerationResult:
@@ -97,9 +106,12 @@ async def result_of(
             if job.result is None:
                 raise TimedOut(f"the request took longer than {timeout_s:g} s and was cancelled")
     except asyncio.CancelledError:
-        # (On the event loop: a cancelled task can await nothing more. Redis away: the job runs on.)
-        with contextlib.suppress(StoreUnavailable):
-            queue.cancel(job, "cancelled: its request was abandoned")
+        # A cancelled task can await nothing more, and a store call would block the event loop:
+        # the cancel runs on a worker thread, unawaited. (Redis away: the job runs on.)
+        cancelling = asyncio.get_running_loop().run_in_executor(
+            None, queue.cancel, job, "cancelled: its request was abandoned"
+        )
+        cancelling.add_done_callback(_cancel_outcome)
         raise
     if job.error is not None:
         raise job.error.copy()
