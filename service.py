@@ -25,7 +25,7 @@ from backends.api.edge import Edge, TimelyTimeout, quiet_validation_logs
 from backends.api.guards import Origins, listening_addresses, refuse_open_network
 from backends.api.logs import log_json_lines
 from backends.api.runtime import Runtime
-from backends.api.served import ServedAdapter, ServedModel
+from backends.api.served import ServedAdapter, ServedModel, SideModels
 from backends.api.settings import declared_environment, load_settings
 from backends.api.tracing import name_spans_by_route, tracing_config
 from backends.sdxl_backend.embeddings import fits_model, model_text_signature
@@ -162,22 +162,22 @@ class SDXL:
             for model_id, model in SERVED.items()
         ]
         vae = Path(getattr(self, VAE_ATTRIBUTE).path) if VAE is not None else None
-        loras, controlnets, embeddings, ip_adapters, upscalers = (
-            [
-                ServedAdapter(
-                    adapter_id,
-                    Path(getattr(self, model_attribute(adapter_id, kind)).path),
-                    adapter.info.labels.get("fits", "any"),
-                    catalog[adapter_id].description if adapter_id in catalog else adapter.info.labels["source"],
-                    catalog[adapter_id].sampling if adapter_id in catalog else None,
-                )
-                for adapter_id, adapter in adapters.items()
-            ]
-            for kind, adapters in ADAPTERS.items()
+        sides = SideModels(
+            *(
+                [
+                    ServedAdapter(
+                        adapter_id,
+                        Path(getattr(self, model_attribute(adapter_id, kind)).path),
+                        adapter.info.labels.get("fits", "any"),
+                        catalog[adapter_id].description if adapter_id in catalog else adapter.info.labels["source"],
+                        catalog[adapter_id].sampling if adapter_id in catalog else None,
+                    )
+                    for adapter_id, adapter in adapters.items()
+                ]
+                for kind, adapters in ADAPTERS.items()  # (in SideModels' order)
+            )
         )
-        self.runtime = Runtime(
-            SETTINGS, served, DEFAULT_MODEL, vae, loras, controlnets, embeddings, ip_adapters, upscalers
-        )
+        self.runtime = Runtime(SETTINGS, served, DEFAULT_MODEL, vae, sides)
         dialects.state.runtime = self.runtime
         name_spans_by_route(dialects)
         self.runtime.start(warm_up=SETTINGS.warmup)

@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from backends.sdxl_backend.device_thread import TORCH_WORK, DeviceThread, usable_cores
@@ -23,7 +23,7 @@ from backends.sdxl_backend.jobs.worker import Device, ParkSeam
 from backends.sdxl_backend.protocol import GenerationRequest
 
 if TYPE_CHECKING:
-    from backends.api.served import ServedAdapter, ServedModel
+    from backends.api.served import ServedModel, SideModels
     from backends.api.settings import Settings
     from backends.sdxl_backend.device import Placement
     from backends.sdxl_backend.engine import Engine
@@ -73,11 +73,7 @@ class Devices:
         served: list[ServedModel],
         default_model: str,
         vae: Any,
-        loras: Sequence[ServedAdapter],
-        controlnets: Sequence[ServedAdapter],
-        embeddings: Sequence[ServedAdapter],
-        ip_adapters: Sequence[ServedAdapter],
-        upscalers: Sequence[ServedAdapter],
+        sides: SideModels,
     ):
         from backends.sdxl_backend.controlnets import ControlNetSource
         from backends.sdxl_backend.denoise import OutOfMemorySeam
@@ -105,18 +101,18 @@ class Devices:
             models = ModelManager(
                 [ModelSource(m.id, m.path, m.defaults) for m in served],
                 placement,
-                settings.model_aliases,
-                settings.memory_policy,
-                settings.fast_paths,
-                vae,
-                [LoraSource(lora.id, lora.path, lora.fits, lora.sampling) for lora in loras],
-                settings.max_loaded_loras,
-                [ControlNetSource(c.id, c.path, c.fits) for c in controlnets],
-                settings.max_loaded_controlnets,
-                [IpAdapterSource(a.id, a.path, a.fits) for a in ip_adapters],
-                settings.max_loaded_ip_adapters,
-                [UpscalerSource(u.id, u.path) for u in upscalers],
-                settings.max_loaded_upscalers,
+                aliases=settings.model_aliases,
+                policy=settings.memory_policy,
+                fast_paths=settings.fast_paths,
+                vae=vae,
+                loras=[LoraSource(lora.id, lora.path, lora.fits, lora.sampling) for lora in sides.loras],
+                max_loaded_loras=settings.max_loaded_loras,
+                controlnets=[ControlNetSource(c.id, c.path, c.fits) for c in sides.controlnets],
+                max_loaded_controlnets=settings.max_loaded_controlnets,
+                ip_adapters=[IpAdapterSource(a.id, a.path, a.fits) for a in sides.ip_adapters],
+                max_loaded_ip_adapters=settings.max_loaded_ip_adapters,
+                upscalers=[UpscalerSource(u.id, u.path) for u in sides.upscalers],
+                max_loaded_upscalers=settings.max_loaded_upscalers,
                 on_device=thread.run,
             )
             thread.run_at_exit(models.close)
@@ -126,7 +122,7 @@ class Devices:
                 settings.limits,
                 oom_seam,
                 settings.prompt_syntax,
-                EmbeddingSet([EmbeddingSource(e.id, e.path, e.fits) for e in embeddings]),
+                EmbeddingSet([EmbeddingSource(e.id, e.path, e.fits) for e in sides.embeddings]),
                 settings.upscale_tiling,
             )
             if settings.test_fault_device == name:

@@ -19,7 +19,6 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +31,7 @@ from backends.api.comfyui.records import MemoryPromptRecords, PromptRecords, Sha
 from backends.api.hangups import cancelled_on_hangup
 from backends.api.kept_images import KeptImages, KeptImageStore, SharedKeptImages
 from backends.api.metrics import Metrics
-from backends.api.served import ServedAdapter, ServedModel
+from backends.api.served import ServedAdapter, ServedModel, SideModels
 from backends.api.settings import Settings
 from backends.api.tracing import JobSpans, service_tracer, tracing_config
 from backends.api.webhook_sender import Destinations, WebhookSender
@@ -58,40 +57,27 @@ class Runtime:
         served: list[ServedModel],
         default_model: str,
         vae: Path | None = None,
-        loras: Sequence[ServedAdapter] = (),
-        controlnets: Sequence[ServedAdapter] = (),
-        embeddings: Sequence[ServedAdapter] = (),
-        ip_adapters: Sequence[ServedAdapter] = (),
-        upscalers: Sequence[ServedAdapter] = (),
+        sides: SideModels = SideModels(),
     ):
         self.settings = settings
         self.served = {model.id: model for model in served}
-        self.loras = {lora.id: lora for lora in loras}
-        self.controlnets = {controlnet.id: controlnet for controlnet in controlnets}
-        self.embeddings = {embedding.id: embedding for embedding in embeddings}
-        self.ip_adapters = {adapter.id: adapter for adapter in ip_adapters}
-        self.upscalers = {upscaler.id: upscaler for upscaler in upscalers}
+        self.loras = {lora.id: lora for lora in sides.loras}
+        self.controlnets = {controlnet.id: controlnet for controlnet in sides.controlnets}
+        self.embeddings = {embedding.id: embedding for embedding in sides.embeddings}
+        self.ip_adapters = {adapter.id: adapter for adapter in sides.ip_adapters}
+        self.upscalers = {upscaler.id: upscaler for upscaler in sides.upscalers}
         # torch and diffusers load here, in the worker. BentoML's main process imports the service
         # module too, only to read its definition: a light module saves seconds on every start.
         from backends.api.devices import Devices
 
-        self.devices = Devices(
-            settings, served, default_model, vae, loras, controlnets, embeddings, ip_adapters, upscalers
-        )
+        self.devices = Devices(settings, served, default_model, vae, sides)
         self.engine = self.devices.engine  # prepares and checks requests
-        adapters = {
-            "LoRAs": loras,
-            "ControlNets": controlnets,
-            "embeddings": embeddings,
-            "IP-Adapters": ip_adapters,
-            "upscalers": upscalers,
-        }
         logger.info(
             "models: %s (default %s)%s; %s; VAE %s; %s; API keys %s",
             ", ".join(self.served),
             default_model,
             "".join(f"; alias {a} -> {t}" for a, t in settings.model_aliases.items()),
-            "; ".join(f"{kind}: {', '.join(a.id for a in of_kind) or 'none'}" for kind, of_kind in adapters.items()),
+            "; ".join(f"{kind}: {', '.join(a.id for a in of) or 'none'}" for kind, of in sides.by_kind().items()),
             settings.vae or "each model's own",
             settings.fast_paths.describe(),
             "required" if settings.api_keys else "off",

@@ -3,6 +3,7 @@ the adapters, control and upscale models requests name."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -36,3 +37,24 @@ class ServedAdapter:
     fits: str
     description: str
     sampling: SamplingProfile | None = None  # a LoRA's sampling profile (its catalog entry's)
+
+
+@dataclass(frozen=True)
+class SideModels:
+    """The models a request names beside its own, as the service read them at its start."""
+
+    loras: Sequence[ServedAdapter] = ()
+    controlnets: Sequence[ServedAdapter] = ()
+    embeddings: Sequence[ServedAdapter] = ()
+    ip_adapters: Sequence[ServedAdapter] = ()
+    upscalers: Sequence[ServedAdapter] = ()
+
+    def by_kind(self) -> dict[str, Sequence[ServedAdapter]]:
+        """Each kind under the name the logs give it."""
+        return {
+            "LoRAs": self.loras,
+            "ControlNets": self.controlnets,
+            "embeddings": self.embeddings,
+            "IP-Adapters": self.ip_adapters,
+            "upscalers": self.upscalers,
+        }

@@ -51,6 +51,7 @@ class ModelManager:
         self,
         sources: list[ModelSource],
         placement: Placement,
+        *,  # (the rest by name: fifteen positions would be read wrong)
         aliases: dict[str, str] | None = None,
         policy: MemoryPolicy | None = None,
         fast_paths: FastPaths = FastPaths(),
