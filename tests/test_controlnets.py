@@ -164,8 +164,12 @@ def test_native_and_a1111_clients_send_controlnets(serve, tiny_controlnet, tiny_
     assert guided != unguided
 
     a1111 = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
-    # (the extension lists IP-Adapters as unit models too; tests/test_ip_adapters.py sends them)
-    assert a1111.controlnet_model_list() == ["tiny-sdxl-controlnet", "tiny-sdxl-ip-adapter"]
+    # (the extension lists IP-Adapters as unit models too; tests/test_ip_adapters.py sends them.
+    # The store is the session's: a server lists every ControlNet stored before it started.)
+    adapters = httpx.get(f"{server.url}/v1/ip-adapters", timeout=300).json()["data"]
+    served = [entry["id"] for entry in listed["data"] + adapters]
+    assert {"tiny-sdxl-controlnet", "tiny-sdxl-ip-adapter"} <= set(served)
+    assert sorted(a1111.controlnet_model_list()) == sorted(served)
     assert a1111.controlnet_module_list() == ["none", "canny", "ip-adapter-auto"]
     picture = Image.open(io.BytesIO(square_png()))
     # The client's defaults: Resize and Fill, thresholds 64 and 64, Balanced, hr_option Both.
