@@ -3,9 +3,9 @@
 Where a request goes: the native API enters at the `@bentoml.api` methods below; the other
 dialects (moondream-station, OpenAI Images, AUTOMATIC1111, jobs) at their routers in
 backends/api/, mounted here as one FastAPI app. Each dialect turns its body into a
-`GenerationRequest`; `Runtime.run()` (backends/api/runtime.py) has it checked by
+`GenerationRequest`; `Runtime.run()` (backends/api/composition/runtime.py) has it checked by
 `Engine.prepare()`, queued, and run on the device thread by `Engine.generate()`
-(backends/sdxl_backend/engine.py); the dialect shapes the `GenerationResult` into its answer.
+(backends/sdxl_backend/generation/engine.py); the dialect shapes the `GenerationResult` into its answer.
 """
 
 from __future__ import annotations
@@ -17,19 +17,22 @@ import bentoml
 import yaml
 from bentoml._internal.server.http import traffic
 
-from backends.api import agents, answers, headers, native
-from backends.api import upscale as upscale_api
-from backends.api.app import create_app
-from backends.api.devices import placements_of
-from backends.api.edge import Edge, TimelyTimeout, quiet_validation_logs
-from backends.api.guards import Origins, listening_addresses, refuse_open_network
-from backends.api.logs import log_json_lines
-from backends.api.runtime import Runtime
-from backends.api.served import ServedAdapter, ServedModel, SideModels
-from backends.api.settings import declared_environment, load_settings
-from backends.api.tracing import name_spans_by_route, tracing_config
-from backends.sdxl_backend.embeddings import fits_model, model_text_signature
-from backends.sdxl_backend.loras import model_unet_signature
+from backends.api import agents
+from backends.api.composition.app import create_app
+from backends.api.composition.devices import placements_of
+from backends.api.composition.runtime import Runtime
+from backends.api.composition.served import ServedAdapter, ServedModel, SideModels
+from backends.api.composition.settings import declared_environment, load_settings
+from backends.api.edge import headers
+from backends.api.edge.guards import Origins, listening_addresses, refuse_open_network
+from backends.api.edge.middleware import Edge, TimelyTimeout, quiet_validation_logs
+from backends.api.jobs import answers
+from backends.api.native import generation as native
+from backends.api.native import upscale as upscale_api
+from backends.api.operations.logs import log_json_lines
+from backends.api.operations.tracing import name_spans_by_route, tracing_config
+from backends.sdxl_backend.models.loras import model_unet_signature
+from backends.sdxl_backend.prompts.embeddings import fits_model, model_text_signature
 from backends.sdxl_backend.protocol import GenerationRequest, ImageToImageRequest, TextToImageRequest
 from backends.sdxl_backend.upscale_protocol import UpscaleRequest
 from models.catalog import defaults_for, load_catalog
@@ -238,10 +241,11 @@ SDXL = bentoml.service(  # type: ignore[misc]
     # 504 in the error shape); BentoML's own timeout is the backstop behind it, with the timer
     # that BentoML leaves armed cancelled (TimelyTimeout, installed below).
     traffic={"timeout": SETTINGS.timeout_seconds + 60},
-    # Traces, when an OTLP endpoint is set the standard way (OTEL_EXPORTER_OTLP_ENDPOINT): tracing.py.
+    # Traces, when an OTLP endpoint is set the standard way (OTEL_EXPORTER_OTLP_ENDPOINT):
+    # backends/api/operations/tracing.py.
     tracing=tracing_config(),
     # BentoML's access log and HTTP metrics name raw paths, job and image ids included; the edge
-    # (backends/api/edge.py) logs and counts by route template instead, and serves /metrics.
+    # (backends/api/edge/middleware.py) logs and counts by route template instead, and serves /metrics.
     logging={"access": {"enabled": False}},
     metrics={"enabled": False},
     http={

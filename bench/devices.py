@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 def images_per_second(jobs: int, body: dict) -> float:
     """In this process, with SDXL_DEVICES as set: `jobs` jobs queued at once, timed to the last."""
-    from backends.api.runtime import Runtime
-    from backends.api.served import ServedModel
-    from backends.api.settings import load_settings
+    from backends.api.composition.runtime import Runtime
+    from backends.api.composition.served import ServedModel
+    from backends.api.composition.settings import load_settings
     from backends.sdxl_backend.protocol import GenerationRequest
     from models.catalog import defaults_for
     from models.store import import_tiny, stored_model

@@ -27,9 +27,9 @@ os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="sdxl-bench-"))
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backends.api.runtime import Runtime  # noqa: E402
-from backends.api.served import ServedModel  # noqa: E402
-from backends.api.settings import load_settings  # noqa: E402
+from backends.api.composition.runtime import Runtime  # noqa: E402
+from backends.api.composition.served import ServedModel  # noqa: E402
+from backends.api.composition.settings import load_settings  # noqa: E402
 from backends.sdxl_backend.protocol import GenerationRequest  # noqa: E402
 from models.catalog import defaults_for  # noqa: E402
 from models.store import import_tiny, stored_model  # noqa: E402

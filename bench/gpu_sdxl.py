@@ -58,8 +58,8 @@ from PIL import Image  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from backends.sdxl_backend.device import Placement, select_placement  # noqa: E402
-from backends.sdxl_backend.fast_paths import FastPaths  # noqa: E402
-from backends.sdxl_backend.pipelines import (  # noqa: E402
+from backends.sdxl_backend.models.fast_paths import FastPaths  # noqa: E402
+from backends.sdxl_backend.models.pipelines import (  # noqa: E402
     MEMORY_MODES,
     Pipelines,
     apply_memory_mode,

@@ -35,9 +35,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from backends.sdxl_backend.device import select_placement  # noqa: E402
 from backends.sdxl_backend.device_thread import usable_cores  # noqa: E402
-from backends.sdxl_backend.engine import Engine  # noqa: E402
-from backends.sdxl_backend.model_manager import ModelManager, ModelSource  # noqa: E402
-from backends.sdxl_backend.prompt_encoder import encode  # noqa: E402
+from backends.sdxl_backend.generation.engine import Engine  # noqa: E402
+from backends.sdxl_backend.models.manager import ModelManager, ModelSource  # noqa: E402
+from backends.sdxl_backend.prompts.encoder import encode  # noqa: E402
 from backends.sdxl_backend.protocol import GenerationRequest  # noqa: E402
 from models.catalog import defaults_for  # noqa: E402
 from models.store import import_tiny, stored_model  # noqa: E402

@@ -59,13 +59,13 @@ def in_process(part: str, body: dict) -> None:
     for each line read, each answered with its seconds. "service": through the service's own
     `Runtime` (device thread, thread count, warm-up, job queue); "bare-engine":
     `Engine.generate` on a fresh thread, warmed up there."""
-    from backends.api.runtime import Runtime
-    from backends.api.served import ServedModel
-    from backends.api.settings import load_settings
+    from backends.api.composition.runtime import Runtime
+    from backends.api.composition.served import ServedModel
+    from backends.api.composition.settings import load_settings
     from backends.sdxl_backend.device import select_placement
-    from backends.sdxl_backend.engine import Engine
-    from backends.sdxl_backend.model_manager import ModelManager
-    from backends.sdxl_backend.model_records import ModelSource
+    from backends.sdxl_backend.generation.engine import Engine
+    from backends.sdxl_backend.models.manager import ModelManager
+    from backends.sdxl_backend.models.records import ModelSource
     from backends.sdxl_backend.protocol import GenerationRequest
 
     path, defaults = Path(tiny_model().path), defaults_for("tiny-sdxl")

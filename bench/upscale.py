@@ -35,12 +35,12 @@ import torch  # noqa: E402
 
 from backends.sdxl_backend.device import select_placement  # noqa: E402
 from backends.sdxl_backend.device_thread import DeviceThread  # noqa: E402
-from backends.sdxl_backend.images import encode_image  # noqa: E402
+from backends.sdxl_backend.generation.images import encode_image  # noqa: E402
+from backends.sdxl_backend.generation.upscaling import Upscaling  # noqa: E402
 from backends.sdxl_backend.limits import Limits  # noqa: E402
-from backends.sdxl_backend.model_manager import ModelManager  # noqa: E402
+from backends.sdxl_backend.models.manager import ModelManager  # noqa: E402
+from backends.sdxl_backend.models.upscalers import Tiling, UpscalerSource, load_upscaler, save_upscaler, upscale  # noqa: E402
 from backends.sdxl_backend.upscale_protocol import UpscaleRequest  # noqa: E402
-from backends.sdxl_backend.upscalers import Tiling, UpscalerSource, load_upscaler, save_upscaler, upscale  # noqa: E402
-from backends.sdxl_backend.upscaling import Upscaling  # noqa: E402
 
 REAL_SIZE = {"num_filters": 64, "num_blocks": 23}  # Real-ESRGAN x4plus's RRDBNet
 

@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from .catalog import load_catalog
-from .store import (
+from models.catalog import load_catalog
+from models.store import (
     TINY,
     ImportFailed,
     import_from_hub,

@@ -6,8 +6,8 @@ a LoRA's weights (`pytorch_lora_weights.safetensors`), an embedding's vectors
 (`embedding.safetensors`), an IP-Adapter's weights and image encoder (`ip-adapter.safetensors`,
 `image_encoder/`) or an upscaler's weights and card (`upscaler.safetensors`, `upscaler.json`).
 LoRAs, ControlNets and IP-Adapters carry a `fits` label: the UNet architecture they were made
-for (backends/sdxl_backend/loras.py); embeddings, the text encoders' widths
-(backends/sdxl_backend/embeddings.py); upscalers fit every model. Labels record what it is and
+for (backends/sdxl_backend/models/loras.py); embeddings, the text encoders' widths
+(backends/sdxl_backend/prompts/embeddings.py); upscalers fit every model. Labels record what it is and
 where it came from: `sdxl_id`, `sdxl_kind`, `source`, `revision`.
 """
 
@@ -22,14 +22,13 @@ from pathlib import Path
 
 import bentoml
 
-from backends.sdxl_backend.embeddings import EMBEDDING_FILE, SDXL_TEXT, file_signature
-from backends.sdxl_backend.ip_adapters import ENCODER_FOLDER, IP_ADAPTER_FILE, is_ip_adapter
-from backends.sdxl_backend.loras import LORA_FILE, SDXL_UNET, model_unet_signature
-from backends.sdxl_backend.upscalers import UPSCALER_SUFFIXES, read_upscaler, save_upscaler
-
-from .catalog import CatalogEntry
-from .hub_files import select_component_files, select_encoder_files, select_files
-from .sampling_facts import set_sampling, single_file_sampling
+from backends.sdxl_backend.models.ip_adapters import ENCODER_FOLDER, IP_ADAPTER_FILE, is_ip_adapter
+from backends.sdxl_backend.models.loras import LORA_FILE, SDXL_UNET, model_unet_signature
+from backends.sdxl_backend.models.upscalers import UPSCALER_SUFFIXES, read_upscaler, save_upscaler
+from backends.sdxl_backend.prompts.embeddings import EMBEDDING_FILE, SDXL_TEXT, file_signature
+from models.catalog import CatalogEntry
+from models.hub_files import select_component_files, select_encoder_files, select_files
+from models.sampling_facts import set_sampling, single_file_sampling
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 BENTOML_METADATA = ("model.yaml", "custom_objects.pkl")
@@ -127,7 +126,7 @@ TINY = (
 
 
 def import_tiny(model_id: str = "tiny-sdxl") -> bentoml.Model:
-    from .tiny import tiny_recipe
+    from models.tiny import tiny_recipe
 
     kind, fill, labels = tiny_recipe(model_id)
     return _store(model_id, "generated:models/tiny.py", "1", fill, labels, kind=kind)

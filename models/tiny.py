@@ -201,7 +201,7 @@ def save_tiny_embedding(path: Path, seed: int = SEED + 5) -> None:
     in SDXL's file layout (`clip_l`, `clip_g`)."""
     from safetensors.torch import save_file
 
-    from backends.sdxl_backend.embeddings import EMBEDDING_FILE
+    from backends.sdxl_backend.prompts.embeddings import EMBEDDING_FILE
 
     generator = torch.Generator().manual_seed(seed)
     save_file(
@@ -252,7 +252,7 @@ def save_tiny_ip_adapter(path: Path, seed: int = SEED + 6) -> None:
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from backends.sdxl_backend.ip_adapters import ENCODER_FOLDER, IP_ADAPTER_FILE
+    from backends.sdxl_backend.models.ip_adapters import ENCODER_FOLDER, IP_ADAPTER_FILE
 
     unet = build_tiny_sdxl().unet
     torch.manual_seed(seed)
@@ -289,7 +289,7 @@ def save_tiny_upscaler(path: Path, seed: int = SEED + 7) -> None:
     from spandrel import ModelLoader
     from spandrel.architectures.ESRGAN import ESRGAN
 
-    from backends.sdxl_backend.upscalers import save_upscaler
+    from backends.sdxl_backend.models.upscalers import save_upscaler
 
     torch.manual_seed(seed)
     network = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=4)
@@ -299,7 +299,7 @@ def save_tiny_upscaler(path: Path, seed: int = SEED + 7) -> None:
 def tiny_recipe(model_id: str) -> tuple[str, Callable[[Path], None], dict[str, str]]:
     """How the store makes tiny model `model_id`: its kind, what writes its folder, its labels
     (a ControlNet's config holds the widths of the UNet it was made from)."""
-    from backends.sdxl_backend.loras import unet_signature
+    from backends.sdxl_backend.models.loras import unet_signature
 
     def saved(build: Callable[[], Any]) -> Callable[[Path], None]:
         return lambda path: build().save_pretrained(path, safe_serialization=True)

@@ -8,10 +8,12 @@ import pytest
 
 from backends.api.a1111.mapping import SCHEDULES, generation_request, progress, samplers, take_loras
 from backends.api.a1111.protocol import A1111Request
-from backends.sdxl_backend import infotext
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.protocol import TINY_PNG, GenerationRequest, LoraWeight
-from backends.sdxl_backend.schedulers import SCHEDULERS
+from backends.sdxl_backend.generation import infotext
+from backends.sdxl_backend.image_bytes import TINY_PNG
+from backends.sdxl_backend.models.schedulers import SCHEDULERS
+from backends.sdxl_backend.protocol import GenerationRequest
+from backends.sdxl_backend.units import LoraWeight
 
 
 def mapped(img2img: bool = False, **fields) -> GenerationRequest:

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image, ImageDraw
 
 from backends.sdxl_backend.device import select_placement
-from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.errors import (
     BackendError,
     Cancelled,
@@ -19,11 +18,12 @@ from backends.sdxl_backend.errors import (
     PayloadTooLarge,
     UnknownModel,
 )
+from backends.sdxl_backend.generation.engine import Engine
 from backends.sdxl_backend.limits import Limits
-from backends.sdxl_backend.model_manager import ModelManager
-from backends.sdxl_backend.model_records import ModelSource
+from backends.sdxl_backend.models.manager import ModelManager
+from backends.sdxl_backend.models.records import ModelSource
+from backends.sdxl_backend.models.schedulers import SCHEDULERS
 from backends.sdxl_backend.protocol import GenerationRequest
-from backends.sdxl_backend.schedulers import SCHEDULERS
 from models.catalog import defaults_for
 from tests.conftest import pixels, png_bytes
 
@@ -345,7 +345,7 @@ def test_validation_errors_name_the_field(engine, fields, param):
 
 def test_pixel_budget_is_checked_on_the_product():
     limits = Limits(max_pixels=128 * 128)
-    from backends.sdxl_backend.validation import validate
+    from backends.sdxl_backend.generation.validation import validate
 
     request = GenerationRequest(prompt="x", width=256, height=128, steps=1, guidance_scale=1, scheduler="euler", seed=1)
     with pytest.raises(InvalidRequest, match="over the limit"):

@@ -20,7 +20,7 @@ from bentoml.exceptions import BentoMLException, InvalidArgument
 from openapi_spec_validator import validate
 from PIL import Image
 
-from backends.api.settings import Settings, SettingsError, env_name, load_settings
+from backends.api.composition.settings import Settings, SettingsError, env_name, load_settings
 from tests.conftest import png_bytes
 from tests.served import ROOT, start_that_fails
 
@@ -271,7 +271,7 @@ def test_the_service_module_loads_neither_torch_nor_diffusers(tiny_model):
 
 
 def test_traces_are_off_without_an_otlp_endpoint_and_a_bad_share_fails_by_name():
-    from backends.api.tracing import tracing_config
+    from backends.api.operations.tracing import tracing_config
 
     assert tracing_config({}) == {}
     config = tracing_config({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_TRACES_SAMPLER_ARG": "0.25"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends.api.caller_options import (
+from backends.api.composition.caller_options import (
     MAX_OPTIONS_BYTES,
     CallerOptions,
     MemoryCallerOptions,

@@ -17,7 +17,7 @@ from PIL import Image
 from backends.api.comfyui.conditioning import Served
 from backends.api.comfyui.graph import Workflow, WorkflowRefused
 from backends.api.comfyui.plan import Planner
-from backends.sdxl_backend.loras import holds_text_encoder_weights
+from backends.sdxl_backend.models.loras import holds_text_encoder_weights
 from tests.comfyui_workflows import controlled, inpaint_keeping_the_image, titled, txt2img, with_lora
 from tests.conftest import pixels
 

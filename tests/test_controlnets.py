@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backends.sdxl_backend.controlnets import ControlNetSource, control_map
 from backends.sdxl_backend.device import select_placement
-from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.errors import BackendError, InvalidRequest
-from backends.sdxl_backend.model_manager import ModelManager
-from backends.sdxl_backend.model_records import ModelSource
-from backends.sdxl_backend.protocol import ControlNetUnit, GenerationRequest
+from backends.sdxl_backend.generation.engine import Engine
+from backends.sdxl_backend.models.controlnets import ControlNetSource, control_map
+from backends.sdxl_backend.models.manager import ModelManager
+from backends.sdxl_backend.models.records import ModelSource
+from backends.sdxl_backend.protocol import GenerationRequest
+from backends.sdxl_backend.units import ControlNetUnit
 from models.catalog import defaults_for
 from tests.conftest import pixels
 
@@ -258,7 +259,7 @@ def test_a_union_controlnet_is_diffusers_union_pipeline_with_the_control_type_as
     import torch
     from diffusers import ControlNetUnionModel, StableDiffusionXLControlNetUnionPipeline
 
-    from backends.sdxl_backend.controlnets import union_control_types
+    from backends.sdxl_backend.models.controlnets import union_control_types
 
     assert union_control_types(Path(tiny_union_controlnet.path)) == 8
     assert union_control_types(Path(union_engine.models.controlnets["tiny-sdxl-controlnet"].path)) == 0

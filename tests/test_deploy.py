@@ -19,9 +19,9 @@ import pytest
 import yaml
 from compose_spec import PyCompose
 
-from backends.api.settings import Settings, declared_environment, env_name
+from backends.api.composition.settings import Settings, declared_environment, env_name
 from backends.sdxl_backend.jobs.redis_queue.keys import PREFIX as SHARED_QUEUE_PREFIX
-from backends.sdxl_backend.loras import LORA_FILE
+from backends.sdxl_backend.models.loras import LORA_FILE
 from tests.served import ROOT
 
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
@@ -143,7 +143,7 @@ def test_bento_image_is_lean_and_pinned(bento):
     shipped = sorted(str(p.relative_to(directory / "src")) for p in (directory / "src").rglob("*") if p.is_file())
     assert shipped == sorted(
         ["service.py", "bentofile.yaml", "requirements.txt", "models/catalog.toml"]
-        + ["backends/api/playground.html", "backends/api/fleet.html"]
+        + ["backends/api/native/playground.html", "backends/api/operations/fleet.html"]
         + [str(p.relative_to(ROOT)) for p in (ROOT / "backends").rglob("*.py")]
         + [str(p.relative_to(ROOT)) for p in (ROOT / "backends").rglob("*.lua")]
         + [str(p.relative_to(ROOT)) for p in (ROOT / "models").glob("*.py")]
@@ -327,7 +327,7 @@ def test_the_bentoml_class_service_py_replaces_is_where_it_expects():
     from bentoml._internal.server import base_app
     from bentoml._internal.server.http import traffic
 
-    from backends.api.edge import TimelyTimeout
+    from backends.api.edge.middleware import TimelyTimeout
 
     original = traffic.TimeoutMiddleware
 

@@ -20,7 +20,7 @@ from backends.sdxl_backend.device import (
     select_placement,
 )
 from backends.sdxl_backend.errors import OutOfMemory
-from backends.sdxl_backend.model_manager import ModelManager
+from backends.sdxl_backend.models.manager import ModelManager
 from tests.served import start_that_fails
 
 

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from backends.sdxl_backend.device import select_placement
-from backends.sdxl_backend.embeddings import EMBEDDING_FILE, EmbeddingSet, EmbeddingSource
-from backends.sdxl_backend.engine import Engine
-from backends.sdxl_backend.model_manager import ModelManager
-from backends.sdxl_backend.model_records import ModelSource
-from backends.sdxl_backend.prompt_encoder import EncodedPrompts, conditioning
+from backends.sdxl_backend.generation.engine import Engine
+from backends.sdxl_backend.models.manager import ModelManager
+from backends.sdxl_backend.models.records import ModelSource
+from backends.sdxl_backend.prompts.embeddings import EMBEDDING_FILE, EmbeddingSet, EmbeddingSource
+from backends.sdxl_backend.prompts.encoder import EncodedPrompts, conditioning
 from backends.sdxl_backend.protocol import GenerationRequest
 from models.catalog import defaults_for
 from tests.conftest import pixels

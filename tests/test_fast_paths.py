@@ -13,10 +13,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from backends.sdxl_backend.device import select_placement
-from backends.sdxl_backend.engine import Engine
-from backends.sdxl_backend.fast_paths import FastPaths
-from backends.sdxl_backend.model_manager import ModelManager
-from backends.sdxl_backend.model_records import ModelSource
+from backends.sdxl_backend.generation.engine import Engine
+from backends.sdxl_backend.models.fast_paths import FastPaths
+from backends.sdxl_backend.models.manager import ModelManager
+from backends.sdxl_backend.models.records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
 from models.catalog import defaults_for
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from backends.sdxl_backend.controlnets import ControlNetSource
 from backends.sdxl_backend.device import select_placement
-from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.errors import BackendError
-from backends.sdxl_backend.ip_adapters import ENCODER_FOLDER, IP_ADAPTER_FILE, IpAdapterSource
-from backends.sdxl_backend.model_manager import ModelManager
-from backends.sdxl_backend.model_records import ModelSource
+from backends.sdxl_backend.generation.engine import Engine
+from backends.sdxl_backend.models.controlnets import ControlNetSource
+from backends.sdxl_backend.models.ip_adapters import ENCODER_FOLDER, IP_ADAPTER_FILE, IpAdapterSource
+from backends.sdxl_backend.models.manager import ModelManager
+from backends.sdxl_backend.models.records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
 from models.catalog import defaults_for, load_catalog
 from tests.conftest import hub_snapshot, pixels, png_bytes

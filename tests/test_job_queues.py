@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from backends.api.devices import DeviceLost
+from backends.api.composition.devices import DeviceLost
 from backends.sdxl_backend.device import select_placement
 from backends.sdxl_backend.device_thread import DeviceThread
-from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.errors import Cancelled, JobExpired, QueueFull, TimedOut, UnknownJob
+from backends.sdxl_backend.generation.engine import Engine
 from backends.sdxl_backend.jobs import JobStatus, MemoryJobQueue
 from backends.sdxl_backend.jobs.turns import QueueBounds
 from backends.sdxl_backend.jobs.worker import Device
-from backends.sdxl_backend.model_manager import ModelManager
-from backends.sdxl_backend.model_records import ModelSource
+from backends.sdxl_backend.models.manager import ModelManager
+from backends.sdxl_backend.models.records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
 from models.catalog import defaults_for
 

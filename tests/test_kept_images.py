@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends.api.kept_images import KeptImages, KeptImageStore, SharedKeptImages
+from backends.api.jobs.kept_images import KeptImages, KeptImageStore, SharedKeptImages
 from tests.polling import poll
 
 REDIS_DATABASE = 7  # (a database of its own: other tests share the server)

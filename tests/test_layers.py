@@ -86,3 +86,25 @@ def test_the_backend_never_imports_the_http_side():
 
 def test_a_circle_is_found_where_there_is_one():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def house_modules() -> list[Path]:
+    return [*ROOT.glob("backends/**/*.py"), *ROOT.glob("models/**/*.py"), ROOT / "service.py"]
+
+
+def test_no_module_is_over_400_lines():
+    assert {
+        str(path.relative_to(ROOT)): lines
+        for path in house_modules()
+        if (lines := len(path.read_text().splitlines())) > 400
+    } == {}
+
+
+def test_no_folder_holds_more_than_12_modules_at_its_top_level():
+    """A newcomer sees the layers from the tree: past a dozen modules, a folder is grouped by concern."""
+    folders = {path.parent for path in house_modules()}
+    assert {
+        str(folder.relative_to(ROOT)): count
+        for folder in folders
+        if (count := len([p for p in folder.glob("*.py") if p.name != "__init__.py"])) > 12
+    } == {}

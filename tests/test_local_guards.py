@@ -1,4 +1,4 @@
-"""A server on the user's own machine that web pages cannot drive (backends/api/guards.py):
+"""A server on the user's own machine that web pages cannot drive (backends/api/edge/guards.py):
 the attacks tried as a page would make them, against a served instance on its defaults; a
 local gallery still served; `*` settings restoring the old reach."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from backends.api.guards import LOCAL_ORIGINS, Origins, host_allowed
+from backends.api.edge.guards import LOCAL_ORIGINS, Origins, host_allowed
 
 EVIL = "https://evil.example"
 LOCAL_GALLERY = "http://localhost:5173"  # a gallery's dev server on the same machine

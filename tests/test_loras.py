@@ -13,12 +13,13 @@ import pytest
 
 from backends.api.a1111.mapping import take_loras
 from backends.sdxl_backend.device import select_placement
-from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.loras import LoraSource
-from backends.sdxl_backend.model_manager import ModelManager
-from backends.sdxl_backend.model_records import ModelSource
-from backends.sdxl_backend.protocol import GenerationRequest, LoraWeight
+from backends.sdxl_backend.generation.engine import Engine
+from backends.sdxl_backend.models.loras import LoraSource
+from backends.sdxl_backend.models.manager import ModelManager
+from backends.sdxl_backend.models.records import ModelSource
+from backends.sdxl_backend.protocol import GenerationRequest
+from backends.sdxl_backend.units import LoraWeight
 from models.catalog import defaults_for
 from tests.conftest import pixels
 from tests.test_mcp import connected
@@ -219,8 +220,8 @@ def test_a_few_step_loras_sampling_profile_fills_what_the_request_leaves_out(ser
 def test_two_loras_sampled_their_own_ways_need_the_request_to_choose():
     from types import SimpleNamespace
 
+    from backends.sdxl_backend.generation.validation import sampling_profile
     from backends.sdxl_backend.protocol import SamplingProfile
-    from backends.sdxl_backend.validation import sampling_profile
 
     tcd, lcm = (
         SamplingProfile(scheduler="tcd", steps=4, guidance_scale=0),

@@ -17,12 +17,12 @@ import pytest
 import torch
 import webuiapi
 
-from backends.api.settings import SettingsError, load_settings, parse_bytes
+from backends.api.composition.settings import SettingsError, load_settings, parse_bytes
 from backends.sdxl_backend.device import select_placement
-from backends.sdxl_backend.model_manager import ModelManager
-from backends.sdxl_backend.model_records import ModelSource
-from backends.sdxl_backend.modes import MemoryPolicy
-from backends.sdxl_backend.pipelines import weights_bytes
+from backends.sdxl_backend.models.manager import ModelManager
+from backends.sdxl_backend.models.modes import MemoryPolicy
+from backends.sdxl_backend.models.pipelines import weights_bytes
+from backends.sdxl_backend.models.records import ModelSource
 from tests.polling import poll
 from tests.served import ROOT, Server
 

@@ -59,7 +59,7 @@ def test_a_pipeline_imports_with_the_sampling_facts_given_or_marked_in_its_file(
     import torch
     from safetensors.torch import save_file
 
-    from backends.sdxl_backend.schedulers import ModelSampling, model_sampling
+    from backends.sdxl_backend.models.schedulers import ModelSampling, model_sampling
     from models.sampling_facts import single_file_sampling
 
     imported = cli("import", "my-vpred", "--from", tiny_model.path, "--prediction", "v", "--zero-snr")
@@ -79,7 +79,7 @@ def test_the_catalogs_v_prediction_model_imports_with_its_sampling_facts(cli, ti
     the import writes them (here from a hub cache laid out as the repo, with tiny weights)."""
     import shutil
 
-    from backends.sdxl_backend.schedulers import ModelSampling, model_sampling
+    from backends.sdxl_backend.models.schedulers import ModelSampling, model_sampling
     from models.catalog import load_catalog
 
     entry = load_catalog()["noobai-xl-vpred"]

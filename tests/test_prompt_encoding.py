@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from backends.sdxl_backend.device import select_placement
-from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.model_manager import ModelManager
-from backends.sdxl_backend.model_records import ModelSource
-from backends.sdxl_backend.prompt_encoder import EncodedPrompts, conditioning
+from backends.sdxl_backend.generation.engine import Engine
+from backends.sdxl_backend.models.manager import ModelManager
+from backends.sdxl_backend.models.records import ModelSource
+from backends.sdxl_backend.prompts.encoder import EncodedPrompts, conditioning
 from backends.sdxl_backend.protocol import GenerationRequest
 from models.catalog import defaults_for
 from tests.conftest import pixels
@@ -242,8 +242,8 @@ def test_a_scheduled_prompt_runs_alone_and_not_with_a_second_pass(engine):
 def test_comfyuis_rule_moves_a_weighted_token_from_the_empty_prompts_state(engine):
     """ComfyUI's CLIPTextEncode: z = (z - z_empty) x w + z_empty for each weighted token, z_empty the
     empty prompt's states at the same layer, no mean restored; weights of 1 are the plain text."""
-    from backends.sdxl_backend.prompt_encoder import text_encoders
-    from backends.sdxl_backend.prompts import close_chunk
+    from backends.sdxl_backend.prompts.encoder import text_encoders
+    from backends.sdxl_backend.prompts.reader import close_chunk
 
     def embeds(prompt: str, style: str) -> torch.Tensor:
         prepared = engine.prepare(GenerationRequest(prompt=prompt, prompt_style=style))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends.sdxl_backend.prompt_schedules import schedule, text_at
+from backends.sdxl_backend.prompts.schedules import schedule, text_at
 
 A1111_SCHEDULES = [
     ("test", [(10, "test")]),

@@ -8,14 +8,8 @@ from __future__ import annotations
 import pytest
 
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.prompts import (
-    CHUNK_TOKENS,
-    MAX_NESTING,
-    PromptReader,
-    chunk_tokens,
-    parse_attention,
-    parse_comfyui,
-)
+from backends.sdxl_backend.prompts.reader import CHUNK_TOKENS, PromptReader, chunk_tokens
+from backends.sdxl_backend.prompts.weights import MAX_NESTING, parse_attention, parse_comfyui
 from models.tiny import make_tokenizer
 
 A1111_PARSES = [

@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from backends.sdxl_backend.device import select_placement
-from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.model_manager import ModelManager
-from backends.sdxl_backend.model_records import ModelSource
+from backends.sdxl_backend.generation.engine import Engine
+from backends.sdxl_backend.models.manager import ModelManager
+from backends.sdxl_backend.models.records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
 from models.catalog import defaults_for
 from tests.conftest import pixels, png_bytes

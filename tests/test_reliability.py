@@ -13,11 +13,11 @@ import psutil
 import pytest
 
 from backends.sdxl_backend.device import select_placement
-from backends.sdxl_backend.engine import Engine
+from backends.sdxl_backend.generation.engine import Engine
 from backends.sdxl_backend.jobs import JobStatus, MemoryJobQueue
 from backends.sdxl_backend.jobs.worker import Device, ParkSeam
-from backends.sdxl_backend.model_manager import ModelManager
-from backends.sdxl_backend.model_records import ModelSource
+from backends.sdxl_backend.models.manager import ModelManager
+from backends.sdxl_backend.models.records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
 from models.catalog import defaults_for
 from tests.conftest import GUARD_KEYS
@@ -98,7 +98,7 @@ def test_the_request_timeout_disarms_its_timer_and_answers_504_in_the_error_shap
     import asyncio
     import json
 
-    from backends.api.edge import TimelyTimeout
+    from backends.api.edge.middleware import TimelyTimeout
 
     async def quick(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})

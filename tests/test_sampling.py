@@ -14,10 +14,10 @@ from diffusers import DiffusionPipeline, TCDScheduler
 from PIL import Image
 
 from backends.sdxl_backend.device import select_placement
-from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.model_manager import ModelManager
-from backends.sdxl_backend.model_records import ModelSource
+from backends.sdxl_backend.generation.engine import Engine
+from backends.sdxl_backend.models.manager import ModelManager
+from backends.sdxl_backend.models.records import ModelSource
 from backends.sdxl_backend.protocol import FreeU, GenerationRequest
 from models.catalog import defaults_for
 
@@ -98,7 +98,7 @@ def test_pag_is_diffusers_own_and_changes_the_picture_and_zero_is_off(engine, ti
     the server picks: SDXL's middle block; tiny-sdxl has none, so its first up block."""
     from diffusers import AutoPipelineForText2Image
 
-    from backends.sdxl_backend.pipelines import pag_layers
+    from backends.sdxl_backend.models.pipelines import pag_layers
 
     def pag_pipeline(path, **options):
         unet_only = AutoPipelineForText2Image.from_pretrained(path, **options).unet
@@ -116,7 +116,7 @@ def test_pag_is_diffusers_own_and_changes_the_picture_and_zero_is_off(engine, ti
 
 
 def test_pag_is_refused_by_name_with_what_it_cannot_run_beside(engine):
-    from backends.sdxl_backend.protocol import TINY_PNG
+    from backends.sdxl_backend.image_bytes import TINY_PNG
 
     for other in (
         {"ip_adapters": [{"id": "any-adapter", "image": TINY_PNG}]},
@@ -139,7 +139,7 @@ def test_requests_with_other_sampling_settings_never_share_a_call(engine):
 
 
 def test_cfg_rescale_with_a_controlnet_is_refused_by_name(engine):
-    from backends.sdxl_backend.protocol import TINY_PNG
+    from backends.sdxl_backend.image_bytes import TINY_PNG
 
     unit = {"id": "any-controlnet", "image": TINY_PNG}
     with pytest.raises(InvalidRequest) as refused:

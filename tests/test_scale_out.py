@@ -474,11 +474,11 @@ def test_a_webhook_in_flight_when_its_replica_is_killed_is_delivered_by_another(
 def queue_on(store, tiny_model, served_as: str = "tiny-sdxl"):
     """A shared queue on the tiny engine (not served), as a replica serving tiny-sdxl under `served_as` has."""
     from backends.sdxl_backend.device import select_placement
-    from backends.sdxl_backend.engine import Engine
+    from backends.sdxl_backend.generation.engine import Engine
     from backends.sdxl_backend.jobs.redis_queue import SharedJobQueue
     from backends.sdxl_backend.jobs.worker import Device
-    from backends.sdxl_backend.model_manager import ModelManager
-    from backends.sdxl_backend.model_records import ModelSource
+    from backends.sdxl_backend.models.manager import ModelManager
+    from backends.sdxl_backend.models.records import ModelSource
     from models.catalog import defaults_for
 
     source = ModelSource(served_as, Path(tiny_model.path), defaults_for("tiny-sdxl"))

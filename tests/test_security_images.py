@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from backends.sdxl_backend.errors import InvalidImage
-from backends.sdxl_backend.images import UNREAD, decode_image
+from backends.sdxl_backend.generation.images import UNREAD, decode_image
 from backends.sdxl_backend.limits import Limits
 
 

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from backends.api.guards import listening_addresses, refuse_open_network
+from backends.api.edge.guards import listening_addresses, refuse_open_network
 from tests.served import start_that_fails
 
 

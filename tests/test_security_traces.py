@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from backends.api.tracing import RouteTemplates
+from backends.api.operations.tracing import RouteTemplates
 
 JOB_ID = "5f3c9a1e2b7d4c6e8f0a1b2c3d4e5f60"
 

@@ -16,13 +16,11 @@ import torch
 from PIL import Image
 
 from backends.sdxl_backend.device import select_placement
-from backends.sdxl_backend.engine import Engine
 from backends.sdxl_backend.errors import BackendError, Cancelled
-from backends.sdxl_backend.model_manager import ModelManager
-from backends.sdxl_backend.model_records import ModelSource
-from backends.sdxl_backend.protocol import GenerationRequest
-from backends.sdxl_backend.upscale_protocol import UpscaleRequest
-from backends.sdxl_backend.upscalers import (
+from backends.sdxl_backend.generation.engine import Engine
+from backends.sdxl_backend.models.manager import ModelManager
+from backends.sdxl_backend.models.records import ModelSource
+from backends.sdxl_backend.models.upscalers import (
     UPSCALER_CARD,
     UPSCALER_FILE,
     Tiling,
@@ -31,6 +29,8 @@ from backends.sdxl_backend.upscalers import (
     tile_count,
     upscale,
 )
+from backends.sdxl_backend.protocol import GenerationRequest
+from backends.sdxl_backend.upscale_protocol import UpscaleRequest
 from models.catalog import defaults_for, load_catalog
 from tests.conftest import hub_snapshot, pixels, png_bytes
 
@@ -250,7 +250,7 @@ def test_a_torchscript_archive_is_refused_before_anything_would_run_it(tmp_path,
     that far; a plain torch.save of the same weights still reads (spandrel's restricted unpickler)."""
     from safetensors.torch import load_file
 
-    from backends.sdxl_backend.upscalers import read_upscaler
+    from backends.sdxl_backend.models.upscalers import read_upscaler
 
     scripted = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(scripted))

@@ -1,4 +1,4 @@
-"""Webhooks on jobs (backends/api/webhooks.py), served: a receiver on 127.0.0.1 (allowed by the
+"""Webhooks on jobs (backends/api/jobs/webhooks.py), served: a receiver on 127.0.0.1 (allowed by the
 setting) gets signed events, verified with the `standardwebhooks` package; failures are retried,
 then recorded on the job; a host outside the allow-list is refused at submit with no connection
 made (127.0.0.2 is the outsider: tests touch loopback addresses only). Where a name resolves is
@@ -18,7 +18,7 @@ import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from backends.api.webhook_sender import Destinations, WebhookSender
+from backends.api.jobs.webhook_sender import Destinations, WebhookSender
 from backends.sdxl_backend.errors import InvalidRequest
 from tests.polling import poll
 from tests.test_jobs import submit, wait
@@ -245,7 +245,7 @@ def test_the_device_thread_never_holds_an_event_in_the_store_itself():
     Redis call with a shared queue) is the lane's work, before it delivers."""
     from types import SimpleNamespace
 
-    from backends.api.webhooks import JobWebhooks
+    from backends.api.jobs.webhooks import JobWebhooks
     from backends.sdxl_backend.jobs import JobStatus
 
     held: list[str] = []

@@ -1,16 +1,15 @@
 """SDXL generation, free of HTTP, BentoML and environment variables.
 
 Where things are, by concern:
-- the contract: `protocol` (`GenerationRequest` in, `GenerationResult` out), `errors`, `limits`;
-- a request's way: `engine` (`Engine.prepare()` in the handler, `Engine.generate()` on the
-  device), `validation` (defaults filled in, every field checked), `prepared` (what waits in
-  the queue), `denoise` (the pipeline call in numbered steps), `progress` (each step handed to
-  the requests in a call), `infotext` (A1111's parameters text), `images` and `masks`;
-- prompts: `prompts` (parsed and cut into chunks), `prompt_encoder` (both text encoders, clip
-  skip, A1111's weights), `embeddings` (textual inversion);
-- models: `model_manager` (the only code that loads, places and frees them), `model_records`,
-  `pipelines`, `modes` (memory modes), `fast_paths` (speed settings), `schedulers`, and the
-  side models: `loras`, `controlnets`, `ip_adapters`, `upscalers` with `upscaling`;
+- the contract, at the top: `protocol` (`GenerationRequest` in, `GenerationResult` out), `units`
+  (the side models a request names), `image_bytes` (images in JSON), `upscale_protocol`,
+  `errors`, `limits`;
+- `generation/`: a request's way, from `Engine.prepare()` to the pipeline call's steps;
+- `prompts/`: weights, chunks, prompt editing, both text encoders, embeddings;
+- `models/`: loading, placing and freeing models, memory modes, speed settings, the side models;
 - the device: `device` (placement and dtype), `device_thread` (the one thread that runs torch);
 - `jobs/`: the queue (in this process, or shared through Redis) and the device worker.
+
+Imports run down that list's reverse: `jobs` and `generation` use `models` and `prompts`, which
+use the contract; nothing here imports the HTTP side.
 """

@@ -6,11 +6,18 @@ on a machine without CUDA."""
 
 from __future__ import annotations
 
+import gc
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import psutil
 import torch
+
+from backends.sdxl_backend.errors import OutOfMemory
+
+T = TypeVar("T")
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 AUTO_ORDER = ("cuda", "mps", "xpu")  # what `auto` tries, in order, before the CPU
@@ -145,3 +152,32 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and any(words in str(error) for words in OUT_OF_MEMORY_WORDS)
     )
+
+
+def free_cached_memory(device: torch.device) -> None:
+    """What Python and torch's allocator hold for nothing, given back (a model left, a call failed)."""
+    gc.collect()
+    empty_cache(device)
+
+
+def out_of_memory_as_error(action: Callable[[], T], message: str, device: torch.device) -> T:
+    """Run `action` on `device`; the device running out of memory (CUDA's, XPU's or MPS's way of
+    saying it) comes out as `OutOfMemory`, once what the failed call held is freed."""
+    try:
+        return action()
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+    # (out of the except block first: its traceback holds the failed call's tensors)
+    free_cached_memory(device)
+    raise OutOfMemory(message)
+
+
+def placement_status(placement: Placement) -> dict:
+    """The device as the status routes show it."""
+    return {
+        "device": str(placement.device),
+        "device_name": placement.describe(),
+        "device_vendor": device_vendor(placement.device),
+        "dtype": str(placement.dtype).removeprefix("torch."),
+    }

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
-from .errors import DeviceUnavailable
+from backends.sdxl_backend.errors import DeviceUnavailable
 
 logger = logging.getLogger("sdxl_backend")
 T = TypeVar("T")

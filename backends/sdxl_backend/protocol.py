@@ -3,47 +3,29 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field
 
-from .modes import MEMORY_MODES
-from .prompts import PromptStyle as PromptStyle  # (re-exported: the dialects' wire models use it)
+from backends.sdxl_backend.image_bytes import TINY_PNG, ImageBytes
+from backends.sdxl_backend.models.modes import MEMORY_MODES
+from backends.sdxl_backend.prompts.reader import (
+    PromptStyle as PromptStyle,  # (re-exported: the dialects' wire models use it)
+)
+from backends.sdxl_backend.units import (
+    MAX_CONTROLNETS,
+    MAX_IP_ADAPTERS,
+    MAX_LORAS,
+    ControlNetUnit,
+    IpAdapterUnit,
+    LoraWeight,
+)
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 VramMode = Literal[MEMORY_MODES]  # type: ignore[valid-type]
 Priority = Literal["high", "normal", "low"]
 MaskedContent = Literal["original", "fill"]
 MAX_SEED = 2**32 - 1
-# A 64x64 red PNG: the example input image of the API documents (one that works when tried).
-TINY_PNG = (
-    "iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAAYElEQVR4nO3PQQ0AIBDAMMC/sJOFCB4Nyapg27P+dnTAqwa0BrQGtAa0"
-    "BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0BrQGtAa0C/RXAUhw4L3GAAAAAElFTkSuQmCC"
-)
-
-
-def _base64_to_bytes(value: Any) -> Any:
-    """JSON carries images as base64, with or without a `data:image/...;base64,` prefix."""
-    if not isinstance(value, str):
-        return value
-    if value.startswith("data:"):
-        value = value.partition(",")[2]
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not valid base64") from None
-
-
-# Encoded image bytes: raw from Python, base64 (optionally a data URL) from JSON, which is
-# what the schema says (OpenAPI's "byte" format), so that no client takes it for an upload.
-ImageBytes = Annotated[
-    bytes,
-    BeforeValidator(_base64_to_bytes),
-    WithJsonSchema({"type": "string", "format": "byte", "description": "an image, base64 (a data URL is fine)"}),
-]
-
 
 MAX_CLIP_SKIP = 12  # CLIP-L's layers, the fewer of SDXL's two encoders (A1111's slider goes as far)
 
@@ -114,97 +96,6 @@ class Refiner(BaseModel):
     model: str = Field("sdxl-refiner", description="A served refiner (an image-to-image-only model, GET /v1/models).")
     switch_at: float = Field(
         0.8, gt=0, lt=1, description="The part of the denoising the base model does; the refiner does the rest."
-    )
-
-
-MAX_LORAS = 8  # per request
-
-
-class LoraWeight(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    id: str = Field(description="A served LoRA (GET /v1/loras).")
-    weight: float = Field(1.0, ge=-4, le=4, description="How strongly it applies; 0: not at all.")
-
-
-MAX_CONTROLNETS = 4  # per request
-# A union ControlNet's control types (xinsir's ControlNet Union, ControlNetUnionModel), in the
-# order of its task embedding, as ComfyUI's SetUnionControlNetType names them.
-UNION_CONTROL_TYPES = (
-    "openpose",
-    "depth",
-    "hed/pidi/scribble/ted",
-    "canny/lineart/anime_lineart/mlsd",
-    "normal",
-    "segment",
-    "tile",
-    "repaint",
-)
-UnionControlType = Literal[
-    "openpose",
-    "depth",
-    "hed/pidi/scribble/ted",
-    "canny/lineart/anime_lineart/mlsd",
-    "normal",
-    "segment",
-    "tile",
-    "repaint",
-]
-
-
-class ControlNetUnit(BaseModel):
-    """One ControlNet and the image it reads. Several may guide one generation."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"example": {"id": "controlnet-canny-sdxl", "image": TINY_PNG, "preprocess": "canny"}},
-    )
-
-    id: str = Field(description="A served ControlNet (GET /v1/controlnets).")
-    image: ImageBytes = Field(
-        exclude=True,
-        repr=False,
-        description="The control image, base64: a control map (preprocess none), or a picture to preprocess.",
-    )
-    scale: float = Field(1.0, ge=0, le=2, description="How strongly it guides (0: not at all).")
-    start: float = Field(0.0, ge=0, le=1, description="The part of the denoising where its guidance starts.")
-    end: float = Field(1.0, ge=0, le=1, description="... and where it ends (above start).")
-    preprocess: Literal["none", "canny"] = Field(
-        "none", description="none: the image is the control map; canny: its Canny edges are."
-    )
-    low_threshold: int = Field(100, ge=0, le=255, description="canny: edges weaker than this are dropped.")
-    high_threshold: int = Field(
-        200, ge=0, le=255, description="canny: edges stronger than this are kept (weaker ones when joined to them)."
-    )
-    resize_mode: Literal["crop", "stretch", "fill"] = Field(
-        "crop", description="How the image meets the output size: cover and crop, stretch, or fit and pad with black."
-    )
-    guess_mode: bool = Field(
-        False,
-        description="Guide from the image alone, the prompt weighing less (A1111's 'ControlNet is more "
-        "important'); all units of a request agree.",
-    )
-    control_type: UnionControlType | None = Field(
-        None,
-        description="A union ControlNet's control type (ComfyUI's names), which it needs: what the image "
-        "is. Not for a plain ControlNet, which reads one kind of map.",
-    )
-
-
-MAX_IP_ADAPTERS = 2  # per request
-
-
-class IpAdapterUnit(BaseModel):
-    """An image prompt: an IP-Adapter and the picture it reads (a style, a subject, a face)."""
-
-    model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"example": {"id": "ip-adapter-sdxl", "image": TINY_PNG, "scale": 0.6}}
-    )
-
-    id: str = Field(description="A served IP-Adapter (GET /v1/ip-adapters).")
-    image: ImageBytes = Field(exclude=True, repr=False, description="The picture it reads, base64.")
-    scale: float = Field(
-        0.6, ge=0, le=2, description="How much the picture weighs beside the text (0: not at all; 1: about as much)."
     )
 
 

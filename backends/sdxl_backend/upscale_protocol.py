@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .protocol import TINY_PNG, ImageBytes, OutputFormat
+from backends.sdxl_backend.image_bytes import TINY_PNG, ImageBytes
+from backends.sdxl_backend.protocol import OutputFormat
 
 
 class UpscaleRequest(BaseModel):

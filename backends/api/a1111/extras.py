@@ -19,13 +19,13 @@ from fastapi import APIRouter, Depends, Request
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.api import errors
 from backends.api.a1111.protocol import refuse_what_is_on
-from backends.api.runtime import Runtime, runtime_of
-from backends.api.upscale import run_upscale
+from backends.api.composition.runtime import Runtime, runtime_of
+from backends.api.edge import errors
+from backends.api.native.upscale import run_upscale
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.images import UNREAD, encode_image, open_client_image
-from backends.sdxl_backend.protocol import TINY_PNG, ImageBytes
+from backends.sdxl_backend.generation.images import UNREAD, encode_image, open_client_image
+from backends.sdxl_backend.image_bytes import TINY_PNG, ImageBytes
 from backends.sdxl_backend.upscale_protocol import UpscaleRequest
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])

@@ -8,12 +8,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
-from backends.api import errors
 from backends.api.a1111.extras import upscaler_listing
 from backends.api.a1111.mapping import SCHEDULES, samplers
 from backends.api.a1111.options import vae_file
-from backends.api.runtime import Runtime, runtime_of
-from backends.sdxl_backend.controlnets import PREPROCESSORS
+from backends.api.composition.runtime import Runtime, runtime_of
+from backends.api.edge import errors
+from backends.sdxl_backend.models.controlnets import PREPROCESSORS
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]

@@ -21,12 +21,13 @@ from backends.api.a1111.protocol import (
     title_name,
 )
 from backends.api.a1111.units import control_units
-from backends.api.caller_options import MODEL_OPTION
-from backends.sdxl_backend import infotext
+from backends.api.composition.caller_options import MODEL_OPTION
 from backends.sdxl_backend.errors import InvalidRequest
+from backends.sdxl_backend.generation import infotext
 from backends.sdxl_backend.jobs import Job, JobStatus
-from backends.sdxl_backend.protocol import MAX_LORAS, GenerationRequest, GenerationResult, LoraWeight
-from backends.sdxl_backend.schedulers import SCHEDULERS
+from backends.sdxl_backend.models.schedulers import SCHEDULERS
+from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
+from backends.sdxl_backend.units import MAX_LORAS, LoraWeight
 
 # A1111's sampler names (and its older "k_" aliases) for our schedulers. Newer A1111 versions
 # send the noise schedule apart ("scheduler": "Karras"), older ones inside the name.

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from backends.api.a1111.protocol import title_name
-from backends.api.caller_options import MODEL_OPTION
+from backends.api.composition.caller_options import MODEL_OPTION
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.protocol import MAX_CLIP_SKIP
 

@@ -10,7 +10,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.protocol import MAX_SEED, TINY_PNG, ImageBytes, Priority
+from backends.sdxl_backend.image_bytes import TINY_PNG, ImageBytes
+from backends.sdxl_backend.protocol import MAX_SEED, Priority
 
 # The alwayson_scripts this server runs, by their titles (lower case): sd-webui-controlnet's,
 # the CFG Rescale extension's (its first arg the rescale), and Forge's built-in PAG script

@@ -8,16 +8,16 @@ from typing import Annotated, Any
 import psutil
 from fastapi import APIRouter, Depends, Request
 
-from backends.api import errors
 from backends.api.a1111.mapping import generation_request, progress, render
 from backends.api.a1111.options import DEFAULT_OPTIONS, picture_fields
 from backends.api.a1111.protocol import A1111Answer, A1111Img2ImgRequest, A1111Options, A1111Request, PngInfoRequest
-from backends.api.caller_options import MODEL_OPTION
-from backends.api.runtime import Runtime, runtime_of
-from backends.api.system import require_admin
-from backends.sdxl_backend import infotext
+from backends.api.composition.caller_options import MODEL_OPTION
+from backends.api.composition.runtime import Runtime, runtime_of
+from backends.api.edge import errors
+from backends.api.operations.system import require_admin
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.images import UNREAD, open_client_image
+from backends.sdxl_backend.generation import infotext
+from backends.sdxl_backend.generation.images import UNREAD, open_client_image
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 GENERATION_ERRORS = errors.responses(400, 401, 403, 404, 413, 422, 429, 503, 504, 507)

@@ -10,9 +10,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from backends.api.a1111.protocol import SCRIPTS, A1111ControlNetUnit, A1111Request, refuse_what_is_on, title_name
-from backends.sdxl_backend.controlnets import PREPROCESSORS
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.protocol import MAX_CONTROLNETS, MAX_IP_ADAPTERS
+from backends.sdxl_backend.models.controlnets import PREPROCESSORS
+from backends.sdxl_backend.units import MAX_CONTROLNETS, MAX_IP_ADAPTERS
 
 # The sd-webui-controlnet extension's names (and numbers) for what this server does.
 CONTROL_MODES = {"balanced": False, "0": False, "controlnet is more important": True, "2": True}  # -> guess_mode

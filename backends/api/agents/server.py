@@ -13,9 +13,9 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
-from backends.api import errors
 from backends.api.agents.serving import Call
 from backends.api.agents.tools import TOOLS
+from backends.api.edge import errors
 from backends.sdxl_backend.errors import BackendError
 
 INSTRUCTIONS = (

@@ -19,11 +19,11 @@ from PIL import Image
 from pydantic import BaseModel
 from starlette.requests import Request
 
-from backends.api import system
 from backends.api.agents.tools import JobId, Listing, ToolImage, ToolJob, ToolUpscale
-from backends.api.kept_images import KeptImageStore
-from backends.api.runtime import Runtime, runtime_of
-from backends.api.upscale import run_upscale
+from backends.api.composition.runtime import Runtime, runtime_of
+from backends.api.jobs.kept_images import KeptImageStore
+from backends.api.native.upscale import run_upscale
+from backends.api.operations import system
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.jobs import Job, JobStatus
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult

@@ -29,7 +29,7 @@ from typing import Any
 from PIL import Image
 
 from backends.api.comfyui.graph import Workflow, node_error
-from backends.sdxl_backend.protocol import MAX_CONTROLNETS, MAX_LORAS, ControlNetUnit, LoraWeight
+from backends.sdxl_backend.units import MAX_CONTROLNETS, MAX_LORAS, ControlNetUnit, LoraWeight
 
 ENCODERS = ("CLIPTextEncode", "CLIPTextEncodeSDXL")
 LORA_LOADERS = ("LoraLoader", "LoraLoaderModelOnly")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.sdxl_backend.protocol import UNION_CONTROL_TYPES
+from backends.sdxl_backend.units import UNION_CONTROL_TYPES
 
 MAX_RESOLUTION = 16384  # ComfyUI's own bound on a size widget (the server's limits apply after)
 MAX_SEED = 2**64 - 1  # ComfyUI's seeds are 64-bit; the pipeline's are 32-bit (taken modulo 2**32)

@@ -18,18 +18,18 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
-from backends.api import errors
 from backends.api.comfyui.answers import catalog, history_entry, queue_item
 from backends.api.comfyui.conditioning import Served
 from backends.api.comfyui.graph import Workflow, WorkflowRefused, node_error
 from backends.api.comfyui.plan import Plan, Planner
 from backends.api.comfyui.records import PromptRecord
 from backends.api.comfyui.socket import SOCKETS
-from backends.api.runtime import Runtime, runtime_of
+from backends.api.composition.runtime import Runtime, runtime_of
+from backends.api.edge import errors
 from backends.sdxl_backend.errors import InvalidRequest, JobExpired, UnknownJob, UnknownModel
-from backends.sdxl_backend.images import UNREAD, open_client_image
+from backends.sdxl_backend.generation.images import UNREAD, open_client_image
 from backends.sdxl_backend.jobs import Job
-from backends.sdxl_backend.loras import LORA_FILE, holds_text_encoder_weights
+from backends.sdxl_backend.models.loras import LORA_FILE, holds_text_encoder_weights
 
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
 router = APIRouter(tags=["ComfyUI"])

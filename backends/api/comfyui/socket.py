@@ -15,7 +15,7 @@ event 1, format 2, a PNG); without it, none, as ComfyUI's default. A socket that
 its prompts running, as ComfyUI's do: clients reconnect at will (comfyui-sdk after 10 s without
 a message, which the `status` sent every 5 s prevents).
 
-The edge (backends/api/edge.py) has checked the socket's Host, Origin and API key (a header,
+The edge (backends/api/edge/middleware.py) has checked the socket's Host, Origin and API key (a header,
 or `?token=` where a browser cannot send one); each key has at most SDXL_MAX_EVENT_STREAMS
 sockets and event streams open together.
 """
@@ -35,8 +35,8 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from backends.api.comfyui.answers import final_events, progress_event, started_events
 from backends.api.comfyui.records import PromptRecord
-from backends.api.headers import presented_key
-from backends.api.runtime import Runtime
+from backends.api.composition.runtime import Runtime
+from backends.api.edge.headers import presented_key
 from backends.sdxl_backend.errors import BackendError
 from backends.sdxl_backend.jobs import Job
 

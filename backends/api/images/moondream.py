@@ -11,10 +11,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 
-from backends.api import errors
+from backends.api.composition.runtime import Runtime, runtime_of
+from backends.api.edge import errors
 from backends.api.images.protocol import ImageGenerationAnswer, MoondreamRequest
 from backends.api.images.serving import generation_answer
-from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.errors import OutOfMemory
 
 router = APIRouter(tags=["moondream-station"])

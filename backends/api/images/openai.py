@@ -13,15 +13,15 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from backends.api import errors
+from backends.api.composition.runtime import Runtime, runtime_of
+from backends.api.edge import errors
 from backends.api.images.protocol import ImageEditForm, ImageGenerationAnswer, ImageGenerationRequest
 from backends.api.images.serving import answering_model, generation_answer
-from backends.api.runtime import Runtime, runtime_of
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.images import decode_image
+from backends.sdxl_backend.generation.images import decode_image
+from backends.sdxl_backend.generation.masks import mask_from_alpha
 from backends.sdxl_backend.limits import Limits
-from backends.sdxl_backend.masks import mask_from_alpha
-from backends.sdxl_backend.protocol import IpAdapterUnit
+from backends.sdxl_backend.units import IpAdapterUnit
 
 router = APIRouter(tags=["OpenAI Images"])
 VramModeHeader = Annotated[str | None, Header(description="high, balanced or low")]

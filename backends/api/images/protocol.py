@@ -11,26 +11,28 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backends.api.images.sizes import OPENAI_SIZES
 from backends.sdxl_backend.errors import InvalidRequest
-from backends.sdxl_backend.modes import MEMORY_MODES
+from backends.sdxl_backend.image_bytes import ImageBytes
+from backends.sdxl_backend.models.modes import MEMORY_MODES
+from backends.sdxl_backend.models.schedulers import resolve_moondream_name
 from backends.sdxl_backend.protocol import (
     MAX_CLIP_SKIP,
-    MAX_CONTROLNETS,
-    MAX_IP_ADAPTERS,
-    MAX_LORAS,
     MAX_SEED,
-    ControlNetUnit,
     FreeU,
     GenerationRequest,
-    ImageBytes,
-    IpAdapterUnit,
-    LoraWeight,
     Outpaint,
     OutputFormat,
     Priority,
     PromptStyle,
     Refiner,
 )
-from backends.sdxl_backend.schedulers import resolve_moondream_name
+from backends.sdxl_backend.units import (
+    MAX_CONTROLNETS,
+    MAX_IP_ADAPTERS,
+    MAX_LORAS,
+    ControlNetUnit,
+    IpAdapterUnit,
+    LoraWeight,
+)
 
 SIZE_PATTERN = re.compile(r"^(\d+)x(\d+)$")
 RECORDED_ONLY = ("quality", "style", "user", "safety_identifier", "moderation")

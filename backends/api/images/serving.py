@@ -11,9 +11,9 @@ import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from backends.api.composition.runtime import Runtime
 from backends.api.images.protocol import RECORDED_ONLY, ImageGenerationRequest
 from backends.api.images.sizes import OPENAI_SIZES, drawn_size, served_model
-from backends.api.runtime import Runtime
 from backends.sdxl_backend.protocol import GenerationResult
 
 

@@ -14,9 +14,9 @@ pending/success/failure, so it can give neither step progress, nor a queue posit
 running generation between two denoising steps; the queue here is what those need.
 """
 
-from .contract import JobQueue
-from .job import Job, JobStatus
-from .journal import JobJournal
-from .memory import MemoryJobQueue
+from backends.sdxl_backend.jobs.contract import JobQueue
+from backends.sdxl_backend.jobs.job import Job, JobStatus
+from backends.sdxl_backend.jobs.journal import JobJournal
+from backends.sdxl_backend.jobs.memory import MemoryJobQueue
 
 __all__ = ["Job", "JobJournal", "JobQueue", "JobStatus", "MemoryJobQueue"]

@@ -8,14 +8,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from ..errors import DeviceUnavailable, QueueFull
-from ..protocol import GenerationResult
-from .job import Job
+from backends.sdxl_backend.errors import DeviceUnavailable, QueueFull
+from backends.sdxl_backend.jobs.job import Job
+from backends.sdxl_backend.protocol import GenerationResult
 
 if TYPE_CHECKING:
-    from ..prepared import PreparedRequest
-    from .turns import QueueBounds
-    from .worker import DeviceWorker
+    from backends.sdxl_backend.generation.prepared import PreparedRequest
+    from backends.sdxl_backend.jobs.turns import QueueBounds
+    from backends.sdxl_backend.jobs.worker import DeviceWorker
 
 
 class JobQueue(Protocol):
@@ -89,7 +89,7 @@ class JobQueue(Protocol):
 
     def replicas(self) -> list[dict]:
         """The cards the live replicas published with their heartbeats (what each serves and
-        runs: backends/api/fleet.py); none without a shared queue."""
+        runs: backends/api/operations/fleet.py); none without a shared queue."""
 
     @property
     def queue_length(self) -> int:

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 from opentelemetry import propagate
 from PIL import Image
 
-from ..device_thread import TORCH_WORK
-from ..errors import BackendError, Cancelled
-from ..protocol import GenerationRequest, GenerationResult
+from backends.sdxl_backend.device_thread import TORCH_WORK
+from backends.sdxl_backend.errors import BackendError, Cancelled
+from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:  # the API layer imports this module in BentoML's main process, which needs no torch
     import torch
 
-    from ..prepared import PreparedRequest
+    from backends.sdxl_backend.generation.prepared import PreparedRequest
 
 logger = logging.getLogger("sdxl_backend")
 
@@ -99,9 +99,9 @@ class Job:
     # after the worker restarts, so the memory queue does not journal it.
     waited_on: bool = False
     device: str | None = None  # the device that runs (or ran) it, once taken
-    webhook: dict | None = None  # where to tell of its start or end (backends/api/webhooks.py), as submitted
+    webhook: dict | None = None  # where to tell of its start or end (backends/api/jobs/webhooks.py), as submitted
     webhooks: dict[str, dict] = field(default_factory=dict)  # each event's delivery, once tried
-    # The trace its maker was in (W3C traceparent), continued where it runs (backends/api/tracing.py).
+    # The trace its maker was in (W3C traceparent), continued where it runs (backends/api/operations/tracing.py).
     trace: dict[str, str] = field(default_factory=lambda: trace_context())
 
     def __post_init__(self) -> None:

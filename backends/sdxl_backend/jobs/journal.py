@@ -8,8 +8,8 @@ import os
 import time
 from pathlib import Path
 
-from ..errors import BackendError
-from .job import Job, JobStatus
+from backends.sdxl_backend.errors import BackendError
+from backends.sdxl_backend.jobs.job import Job, JobStatus
 
 
 class JobJournal:

@@ -22,18 +22,18 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import InvalidStateError
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BackendError, Cancelled, JobExpired, UnknownJob
-from ..protocol import GenerationResult
-from .contract import refuse_when_full, retry_after_s
-from .job import Job, JobStatus, tell
-from .journal import JobJournal
-from .turns import QueueBounds, slot, turn_order
-from .waiting import Watchers, follow, result_of
-from .worker import Device, DeviceWorker
+from backends.sdxl_backend.errors import BackendError, Cancelled, JobExpired, UnknownJob
+from backends.sdxl_backend.jobs.contract import refuse_when_full, retry_after_s
+from backends.sdxl_backend.jobs.job import Job, JobStatus, tell
+from backends.sdxl_backend.jobs.journal import JobJournal
+from backends.sdxl_backend.jobs.turns import QueueBounds, slot, turn_order
+from backends.sdxl_backend.jobs.waiting import Watchers, follow, result_of
+from backends.sdxl_backend.jobs.worker import Device, DeviceWorker
+from backends.sdxl_backend.protocol import GenerationResult
 
 if TYPE_CHECKING:
-    from ..engine import Engine
-    from ..prepared import PreparedRequest
+    from backends.sdxl_backend.generation.engine import Engine
+    from backends.sdxl_backend.generation.prepared import PreparedRequest
 
 logger = logging.getLogger("sdxl_backend")
 

@@ -14,13 +14,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ..errors import StoreUnavailable, TimedOut
-from ..protocol import GenerationResult
-from .contract import refuse_unless_alive
-from .job import Job
+from backends.sdxl_backend.errors import StoreUnavailable, TimedOut
+from backends.sdxl_backend.jobs.contract import refuse_unless_alive
+from backends.sdxl_backend.jobs.job import Job
+from backends.sdxl_backend.protocol import GenerationResult
 
 if TYPE_CHECKING:
-    from .contract import JobQueue
+    from backends.sdxl_backend.jobs.contract import JobQueue
 
 logger = logging.getLogger("sdxl_backend")
 

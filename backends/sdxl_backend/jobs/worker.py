@@ -29,16 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from ..device_thread import DeviceThread
-from ..errors import BackendError, Cancelled
-from ..protocol import GenerationResult
-from .job import Job, JobStatus, tell
+from backends.sdxl_backend.device_thread import DeviceThread
+from backends.sdxl_backend.errors import BackendError, Cancelled
+from backends.sdxl_backend.jobs.job import Job, JobStatus, tell
+from backends.sdxl_backend.protocol import GenerationResult
 
 if TYPE_CHECKING:
     import torch
 
-    from ..engine import Engine
-    from ..progress import StepObserver
+    from backends.sdxl_backend.generation.engine import Engine
+    from backends.sdxl_backend.generation.progress import StepObserver
 
 logger = logging.getLogger("sdxl_backend")
 

@@ -49,6 +49,6 @@ pattern on a list (a running set beside the queue, heartbeats, reclaim) can, and
 length is what KEDA's Redis scaler reads to add replicas.
 """
 
-from .queue import SharedJobQueue
+from backends.sdxl_backend.jobs.redis_queue.queue import SharedJobQueue
 
 __all__ = ["SharedJobQueue"]

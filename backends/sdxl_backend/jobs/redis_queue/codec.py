@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from ... import errors
-from ...errors import BackendError
-from ...protocol import GeneratedImage, GenerationResult, ResolvedRequest
-from ..job import WEBHOOK_EVENTS, Job, JobStatus
+from backends.sdxl_backend import errors
+from backends.sdxl_backend.errors import BackendError
+from backends.sdxl_backend.jobs.job import WEBHOOK_EVENTS, Job, JobStatus
+from backends.sdxl_backend.protocol import GeneratedImage, GenerationResult, ResolvedRequest
 
 if TYPE_CHECKING:
-    from ...engine import Engine
-    from ...prepared import PreparedRequest
+    from backends.sdxl_backend.generation.engine import Engine
+    from backends.sdxl_backend.generation.prepared import PreparedRequest
 
 # What a snapshot reads; the input images and the result's images stay behind.
 SNAPSHOT_FIELDS = [
@@ -108,7 +108,7 @@ def submitted(job: Job, prepared: PreparedRequest, batch_key: object) -> Fields:
 
 def prepared_from(fields: dict[bytes, bytes], engine: Engine) -> PreparedRequest:
     """The prepared request again, on the replica that runs it (which must serve its models)."""
-    from ...prepared import PreparedRequest
+    from backends.sdxl_backend.generation.prepared import PreparedRequest
 
     def image(name: str) -> Image.Image | None:
         data = fields.get(name.encode())

@@ -9,8 +9,8 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from ..waiting import Watchers
-from . import keys
+from backends.sdxl_backend.jobs.redis_queue import keys
+from backends.sdxl_backend.jobs.waiting import Watchers
 
 if TYPE_CHECKING:
     import redis

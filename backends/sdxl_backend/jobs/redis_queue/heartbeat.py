@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import keys
+from backends.sdxl_backend.jobs.redis_queue import keys
 
 if TYPE_CHECKING:
     import redis

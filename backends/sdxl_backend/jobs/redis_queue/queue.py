@@ -18,20 +18,20 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from ...errors import BackendError, JobExpired, UnknownJob, redis_failures_as_unavailable
-from ...protocol import GenerationResult
-from ..contract import refuse_when_full, retry_after_s
-from ..job import Job, JobStatus, tell
-from ..turns import QueueBounds
-from ..waiting import follow, result_of
-from ..worker import Device, DeviceWorker, HandedBack
-from . import codec, feed, keys, scripts
-from .heartbeat import Heartbeat
+from backends.sdxl_backend.errors import BackendError, JobExpired, UnknownJob, redis_failures_as_unavailable
+from backends.sdxl_backend.jobs.contract import refuse_when_full, retry_after_s
+from backends.sdxl_backend.jobs.job import Job, JobStatus, tell
+from backends.sdxl_backend.jobs.redis_queue import codec, feed, keys, scripts
+from backends.sdxl_backend.jobs.redis_queue.heartbeat import Heartbeat
+from backends.sdxl_backend.jobs.turns import QueueBounds
+from backends.sdxl_backend.jobs.waiting import follow, result_of
+from backends.sdxl_backend.jobs.worker import Device, DeviceWorker, HandedBack
+from backends.sdxl_backend.protocol import GenerationResult
 
 if TYPE_CHECKING:
     import redis
 
-    from ...prepared import PreparedRequest
+    from backends.sdxl_backend.generation.prepared import PreparedRequest
 
 logger = logging.getLogger("sdxl_backend")
 T = TypeVar("T")

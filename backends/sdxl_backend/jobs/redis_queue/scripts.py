@@ -8,7 +8,7 @@ from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING
 
-from ...protocol import MAX_CONTROLNETS, MAX_IP_ADAPTERS
+from backends.sdxl_backend.units import MAX_CONTROLNETS, MAX_IP_ADAPTERS
 
 if TYPE_CHECKING:
     import redis
