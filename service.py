@@ -198,7 +198,7 @@ class SDXL:
         return await native.answer(self.runtime, GenerationRequest(**fields), ctx)  # type: ignore[return-value]
 
     @bentoml.api(route="/v1/upscale", input_spec=UpscaleRequest)
-    async def upscale(self, ctx: bentoml.Context, **fields) -> upscale_api.UpscaleAnswer:
+    async def upscale(self, ctx: bentoml.Context, **fields) -> answers.UpscaleAnswer:
         """`image` made larger by an upscale model (GET /v1/upscalers) or resized (lanczos):
         by `scale`, or to `width`/`height`. JSON with the image, or the image itself with
         `Accept: image/png`."""

@@ -25,7 +25,9 @@ from backends.sdxl_backend.jobs.worker import Device
 from backends.sdxl_backend.models.manager import ModelManager
 from backends.sdxl_backend.models.records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
+from backends.sdxl_backend.upscale_protocol import UpscaleRequest, UpscaleResult
 from models.catalog import defaults_for
+from tests.conftest import png_bytes
 
 REDIS_DATABASE = 11
 QUICK = {"prompt": "a quick one", "width": 64, "height": 64, "steps": 3}
@@ -261,6 +263,36 @@ def test_compatible_jobs_run_in_one_batch_in_arrival_order(make_queue, engine):
     assert [final(queue, job).result.images[0].seed for job in (first, second, third)] == [1, 2, 3]
 
 
+def upscale(engine, **fields):
+    return engine.upscaling.prepare(UpscaleRequest(image=png_bytes(40, 30), upscaler="lanczos", **fields))
+
+
+def test_an_upscale_is_a_job_that_takes_its_turn_and_never_joins_a_batch(make_queue, engine):
+    told = []
+    queue = make_queue(max_batch=4, on_change=lambda job: told.append((job.id, job.status)))
+    first = queue.submit(prepared(engine))
+    larger = queue.submit(upscale(engine), "alice")
+    second = queue.submit(prepared(engine, seed=2))
+    queue.start()
+    done = final(queue, larger)
+    assert starts_of(told) == [first.id, second.id, larger.id]  # the two generations in one call, then it
+    assert done.kind == "upscale" and done.status == JobStatus.SUCCEEDED and done.request.upscaler == "lanczos"
+    assert isinstance(done.result, UpscaleResult) and (done.result.width, done.result.height) == (80, 60)
+    assert done.result.device == engine.models.placement.device.type  # (the device that ran it)
+    assert {job.kind for job in queue.recent()} == {"generation", "upscale"}
+    assert queue.recent(owner="alice")[0].result.data == done.result.data  # (read back whole from either store)
+
+
+def test_an_upscale_waits_for_its_client_and_can_be_cancelled_while_queued(make_queue, engine):
+    queue = make_queue()  # (not started yet: what it holds stays queued)
+    waiting = queue.submit(upscale(engine))
+    queue.cancel(waiting)
+    assert queue.refresh(waiting).status == JobStatus.CANCELLED and queue.queue_length == 0
+    queue.start()
+    result = asyncio.run(queue.run(upscale(engine, scale=3), "alice", 600))
+    assert isinstance(result, UpscaleResult) and (result.width, result.height) == (120, 90)
+
+
 def test_finished_jobs_are_evicted_by_count_and_leave_a_tombstone(make_queue, engine):
     queue = make_queue(max_jobs=1)
     queue.start()
@@ -376,7 +408,7 @@ def test_a_lost_device_fails_its_job_and_the_other_serves_on(make_queue, engine,
         def __getattr__(self, name):
             return getattr(second_engine, name)
 
-        def generate_batch(self, batch):
+        def run_batch(self, batch):  # (what the device worker calls)
             raise DeviceLost()
 
     devices = [Device("cpu#0", engine, DeviceThread(1)), Device("cpu#1", LostEngine(), DeviceThread(1))]

@@ -8,6 +8,7 @@ Nothing here asserts a duration: the tests check steps reached, order and final 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import json
 import time
@@ -16,6 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.conftest import png_bytes
 from tests.polling import poll
 
 # Held after its first step within `server.parked()`; outside it, a quick job like any other.
@@ -293,3 +295,34 @@ def test_compatible_queued_jobs_run_as_one_batch_and_a_cancelled_one_leaves_it(s
         for answer in (alone, done_first["result"])
     )
     assert max(abs(x - y) for x, y in zip(a, b)) <= 3
+
+
+def test_an_upscale_is_a_job_that_waits_its_turn_shows_in_the_list_and_is_cancelled_there(server):
+    """/v1/upscale's client waits, but the upscale is a job like any other: queued behind a
+    running job, listed by GET /v1/jobs with its kind, and a DELETE there cancels it (its client
+    gets the cancellation); the next one runs once the device is free."""
+    upscale = {"image": base64.b64encode(png_bytes(40, 30)).decode(), "upscaler": "lanczos", "scale": 2}
+
+    def queued_upscales() -> list[dict]:
+        listed = httpx.get(f"{server.url}/v1/jobs", timeout=300).json()["jobs"]
+        return [job for job in listed if job["kind"] == "upscale" and job["status"] == "queued"]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        with server.parked():
+            blocker = submit(server, {**LONG, "prompt": "a parked one, held"})
+            wait(server, blocker["id"], until=lambda job: job["step"] == 1)
+            first = pool.submit(httpx.post, f"{server.url}/v1/upscale", json=upscale, timeout=300)
+            (listed,) = poll(queued_upscales, until=lambda found: len(found) == 1, what="the upscale listed")
+            assert listed["queue_position"] >= 1 and listed["result"] is None
+            assert httpx.delete(f"{server.url}/v1/jobs/{listed['id']}", timeout=300).json()["status"] == "cancelled"
+            refused = first.result()
+            assert refused.status_code == 409 and refused.json()["error"]["type"] == "cancelled"
+            second = pool.submit(httpx.post, f"{server.url}/v1/upscale", json=upscale, timeout=300)
+            poll(queued_upscales, until=lambda found: len(found) == 1, what="the second upscale queued")
+            httpx.delete(f"{server.url}/v1/jobs/{blocker['id']}", timeout=300)
+        answer = second.result()
+    assert answer.status_code == 200 and (answer.json()["width"], answer.json()["height"]) == (80, 60)
+    ran = next(
+        job for job in httpx.get(f"{server.url}/v1/jobs", timeout=300).json()["jobs"] if job["kind"] == "upscale"
+    )
+    assert ran["status"] == "succeeded" and ran["device"] == answer.json()["device"]

@@ -20,7 +20,7 @@ import pytest
 import redis
 from standardwebhooks import Webhook
 
-from tests.conftest import chromium
+from tests.conftest import chromium, png_bytes
 from tests.polling import poll
 from tests.served import TraceCollector
 from tests.test_mcp import connected
@@ -32,6 +32,7 @@ SMALL = {"prompt": "a quick one", "width": 64, "height": 64, "steps": 4, "seed":
 # Held running after its first step within `parked()` (the park seam), to be caught and cancelled.
 BLOCKER = {"prompt": "a parked one", "width": 64, "height": 64, "steps": 150, "seed": 1}
 FINAL = ("succeeded", "failed", "cancelled")
+PNG_40x30 = png_bytes(40, 30)
 
 
 def fleet_env(redis_server, database: int, **more: str) -> dict[str, str]:
@@ -347,6 +348,23 @@ def test_a_synchronous_client_is_answered_when_its_job_ran_on_the_other_replica(
             assert job(other, submitted["id"])["status"] == "running" and on_device(runner) == 1
         finally:
             cancel(runner, submitted["id"])
+
+
+def test_an_upscale_is_a_job_of_the_fleet_run_by_the_replica_that_is_free(replicas):
+    """An upscale sent to a replica whose device is busy runs on the other one, and either
+    replica lists it among the jobs."""
+    upscale = {"image": base64.b64encode(PNG_40x30).decode(), "upscaler": "lanczos", "scale": 2}
+    with replicas[0].parked():
+        submitted = submit(replicas[0], BLOCKER)
+        runner, other = runner_and_other(replicas, submitted["id"])
+        try:
+            answer = httpx.post(f"{runner.url}/v1/upscale", json=upscale, timeout=300)
+            assert answer.status_code == 200 and (answer.json()["width"], answer.json()["height"]) == (80, 60)
+            assert job(other, submitted["id"])["status"] == "running" and on_device(runner) == 1
+        finally:
+            cancel(runner, submitted["id"])
+    listed = httpx.get(f"{runner.url}/v1/jobs", timeout=300).json()["jobs"]
+    assert [entry["status"] for entry in listed if entry["kind"] == "upscale"][:1] == ["succeeded"]
 
 
 def test_the_queue_and_its_bound_are_the_fleets(replicas):

@@ -81,16 +81,18 @@ def test_a_target_beyond_one_pass_takes_more_and_ends_at_the_exact_size(model):
     assert seen == [(i, 5) for i in range(1, 6)] and tile_count((80, 64), 48, 8) == 4
 
 
-def test_an_upscale_stops_between_tiles_once_asked(engine):
+def test_an_upscale_tells_each_tile_and_stops_between_two_when_its_observer_raises(engine):
     prepared = engine.upscaling.prepare(UpscaleRequest(image=png_bytes(96, 96, (10, 200, 30)), upscaler=UPSCALER))
-    asked: list[int] = []
+    heard: list[tuple[int, int]] = []
 
-    def should_stop() -> bool:
-        asked.append(1)
-        return len(asked) >= 2
+    def on_tile(done: int, total: int, latents) -> None:  # (as a job's step observer hears them)
+        heard.append((done, total))
+        if done == 2:
+            raise Cancelled(f"cancelled after {done} of {total} tiles")
 
     with pytest.raises(Cancelled, match="after 2 of 9 tiles"):
-        engine.upscaling.run(prepared, should_stop)
+        engine.upscaling.run(prepared, on_tile)
+    assert heard == [(1, 9), (2, 9)]
 
 
 def test_upscales_are_checked_before_the_device(engine):

@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from backends.api.a1111.protocol import refuse_what_is_on
 from backends.api.composition.runtime import Runtime, runtime_of
 from backends.api.edge import errors
-from backends.api.native.upscale import run_upscale
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.generation.images import UNREAD, encode_image, open_client_image
 from backends.sdxl_backend.image_bytes import TINY_PNG, ImageBytes
@@ -147,7 +146,7 @@ async def _upscaled(
     """The image upscaled by the upscaler A1111 calls `name` (the `field` an error names), PNG."""
     try:
         upscale = UpscaleRequest(image=image, upscaler=upscaler_id(name), **size)
-        return (await run_upscale(runtime, upscale, request)).data
+        return (await runtime.upscale(upscale, request)).data
     except InvalidRequest as exc:  # (named as the client named it)
         raise InvalidRequest(exc.message.replace("upscaler:", f"{field}:", 1), field) from None
 

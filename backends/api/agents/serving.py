@@ -22,7 +22,6 @@ from starlette.requests import Request
 from backends.api.agents.tools import JobId, Listing, ToolImage, ToolJob, ToolUpscale
 from backends.api.composition.runtime import Runtime, runtime_of
 from backends.api.jobs.kept_images import KeptImageStore
-from backends.api.native.upscale import run_upscale
 from backends.api.operations import system
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.jobs import Job, JobStatus
@@ -76,12 +75,12 @@ class Call:
         return listing(system.upscaler_entries(self.runtime))
 
     async def upscale_image(self, arguments: ToolArguments) -> types.CallToolResult:
-        """Not a job: the call waits for the upscale (as /v1/upscale does); cancelling the call
+        """The call waits for the upscale's job (as /v1/upscale does); cancelling the call
         stops it at its next tile."""
         kept = self.runtime.kept_images
         image = await anyio.to_thread.run_sync(image_of, arguments.image, "image", kept)
         request = UpscaleRequest(**arguments.model_dump(exclude={"image"}), image=image)
-        result = await run_upscale(self.runtime, request, None)
+        result = await self.runtime.upscale(request, self.http, watch_hangup=False)
         image_id = await anyio.to_thread.run_sync(kept.put, result.data, result.media_type, "png")
         url = f"{self.runtime.base_url(self.http)}{KEPT_PATH}{image_id}"
         shown = ToolUpscale(url=url, **result.model_dump(include=set(ToolUpscale.model_fields) - {"url"}))
@@ -132,7 +131,7 @@ class Call:
             error=job.error.message if job.error is not None and job.status != JobStatus.SUCCEEDED else None,
         )
         content: list[Any] = []
-        if job.status == JobStatus.SUCCEEDED and job.result is not None:
+        if job.status == JobStatus.SUCCEEDED and isinstance(job.result, GenerationResult):
             result = job.result
             ids = await anyio.to_thread.run_sync(JOB_LINKS.of, job.id, result, self.runtime.kept_images)
             urls = [f"{self.runtime.base_url(self.http)}{KEPT_PATH}{image_id}" for image_id in ids]

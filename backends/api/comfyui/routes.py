@@ -30,6 +30,7 @@ from backends.sdxl_backend.errors import InvalidRequest, JobExpired, UnknownJob,
 from backends.sdxl_backend.generation.images import UNREAD, open_client_image
 from backends.sdxl_backend.jobs import Job
 from backends.sdxl_backend.models.loras import LORA_FILE, holds_text_encoder_weights
+from backends.sdxl_backend.protocol import GenerationResult
 
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
 router = APIRouter(tags=["ComfyUI"])
@@ -235,7 +236,7 @@ async def view(
     if matched is None or type not in ("output", "temp"):
         raise UnknownJob(f"filename: no image '{filename}' of type '{type}' here", "filename")
     job = await runtime.job(matched[1], request)
-    images = job.result.images if job.result else []
+    images = job.result.images if isinstance(job.result, GenerationResult) else []
     if int(matched[2]) >= len(images):
         raise UnknownJob(f"filename: no image '{filename}' here", "filename")
     image = images[int(matched[2])]

@@ -9,16 +9,13 @@ share of the cores)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from backends.sdxl_backend.device_thread import TORCH_WORK, DeviceThread, usable_cores
-from backends.sdxl_backend.errors import DeviceUnavailable
 from backends.sdxl_backend.jobs.worker import Device, ParkSeam
 from backends.sdxl_backend.protocol import GenerationRequest
 
@@ -27,6 +24,7 @@ if TYPE_CHECKING:
     from backends.api.composition.settings import Settings
     from backends.sdxl_backend.device import Placement
     from backends.sdxl_backend.generation.engine import Engine
+    from backends.sdxl_backend.jobs import Job
 
 logger = logging.getLogger("sdxl_backend")
 
@@ -127,9 +125,8 @@ class Devices:
             )
             if settings.test_fault_device == name:
                 logger.warning("TEST SEAM ACTIVE: SDXL_TEST_FAULT_DEVICE=%s: that device fails at its first job", name)
-                engine.generate_batch = _lost_at_first_job(engine.generate_batch)  # type: ignore[method-assign]
+                engine.run_batch = _lost_at_first_job  # type: ignore[method-assign]
             self.devices.append(Device(name, engine, thread, park))
-        self._call_turns = {device.name: asyncio.Lock() for device in self.devices}
         logger.info(
             "devices: %s (%d CPU thread(s) each)",
             ", ".join(f"{d.name} = {p.describe()}" for d, p in zip(self.devices, placements)),
@@ -163,17 +160,32 @@ class Devices:
             for device in self.devices
         ]
 
-    @contextlib.asynccontextmanager
-    async def turn_for_a_call(self) -> AsyncIterator[Device]:
-        """A device for work handed to its thread outside the job queue (an upscale): an alive
-        one, the least waited for; one such call at a time on each, so the jobs queued for it
-        take their turns between two calls instead of waiting behind a flood of them."""
-        alive = [device for device in self.devices if device.thread.is_alive()]
-        if not alive:
-            raise DeviceUnavailable("no device thread is running; the service must be restarted")
-        device = min(alive, key=lambda d: self._call_turns[d.name].locked())
-        async with self._call_turns[device.name]:
-            yield device
+    def cards(self, running_here: list[Job]) -> list[dict[str, Any]]:
+        """Each device as the fleet page shows it: its memory, loaded models (and ControlNets,
+        IP-Adapters, upscalers) and the job it runs. No job ids, prompts or keys."""
+        running = {job.device: job for job in running_here}
+        cards = []
+        for device in self.status():
+            job = running.get(device["name"])
+            cards.append(
+                {
+                    "name": device["name"],
+                    "device_name": device["device_name"],
+                    "alive": device["alive"],
+                    "memory": {kind: device["memory"][kind] for kind in ("used", "total", "budget")},
+                    "loaded": [{"id": model["id"], "loras": model["loras"]} for model in device["loaded"]],
+                    "side_models": [
+                        side["id"] for kind in ("controlnets", "ip_adapters", "upscalers") for side in device[kind]
+                    ],
+                    "running": job
+                    and {
+                        "model": job.model or self.engine.default_model,
+                        "step": job.step,
+                        "total_steps": job.total_steps,
+                    },
+                }
+            )
+        return cards
 
     def memory(self) -> tuple[int, int] | None:
         """(used, total) bytes of the devices' memory together; None on the CPU."""
@@ -221,10 +233,7 @@ def _warm_up(device: Device) -> None:
     logger.info("warm-up of %s on %s done in %.2f s", engine.default_model, device.name, time.perf_counter() - started)
 
 
-def _lost_at_first_job(generate_batch: Any) -> Any:
-    def generate_or_lose(batch: list[Any]) -> list[Any]:
-        if any(observer is not None for _, observer in batch):  # a job's (the warm-up has no observer)
-            raise DeviceLost("the device is gone (SDXL_TEST_FAULT_DEVICE)")
-        return generate_batch(batch)
-
-    return generate_or_lose
+def _lost_at_first_job(batch: list[Any]) -> list[Any]:
+    """The device worker's call (`Engine.run_batch`), gone: the warm-up, which calls the engine
+    itself, still runs."""
+    raise DeviceLost("the device is gone (SDXL_TEST_FAULT_DEVICE)")

@@ -42,16 +42,19 @@ from backends.api.jobs.webhook_sender import Destinations, WebhookSender
 from backends.api.jobs.webhooks import JobWebhooks, WebhookSpec
 from backends.api.operations.metrics import Metrics
 from backends.api.operations.tracing import JobSpans, service_tracer, tracing_config
-from backends.sdxl_backend.errors import NotPermitted, StoreUnavailable, TimedOut
+from backends.sdxl_backend.errors import NotPermitted, QueueFull, StoreUnavailable, TimedOut
 from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue, MemoryJobQueue
 from backends.sdxl_backend.jobs.contract import refuse_unless_alive
+from backends.sdxl_backend.jobs.job import JobResult
 from backends.sdxl_backend.jobs.redis_queue import SharedJobQueue
 from backends.sdxl_backend.jobs.turns import QueueBounds
 from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
+from backends.sdxl_backend.upscale_protocol import UpscaleRequest, UpscaleResult
 
 if TYPE_CHECKING:
     from backends.sdxl_backend.generation.prepared import PreparedRequest
+    from backends.sdxl_backend.jobs.job import JobWork
 
 logger = logging.getLogger("sdxl_backend")
 
@@ -131,7 +134,7 @@ class Runtime:
             else None
         )
         self.event_streams: Counter[str] = Counter()  # SSE streams open now, per key (on the event loop only)
-        self.upscales = 0  # upscale calls waiting or running (likewise)
+        self.upscales = 0  # upscales prepared, waiting or running (likewise)
         self.started = int(time.time())
 
     def start(self, warm_up: bool) -> None:
@@ -193,8 +196,29 @@ class Runtime:
         self._check_priority(request, http)
         owner = self.owner(http)
         prepared = await anyio.to_thread.run_sync(self._prepare, request, owner)
+        result = await self._awaited(prepared, owner, http)
+        assert isinstance(result, GenerationResult)  # (what a generation job ends with)
+        return result
+
+    async def upscale(self, request: UpscaleRequest, http: Request, watch_hangup: bool = True) -> UpscaleResult:
+        """A synchronous upscale: a job of its own kind, awaited as `run`'s (`watch_hangup` False where
+        no connection is there to watch: MCP's tool). At most SDXL_MAX_UPSCALES are prepared, waiting
+        or running at once in a process (each holds its decoded image): past them, 429."""
+        if self.upscales >= (most := self.settings.max_upscales):
+            raise QueueFull(f"{self.upscales} upscales are waiting or running; at most {most} (SDXL_MAX_UPSCALES)", 5)
+        self.upscales += 1
         try:
-            return await cancelled_on_hangup(http, self.jobs.run(prepared, owner, self.settings.timeout_seconds))
+            prepared = await anyio.to_thread.run_sync(self.engine.upscaling.prepare, request)
+            result = await self._awaited(prepared, self.owner(http), http if watch_hangup else None)
+        finally:
+            self.upscales -= 1
+        assert isinstance(result, UpscaleResult)  # (what an upscale job ends with)
+        return result
+
+    async def _awaited(self, prepared: JobWork, owner: str | None, http: Request | None) -> JobResult:
+        work = self.jobs.run(prepared, owner, self.settings.timeout_seconds)
+        try:
+            return await (cancelled_on_hangup(http, work) if http is not None else work)
         except TimedOut as exc:
             raise TimedOut(f"{exc.message} (SDXL_TIMEOUT_SECONDS)") from None
 
@@ -295,28 +319,12 @@ class Runtime:
         }
 
     def card(self) -> dict[str, Any]:
-        """This replica as the fleet page shows it (and its heartbeat publishes it): each
-        device's memory, loaded models (and ControlNets, IP-Adapters) and the job it runs. No
-        job ids, prompts or keys."""
-        running = {job.device: job for job in self.jobs.running_here}
-        devices = []
-        for device in self.devices.status():
-            job = running.get(device["name"])
-            model = job and ((job.request.model if job.request else None) or self.default_model)
-            devices.append(
-                {
-                    "name": device["name"],
-                    "device_name": device["device_name"],
-                    "alive": device["alive"],
-                    "memory": {kind: device["memory"][kind] for kind in ("used", "total", "budget")},
-                    "loaded": [{"id": model["id"], "loras": model["loras"]} for model in device["loaded"]],
-                    "side_models": [
-                        side["id"] for kind in ("controlnets", "ip_adapters", "upscalers") for side in device[kind]
-                    ],
-                    "running": job and {"model": model, "step": job.step, "total_steps": job.total_steps},
-                }
-            )
-        return {"replica": self.jobs.replica, "started": self.started, "devices": devices}
+        """This replica as the fleet page shows it (and its heartbeat publishes it)."""
+        return {
+            "replica": self.jobs.replica,
+            "started": self.started,
+            "devices": self.devices.cards(self.jobs.running_here),
+        }
 
     def device_memory(self) -> tuple[int, int] | None:
         """(used, total) bytes of the devices; None on the CPU."""

@@ -1,5 +1,5 @@
-"""The answer shapes the routes share: a generation's (the native routes', a job's result) and
-a job's (the answer of `GET /v1/jobs/{id}`, the events of its stream, and the body of its
+"""The answer shapes the routes share: a generation's and an upscale's (the native routes', a
+job's result) and a job's (the answer of `GET /v1/jobs/{id}`, the events of its stream, and the body of its
 webhooks are all this one shape). Plain models over the backend's results: no route, no
 runtime, so that webhooks.py and jobs.py read them without reaching up through a dialect."""
 
@@ -12,7 +12,9 @@ from pydantic import BaseModel, Field
 
 from backends.api.edge import errors
 from backends.sdxl_backend.jobs import Job, JobStatus
+from backends.sdxl_backend.jobs.job import JobKind
 from backends.sdxl_backend.protocol import GenerationResult, Priority, PromptReading, Timings
+from backends.sdxl_backend.upscale_protocol import UpscaleResult, UpscaleTimings
 
 
 class NativeImage(BaseModel):
@@ -65,6 +67,28 @@ def result_answer(result: GenerationResult, created: int) -> GenerationAnswer:
     )
 
 
+class UpscaleAnswer(BaseModel):
+    created: int = Field(description="Unix time of the answer.")
+    upscaler: str
+    b64_json: str = Field(description="The encoded image, base64.")
+    media_type: str
+    width: int
+    height: int
+    passes: int = Field(description="Runs of the model (a size beyond its scale takes more); 0 for lanczos.")
+    tiles: int = Field(description="Pieces the model ran on, over all passes (SDXL_UPSCALE_TILE).")
+    timings: UpscaleTimings
+    device: str
+
+
+def upscale_answer(result: UpscaleResult, created: int) -> UpscaleAnswer:
+    return UpscaleAnswer(
+        created=created,
+        b64_json=base64.b64encode(result.data).decode(),
+        device=result.device or "",  # (always set by the device worker that ran it)
+        **result.model_dump(exclude={"data", "device"}),
+    )
+
+
 class JobLinks(BaseModel):
     self: str
     events: str
@@ -73,6 +97,7 @@ class JobLinks(BaseModel):
 
 class JobAnswer(BaseModel):
     id: str
+    kind: JobKind = Field(description="generation, or upscale (/v1/upscale, A1111's extras, the MCP tool).")
     status: JobStatus
     queue_position: int = Field(
         description="1 for the next job to run; 0 when not waiting. API keys take turns, so it can move."
@@ -88,7 +113,9 @@ class JobAnswer(BaseModel):
     links: JobLinks
     cancel_requested_at: float | None = None
     cancel_to_free_s: float | None = Field(None, description="From the cancel request to the device being free.")
-    result: GenerationAnswer | None = Field(None, description="When succeeded (null once delivered elsewhere).")
+    result: GenerationAnswer | UpscaleAnswer | None = Field(
+        None, description="When succeeded (null once delivered elsewhere); an upscale's is an UpscaleAnswer."
+    )
     error: errors.ErrorDetail | None = Field(None, description="When failed or cancelled.")
     webhooks: dict[str, dict[str, Any]] | None = Field(
         None,
@@ -101,8 +128,14 @@ def job_body(job: Job, position: int, base_url: str) -> dict[str, Any]:
     cancel_to_free_s = None
     if job.cancel_requested_at is not None and job.finished is not None:
         cancel_to_free_s = round(max(0.0, job.finished - job.cancel_requested_at), 3)
+    result: GenerationAnswer | UpscaleAnswer | None = None
+    if job.status == JobStatus.SUCCEEDED and isinstance(job.result, GenerationResult):
+        result = result_answer(job.result, int(job.finished or job.created))
+    elif job.status == JobStatus.SUCCEEDED and isinstance(job.result, UpscaleResult):
+        result = upscale_answer(job.result, int(job.finished or job.created))
     return JobAnswer(
         id=job.id,
+        kind=job.kind,
         status=job.status,
         queue_position=position,
         priority=job.priority,
@@ -120,9 +153,7 @@ def job_body(job: Job, position: int, base_url: str) -> dict[str, Any]:
         ),
         cancel_requested_at=job.cancel_requested_at,
         cancel_to_free_s=cancel_to_free_s,
-        result=result_answer(job.result, int(job.finished or job.created))
-        if job.result and job.status == JobStatus.SUCCEEDED
-        else None,
+        result=result,
         error=errors.backend_error(job.error)[1]["error"] if job.error and job.status != JobStatus.SUCCEEDED else None,
         webhooks=job.webhooks if job.webhook else None,
     ).model_dump(mode="json")

@@ -24,6 +24,8 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from backends.sdxl_backend.jobs import Job, JobStatus
+from backends.sdxl_backend.protocol import GenerationResult
+from backends.sdxl_backend.upscale_protocol import UpscaleResult
 
 
 class Metrics:
@@ -85,13 +87,15 @@ class Metrics:
         self.redis_up.set(1 if answered else 0)
 
     def observe_finished(self, job: Job) -> None:
-        model = (job.request.model if job.request else None) or "unknown"
+        model = job.model or "unknown"  # (an upscale's: its upscaler)
         device = job.device or "none"
         result = job.result  # (read once: a waiting client's handler may drop it meanwhile)
         self.generations.labels(model, job.status.value, device).inc()
         if job.started is not None:
             self.queue_wait.labels(job.priority).observe(max(0.0, job.started - job.created))
-        if job.status == JobStatus.SUCCEEDED and result is not None:
+        if job.status == JobStatus.SUCCEEDED and isinstance(result, UpscaleResult) and result.timings.load_s:
+            self.load_seconds.labels(model).inc(result.timings.load_s)
+        if job.status == JobStatus.SUCCEEDED and isinstance(result, GenerationResult):
             self.images.labels(model, device).inc(len(result.images))
             if job.step:
                 self.step_seconds.labels(model, device).observe(result.timings.inference_s / job.step)

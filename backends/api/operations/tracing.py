@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace import Span, SpanProcessor
 from starlette.routing import compile_path
 
 from backends.sdxl_backend.jobs import Job
+from backends.sdxl_backend.upscale_protocol import UpscaleTimings
 
 SAMPLE_SHARE = "OTEL_TRACES_SAMPLER_ARG"
 
@@ -126,11 +127,16 @@ class JobSpans:
         result = job.result  # (read once: a waiting client's handler may drop it meanwhile)
         if result is not None:
             timings, at = result.timings, job.started
-            for name, seconds in (
-                ("model load", timings.load_s + timings.lora_load_s),
-                ("denoise", timings.inference_s),
-                ("encode", timings.encode_s),
-            ):
+            steps = (
+                (("model load", timings.load_s), ("upscale", timings.upscale_s), ("encode", timings.encode_s))
+                if isinstance(timings, UpscaleTimings)
+                else (
+                    ("model load", timings.load_s + timings.lora_load_s),
+                    ("denoise", timings.inference_s),
+                    ("encode", timings.encode_s),
+                )
+            )
+            for name, seconds in steps:
                 parts.append((name, at, seconds))
                 at += seconds
         for name, start, seconds in parts:

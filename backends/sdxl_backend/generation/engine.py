@@ -24,7 +24,7 @@ from backends.sdxl_backend.generation.images import MEDIA_TYPES, decode_image, e
 from backends.sdxl_backend.generation.masks import fill_masked, prepare_mask
 from backends.sdxl_backend.generation.prepared import PreparedRequest
 from backends.sdxl_backend.generation.progress import Batch, StepObserver
-from backends.sdxl_backend.generation.upscaling import Upscaling
+from backends.sdxl_backend.generation.upscaling import PreparedUpscale, Upscaling
 from backends.sdxl_backend.generation.validation import (
     check_controlnets,
     check_ip_adapters,
@@ -54,6 +54,7 @@ from backends.sdxl_backend.protocol import (
     ResolvedRequest,
     Timings,
 )
+from backends.sdxl_backend.upscale_protocol import UpscaleResult
 
 logger = logging.getLogger("sdxl_backend")
 IMAGED = ("controlnets", "ip_adapters")  # a request's units that bring a picture each
@@ -209,9 +210,12 @@ class Engine:
         """The memory mode a request runs in: its own, else the server's."""
         return request.vram_mode or self.models.policy.default_mode
 
-    def batch_key(self, prepared: PreparedRequest) -> tuple | None:
+    def batch_key(self, prepared: PreparedRequest | PreparedUpscale) -> tuple | None:
         """Requests with equal keys can share one pipeline call (their prompts, negative prompts,
-        seeds, input images, counts and encodings may differ); None: this one runs alone."""
+        seeds, input images, counts and encodings may differ); None: this one runs alone (an
+        upscale always does)."""
+        if isinstance(prepared, PreparedUpscale):
+            return None
         request = prepared.request
         if (
             prepared.mask is not None
@@ -285,6 +289,19 @@ class Engine:
             *(unit.id for unit in prepared.request.controlnets),
             *(unit.id for unit in prepared.request.ip_adapters),
         ]
+
+    def run_batch(
+        self, batch: list[tuple[PreparedRequest | PreparedUpscale, StepObserver]]
+    ) -> list[GenerationResult | UpscaleResult | BackendError]:
+        """A batch the queue took (the device worker's call): an upscale, alone, or generations
+        of one `batch_key`, each with its outcome."""
+        (first, on_step), *_ = batch
+        if isinstance(first, PreparedUpscale):
+            try:
+                return [self.upscaling.run(first, on_step)]
+            except BackendError as exc:
+                return [exc]
+        return [*self.generate_batch([(p, observer) for p, observer in batch if isinstance(p, PreparedRequest)])]
 
     def generate_batch(self, batch: Batch) -> list[GenerationResult | BackendError]:
         """Requests of one `batch_key` in one pipeline call; each gets its result, or its error

@@ -5,6 +5,7 @@ hold one, and none of them needs the engine that makes it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from PIL import Image
 
@@ -19,6 +20,8 @@ from backends.sdxl_backend.protocol import ResolvedRequest
 class PreparedRequest:
     """A request that passed every check: every field filled in, the input image decoded at
     the output size. Only the device step is left."""
+
+    kind: ClassVar[str] = "generation"
 
     request: ResolvedRequest  # as it will run; its image bytes are dropped (decoded below)
     source: ModelSource
@@ -38,6 +41,10 @@ class PreparedRequest:
     @property
     def seeds(self) -> list[int]:
         return [self.request.seed + i for i in range(self.request.n)]
+
+    @property
+    def image_count(self) -> int:
+        return self.request.n
 
     @property
     def total_steps(self) -> int:

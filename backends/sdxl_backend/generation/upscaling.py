@@ -1,25 +1,28 @@
-"""An upscale request, from its checks to its encoded image: `POST /v1/upscale` and A1111's
-extras. Not a job: it runs as a call handed to a device thread (between two jobs there), its
-client waiting, and stops between two tiles when `should_stop` says so (the client left).
+"""An upscale request, from its checks to its encoded image: `POST /v1/upscale`, A1111's
+extras and MCP's tool. It is a job of its own kind: queued like a generation (fair shares,
+`/v1/jobs`, any replica of a shared queue), never batched, its tiles counted as its steps.
 
 1. `prepare` (any thread): the upscaler is served, the image decodes within the limits, the
-   output size is within `max_upscale_pixels` and the model's passes reach it;
+   output size is within `max_upscale_pixels` and the model's passes reach it (`again`: the
+   same checks where a replica takes it from a shared queue);
 2. `run` (the device thread): the model held (loaded under the budget beside the pipelines),
-   the image upscaled in tiles, then encoded.
+   the image upscaled in tiles (the job's observer hears each, and stops it when cancelled),
+   then encoded.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from PIL import Image
 
 from backends.sdxl_backend.device_thread import TORCH_WORK
-from backends.sdxl_backend.errors import Cancelled, InvalidRequest
+from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.generation.images import MEDIA_TYPES, decode_image, encode_image
+from backends.sdxl_backend.generation.progress import StepObserver
 from backends.sdxl_backend.generation.validation import check_upscaler
 from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.models.manager import ModelManager
@@ -31,6 +34,12 @@ logger = logging.getLogger("sdxl_backend")
 
 @dataclass
 class PreparedUpscale:
+    """An upscale that passed every check, as it waits in the queue and reaches the device."""
+
+    kind: ClassVar[str] = "upscale"
+    image_count: ClassVar[int] = 1  # (what it adds to a batch's images: it runs alone)
+    total_steps: ClassVar[int] = 0  # (its tiles, counted as it runs)
+
     request: UpscaleRequest  # its image bytes dropped (decoded below)
     image: Image.Image = field(repr=False)
     size: tuple[int, int]  # the output's
@@ -65,19 +74,25 @@ class Upscaling:
                 "pixels (SDXL_MAX_UPSCALE_PIXELS)",
                 named,
             )
-        check_upscaler(self.models, "upscaler", request.upscaler, image.size, size)
-        return PreparedUpscale(request.model_copy(update={"image": b""}), image, size)
+        return self.again(request.model_copy(update={"image": b""}), image)
 
-    def run(self, prepared: PreparedUpscale, should_stop: Callable[[], bool] = lambda: False) -> UpscaleResult:
-        """On the device thread: the upscale, then the encoding. Raises `Cancelled` between two
-        tiles once `should_stop` is true, `OutOfMemory` when the device runs out."""
+    def again(self, request: UpscaleRequest, image: Image.Image) -> PreparedUpscale:
+        """Prepared from its decoded image (a shared queue's replica taking it): the upscaler
+        must be served here too."""
+        size = output_size(request, image.size)
+        check_upscaler(self.models, "upscaler", request.upscaler, image.size, size)
+        return PreparedUpscale(request, image, size)
+
+    def run(self, prepared: PreparedUpscale, on_tile: StepObserver | None = None) -> UpscaleResult:
+        """On the device thread: the upscale, then the encoding. `on_tile` hears each tile as a
+        step (and raises `Cancelled` to stop between two); `OutOfMemory` when the device runs out."""
         request = prepared.request
         started, load_s, tiles = time.perf_counter(), 0.0, [0, 0]
 
-        def on_tile(done: int, total: int) -> None:
+        def tile_done(done: int, total: int) -> None:
             tiles[:] = done, total
-            if should_stop():
-                raise Cancelled(f"upscale cancelled after {done} of {total} tiles")
+            if on_tile is not None:
+                on_tile(done, total, None)  # (an upscale has no early stop: what it returns is not read)
 
         if request.upscaler == "lanczos":
             picture, passes = prepared.image.resize(prepared.size, Image.Resampling.LANCZOS), 0
@@ -85,7 +100,7 @@ class Upscaling:
             with self.models.use_side_models([request.upscaler]) as ((model,), load_s):
                 TORCH_WORK.note("upscale")
                 picture = self.models.out_of_memory_as_error(
-                    lambda: upscale(model, prepared.image, prepared.size, self.tiling, on_tile),
+                    lambda: upscale(model, prepared.image, prepared.size, self.tiling, tile_done),
                     f"out of memory upscaling with {request.upscaler} (a smaller SDXL_UPSCALE_TILE needs less)",
                 )
             passes = passes_for(model.scale, prepared.image.size, prepared.size)

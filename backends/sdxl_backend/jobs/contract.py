@@ -9,11 +9,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from backends.sdxl_backend.errors import DeviceUnavailable, QueueFull
-from backends.sdxl_backend.jobs.job import Job
-from backends.sdxl_backend.protocol import GenerationResult
+from backends.sdxl_backend.jobs.job import Job, JobResult
 
 if TYPE_CHECKING:
-    from backends.sdxl_backend.generation.prepared import PreparedRequest
+    from backends.sdxl_backend.jobs.job import JobWork
     from backends.sdxl_backend.jobs.turns import QueueBounds
     from backends.sdxl_backend.jobs.worker import DeviceWorker
 
@@ -26,7 +25,7 @@ class JobQueue(Protocol):
 
     def submit(
         self,
-        prepared: PreparedRequest,
+        prepared: JobWork,
         owner: str | None = None,
         preview_every: int | None = None,
         webhook: dict | None = None,
@@ -34,7 +33,7 @@ class JobQueue(Protocol):
         """Queue a job whose client will come back for it; `QueueFull` when the queue is, or
         when its owner has as many jobs waiting as one owner may."""
 
-    async def run(self, prepared: PreparedRequest, owner: str | None, timeout_s: float) -> GenerationResult:
+    async def run(self, prepared: JobWork, owner: str | None, timeout_s: float) -> JobResult:
         """A job whose client waits for it: its result (forgotten by the queue once returned),
         or its error raised. Past `timeout_s` it is cancelled (`TimedOut` unless it ended
         anyway); when the awaiting task is cancelled, so is the job."""

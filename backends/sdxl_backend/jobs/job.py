@@ -1,5 +1,5 @@
-"""A job: one generation the service runs, queued, observable and cancellable, and what the
-device does to it at each step (progress, previews, cancel and early-stop flags)."""
+"""A job: one generation (or one upscale) the service runs, queued, observable and cancellable,
+and what the device does to it at each step (progress, previews, cancel and early-stop flags)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from opentelemetry import propagate
 from PIL import Image
@@ -18,11 +18,15 @@ from PIL import Image
 from backends.sdxl_backend.device_thread import TORCH_WORK
 from backends.sdxl_backend.errors import BackendError, Cancelled
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
+from backends.sdxl_backend.upscale_protocol import UpscaleRequest, UpscaleResult
 
 if TYPE_CHECKING:  # the API layer imports this module in BentoML's main process, which needs no torch
     import torch
 
     from backends.sdxl_backend.generation.prepared import PreparedRequest
+    from backends.sdxl_backend.generation.upscaling import PreparedUpscale
+
+    JobWork = PreparedRequest | PreparedUpscale  # what a job runs
 
 logger = logging.getLogger("sdxl_backend")
 
@@ -49,6 +53,8 @@ def latent_preview(latents: torch.Tensor) -> bytes:
 
 
 WEBHOOK_EVENTS = ("started", "progress", "completed")  # what a job's webhook may be told of
+JobKind = Literal["generation", "upscale"]
+JobResult = GenerationResult | UpscaleResult  # what a job that succeeded holds
 
 
 class JobStatus(StrEnum):
@@ -74,7 +80,7 @@ def trace_context() -> dict[str, str]:
 @dataclass(eq=False)
 class Job:
     id: str
-    prepared: PreparedRequest | None  # what the device runs; dropped (with the input image) once finished
+    prepared: JobWork | None  # what the device runs; dropped (with the input image) once finished
     preview_every: int | None = None
     owner: str | None = None  # who may see and cancel it (a digest of the API key that created it)
     status: JobStatus = JobStatus.QUEUED
@@ -83,7 +89,7 @@ class Job:
     finished: float | None = None
     step: int = 0
     total_steps: int = 0
-    result: GenerationResult | None = None
+    result: JobResult | None = None
     error: BackendError | None = None
     preview: bytes | None = None
     preview_step: int = 0
@@ -103,15 +109,17 @@ class Job:
     webhooks: dict[str, dict] = field(default_factory=dict)  # each event's delivery, once tried
     # The trace its maker was in (W3C traceparent), continued where it runs (backends/api/operations/tracing.py).
     trace: dict[str, str] = field(default_factory=lambda: trace_context())
+    kind: JobKind = "generation"  # (taken from `prepared` when given)
 
     def __post_init__(self) -> None:
         # Kept after the input is dropped; None for a job recovered from the journal.
-        self.request: GenerationRequest | None = self.prepared.request if self.prepared else None
+        self.request: GenerationRequest | UpscaleRequest | None = self.prepared.request if self.prepared else None
         if self.prepared is not None:
             self.total_steps = self.prepared.total_steps
+            self.kind = "upscale" if self.prepared.kind == "upscale" else "generation"
 
     @property
-    def to_run(self) -> PreparedRequest:
+    def to_run(self) -> JobWork:
         """What the device runs: a job taken from its queue has it (a final one has dropped it)."""
         if self.prepared is None:
             raise RuntimeError(f"job {self.id} has no request to run (it is {self.status})")
@@ -119,7 +127,14 @@ class Job:
 
     @property
     def priority(self) -> str:
-        return self.request.priority if self.request is not None else "normal"
+        return self.request.priority if isinstance(self.request, GenerationRequest) else "normal"
+
+    @property
+    def model(self) -> str | None:
+        """The model it runs (an upscale's upscaler), as requested; None when unknown."""
+        if isinstance(self.request, UpscaleRequest):
+            return self.request.upscaler
+        return self.request.model if self.request is not None else None
 
     @property
     def percent(self) -> float:
@@ -144,6 +159,8 @@ class Job:
     @property
     def held_bytes(self) -> int:
         """What a finished job holds in memory: its images and its preview."""
+        if isinstance(self.result, UpscaleResult):
+            return len(self.result.data) + len(self.preview or b"")
         images = sum(len(image.data) for image in self.result.images) if self.result else 0
         return images + len(self.preview or b"")
 
@@ -167,7 +184,10 @@ class Job:
         return self.stop_requested_at is not None
 
     def settle(
-        self, status: JobStatus, result: GenerationResult | None = None, error: BackendError | None = None
+        self,
+        status: JobStatus,
+        result: JobResult | None = None,
+        error: BackendError | None = None,
     ) -> None:
         """The job's end, whichever queue holds it: its outcome kept, its input dropped."""
         if error is not None:

@@ -24,16 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 from backends.sdxl_backend.errors import BackendError, Cancelled, JobExpired, UnknownJob
 from backends.sdxl_backend.jobs.contract import refuse_when_full, retry_after_s
-from backends.sdxl_backend.jobs.job import Job, JobStatus, tell
+from backends.sdxl_backend.jobs.job import Job, JobResult, JobStatus, tell
 from backends.sdxl_backend.jobs.journal import JobJournal
 from backends.sdxl_backend.jobs.turns import QueueBounds, slot, turn_order
 from backends.sdxl_backend.jobs.waiting import Watchers, follow, result_of
 from backends.sdxl_backend.jobs.worker import Device, DeviceWorker
-from backends.sdxl_backend.protocol import GenerationResult
 
 if TYPE_CHECKING:
     from backends.sdxl_backend.generation.engine import Engine
-    from backends.sdxl_backend.generation.prepared import PreparedRequest
+    from backends.sdxl_backend.jobs.job import JobWork
 
 logger = logging.getLogger("sdxl_backend")
 
@@ -88,7 +87,7 @@ class MemoryJobQueue:
 
     def submit(
         self,
-        prepared: PreparedRequest,
+        prepared: JobWork,
         owner: str | None = None,
         preview_every: int | None = None,
         webhook: dict | None = None,
@@ -109,7 +108,7 @@ class MemoryJobQueue:
         tell(self.on_change, job)
         return job
 
-    async def run(self, prepared: PreparedRequest, owner: str | None, timeout_s: float) -> GenerationResult:
+    async def run(self, prepared: JobWork, owner: str | None, timeout_s: float) -> JobResult:
         return await result_of(
             self, lambda: _inline(self.submit, prepared, owner, None, None, True), timeout_s, _inline
         )
@@ -255,7 +254,7 @@ class MemoryJobQueue:
     def after_step(self, job: Job) -> None:
         self._watchers.wake(job.id, False)
 
-    def finish(self, job: Job, status: JobStatus, result: GenerationResult | None, error: BackendError | None) -> None:
+    def finish(self, job: Job, status: JobStatus, result: JobResult | None, error: BackendError | None) -> None:
         with self._lock:
             job.settle(status, result, error)
             self._finished[job.id] = job
@@ -286,10 +285,10 @@ class MemoryJobQueue:
         """The job whose turn it is, and the jobs near their turn that can share its call, in
         turn order, while their images fit in `max_batch`. Called with the lock held."""
         head, *next_ones = self._in_turn()[: self.bounds.lookahead]
-        batch, images, max_batch = [head], head.to_run.request.n, self.bounds.max_batch
+        batch, images, max_batch = [head], head.to_run.image_count, self.bounds.max_batch
         key = engine.batch_key(head.to_run) if images < max_batch else None
         for job in next_ones if key is not None else []:
-            n = job.to_run.request.n
+            n = job.to_run.image_count
             if images + n <= max_batch and engine.batch_key(job.to_run) == key:
                 batch.append(job)
                 images += n

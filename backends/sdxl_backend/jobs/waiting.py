@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from backends.sdxl_backend.errors import StoreUnavailable, TimedOut
 from backends.sdxl_backend.jobs.contract import refuse_unless_alive
-from backends.sdxl_backend.jobs.job import Job
-from backends.sdxl_backend.protocol import GenerationResult
+from backends.sdxl_backend.jobs.job import Job, JobResult
 
 if TYPE_CHECKING:
     from backends.sdxl_backend.jobs.contract import JobQueue
@@ -91,7 +90,7 @@ def _cancel_outcome(cancelling: asyncio.Future) -> None:
 
 async def result_of(
     queue: JobQueue, submit: Callable[[], Awaitable[Job]], timeout_s: float, off_loop: Callable[..., Awaitable[Any]]
-) -> GenerationResult:
+) -> JobResult:
     """The result of a job whose client waits for it (`JobQueue.run`): submitted (refused when
     the device worker is gone), then awaited once; past `timeout_s`, or when the awaiting task is
     cancelled, the job is cancelled, so the device moves on at its next step. `off_loop` runs a

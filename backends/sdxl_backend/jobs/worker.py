@@ -4,9 +4,9 @@ store holds them (`JobSource`: this process's memory, or the fleet's Redis).
 1. take a batch (the job whose turn it is, and the queued jobs near their turn that can share
    its pipeline call, up to the queue's `max_batch` images: turns.py), waiting for one while
    also running the calls handed to the device;
-2. run it (`Engine.generate_batch`); at each step the source hears of the job first (a shared
-   queue reads its flags there, and may find the job is no longer this device's), then the job
-   counts the step, takes a preview and honours its cancel and stop flags;
+2. run it (`Engine.run_batch`: a pipeline call, or an upscale's tiles); at each step the
+   source hears of the job first (a shared queue reads its flags there, and may find the job
+   is no longer this device's), then the job counts the step, takes a preview and honours its cancel and stop flags;
 3. finish each job by its outcome (a job cancelled at a step was finished there), keep the
    duration (for Retry-After), and tell the observer (metrics, webhooks), as at its start and
    at each of its steps.
@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Protocol
 
 from backends.sdxl_backend.device_thread import DeviceThread
 from backends.sdxl_backend.errors import BackendError, Cancelled
-from backends.sdxl_backend.jobs.job import Job, JobStatus, tell
-from backends.sdxl_backend.protocol import GenerationResult
+from backends.sdxl_backend.jobs.job import Job, JobResult, JobStatus, tell
+from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
+from backends.sdxl_backend.upscale_protocol import UpscaleResult
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +59,7 @@ class ParkSeam:
     file: Path
 
     def hold(self, job: Job, read_flags: Callable[[], None]) -> None:
-        if "park" not in (job.request.prompt if job.request else ""):
+        if "park" not in (job.request.prompt if isinstance(job.request, GenerationRequest) else ""):
             return
         while self.file.exists() and job.cancel_requested_at is None and job.stop_requested_at is None:
             time.sleep(0.05)
@@ -94,7 +95,7 @@ class JobSource(Protocol):
     def after_step(self, job: Job) -> None:
         """After a step is counted: the job's progress, kept where waiters read it."""
 
-    def finish(self, job: Job, status: JobStatus, result: GenerationResult | None, error: BackendError | None) -> None:
+    def finish(self, job: Job, status: JobStatus, result: JobResult | None, error: BackendError | None) -> None:
         """Settles the job (`Job.settle`) and keeps its end where waiters read it."""
 
     def wake(self, device: Device) -> None:
@@ -125,7 +126,11 @@ class DeviceWorker:
         return self.device.thread.is_alive()
 
     def finish(
-        self, job: Job, status: JobStatus, result: GenerationResult | None = None, error: BackendError | None = None
+        self,
+        job: Job,
+        status: JobStatus,
+        result: JobResult | None = None,
+        error: BackendError | None = None,
     ) -> None:
         if job.status.final:  # a cancelled job of a batch, finished at its step already
             return
@@ -174,17 +179,17 @@ class DeviceWorker:
                 )
 
     def _run(self, batch: list[Job]) -> None:
-        """One pipeline call for the batch, then each job finished by its outcome (except one
-        the step observer has let go already)."""
+        """One pipeline call for the batch (or one upscale), then each job finished by its
+        outcome (except one the step observer has let go already)."""
         try:
-            outcomes = self.engine.generate_batch([(job.to_run, self._observer(job)) for job in batch])
+            outcomes = self.engine.run_batch([(job.to_run, self._observer(job)) for job in batch])
         except Exception as exc:  # a bug: the jobs fail, the queue goes on
             logger.exception("a batch failed unexpectedly")
             outcomes = [BackendError(f"internal error: {type(exc).__name__}")] * len(batch)
         for job, outcome in zip(batch, outcomes):
             if job.status != JobStatus.RUNNING:
                 continue
-            if isinstance(outcome, GenerationResult):
+            if isinstance(outcome, (GenerationResult, UpscaleResult)):
                 outcome.device = self.device.name
                 self.finish(job, JobStatus.SUCCEEDED, result=outcome)
             elif isinstance(outcome, Cancelled):

@@ -1,6 +1,7 @@
-"""How jobs sit in Redis: a job's hash fields to and from `Job`s and `PreparedRequest`s. The
-input images travel as PNG (lossless: the replica that runs a job sees the same pixels), a
-result's images as their encoded bytes, one field each."""
+"""How jobs sit in Redis: a job's hash fields to and from `Job`s and what they run (a
+`PreparedRequest`, or a `PreparedUpscale` for a job of kind "upscale"). The input images travel
+as PNG (lossless: the replica that runs a job sees the same pixels), a result's images as their
+encoded bytes, one field each."""
 
 from __future__ import annotations
 
@@ -15,13 +16,17 @@ from backends.sdxl_backend import errors
 from backends.sdxl_backend.errors import BackendError
 from backends.sdxl_backend.jobs.job import WEBHOOK_EVENTS, Job, JobStatus
 from backends.sdxl_backend.protocol import GeneratedImage, GenerationResult, ResolvedRequest
+from backends.sdxl_backend.upscale_protocol import UpscaleRequest, UpscaleResult
 
 if TYPE_CHECKING:
     from backends.sdxl_backend.generation.engine import Engine
     from backends.sdxl_backend.generation.prepared import PreparedRequest
+    from backends.sdxl_backend.generation.upscaling import PreparedUpscale
+    from backends.sdxl_backend.jobs.job import JobWork
 
 # What a snapshot reads; the input images and the result's images stay behind.
 SNAPSHOT_FIELDS = [
+    "kind",
     "status",
     "owner",
     "created",
@@ -77,8 +82,17 @@ def request_from_json(data: str | bytes) -> ResolvedRequest:
     return ResolvedRequest.model_validate(fields)
 
 
-def submitted(job: Job, prepared: PreparedRequest, batch_key: object) -> Fields:
-    """A new job's fields: the request as it will run, its images, its state."""
+def upscale_request_from_json(data: str | bytes) -> UpscaleRequest:
+    """An upscale request dumped as JSON, back (its image travels beside it)."""
+    return UpscaleRequest.model_validate({**json.loads(data), "image": ""})
+
+
+def work(prepared: JobWork) -> Fields:
+    """What a job runs: the request as it will run, and its images."""
+    from backends.sdxl_backend.generation.upscaling import PreparedUpscale
+
+    if isinstance(prepared, PreparedUpscale):
+        return {"request": prepared.request.model_dump_json(), "init_image": png(prepared.image)}
     fields: Fields = {"request": prepared.request.model_dump_json()}
     if prepared.init_image is not None:
         fields["init_image"] = png(prepared.init_image)
@@ -88,8 +102,14 @@ def submitted(job: Job, prepared: PreparedRequest, batch_key: object) -> Fields:
         fields[f"control:{index}"] = png(control)
     for index, picture in enumerate(prepared.image_prompts):
         fields[f"image_prompt:{index}"] = png(picture)
+    return fields
+
+
+def submitted(job: Job, prepared: JobWork, batch_key: object) -> Fields:
+    """A new job's fields: what it runs, its state."""
     return {
-        **fields,
+        **work(prepared),
+        "kind": job.kind,
         "status": "queued",
         "owner": job.owner or "",
         "priority": job.priority,
@@ -100,19 +120,25 @@ def submitted(job: Job, prepared: PreparedRequest, batch_key: object) -> Fields:
         "total_steps": job.total_steps,
         "version": 0,
         "preview_every": job.preview_every or "",
-        "n": prepared.request.n,
+        "n": prepared.image_count,
         "batch_key": json.dumps(batch_key) if batch_key is not None else "",
         "attempts": 0,
     }
 
 
-def prepared_from(fields: dict[bytes, bytes], engine: Engine) -> PreparedRequest:
-    """The prepared request again, on the replica that runs it (which must serve its models)."""
+def prepared_from(fields: dict[bytes, bytes], engine: Engine) -> PreparedRequest | PreparedUpscale:
+    """What the job runs, prepared again on the replica that runs it (which must serve its models)."""
     from backends.sdxl_backend.generation.prepared import PreparedRequest
 
     def image(name: str) -> Image.Image | None:
         data = fields.get(name.encode())
         return Image.open(io.BytesIO(data)).copy() if data else None
+
+    if fields.get(b"kind") == b"upscale":
+        picture = image("init_image")
+        if picture is None:
+            raise ValueError("an upscale job without its image")
+        return engine.upscaling.again(upscale_request_from_json(fields[b"request"]), picture)
 
     def pictures(prefix: str, count: int) -> list[Image.Image]:  # (each unit's is there: `submitted`)
         return [picture for index in range(count) if (picture := image(f"{prefix}:{index}")) is not None]
@@ -175,7 +201,10 @@ def progress(job: Job) -> Fields:
 def finished(job: Job) -> Fields:
     """A final job's fields: its status, its result (the images one field each) or its error."""
     fields: Fields = {"status": job.status.value, "step": job.step, "total_steps": job.total_steps}
-    if job.result is not None:
+    if isinstance(job.result, UpscaleResult):
+        fields.update(result=job.result.model_dump_json(exclude={"data"}), images=1)
+        fields["image:0"] = job.result.data
+    elif job.result is not None:
         fields["result"] = job.result.model_dump_json(exclude={"images": {"__all__": {"data"}}})
         fields["images"] = len(job.result.images)
         fields.update({f"image:{index}": image.data for index, image in enumerate(job.result.images)})
@@ -218,8 +247,14 @@ def snapshot(job_id: str, record: dict[str, bytes | None], images: list[bytes]) 
         },
     )
     request = record["request"]
-    job.request = request_from_json(request) if request else None
-    if record["result"] and images:
+    if text("kind") == "upscale":
+        job.kind = "upscale"
+        job.request = upscale_request_from_json(request) if request else None
+        if record["result"] and images:
+            job.result = UpscaleResult.model_validate({**json.loads(record["result"]), "data": images[0]})
+    else:
+        job.request = request_from_json(request) if request else None
+    if job.kind == "generation" and record["result"] and images:
         result = json.loads(record["result"])
         result["request"] = request_from_json(json.dumps(result["request"]))
         result["images"] = [GeneratedImage(data=data, **meta) for data, meta in zip(images, result["images"])]

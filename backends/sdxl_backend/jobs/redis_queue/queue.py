@@ -20,18 +20,17 @@ import anyio
 
 from backends.sdxl_backend.errors import BackendError, JobExpired, UnknownJob, redis_failures_as_unavailable
 from backends.sdxl_backend.jobs.contract import refuse_when_full, retry_after_s
-from backends.sdxl_backend.jobs.job import Job, JobStatus, tell
+from backends.sdxl_backend.jobs.job import Job, JobResult, JobStatus, tell
 from backends.sdxl_backend.jobs.redis_queue import codec, feed, keys, scripts
 from backends.sdxl_backend.jobs.redis_queue.heartbeat import Heartbeat
 from backends.sdxl_backend.jobs.turns import QueueBounds
 from backends.sdxl_backend.jobs.waiting import follow, result_of
 from backends.sdxl_backend.jobs.worker import Device, DeviceWorker, HandedBack
-from backends.sdxl_backend.protocol import GenerationResult
 
 if TYPE_CHECKING:
     import redis
 
-    from backends.sdxl_backend.generation.prepared import PreparedRequest
+    from backends.sdxl_backend.jobs.job import JobWork
 
 logger = logging.getLogger("sdxl_backend")
 T = TypeVar("T")
@@ -76,7 +75,7 @@ class SharedJobQueue:
 
     def submit(
         self,
-        prepared: PreparedRequest,
+        prepared: JobWork,
         owner: str | None = None,
         preview_every: int | None = None,
         webhook: dict | None = None,
@@ -92,7 +91,7 @@ class SharedJobQueue:
         tell(self.on_change, job)
         return job
 
-    async def run(self, prepared: PreparedRequest, owner: str | None, timeout_s: float) -> GenerationResult:
+    async def run(self, prepared: JobWork, owner: str | None, timeout_s: float) -> JobResult:
         return await result_of(self, lambda: _off_loop(self.submit, prepared, owner), timeout_s, _off_loop)
 
     def get(self, job_id: str, owner: str | None = None) -> Job:
@@ -286,7 +285,7 @@ class SharedJobQueue:
         except Exception as exc:
             self.heartbeat.failed(exc)
 
-    def finish(self, job: Job, status: JobStatus, result: GenerationResult | None, error: BackendError | None) -> None:
+    def finish(self, job: Job, status: JobStatus, result: JobResult | None, error: BackendError | None) -> None:
         job.settle(status, result, error)
         fields = codec.finished(job)
         arguments = [job.id, self.replica, job.held_bytes, *(v for pair in fields.items() for v in pair)]
