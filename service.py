@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import bentoml
 import yaml
@@ -38,7 +39,7 @@ from backends.sdxl_backend.upscale_protocol import UpscaleRequest
 from models.catalog import defaults_for, load_catalog
 from models.store import stored_models
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 SETTINGS = load_settings()
 ORIGINS = Origins(SETTINGS.cors_origins)
 # Where `bentoml build` writes the bento's manifest, beside the directory this file is packed in.
@@ -148,7 +149,8 @@ dialects = create_app()
 
 class SDXL:
     def __init__(self) -> None:
-        logger.setLevel(logging.INFO)  # backend logs go where BentoML's go
+        for name in ("backends", __name__):  # the house's loggers, named by module: INFO where BentoML's go
+            logging.getLogger(name).setLevel(logging.INFO)
         quiet_validation_logs()
         agents.preload()  # (while the models load)
         if SETTINGS.log_format == "json":
@@ -186,19 +188,19 @@ class SDXL:
         self.runtime.start(warm_up=SETTINGS.warmup)
 
     @bentoml.api(route="/v1/txt2img", input_spec=TextToImageRequest)
-    async def txt2img(self, ctx: bentoml.Context, **fields) -> answers.GenerationAnswer:
+    async def txt2img(self, ctx: bentoml.Context, **fields: Any) -> answers.GenerationAnswer:
         """Text to image. JSON with the images (base64), seeds and timings; with
         `Accept: image/png` (or jpeg/webp) and n=1, the image itself."""
         # (The annotation is the JSON answer's schema for BentoML; the image itself is a Response.)
         return await native.answer(self.runtime, GenerationRequest(**fields), ctx)  # type: ignore[return-value]
 
     @bentoml.api(route="/v1/img2img", input_spec=ImageToImageRequest)
-    async def img2img(self, ctx: bentoml.Context, **fields) -> answers.GenerationAnswer:
+    async def img2img(self, ctx: bentoml.Context, **fields: Any) -> answers.GenerationAnswer:
         """Image to image: `image` (base64) repainted by `strength`. Answers as txt2img."""
         return await native.answer(self.runtime, GenerationRequest(**fields), ctx)  # type: ignore[return-value]
 
     @bentoml.api(route="/v1/upscale", input_spec=UpscaleRequest)
-    async def upscale(self, ctx: bentoml.Context, **fields) -> answers.UpscaleAnswer:
+    async def upscale(self, ctx: bentoml.Context, **fields: Any) -> answers.UpscaleAnswer:
         """`image` made larger by an upscale model (GET /v1/upscalers) or resized (lanczos):
         by `scale`, or to `width`/`height`. JSON with the image, or the image itself with
         `Accept: image/png`."""

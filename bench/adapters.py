@@ -25,16 +25,16 @@ from PIL import Image
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="sdxl-adapters-")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.sdxl_backend.device import select_placement  # noqa: E402
-from backends.sdxl_backend.generation.engine import Engine  # noqa: E402
-from backends.sdxl_backend.models.controlnets import ControlNetSource  # noqa: E402
-from backends.sdxl_backend.models.loras import LoraSource  # noqa: E402
-from backends.sdxl_backend.models.manager import ModelManager, ModelSource  # noqa: E402
+from backends.sdxl_backend.device import select_placement
+from backends.sdxl_backend.generation.engine import Engine
+from backends.sdxl_backend.models.controlnets import ControlNetSource
+from backends.sdxl_backend.models.loras import LoraSource
+from backends.sdxl_backend.models.manager import ModelManager, ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
 from backends.sdxl_backend.units import LoraWeight
-from models.catalog import defaults_for  # noqa: E402
-from models.store import import_from_path, import_tiny  # noqa: E402
-from models.tiny import save_tiny_lora  # noqa: E402
+from models.catalog import defaults_for
+from models.store import import_from_path, import_tiny
+from models.tiny import save_tiny_lora
 
 
 def main() -> None:

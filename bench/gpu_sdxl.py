@@ -46,27 +46,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from diffusers import (  # noqa: E402
+import torch
+from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     EulerDiscreteScheduler,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from PIL import Image  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from backends.sdxl_backend.device import Placement, select_placement  # noqa: E402
-from backends.sdxl_backend.models.fast_paths import FastPaths  # noqa: E402
-from backends.sdxl_backend.models.pipelines import (  # noqa: E402
+from backends.sdxl_backend.device import Placement, select_placement
+from backends.sdxl_backend.models.fast_paths import FastPaths
+from backends.sdxl_backend.models.pipelines import (
     MEMORY_MODES,
     Pipelines,
     apply_memory_mode,
     load_pipelines,
     pipeline_for,
 )
-from models.tiny import build_tiny_controlnet, build_tiny_sdxl, make_tokenizer  # noqa: E402
+from models.tiny import build_tiny_controlnet, build_tiny_sdxl, make_tokenizer
 
 # Each speed setting alone, then together; "plain" is the service's default.
 FAST_PATHS = {
@@ -99,67 +99,67 @@ FAST_PATHS_IN_ORDER = (
 assert set(FAST_PATHS_IN_ORDER) == {*FAST_PATHS, *VAE_CHOICES}
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
-SDXL_UNET = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(5, 10, 20),
-    transformer_layers_per_block=(1, 2, 10),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32,
-)
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (5, 10, 20),
+    "transformer_layers_per_block": (1, 2, 10),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+}
 # vae/config.json
-SDXL_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=0.13025,
-    force_upcast=True,
-)
+SDXL_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
 # text_encoder/config.json (CLIP ViT-L/14) and text_encoder_2/config.json (OpenCLIP ViT-bigG/14)
-CLIP_L = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-)
-CLIP_G = dict(
-    vocab_size=49408,
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=20,
-    max_position_embeddings=77,
-    projection_dim=1280,
-    hidden_act="gelu",
-)
-SDXL_SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    steps_offset=1,
-    timestep_spacing="leading",
-    prediction_type="epsilon",
-)
+CLIP_L = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+CLIP_G = {
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+}
+SDXL_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+}
 
 
 def build_full_sdxl(device: torch.device, dtype: torch.dtype) -> StableDiffusionXLPipeline:
@@ -277,13 +277,13 @@ def main() -> None:
         "skipped": [],
     }
     budget = Budget(args.budget_s, report)
-    call = dict(
-        prompt="a lighthouse at dusk",
-        width=size,
-        height=size,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-    )
+    call = {
+        "prompt": "a lighthouse at dusk",
+        "width": size,
+        "height": size,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+    }
 
     store = Path(tempfile.mkdtemp(prefix="sdxl-bench-store-"))
     started = time.perf_counter()
@@ -351,7 +351,7 @@ def main() -> None:
         (f"{size}px_{args.steps}steps_cfg", {}),
         (
             f"{fast_size}px_{args.fast_steps}steps_nocfg",
-            dict(width=fast_size, height=fast_size, num_inference_steps=args.fast_steps, guidance_scale=0.0),
+            {"width": fast_size, "height": fast_size, "num_inference_steps": args.fast_steps, "guidance_scale": 0.0},
         ),
     ):
         scale = 1 if not extra else (fast_size / size) ** 2 * args.fast_steps / args.steps

@@ -33,10 +33,10 @@ from pathlib import Path
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="sdxl-bench-")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx  # noqa: E402
+import httpx
 
-from models.store import import_tiny  # noqa: E402
-from tests.served import RedisServer, Server  # noqa: E402
+from models.store import import_tiny
+from tests.served import RedisServer, Server
 
 CLIENTS = 8
 

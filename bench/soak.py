@@ -29,12 +29,12 @@ from pathlib import Path
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="sdxl-soak-")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx  # noqa: E402
-import psutil  # noqa: E402
-from PIL import Image  # noqa: E402
+import httpx
+import psutil
+from PIL import Image
 
-from models.store import import_tiny  # noqa: E402
-from tests.served import Server  # noqa: E402
+from models.store import import_tiny
+from tests.served import Server
 
 KINDS = ["txt2img", "img2img", "url", "a1111", "job", "cancel", "refused", "unknown-link"]
 
@@ -58,7 +58,7 @@ def slope_mib_per_min(samples: list[tuple[float, int]]) -> float:
     return statistics.linear_regression(times, values).slope
 
 
-def main() -> int:
+def main() -> int:  # noqa: C901 (a script's steps, in the order they run)
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--clients", type=int, default=2)

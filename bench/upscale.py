@@ -30,17 +30,17 @@ from pathlib import Path
 os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="sdxl-upscale-"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from backends.sdxl_backend.device import select_placement  # noqa: E402
-from backends.sdxl_backend.device_thread import DeviceThread  # noqa: E402
-from backends.sdxl_backend.generation.images import encode_image  # noqa: E402
-from backends.sdxl_backend.generation.upscaling import Upscaling  # noqa: E402
-from backends.sdxl_backend.limits import Limits  # noqa: E402
-from backends.sdxl_backend.models.manager import ModelManager  # noqa: E402
-from backends.sdxl_backend.models.upscalers import Tiling, UpscalerSource, load_upscaler, save_upscaler, upscale  # noqa: E402
-from backends.sdxl_backend.upscale_protocol import UpscaleRequest  # noqa: E402
+from backends.sdxl_backend.device import select_placement
+from backends.sdxl_backend.device_thread import DeviceThread
+from backends.sdxl_backend.generation.images import encode_image
+from backends.sdxl_backend.generation.upscaling import Upscaling
+from backends.sdxl_backend.limits import Limits
+from backends.sdxl_backend.models.manager import ModelManager
+from backends.sdxl_backend.models.upscalers import Tiling, UpscalerSource, load_upscaler, save_upscaler, upscale
+from backends.sdxl_backend.upscale_protocol import UpscaleRequest
 
 REAL_SIZE = {"num_filters": 64, "num_blocks": 23}  # Real-ESRGAN x4plus's RRDBNet
 

@@ -230,7 +230,7 @@ def test_settings_read_booleans_and_lists_as_people_write_them(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "variable, value, says",
+    ("variable", "value", "says"),
     [
         ("SDXL_DEVICES", "gpu0", "SDXL_DEVICES='gpu0': 'gpu0' is not a device"),
         ("SDXL_CORS_ORIGINS", "evil.example", "SDXL_CORS_ORIGINS='evil.example': 'evil.example' is not an origin"),

@@ -415,7 +415,11 @@ def test_json_log_lines_carry_the_access_fields_and_no_secrets(guarded):
         return [json.loads(line) for line in worker_lines]  # (every one of them parses)
 
     def txt2img_access(lines: list[dict]) -> list[dict]:
-        return [line for line in lines if line["logger"] == "sdxl_backend.access" and line["route"] == "/v1/txt2img"]
+        return [
+            line
+            for line in lines
+            if line["logger"] == "backends.api.edge.middleware.access" and line["route"] == "/v1/txt2img"
+        ]
 
     # (the access line is written once the answer is sent)
     lines = poll(json_lines, lambda lines: txt2img_access(lines), 60, 0.2, "the access line")
@@ -423,7 +427,10 @@ def test_json_log_lines_carry_the_access_fields_and_no_secrets(guarded):
     assert access[-1]["method"] == "POST" and access[-1]["status"] == 200
     assert not [line for line in lines if line["message"] == "a job observer failed"]  # (metrics and webhooks)
     assert access[-1]["duration_ms"] > 0 and access[-1]["level"] == "info"
-    assert any(line["logger"] == "sdxl_backend" and "models: tiny-sdxl" in line["message"] for line in lines)
+    assert any(
+        line["logger"] == "backends.api.composition.runtime" and "models: tiny-sdxl" in line["message"]
+        for line in lines
+    )
     assert secret_prompt not in guarded.log() and KEY not in guarded.log()
 
 

@@ -59,7 +59,7 @@ def test_sillytaverns_lists_and_default_workflow_give_an_image(server):
     prompt_id = queued.json()["prompt_id"]
     item = poll(lambda: httpx.get(f"{server.url}/history", timeout=60).json().get(prompt_id), every=0.1)
     assert item["status"]["status_str"] == "success" and item["status"]["completed"]
-    first = [image for output in item["outputs"].values() for image in output["images"]][0]
+    first = next(image for output in item["outputs"].values() for image in output["images"])
     view = httpx.get(
         f"{server.url}/view?filename={first['filename']}&subfolder={first['subfolder']}&type={first['type']}",
         timeout=60,
@@ -77,9 +77,10 @@ def test_open_webuis_default_workflow_over_its_socket_and_history(server):
 
     async def run() -> tuple[str, list[dict]]:
         async with websockets.connect(f"ws://127.0.0.1:{server.port}/ws?clientId={client_id}") as socket:
-            queued = httpx.post(
-                f"{server.url}/prompt", json={"prompt": workflow, "client_id": client_id}, headers=headers, timeout=300
-            )
+            async with httpx.AsyncClient(timeout=300) as http:
+                queued = await http.post(
+                    f"{server.url}/prompt", json={"prompt": workflow, "client_id": client_id}, headers=headers
+                )
             assert queued.status_code == 200, queued.text
             prompt_id, seen = queued.json()["prompt_id"], []
             while True:
@@ -337,7 +338,8 @@ def test_the_vae_loader_a_repeated_batch_the_sdxl_encoder_and_preview_frames(ser
                 "client_id": "previewer",
                 "extra_data": {"preview_method": "auto"},
             }
-            prompt_id = httpx.post(f"{server.url}/prompt", json=body, timeout=60).json()["prompt_id"]
+            async with httpx.AsyncClient(timeout=60) as http:
+                prompt_id = (await http.post(f"{server.url}/prompt", json=body)).json()["prompt_id"]
             frames = []
             while True:
                 message = await asyncio.wait_for(socket.recv(), 300)

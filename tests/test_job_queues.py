@@ -393,7 +393,7 @@ def two_devices(engine, second_engine):
 def test_two_devices_run_jobs_side_by_side_and_say_which_ran_each(make_queue, engine, second_engine):
     queue = make_queue(devices=two_devices(engine, second_engine))
     queue.start()
-    with parked(queue, 1) as (reached, release):
+    with parked(queue, 1) as (_reached, release):
         jobs = [queue.submit(prepared(engine, **HELD)) for _ in range(2)]
         while len(queue.running_here) < 2:  # both held at step 1: one on each device
             time.sleep(0.01)

@@ -225,7 +225,7 @@ def test_jobs_list_is_paginated(jobs_server):
         first = httpx.get(f"{jobs_server.url}/v1/jobs", params={"limit": 2}, timeout=300).json()
         assert [j["id"] for j in first["jobs"]] == ids[::-1][:2] and first["next_before"] is not None
         rest = httpx.get(f"{jobs_server.url}/v1/jobs", params={"limit": 2, "before": first["next_before"]}, timeout=300)
-        assert [j["id"] for j in rest.json()["jobs"]][0] == ids[0]
+        assert next(j["id"] for j in rest.json()["jobs"]) == ids[0]
         assert httpx.get(f"{jobs_server.url}/v1/jobs", params={"limit": 1000}, timeout=300).status_code == 400
         for job_id in ids:
             httpx.delete(f"{jobs_server.url}/v1/jobs/{job_id}", timeout=300)

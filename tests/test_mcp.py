@@ -30,9 +30,11 @@ QUICK = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "seed"
 async def connected(server, key: str | None = None):
     """The official client, on its defaults but for the key (MCP clients send it as a Bearer)."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(300)) as http:
-        async with Client(streamable_http_client(f"{server.url}/mcp", http_client=http)) as client:
-            yield client
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(300)) as http,
+        Client(streamable_http_client(f"{server.url}/mcp", http_client=http)) as client,
+    ):
+        yield client
 
 
 def run(main):

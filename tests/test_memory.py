@@ -98,7 +98,7 @@ def test_memory_modes_are_applied_and_large_images_decode_tiled(trio):
 def test_sizes_and_policy_from_environment(monkeypatch):
     assert parse_bytes("24GiB") == 24 * 2**30 and parse_bytes("500MB") == 500 * 10**6
     assert parse_bytes("1073741824") == 2**30 and parse_bytes("1.5g") == int(1.5 * 2**30)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a size: 'lots'"):
         parse_bytes("lots")
     monkeypatch.setenv("SDXL_MEMORY_BUDGET", "3GiB")
     monkeypatch.setenv("SDXL_VRAM_MODE", "balanced")

@@ -303,7 +303,7 @@ def test_the_pages_run_their_own_script_and_no_other(server, browser, path, fill
         assert "'sha256-" in script_src and "unsafe" not in script_src
         page.locator(filled).first.wait_for(state="attached", timeout=60_000)
         assert not [error for error in errors if "Content Security Policy" in error]  # (its own script ran)
-        with pytest.raises(Exception, match="Content Security Policy|CSP|refused"):
+        with pytest.raises(Exception, match=r"Content Security Policy|CSP|refused"):
             page.add_script_tag(content="document.title = 'injected'")
         assert page.title() != "injected"
         assert [error for error in errors if "Content Security Policy" in error]  # (the injected one was refused)

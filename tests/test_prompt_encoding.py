@@ -183,7 +183,7 @@ def test_clip_skip_reads_the_layer_it_counts_back_from_the_last_in_both_encoders
 def test_a_prompt_over_the_chunk_limit_is_refused_before_the_queue(engine):
     breaks = " BREAK ".join(["a"] * 21)  # 21 chunks: one over the default limit of 20
     for field in ("prompt", "negative_prompt"):
-        with pytest.raises(InvalidRequest, match="21 chunks of 75 tokens .* over the limit of 20") as refused:
+        with pytest.raises(InvalidRequest, match=r"21 chunks of 75 tokens .* over the limit of 20") as refused:
             engine.prepare(GenerationRequest(**{"prompt": "x", field: breaks}))
         assert refused.value.param == field
     engine.prepare(GenerationRequest(prompt=" BREAK ".join(["a"] * 20)))  # (at the limit: fine)

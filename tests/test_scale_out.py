@@ -190,7 +190,7 @@ def test_the_fleet_page_shows_both_replicas_their_model_and_the_queue_filling_an
     are cancelled; at 1280 and 375 px, with no console error."""
     with replicas[0].parked():  # (BLOCKER jobs are held after their first step)
         first = submit(replicas[0], BLOCKER)["id"]
-        runner, other = runner_and_other(replicas, first)
+        _runner, other = runner_and_other(replicas, first)
         second = submit(replicas[0], BLOCKER)["id"]
         wait(other, second, running)
         waiting = [submit(replicas[0], SMALL)["id"] for _ in range(2)]
@@ -674,9 +674,10 @@ def test_a_comfyui_prompt_queued_on_one_replica_is_followed_read_and_viewed_on_t
 
     async def follow() -> tuple[str, list[str]]:
         async with websockets.connect(f"ws://127.0.0.1:{b.port}/ws?clientId=fleet-client") as socket:
-            queued = httpx.post(
-                f"{a.url}/prompt", json={"prompt": txt2img("a fleet"), "client_id": "fleet-client"}, timeout=300
-            )
+            async with httpx.AsyncClient(timeout=300) as http:
+                queued = await http.post(
+                    f"{a.url}/prompt", json={"prompt": txt2img("a fleet"), "client_id": "fleet-client"}
+                )
             assert queued.status_code == 200, queued.text
             prompt_id, kinds = queued.json()["prompt_id"], []
             while True:

@@ -14,7 +14,7 @@ from tests.served import start_that_fails
 
 @pytest.mark.parametrize("address", ["0.0.0.0", "::", "192.168.1.20", "10.0.0.7", "fe80::1%eth0"])
 def test_a_network_address_without_keys_is_refused_unless_allowed_open(address):
-    with pytest.raises(RuntimeError, match="SDXL_API_KEYS.*SDXL_ALLOW_OPEN=1"):
+    with pytest.raises(RuntimeError, match=r"SDXL_API_KEYS.*SDXL_ALLOW_OPEN=1"):
         refuse_open_network([address], [], allow_open=False)
     refuse_open_network([address], ["a-key"], allow_open=False)
     refuse_open_network([address], [], allow_open=True)

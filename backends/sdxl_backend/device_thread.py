@@ -28,7 +28,7 @@ from typing import TypeVar
 
 from backends.sdxl_backend.errors import DeviceUnavailable
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 

@@ -95,7 +95,7 @@ class ExtrasBatchRequest(ExtrasRequest):
         json_schema_extra={"example": {"imageList": [{"data": TINY_PNG, "name": "one"}], "upscaler_1": "Lanczos"}}
     )
 
-    imageList: list[ExtrasBatchImage] = Field(min_length=1, max_length=16)  # noqa: N815 (A1111's name)
+    imageList: list[ExtrasBatchImage] = Field(min_length=1, max_length=16)
 
 
 @router.post("/extra-single-image", responses=UPSCALE_ERRORS)

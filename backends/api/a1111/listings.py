@@ -4,6 +4,7 @@ extension's models and modules. What this server does not have is listed truthfu
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -120,7 +121,7 @@ EMPTY_LISTINGS: dict[str, Any] = {
 }
 
 
-def empty_listing(path: str):
+def empty_listing(path: str) -> Callable[[], Awaitable[Any]]:
     async def listing() -> Any:
         return EMPTY_LISTINGS[path]
 

@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -37,8 +38,10 @@ class AgentEndpoint:
     """The route that serves the MCP server, and the lifespan that runs the server while the
     dialects' app runs (BentoML enters a mounted app's lifespan, in the worker)."""
 
-    def __init__(self):
-        self.manager = None
+    def __init__(self) -> None:
+        # The SDK's session manager, once the lifespan made it (imported in the worker only: its
+        # module is the MCP SDK's, read as Any here).
+        self.manager: Any = None
         # (an ASGI app as the endpoint: Starlette hands a plain function a Request instead)
         self.route = Route(PATH, endpoint=self, methods=["GET", "POST", "DELETE"])
 
@@ -46,7 +49,7 @@ class AgentEndpoint:
         await self.manager.handle_request(scope, receive, send)
 
     @contextlib.asynccontextmanager
-    async def lifespan(self, _app) -> AsyncIterator[None]:
+    async def lifespan(self, _app: object) -> AsyncIterator[None]:
         self.manager = importlib.import_module(SERVER_MODULE).session_manager()
         async with self.manager.run():
             yield

@@ -53,7 +53,7 @@ GenerateImage = arguments("GenerateImage", TextToImageRequest, GENERATION_FIELDS
 EditImage = arguments(
     "EditImage",
     GenerationRequest,
-    GENERATION_FIELDS + ("strength",),
+    (*GENERATION_FIELDS, "strength"),
     image=(str, Field(description=f"The picture to change: {IMAGE_REFERENCE}.")),
     mask=(
         str | None,
@@ -122,7 +122,9 @@ class Listing(BaseModel):
 TOOLS: dict[str, tuple[types.Tool, type[BaseModel]]] = {}
 
 
-def define(name: str, title: str, description: str, takes: type[BaseModel], answers: type[BaseModel], **hints) -> None:
+def define(
+    name: str, title: str, description: str, takes: type[BaseModel], answers: type[BaseModel], **hints: bool
+) -> None:
     TOOLS[name] = (
         types.Tool(
             name=name,

@@ -283,7 +283,7 @@ class Planner(ConditioningPlanner):
     def mask(self, node_id: str, name: str, grow: int) -> bytes:
         """A mask as the engine takes it (white repaints), from ComfyUI's MASK (1 repaints):
         LoadImage's is its alpha inverted, LoadImageMask's the channel it names."""
-        source, index = self.source(node_id, name, "LoadImage", "LoadImageMask")
+        source, _index = self.source(node_id, name, "LoadImage", "LoadImageMask")
         picture = Image.open(io.BytesIO(self.picture(source)))
         if self.workflow.class_of(source) == "LoadImage" or self.workflow.value(source, "channel") == "alpha":
             alpha = picture.convert("RGBA").getchannel("A") if "A" in picture.getbands() else None

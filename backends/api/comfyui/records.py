@@ -14,6 +14,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -57,7 +58,7 @@ class PromptRecords(Protocol):
 
 
 class MemoryPromptRecords:
-    def __init__(self, ttl_s: float, clock=time.monotonic):
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic):
         self.ttl_s, self._clock = ttl_s, clock
         self._records: OrderedDict[str, tuple[float, PromptRecord]] = OrderedDict()
         self._clients: dict[str, list[str]] = {}

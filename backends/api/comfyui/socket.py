@@ -152,7 +152,7 @@ class Follower:
 
 
 @router.websocket("/ws")
-async def socket(websocket: WebSocket, clientId: str | None = None) -> None:  # noqa: N803 (ComfyUI's name)
+async def socket(websocket: WebSocket, clientId: str | None = None) -> None:
     runtime: Runtime = websocket.app.state.runtime
     owner = runtime.owner_of(presented_key(websocket.headers) or websocket.query_params.get("token"))
     slots = owner or ""

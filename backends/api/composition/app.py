@@ -24,7 +24,7 @@ from backends.api.native import playground
 from backends.api.operations import fleet, system
 from backends.sdxl_backend.errors import BackendError
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 
 
 async def _backend_error(_: Request, exc: BackendError) -> JSONResponse:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from backends.sdxl_backend.generation.engine import Engine
     from backends.sdxl_backend.jobs import Job
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 
 
 class DeviceLost(BaseException):

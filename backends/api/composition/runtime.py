@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from backends.sdxl_backend.generation.prepared import PreparedRequest
     from backends.sdxl_backend.jobs.job import JobWork
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 
 
 class Runtime:

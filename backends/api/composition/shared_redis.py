@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import redis
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 
 
 def connect(url: str) -> redis.Redis:

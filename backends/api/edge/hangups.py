@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -12,7 +13,7 @@ from starlette.requests import Request
 
 from backends.sdxl_backend.errors import Cancelled
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -36,9 +37,7 @@ async def cancelled_on_hangup(http: Request, work: Awaitable[T]) -> T:
     if not task.done():
         logger.info("client disconnected: its request is cancelled")
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
         raise Cancelled("cancelled: the client disconnected")
     return task.result()

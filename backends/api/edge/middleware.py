@@ -47,7 +47,7 @@ PROBES = ("/health", "/livez", "/readyz", "/healthz")
 PAGES = ("/ui", "/ui/fleet")  # the playground and the fleet page: they hold no secret, and ask for the key
 JSON_ONLY = ("/v1/txt2img", "/v1/img2img", "/v1/upscale")  # the native BentoML methods, whose bodies are JSON
 OPEN_PREFIXES = ("/v1/images/files/",)
-access_log = logging.getLogger("sdxl_backend.access")
+access_log = logging.getLogger(f"{__name__}.access")  # (the access log: a stream of its own)
 REFUSED = "sdxl.refused_at_edge"  # a scope key: the edge answered this request itself
 PRIVATE_NETWORK_ASKED = b"access-control-request-private-network"
 
@@ -72,11 +72,10 @@ class Edge:
         self.state = state  # the dialect app's state, where the runtime (and its metrics) will be
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            if self._socket_refused(scope):  # (before it is accepted: the client sees a 403)
-                await receive()
-                await send({"type": "websocket.close", "code": 1008})
-                return
+        if scope["type"] == "websocket" and self._socket_refused(scope):  # (before it is accepted: a 403)
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -108,12 +107,17 @@ class Edge:
             scope[REFUSED] = True
             await _send_json(send, 403, errors.status_error(403, refusal), [])
             return
-        if scope["method"] == "OPTIONS" and request_headers.get("access-control-request-private-network") == "true":
-            if origin is not None and self.origins.allows(origin):
-                # Answered here: BentoML gives Starlette's CORS middleware no switch for it, so
-                # that middleware sees a plain preflight, and its answer gets the yes.
-                scope["headers"] = [(k, v) for k, v in scope["headers"] if k != PRIVATE_NETWORK_ASKED]
-                send = _with_header(send, (b"access-control-allow-private-network", b"true"))
+        private_network_asked = request_headers.get("access-control-request-private-network") == "true"
+        if (
+            scope["method"] == "OPTIONS"
+            and private_network_asked
+            and origin is not None
+            and self.origins.allows(origin)
+        ):
+            # Answered here: BentoML gives Starlette's CORS middleware no switch for it, so
+            # that middleware sees a plain preflight, and its answer gets the yes.
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k != PRIVATE_NETWORK_ASKED]
+            send = _with_header(send, (b"access-control-allow-private-network", b"true"))
         if self.keys and not self._open(scope, path):
             scope[REFUSED] = True
             body = errors.status_error(
@@ -276,12 +280,8 @@ def _rewriting(send: Send, rewrite: Callable[[int, Any], tuple[int, Any]], only_
         if message["type"] == "http.response.start":
             content_type = Headers(raw=message["headers"]).get("content-type", "")
             error = message["status"] >= 400
-            if (
-                content_type.startswith("application/json")
-                and (error or not only_errors)
-                or only_errors
-                and error
-                and content_type.startswith("text/plain")
+            if (content_type.startswith("application/json") and (error or not only_errors)) or (
+                only_errors and error and content_type.startswith("text/plain")
             ):
                 start = message
                 return

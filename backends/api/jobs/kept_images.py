@@ -13,6 +13,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -47,7 +48,7 @@ class KeptImageStore(Protocol):
 
 
 class KeptImages:
-    def __init__(self, ttl_s: float, max_bytes: int, clock=time.monotonic):
+    def __init__(self, ttl_s: float, max_bytes: int, clock: Callable[[], float] = time.monotonic):
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
         self._clock = clock

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -165,14 +166,14 @@ async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> Stre
         )
     runtime.event_streams[owner] += 1
 
-    async def stream():
+    async def stream() -> AsyncIterator[str]:
         try:
             async for event in events():
                 yield event
         finally:
             runtime.event_streams[owner] -= 1
 
-    async def events():
+    async def events() -> AsyncIterator[str]:
         seen, preview_step, current = -1, 0, job
         while True:
             version, final = current.version, current.status.final

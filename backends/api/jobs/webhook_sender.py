@@ -36,7 +36,7 @@ import httpcore
 from backends.api.composition.settings import Settings
 from backends.sdxl_backend.errors import InvalidRequest
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 LANE_IDLE_S = 30.0  # a lane's thread ends after this long without events
 MAX_LANES = 64  # lanes at once; past this, new (owner, receiver) pairs share one overflow lane
 DELIVERY_ERRORS = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, OSError)

@@ -40,7 +40,7 @@ from backends.api.jobs.answers import job_body
 from backends.api.jobs.webhook_sender import WebhookSender
 from backends.sdxl_backend.jobs import Job, JobQueue, JobStatus
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 WebhookEvent = Literal["started", "progress", "completed"]  # (jobs/job.py's WEBHOOK_EVENTS)
 PROGRESS_EVERY_S = 1.0  # a webhook hears of a job's steps at most this often
 TAKEOVER_EVERY_S = 2.0  # how often the events held by replicas that stopped are looked for

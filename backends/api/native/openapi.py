@@ -45,7 +45,7 @@ def truthful(spec: dict[str, Any]) -> dict[str, Any]:
             if "x-bentoml-name" in operation:  # a native API method
                 responses = {"200": responses["200"], **_error_responses(native.ERROR_STATUSES)}
                 binary = {"schema": {"type": "string", "format": "binary"}}
-                responses["200"]["content"].update({media: binary for media in native.IMAGE_TYPES})
+                responses["200"]["content"].update(dict.fromkeys(native.IMAGE_TYPES, binary))
                 responses["200"]["description"] = (
                     "JSON with the images (base64), seeds and timings; with Accept: image/* and n=1, the image itself"
                 )
@@ -56,9 +56,9 @@ def truthful(spec: dict[str, Any]) -> dict[str, Any]:
                 if validation.get("$ref", "").endswith("/HTTPValidationError"):
                     del responses["422"]
                     responses.update(_error_responses((400,)))
-                if path == "/metrics":
-                    responses.update(_error_responses((401,)))
-                elif path not in ("/health", "/ui", "/ui/fleet") and not path.startswith("/v1/images/files"):
+                if path == "/metrics" or (
+                    path not in ("/health", "/ui", "/ui/fleet") and not path.startswith("/v1/images/files")
+                ):
                     responses.update(_error_responses((401,)))
             operation["responses"] = responses
     return spec

@@ -56,7 +56,7 @@ from backends.sdxl_backend.protocol import (
 )
 from backends.sdxl_backend.upscale_protocol import UpscaleResult
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 IMAGED = ("controlnets", "ip_adapters")  # a request's units that bring a picture each
 
 

@@ -29,7 +29,7 @@ from backends.sdxl_backend.models.manager import ModelManager
 from backends.sdxl_backend.models.upscalers import Tiling, passes_for, upscale
 from backends.sdxl_backend.upscale_protocol import UpscaleRequest, UpscaleResult, UpscaleTimings
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 
 
 @dataclass

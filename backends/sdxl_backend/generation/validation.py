@@ -108,6 +108,19 @@ def check_size(width: int, height: int, limits: Limits, prefix: str = "") -> Non
 
 def validate(request: ResolvedRequest, limits: Limits) -> None:
     """Every check that does not need the model, with the field named in the message."""
+    _check_bounds(request, limits)
+    _check_sampling(request)
+    if request.image is not None and int(request.steps * request.strength) < 1:  # before the image is dropped
+        raise InvalidRequest(
+            f"strength: {request.strength} x {request.steps} steps leaves no step to run; raise either",
+            "strength",
+        )
+    _check_control_units(request)
+    _check_hires_fix(request, limits)
+
+
+def _check_bounds(request: ResolvedRequest, limits: Limits) -> None:
+    """The prompt is there, and the sizes, counts and lengths are within the server's limits."""
     if not request.prompt and request.image is None:
         raise InvalidRequest("prompt: required (only a variation of an input image may go without one)", "prompt")
     check_size(request.width, request.height, limits)
@@ -124,6 +137,10 @@ def validate(request: ResolvedRequest, limits: Limits) -> None:
         length = len(getattr(request, name))
         if length > limits.max_prompt_chars:
             raise InvalidRequest(f"{name}: {length} characters is over the limit of {limits.max_prompt_chars}", name)
+
+
+def _check_sampling(request: ResolvedRequest) -> None:
+    """The scheduler is known, and the guidance settings go together with the rest."""
     if request.scheduler not in SCHEDULERS:
         raise InvalidRequest(
             f"scheduler: unknown scheduler '{request.scheduler}'; known: {', '.join(SCHEDULERS)}", "scheduler"
@@ -150,11 +167,10 @@ def validate(request: ResolvedRequest, limits: Limits) -> None:
             "guidance_rescale: not with ControlNets (diffusers' SDXL ControlNet pipelines do not take it)",
             "guidance_rescale",
         )
-    if request.image is not None and int(request.steps * request.strength) < 1:  # before the image is dropped
-        raise InvalidRequest(
-            f"strength: {request.strength} x {request.steps} steps leaves no step to run; raise either",
-            "strength",
-        )
+
+
+def _check_control_units(request: ResolvedRequest) -> None:
+    """Each ControlNet unit is sound, and the units agree with one another and the request."""
     for index, unit in enumerate(request.controlnets):
         if unit.end <= unit.start:
             raise InvalidRequest(
@@ -177,28 +193,31 @@ def validate(request: ResolvedRequest, limits: Limits) -> None:
             "cannot hand over to a refiner)",
             "controlnets",
         )
+
+
+def _check_hires_fix(request: ResolvedRequest, limits: Limits) -> None:
+    """A hires fix's second pass: txt2img only, larger than the first, within the limits."""
     hires = request.hires_fix
-    if hires is not None:
-        if request.image is not None:
-            raise InvalidRequest(
-                "hires_fix: txt2img only (an img2img request sets its size from its image)", "hires_fix"
-            )
-        check_size(hires.width, hires.height, limits, "hires_fix.")
-        if hires.width < request.width or hires.height < request.height:
-            raise InvalidRequest(
-                f"hires_fix: {hires.width}x{hires.height} is smaller than the first pass's "
-                f"{request.width}x{request.height}",
-                "hires_fix",
-            )
-        if hires.steps > limits.max_steps:
-            raise InvalidRequest(
-                f"hires_fix.steps: {hires.steps} is over the limit of {limits.max_steps}", "hires_fix.steps"
-            )
-        if int(hires.steps * hires.strength) < 1:
-            raise InvalidRequest(
-                f"hires_fix.strength: {hires.strength} x {hires.steps} steps leaves no step to run",
-                "hires_fix.strength",
-            )
+    if hires is None:
+        return
+    if request.image is not None:
+        raise InvalidRequest("hires_fix: txt2img only (an img2img request sets its size from its image)", "hires_fix")
+    check_size(hires.width, hires.height, limits, "hires_fix.")
+    if hires.width < request.width or hires.height < request.height:
+        raise InvalidRequest(
+            f"hires_fix: {hires.width}x{hires.height} is smaller than the first pass's "
+            f"{request.width}x{request.height}",
+            "hires_fix",
+        )
+    if hires.steps > limits.max_steps:
+        raise InvalidRequest(
+            f"hires_fix.steps: {hires.steps} is over the limit of {limits.max_steps}", "hires_fix.steps"
+        )
+    if int(hires.steps * hires.strength) < 1:
+        raise InvalidRequest(
+            f"hires_fix.strength: {hires.strength} x {hires.steps} steps leaves no step to run",
+            "hires_fix.strength",
+        )
 
 
 def sampling_profile(models: ModelManager, request: GenerationRequest) -> tuple[str, SamplingProfile] | None:

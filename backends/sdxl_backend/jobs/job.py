@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the API layer imports this module in BentoML's main process
 
     JobWork = PreparedRequest | PreparedUpscale  # what a job runs
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 
 # SDXL latents to RGB, a linear approximation (the factors ComfyUI uses for its previews):
 # good enough to watch an image form, at 1/8 of the size, for nearly nothing.

@@ -11,6 +11,7 @@ then forgotten; an id forgotten that way is remembered as expired.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from backends.sdxl_backend.generation.engine import Engine
     from backends.sdxl_backend.jobs.job import JobWork
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 
 
 async def _as_is(job: Job) -> Job:
@@ -262,10 +263,8 @@ class MemoryJobQueue:
             self._journal(job)
             self._expire()
         self._watchers.wake(job.id, True)
-        try:
+        with contextlib.suppress(InvalidStateError):  # its waiter cancelled the future: nobody is left to tell
             job.done.set_result(None)
-        except InvalidStateError:  # its waiter cancelled the future: nobody is left to tell
-            pass
 
     # -- helpers --
 

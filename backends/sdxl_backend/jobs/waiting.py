@@ -21,7 +21,7 @@ from backends.sdxl_backend.jobs.job import Job, JobResult
 if TYPE_CHECKING:
     from backends.sdxl_backend.jobs.contract import JobQueue
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 
 
 class Watchers:

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from backends.sdxl_backend.generation.engine import Engine
     from backends.sdxl_backend.generation.progress import StepObserver
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 
 
 class HandedBack(Cancelled):

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 
 Attention = Literal["sdpa", "eager"]
 Quantization = Literal["none", "int8", "fp8"]

@@ -51,7 +51,7 @@ from backends.sdxl_backend.models.records import SIDE_KINDS, LoadedModel, Loaded
 from backends.sdxl_backend.models.upscalers import UpscalerSource
 from backends.sdxl_backend.units import LoraWeight
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 GiB = 2**30
 T = TypeVar("T")
 
@@ -104,7 +104,7 @@ class ModelManager:
             if target not in self.sources:
                 raise ValueError(f"alias {alias}={target}: {target} is not served (served: {', '.join(self.sources)})")
         self.side_sources: dict[str, SideSource] = {**self.controlnets, **self.ip_adapters, **self.upscalers}
-        self.loads: dict[str, int] = {model_id: 0 for model_id in [*self.sources, *self.side_sources]}
+        self.loads: dict[str, int] = dict.fromkeys([*self.sources, *self.side_sources], 0)
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
         self._side_models: OrderedDict[str, LoadedSideModel] = OrderedDict()  # least recently used first
         self._lock = threading.RLock()
@@ -371,7 +371,7 @@ class ModelManager:
         memory = memory_in_use(self.placement)
         with self._lock:
             loaded = [m.describe() for m in reversed(self._loaded.values())]  # most recently used first
-            side_models = [m for m in reversed(self._side_models.values())]
+            side_models = list(reversed(self._side_models.values()))
         listed = {
             kind.listed_as: [m.describe() for m in side_models if isinstance(m.source, source_type)]
             for source_type, kind in SIDE_KINDS.items()

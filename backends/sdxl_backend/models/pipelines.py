@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from diffusers import (
@@ -197,7 +197,7 @@ CONTROLNET_PAG_PIPELINES = {
 }  # (diffusers has no SDXL ControlNet inpainting with PAG: validation.py refuses the pair)
 
 
-def pag_layers(unet) -> list[str]:
+def pag_layers(unet: Any) -> list[str]:
     """Where PAG perturbs the self-attention: SDXL's middle block (what ComfyUI's node perturbs);
     in a UNet without attention there (the tiny test model), its deepest self-attention, the
     first up block's."""

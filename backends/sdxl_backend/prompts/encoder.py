@@ -37,7 +37,7 @@ from backends.sdxl_backend.prompts.embeddings import EmbeddingSet
 from backends.sdxl_backend.prompts.reader import ReadPrompt, ReadPrompts, close_chunk
 
 
-def text_encoders(pipeline) -> list[tuple[Any, Any, str]]:
+def text_encoders(pipeline: Any) -> list[tuple[Any, Any, str]]:
     """(encoder, its tokenizer, its part of an embedding file) for each text encoder: transformers'
     CLIP text models (whose embedding tables are swapped, so read as Any) and their tokenizers."""
     return [
@@ -70,7 +70,7 @@ class TokensAndEmbeddings(torch.nn.Module):
         return states
 
 
-def give_embeddings(pipeline, embeddings: EmbeddingSet) -> None:
+def give_embeddings(pipeline: Any, embeddings: EmbeddingSet) -> None:
     """Each text encoder reads the served embeddings' vectors at the ids the prompt reader
     writes for them (past its tokenizer's vocabulary)."""
     from safetensors.torch import load_file
@@ -89,7 +89,7 @@ def give_embeddings(pipeline, embeddings: EmbeddingSet) -> None:
 
 
 @torch.no_grad()
-def encode(pipeline, prompts: list[ReadPrompt], clip_skip: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(pipeline: Any, prompts: list[ReadPrompt], clip_skip: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden states [prompts, 77 x chunks, width], pooled [prompts, 1280]) of prompts of one
     chunk count, encoded by `pipeline`'s text encoders, read at layer `clip_skip` from the last."""
     TORCH_WORK.note("encode prompts")
@@ -137,7 +137,7 @@ class EncodedPrompts:
         self.has_embeddings = False  # whether the model's text encoders hold the served embeddings
 
     def encode(
-        self, pipeline, prompts: list[ReadPrompt], loras: tuple, clip_skip: int = 2
+        self, pipeline: Any, prompts: list[ReadPrompt], loras: tuple, clip_skip: int = 2
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As `encode`, each distinct prompt encoded once, and only when not held already."""
         keyed = {(loras, clip_skip, prompt.chunks): prompt for prompt in prompts}
@@ -159,7 +159,7 @@ class EncodedPrompts:
 
 
 def conditioning(
-    pipeline,
+    pipeline: Any,
     reads: list[ReadPrompts],
     encoded: EncodedPrompts,
     loras: tuple = (),

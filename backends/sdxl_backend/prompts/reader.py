@@ -39,7 +39,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from backends.sdxl_backend.errors import InvalidRequest
 from backends.sdxl_backend.prompts.embeddings import EmbeddingSet
@@ -49,6 +49,7 @@ from backends.sdxl_backend.prompts.weights import BREAK, BadWeight, parse_attent
 PromptSyntax = Literal["a1111", "plain"]
 PromptStyle = Literal["a1111", "comfyui"]  # whose rule reads a request's brackets and weights
 Token = int | tuple[int, ...] | None  # an id, an embedding's ids, or a BREAK
+Tokenizer = Any  # a transformers CLIPTokenizer (read as Any: no torch or transformers imported here)
 CHUNK_TOKENS = 75  # tokens of a chunk between its start and end tokens
 COMMA_BACKTRACK = 20  # a full chunk is cut after a comma this close to its end
 COMFYUI_LONG_WORD = 8  # ComfyUI cuts a word at a chunk's end only from this many tokens
@@ -138,7 +139,7 @@ class PromptReader:
         tokens = sum(len(token) if isinstance(token, tuple) else 1 for token, _ in tokenized[0] if token is not None)
         return ReadPrompt(text, chunks, tokens, len(chunks[0]))
 
-    def _tokenize_words(self, tokenizer, pieces: list[tuple[str, float]]) -> list[list[tuple[Token, float]]]:
+    def _tokenize_words(self, tokenizer: Tokenizer, pieces: list[tuple[str, float]]) -> list[list[tuple[Token, float]]]:
         """ComfyUI's tokens: each word (split at spaces) tokenized apart, an `embedding:id` word
         its embedding's ids (one token of them: it moves whole, like a word)."""
         embeddings = self.embeddings.embeddings if self.embeddings else {}
@@ -153,7 +154,7 @@ class PromptReader:
                     words.append([(token, weight) for token in tokenizer(word, add_special_tokens=False).input_ids])
         return words
 
-    def _tokenize(self, tokenizer, pieces: list[tuple[str, float]]) -> list[tuple[Token, float]]:
+    def _tokenize(self, tokenizer: Tokenizer, pieces: list[tuple[str, float]]) -> list[tuple[Token, float]]:
         """(token, weight) for each token: an id, or an embedding's ids (kept together); (None,
         BREAK) where a BREAK is."""
         embeddings = self.embeddings
@@ -207,14 +208,14 @@ class PromptReader:
         return ReadPrompt(prompt.text, chunks, prompt.tokens, prompt.own_chunks)
 
 
-def close_chunk(kept: list[tuple[int, float]], tokenizer, rule: PromptStyle = "a1111") -> Chunk:
+def close_chunk(kept: list[tuple[int, float]], tokenizer: Tokenizer, rule: PromptStyle = "a1111") -> Chunk:
     """A chunk's tokens as the encoder reads them: start, the tokens, end, padding to 77."""
     padding = CHUNK_TOKENS - len(kept)
     ids = (tokenizer.bos_token_id, *(t for t, _ in kept), tokenizer.eos_token_id, *(tokenizer.pad_token_id,) * padding)
     return Chunk(ids, (1.0, *(w for _, w in kept), 1.0, *(1.0,) * padding), rule)
 
 
-def chunk_tokens(tokens: list[tuple[Token, float]], tokenizer) -> tuple[Chunk, ...]:
+def chunk_tokens(tokens: list[tuple[Token, float]], tokenizer: Tokenizer) -> tuple[Chunk, ...]:
     """Chunks of at most 75 tokens: a BREAK ends one, a full one is cut after a late comma, an
     embedding that does not fit moves whole to the next; at least one chunk, even for none."""
     comma = tokenizer.convert_tokens_to_ids(",</w>")
@@ -252,7 +253,7 @@ def chunk_tokens(tokens: list[tuple[Token, float]], tokenizer) -> tuple[Chunk, .
     return tuple(chunks)
 
 
-def chunk_words(words: list[list[tuple[Token, float]]], tokenizer) -> tuple[Chunk, ...]:
+def chunk_words(words: list[list[tuple[Token, float]]], tokenizer: Tokenizer) -> tuple[Chunk, ...]:
     """Chunks by ComfyUI's rule: whole words, a word that does not fit moving to the next chunk
     unless it is 8 tokens or longer (then it is cut); at least one chunk, even for none."""
     chunks: list[Chunk] = []

@@ -27,7 +27,7 @@ BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
 MAX_NESTING = 100  # brackets inside brackets: a bound on the reader's recursion
 
 
-def parse_attention(text: str) -> list[tuple[str, float]]:
+def parse_attention(text: str) -> list[tuple[str, float]]:  # noqa: C901 (one pass, a branch per kind of piece)
     """The prompt as (text, weight) pieces, neighbours of equal weight merged; a BREAK is the
     piece ("BREAK", -1)."""
     pieces: list[list] = []  # [text, weight], weights multiplied as brackets close

@@ -5,6 +5,7 @@ threads finds out)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -17,7 +18,7 @@ from backends.sdxl_backend.jobs.redis_queue import keys
 if TYPE_CHECKING:
     import redis
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0  # each replica says it is alive this often...
 HEARTBEAT_TTL_S = 10  # ...and is taken for dead, its running jobs re-queued, this long after it stops
@@ -61,10 +62,8 @@ class Heartbeat:
         self._stopped.set()
         if self._thread.ident is not None:
             self._thread.join(timeout=30)
-        try:
+        with contextlib.suppress(Exception):  # Redis away: the heartbeat lapses by itself
             self.client.delete(keys.replica(self.replica), *own_keys)
-        except Exception:  # Redis away: the heartbeat lapses by itself
-            pass
 
     def cards(self) -> list[dict]:
         """The cards of the live replicas, this one's included, by name."""

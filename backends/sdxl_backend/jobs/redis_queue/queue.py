@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from backends.sdxl_backend.jobs.job import JobWork
 
-logger = logging.getLogger("sdxl_backend")
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 OWNERS_PAGE = 64  # jobs whose owners one round trip reads, when a listing is one owner's
 
