@@ -79,9 +79,7 @@ async def vaes(runtime: RuntimeDep) -> list[dict[str, Any]]:
 async def upscalers(runtime: RuntimeDep) -> list[dict[str, Any]]:
     """The upscalers of the Extras tab and the hires fix: None, Lanczos and the served upscale
     models (the latent one is under /latent-upscale-modes)."""
-    return upscaler_listing(
-        {upscaler: runtime.engine.models.upscalers[upscaler].scale for upscaler in runtime.upscalers}
-    )
+    return upscaler_listing({upscaler: source.scale for upscaler, source in runtime.upscaler_sources.items()})
 
 
 @router.get("/latent-upscale-modes", responses=errors.responses(401))

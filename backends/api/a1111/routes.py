@@ -63,7 +63,7 @@ async def set_options(body: A1111Options, request: Request, runtime: RuntimeDep)
     changes = body.model_dump(exclude_none=True) | (body.model_extra or {})
     fields = picture_fields(changes, runtime.settings.vae, "")
     if "model" in fields:
-        runtime.engine.models.source(fields["model"])  # (an unknown one: 404 naming it)
+        runtime.model_source(fields["model"])  # (an unknown one: 404 naming it)
         changes[MODEL_OPTION] = fields["model"]
     await runtime.set_caller_options(request, changes)
     return {}

@@ -80,7 +80,7 @@ def make_plan(runtime: Runtime, workflow_json: Any) -> Plan:
 
     served = Served(
         upload=upload,
-        upscaler_scale=lambda upscaler_id: runtime.engine.models.upscalers[upscaler_id].scale,
+        upscaler_scale=lambda upscaler_id: runtime.upscaler_sources[upscaler_id].scale,
         lora_changes_clip=lambda lora_id: holds_text_encoder_weights(runtime.loras[lora_id].path / LORA_FILE),
         predicts_v=lambda model_id: runtime.served[model_id].sampling.prediction_type == "v_prediction",
     )

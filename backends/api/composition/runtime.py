@@ -1,5 +1,6 @@
-"""The runtime: what every route reaches (the dialect routers through `app.state.runtime`,
-the native BentoML methods through the service): settings, engine, job queue, kept images.
+"""The runtime: the façade every route reaches (the dialect routers through
+`app.state.runtime`, the native BentoML methods through the service): settings, engine, jobs,
+kept images. What it stands on is built by assembly.py.
 
 `Runtime.run()` is how a synchronous request is served: prepared (validated) in the handler,
 then handed to the job queue, which runs it as a job and awaits its end once; a client that
@@ -14,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,29 +24,20 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.requests import Request
 
-from backends.api.comfyui.records import MemoryPromptRecords, PromptRecords, SharedPromptRecords
-from backends.api.composition import shared_redis
-from backends.api.composition.caller_options import (
-    MODEL_OPTION,
-    CallerOptions,
-    MemoryCallerOptions,
-    SharedCallerOptions,
-)
+from backends.api.composition.assembly import job_webhooks, open_stores
+from backends.api.composition.caller_options import MODEL_OPTION
 from backends.api.composition.served import ServedAdapter, ServedModel, SideModels
 from backends.api.composition.settings import Settings
 from backends.api.edge import headers
 from backends.api.edge.hangups import cancelled_on_hangup
-from backends.api.jobs.kept_images import KeptImages, KeptImageStore, SharedKeptImages
-from backends.api.jobs.webhook_sender import Destinations, WebhookSender
-from backends.api.jobs.webhooks import JobWebhooks, WebhookSpec
+from backends.api.jobs.webhook_sender import Destinations
+from backends.api.jobs.webhooks import WebhookSpec
 from backends.api.operations.metrics import Metrics
 from backends.api.operations.tracing import JobSpans, service_tracer, tracing_config
 from backends.sdxl_backend.errors import NotPermitted, QueueFull, StoreUnavailable, TimedOut
-from backends.sdxl_backend.jobs import Job, JobJournal, JobQueue, MemoryJobQueue
+from backends.sdxl_backend.jobs import Job
 from backends.sdxl_backend.jobs.contract import refuse_unless_alive
 from backends.sdxl_backend.jobs.job import JobResult
-from backends.sdxl_backend.jobs.redis_queue import SharedJobQueue
-from backends.sdxl_backend.jobs.turns import QueueBounds
 from backends.sdxl_backend.limits import Limits
 from backends.sdxl_backend.protocol import GenerationRequest, GenerationResult
 from backends.sdxl_backend.upscale_protocol import UpscaleRequest, UpscaleResult
@@ -55,6 +45,8 @@ from backends.sdxl_backend.upscale_protocol import UpscaleRequest, UpscaleResult
 if TYPE_CHECKING:
     from backends.sdxl_backend.generation.prepared import PreparedRequest
     from backends.sdxl_backend.jobs.job import JobWork
+    from backends.sdxl_backend.models.records import ModelSource
+    from backends.sdxl_backend.models.upscalers import UpscalerSource
 
 logger = logging.getLogger(__name__)
 
@@ -93,46 +85,14 @@ class Runtime:
         )
         self.device_type = self.engine.models.placement.device.type  # "cuda", "mps" or "cpu"
         self.metrics = Metrics(list(self.served))
-        bounds = QueueBounds(
-            max_queue=settings.max_queue,
-            max_queued_per_owner=settings.queued_per_key_bound,
-            ttl_s=settings.job_ttl_seconds,
-            max_jobs=settings.max_jobs,
-            max_bytes=settings.job_max_bytes,
-            max_batch=settings.max_batch,
-            order=settings.queue_order,
-        )
-        self.jobs_dir: Path | None = None
-        self.jobs: JobQueue
-        self.kept_images: KeptImageStore
-        self.caller_options: CallerOptions
-        self.comfyui_prompts: PromptRecords  # (what a ComfyUI prompt adds to its job)
-        if settings.redis_url is None:
-            self.kept_images = KeptImages(settings.image_url_ttl_seconds, settings.image_url_max_bytes)
-            self.caller_options = MemoryCallerOptions()
-            self.comfyui_prompts = MemoryPromptRecords(settings.job_ttl_seconds)
-            # BentoML restarts a worker that dies under the same server process, the worker's parent:
-            # the default journal is that process's, so a new worker finds its predecessor's jobs.
-            self.jobs_dir = settings.jobs_dir or Path(tempfile.gettempdir()) / f"sdxl-jobs-{os.getppid()}"
-            self.jobs = MemoryJobQueue(self.devices.devices, bounds, self._job_changed, JobJournal(self.jobs_dir))
-        else:
-            client = shared_redis.connect(settings.redis_url)
-            self.kept_images = SharedKeptImages(client, settings.image_url_ttl_seconds, settings.image_url_max_bytes)
-            self.caller_options = SharedCallerOptions(client)
-            self.comfyui_prompts = SharedPromptRecords(client, settings.job_ttl_seconds)
-            self.jobs = SharedJobQueue(self.devices.devices, client, bounds, self._job_changed, self.card)
+        stores = open_stores(settings, self.devices.devices, self._job_changed, self.card)
+        self.jobs, self.fleet, self.jobs_dir = stores.jobs, stores.fleet, stores.jobs_dir
+        self.kept_images, self.caller_options = stores.kept_images, stores.caller_options
+        self.comfyui_prompts = stores.comfyui_prompts
         self.tracer = service_tracer(enabled=bool(tracing_config()))
         self.job_spans = JobSpans(self.tracer, self.jobs.replica)
         self.webhook_destinations = Destinations(settings.webhook_allowed_hosts)
-        self.webhooks = (
-            JobWebhooks(
-                WebhookSender.configured(settings, self.webhook_destinations, self.jobs.record_webhook),
-                self.kept_images.put,
-                self.jobs,
-            )
-            if settings.webhook_allowed_hosts
-            else None
-        )
+        self.webhooks = job_webhooks(settings, self.webhook_destinations, stores)
         self.event_streams: Counter[str] = Counter()  # SSE streams open now, per key (on the event loop only)
         self.upscales = 0  # upscales prepared, waiting or running (likewise)
         self.started = int(time.time())
@@ -285,7 +245,7 @@ class Runtime:
     async def running_jobs(self, http: Request) -> list[Job]:
         """The running jobs the caller may see (with API keys: those its key made)."""
         owner = self.owner(http)
-        running = await anyio.to_thread.run_sync(lambda: self.jobs.running)
+        running = await anyio.to_thread.run_sync(lambda: self.fleet.running)
         return [job for job in running if owner is None or job.owner == owner]
 
     async def progress_job(self, http: Request) -> Job | None:
@@ -303,9 +263,16 @@ class Runtime:
     async def queue_status(self) -> dict[str, Any]:
         """The queue's length (fleet-wide with a shared queue) and the jobs on this device."""
         return {
-            "queue_length": await anyio.to_thread.run_sync(lambda: self.jobs.queue_length),
+            "queue_length": await anyio.to_thread.run_sync(lambda: self.fleet.queue_length),
             "jobs_on_device": len(self.jobs.running_here),
         }
+
+    async def fleet_reads(self, recent: int) -> tuple[list[dict[str, Any]], list[Job], int]:
+        """What the fleet page shows of the fleet: the other replicas' cards, the newest jobs
+        (without their images) and the queue's length."""
+        return await anyio.to_thread.run_sync(
+            lambda: (self.fleet.replicas(), self.jobs.recent(recent, images=False), self.fleet.queue_length)
+        )
 
     # -- the models and the device, as the routes show them --
 
@@ -332,6 +299,15 @@ class Runtime:
 
     def is_loaded(self, model_id: str) -> bool:
         return self.devices.is_loaded(model_id)
+
+    def model_source(self, model_id: str) -> ModelSource:
+        """The served model an id (or alias) names; `UnknownModel` naming it otherwise."""
+        return self.engine.models.source(model_id)
+
+    @property
+    def upscaler_sources(self) -> dict[str, UpscalerSource]:
+        """The served upscale models' facts (architecture, scale), by id."""
+        return self.engine.models.upscalers
 
     @property
     def aliases(self) -> dict[str, str]:
@@ -380,7 +356,7 @@ class Runtime:
         the queue gauges keeping their last values."""
         self.metrics.observe_devices(self.devices.memory_by_device())
         try:
-            length, running = await anyio.to_thread.run_sync(lambda: (self.jobs.queue_length, len(self.jobs.running)))
+            length, running = await anyio.to_thread.run_sync(lambda: (self.fleet.queue_length, len(self.fleet.running)))
         except StoreUnavailable:
             self.metrics.observe_redis(False)
             raise

@@ -66,7 +66,7 @@ async def answering_model(asked: str | None, request: Request, runtime: Runtime)
     model = served_model(asked, runtime.aliases, runtime.settings.openai_model)
     if model is None:
         model = await anyio.to_thread.run_sync(runtime.default_model_for, runtime.owner(request))
-    return runtime.engine.models.source(model).id
+    return runtime.model_source(model).id
 
 
 async def generation_answer(
@@ -81,7 +81,7 @@ async def generation_answer(
     generation.model = served_model(body.model, runtime.aliases, runtime.settings.openai_model)
     if body.size in OPENAI_SIZES and body.width is None and body.height is None:
         generation.model = await answering_model(body.model, request, runtime)  # (read once, here)
-        defaults = runtime.engine.models.source(generation.model).defaults
+        defaults = runtime.model_source(generation.model).defaults
         generation.width, generation.height = drawn_size(body.size, defaults, runtime.limits)
     result = await runtime.run(generation, request)
     urls = None

@@ -38,7 +38,8 @@ from pydantic import BaseModel, Field
 
 from backends.api.jobs.answers import job_body
 from backends.api.jobs.webhook_sender import WebhookSender
-from backends.sdxl_backend.jobs import Job, JobQueue, JobStatus
+from backends.sdxl_backend.jobs import Job, JobStatus
+from backends.sdxl_backend.jobs.contract import WebhookLedger
 
 logger = logging.getLogger(__name__)
 WebhookEvent = Literal["started", "progress", "completed"]  # (jobs/job.py's WEBHOOK_EVENTS)
@@ -60,10 +61,10 @@ class JobWebhooks:
     `started` and `completed` are held in the job queue while they are delivered; a thread takes
     over those held by replicas that stopped."""
 
-    def __init__(self, sender: WebhookSender, keep: Callable[[bytes, str, str], str], jobs: JobQueue):
+    def __init__(self, sender: WebhookSender, keep: Callable[[bytes, str, str], str], ledger: WebhookLedger):
         self.sender = sender
         self.keep = keep  # keeps an image (data, media type, extension), returns its id
-        self.jobs = jobs
+        self.ledger = ledger
         self._progress_told: dict[str, float] = {}  # job id -> when its webhook last heard of a step
         self._closing = threading.Event()
         self._takeover = threading.Thread(target=self._take_over, name="sdxl-webhooks-takeover", daemon=True)
@@ -90,7 +91,7 @@ class JobWebhooks:
 
     def _hold(self, job_id: str, event: str, message_id: str) -> None:
         try:
-            self.jobs.hold_webhook(job_id, event, message_id)
+            self.ledger.hold_webhook(job_id, event, message_id)
         except Exception:  # the store is away: delivered all the same, only not taken over
             logger.warning("a webhook event could not be held in the job queue; it is delivered regardless")
 
@@ -102,7 +103,7 @@ class JobWebhooks:
     def _take_over(self) -> None:
         while not self._closing.wait(TAKEOVER_EVERY_S):
             try:
-                orphans = self.jobs.orphaned_webhooks()
+                orphans = self.ledger.orphaned_webhooks()
             except Exception:  # the store is away: the next round tries again
                 continue
             for job, event, message_id in orphans:

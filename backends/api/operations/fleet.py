@@ -15,7 +15,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 
@@ -43,10 +42,7 @@ async def fleet(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
     admin = headers.holds_admin_key(request.headers, settings.api_keys, settings.admin_keys)
     owner = runtime.owner(request)
     here = runtime.card()
-    others = await anyio.to_thread.run_sync(runtime.jobs.replicas)
-    jobs, length = await anyio.to_thread.run_sync(
-        lambda: (runtime.jobs.recent(RECENT_JOBS, images=False), runtime.jobs.queue_length)
-    )
+    others, jobs, length = await runtime.fleet_reads(RECENT_JOBS)
     now = time.time()
     return {
         "replicas": [{**here, "here": True}]

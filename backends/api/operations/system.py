@@ -127,7 +127,7 @@ async def list_ip_adapters(runtime: RuntimeDep) -> dict[str, Any]:
 def upscaler_entries(runtime: Runtime) -> list[dict[str, Any]]:
     """The served upscale models, each with its architecture and scale, and whether it is loaded now."""
     loaded = {entry["id"] for entry in runtime.model_status()["upscalers"]}
-    sources = runtime.engine.models.upscalers
+    sources = runtime.upscaler_sources
     return [
         {
             "id": upscaler.id,

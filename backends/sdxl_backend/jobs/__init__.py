@@ -1,7 +1,8 @@
-"""Jobs: every generation the service runs, queued, observable and cancellable.
+"""Jobs: every generation (and upscale) the service runs, queued, observable and cancellable.
 
 - job.py: `Job`, what the device does to it at each step, and its end (`Job.settle`);
-- contract.py: `JobQueue`, what the API layer may ask of a queue; two stores keep it:
+- contract.py: what the API layer may ask of a store of jobs (`JobQueue`, `WebhookLedger`,
+  `FleetView`); two stores keep all three:
   memory.py (`MemoryJobQueue`, one process, with journal.py) and redis_queue/ (`SharedJobQueue`,
   replicas sharing one Redis);
 - turns.py: whose job runs next (API keys take turns; priorities) and the queue's bounds;

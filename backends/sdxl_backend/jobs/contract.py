@@ -1,7 +1,10 @@
-"""`JobQueue`: what the API layer may ask of a job queue. Two stores keep it, this process's
-memory (`MemoryJobQueue`) and the Redis a fleet shares (`SharedJobQueue`); tests/test_job_queues.py
-runs one suite of behaviours against both. The methods that wait on a store (every one but
-`run` and `changed`) are called off the event loop: Redis may be slow or away."""
+"""What the API layer may ask of a store of jobs, in three contracts: `JobQueue` (the jobs:
+submit, run, look, cancel), `WebhookLedger` (which webhook events are being delivered, so that
+another replica delivers those of one that stopped) and `FleetView` (the queue and the replicas
+as a whole). Two stores keep all three, this process's memory (`MemoryJobQueue`) and the Redis a
+fleet shares (`SharedJobQueue`); tests/test_job_queues.py runs one suite of behaviours against
+both. The methods that wait on a store (every one but `run` and `changed`) are called off the
+event loop: Redis may be slow or away."""
 
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ if TYPE_CHECKING:
 
 
 class JobQueue(Protocol):
+    """The jobs: submitted or run, looked at, cancelled; and the device workers that run them."""
+
     replica: str  # this process's name among the replicas (host:pid, with a suffix when shared)
 
     def start(self) -> None:
@@ -74,30 +79,6 @@ class JobQueue(Protocol):
     def forget_result(self, job: Job) -> None:
         """Drop a delivered result's images: only the record stays."""
 
-    def hold_webhook(self, job_id: str, event: str, message_id: str) -> None:
-        """A webhook event about to be delivered by this process, held until its outcome is
-        recorded: if the process dies first, another replica delivers it (`orphaned_webhooks`)."""
-
-    def record_webhook(self, job_id: str, event: str, outcome: dict) -> None:
-        """Keep on the job (if it is still held) how its webhook's `event` was delivered, and let
-        go of the event's hold."""
-
-    def orphaned_webhooks(self) -> list[tuple[Job, str, str]]:
-        """The held webhook events of replicas that stopped, now this one's to deliver: (job,
-        event, message id), each claimed by one replica."""
-
-    def replicas(self) -> list[dict]:
-        """The cards the live replicas published with their heartbeats (what each serves and
-        runs: backends/api/operations/fleet.py); none without a shared queue."""
-
-    @property
-    def queue_length(self) -> int:
-        """Jobs waiting (across the fleet, for a shared queue)."""
-
-    @property
-    def running(self) -> list[Job]:
-        """The jobs running (on any replica, for a shared queue), oldest first."""
-
     @property
     def running_here(self) -> list[Job]:
         """The jobs on this process's devices."""
@@ -112,6 +93,40 @@ class JobQueue(Protocol):
 
     def close(self) -> None:
         """Stop the device workers; what becomes of waiting and running jobs is the store's to say."""
+
+
+class WebhookLedger(Protocol):
+    """Webhook events held while they are delivered, and their outcomes kept on their jobs."""
+
+    def hold_webhook(self, job_id: str, event: str, message_id: str) -> None:
+        """A webhook event about to be delivered by this process, held until its outcome is
+        recorded: if the process dies first, another replica delivers it (`orphaned_webhooks`)."""
+
+    def record_webhook(self, job_id: str, event: str, outcome: dict) -> None:
+        """Keep on the job (if it is still held) how its webhook's `event` was delivered, and let
+        go of the event's hold."""
+
+    def orphaned_webhooks(self) -> list[tuple[Job, str, str]]:
+        """The held webhook events of replicas that stopped, now this one's to deliver: (job,
+        event, message id), each claimed by one replica."""
+
+
+class FleetView(Protocol):
+    """The queue and the replicas as a whole (a shared queue's across the fleet)."""
+
+    replica: str
+
+    def replicas(self) -> list[dict]:
+        """The cards the live replicas published with their heartbeats (what each serves and
+        runs: backends/api/operations/fleet.py); none without a shared queue."""
+
+    @property
+    def queue_length(self) -> int:
+        """Jobs waiting (across the fleet, for a shared queue)."""
+
+    @property
+    def running(self) -> list[Job]:
+        """The jobs running (on any replica, for a shared queue), oldest first."""
 
 
 def refuse_unless_alive(queue: JobQueue) -> None:
