@@ -28,6 +28,7 @@ from backends.sdxl_backend.protocol import GenerationRequest
 from backends.sdxl_backend.upscale_protocol import UpscaleRequest, UpscaleResult
 from models.catalog import defaults_for
 from tests.conftest import png_bytes
+from tests.polling import poll
 
 REDIS_DATABASE = 11
 QUICK = {"prompt": "a quick one", "width": 64, "height": 64, "steps": 3}
@@ -302,6 +303,27 @@ def test_finished_jobs_are_evicted_by_count_and_leave_a_tombstone(make_queue, en
         queue.get(older.id)  # gone, and said to be (410), not unknown (404)
     assert queue.get(newer.id).status == JobStatus.SUCCEEDED
     assert [job.id for job in queue.recent()] == [newer.id]
+
+
+def test_a_forgotten_id_answers_expired_for_the_tombstones_time_then_unknown(make_queue, engine):
+    """One rule in both stores: 410 while the tombstone lasts (`tombstone_ttl_s`), 404 after."""
+    queue = make_queue(max_jobs=1, tombstone_ttl_s=1)
+    queue.start()
+    older = final(queue, queue.submit(prepared(engine)))
+    final(queue, queue.submit(prepared(engine)))
+
+    def lookup() -> type[Exception] | None:
+        try:
+            queue.get(older.id)
+        except (JobExpired, UnknownJob) as refused:
+            return type(refused)
+        return None
+
+    assert lookup() is JobExpired
+    assert (
+        poll(lookup, until=lambda answer: answer is not JobExpired, timeout=30, what="the tombstone's end")
+        is UnknownJob
+    )
 
 
 def test_close_stops_the_device_worker(make_queue, engine):

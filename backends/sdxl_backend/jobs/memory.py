@@ -6,7 +6,7 @@ A device worker takes the job whose turn it is (turns.py: owners take turns), an
 jobs near their turn that can share its pipeline call (`Engine.batch_key`), up to `max_batch`
 images. Jobs are the objects the device thread keeps current: readers see them change. Finished
 jobs drop their input and are kept for a while (their images counted against a byte budget),
-then forgotten; an id forgotten that way is remembered as expired.
+then forgotten; an id forgotten that way is remembered as expired for `tombstone_ttl_s`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from backends.sdxl_backend.jobs.job import JobWork
 
 logger = logging.getLogger(__name__)
+MAX_TOMBSTONES = 100_000  # forgotten ids remembered as expired, at most (each costs a few dozen bytes)
 
 
 async def _as_is(job: Job) -> Job:
@@ -69,7 +70,7 @@ class MemoryJobQueue:
         self._turns = 0
         self._finished: OrderedDict[str, Job] = OrderedDict()  # in the order they finished
         self._finished_bytes = 0
-        self._expired: OrderedDict[str, None] = OrderedDict()
+        self._expired: OrderedDict[str, float] = OrderedDict()  # forgotten ids -> when, oldest first
         self._closing = False
         self._lock = threading.Condition()
         self._watchers = Watchers()
@@ -120,7 +121,7 @@ class MemoryJobQueue:
             job = self._jobs.get(job_id)
             if job is not None and (owner is None or job.owner == owner):
                 return job
-            if job is None and job_id in self._expired:
+            if job is None and job_id in self._expired:  # (`_expire` just dropped those past their time)
                 raise JobExpired(f"job {job_id} has expired and was deleted", "job_id")
             raise UnknownJob(f"no job {job_id}", "job_id")
 
@@ -313,8 +314,11 @@ class MemoryJobQueue:
                 break
             del self._finished[job.id], self._jobs[job.id]
             self._finished_bytes -= job.held_bytes
-            self._expired[job.id] = None
+            self._expired[job.id] = now
             if self.journal:
                 self.journal.forget(job.id)
-        while len(self._expired) > 100_000:
+        while self._expired and (
+            len(self._expired) > MAX_TOMBSTONES
+            or now - next(iter(self._expired.values())) > self.bounds.tombstone_ttl_s
+        ):
             self._expired.popitem(last=False)

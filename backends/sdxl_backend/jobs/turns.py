@@ -37,6 +37,9 @@ class QueueBounds:
     max_bytes: int = 512 * 2**20  # ... holding at most this many bytes
     max_batch: int = 1  # images of compatible jobs in one pipeline call; 1: each job alone
     order: QueueOrder = "fair"
+    # A forgotten job's id answers "expired" (410) this long, then "unknown" (404): one rule for
+    # both stores (the memory store also remembers at most MAX_TOMBSTONES ids, for its memory's sake).
+    tombstone_ttl_s: float = 86400
 
     @property
     def lookahead(self) -> int:

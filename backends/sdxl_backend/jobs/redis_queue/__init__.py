@@ -40,7 +40,7 @@ may only touch keys they declare):
   at most `FALLBACK_S`: it reads its job that often anyway.
 - Finished jobs are indexed by finishing time and evicted by age (`ttl_s`), count (`max_jobs`)
   and the bytes their images hold (`max_bytes`), the bounds of `JobQueue`; an evicted id leaves a
-  tombstone for a day (expired, 410, rather than unknown, 404).
+  tombstone for `QueueBounds.tombstone_ttl_s`, a day (expired, 410, rather than unknown, 404).
 
 Why a list and scripts rather than a stream and a consumer group: a consumer group delivers
 entries strictly in order, one at a time, so the compatible jobs further back that one pipeline

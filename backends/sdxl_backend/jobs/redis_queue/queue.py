@@ -59,7 +59,7 @@ class SharedJobQueue:
         self.bounds = bounds
         self.on_change = on_change
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._scripts = scripts.register(client)
+        self._scripts = scripts.register(client, bounds.tombstone_ttl_s)
         self._closing = threading.Event()  # no more jobs taken; the running ones are handed back
         # (it publishes `card`, what this replica serves and runs, for replicas())
         self.heartbeat = Heartbeat(client, self.replica, card, lambda attempts: self._script("reclaim", attempts))

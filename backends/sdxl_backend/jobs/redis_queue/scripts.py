@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from redis.commands.core import Script
 
 FOLDER = Path(__file__).with_name("scripts")
-TOMBSTONE_TTL_S = 86400  # an evicted job's id answers "expired" (410) this long, then "unknown" (404)
 # The fields of a job's hash that hold its input images, dropped when it ends.
 INPUTS = [
     "init_image",
@@ -37,12 +36,13 @@ SCRIPTS = {
 }
 
 
-def source(name: str) -> str:
+def source(name: str, tombstone_ttl_s: float) -> str:
     prelude = Template((FOLDER / "prelude.lua").read_text()).substitute(
-        inputs=", ".join(f"'{field}'" for field in INPUTS), tombstone_ttl_s=TOMBSTONE_TTL_S
+        inputs=", ".join(f"'{field}'" for field in INPUTS), tombstone_ttl_s=max(1, round(tombstone_ttl_s))
     )
     return "\n".join([prelude, *((FOLDER / f"{part}.lua").read_text() for part in [*SCRIPTS[name], name])])
 
 
-def register(client: redis.Redis) -> dict[str, Script]:
-    return {name: client.register_script(source(name)) for name in SCRIPTS}
+def register(client: redis.Redis, tombstone_ttl_s: float) -> dict[str, Script]:
+    """The scripts, with the tombstones' lifetime (`QueueBounds.tombstone_ttl_s`) written in."""
+    return {name: client.register_script(source(name, tombstone_ttl_s)) for name in SCRIPTS}
