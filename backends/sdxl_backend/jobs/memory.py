@@ -27,7 +27,7 @@ from backends.sdxl_backend.errors import BackendError, Cancelled, JobExpired, Un
 from backends.sdxl_backend.jobs.contract import refuse_when_full, retry_after_s
 from backends.sdxl_backend.jobs.job import Job, JobResult, JobStatus, tell
 from backends.sdxl_backend.jobs.journal import JobJournal
-from backends.sdxl_backend.jobs.turns import QueueBounds, slot, turn_order
+from backends.sdxl_backend.jobs.turns import QueueBounds, first_batch, slot, turn_order
 from backends.sdxl_backend.jobs.waiting import Watchers, follow, result_of
 from backends.sdxl_backend.jobs.worker import Device, DeviceWorker
 
@@ -284,16 +284,9 @@ class MemoryJobQueue:
     def _take_batch(self, engine: Engine) -> list[Job]:
         """The job whose turn it is, and the jobs near their turn that can share its call, in
         turn order, while their images fit in `max_batch`. Called with the lock held."""
-        head, *next_ones = self._in_turn()[: self.bounds.lookahead]
-        batch, images, max_batch = [head], head.to_run.image_count, self.bounds.max_batch
-        key = engine.batch_key(head.to_run) if images < max_batch else None
-        for job in next_ones if key is not None else []:
-            n = job.to_run.image_count
-            if images + n <= max_batch and engine.batch_key(job.to_run) == key:
-                batch.append(job)
-                images += n
-                if images == max_batch:
-                    break
+        batch = first_batch(
+            self._in_turn(), lambda job: engine.batch_key(job.to_run), lambda job: job.to_run.image_count, self.bounds
+        )
         for job in batch:
             self._queue.remove(job)
             self._turns += 1

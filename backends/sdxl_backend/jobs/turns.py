@@ -10,7 +10,8 @@ A queue keeps its jobs in arrival order and each owner's last turn at each prior
 counter, not a clock: replicas' clocks need not agree; per priority, so that a 'high' job taken
 does not move its owner's other jobs back). A job's position is its place in this order: it
 holds while nothing arrives, and can move when something does. The shared queue decides in
-Lua the same way (scripts/turns.lua): tests/test_job_queues.py holds both stores to it.
+Lua the same way (scripts/turns.lua, and take.lua for `first_batch`): tests/test_job_queues.py
+holds both stores to it, and tests/test_turns.py draws queues to compare the two.
 """
 
 from __future__ import annotations
@@ -70,3 +71,22 @@ def turn_order(
         else:
             keyed.append(((priority, 0, 0, arrival), item))
     return [item for _, item in sorted(keyed, key=lambda pair: pair[0])]
+
+
+def first_batch(
+    in_turn: Sequence[T], batch_key: Callable[[T], object], images: Callable[[T], int], bounds: QueueBounds
+) -> list[T]:
+    """What a device takes next: the job whose turn it is, and among the next `lookahead` in
+    turn order those of its batch key (None: it runs alone), in turn order, while their images
+    fit in `max_batch`."""
+    head, *next_ones = in_turn[: bounds.lookahead]
+    batch, count = [head], images(head)
+    key = batch_key(head) if count < bounds.max_batch else None
+    for item in next_ones if key is not None else []:
+        n = images(item)
+        if count + n <= bounds.max_batch and batch_key(item) == key:
+            batch.append(item)
+            count += n
+            if count == bounds.max_batch:
+                break
+    return batch
