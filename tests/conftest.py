@@ -168,26 +168,53 @@ def tiny_ip_adapter(tiny_model):
     return stored_model("tiny-sdxl-ip-adapter") or import_tiny("tiny-sdxl-ip-adapter")
 
 
-@pytest.fixture(scope="session")
-def serve(tiny_model, tmp_path_factory):
-    """The one way tests start a served process: `serve(name, env)` returns it ready (its log
-    under the test's output folder); every process started is stopped at the end."""
-    started: list[Server] = []
+class Servers:
+    """The one way tests start a served process: `servers(name, env)` returns it ready (its log
+    under the test's output folder). Each fixture below stops the ones it started when its scope
+    ends, so that a server lives no longer than the tests that use it."""
 
-    def start(name: str, env: dict[str, str], target: str = "service:SDXL") -> Server:
-        folder = tmp_path_factory.mktemp(name)
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory):
+        self.tmp_path_factory = tmp_path_factory
+        self.started: list[Server] = []
+
+    def __call__(self, name: str, env: dict[str, str], target: str = "service:SDXL") -> Server:
+        folder = self.tmp_path_factory.mktemp(name)
         # Every test server has the park seam (`Server.parked()`): its own file unless the test
         # gives one (replicas that share a queue share it).
         server = Server({"SDXL_TEST_PARK_FILE": str(folder / "park"), **env}, folder / "server.log", target)
-        started.append(server)
+        self.started.append(server)
         server.wait_ready()
         return server
 
-    yield start
-    for server in started:  # all asked to stop first: each takes seconds to shut down
-        server.terminate()
-    for server in started:
-        server.stop()
+    def stop_all(self) -> None:
+        for server in self.started:  # all asked to stop first: each takes seconds to shut down
+            server.terminate()
+        for server in self.started:
+            server.stop()
+
+
+@pytest.fixture
+def serve(tiny_model, tmp_path_factory):
+    """Servers a test starts for itself: stopped when the test ends."""
+    servers = Servers(tmp_path_factory)
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture(scope="module")
+def serve_for_module(tiny_model, tmp_path_factory):
+    """Servers of a module's fixtures: stopped when the module's tests end."""
+    servers = Servers(tmp_path_factory)
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture(scope="session")
+def serve_for_session(tiny_model, tmp_path_factory):
+    """Servers that tests of several modules share (`server`, `jobs_server`...): stopped at the end."""
+    servers = Servers(tmp_path_factory)
+    yield servers
+    servers.stop_all()
 
 
 @contextlib.contextmanager
@@ -217,30 +244,34 @@ def redis_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server(serve):
+def server(serve_for_session):
     """The service serving tiny-sdxl (also as `sdxl-realism`, the id gallery clients send),
     shared by the HTTP tests; a test that unloads models leaves them loadable."""
-    return serve("server", {"SDXL_MODELS": "tiny-sdxl", "SDXL_MODEL_ALIASES": "sdxl-realism=tiny-sdxl"})
+    return serve_for_session("server", {"SDXL_MODELS": "tiny-sdxl", "SDXL_MODEL_ALIASES": "sdxl-realism=tiny-sdxl"})
 
 
 @pytest.fixture(scope="session")
-def jobs_server(serve):
+def jobs_server(serve_for_session):
     """A short queue (2 waiting), a 3 s request timeout, finished jobs kept 10 s."""
-    return serve(
+    return serve_for_session(
         "jobs",
         {"SDXL_MODELS": "tiny-sdxl", "SDXL_MAX_QUEUE": "2", "SDXL_TIMEOUT_SECONDS": "3", "SDXL_JOB_TTL_SECONDS": "10"},
     )
 
 
 @pytest.fixture(scope="session")
-def comfyui_server(serve, tiny_refiner, tiny_vpred, tiny_controlnet, tiny_union_controlnet, tiny_upscaler, tiny_lora):
+def comfyui_server(
+    serve_for_session, tiny_refiner, tiny_vpred, tiny_controlnet, tiny_union_controlnet, tiny_upscaler, tiny_lora
+):
     """The ComfyUI tests' one server (tests/test_comfyui*.py): tiny-sdxl, its refiner and its
     v-prediction twin, the tiny ControlNets (plain and union), upscaler and LoRA, decoded by a
     served VAE (what VAELoader lists)."""
     from models.store import import_tiny, stored_model
 
     stored_model("tiny-sdxl-vae", "vae") or import_tiny("tiny-sdxl-vae")
-    return serve("comfyui", {"SDXL_MODELS": "tiny-sdxl,tiny-sdxl-refiner,tiny-sdxl-vpred", "SDXL_VAE": "tiny-sdxl-vae"})
+    return serve_for_session(
+        "comfyui", {"SDXL_MODELS": "tiny-sdxl,tiny-sdxl-refiner,tiny-sdxl-vpred", "SDXL_VAE": "tiny-sdxl-vae"}
+    )
 
 
 # The keys `guarded` accepts; the first is the one the tests mostly present.
@@ -248,13 +279,13 @@ GUARD_KEYS = ("sk-test-7f3a9c1e5b", "other-key", "key-one-0123456789", "key-two-
 
 
 @pytest.fixture(scope="session")
-def guarded(serve, tmp_path_factory):
+def guarded(serve_for_session, tmp_path_factory):
     """The edge's guards, all switched on: API keys (read from a file; the first an admin's), CORS for one origin,
     image links that expire in 3 s, a 200 kB body limit, room for one event stream; its log
     in JSON lines."""
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text("\n".join(GUARD_KEYS) + "\n")
-    return serve(
+    return serve_for_session(
         "guarded",
         {
             "SDXL_MODELS": "tiny-sdxl",
@@ -273,7 +304,9 @@ def guarded(serve, tmp_path_factory):
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if any("server" in name or name in ("serve", "guarded", "bento") for name in item.fixturenames):
+        if any(
+            name.startswith("serve") or "server" in name or name in ("guarded", "bento") for name in item.fixturenames
+        ):
             item.add_marker(pytest.mark.served)
 
 

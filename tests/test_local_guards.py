@@ -77,8 +77,8 @@ def test_a_gallery_on_a_local_origin_is_still_served(server):
 
 
 @pytest.fixture(scope="module")
-def open_to_all(serve):
-    return serve(
+def open_to_all(serve_for_module):
+    return serve_for_module(
         "open-to-all",
         {"SDXL_MODELS": "tiny-sdxl", "SDXL_WARMUP": "0", "SDXL_CORS_ORIGINS": "*", "SDXL_ALLOWED_HOSTS": "*"},
     )

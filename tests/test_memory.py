@@ -122,9 +122,9 @@ def status(server: Server) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trio_server(trio, serve):
+def trio_server(trio, serve_for_module):
     _, budget = trio
-    return serve(
+    return serve_for_module(
         "trio", {"SDXL_MODELS": ",".join(TRIO), "SDXL_MEMORY_BUDGET": str(budget), "SDXL_IDLE_UNLOAD_SECONDS": "20"}
     )
 

@@ -55,7 +55,7 @@ def collector():
 
 
 @pytest.fixture(scope="module")
-def replicas(serve, redis_server, collector):
+def replicas(serve_for_module, redis_server, collector):
     env = fleet_env(
         redis_server,
         0,
@@ -67,7 +67,7 @@ def replicas(serve, redis_server, collector):
         OTEL_EXPORTER_OTLP_ENDPOINT=collector.url,
         OTEL_BSP_SCHEDULE_DELAY="200",  # (spans exported within 0.2 s, not 5)
     )
-    return serve("replica-a", env), serve("replica-b", env)
+    return serve_for_module("replica-a", env), serve_for_module("replica-b", env)
 
 
 def submit(replica, body) -> dict:

@@ -17,8 +17,8 @@ HELD = {"prompt": "a held one", "width": 256, "height": 256, "steps": 40, "seed"
 
 
 @pytest.fixture(scope="module")
-def shared(serve):
-    return serve(
+def shared(serve_for_module):
+    return serve_for_module(
         "shared",
         {
             "SDXL_MODELS": "tiny-sdxl",

@@ -93,8 +93,8 @@ def receiver():
 
 
 @pytest.fixture(scope="module")
-def hooked(serve):
-    return serve(
+def hooked(serve_for_module):
+    return serve_for_module(
         "webhooks",
         {
             "SDXL_MODELS": "tiny-sdxl",
