@@ -108,3 +108,19 @@ def test_no_folder_holds_more_than_12_modules_at_its_top_level():
         for folder in folders
         if (count := len([p for p in folder.glob("*.py") if p.name != "__init__.py"])) > 12
     } == {}
+
+
+def test_the_routes_reach_the_backend_through_the_runtime_only():
+    """The one door: outside the composition, nothing reaches past the runtime to its engine,
+    job store or devices (`runtime.engine...`): the routes ask the runtime's own methods."""
+    behind_the_door = {"engine", "jobs", "devices", "fleet"}
+    reached = set()
+    for path in [*ROOT.glob("backends/api/**/*.py"), ROOT / "service.py"]:
+        if "composition" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in behind_the_door:
+                holder = node.value.attr if isinstance(node.value, ast.Attribute) else getattr(node.value, "id", "")
+                if holder == "runtime":
+                    reached.add(f"{path.relative_to(ROOT)}: runtime.{node.attr}")
+    assert reached == set()

@@ -137,7 +137,7 @@ async def callers_prompts(request: Request, runtime: Runtime) -> list[tuple[Job,
     owner = runtime.owner(request)
 
     def read() -> list[tuple[Job, PromptRecord]]:
-        jobs = runtime.jobs.recent(LISTED, None, owner, images=False)
+        jobs = runtime.recent_of(owner, LISTED)
         pairs = [(job, runtime.comfyui_prompts.get(job.id)) for job in reversed(jobs)]
         return [(job, record) for job, record in pairs if record is not None]
 

@@ -97,7 +97,7 @@ class Follower:
                 continue
             record = self.runtime.comfyui_prompts.get(prompt_id)
             try:
-                job = self.runtime.jobs.get(prompt_id, self.owner)
+                job = self.runtime.job_of(prompt_id, self.owner)
             except BackendError:  # (expired, or another key's: nothing to tell)
                 self.ended.add(prompt_id)
                 continue

@@ -227,6 +227,14 @@ class Runtime:
         """The caller's newest jobs first, created before `before`."""
         return await anyio.to_thread.run_sync(self.jobs.recent, limit, before, self.owner(http))
 
+    def job_of(self, job_id: str, owner: str | None) -> Job:
+        """As `job`, for an owner known otherwise (a socket's key), on a thread: the store may wait."""
+        return self.jobs.get(job_id, owner)
+
+    def recent_of(self, owner: str | None, limit: int) -> list[Job]:
+        """The owner's newest jobs first, without their images, on a thread: the store may wait."""
+        return self.jobs.recent(limit, None, owner, images=False)
+
     async def position(self, job: Job) -> int:
         return await anyio.to_thread.run_sync(self.jobs.position, job)
 
