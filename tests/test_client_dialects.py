@@ -523,3 +523,21 @@ def test_gallery_recreate_prompt_of_300_words_reaches_the_model(server):
     assert reading["chunks"] * 75 >= reading["tokens"] > 1000 and reading["chunks"] >= 20
     images = [gallery_image(answer.json()).tobytes() for answer in answers]
     assert images[0] != images[1]
+
+
+def test_with_keys_an_upscale_job_is_its_keys_alone(guarded):
+    """With API keys on, an upscale needs a key, becomes a job of that key, and another key
+    neither lists it nor can look at it (as for a generation)."""
+    upscale = {"image": base64.b64encode(png_bytes(40, 30)).decode(), "upscaler": "lanczos", "scale": 2}
+    assert httpx.post(f"{guarded.url}/v1/upscale", json=upscale, timeout=300).status_code == 401
+    mine, theirs = {"Authorization": f"Bearer {GUARD_KEYS[2]}"}, {"Authorization": f"Bearer {GUARD_KEYS[3]}"}
+    answer = httpx.post(f"{guarded.url}/v1/upscale", json=upscale, headers=mine, timeout=300)
+    assert answer.status_code == 200 and (answer.json()["width"], answer.json()["height"]) == (80, 60)
+
+    def upscales(headers) -> list[dict]:
+        listed = httpx.get(f"{guarded.url}/v1/jobs", headers=headers, timeout=300).json()["jobs"]
+        return [job for job in listed if job["kind"] == "upscale"]
+
+    (own,) = upscales(mine)
+    assert own["status"] == "succeeded" and upscales(theirs) == []
+    assert httpx.get(f"{guarded.url}/v1/jobs/{own['id']}", headers=theirs, timeout=300).status_code == 404
