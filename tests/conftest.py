@@ -260,19 +260,42 @@ def jobs_server(serve_for_session):
 
 
 @pytest.fixture(scope="session")
-def comfyui_server(
-    serve_for_session, tiny_refiner, tiny_vpred, tiny_controlnet, tiny_union_controlnet, tiny_upscaler, tiny_lora
+def side_models_server(
+    serve_for_session,
+    tiny_refiner,
+    tiny_vpred,
+    tiny_lora,
+    tiny_tcd_lora,
+    tiny_controlnet,
+    tiny_union_controlnet,
+    tiny_embedding,
+    tiny_ip_adapter,
+    tiny_upscaler,
 ):
-    """The ComfyUI tests' one server (tests/test_comfyui*.py): tiny-sdxl, its refiner and its
-    v-prediction twin, the tiny ControlNets (plain and union), upscaler and LoRA, decoded by a
-    served VAE (what VAELoader lists)."""
+    """tiny-sdxl with a model of every other kind beside it, shared by the ComfyUI tests and
+    each side model's client tests: its refiner and v-prediction twin (served as models), the
+    LoRAs (one with a sampling profile), the ControlNets (plain and union), the embedding, the
+    IP-Adapter and the upscaler (in 48-pixel tiles), decoded by a served VAE (what ComfyUI's
+    VAELoader lists), with torch on one thread. A test that counts loaded models unloads them
+    first."""
     from models.store import import_tiny, stored_model
 
     stored_model("tiny-sdxl-vae", "vae") or import_tiny("tiny-sdxl-vae")
     return serve_for_session(
-        "comfyui", {"SDXL_MODELS": "tiny-sdxl,tiny-sdxl-refiner,tiny-sdxl-vpred", "SDXL_VAE": "tiny-sdxl-vae"}
+        "side-models",
+        {
+            "SDXL_MODELS": "tiny-sdxl,tiny-sdxl-refiner,tiny-sdxl-vpred",
+            "SDXL_VAE": "tiny-sdxl-vae",
+            "SDXL_UPSCALE_TILE": "48",
+            "SDXL_UPSCALE_TILE_OVERLAP": "8",
+            "SDXL_TORCH_THREADS": "1",
+        },
     )
 
+
+# What a tiny side model fits on `side_models_server`: tiny-sdxl and its v-prediction twin (the
+# same architecture), never the refiner (another UNet).
+FITS_TINY_SDXL = ["tiny-sdxl", "tiny-sdxl-vpred"]
 
 # The keys `guarded` accepts; the first is the one the tests mostly present.
 GUARD_KEYS = ("sk-test-7f3a9c1e5b", "other-key", "key-one-0123456789", "key-two-0123456789")
@@ -315,6 +338,13 @@ def image_prompt_slots(url: str, model: str = "tiny-sdxl") -> int:
     after `tiny_ip_adapter` serves it and one started before does not (pytest-randomly picks)."""
     listed = httpx.get(f"{url}/v1/ip-adapters", timeout=300).json()["data"]
     return sum(model in adapter["fits"] for adapter in listed)
+
+
+def nothing_loaded(server) -> dict[str, int]:
+    """Unloads what a shared server holds (earlier tests' models and side models), so that a
+    test can count what it loads itself; returns the server's load counts so far."""
+    assert httpx.post(f"{server.url}/v1/system/unload", timeout=300).status_code == 200
+    return httpx.get(f"{server.url}/v1/system/status", timeout=300).json()["loads"]
 
 
 def png_bytes(width: int = 64, height: int = 64, color=(200, 30, 30)) -> bytes:

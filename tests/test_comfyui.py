@@ -32,8 +32,8 @@ from tests.polling import poll
 
 
 @pytest.fixture
-def server(comfyui_server):
-    return comfyui_server
+def server(side_models_server):
+    return side_models_server
 
 
 def size_of(data: bytes) -> tuple[int, int]:

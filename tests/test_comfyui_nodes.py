@@ -23,8 +23,8 @@ from tests.conftest import pixels
 
 
 @pytest.fixture
-def server(comfyui_server):
-    return comfyui_server
+def server(side_models_server):
+    return side_models_server
 
 
 def one_image(api: ComfyApiWrapper, workflow: dict) -> bytes:

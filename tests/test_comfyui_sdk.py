@@ -21,9 +21,9 @@ SDK = Path(__file__).parent / "comfyui_sdk"
 
 
 @pytest.fixture
-def server(comfyui_server):
+def server(side_models_server):
     assert shutil.which("node") and (SDK / "node_modules").is_dir(), "make test-programs installs Node and the SDK"
-    return comfyui_server
+    return side_models_server
 
 
 def run_sdk(server, request: dict) -> list[dict]:

@@ -22,7 +22,7 @@ from backends.sdxl_backend.models.records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
 from backends.sdxl_backend.units import ControlNetUnit
 from models.catalog import defaults_for
-from tests.conftest import pixels
+from tests.conftest import FITS_TINY_SDXL, nothing_loaded, pixels
 
 
 def square_png(size: int = 64) -> bytes:
@@ -135,13 +135,15 @@ def without_and_with(server, plain: dict, field: str, unit: dict) -> tuple[bytes
 
 
 @pytest.mark.served
-def test_native_and_a1111_clients_send_controlnets(serve, tiny_controlnet, tiny_ip_adapter):
+def test_native_and_a1111_clients_send_controlnets(side_models_server):
     import webuiapi
 
-    server = serve("controlnets", {"SDXL_MODELS": "tiny-sdxl"})
+    server = side_models_server
+    before = nothing_loaded(server)
     listed = httpx.get(f"{server.url}/v1/controlnets", timeout=300).json()
     assert listed["preprocessors"] == ["none", "canny"]
-    assert {"id": "tiny-sdxl-controlnet", "fits": ["tiny-sdxl"], "loaded": False}.items() <= listed["data"][0].items()
+    (plain_model,) = (entry for entry in listed["data"] if entry["id"] == "tiny-sdxl-controlnet")
+    assert {"fits": FITS_TINY_SDXL, "loaded": False}.items() <= plain_model.items()
     square = base64.b64encode(square_png()).decode()
     unit = {
         "id": "tiny-sdxl-controlnet",
@@ -165,8 +167,7 @@ def test_native_and_a1111_clients_send_controlnets(serve, tiny_controlnet, tiny_
     assert guided != unguided
 
     a1111 = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
-    # (the extension lists IP-Adapters as unit models too; tests/test_ip_adapters.py sends them.
-    # The store is the session's: a server lists every ControlNet stored before it started.)
+    # (the extension lists IP-Adapters as unit models too; tests/test_ip_adapters.py sends them)
     adapters = httpx.get(f"{server.url}/v1/ip-adapters", timeout=300).json()["data"]
     served = [entry["id"] for entry in listed["data"] + adapters]
     assert {"tiny-sdxl-controlnet", "tiny-sdxl-ip-adapter"} <= set(served)
@@ -229,9 +230,9 @@ def test_native_and_a1111_clients_send_controlnets(serve, tiny_controlnet, tiny_
     assert other_script.status_code == 400 and other_script.json()["error"]["param"] == "alwayson_scripts.adetailer"
     status = httpx.get(f"{server.url}/v1/system/status", timeout=300).json()
     assert [c["id"] for c in status["controlnets"]] == ["tiny-sdxl-controlnet"]
-    # Each loaded once; nothing else the server serves (what the session's store held at its start) at all.
-    loads = status["loads"]
-    assert (loads.pop("tiny-sdxl"), loads.pop("tiny-sdxl-controlnet")) == (1, 1) and set(loads.values()) <= {0}
+    # Each loaded once; nothing else the server serves at all.
+    loaded = {name: count - before.get(name, 0) for name, count in status["loads"].items()}
+    assert (loaded.pop("tiny-sdxl"), loaded.pop("tiny-sdxl-controlnet")) == (1, 1) and set(loaded.values()) <= {0}
 
 
 @pytest.fixture(scope="module")

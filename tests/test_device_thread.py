@@ -11,7 +11,7 @@ import pytest
 
 from backends.sdxl_backend.device_thread import DeviceThread
 from backends.sdxl_backend.errors import DeviceUnavailable
-from tests.conftest import png_bytes
+from tests.conftest import nothing_loaded, png_bytes
 from tests.test_jobs import wait
 
 
@@ -40,10 +40,10 @@ def test_work_handed_over_runs_on_the_device_thread_before_its_loop_and_at_its_e
 
 
 @pytest.mark.served
-def test_every_kind_of_torch_work_ran_on_the_device_thread_with_the_set_thread_count(
-    serve, tiny_lora, tiny_controlnet, tiny_upscaler
-):
-    server = serve("device-thread", {"SDXL_MODELS": "tiny-sdxl", "SDXL_TORCH_THREADS": "1"})
+def test_every_kind_of_torch_work_ran_on_the_device_thread_with_the_set_thread_count(side_models_server):
+    """On the server that serves every kind of model, after whatever other tests ran on it."""
+    server = side_models_server
+    nothing_loaded(server)
     control = base64.b64encode(png_bytes(64, 64)).decode()
     small = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "seed": 1}
     requests = [
@@ -59,7 +59,7 @@ def test_every_kind_of_torch_work_ran_on_the_device_thread_with_the_set_thread_c
     upscale = {"image": control, "upscaler": "tiny-upscaler", "scale": 2}
     assert httpx.post(f"{server.url}/v1/upscale", json=upscale, timeout=300).status_code == 200
     unloaded = httpx.post(f"{server.url}/v1/system/unload", timeout=300).json()["unloaded"]
-    assert unloaded == ["tiny-sdxl", "tiny-sdxl-controlnet", "tiny-upscaler"]
+    assert unloaded == ["tiny-sdxl", "tiny-sdxl-controlnet", "tiny-upscaler"]  # (what this test loaded)
     assert httpx.post(f"{server.url}/v1/txt2img", json=small, timeout=300).status_code == 200  # loaded again
 
     device = httpx.get(f"{server.url}/v1/system/status", timeout=300).json()["device_thread"]

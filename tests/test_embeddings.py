@@ -102,12 +102,13 @@ def test_an_embedding_file_imports_from_a_path_and_one_of_other_widths_is_not_se
 
 
 @pytest.mark.served
-def test_served_embeddings_are_listed_natively_and_to_a1111_clients(serve, tiny_embedding):
+def test_served_embeddings_are_listed_natively_and_to_a1111_clients(side_models_server):
     import webuiapi
 
-    server = serve("embeddings", {"SDXL_MODELS": "tiny-sdxl"})
+    server = side_models_server
     listed = httpx.get(f"{server.url}/v1/embeddings", timeout=300).json()["data"]
-    assert [(e["id"], e["fits"], e["vectors"]) for e in listed if e["id"] == NAME] == [(NAME, ["tiny-sdxl"], 2)]
+    fits = ["tiny-sdxl", "tiny-sdxl-refiner", "tiny-sdxl-vpred"]  # (the refiner through its OpenCLIP-G part)
+    assert [(e["id"], e["fits"], e["vectors"]) for e in listed if e["id"] == NAME] == [(NAME, fits, 2)]
     assert "sdxl-style-embedding" not in [e["id"] for e in listed]  # made for SDXL's encoders, not tiny-sdxl's
     a1111 = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
     assert a1111.get_embeddings()["loaded"][NAME] == {

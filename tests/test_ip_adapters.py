@@ -24,7 +24,7 @@ from backends.sdxl_backend.models.manager import ModelManager
 from backends.sdxl_backend.models.records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
 from models.catalog import defaults_for, load_catalog
-from tests.conftest import hub_snapshot, pixels, png_bytes
+from tests.conftest import FITS_TINY_SDXL, hub_snapshot, nothing_loaded, pixels, png_bytes
 from tests.test_backend import counting_calls, max_difference
 from tests.test_controlnets import OTHER_TASKS, SQUARE, without_and_with
 from tests.test_jobs import LONG, get, submit, wait
@@ -160,11 +160,11 @@ def test_the_tiny_ip_adapter_is_stored_with_its_encoder(tiny_ip_adapter):
     assert tiny_ip_adapter.info.labels["fits"] == "8,16,32/32"
 
 
-def test_import_an_ip_adapter_file_with_its_encoder_and_from_the_hub_cache(tmp_path, cli, tiny_ip_adapter):
+def test_import_an_ip_adapter_file_with_its_encoder_and_from_the_hub_cache(tmp_path, cli, tiny_model, tiny_ip_adapter):
     """`--from FILE --encoder DIR`; and the catalog's ip-adapter-sdxl from a hub cache laid out as
     h94/IP-Adapter is, with HF_HUB_OFFLINE=1 (HF_ENDPOINT on a closed port: no network)."""
     stored = Path(tiny_ip_adapter.path)
-    assert cli("import", "tiny-sdxl").returncode == 0
+    assert cli("import", "tiny-sdxl", "--from", tiny_model.path).returncode == 0  # (the session's, copied: quicker)
     without = cli("import", "my-adapter", "--from", str(stored / IP_ADAPTER_FILE), "--fits", "tiny-sdxl")
     assert without.returncode == 1 and "give its image encoder's directory with --encoder" in without.stderr
     imported = cli(
@@ -195,12 +195,13 @@ def test_import_an_ip_adapter_file_with_its_encoder_and_from_the_hub_cache(tmp_p
 
 
 @pytest.mark.served
-def test_clients_send_image_prompts_and_the_queue_never_mixes_adapters(serve, tiny_ip_adapter):
+def test_clients_send_image_prompts_and_the_queue_never_mixes_adapters(side_models_server):
     import webuiapi
 
-    server = serve("ip-adapters", {"SDXL_MODELS": "tiny-sdxl"})
+    server = side_models_server
+    nothing_loaded(server)
     listed = httpx.get(f"{server.url}/v1/ip-adapters", timeout=300).json()["data"]
-    assert {"id": ADAPTER, "fits": ["tiny-sdxl"], "loaded": False}.items() <= listed[0].items()
+    assert {"id": ADAPTER, "fits": FITS_TINY_SDXL, "loaded": False}.items() <= listed[0].items()
     square = base64.b64encode(SQUARE).decode()
     # (what webuiapi sends by default: Euler a, 20 steps, CFG 7)
     plain = {"prompt": "a lighthouse", "seed": 5, "width": 64, "height": 64, "scheduler": "euler_a", "steps": 20}

@@ -21,7 +21,7 @@ from backends.sdxl_backend.models.records import ModelSource
 from backends.sdxl_backend.protocol import GenerationRequest
 from backends.sdxl_backend.units import LoraWeight
 from models.catalog import defaults_for
-from tests.conftest import pixels
+from tests.conftest import FITS_TINY_SDXL, nothing_loaded, pixels
 from tests.test_mcp import connected
 
 
@@ -122,13 +122,14 @@ def test_a1111_lora_tags_are_read_and_taken_out_of_the_prompt():
 
 
 @pytest.mark.served
-def test_every_dialect_takes_loras_and_lists_them(serve, tiny_lora):
+def test_every_dialect_takes_loras_and_lists_them(side_models_server):
     import webuiapi
     from openai import OpenAI
 
-    server = serve("loras", {"SDXL_MODELS": "tiny-sdxl"})
+    server = side_models_server
+    loads = nothing_loaded(server)["tiny-sdxl"]
     listed = httpx.get(f"{server.url}/v1/loras", timeout=300).json()["data"]
-    assert {"id": "tiny-sdxl-lora", "fits": ["tiny-sdxl"]}.items() <= next(
+    assert {"id": "tiny-sdxl-lora", "fits": FITS_TINY_SDXL}.items() <= next(
         lora for lora in listed if lora["id"] == "tiny-sdxl-lora"
     ).items()
     plain = {"prompt": "a lighthouse", "seed": 5, "width": 64, "height": 64}
@@ -175,7 +176,8 @@ def test_every_dialect_takes_loras_and_lists_them(serve, tiny_lora):
         answer = httpx.post(f"{server.url}{route}", json={**plain, "loras": too_many}, timeout=300)
         assert answer.status_code == 400 and answer.json()["error"]["param"] == "loras", (route, answer.text)
     status = httpx.get(f"{server.url}/v1/system/status", timeout=300).json()
-    assert status["loaded"][0]["loras"] == ["tiny-sdxl-lora"] and status["loads"]["tiny-sdxl"] == 1
+    (model,) = status["loaded"]
+    assert model["loras"] == ["tiny-sdxl-lora"] and status["loads"]["tiny-sdxl"] == loads + 1  # loaded once
 
 
 def b64_pixels(data: str) -> bytes:
@@ -187,12 +189,12 @@ def pixels_of(image) -> bytes:
 
 
 @pytest.mark.served
-def test_a_few_step_loras_sampling_profile_fills_what_the_request_leaves_out(serve, tiny_tcd_lora):
+def test_a_few_step_loras_sampling_profile_fills_what_the_request_leaves_out(side_models_server):
     """tiny-sdxl-tcd-lora's catalog entry has a profile (tcd, 2 steps, guidance 0, eta 0.5):
     it fills the fields a request naming the LoRA leaves out, before the model's defaults, and
     the answer says so; what the request names stays; at weight 0 the LoRA does not act, nor
     does its profile."""
-    server = serve("lora-profiles", {"SDXL_MODELS": "tiny-sdxl"})
+    server = side_models_server
     listed = httpx.get(f"{server.url}/v1/loras", timeout=300).json()["data"]
     profile = {"scheduler": "tcd", "steps": 2, "guidance_scale": 0.0, "eta": 0.5}
     assert next(lora for lora in listed if lora["id"] == "tiny-sdxl-tcd-lora")["sampling"] == profile

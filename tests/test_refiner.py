@@ -73,8 +73,8 @@ def test_a_refiner_request_is_checked_before_the_queue(engine):
 
 
 @pytest.mark.served
-def test_native_and_a1111_clients_hand_off_to_the_refiner(serve, tiny_refiner):
-    server = serve("refiner", {"SDXL_MODELS": "tiny-sdxl,tiny-sdxl-refiner"})
+def test_native_and_a1111_clients_hand_off_to_the_refiner(side_models_server):
+    server = side_models_server
     native = httpx.post(f"{server.url}/v1/txt2img", json={**REFINED, "width": 64, "height": 64}, timeout=300)
     assert native.status_code == 200, native.text
     a1111 = httpx.post(

@@ -33,7 +33,7 @@ from backends.sdxl_backend.models.upscalers import (
 from backends.sdxl_backend.protocol import GenerationRequest
 from backends.sdxl_backend.upscale_protocol import UpscaleRequest
 from models.catalog import defaults_for, load_catalog
-from tests.conftest import hub_snapshot, pixels, png_bytes
+from tests.conftest import hub_snapshot, nothing_loaded, pixels, png_bytes
 
 UPSCALER = "tiny-upscaler"
 
@@ -180,12 +180,12 @@ def test_import_a_pth_and_the_catalogs_upscaler_from_the_hub_cache(tmp_path, cli
 
 
 @pytest.mark.served
-def test_clients_upscale_through_the_native_api_and_the_extras_tab(serve, tiny_upscaler):
+def test_clients_upscale_through_the_native_api_and_the_extras_tab(side_models_server):
+    """(The server cuts upscales in tiles of 48 pixels, 8 shared.)"""
     import webuiapi
 
-    server = serve(
-        "upscalers", {"SDXL_MODELS": "tiny-sdxl", "SDXL_UPSCALE_TILE": "48", "SDXL_UPSCALE_TILE_OVERLAP": "8"}
-    )
+    server = side_models_server
+    nothing_loaded(server)
     listed = httpx.get(f"{server.url}/v1/upscalers", timeout=300).json()["data"]
     assert {"id": UPSCALER, "architecture": "ESRGAN", "scale": 4, "loaded": False}.items() <= listed[0].items()
     source = png_bytes(40, 30, (200, 120, 40))
