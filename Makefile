@@ -62,8 +62,10 @@ docs: install
 docs-build: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
+# On two pytest-xdist workers, the tests that share a server grouped on one (tests/conftest.py).
+WORKERS ?= 2
 test: install test-programs lint docs-build
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(WORKERS) --dist loadgroup
 
 # The in-process part alone (no `bentoml serve` processes): a minute or two.
 test-quick: install

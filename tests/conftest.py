@@ -26,6 +26,12 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 # torch.compile's kernels in a cache of the session's own: the shared one in /tmp outlives the
 # run, and a run stopped while gcc wrote a kernel leaves a truncated .so that the next one loads.
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdxl-tests-inductor-")
+# On pytest-xdist workers (`make test`), the cores shared among them: torch in each worker and
+# in the servers it starts gets its share, as more threads than cores spin and wait on each other.
+if (workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
+    share = str(max(1, len(os.sched_getaffinity(0)) // workers))
+    os.environ.setdefault("OMP_NUM_THREADS", share)
+    os.environ.setdefault("SDXL_TORCH_THREADS", share)
 
 from PIL import Image  # noqa: E402
 
@@ -325,12 +331,42 @@ def guarded(serve_for_session, tmp_path_factory):
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # (before pytest-xdist's, which reads the groups)
 def pytest_collection_modifyitems(items):
     for item in items:
         if any(
             name.startswith("serve") or "server" in name or name in ("guarded", "bento") for name in item.fixturenames
         ):
             item.add_marker(pytest.mark.served)
+    for item, group in server_groups(items).items():
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def server_groups(items) -> dict:
+    """`make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`), and each
+    worker starts its own copy of a shared server its tests use. So the tests that share a
+    server (a session one, by its fixture's name, or a module's, by the module's name) are one
+    group, run by one worker, and tests that share any server with a group join it."""
+    owner: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while owner.setdefault(key, key) != key:
+            key = owner[key]
+        return key
+
+    shared = {}
+    for item in items:
+        keys = []
+        for name, fixturedefs in item._fixtureinfo.name2fixturedefs.items():
+            if "serve_for_session" in fixturedefs[-1].argnames:
+                keys.append(name)
+            if "serve_for_module" in fixturedefs[-1].argnames:
+                keys.append(item.module.__name__)
+        if keys:
+            shared[item] = keys
+            for key in keys[1:]:
+                owner[root(key)] = root(keys[0])
+    return {item: root(keys[0]) for item, keys in shared.items()}
 
 
 def image_prompt_slots(url: str, model: str = "tiny-sdxl") -> int:

@@ -30,12 +30,12 @@ def basic(key: str, user: str = "sillytavern") -> dict[str, str]:
 
 
 @pytest.fixture(params=["keys off", "keys on"])
-def target(request):
+def target(request, server, guarded):
     """(server, headers a client with its key typed in sends): keys off, then on."""
     if request.param == "keys off":
         # SillyTavern with no auth set sends "Basic " + base64(""), its trailing space trimmed on the wire
-        return request.getfixturevalue("server"), {"Authorization": "Basic"}
-    return request.getfixturevalue("guarded"), basic(KEY)
+        return server, {"Authorization": "Basic"}
+    return guarded, basic(KEY)
 
 
 def sillytavern_body(url: str) -> dict:
