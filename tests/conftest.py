@@ -340,6 +340,9 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.served)
     for item, group in server_groups(items).items():
         item.add_marker(pytest.mark.xdist_group(group))
+    # The tests marked `long` first (the rest in pytest-randomly's order): started last, one of
+    # them would keep a worker busy after the other has run out of tests.
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 def server_groups(items) -> dict:

@@ -86,6 +86,7 @@ def test_quantized_unet_holds_quantized_weights_and_draws_nearly_the_same_images
     assert max_difference(images, plain) <= 24  # ... but the same picture, off by a few levels
 
 
+@pytest.mark.long
 def test_compiled_unet_and_decoder_draw_the_same_images(tiny_model, plain):
     """torch.compile with inductor on the CPU (gcc builds its kernels): the slowest test of
     the suite, a minute or more, once."""

@@ -211,6 +211,7 @@ def test_out_of_memory_is_recovered_in_the_next_lower_mode(serve):
         server.stop()
 
 
+@pytest.mark.long
 def test_out_of_memory_twice_is_507_and_memory_returns_to_its_level(serve):
     server = serve("oom2", {"SDXL_MODELS": "tiny-sdxl", "SDXL_TEST_FAULT_OOM": "2@3", "SDXL_WARMUP": "0"})
     body = {"prompt": "x", "width": 1024, "height": 1024, "steps": 4, "n": 2}
@@ -239,6 +240,7 @@ def test_out_of_memory_twice_is_507_and_memory_returns_to_its_level(serve):
         server.stop()
 
 
+@pytest.mark.long
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     settings = "plain,eager-attention,fuse-qkv,channels-last,int8,fp16-no-upcast-vae"  # (compile: minutes on a CPU)

@@ -436,6 +436,7 @@ def test_redis_out_of_reach_is_a_quick_503_and_the_replicas_recover(replicas, re
     assert wait(a, submit(b, SMALL)["id"])["status"] == "succeeded"
 
 
+@pytest.mark.long
 def test_a_killed_replicas_job_is_finished_by_another_and_queued_jobs_outlive_every_replica(serve, redis_server):
     """kill -9 of the replica running a job: another replica resumes it once the dead one's
     heartbeat lapses. Then the last replica is stopped (its running job handed back, the queued
@@ -463,6 +464,7 @@ def test_a_killed_replicas_job_is_finished_by_another_and_queued_jobs_outlive_ev
     assert wait(later, waiting)["status"] == "succeeded"
 
 
+@pytest.mark.long
 def test_a_webhook_in_flight_when_its_replica_is_killed_is_delivered_by_another(serve, redis_server):
     """kill -9 of the replica delivering a `completed` event (its receiver has the request and
     has not answered): the next replica claims the held event once the dead one's heartbeat

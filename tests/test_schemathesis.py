@@ -11,10 +11,12 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 
 
+@pytest.mark.long
 def test_every_operation_keeps_the_documents_promises(serve, tmp_path):
     server = serve(
         "fuzzed", {"SDXL_MODELS": "tiny-sdxl", "SDXL_MAX_SIDE": "128", "SDXL_MAX_STEPS": "3", "SDXL_MAX_IMAGES": "2"}
