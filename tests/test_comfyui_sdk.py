@@ -29,7 +29,7 @@ def server(side_models_server):
 def run_sdk(server, request: dict) -> list[dict]:
     """The events the SDK reported, in order (one JSON object per line of run.mjs)."""
     done = subprocess.run(
-        ["node", "run.mjs", server.url, json.dumps(request)], cwd=SDK, capture_output=True, text=True, timeout=600
+        ["node", "run.mjs", server.url, json.dumps(request)], cwd=SDK, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

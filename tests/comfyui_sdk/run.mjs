@@ -21,17 +21,22 @@ const keys = Object.keys(request.inputs);
 let prompt = new PromptBuilder(workflow, keys, ["images"]).setOutputNode("images", request.output);
 for (const key of keys) prompt = prompt.setInputNode(key, request.inputs[key].path).input(key, request.inputs[key].value);
 
+// With `interrupt`, the prompt is interrupted at its first progress event. A parked prompt sends
+// one (its first step) and waits; CallWrapper listens for progress and for the interruption only
+// once it has read the prompt's history, which may answer after that event. So the client's own
+// listener takes the event, and the interrupt goes once CallWrapper listens for its answer.
 let interrupted = false;
+const wrapperListens = () => api.listeners.some((listener) => listener.event === "execution_interrupted");
+api.on("progress", async () => {
+  if (!request.interrupt || interrupted) return;
+  interrupted = true;
+  while (!wrapperListens()) await new Promise((resolve) => setTimeout(resolve, 10));
+  api.interrupt();
+});
 const result = await new CallWrapper(api, prompt)
   .onPending((id) => say("pending", { prompt_id: id }))
   .onStart((id) => say("start", { prompt_id: id }))
-  .onProgress((info) => {
-    say("progress", { value: info.value, max: info.max, node: info.node });
-    if (request.interrupt && !interrupted) {
-      interrupted = true;
-      api.interrupt();
-    }
-  })
+  .onProgress((info) => say("progress", { value: info.value, max: info.max, node: info.node }))
   .onFailed((error) => say("failed", { name: error.name, message: error.message }))
   .run();
 if (result) say("finished", { images: result.images.images.map((image) => api.getPathImage(image)) });
