@@ -62,8 +62,10 @@ docs: install
 docs-build: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
-# On two pytest-xdist workers, the tests that share a server grouped on one (tests/conftest.py).
-WORKERS ?= 2
+# On three pytest-xdist workers, the tests that share a server grouped on one (tests/conftest.py).
+# Three on two cores: part of each worker's time is spent waiting (on a server's start, a
+# subprocess, a TTL), and the third fills it (docs/development.md has the figures).
+WORKERS ?= 3
 test: install test-programs lint docs-build
 	$(PY) -m pytest -n $(WORKERS) --dist loadgroup
 

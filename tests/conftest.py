@@ -346,7 +346,7 @@ def pytest_collection_modifyitems(items):
 
 
 def server_groups(items) -> dict:
-    """`make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`), and each
+    """`make test` runs the suite on three pytest-xdist workers (`--dist loadgroup`), and each
     worker starts its own copy of a shared server its tests use. So the tests that share a
     server (a session one, by its fixture's name, or a module's, by the module's name) are one
     group, run by one worker, and tests that share any server with a group join it."""
